@@ -1,0 +1,153 @@
+"""The composition root: configuration in, object graph out. Everything else receives what
+it needs as arguments; this is the only module that knows how the parts fit together."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from .admin.server import AdminProtocol
+from .config import Config, load_config, load_config_text
+from .egress.localaddr import addresses_in
+from .egress.plan import build_pool
+from .egress.resolver import Resolver
+from .errors import ConfigError
+from .model import HostPort
+from .observe.accesslog import AccessLog, log_event
+from .observe.metrics import Metrics
+from .policy.clients import compile_clients
+from .policy.guard import AddressGuard
+from .proxy.runtime import Runtime
+from .proxy.server import Gateway
+
+EMBEDDED = "(embedded default)"
+
+
+def read_config(path: str | None) -> tuple[Config, str]:
+    """(config, hash of its text); the embedded default when ``path`` is None."""
+    if path is None:
+        return load_config_text("", EMBEDDED), hashlib.sha256(b"").hexdigest()
+    config = load_config(path)
+    return config, hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _secret(spec) -> str | None:
+    if spec.password_file:
+        try:
+            return Path(spec.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{spec.password_file}:0: password_file: {exc}"]) from None
+    if spec.password_env:
+        return os.environ.get(spec.password_env, "")
+    return None
+
+
+def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
+    profiles = {
+        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock)
+        for name, spec in config.egress.items()
+    }
+    return Runtime(
+        config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
+        clients=compile_clients(config.clients, _secret), guard=AddressGuard(config.security.allow_private),
+        profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
+        limits=config.limits, listeners={listener.address: listener for listener in config.listen},
+    )
+
+
+def load_runtime(path: str | None) -> Runtime:
+    config, digest = read_config(path)
+    return build_runtime(config, digest, path or EMBEDDED)
+
+
+class App:
+    """A running gateway: proxy listeners, admin listener, probe loop, signals."""
+
+    def __init__(self, path: str | None, runtime: Runtime) -> None:
+        self.path = path
+        self.metrics = Metrics()
+        cfg = runtime.config
+        self.access_log = AccessLog(cfg.log.access, cfg.log.format)
+        self.loop = asyncio.get_running_loop()
+        resolver = Resolver(cfg.dns.cache_ttl, cfg.dns.negative_ttl, cfg.timeouts.dns)
+        self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
+                               reuse_port=cfg.workers > 1)
+        self.admin_server: asyncio.base_events.Server | None = None
+        self.stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self, admin: bool = True) -> None:
+        await self.gateway.start()
+        admin_cfg = self.gateway.runtime.config.admin
+        if admin and admin_cfg.address:
+            token = admin_cfg.token or (os.environ.get(admin_cfg.token_env) if admin_cfg.token_env else None)
+            hp = HostPort.parse_authority(admin_cfg.address)
+            self.admin_server = await self.loop.create_server(
+                lambda: AdminProtocol(self.gateway, self.reload, token), hp.host, hp.port)
+        log_event("started", listen=self.gateway.listening, admin=admin_cfg.address if admin else None,
+                  config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
+
+    async def reload(self) -> None:
+        async with self._reload_lock:
+            try:
+                runtime = await self.loop.run_in_executor(None, load_runtime, self.path)
+                await self.gateway.apply(runtime)
+            except ConfigError as err:
+                self.metrics.reloads.labels("failure").inc()
+                log_event("reload_failed", config=self.path or EMBEDDED, errors=err.errors)
+                raise
+            except OSError as err:  # e.g. a new listener address that cannot be bound
+                self.metrics.reloads.labels("failure").inc()
+                log_event("reload_failed", config=self.path or EMBEDDED, errors=[str(err)])
+                raise ConfigError([f"{self.path}:0: listen: {err}"]) from None
+            self.metrics.reloads.labels("success").inc()
+            log_event("reloaded", config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+
+    def install_signals(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
+        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
+        loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # logged; the old config stays in force
+
+    async def shutdown(self) -> None:
+        if self.gateway.draining:
+            return
+        drain = self.gateway.runtime.config.drain
+        await self.gateway.drain(drain.grace, drain.timeout)
+        await self.close()
+        self.stopped.set()
+
+    async def close(self) -> None:
+        await self.gateway.close()
+        if self.admin_server is not None:
+            self.admin_server.close()
+        self.access_log.close()
+
+
+async def serve(path: str | None) -> int:
+    runtime = load_runtime(path)
+    app = App(path, runtime)
+    await app.start()
+    app.install_signals()
+    await app.stopped.wait()
+    log_event("stopped")
+    return 0
+
+
+def run(path: str | None) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        return asyncio.run(serve(path))
+    return uvloop.run(serve(path))

@@ -1,0 +1,80 @@
+"""Command line: ``egressgate serve | check-config | hash-password | probe | demo``.
+
+Library code raises; only ``main`` turns errors into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from . import __version__
+from .errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="egressgate", description="An egress gateway for data-collection jobs.")
+    p.add_argument("--version", action="version", version=f"egressgate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
+    s.add_argument("--config", "-c", help="YAML config file (default: the embedded safe default)")
+    c = sub.add_parser("check-config", help="validate a config file; errors as FILE:LINE: key: what")
+    c.add_argument("file")
+    sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
+    pr = sub.add_parser("probe", help="which IP each egress profile really exits from")
+    pr.add_argument("--config", "-c")
+    pr.add_argument("--profile", action="append", help="only this profile (repeatable)")
+    pr.add_argument("--echo-url", help="an IP-echo URL (plain text or JSON with an 'ip' field)")
+    pr.add_argument("--timeout", type=float, default=10.0)
+    sub.add_parser("demo", help="a self-contained demonstration on loopback")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from .app import run
+
+            return run(args.config)
+        if args.command == "check-config":
+            from .app import load_runtime
+
+            load_runtime(args.file)
+            print(f"{args.file}: OK")
+            return 0
+        if args.command == "hash-password":
+            from .policy.passwords import hash_password
+
+            if sys.stdin.isatty():
+                password = getpass.getpass("password: ")
+            else:
+                password = sys.stdin.read().rstrip("\r\n")
+            if not password:
+                print("egressgate: empty password", file=sys.stderr)
+                return 2
+            print(hash_password(password))
+            return 0
+        if args.command == "probe":
+            from .probe import main as probe_main
+
+            return probe_main(args.config, args.profile, args.echo_url, args.timeout)
+        if args.command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main()
+    except ConfigError as err:
+        for line in err.errors:
+            print(line, file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"egressgate: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Load YAML into a ``Config``; every error names ``FILE:LINE: key: what``.
+
+Three passes, all errors collected before raising one ``ConfigError``:
+1. YAML syntax and duplicate keys (PyYAML accepts duplicates silently; we do not);
+2. the pydantic schema (types, unknown keys, per-model rules);
+3. cross-references (profiles named by listeners and clients exist, client names unique,
+   secrets referenced by file or environment variable are present).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from ..model import DestPattern, UpstreamProxy
+from .schema import Config
+
+Loc = tuple[str | int, ...]
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+    return load_config_text(text, str(path))
+
+
+def load_config_text(text: str, filename: str = "<config>") -> Config:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{filename}:{line}: (yaml): {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{filename}:1: (top level): expected a mapping of keys, got {type(data).__name__}"])
+
+    errors = [f"{filename}:{line}: {_dotted(loc)}: duplicate key" for loc, line in _duplicates(root, ())]
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _internal(p))
+            errors.append(f"{filename}:{_line(root, loc)}: {_dotted(loc) or '(top level)'}: {_message(err)}")
+        raise ConfigError(errors) from None
+    errors += [f"{filename}:{_line(root, loc)}: {_dotted(loc)}: {msg}" for loc, msg in _cross_checks(config)]
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    profiles = set(config.egress)
+    for i, listener in enumerate(config.listen):
+        if listener.egress not in profiles:
+            problems.append((("listen", i, "egress"), f"unknown egress profile {listener.egress!r}"))
+        if listener.proxy_protocol and not listener.trusted_proxies:
+            problems.append((("listen", i, "trusted_proxies"),
+                             "proxy_protocol needs trusted_proxies (the load balancer's CIDRs)"))
+        if listener.tls:
+            for key in ("cert", "key", "client_ca"):
+                path = getattr(listener.tls, key)
+                if path and not os.path.isfile(path):
+                    problems.append((("listen", i, "tls", key), f"file not found: {path}"))
+    addresses = [listener.address for listener in config.listen]
+    for i, address in enumerate(addresses):
+        if addresses.index(address) != i:
+            problems.append((("listen", i, "address"), f"listed twice: {address}"))
+    seen: dict[str, int] = {}
+    users: dict[str, int] = {}
+    for i, client in enumerate(config.clients):
+        if client.name in seen:
+            problems.append((("clients", i, "name"), f"duplicate client name (first at clients[{seen[client.name]}])"))
+        seen.setdefault(client.name, i)
+        if client.username:
+            if client.username in users:
+                problems.append((("clients", i, "username"), "duplicate username"))
+            users.setdefault(client.username, i)
+        for j, name in enumerate(client.egress):
+            if name not in profiles:
+                problems.append((("clients", i, "egress", j), f"unknown egress profile {name!r}"))
+        if client.password_file and not os.path.isfile(client.password_file):
+            problems.append((("clients", i, "password_file"), f"file not found: {client.password_file}"))
+        if client.password_env and client.password_env not in os.environ:
+            problems.append((("clients", i, "password_env"), f"environment variable {client.password_env} is not set"))
+        if client.password_hash and not client.password_hash.startswith("scrypt$"):
+            problems.append((("clients", i, "password_hash"), "not a hash from `egressgate hash-password`"))
+        for key in ("allow", "deny"):
+            for j, pattern in enumerate(getattr(client, key) or []):
+                msg = _pattern_problem(pattern)
+                if msg:
+                    problems.append((("clients", i, key, j), msg))
+    for name, profile in config.egress.items():
+        for j, url in enumerate(profile.upstream or []):
+            msg = _upstream_problem(url)
+            if msg:
+                problems.append((("egress", name, "upstream", j), msg))
+    if config.admin.token_env and config.admin.token_env not in os.environ:
+        problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
+    return problems
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    try:
+        DestPattern.parse(pattern)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _upstream_problem(url: str) -> str | None:
+    try:
+        UpstreamProxy.parse(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _internal(part: Any) -> bool:
+    # pydantic inserts validator names such as 'function-after[...]' into locations
+    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line(root: yaml.Node | None, loc: Loc) -> int:
+    node = root
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    line = key.start_mark.line + 1
+                    node = value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _duplicates(node: yaml.Node | None, loc: Loc) -> list[tuple[Loc, int]]:
+    found: list[tuple[Loc, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                found.append(((*loc, key.value), key.start_mark.line + 1))
+            seen.add(key.value)
+            found += _duplicates(value, (*loc, key.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicates(item, (*loc, i))
+    return found

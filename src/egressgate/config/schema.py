@@ -1,0 +1,228 @@
+"""The configuration schema: frozen pydantic models, every key with a safe default.
+
+An empty document is a valid configuration and equals the embedded default: listen on
+127.0.0.1:3128, admin on 127.0.0.1:9128, clients only from loopback, direct egress, private,
+loopback, link-local and metadata destinations refused.
+
+Durations are numbers of seconds or strings such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``.
+Cross-field checks (a listener naming an unknown profile, ...) live in ``loader`` so that
+their errors can point at the exact key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, '30s', '500ms' or '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as 30, '30s', '500ms' or '5m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
+def _network(value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP address or CIDR: {value!r}") from None
+
+
+def _address(value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"not an IP address: {value!r}") from None
+
+
+Network = Annotated[str, BeforeValidator(_network)]
+Address = Annotated[str, BeforeValidator(_address)]
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
+def _socket_address(value: object) -> str:
+    from ..model import HostPort  # local: model imports errors only
+
+    text = str(value)
+    try:
+        hp = HostPort.parse_authority(text)
+    except Exception:
+        raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, got {text!r}") from None
+    if not hp.is_ip and hp.host != "localhost":
+        raise ValueError(f"listen on an IP address, not a name: {text!r}")
+    return str(hp)
+
+
+SocketAddress = Annotated[str, BeforeValidator(_socket_address)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class TLSConfig(_Model):
+    cert: str
+    key: str
+    client_ca: str | None = None  # set to require client certificates (mTLS)
+
+
+class ListenConfig(_Model):
+    address: SocketAddress = "127.0.0.1:3128"
+    tls: TLSConfig | None = None
+    egress: str = "default"  # profile for this listener's clients that name none
+    proxy_protocol: bool = False
+    trusted_proxies: list[Network] = []  # who may send a PROXY protocol header
+
+
+class AdminConfig(_Model):
+    address: SocketAddress | None = "127.0.0.1:9128"  # null turns the admin listener off
+    token: str | None = None  # bearer token required for POST /-/reload
+    token_env: str | None = None
+
+
+class ProfileConfig(_Model):
+    direct: dict | None = None
+    bind: list[str] | None = None  # source addresses, or CIDRs meaning "my address in this range"
+    upstream: list[str] | None = None  # http://[user:pass@]host:port chained proxies, in failover order
+    expect_ip: list[Address] = []
+    pick: Literal["sticky", "round_robin"] = "sticky"
+    connect_timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ProfileConfig:
+        kinds = [k for k in ("direct", "bind", "upstream") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"a profile is one of direct, bind or upstream, not {' and '.join(kinds)}")
+        if self.bind is not None and not self.bind:
+            raise ValueError("bind needs at least one address")
+        if self.upstream is not None and not self.upstream:
+            raise ValueError("upstream needs at least one proxy URL")
+        return self
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_entries(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [_network(v) if "/" in str(v) else _address(v) for v in value]
+
+    @property
+    def kind(self) -> str:
+        if self.bind is not None:
+            return "bind"
+        if self.upstream is not None:
+            return "upstream"
+        return "direct"
+
+
+class ClientConfig(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    from_: list[Network] | None = Field(default=None, alias="from")
+    username: str | None = None
+    password_hash: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+    cert_subject: str | None = None  # TLS client certificate subject CN that identifies this client
+    egress: list[str] = []  # profiles it may use; the first is its default
+    allow: list[str] | None = None  # destination patterns; absent = any public destination
+    deny: list[str] = []
+    mode: Literal["enforce", "report"] = "enforce"
+    max_connections: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ClientConfig:
+        secrets = [k for k in ("password_hash", "password_file", "password_env") if getattr(self, k)]
+        if len(secrets) > 1:
+            raise ValueError(f"give one of password_hash, password_file, password_env, not {', '.join(secrets)}")
+        if secrets and not self.username:
+            raise ValueError(f"{secrets[0]} needs a username")
+        if self.username and not secrets:
+            raise ValueError("username needs password_hash, password_file or password_env")
+        if self.from_ is None and not self.username and not self.cert_subject:
+            raise ValueError("a client needs 'from' CIDRs or credentials; otherwise the gateway is an open proxy")
+        return self
+
+
+def _default_clients() -> list[ClientConfig]:
+    return [ClientConfig(name="local", **{"from": ["127.0.0.0/8", "::1/128"]})]
+
+
+class SecurityConfig(_Model):
+    connect_ports: list[Port] = [443]
+    allow_private: list[Network] = []
+
+
+class TimeoutsConfig(_Model):
+    client_head: Duration = 10.0  # from connection (or previous response) to a complete request head
+    client_idle: Duration = 60.0  # keep-alive idle between requests
+    upstream_connect: Duration = 10.0
+    upstream_response: Duration = 60.0  # request sent -> response head
+    tunnel_idle: Duration = 900.0
+    upstream_idle: Duration = 30.0  # idle keep-alive connections to origins are closed after this
+    dns: Duration = 5.0
+
+
+class LimitsConfig(_Model):
+    max_head_bytes: int = Field(default=65536, ge=1024)
+    max_headers: int = Field(default=100, ge=8)
+    max_connections: int = Field(default=20000, ge=1)
+
+
+class DrainConfig(_Model):
+    grace: Duration = 0.0  # keep accepting this long after SIGTERM (load balancer notices /readyz)
+    timeout: Duration = 30.0  # then wait this long for open tunnels and requests
+
+
+class LogConfig(_Model):
+    access: str = "stdout"  # stdout, none, or a file path
+    format: Literal["json", "squid"] = "json"
+
+
+class ProbeConfig(_Model):
+    echo_url: str | None = None
+    interval: Duration = 300.0
+    required: bool = True  # a mismatch makes /readyz fail
+
+
+class DnsConfig(_Model):
+    cache_ttl: Duration = 30.0
+    negative_ttl: Duration = 5.0
+
+
+class Config(_Model):
+    listen: list[ListenConfig] = Field(default_factory=lambda: [ListenConfig()])
+    admin: AdminConfig = AdminConfig()
+    egress: dict[str, ProfileConfig] = Field(default_factory=lambda: {"default": ProfileConfig(direct={})})
+    clients: list[ClientConfig] = Field(default_factory=_default_clients)
+    security: SecurityConfig = SecurityConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    drain: DrainConfig = DrainConfig()
+    log: LogConfig = LogConfig()
+    probe: ProbeConfig = ProbeConfig()
+    dns: DnsConfig = DnsConfig()
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("egress", mode="after")
+    @classmethod
+    def _ensure_default(cls, value: dict[str, ProfileConfig]) -> dict[str, ProfileConfig]:
+        if "default" not in value:
+            value = {"default": ProfileConfig(direct={}), **value}
+        return value

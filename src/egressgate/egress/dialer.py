@@ -1,0 +1,96 @@
+"""The only module that opens outbound sockets.
+
+``Dialer.connect(plan, addresses, port, factory)`` connects to the first of ``addresses``
+that answers (each already checked by the caller's address guard: the connect goes to
+exactly that address, never to a second lookup), from the plan's source address when it has
+one. A source address that cannot be bound raises ``SourceUnavailable`` so the caller can mark
+it down and try the pool's next member. Sockets bound to a source address use
+``IP_BIND_ADDRESS_NO_PORT`` so the kernel picks the port at connect time and a busy source
+does not run out of ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+
+from ..errors import ConnectRefused, UpstreamError, UpstreamTimeout
+from .plan import EgressPlan
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class SourceUnavailable(UpstreamError):
+    reason = "source_unavailable"
+    proxy_status = "proxy_configuration_error"
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+class Dialer:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def connect(self, plan: EgressPlan, addresses: list[str], port: int,
+                      factory: Callable[[], asyncio.Protocol], timeout: float
+                      ) -> tuple[asyncio.Transport, asyncio.Protocol, str]:
+        """Returns (transport, protocol, remote address)."""
+        last: Exception | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                for address in addresses:
+                    if plan.source is not None and _family(plan.source) != _family(address):
+                        last = UpstreamError(f"source {plan.source} cannot reach {address} (address family)",
+                                             reason="family_mismatch")
+                        continue
+                    try:
+                        transport, protocol = await self._connect_one(plan.source, address, port, factory)
+                        return transport, protocol, address
+                    except SourceUnavailable:
+                        raise
+                    except OSError as exc:
+                        last = exc
+        except TimeoutError:
+            raise UpstreamTimeout(f"connect to {_show(addresses, port)} timed out after {timeout:g}s") from None
+        if isinstance(last, UpstreamError):
+            raise last
+        if isinstance(last, ConnectionRefusedError):
+            raise ConnectRefused(f"connection to {_show(addresses, port)} refused") from None
+        code = getattr(last, "errno", None)
+        if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            raise UpstreamError(f"{_show(addresses, port)} unreachable: {last}", reason="unreachable",
+                                proxy_status="destination_ip_unroutable") from None
+        raise UpstreamError(f"cannot connect to {_show(addresses, port)}: {last}", reason="connect_failed",
+                            proxy_status="destination_unavailable") from None
+
+    async def _connect_one(self, source: str | None, address: str, port: int,
+                           factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        loop = self._loop
+        if source is None:
+            return await loop.create_connection(factory, address, port)
+        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            except OSError:
+                pass
+            try:
+                sock.bind((source, 0))
+            except OSError as exc:
+                raise SourceUnavailable(f"cannot use source address {source}: {exc.strerror}") from None
+            await loop.sock_connect(sock, (address, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _show(addresses: list[str], port: int) -> str:
+    shown = [f"[{a}]" if ":" in a else a for a in addresses[:3]]
+    return f"{'/'.join(shown)}:{port}"

@@ -1,0 +1,290 @@
+"""Incremental request and response parsing on llhttp (httptools). Sans-IO.
+
+``RequestParser.feed(data)`` calls its sink's ``on_request_head(head)``, ``on_request_body(bytes)``
+and ``on_request_end()`` for every message in ``data``; after a ``CONNECT`` head it returns
+the bytes that follow the head (the start of the tunnel) and must not be fed again.
+
+``ResponseParser`` does the same for responses (``on_response_head/body/end``), knowing which
+responses have no body (to ``HEAD``, 1xx, 204, 304) and which run until the connection
+closes (``feed_eof``).
+
+Limits: a head over ``max_head_bytes`` raises ``HeadTooLarge`` (431), over ``max_headers``
+header fields likewise; everything llhttp refuses (conflicting Content-Length, Content-Length
+with Transfer-Encoding, bad chunking, bare LF, ...) raises ``ClientProtocolError`` (400).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httptools
+
+from ..errors import ClientProtocolError, HeadTooLarge, UpstreamProtocolError
+
+
+class RequestHead:
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "content_length", "chunked",
+                 "head_bytes")
+
+    def __init__(self, method: str, target: str, version: str, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool, content_length: int | None, chunked: bool, head_bytes: int) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.head_bytes = head_bytes
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name in lower case)."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "content_length", "chunked",
+                 "until_close", "informational")
+
+    def __init__(self, status: int, reason: bytes, version: str, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool, content_length: int | None, chunked: bool, until_close: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.until_close = until_close
+        self.informational = 100 <= status < 200
+
+
+class RequestSink(Protocol):
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_request_body(self, data: bytes) -> None: ...
+    def on_request_end(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+
+
+class _HeadCollector:
+    """Shared llhttp callbacks for heads: URL and header accumulation with limits."""
+
+    __slots__ = ("_parser", "_url", "_headers", "_size", "_max_bytes", "_max_headers", "_error",
+                 "_content_length", "_chunked", "_in_head")
+
+    def __init__(self, max_bytes: int, max_headers: int) -> None:
+        self._max_bytes = max_bytes
+        self._max_headers = max_headers
+        self._error: Exception | None = None
+        self._in_head = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._content_length: int | None = None
+        self._chunked = False
+
+    # llhttp callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._size += len(url)
+        if self._size > self._max_bytes:
+            self._error = HeadTooLarge("request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._size += len(name) + len(value) + 4
+        if self._size > self._max_bytes:
+            self._error = HeadTooLarge(f"header section over {self._max_bytes} bytes")
+        elif len(self._headers) > self._max_headers:
+            self._error = HeadTooLarge(f"more than {self._max_headers} header fields")
+        lname = name.lower()
+        if lname == b"content-length":
+            self._content_length = int(value) if value.strip().isdigit() else -1
+        elif lname == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
+            self._chunked = True
+
+
+class RequestParser(_HeadCollector):
+    __slots__ = ("_sink", "_http", "_head", "_pending_close", "_stream_pos")
+
+    def __init__(self, sink: RequestSink, max_head_bytes: int = 65536, max_headers: int = 100) -> None:
+        super().__init__(max_head_bytes, max_headers)
+        self._sink = sink
+        self._http = httptools.HttpRequestParser(self)
+        self._head: RequestHead | None = None
+        self._pending_close = False  # a complete message said Connection: close; ignore the rest
+        self._stream_pos = 0  # bytes fed since the current head began (approximate head size)
+
+    @property
+    def in_head(self) -> bool:
+        """True while a request head has begun but is not complete."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> bytes | None:
+        if self._pending_close:
+            return None
+        try:
+            self._http.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            return self._upgrade(data, exc.args[0])
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            if self._pending_close:
+                return None
+            cause = exc.__context__
+            if isinstance(cause, ClientProtocolError):
+                raise cause from None
+            raise ClientProtocolError(f"malformed request: {exc}") from None
+        if self._error is not None:
+            raise self._error
+        if self._in_head:
+            self._stream_pos += len(data)
+            if self._stream_pos > self._max_bytes + 1024:
+                raise HeadTooLarge(f"request head over {self._max_bytes} bytes")
+        return None
+
+    def _upgrade(self, data: bytes, offset: int) -> bytes | None:
+        if self._error is not None:
+            raise self._error
+        head = self._head
+        if head is not None and head.method == "CONNECT":
+            return data[offset:]
+        # An Upgrade request (h2c, websocket) that we forward as a plain request: the proxy
+        # removes Upgrade as a hop-by-hop header, so the message is complete; go on parsing.
+        if head is not None and head.has_body:
+            raise ClientProtocolError("Upgrade requests with a body are not supported")
+        self._http = httptools.HttpRequestParser(self)
+        rest = data[offset:]
+        return self.feed(rest) if rest else None
+
+    def on_headers_complete(self) -> None:
+        http = self._http
+        self._in_head = False
+        self._stream_pos = 0
+        if self._error is not None:
+            return
+        method = http.get_method().decode("ascii", "replace")
+        if self._content_length is not None and self._content_length < 0:
+            self._error = ClientProtocolError("invalid Content-Length")
+            return
+        head = RequestHead(method, self._url.decode("latin-1"), http.get_http_version(), self._headers,
+                           http.should_keep_alive(), self._content_length, self._chunked, self._size)
+        self._head = head
+        self._sink.on_request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._sink.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        head = self._head
+        if head is not None and head.method == "CONNECT":
+            return  # the tunnel follows; reported through feed()'s return value
+        if head is not None and not head.keep_alive:
+            self._pending_close = True
+        self._sink.on_request_end()
+
+
+class ResponseParser(_HeadCollector):
+    __slots__ = ("_sink", "_http", "_no_body", "_until_close", "_done", "_reason")
+
+    def __init__(self, sink: ResponseSink, request_method: str, max_head_bytes: int = 65536,
+                 max_headers: int = 200) -> None:
+        super().__init__(max_head_bytes, max_headers)
+        self._sink = sink
+        self._http = httptools.HttpResponseParser(self)
+        self._no_body = request_method == "HEAD"
+        self._until_close = False
+        self._done = False
+        self._reason = b""
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def started(self) -> bool:
+        return self._in_head or self._until_close or self._size > 0
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            raise UpstreamProtocolError("data after the end of the response")
+        try:
+            self._http.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise UpstreamProtocolError("the origin switched protocols, which this proxy does not relay") from None
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            if self._done and self._no_body:
+                return
+            raise UpstreamProtocolError(f"malformed response from the origin: {exc}") from None
+        if self._error is not None:
+            raise self._error
+
+    def feed_eof(self) -> None:
+        """The origin closed. Ends a close-delimited body; anything else is truncation."""
+        if self._done:
+            return
+        if self._until_close and not self._in_head:
+            self._done = True
+            self._sink.on_response_end()
+            return
+        raise UpstreamProtocolError("the origin closed the connection before the response was complete",
+                                    proxy_status="http_response_incomplete")
+
+    def on_headers_complete(self) -> None:
+        http = self._http
+        self._in_head = False
+        if self._error is not None:
+            return
+        status = http.get_status_code()
+        if self._content_length is not None and self._content_length < 0:
+            self._error = UpstreamProtocolError("invalid Content-Length from the origin")
+            return
+        bodiless = self._no_body or status in (204, 304) or 100 <= status < 200
+        until_close = not bodiless and self._content_length is None and not self._chunked
+        head = ResponseHead(status, self._reason, http.get_http_version(), self._headers,
+                            http.should_keep_alive() and not until_close, self._content_length,
+                            self._chunked, until_close)
+        self._until_close = until_close
+        self._sink.on_response_head(head)
+        if self._no_body and not head.informational:
+            # llhttp cannot be told the request was HEAD; the message ends here.
+            self._done = True
+            self._sink.on_response_end()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+        self._size += len(reason)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._done:
+            return
+        if 100 <= self._http.get_status_code() < 200:
+            return  # an interim response; the final one follows on the same parser
+        self._done = True
+        self._sink.on_response_end()

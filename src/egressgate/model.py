@@ -1,0 +1,229 @@
+"""Frozen value types shared by every layer. Each validates itself on construction."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from .errors import ClientProtocolError
+
+_MAX_HOST = 253
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A destination as the client named it: a host (name or IP literal, no brackets) and a port.
+
+    Hostnames are normalised (lower case, no trailing dot, IDNA to ASCII); IP literals are kept
+    in their canonical text form. Numeric shorthands such as ``127.1`` or ``0x7f.0.0.1`` are not
+    valid hostnames and are refused rather than guessed at.
+    """
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ClientProtocolError(f"port out of range: {self.port}", reason="bad_port")
+        if not self.host or len(self.host) > _MAX_HOST:
+            raise ClientProtocolError("missing or over-long host", reason="bad_host")
+
+    @property
+    def is_ip(self) -> bool:
+        return ip_or_none(self.host) is not None
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse_authority(cls, authority: str, default_port: int | None = None) -> HostPort:
+        """Parse ``host:port``, ``[v6]:port`` (and ``host`` when a default port is given)."""
+        authority = authority.strip()
+        if authority.startswith("["):
+            end = authority.find("]")
+            if end < 0:
+                raise ClientProtocolError(f"unclosed IPv6 literal in {authority!r}", reason="bad_host")
+            host, rest = authority[1:end], authority[end + 1:]
+            if ip_or_none(host) is None or ":" not in host:
+                raise ClientProtocolError(f"bad IPv6 literal {host!r}", reason="bad_host")
+            if rest.startswith(":"):
+                port_text = rest[1:]
+            elif rest == "" and default_port is not None:
+                port_text = str(default_port)
+            else:
+                raise ClientProtocolError(f"missing port in {authority!r}", reason="bad_port")
+        else:
+            host, sep, port_text = authority.rpartition(":")
+            if not sep:
+                if default_port is None:
+                    raise ClientProtocolError(f"missing port in {authority!r}", reason="bad_port")
+                host, port_text = authority, str(default_port)
+            if ":" in host:
+                raise ClientProtocolError(f"IPv6 literal must be bracketed: {authority!r}", reason="bad_host")
+        if not port_text.isdigit() or len(port_text) > 5:
+            raise ClientProtocolError(f"bad port in {authority!r}", reason="bad_port")
+        return cls(normalize_host(host), int(port_text))
+
+
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def normalize_host(host: str) -> str:
+    """Canonical form of a host for matching and dialing; raises on anything ambiguous."""
+    if "%" in host:
+        raise ClientProtocolError("IPv6 zone identifiers are not accepted", reason="bad_host")
+    ip = ip_or_none(host)
+    if ip is not None:
+        return str(ip)
+    host = host.rstrip(".").lower()
+    if not host:
+        raise ClientProtocolError("empty host", reason="bad_host")
+    labels = host.split(".")
+    if all(label.isdigit() or _is_hex(label) for label in labels):
+        # 2130706433, 0x7f.1, 0177.0.0.1, 127.1: C's inet_aton would accept these; we do not.
+        raise ClientProtocolError(f"ambiguous numeric host {host!r}", reason="bad_host")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ClientProtocolError(f"invalid international host name {host!r}", reason="bad_host") from exc
+    for label in host.split("."):
+        if not label or len(label) > 63 or not _HOST_OK.issuperset(label) or label[0] == "-" or label[-1] == "-":
+            raise ClientProtocolError(f"invalid host name {host!r}", reason="bad_host")
+    return host
+
+
+_HOST_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _is_hex(label: str) -> bool:
+    return len(label) > 2 and label[:2] == "0x" and all(c in "0123456789abcdef" for c in label[2:])
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who a connection belongs to, once identified. ``name`` is the config's client name."""
+
+    name: str
+    addr: str
+    profiles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of policy: allowed or not, why, by which rule, and the profile to use."""
+
+    allow: bool
+    reason: str
+    rule: str = ""
+    profile: str = ""
+    report_only: bool = False  # denied by a rule in report mode: logged, but let through
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """The one access-log record of a request or tunnel, filled in as it proceeds."""
+
+    client_addr: str
+    listener: str
+    start: float
+    client: str = "-"
+    method: str = "-"
+    target: str = "-"
+    status: int = 0
+    profile: str = "-"
+    egress_addr: str = "-"
+    upstream_addr: str = "-"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    reason: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DestPattern:
+    """One destination rule as written in config: ``*``, ``example.com``, ``*.example.com``,
+    ``203.0.113.7``, ``203.0.113.0/24``, ``[2001:db8::/32]``, each optionally with ``:PORT``.
+
+    ``*.example.com`` matches subdomains of example.com, not example.com itself.
+    """
+
+    kind: str  # "any" | "exact" | "suffix" | "net"
+    value: str  # host, ".suffix", or CIDR text
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DestPattern:
+        raw = str(text).strip()
+        if not raw:
+            raise ValueError("empty destination pattern")
+        port: int | None = None
+        body = raw
+        if raw.startswith("["):
+            end = raw.find("]")
+            if end < 0:
+                raise ValueError(f"unclosed '[' in {raw!r}")
+            body, rest = raw[1:end], raw[end + 1:]
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    raise ValueError(f"bad port in {raw!r}")
+                port = int(rest[1:])
+        elif raw.count(":") == 1:
+            body, port_text = raw.split(":")
+            if not port_text.isdigit():
+                raise ValueError(f"bad port in {raw!r}")
+            port = int(port_text)
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"port out of range in {raw!r}")
+        if body == "*":
+            return cls("any", "*", port)
+        try:
+            net = ipaddress.ip_network(body, strict=False)
+            return cls("net", str(net), port)
+        except ValueError:
+            pass
+        try:
+            if body.startswith("*."):
+                return cls("suffix", "." + normalize_host(body[2:]), port)
+            if "*" in body:
+                raise ValueError(f"'*' is allowed only as a leading '*.' label: {raw!r}")
+            return cls("exact", normalize_host(body), port)
+        except ClientProtocolError as exc:
+            raise ValueError(f"bad destination pattern {raw!r}: {exc.detail}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """A chained HTTP proxy: ``http://[user:pass@]host:port``. Credentials become a
+    ready-made ``Proxy-Authorization`` header value."""
+
+    address: HostPort
+    authorization: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> UpstreamProxy:
+        import base64
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(str(url))
+        if parts.scheme != "http":
+            raise ValueError(f"upstream proxies are http://host:port URLs, got {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"an upstream proxy URL has no path or query: {url!r}")
+        try:
+            hostport = parts.netloc.rpartition("@")[2]
+            address = HostPort.parse_authority(hostport, default_port=3128)
+        except ClientProtocolError as exc:
+            raise ValueError(f"bad upstream proxy address in {url!r}: {exc.detail}") from None
+        auth = None
+        if parts.username is not None:
+            token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            auth = "Basic " + base64.b64encode(token).decode()
+        return cls(address, auth)
+
+    def __str__(self) -> str:
+        return f"http://{self.address}"

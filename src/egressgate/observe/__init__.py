@@ -1,0 +1,1 @@
+"""Observability: the access log (one record per request or tunnel) and metrics."""

@@ -1,0 +1,108 @@
+"""The address guard: which resolved addresses a client may never reach.
+
+Applied to every address a destination resolves to (and to IP literals), after DNS, so a
+public name that resolves to 10.0.0.1 or 169.254.169.254 is refused. IPv4-mapped, NAT64
+(64:ff9b::/96) and 6to4 (2002::/16) IPv6 addresses are judged by the IPv4 address they
+embed. ``allow_private`` CIDRs are exempt (tests, on-premises origins).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IANA IPv4/IPv6 special-purpose registries, grouped by the reason we give.
+_RANGES: tuple[tuple[str, str], ...] = (
+    ("169.254.169.254/32", "metadata"),
+    ("fd00:ec2::254/128", "metadata"),
+    ("0.0.0.0/8", "unspecified"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "cgnat"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link_local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "reserved"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.31.196.0/24", "reserved"),
+    ("192.52.193.0/24", "reserved"),
+    ("192.88.99.0/24", "reserved"),
+    ("192.168.0.0/16", "private"),
+    ("192.175.48.0/24", "reserved"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/96", "reserved"),  # deprecated IPv4-compatible
+    ("64:ff9b:1::/48", "private"),
+    ("100::/64", "reserved"),
+    ("2001::/23", "reserved"),  # IETF protocol assignments, Teredo included
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "reserved"),
+    ("fc00::/7", "private"),
+    ("fe80::/10", "link_local"),
+    ("fec0::/10", "link_local"),
+    ("ff00::/8", "multicast"),
+)
+_NETS = tuple((ipaddress.ip_network(cidr), why) for cidr, why in _RANGES)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+
+# Names that mean the cloud metadata service whatever a resolver says.
+METADATA_NAMES = frozenset({"metadata.google.internal", "metadata", "metadata.goog", "instance-data",
+                            "instance-data.ec2.internal"})
+
+
+def embedded_ipv4(ip: IP) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _6TO4:
+        return ip.sixtofour
+    return None
+
+
+class AddressGuard:
+    """``check(ip)`` returns None for an address a client may reach, else the reason."""
+
+    __slots__ = ("_exempt", "_cache")
+
+    def __init__(self, allow_private: Iterable[str] = ()) -> None:
+        self._exempt = tuple(ipaddress.ip_network(c) for c in allow_private)
+        self._cache: dict[str, str | None] = {}
+
+    def check(self, address: str) -> str | None:
+        try:
+            return self._cache[address]
+        except KeyError:
+            pass
+        verdict = self._classify(ipaddress.ip_address(address))
+        if len(self._cache) > 8192:
+            self._cache.clear()
+        self._cache[address] = verdict
+        return verdict
+
+    def _classify(self, ip: IP) -> str | None:
+        inner = embedded_ipv4(ip)
+        candidates = (ip, inner) if inner is not None else (ip,)
+        for candidate in candidates:
+            if any(candidate.version == net.version and candidate in net for net in self._exempt):
+                return None
+        for candidate in candidates:
+            for net, why in _NETS:
+                if candidate.version == net.version and candidate in net:
+                    return why
+        return None
+
+
+def classify(address: str) -> str | None:
+    """The special-purpose class of an address ("private", "loopback", ...), or None if public."""
+    return AddressGuard()._classify(ipaddress.ip_address(address))

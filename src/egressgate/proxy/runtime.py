@@ -1,0 +1,27 @@
+"""``Runtime``: one configuration compiled for use. Built by ``app``; swapped whole on reload.
+A request takes the runtime in force when it starts and keeps it to the end, so a reload
+never changes a request or tunnel already under way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
+from ..egress.plan import ProfilePool
+from ..policy.clients import ClientRegistry
+from ..policy.guard import AddressGuard
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Runtime:
+    config: Config
+    config_hash: str
+    loaded_at: float
+    source: str  # file path, or "(embedded default)"
+    clients: ClientRegistry
+    guard: AddressGuard
+    profiles: dict[str, ProfilePool]
+    connect_ports: frozenset[int]
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    listeners: dict[str, ListenConfig]

@@ -1,0 +1,233 @@
+"""``Gateway``: the state shared by every connection (passed in explicitly, never global),
+the listeners, the sweeper that enforces timeouts, reload and drain.
+
+Reload swaps the whole ``Runtime`` at once: new requests see the new one, requests and
+tunnels under way keep the one they started with. Listeners are opened and closed to match
+the new config; TLS certificates are re-read into the existing contexts.
+
+Drain (SIGTERM): not ready at once; keep accepting for ``drain.grace`` so the load balancer
+notices; close the listeners; let requests and tunnels finish up to ``drain.timeout``;
+then close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.resolver import Resolver
+from ..model import HostPort
+from ..observe.accesslog import AccessLog, log_event
+from ..observe.metrics import Metrics
+from ..policy.clients import PendingCheck
+from .runtime import Runtime
+from .session import ClientConnection
+from .upstream import Upstream, UpstreamPool
+
+
+@dataclass(slots=True)
+class ListenerInfo:
+    name: str  # the configured address, e.g. "127.0.0.1:3128"
+    tls: bool
+
+    def default_profile(self, rt: Runtime) -> str:
+        listener = rt.listeners.get(self.name)
+        return listener.egress if listener is not None else "default"
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime, metrics: Metrics, access_log: AccessLog, resolver: Resolver,
+                 loop: asyncio.AbstractEventLoop, reuse_port: bool = False) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.access_log = access_log
+        self.resolver = resolver
+        self.loop = loop
+        self.dialer = Dialer(loop)
+        self.pool = UpstreamPool()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.started = time.time()
+        self.reuse_port = reuse_port
+        self._servers: dict[str, asyncio.base_events.Server] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._sweeper: asyncio.Task | None = None
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._rejected_logged = 0.0
+        self.on_reload: list[Callable[[Runtime, Runtime], None]] = []
+        self.recent_denials: deque[dict] = deque(maxlen=50)
+
+    # --- listeners ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._sync_listeners(self.runtime)
+        self._publish(self.runtime)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def listening(self) -> list[str]:
+        return list(self._servers)
+
+    def bound_port(self, name: str | None = None) -> int:
+        server = self._servers[name] if name else next(iter(self._servers.values()))
+        return server.sockets[0].getsockname()[1]
+
+    async def _sync_listeners(self, rt: Runtime) -> None:
+        wanted = {listener.address: listener for listener in rt.config.listen}
+        for name in list(self._servers):
+            if name not in wanted:
+                server = self._servers.pop(name)
+                server.close()
+                self._tls.pop(name, None)
+        for name, spec in wanted.items():
+            ctx = None
+            if spec.tls is not None:
+                ctx = self._tls.get(name)
+                if ctx is None:
+                    ctx = self._tls[name] = _server_context()
+                ctx.load_cert_chain(spec.tls.cert, spec.tls.key)
+                if spec.tls.client_ca:
+                    ctx.load_verify_locations(spec.tls.client_ca)
+                    ctx.verify_mode = ssl.CERT_OPTIONAL
+            if name in self._servers:
+                continue
+            hp = HostPort.parse_authority(name)
+            info = ListenerInfo(name, spec.tls is not None)
+            self._servers[name] = await self.loop.create_server(
+                lambda info=info: ClientConnection(self, info), hp.host, hp.port, ssl=ctx, backlog=4096,
+                reuse_port=self.reuse_port or None)
+
+    # --- services used by connections -------------------------------------------------------
+    async def resolve(self, host: str) -> list[str]:
+        t0 = self.loop.time()
+        try:
+            return await self.resolver.resolve(host)
+        finally:
+            self.metrics.dns_seconds.observe(self.loop.time() - t0)
+
+    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int) -> Upstream:
+        t0 = self.loop.time()
+        try:
+            _, up, remote = await self.dialer.connect(plan, addresses, port, Upstream, pool.connect_timeout)
+        except SourceUnavailable as err:
+            pool.mark_down(plan)
+            self.source_state(pool, plan, False)
+            log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
+            raise
+        self.metrics.connect_seconds.labels(pool.name).observe(self.loop.time() - t0)
+        if plan.source is not None and pool.is_down(plan):
+            pool.mark_up(plan)
+            self.source_state(pool, plan, True)
+        up.remote = remote
+        return up
+
+    def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:
+        member = plan.source or str(plan.upstream) or "direct"
+        self.metrics.egress_source_up.labels(pool.name, member).set(1 if up else 0)
+
+    async def check_password(self, peer: str, pending: PendingCheck) -> bool:
+        """Run a slow password check off the loop; addresses that keep failing wait longer."""
+        count, since = self._failures.get(peer, (0, 0.0))
+        now = self.loop.time()
+        if count and now - since > 60:
+            count = 0
+        if count >= 5:
+            await asyncio.sleep(min(0.2 * (count - 4), 3.0))
+        ok = await self.loop.run_in_executor(None, pending.run)
+        if ok:
+            self._failures.pop(peer, None)
+        else:
+            if len(self._failures) > 10000:
+                self._failures.clear()
+            self._failures[peer] = (count + 1, since if count else now)
+        return ok
+
+    def note_rejected(self, addr: str) -> None:
+        now = self.loop.time()
+        if now - self._rejected_logged >= 10.0:  # at most one line per 10 s
+            self._rejected_logged = now
+            log_event("connection_rejected", client_addr=addr, reason="source_not_allowed")
+
+    def log_internal_error(self, exc: BaseException) -> None:
+        log_event("internal_error", error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])
+
+    # --- sweeper (timeouts) -------------------------------------------------------------------
+    def _sweep_interval(self, rt: Runtime) -> float:
+        t = rt.timeouts
+        return max(0.02, min(1.0, t.client_head / 4, t.client_idle / 4, t.upstream_response / 4,
+                             t.tunnel_idle / 4))
+
+    async def _sweep(self) -> None:
+        while True:
+            rt = self.runtime
+            await asyncio.sleep(self._sweep_interval(rt))
+            now = self.loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.tick(now, rt)
+                except Exception as exc:  # never let one connection stop the sweeper
+                    self.log_internal_error(exc)
+            self.pool.sweep(now, rt.timeouts.upstream_idle)
+
+    # --- reload and drain ---------------------------------------------------------------------
+    async def apply(self, new: Runtime) -> None:
+        old = self.runtime
+        for name, pool in new.profiles.items():
+            previous = old.profiles.get(name)
+            if previous is not None and previous.members == pool.members:
+                pool.observed_ip, pool.observed_at = previous.observed_ip, previous.observed_at
+        await self._sync_listeners(new)
+        self.runtime = new
+        self.pool.close_all()  # idle origin connections may use an old egress address
+        self._publish(new)
+        for hook in self.on_reload:
+            hook(old, new)
+
+    def _publish(self, rt: Runtime) -> None:
+        m = self.metrics
+        m.config_info.clear()
+        m.config_info.labels(rt.config_hash).set(1)
+        m.config_loaded.set(rt.loaded_at)
+        for name, pool in rt.profiles.items():
+            for plan in pool.members:
+                self.source_state(pool, plan, not pool.is_down(plan))
+            m.egress_ip_match.labels(name).set({True: 1, False: 0, None: -1}[pool.ip_matches])
+
+    async def drain(self, grace: float, timeout: float) -> None:
+        self.draining = True
+        log_event("drain_started", connections=len(self.connections), grace=grace, timeout=timeout)
+        if grace > 0:
+            await asyncio.sleep(grace)
+        for server in self._servers.values():
+            server.close()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = len(self.connections)
+        for conn in list(self.connections):
+            conn.transport.close()
+        self.pool.close_all()
+        log_event("drain_finished", closed_unfinished=left)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for server in self._servers.values():
+            server.close()
+        for conn in list(self.connections):
+            conn.transport.abort()
+        self.pool.close_all()
+        self._servers.clear()
+
+
+def _server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx

@@ -1,0 +1,643 @@
+"""``ClientConnection``: the protocol object of one client connection.
+
+Lifecycle: the client gate (source address) at ``connection_made``; request heads parsed
+with llhttp; each request becomes an ``Exchange`` queued in arrival order (pipelining), the
+first one being served. Serving a request is the only async step (``_serve``): identify the
+client, decide, resolve, guard, dial. Then either a CONNECT ``Tunnel`` takes over the
+connection or the ``Exchange`` streams the request and response; when it is done the next
+queued request starts (keep-alive) or the connection closes.
+
+Reading from the client is paused for three independent reasons, kept as bits: request
+bytes buffered before the upstream is ready (1), the upstream's write buffer full (2), and
+drain of CONNECT early data (4). Reading resumes only when no bit is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..errors import (
+    AddressProhibited,
+    AuthRequired,
+    ClientTimeout,
+    GatewayError,
+    PolicyDenied,
+    Unavailable,
+    UpstreamError,
+)
+from ..http1.parse import RequestHead, RequestParser
+from ..http1.responses import CONNECT_OK, error_response, simple_response
+from ..http1.rewrite import PROFILE_HEADER, parse_absolute_target
+from ..model import AccessRecord, HostPort
+from ..policy.clients import Identity, PendingCheck
+from ..policy.decide import choose_profile, decide
+from .forward import DONE, SENDING, Exchange
+from .tunnel import Tunnel
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from ..egress.plan import ProfilePool
+    from .runtime import Runtime
+    from .server import Gateway, ListenerInfo
+
+WHOAMI_HOST = "egressgate.whoami"
+BUFFER_LIMIT = 256 * 1024  # request bytes held per connection before the client is paused
+_PAUSE_BUFFER, _PAUSE_UPSTREAM, _PAUSE_EARLY = 1, 2, 4
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("gw", "listener", "transport", "peer", "parser", "queue", "tunnel", "early", "held",
+                 "paused", "since", "head_started", "served", "closed", "eof", "identity", "identity_key",
+                 "cert_subject", "client_name", "__weakref__")
+
+    def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
+        self.gw = gw
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.parser: RequestParser | None = None
+        self.queue: deque[Exchange] = deque()
+        self.tunnel: Tunnel | None = None
+        self.early: Exchange | None = None  # a CONNECT waiting for its tunnel: bytes go to its buffer
+        self.held = 0  # request bytes buffered, all exchanges
+        self.paused = 0
+        self.since = 0.0
+        self.head_started: float | None = None
+        self.served = 0
+        self.closed = False
+        self.eof = False
+        self.identity: Identity | None = None
+        self.identity_key: tuple | None = None
+        self.cert_subject: str | None = None
+        self.client_name: str | None = None
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        gw = self.gw
+        peer = transport.get_extra_info("peername")
+        addr = peer[0] if peer else "-"
+        if addr.startswith("::ffff:") and "." in addr:
+            addr = addr[7:]
+        self.peer = addr
+        rt = gw.runtime
+        if not rt.clients.admits(addr):
+            gw.metrics.rejected_connections.labels("source_not_allowed").inc()
+            gw.note_rejected(addr)
+            self.closed = True
+            transport.abort()
+            return
+        if len(gw.connections) >= rt.limits.max_connections:
+            gw.metrics.rejected_connections.labels("max_connections").inc()
+            self.closed = True
+            transport.write(error_response(Unavailable("the gateway is at its connection limit",
+                                                       reason="max_connections")))
+            transport.close()
+            return
+        gw.connections.add(self)
+        gw.metrics.active_connections.labels(self.listener.name).inc()
+        self.parser = RequestParser(self, rt.limits.max_head_bytes, rt.limits.max_headers)
+        self.since = gw.loop.time()
+        if self.listener.tls:
+            self.cert_subject = _subject_cn(transport.get_extra_info("peercert"))
+
+    def data_received(self, data: bytes) -> None:
+        t = self.tunnel
+        if t is not None:
+            t.up.write(data)
+            t.bytes_up += len(data)
+            t.active = True
+            return
+        ex = self.early
+        if ex is not None:
+            ex.body.append(data)
+            ex.body_bytes += len(data)
+            self.buffered(len(data))
+            return
+        if not self.queue and self.head_started is None:
+            self.head_started = self.gw.loop.time()
+        try:
+            rest = self.parser.feed(data)
+        except GatewayError as err:
+            self._protocol_error(err)
+            return
+        if rest is not None and self.early is not None:
+            if rest:
+                self.early.body.append(rest)
+                self.early.body_bytes += len(rest)
+                self.buffered(len(rest))
+            self.parser = None  # a tunnel follows; no more HTTP on this connection
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
+        if self.queue and self.queue[0].request_done:
+            return True  # the request is complete; answer it, then close
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.end("client_closed" if exc is None else "client_reset")
+        while self.queue:
+            ex = self.queue.popleft()
+            if ex.task is not None and not ex.task.done():
+                ex.task.cancel()
+            if ex.upstream is not None and ex.state != DONE:
+                ex.upstream.detach()
+                ex.upstream.transport.close()
+            if not ex.ended and ex.task is not None:
+                ex.record.reason = ex.record.reason or "client_closed"
+                self._log(ex, 499)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self in self.gw.connections:
+            self.gw.connections.discard(self)
+            self.gw.metrics.active_connections.labels(self.listener.name).dec()
+
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_pause_writing()
+        elif self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_resume_writing()
+        elif self.queue and self.queue[0].upstream is not None:
+            up = self.queue[0].upstream.transport
+            if not up.is_closing():
+                up.resume_reading()
+
+    # --- back-pressure on the client ------------------------------------------------------
+    def pause_reading(self, bit: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def resume_reading(self, bit: int) -> None:
+        if not self.paused & bit:
+            return
+        self.paused &= ~bit
+        if not self.paused and not self.closed and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def buffered(self, n: int) -> None:
+        self.held += n
+        if self.held > BUFFER_LIMIT:
+            self.pause_reading(_PAUSE_BUFFER)
+
+    def unbuffered(self, n: int) -> None:
+        self.held -= n
+        if self.held <= BUFFER_LIMIT // 2:
+            self.resume_reading(_PAUSE_BUFFER)
+
+    # --- parser sink ----------------------------------------------------------------------
+    def on_request_head(self, head: RequestHead) -> None:
+        rec = AccessRecord(self.peer, self.listener.name, time.time(), method=head.method,
+                           target=head.target[:2048])
+        ex = Exchange(self, head, rec)
+        self.queue.append(ex)
+        self.head_started = None
+        if ex.connect:
+            self.early = ex
+        if len(self.queue) == 1:
+            self._start(ex)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.queue[-1].request_body(data)
+
+    def on_request_end(self) -> None:
+        ex = self.queue[-1]
+        ex.request_end()
+
+    # --- serving a request ----------------------------------------------------------------
+    def _start(self, ex: Exchange) -> None:
+        ex.runtime = self.gw.runtime
+        ex.task = self.gw.loop.create_task(self._serve(ex))
+
+    async def _serve(self, ex: Exchange) -> None:
+        try:
+            await self._serve_inner(ex)
+        except GatewayError as err:
+            self.exchange_failed(ex, err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: answer 500 and keep serving others
+            self.gw.log_internal_error(exc)
+            self.exchange_failed(ex, GatewayError(f"internal error: {type(exc).__name__}"))
+
+    async def _serve_inner(self, ex: Exchange) -> None:
+        rt = ex.runtime
+        head = ex.head
+        rec = ex.record
+        identity = await self._identify(rt, head)
+        client = identity.client
+        rec.client = client.name
+        if ex.connect:
+            dest = HostPort.parse_authority(head.target)
+        else:
+            ex.target = parse_absolute_target(head.target)
+            dest = ex.target.dest
+        if dest.host == WHOAMI_HOST:
+            self._whoami(ex, rt, identity)
+            return
+        requested = identity.requested_profile
+        if requested is None:
+            value = head.header(PROFILE_HEADER)
+            if value:
+                requested = value.decode("latin-1").strip()
+        decision = decide(client, dest, ex.connect, requested, self.listener.default_profile(rt),
+                          rt.connect_ports)
+        rec.profile = decision.profile or "-"
+        if not decision.allow:
+            raise PolicyDenied(f"{decision.reason.replace('_', ' ')}: {dest} ({decision.rule})",
+                               reason=decision.reason)
+        if decision.report_only:
+            rec.extra["would_deny"] = decision.reason
+            self.gw.metrics.would_deny.labels(client.name, decision.reason).inc()
+        pool = rt.profiles[decision.profile]
+        if pool.kind == "upstream":
+            await self._via_upstream_proxy(ex, pool, dest, client.name)
+        else:
+            await self._direct(ex, rt, pool, dest, client)
+
+    async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
+        auth = head.header(b"proxy-authorization")
+        key = (id(rt), auth)
+        if self.identity is not None and self.identity_key == key:
+            return self.identity
+        result = rt.clients.identify(self.peer, auth, self.cert_subject)
+        if isinstance(result, PendingCheck):
+            ok = await self.gw.check_password(self.peer, result)
+            result = rt.clients.identify(self.peer, auth, self.cert_subject) if ok else None
+            if not isinstance(result, Identity):
+                raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+        self.identity = result
+        self.identity_key = key
+        self.client_name = result.client.name
+        return result
+
+    async def _direct(self, ex: Exchange, rt: Runtime, pool: ProfilePool, dest: HostPort, client) -> None:
+        gw = self.gw
+        if dest.is_ip:
+            addresses = [dest.host]
+        else:
+            addresses = await gw.resolve(dest.host)
+        allowed = []
+        refused = ""
+        for a in addresses:
+            why = rt.guard.check(a)
+            if why is None and client.deny is not None and client.deny.match_ip(a, dest.port):
+                why = "denied by rule"
+            if why is None:
+                allowed.append(a)
+            elif not refused:
+                refused = f"{a} is {why.replace('_', ' ')}"
+        if not allowed:
+            where = dest.host if dest.is_ip else f"{dest.host} resolves to {refused.split(' ')[0]}"
+            raise AddressProhibited(f"{where}: {refused.split(' is ', 1)[-1]} address", )
+        last: GatewayError | None = None
+        for plan in pool.plans(client.name):
+            if not ex.connect:
+                key = (plan.key, allowed[0], dest.port)
+                up = gw.pool.take(key)
+                if up is not None:
+                    self._begin(ex, up, True, None)
+                    return
+            try:
+                up = await gw.dial(plan, pool, allowed, dest.port)
+            except UpstreamError as err:
+                if err.reason != "source_unavailable":
+                    raise
+                last = err
+                continue
+            if not ex.connect:
+                up.key = (plan.key, allowed[0], dest.port)
+            self._begin(ex, up, False, None)
+            return
+        raise last or UpstreamError("no usable egress address in profile " + pool.name)
+
+    async def _via_upstream_proxy(self, ex: Exchange, pool: ProfilePool, dest: HostPort, client: str) -> None:
+        gw = self.gw
+        last: GatewayError | None = None
+        for plan in pool.plans(client):
+            proxy = plan.upstream
+            try:
+                if not ex.connect:
+                    up = gw.pool.take((plan.key, str(proxy.address), 0))
+                    if up is not None:
+                        self._begin(ex, up, True, proxy)
+                        return
+                addresses = [proxy.address.host] if proxy.address.is_ip else await gw.resolve(proxy.address.host)
+                up = await gw.dial(plan, pool, addresses, proxy.address.port)
+            except UpstreamError as err:
+                pool.mark_down(plan)
+                gw.source_state(pool, plan, False)
+                last = err
+                continue
+            pool.mark_up(plan)
+            if ex.connect:
+                leftover = await _upstream_connect(up, dest, proxy.authorization, ex.runtime.timeouts.upstream_connect)
+                self._begin(ex, up, False, proxy, leftover)
+            else:
+                up.key = (plan.key, str(proxy.address), 0)
+                self._begin(ex, up, False, proxy)
+            return
+        raise last or UpstreamError("no upstream proxy of profile " + pool.name + " is reachable")
+
+    def _begin(self, ex: Exchange, up: Upstream, reused: bool, chained, leftover: bytes = b"") -> None:
+        if self.closed:
+            up.transport.close()
+            return
+        if ex.connect:
+            self._open_tunnel(ex, up, leftover)
+        else:
+            if up.key is not None:
+                ex.pool_key = up.key
+            ex.start(up, reused, chained, self.gw.loop.time())
+
+    def _open_tunnel(self, ex: Exchange, up: Upstream, leftover: bytes) -> None:
+        gw = self.gw
+        rec = ex.record
+        rec.status = 200
+        rec.upstream_addr = up.remote
+        rec.egress_addr = up.local
+        self.transport.write(CONNECT_OK)
+        t = Tunnel(self, up, gw.loop.time())
+        self.tunnel = t
+        self.early = None
+        if leftover:
+            t.upstream_data(leftover)
+        for chunk in ex.body:
+            t.up.write(chunk)
+            t.bytes_up += len(chunk)
+        if ex.body_bytes:
+            self.unbuffered(ex.body_bytes)
+        ex.body = []
+        gw.metrics.active_tunnels.labels(self.listener.name).inc()
+        if self.eof:
+            t.client_eof()
+
+    def tunnel_ended(self, t: Tunnel, reason: str) -> None:
+        ex = self.queue.popleft() if self.queue else None
+        self.closed = True
+        self.gw.metrics.active_tunnels.labels(self.listener.name).dec()
+        if ex is not None:
+            rec = ex.record
+            rec.bytes_up = t.bytes_up
+            rec.bytes_down = t.bytes_down
+            rec.reason = reason
+            self._log(ex, 200)
+
+    def _whoami(self, ex: Exchange, rt: Runtime, identity: Identity) -> None:
+        client = identity.client
+        name = choose_profile(client, identity.requested_profile, self.listener.default_profile(rt))
+        pool = rt.profiles.get(name) if name else None
+        doc = {
+            "client": client.name, "client_addr": self.peer, "profile": name,
+            "profiles": list(client.profiles or (self.listener.default_profile(rt),)),
+            "egress": _describe(pool) if pool else None,
+            "expect_ip": list(pool.expect_ip) if pool else [],
+            "observed_ip": pool.observed_ip if pool else None,
+            "ip_matches": pool.ip_matches if pool else None,
+            "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
+            "deny": list(client.deny_patterns),
+        }
+        ex.record.status = 200
+        ex.record.profile = name or "-"
+        keep = ex.head.keep_alive and not self.gw.draining
+        self.transport.write(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n", keep_alive=keep))
+        ex.state = DONE
+        ex.client_keep = keep
+        self.exchange_done(ex)
+
+    # --- outcomes -----------------------------------------------------------------------
+    def request_sent(self, ex: Exchange) -> None:
+        """The whole request body went upstream (nothing to do; hook for timing)."""
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        up = ex.upstream
+        if up is not None:
+            if ex.upstream_keep and ex.request_done and ex.pool_key is not None and ex.response_started:
+                self.gw.pool.put(up, ex.pool_key, self.gw.loop.time())
+            else:
+                up.detach()
+                up.transport.close()
+        self._log(ex, ex.record.status)
+        self._next(ex.client_keep and ex.request_done)
+
+    def exchange_failed(self, ex: Exchange, err: GatewayError) -> None:
+        if ex.ended:
+            return
+        ex.state = DONE
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        rec = ex.record
+        rec.reason = err.reason
+        gw = self.gw
+        if err.status in (403, 407, 429):
+            gw.metrics.denied.labels(err.reason).inc()
+            gw.recent_denials.append({"ts": time.strftime("%H:%M:%S"), "client": rec.client,
+                                      "target": rec.target[:200], "reason": err.reason})
+        elif err.status >= 500:
+            gw.metrics.upstream_errors.labels(err.reason).inc()
+        if ex.upstream is not None:
+            ex.upstream.detach()
+            ex.upstream.transport.close()
+        if self.closed:
+            self._log(ex, err.status)
+            return
+        if ex.response_started:
+            # Too late for an error response: the client sees the response cut short.
+            self._log(ex, rec.status)
+            self._close()
+            return
+        keep = (err.status in (403, 407, 429) and ex.request_done and ex.head.keep_alive and not ex.body
+                and not gw.draining and not self.eof)
+        self.transport.write(error_response(err, keep))
+        self._log(ex, err.status)
+        if ex is self.early:
+            self.early = None
+            if keep:  # e.g. a 407 to CONNECT: the client may retry on this connection
+                limits = ex.runtime.limits
+                self.parser = RequestParser(self, limits.max_head_bytes, limits.max_headers)
+        self._next(keep)
+
+    def retry_fresh(self, ex: Exchange) -> None:
+        """A reused upstream failed before answering: dial a fresh one, once."""
+        ex.state = 0
+        ex.reused = False
+        ex.upstream = None
+        ex.pool_key = None
+        ex.record.upstream_addr = "-"
+        ex.task = self.gw.loop.create_task(self._serve(ex))
+
+    def _next(self, keep: bool) -> None:
+        if not keep or self.closed:
+            self._close()
+            return
+        self.served += 1
+        self.since = self.gw.loop.time()
+        if self.queue:
+            self._start(self.queue[0])
+        elif self.eof:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+        for ex in self.queue:
+            if ex.upstream is not None:
+                ex.upstream.detach()
+                ex.upstream.transport.close()
+        self.queue.clear()
+
+    def _protocol_error(self, err: GatewayError) -> None:
+        """The client's bytes are not acceptable HTTP: answer if we still can, then close."""
+        ex = self.queue[-1] if self.queue else None
+        if ex is None or (not ex.response_started and len(self.queue) == 1 and ex.state in (0, 1)):
+            if ex is not None and ex.task is not None:
+                ex.task.cancel()
+            rec = ex.record if ex else AccessRecord(self.peer, self.listener.name, time.time())
+            rec.reason = err.reason
+            self.transport.write(error_response(err))
+            self.gw.metrics.count_request(self.client_name or "-", rec.profile, rec.method, err.status)
+            rec.status = err.status
+            self.gw.access_log.write(rec)
+            if ex is not None:
+                ex.ended = True
+        self._close()
+
+    def _log(self, ex: Exchange, status: int) -> None:
+        if ex.ended:
+            return
+        ex.ended = True
+        rec = ex.record
+        rec.status = status
+        gw = self.gw
+        gw.metrics.count_request(rec.client, rec.profile, rec.method, status)
+        gw.metrics.count_bytes(rec.profile, rec.bytes_up, rec.bytes_down)
+        gw.access_log.write(rec)
+
+    # --- timeouts (called by the server's sweeper) ----------------------------------------
+    def tick(self, now: float, rt: Runtime) -> None:
+        if self.closed:
+            return
+        t = self.tunnel
+        if t is not None:
+            if t.active:
+                t.active = False
+                t.idle_since = now
+            elif now - t.idle_since > rt.timeouts.tunnel_idle:
+                t.end("idle_timeout")
+            return
+        if self.queue:
+            ex = self.queue[0]
+            if ex.state == SENDING and ex.request_done and now - ex.sent_at > rt.timeouts.upstream_response:
+                ex.fail(UpstreamError(f"no response from the origin within {rt.timeouts.upstream_response:g}s",
+                                      reason="response_timeout", status=504,
+                                      proxy_status="http_response_timeout"))
+            return
+        if self.gw.draining and self.head_started is None:
+            self._close()
+            return
+        if self.head_started is not None:
+            if now - self.head_started > rt.timeouts.client_head:
+                self._protocol_error(ClientTimeout(
+                    f"the request head was not complete within {rt.timeouts.client_head:g}s"))
+        elif self.served == 0:
+            if now - self.since > rt.timeouts.client_head:
+                self._protocol_error(ClientTimeout(f"no request within {rt.timeouts.client_head:g}s"))
+        elif now - self.since > rt.timeouts.client_idle:
+            self._close()
+
+
+async def _upstream_connect(up: Upstream, dest: HostPort, authorization: str | None, timeout: float) -> bytes:
+    """Open a tunnel through a chained proxy; returns bytes that followed its 200 response."""
+    reader = _HeadReader()
+    up.attach(reader)
+    lines = [f"CONNECT {dest} HTTP/1.1", f"Host: {dest}"]
+    if authorization:
+        lines.append(f"Proxy-Authorization: {authorization}")
+    up.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    try:
+        async with asyncio.timeout(timeout):
+            head, rest = await reader.done
+    except TimeoutError:
+        up.transport.close()
+        raise UpstreamError("the upstream proxy did not answer CONNECT in time", reason="upstream_timeout",
+                            status=504, proxy_status="connection_timeout") from None
+    except GatewayError:
+        up.transport.close()
+        raise
+    status_line = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+    if not 200 <= status < 300:
+        up.transport.close()
+        raise UpstreamError(f"the upstream proxy refused CONNECT {dest} with {status or 'garbage'}",
+                            reason="upstream_refused", proxy_status="proxy_internal_response"
+                            if status else "http_protocol_error")
+    up.detach()
+    return rest
+
+
+class _HeadReader:
+    """Collects an upstream proxy's reply head to our CONNECT."""
+
+    __slots__ = ("done", "buf")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self.buf = b""
+
+    def upstream_data(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0 and not self.done.done():
+            self.done.set_result((self.buf[:end], self.buf[end + 4:]))
+        elif len(self.buf) > 65536 and not self.done.done():
+            self.done.set_exception(UpstreamError("oversized reply from the upstream proxy"))
+
+    def upstream_eof(self) -> bool:
+        self.upstream_lost(None)
+        return False
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(UpstreamError("the upstream proxy closed the connection during CONNECT",
+                                                  reason="upstream_closed"))
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+
+def _describe(pool: ProfilePool) -> dict:
+    if pool.kind == "bind":
+        return {"kind": "bind", "sources": [m.source for m in pool.members]}
+    if pool.kind == "upstream":
+        return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members]}
+    return {"kind": "direct"}
+
+
+def _subject_cn(cert: dict | None) -> str | None:
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+

@@ -1,0 +1,122 @@
+"""``Upstream``: the protocol of one outbound connection, and ``UpstreamPool``, idle
+persistent connections to origins kept for reuse by plain-HTTP requests.
+
+An ``Upstream`` has an owner (a ``Tunnel`` or an ``Exchange``) that receives its events; in
+the pool it has none and any byte or EOF from the far end retires it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+
+class Upstream(asyncio.Protocol):
+    __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.owner: Any = None
+        self.key: tuple | None = None
+        self.remote = "-"
+        self.local = "-"
+        self.idle_since = 0.0
+        self.closed = False
+        self._on_data: Callable[[bytes], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.local = sockname[0]
+
+    def attach(self, owner: Any) -> None:
+        """Hand this connection to a tunnel or exchange (owner.upstream_data/eof/lost...)."""
+        self.owner = owner
+        self._on_data = owner.upstream_data
+
+    def detach(self) -> None:
+        self.owner = None
+        self._on_data = None
+
+    def data_received(self, data: bytes) -> None:
+        on_data = self._on_data
+        if on_data is not None:
+            on_data(data)
+        else:
+            self.transport.close()  # unsolicited bytes on an idle connection: retire it
+
+    def eof_received(self) -> bool | None:
+        if self.owner is not None:
+            return self.owner.upstream_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.owner is not None:
+            self.owner.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_resume_writing()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections by (egress plan key, address, port)."""
+
+    def __init__(self, max_per_key: int = 32, max_total: int = 4096) -> None:
+        self._idle: dict[tuple, list[Upstream]] = {}
+        self._count = 0
+        self.max_per_key = max_per_key
+        self.max_total = max_total
+
+    def take(self, key: tuple) -> Upstream | None:
+        stack = self._idle.get(key)
+        while stack:
+            up = stack.pop()
+            self._count -= 1
+            if not up.closed and not up.transport.is_closing():
+                return up
+        return None
+
+    def put(self, up: Upstream, key: tuple, now: float) -> None:
+        up.detach()
+        if up.closed or up.transport.is_closing():
+            return
+        stack = self._idle.setdefault(key, [])
+        if len(stack) >= self.max_per_key or self._count >= self.max_total:
+            up.transport.close()
+            return
+        up.key = key
+        up.idle_since = now
+        stack.append(up)
+        self._count += 1
+
+    def sweep(self, now: float, idle_timeout: float) -> None:
+        for key in list(self._idle):
+            stack = self._idle[key]
+            keep = [u for u in stack if not u.closed and now - u.idle_since < idle_timeout]
+            for u in stack:
+                if u not in keep and not u.closed:
+                    u.transport.close()
+            self._count -= len(stack) - len(keep)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def close_all(self) -> None:
+        for stack in self._idle.values():
+            for u in stack:
+                if not u.closed:
+                    u.transport.close()
+        self._idle.clear()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
