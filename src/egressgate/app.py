@@ -16,7 +16,7 @@ from .egress.localaddr import addresses_in
 from .egress.plan import build_pool
 from .egress.resolver import Resolver
 from .errors import ConfigError
-from .model import HostPort
+from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
 from .observe.metrics import Metrics
 from .policy.clients import compile_clients
@@ -85,10 +85,14 @@ class App:
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
             token = admin_cfg.token or (os.environ.get(admin_cfg.token_env) if admin_cfg.token_env else None)
-            hp = HostPort.parse_authority(admin_cfg.address)
+            host, port = parse_socket_address(admin_cfg.address)
             self.admin_server = await self.loop.create_server(
-                lambda: AdminProtocol(self.gateway, self.reload, token), hp.host, hp.port)
-        log_event("started", listen=self.gateway.listening, admin=admin_cfg.address if admin else None,
+                lambda: AdminProtocol(self.gateway, self.reload, token), host, port)
+        admin_bound = None
+        if self.admin_server is not None:
+            host, port = self.admin_server.sockets[0].getsockname()[:2]
+            admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log_event("started", listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
                   config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
 
     async def reload(self) -> None:

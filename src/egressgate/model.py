@@ -65,6 +65,14 @@ class HostPort:
         return cls(normalize_host(host), int(port_text))
 
 
+def parse_socket_address(text: str) -> tuple[str, int]:
+    """A local address to listen on: ``IP:PORT`` or ``[IPv6]:PORT``; port 0 lets the kernel choose."""
+    text = str(text).strip()
+    zero = text.endswith(":0") and not text.endswith("::0")
+    hp = HostPort.parse_authority(text[:-1] + "1" if zero else text)
+    return hp.host, 0 if zero else hp.port
+
+
 def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text)

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from ..model import ip_or_none, parse_socket_address
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -58,16 +60,14 @@ Port = Annotated[int, Field(gt=0, lt=65536)]
 
 
 def _socket_address(value: object) -> str:
-    from ..model import HostPort  # local: model imports errors only
-
     text = str(value)
     try:
-        hp = HostPort.parse_authority(text)
+        host, port = parse_socket_address(text)
     except Exception:
         raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, got {text!r}") from None
-    if not hp.is_ip and hp.host != "localhost":
+    if ip_or_none(host) is None:
         raise ValueError(f"listen on an IP address, not a name: {text!r}")
-    return str(hp)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 SocketAddress = Annotated[str, BeforeValidator(_socket_address)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..egress.dialer import Dialer, SourceUnavailable
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.resolver import Resolver
-from ..model import HostPort
+from ..model import parse_socket_address
 from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import Metrics
 from ..policy.clients import PendingCheck
@@ -74,9 +74,14 @@ class Gateway:
     def listening(self) -> list[str]:
         return list(self._servers)
 
-    def bound_port(self, name: str | None = None) -> int:
-        server = self._servers[name] if name else next(iter(self._servers.values()))
-        return server.sockets[0].getsockname()[1]
+    def bound_addresses(self) -> list[str]:
+        """The addresses actually bound (a configured port 0 becomes the kernel's choice)."""
+        out = []
+        for server in self._servers.values():
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
 
     async def _sync_listeners(self, rt: Runtime) -> None:
         wanted = {listener.address: listener for listener in rt.config.listen}
@@ -97,10 +102,10 @@ class Gateway:
                     ctx.verify_mode = ssl.CERT_OPTIONAL
             if name in self._servers:
                 continue
-            hp = HostPort.parse_authority(name)
+            host, port = parse_socket_address(name)
             info = ListenerInfo(name, spec.tls is not None)
             self._servers[name] = await self.loop.create_server(
-                lambda info=info: ClientConnection(self, info), hp.host, hp.port, ssl=ctx, backlog=4096,
+                lambda info=info: ClientConnection(self, info), host, port, ssl=ctx, backlog=4096,
                 reuse_port=self.reuse_port or None)
 
     # --- services used by connections -------------------------------------------------------

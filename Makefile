@@ -1,0 +1,59 @@
+# egressgate — the two set-up commands:
+#   make run    runs the gateway on its embedded default config (127.0.0.1:3128, admin 127.0.0.1:9128)
+#   make test   runs the whole test suite
+# Both install what they need (a venv with pip packages; Debian packages for real peers).
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CONFIG  ?=
+PYTEST_ARGS ?=
+APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux
+
+.PHONY: run test test-unit lint bench bench-quick demo check-config clean deb-packages
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	@$(PY) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/egressgate serve $(if $(CONFIG),--config $(CONFIG))
+
+demo: $(STAMP)
+	$(BIN)/egressgate demo
+
+check-config: $(STAMP)
+	$(BIN)/egressgate check-config $(CONFIG)
+
+deb-packages:
+	@missing=""; for p in $(APT_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: tests needing$$missing will be skipped"; fi; \
+	fi
+
+# The suite runs in a private network namespace (loopback only, DNS pointed at nothing) when
+# it can, so no test can reach anything off this machine; see scripts/in-netns.
+test: $(STAMP) deb-packages
+	scripts/in-netns $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,368 @@
+"""The peers under test, and the origin: install (Debian packages), minimal configs, start/stop.
+
+Every server listens on its own 127.0.0.1 port, writes no access log and (Squid) caches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import NCPU, Proc, Registry, free_ports, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+EGRESSGATE = VENV_BIN / "egressgate"
+BODY = (b"egressgate bench origin body " * 4)[:99] + b"\n"  # 100 bytes
+
+PACKAGES = [  # (binary, [packages to try, first with a candidate wins])
+    ("squid", ["squid"]),
+    ("tinyproxy", ["tinyproxy"]),
+    ("wrk", ["wrk"]),
+    ("nginx", ["nginx-light", "nginx"]),
+]
+
+
+def which(binary: str) -> str | None:
+    return shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def ensure_packages(needed: set[str], log=print) -> None:
+    """apt-get install whatever of squid/tinyproxy/wrk/nginx is missing (apt-get update once first)."""
+    missing = [(b, pkgs) for b, pkgs in PACKAGES if b in needed and not which(b)]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        log(f"missing {', '.join(b for b, _ in missing)} and not root: install them with apt-get")
+        return
+    log("apt-get update (once) to install: " + ", ".join(b for b, _ in missing))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], env=env, check=False, stdout=subprocess.DEVNULL, timeout=300)
+    for binary, pkgs in missing:
+        for pkg in pkgs:
+            pol = subprocess.run(
+                ["apt-cache", "policy", pkg], capture_output=True, text=True, timeout=60
+            ).stdout
+            m = re.search(r"Candidate:\s*(\S+)", pol)
+            if not m or m.group(1) == "(none)":
+                continue
+            log(f"apt-get install {pkg} ({m.group(1)})")
+            # policy-rc.d usually stops the package from starting its own service; if it did not,
+            # the packaged daemon listens on its default port, which the bench never uses.
+            subprocess.run(
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", pkg],
+                env=env,
+                check=False,
+                stdout=subprocess.DEVNULL,
+                timeout=600,
+            )
+            break
+        if not which(binary):
+            log(f"could not install {binary}")
+
+
+def version_of(argv: list[str], pattern: str) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(pattern, r.stdout + r.stderr)
+    return m.group(1) if m else "?"
+
+
+@dataclass
+class Env:
+    """The far ends every peer is measured against."""
+
+    tmp: Path
+    origin_port: int
+    sink_port: int
+    echo_ports: list[int]
+
+    @property
+    def connect_ports(self) -> list[int]:
+        return [self.sink_port, *self.echo_ports]
+
+
+# ---------------------------------------------------------------------------- origin
+
+
+def start_nginx(reg: Registry, tmp: Path, port: int) -> Proc:
+    d = tmp / "nginx"
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    body = BODY.decode().rstrip("\n").replace('"', "")
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes {NCPU};
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+daemon off;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp_body;
+    proxy_temp_path {d}/tmp_proxy;
+    fastcgi_temp_path {d}/tmp_fcgi;
+    uwsgi_temp_path {d}/tmp_uwsgi;
+    scgi_temp_path {d}/tmp_scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server_tokens off;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "{body}\\n"; }}
+    }}
+}}
+""")
+    p = reg.start(
+        "nginx",
+        [which("nginx") or "nginx", "-p", str(d), "-c", str(conf), "-e", f"{d}/logs/error.log"],
+        role="origin",
+        capacity=NCPU,
+        log=str(d / "stdout.log"),
+    )
+    if not wait_port(port, proc=p):
+        raise RuntimeError(f"nginx did not start; see {d}/logs/error.log")
+    return p
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Peer:
+    name: str
+    label: str = ""
+    auth: str | None = None  # user:pass the clients must send
+    capacity: float = 1.0  # cores the peer can use
+    port: int = 0
+    proc: Proc | None = None
+    version: str = "?"
+    notes: list[str] = field(default_factory=list)
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self, reg: Registry, env: Env) -> Proc:
+        raise NotImplementedError
+
+    def stop(self, reg: Registry) -> None:
+        if self.proc is not None:
+            reg.stop(self.proc, grace=5.0)
+            self.proc = None
+
+
+class NoProxy(Peer):
+    def __init__(self):
+        super().__init__("none", "no proxy")
+
+
+class Squid(Peer):
+    def __init__(self):
+        super().__init__("squid", "Squid")
+        self.version = version_of(["squid", "-v"], r"Version (\S+)") if which("squid") else "?"
+        self.label = f"Squid {self.version}"
+
+    def unavailable(self):
+        return None if which("squid") else "squid is not installed"
+
+    def start(self, reg, env):
+        d = env.tmp / "squid"
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o777)  # squid drops to the 'proxy' user
+        self.port = free_ports(1)[0]
+        conf = d / "squid.conf"
+        conf.write_text(f"""
+http_port 127.0.0.1:{self.port}
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_store_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+visible_hostname egressgate-bench
+max_filedescriptors 20000
+shutdown_lifetime 0 seconds
+pinger_enable off
+logfile_rotate 0
+""")
+        self.proc = reg.start(
+            "squid",
+            [which("squid"), "-N", "-f", str(conf)],
+            role="proxy",
+            capacity=1,
+            log=str(d / "stdout.log"),
+        )
+        if not wait_port(self.port, timeout=30, proc=self.proc):
+            raise RuntimeError(f"squid did not start; see {d}/cache.log")
+        return self.proc
+
+
+class Tinyproxy(Peer):
+    def __init__(self):
+        super().__init__("tinyproxy", "tinyproxy", capacity=NCPU)
+        self.version = version_of(["tinyproxy", "-v"], r"tinyproxy (\S+)") if which("tinyproxy") else "?"
+        self.label = f"tinyproxy {self.version}"
+
+    def unavailable(self):
+        return None if which("tinyproxy") else "tinyproxy is not installed"
+
+    def start(self, reg, env):
+        d = env.tmp / "tinyproxy"
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o777)
+        self.port = free_ports(1)[0]
+        conf = d / "tinyproxy.conf"
+        ports = "\n".join(f"ConnectPort {p}" for p in env.connect_ports)
+        conf.write_text(f"""
+User nobody
+Group nogroup
+Port {self.port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 25000
+Allow 127.0.0.0/8
+{ports}
+LogLevel Critical
+LogFile "{d}/tinyproxy.log"
+PidFile "{d}/tinyproxy.pid"
+""")
+        self.proc = reg.start(
+            "tinyproxy",
+            [which("tinyproxy"), "-d", "-c", str(conf)],
+            role="proxy",
+            capacity=NCPU,
+            log=str(d / "stdout.log"),
+        )
+        if not wait_port(self.port, proc=self.proc):
+            raise RuntimeError(f"tinyproxy did not start; see {d}/stdout.log")
+        return self.proc
+
+
+class Egressgate(Peer):
+    PASSWORD = "secret"
+    RULES = 1000
+
+    def __init__(self, policy: bool, workers: int | None):
+        super().__init__("egressgate-policy" if policy else "egressgate")
+        self.policy = policy
+        self.workers = workers
+        self.capacity = 0  # 0: as many cores as it has processes (workers), up to the machine's
+        self.label = (
+            "egressgate" + (" + policy" if policy else "") + (f" ({workers} workers)" if workers else "")
+        )
+        if policy:
+            self.auth = "bench:" + self.PASSWORD
+        self._hash: str | None = None
+
+    def unavailable(self):
+        if not EGRESSGATE.exists():
+            return f"{EGRESSGATE} does not exist yet"
+        return None
+
+    def _password_hash(self) -> str:
+        if self._hash is None:
+            r = subprocess.run(
+                [str(EGRESSGATE), "hash-password"],
+                input=self.PASSWORD,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if r.returncode != 0 or not r.stdout.strip():
+                raise RuntimeError(f"egressgate hash-password failed: {r.stderr.strip()}")
+            self._hash = r.stdout.strip().splitlines()[-1]
+        return self._hash
+
+    def config_text(self, env: Env, admin_port: int, with_log: bool = True) -> str:
+        ports = ", ".join(str(p) for p in [*env.connect_ports, env.origin_port])
+        lines = [
+            f'listen: [{{address: "127.0.0.1:{self.port}"}}]',
+            f'admin: {{address: "127.0.0.1:{admin_port}"}}',
+        ]
+        if self.workers:
+            lines.append(f"workers: {self.workers}")
+        if with_log:
+            lines.append("log: {access: none}")
+        lines.append(f"security: {{allow_private: [127.0.0.0/8], connect_ports: [{ports}]}}")
+        if not self.policy:
+            lines.append("clients: [{name: bench, from: [127.0.0.0/8]}]")
+        else:
+            lines += [
+                "egress:",
+                "  bound: {bind: [127.0.0.1]}",
+                "clients:",
+                "  - name: bench",
+                "    from: [127.0.0.0/8]",
+                "    username: bench",
+                f'    password_hash: "{self._password_hash()}"',
+                "    egress: [bound]",
+                "    allow:",
+            ]
+            lines += [f'      - "host-{i}.example.com"' for i in range(self.RULES - 1)]
+            lines.append('      - "127.0.0.1"')
+        return "\n".join(lines) + "\n"
+
+    def start(self, reg, env):
+        d = env.tmp / self.name
+        d.mkdir(exist_ok=True)
+        self.port, admin_port = free_ports(2)
+        conf = d / "egressgate.yaml"
+        conf.write_text(self.config_text(env, admin_port))
+        chk = subprocess.run(
+            [str(EGRESSGATE), "check-config", str(conf)], capture_output=True, text=True, timeout=60
+        )
+        if chk.returncode != 0:
+            msg = (chk.stdout + chk.stderr).strip()
+            if "log" in msg:
+                self.notes.append(
+                    f"check-config rejected log.access: none ({msg.splitlines()[0]}); ran without it"
+                )
+                print(
+                    f"  note: egressgate check-config rejected the log key; retrying without it:\n    {msg}",
+                    file=sys.stderr,
+                )
+                conf.write_text(self.config_text(env, admin_port, with_log=False))
+                chk = subprocess.run(
+                    [str(EGRESSGATE), "check-config", str(conf)], capture_output=True, text=True, timeout=60
+                )
+            if chk.returncode != 0:
+                raise RuntimeError(f"egressgate check-config failed:\n{(chk.stdout + chk.stderr).strip()}")
+        self.proc = reg.start(
+            self.name,
+            [str(EGRESSGATE), "serve", "--config", str(conf)],
+            role="proxy",
+            capacity=self.capacity,
+            log=str(d / "stdout.log"),
+        )
+        if not wait_port(self.port, timeout=30, proc=self.proc):
+            raise RuntimeError(f"egressgate did not start; see {d}/stdout.log")
+        time.sleep(0.3 if not self.workers else 1.0)  # let SO_REUSEPORT workers come up
+        if self.version == "?":
+            self.version = version_of([str(EGRESSGATE), "--version"], r"(\d+\.\d+\S*)")
+        return self.proc
+
+
+def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
+    out: list[Peer] = []
+    for n in names:
+        if n == "squid":
+            out.append(Squid())
+        elif n == "tinyproxy":
+            out.append(Tinyproxy())
+        elif n == "egressgate":
+            out.append(Egressgate(False, egressgate_workers))
+        elif n == "egressgate-policy":
+            out.append(Egressgate(True, egressgate_workers))
+        else:
+            raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, egressgate, egressgate-policy)")
+    return out

@@ -1,0 +1,32 @@
+# Custom-mode VPC: no auto subnets. (The project's `default` network is not created by this module;
+# create the project without it, see README.)
+resource "google_compute_network" "gateway" {
+  project                 = var.project_id
+  name                    = "${var.name_prefix}-vpc"
+  auto_create_subnetworks = false
+  routing_mode            = "REGIONAL"
+}
+
+resource "google_compute_subnetwork" "gateway" {
+  project                  = var.project_id
+  name                     = "${var.name_prefix}-subnet"
+  region                   = var.region
+  network                  = google_compute_network.gateway.id
+  ip_cidr_range            = var.subnet_cidr
+  private_ip_google_access = true # image pulls, logging and monitoring without NAT
+
+  # One secondary range per egress profile; every VM takes one alias /32 from each.
+  dynamic "secondary_ip_range" {
+    for_each = var.egress_profiles
+    content {
+      range_name    = local.secondary_range_name[secondary_ip_range.key]
+      ip_cidr_range = secondary_ip_range.value.secondary_cidr
+    }
+  }
+
+  log_config {
+    aggregation_interval = "INTERVAL_5_SEC"
+    flow_sampling        = 0.5
+    metadata             = "INCLUDE_ALL_METADATA"
+  }
+}

@@ -1,0 +1,202 @@
+"""deploy/argo: the WorkflowTemplate validated against Argo's models (hera, with unknown fields
+treated as errors), its wiring (profiles, secrets, NO_PROXY bypass, pre-flight gating), and the
+pre-flight script executed against a loopback fake of the gateway."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import ARGO, load_docs
+
+WFT_PATH = ARGO / "workflowtemplate.yaml"
+
+
+@pytest.fixture(scope="module")
+def wft():
+    (doc,) = load_docs(WFT_PATH)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def templates(wft):
+    return {t["name"]: t for t in wft["spec"]["templates"]}
+
+
+@pytest.fixture(scope="module")
+def params(wft):
+    return {p["name"]: p.get("value") for p in wft["spec"]["arguments"]["parameters"]}
+
+
+def _unknown_keys(given, dumped, path="$"):
+    """Keys in the YAML that the model dropped (pydantic ignores unknown fields)."""
+    out = []
+    if isinstance(given, dict):
+        if not isinstance(dumped, dict):
+            return [path]
+        for k, v in given.items():
+            if k not in dumped:
+                out.append(f"{path}.{k}")
+            else:
+                out.extend(_unknown_keys(v, dumped[k], f"{path}.{k}"))
+    elif isinstance(given, list) and isinstance(dumped, list):
+        for i, (g, d) in enumerate(zip(given, dumped)):
+            out.extend(_unknown_keys(g, d, f"{path}[{i}]"))
+    return out
+
+
+def test_valid_against_argo_models(wft):
+    models = pytest.importorskip("hera.workflows.models", reason="hera is needed for Argo model validation")
+    model = models.WorkflowTemplate.model_validate(wft)
+    dumped = json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
+    unknown = _unknown_keys(wft, dumped)
+    assert not unknown, f"fields unknown to the Argo schema: {unknown}"
+
+
+def test_unknown_field_detection_works():
+    models = pytest.importorskip("hera.workflows.models")
+    bad = {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowTemplate", "metadata": {"name": "x"},
+           "spec": {"entrypoint": "m", "templates": [{"name": "m", "container": {"image": "a", "imagePolicy": 1}}]}}
+    dumped = json.loads(models.WorkflowTemplate.model_validate(bad).model_dump_json(by_alias=True, exclude_none=True))
+    assert _unknown_keys(bad, dumped) == ["$.spec.templates[0].container.imagePolicy"]
+
+
+def test_runs_non_root_with_own_service_account(wft):
+    spec = wft["spec"]
+    assert spec["serviceAccountName"] not in ("", "default")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    csc = spec["templateDefaults"]["container"]["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"]["drop"] == ["ALL"]
+
+
+def env_of(template):
+    body = template.get("container") or template.get("script")
+    return body["env"]
+
+
+def proxy_profile_env(template):
+    """(secret name, env list) of a step that authenticates to the gateway."""
+    env = env_of(template)
+    names = [e["name"] for e in env]
+    assert names.index("PROXY_USER") < names.index("HTTPS_PROXY"), "$(VAR) expansion needs the var defined first"
+    assert names.index("PROXY_PASSWORD") < names.index("HTTPS_PROXY")
+    by_name = {e["name"]: e for e in env}
+    user_ref = by_name["PROXY_USER"]["valueFrom"]["secretKeyRef"]
+    pass_ref = by_name["PROXY_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert user_ref["name"] == pass_ref["name"]
+    assert (user_ref["key"], pass_ref["key"]) == ("username", "password")
+    assert by_name["HTTPS_PROXY"]["value"].startswith("http://$(PROXY_USER):$(PROXY_PASSWORD)@")
+    return user_ref["name"], by_name
+
+
+@pytest.mark.parametrize("profile", ["vendor-x", "vendor-y"])
+def test_collect_steps_use_their_profile_secret(templates, profile):
+    secret, env = proxy_profile_env(templates[f"collect-{profile}"])
+    assert secret == f"egressgate-client-{profile}"
+    assert "NO_PROXY" in env and "no_proxy" in env
+    # the secret exists (example) with the keys the step reads
+    secrets = {d["metadata"]["name"]: d for d in load_docs(ARGO / "secrets.example.yaml") if d["kind"] == "Secret"}
+    assert {"username", "password"} <= set(secrets[secret]["stringData"])
+    assert secrets[secret]["stringData"]["username"] == profile
+
+
+def _no_proxy_matches(host, no_proxy):
+    for entry in (e.strip() for e in no_proxy.split(",")):
+        if entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip("."))):
+            return True
+    return False
+
+
+def test_bypass_step_destination_is_in_no_proxy(templates, params):
+    env = {e["name"]: e for e in env_of(templates["internal-fetch"])}
+    assert "PROXY_USER" not in env and "PROXY_PASSWORD" not in env
+    assert env["NO_PROXY"]["value"] == "{{workflow.parameters.no-proxy}}"
+    host = urlsplit(params["internal-url"]).hostname
+    assert _no_proxy_matches(host, params["no-proxy"])
+    # ...while the provider URLs are NOT bypassed
+    for p in ("vendor-x-url", "vendor-y-url"):
+        assert not _no_proxy_matches(urlsplit(params[p]).hostname, params["no-proxy"])
+    assert _no_proxy_matches("metadata.google.internal", params["no-proxy"])
+
+
+def test_collection_waits_for_both_preflights(templates):
+    tasks = {t["name"]: t for t in templates["main"]["dag"]["tasks"]}
+    preflights = {n for n, t in tasks.items() if t["template"] == "preflight"}
+    assert len(preflights) == 2
+    for name in ("collect-vendor-x", "collect-vendor-y"):
+        for pf in preflights:
+            assert f"{pf}.Succeeded" in tasks[name]["depends"]
+    for pf in preflights:
+        profile = {p["name"]: p["value"] for p in tasks[pf]["arguments"]["parameters"]}["profile"]
+        secret = {p["name"]: p["value"] for p in tasks[pf]["arguments"]["parameters"]}["secret"]
+        assert secret == f"egressgate-client-{profile}"
+
+
+# ---------------------------------------------------------------- pre-flight script against a fake
+
+
+class FakeGateway(http.server.BaseHTTPRequestHandler):
+    answer: dict = {}
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802
+        FakeGateway.seen.append((self.path, self.headers.get("Proxy-Authorization")))
+        body = json.dumps(FakeGateway.answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_gateway():
+    FakeGateway.seen = []
+    server = http.server.HTTPServer(("127.0.0.1", 0), FakeGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="vendor-x"):
+    FakeGateway.answer = answer
+    source = templates["preflight"]["script"]["source"]
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env.update(HTTPS_PROXY=f"http://vendor-x:s3cret@127.0.0.1:{port}", EXPECTED_IP=expected_ip,
+               EXPECTED_PROFILE=profile)
+    return subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=30)
+
+
+GOOD = {"client": "vendor-x-collector", "profile": "vendor-x", "expect_ip": ["203.0.113.10"],
+        "observed_ip": "203.0.113.10", "allow": ["*.vendor-x.com"]}
+
+
+def test_preflight_passes_on_match(templates, fake_gateway):
+    proc = run_preflight(templates, fake_gateway.server_port, GOOD)
+    assert proc.returncode == 0, proc.stderr
+    (path, auth), = FakeGateway.seen
+    assert path == "http://egressgate.whoami/"  # absolute-URI through the proxy
+    assert auth == "Basic " + base64.b64encode(b"vendor-x:s3cret").decode()
+
+
+@pytest.mark.parametrize("change", [
+    {"observed_ip": "198.51.100.99"},               # leaving from the wrong IP
+    {"observed_ip": None},                           # gateway could not tell
+    {"profile": "default"},                          # credentials mapped to another profile
+    {"expect_ip": ["203.0.113.11"]},                 # gateway config disagrees with the workflow
+])
+def test_preflight_fails_fast_on_mismatch(templates, fake_gateway, change):
+    proc = run_preflight(templates, fake_gateway.server_port, {**GOOD, **change})
+    assert proc.returncode == 1
+    assert "PRE-FLIGHT FAILED" in proc.stderr

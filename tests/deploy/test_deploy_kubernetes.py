@@ -1,0 +1,200 @@
+"""deploy/kubernetes: schema validation (kubernetes-validate, bundled schemas, strict) and the
+security / availability properties the gateway relies on."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from conftest import ARGO, DEPLOY, K8S, k8s_objects, load_docs
+
+K8S_VERSION = "1.33.0"
+NAMESPACE = "egressgate"
+
+
+@pytest.fixture(scope="module")
+def objs():
+    return k8s_objects()
+
+
+@pytest.fixture(scope="module")
+def gateway_config(objs):
+    return yaml.safe_load(objs[("ConfigMap", "egressgate-config")]["data"]["config.yaml"])
+
+
+@pytest.fixture(scope="module")
+def pod(objs):
+    return objs[("Deployment", "egressgate")]["spec"]["template"]
+
+
+@pytest.fixture(scope="module")
+def container(pod):
+    (c,) = pod["spec"]["containers"]
+    return c
+
+
+def all_manifest_files():
+    files = [p for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"]
+    return files + [ARGO / "secrets.example.yaml"]
+
+
+@pytest.mark.parametrize("path", all_manifest_files(), ids=lambda p: p.name)
+def test_schema_valid_strict(path):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is needed for schema checks")
+    for doc in load_docs(path):
+        try:
+            kv.validate(doc, K8S_VERSION, strict=True)
+        except kv.ValidationError as err:  # pragma: no cover - the message is the point
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+
+
+def test_kustomization_lists_every_manifest():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kust["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    assert kust["namespace"] == NAMESPACE
+    assert any(img["name"] == "egressgate" for img in kust["images"])
+
+
+def test_everything_in_the_gateway_namespace(objs):
+    for (kind, name), obj in objs.items():
+        if kind == "Namespace":
+            continue
+        assert obj["metadata"].get("namespace") == NAMESPACE, f"{kind}/{name}"
+
+
+def test_probes(container, gateway_config):
+    admin_port = int(gateway_config["admin"]["address"].rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == admin_port
+    proxy_port = int(gateway_config["listen"][0]["address"].rsplit(":", 1)[1])
+    assert ports["proxy"] == proxy_port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ("admin", admin_port)
+    # admin must listen on all interfaces inside the pod or kubelet probes cannot reach it
+    assert gateway_config["admin"]["address"].startswith("0.0.0.0:")
+
+
+def test_grace_period_covers_prestop_plus_drain(pod, container, gateway_config):
+    drain = float(gateway_config["drain"]["timeout"])
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        sleep = float(pre_stop["sleep"]["seconds"])
+    else:
+        cmd = pre_stop["exec"]["command"]
+        assert cmd[0].endswith("sleep"), cmd
+        sleep = float(cmd[1])
+    assert sleep >= 3, "preStop should give the Service endpoints time to drop the pod"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > drain + sleep
+
+
+def test_resources_set(container):
+    res = container["resources"]
+    for key in ("cpu", "memory"):
+        assert key in res["requests"] and key in res["limits"]
+
+
+def test_pod_and_container_security(pod, container):
+    psc = pod["spec"]["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] >= 10000
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc.get("privileged", False) is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc["capabilities"].get("add")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod["spec"].get(key)
+
+
+def test_uid_matches_the_image_user(pod):
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\d+)", dockerfile, re.M)[-1]
+    assert pod["spec"]["securityContext"]["runAsUser"] == int(user)
+
+
+def test_mounts_match_config_paths(pod, container, gateway_config, objs):
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    args = container["args"]
+    config_path = args[args.index("--config") + 1]
+    cfg_mount = [m for m in mounts.values() if m["mountPath"] == config_path]
+    assert cfg_mount and volumes[cfg_mount[0]["name"]]["configMap"]["name"] == "egressgate-config"
+    secret_mounts = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
+    assert all(m.get("readOnly") for m in mounts.values() if m["mountPath"] != "/tmp")
+    secret_name = volumes[secret_mounts[0]["name"]]["secret"]["secretName"]
+    secret = objs[("Secret", secret_name)]
+    for client in gateway_config["clients"]:
+        pf = client.get("password_file")
+        if pf:
+            directory, key = pf.rsplit("/", 1)
+            assert directory == secret_mounts[0]["mountPath"], pf
+            assert key in secret["stringData"], f"Secret has no key {key} for {client['name']}"
+    assert "tmp" in volumes and volumes["tmp"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_config_has_no_plaintext_passwords(gateway_config):
+    text = json.dumps(gateway_config)
+    assert "password:" not in text and '"password"' not in text
+    for client in gateway_config["clients"]:
+        assert "password_file" in client or "password_hash" in client or "username" not in client
+
+
+def test_surge_only_rollout(objs):
+    strat = objs[("Deployment", "egressgate")]["spec"]["strategy"]
+    assert strat["type"] == "RollingUpdate"
+    assert strat["rollingUpdate"]["maxUnavailable"] == 0
+    assert strat["rollingUpdate"]["maxSurge"] >= 1
+
+
+def test_service_hpa_pdb_select_the_pods(objs, pod):
+    labels = pod["metadata"]["labels"]
+    deploy = objs[("Deployment", "egressgate")]
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    svc = objs[("Service", "egressgate")]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert [p["port"] for p in svc["spec"]["ports"]] == [3128]  # the admin port is not published
+    hpa = objs[("HorizontalPodAutoscaler", "egressgate")]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "egressgate"}
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    pdb = objs[("PodDisruptionBudget", "egressgate")]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+def test_network_policy_limits_who_reaches_the_gateway(objs, pod):
+    netpol = objs[("NetworkPolicy", "egressgate")]["spec"]
+    assert netpol["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert set(netpol["policyTypes"]) == {"Ingress", "Egress"}
+    ports_by_rule = []
+    for rule in netpol["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits every peer"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "ingress by IP block is too broad inside a cluster"
+            assert peer.get("namespaceSelector", {}).get("matchLabels"), "empty selector = every namespace"
+        ports_by_rule.append({p["port"] for p in rule["ports"]})
+    assert {3128} in ports_by_rule
+    assert all(ports <= {3128, 9128} for ports in ports_by_rule)
+    egress_blocks = [to["ipBlock"] for rule in netpol["egress"] for to in rule.get("to", []) if "ipBlock" in to]
+    for block in egress_blocks:
+        if block["cidr"] == "0.0.0.0/0":
+            assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["except"])
+
+
+def test_namespace_enforces_restricted_pod_security(objs):
+    ns = objs[("Namespace", NAMESPACE)]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_configmap_config_is_valid(check_config, objs):
+    proc = check_config(objs[("ConfigMap", "egressgate-config")]["data"]["config.yaml"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr

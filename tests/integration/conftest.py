@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import trustme
+
+from .peers import EchoServer, GatewayProcess, Origin
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[Origin]:
+    o = Origin()
+    yield o
+    o.close()
+
+
+@pytest.fixture(scope="session")
+def tls_origin(ca: trustme.CA) -> Iterator[Origin]:
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    o = Origin(tls=ctx)
+    yield o
+    o.close()
+
+
+@pytest.fixture(scope="session")
+def echo() -> Iterator[EchoServer]:
+    e = EchoServer()
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    started: list[GatewayProcess] = []
+
+    def start(config: dict, **kwargs) -> GatewayProcess:
+        gw = GatewayProcess(config, tmp_path, **kwargs)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.kill()
+
+
+def need(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        pytest.skip(f"{program} is not installed (make test installs it)")
+    return path
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([need("curl"), "-sS", "--noproxy", "", *args], capture_output=True, timeout=timeout)

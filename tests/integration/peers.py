@@ -1,0 +1,330 @@
+"""Real loopback peers for integration tests: an HTTP/1.1 origin (plain or TLS), a TCP echo
+server, and the gateway itself as a subprocess. No mocks: every byte crosses a real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+BLOCK = bytes(range(256)) * 256  # 64 KiB of a known pattern
+
+
+def pattern_bytes(n: int):
+    """Yield n bytes of the known pattern, in 64 KiB blocks."""
+    full, rest = divmod(n, len(BLOCK))
+    for _ in range(full):
+        yield BLOCK
+    if rest:
+        yield BLOCK[:rest]
+
+
+def pattern_sha256(n: int) -> str:
+    h = hashlib.sha256()
+    for block in pattern_bytes(n):
+        h.update(block)
+    return h.hexdigest()
+
+
+class OriginHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "origin/1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain", extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self) -> tuple[int, str]:
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 1 << 20))
+                    h.update(data)
+                    n += len(data)
+                    left -= len(data)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                data = self.rfile.read(min(left, 1 << 20))
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+                left -= len(data)
+        return n, h.hexdigest()
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/ip":
+            self._send(200, self.client_address[0].encode())
+        elif url.path == "/headers":
+            doc = {"request_line": self.requestline, "headers": [[k, v] for k, v in self.headers.items()]}
+            self._send(200, json.dumps(doc).encode(), "application/json")
+        elif url.path == "/bytes":
+            n = int(q.get("n", "1024"))
+            delay = float(q.get("delay", "0"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            if q.get("mode") == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            elif q.get("mode") == "close":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(n))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            for block in pattern_bytes(n):
+                if delay:
+                    time.sleep(delay)
+                if q.get("mode") == "chunked":
+                    self.wfile.write(b"%x\r\n" % len(block) + block + b"\r\n")
+                else:
+                    self.wfile.write(block)
+            if q.get("mode") == "chunked":
+                self.wfile.write(b"0\r\n\r\n")
+        elif url.path == "/slow":
+            time.sleep(float(q.get("delay", "1")))
+            self._send(200, b"slow\n")
+        elif url.path == "/only-from":
+            allowed = q.get("addr", "127.0.0.2")
+            if self.client_address[0] == allowed:
+                self._send(200, b"welcome\n")
+            else:
+                self._send(403, f"{self.client_address[0]} is not allowlisted\n".encode())
+        else:
+            self._send(200, f"hello {url.path}\n".encode())
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        n, digest = self._read_body()
+        self._send(200, json.dumps({"bytes": n, "sha256": digest, "method": self.command}).encode(),
+                   "application/json")
+
+    do_PUT = do_POST
+    do_PATCH = do_POST
+    do_DELETE = do_POST
+
+
+class Origin:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        self.server = ThreadingHTTPServer((host, 0), OriginHandler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+        self.scheme = "https" if tls else "http"
+
+    def url(self, path: str = "/", host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class EchoServer:
+    """TCP echo: echoes until the client's EOF, then half-closes its side too."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.greeting = greeting
+        self.peers: list[str] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, addr = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.peers.append(addr[0])
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            while True:
+                try:
+                    data = conn.recv(1 << 16)
+                except OSError:
+                    return
+                if not data:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+class GatewayProcess:
+    """``egressgate serve`` in a subprocess; access-log lines and events collected."""
+
+    def __init__(self, config: dict, tmp: Path, env: dict | None = None, ready_timeout: float = 20.0) -> None:
+        self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
+        self.write_config(config)
+        self.log: list[dict] = []
+        self.events: list[dict] = []
+        self.stderr_lines: list[str] = []
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "egressgate", "serve", "--config", str(self.config_path)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
+        self._started = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        deadline = time.monotonic() + ready_timeout
+        while not self._started.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                time.sleep(0.2)  # let the reader collect what it printed
+                break
+        if not self._started.is_set():
+            self.kill()
+            raise RuntimeError("gateway did not start:\n" + "".join(self.stderr_lines[-30:]))
+        started = next(e for e in self.events if e.get("event") == "started")
+        self.address = started["listen"][0]
+        self.host, port = self.address.rsplit(":", 1)
+        self.port = int(port)
+        self.url = f"http://{self.address}"
+        self.admin = f"http://{started['admin']}" if started.get("admin") else None
+        self.pid = self.proc.pid
+
+    def write_config(self, config: dict | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        self.config_path.write_text(text)
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.log.append(json.loads(line))
+
+    def _read_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.stderr_lines.append(line)
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(doc)
+            if doc.get("event") == "started":
+                self._started.set()
+
+    def wait_log(self, predicate, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in list(self.log):
+                if predicate(rec):
+                    return rec
+            time.sleep(0.02)
+        raise AssertionError(f"no access-log record matched; have {self.log[-5:]}")
+
+    def wait_event(self, name: str, timeout: float = 10.0, after: int = 0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for doc in self.events[after:]:
+                if doc.get("event") == name:
+                    return doc
+            time.sleep(0.02)
+        raise AssertionError(f"no {name} event; stderr: {''.join(self.stderr_lines[-10:])}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def base_config(**overrides) -> dict:
+    cfg = {
+        "listen": [{"address": "127.0.0.1:0"}],
+        "admin": {"address": "127.0.0.1:0"},
+        "security": {"allow_private": ["127.0.0.0/8", "::1/128"], "connect_ports": [443]},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def raw_exchange(address: str, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to the gateway, return everything it answers until it closes (or times out)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not read_until_close and b"\r\n\r\n" in b"".join(chunks):
+                    break
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
