@@ -209,6 +209,13 @@ def signed(x):
 
 
 def one_line(fig: str, r: dict | None) -> str:
+    try:
+        return _one_line(fig, r)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"(cannot summarise: {type(e).__name__}: {e})"
+
+
+def _one_line(fig: str, r: dict | None) -> str:
     if r is None:
         return "no result"
     if "error" in r:
@@ -230,7 +237,7 @@ def one_line(fig: str, r: dict | None) -> str:
         )
     if fig == "latency":
         q = r["q_us"]
-        return f"p50 {f0(q.get('p50'))} µs p99 {f0(q.get('p99'))} µs over {r['requests']} requests"(
+        return f"p50 {f0(q.get('p50'))} µs p99 {f0(q.get('p99'))} µs over {r['requests']} requests" + (
             f", reconnects {r['reconnects']}" if r.get("reconnects") else ""
         )
     if fig == "memory":

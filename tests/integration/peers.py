@@ -312,7 +312,8 @@ def base_config(**overrides) -> dict:
 
 
 def raw_exchange(address: str, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
-    """Send raw bytes to the gateway, return everything it answers until it closes (or times out)."""
+    """Send raw bytes to the gateway; return what it answers until it closes, times out, or
+    (``read_until_close=False``) one complete response with a Content-Length has arrived."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(data)
@@ -323,8 +324,19 @@ def raw_exchange(address: str, data: bytes, timeout: float = 5.0, read_until_clo
                 if not chunk:
                     break
                 chunks.append(chunk)
-                if not read_until_close and b"\r\n\r\n" in b"".join(chunks):
+                if not read_until_close and _complete(b"".join(chunks)):
                     break
         except TimeoutError:
             pass
         return b"".join(chunks)
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return len(body) >= int(v)
+    return True

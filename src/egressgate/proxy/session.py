@@ -257,8 +257,8 @@ class ClientConnection(asyncio.Protocol):
                           rt.connect_ports)
         rec.profile = decision.profile or "-"
         if not decision.allow:
-            raise PolicyDenied(f"{decision.reason.replace('_', ' ')}: {dest} ({decision.rule})",
-                               reason=decision.reason)
+            kind = AddressProhibited if decision.reason == "destination_ip_prohibited" else PolicyDenied
+            raise kind(f"{decision.reason.replace('_', ' ')}: {dest} ({decision.rule})", reason=decision.reason)
         if decision.report_only:
             rec.extra["would_deny"] = decision.reason
             self.gw.metrics.would_deny.labels(client.name, decision.reason).inc()

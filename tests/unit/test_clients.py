@@ -1,0 +1,176 @@
+"""policy/clients.py: first match wins, Basic parsing, ``user+profile``, 407 vs 403, PendingCheck."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+
+from egressgate.errors import AuthRequired, ClientProtocolError, PolicyDenied
+from egressgate.policy.clients import ClientPolicy, ClientRegistry, Identity, PendingCheck, compile_clients
+from egressgate.policy.passwords import hash_password
+
+
+def nets(*cidrs: str) -> tuple:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@pytest.fixture(scope="module")
+def hashed() -> str:
+    return hash_password("hunter2")
+
+
+def registry() -> ClientRegistry:
+    """A table of rules exercised by the identify cases below (plain passwords: no scrypt)."""
+    return ClientRegistry([
+        ClientPolicy("cred-x", nets("10.8.0.0/16"), username="job-x", password_plain="sx",
+                     profiles=("vendor-x", "default")),
+        ClientPolicy("cert-y", nets("10.8.0.0/16"), cert_subject="job-y"),
+        ClientPolicy("subnet-10-8-1", nets("10.8.1.0/24")),
+        ClientPolicy("any-10", nets("10.0.0.0/8")),
+        ClientPolicy("roaming", None, username="roamer", password_plain="sr"),
+        ClientPolicy("v6", nets("2001:db8::/32")),
+    ])
+
+
+IDENTIFY = [
+    # (peer, authorization, cert subject, client name or exception type, requested profile, reason)
+    ("10.8.0.5", basic("job-x", "sx"), None, "cred-x", None, None),
+    ("10.8.0.5", basic("job-x+vendor-x", "sx"), None, "cred-x", "vendor-x", None),
+    ("10.8.0.5", basic("job-x+other", "sx"), None, "cred-x", "other", None),  # decide() judges the profile
+    ("10.8.0.5", basic("job-x", "wrong"), None, AuthRequired, None, "bad_credentials"),
+    ("10.8.0.5", basic("job-x+", "sx"), None, AuthRequired, None, "bad_credentials"),  # empty profile
+    ("10.8.0.5", None, "job-y", "cert-y", None, None),
+    ("10.8.0.5", None, "someone-else", AuthRequired, None, "auth_required"),  # cred-x wanted credentials
+    ("10.8.1.5", None, None, "subnet-10-8-1", None, None),  # first match by CIDR, after the skipped ones
+    ("10.8.1.5", basic("job-x", "sx"), None, "cred-x", None, None),  # credentials pick the earlier rule
+    ("10.9.0.1", None, None, "any-10", None, None),
+    ("10.9.0.1", basic("nobody", "x"), None, "any-10", None, None),  # no rule here wants credentials
+    ("192.0.2.1", basic("roamer", "sr"), None, "roaming", None, None),  # from: any address
+    ("192.0.2.1", basic("roamer", "bad"), None, AuthRequired, None, "bad_credentials"),
+    ("192.0.2.1", basic("nobody", "x"), None, AuthRequired, None, "bad_credentials"),
+    ("192.0.2.1", None, None, AuthRequired, None, "auth_required"),  # 407, not 403
+    ("2001:db8::5", None, None, "v6", None, None),
+    ("::ffff:10.9.0.1", None, None, "any-10", None, None),  # IPv4-mapped peer judged as IPv4
+    ("10.8.0.5", b"Bearer abc", None, AuthRequired, None, "bad_credentials"),
+    ("10.8.0.5", b"Basic !!!notbase64", None, ClientProtocolError, None, "bad_credentials"),
+    ("10.8.0.5", b"Basic " + base64.b64encode(b"no-colon"), None, AuthRequired, None, "bad_credentials"),
+    ("10.8.0.5", b"Basic " + base64.b64encode(b"\xff\xfe:x"), None, ClientProtocolError, None,
+     "bad_credentials"),
+    ("10.8.0.5", b"  basic   " + base64.b64encode(b"job-x:sx") + b"  ", None, "cred-x", None, None),
+    ("10.8.0.5", basic("job-x", "sx:with:colons"), None, AuthRequired, None, "bad_credentials"),
+]
+
+
+@pytest.mark.parametrize(("peer", "auth", "cert", "expected", "profile", "reason"), IDENTIFY,
+                         ids=[f"{c[0]}-{c[1]!r}-{c[2]}" for c in IDENTIFY])
+def test_identify(peer, auth, cert, expected, profile, reason) -> None:
+    reg = registry()
+    if isinstance(expected, str):
+        result = reg.identify(peer, auth, cert)
+        assert isinstance(result, Identity)
+        assert result.client.name == expected
+        assert result.requested_profile == profile
+    else:
+        with pytest.raises(expected) as info:
+            reg.identify(peer, auth, cert)
+        assert type(info.value) is expected
+        assert info.value.reason == reason
+
+
+def test_status_codes_407_and_403() -> None:
+    reg = ClientRegistry([ClientPolicy("only-10", nets("10.0.0.0/8")),
+                          ClientPolicy("creds", nets("192.0.2.0/24"), username="u", password_plain="p")])
+    with pytest.raises(PolicyDenied) as denied:
+        reg.identify("198.51.100.1", None)
+    assert denied.value.status == 403
+    assert denied.value.reason == "client_not_allowed"
+    with pytest.raises(AuthRequired) as missing:
+        reg.identify("192.0.2.7", None)
+    assert missing.value.status == 407
+    with pytest.raises(AuthRequired) as wrong:
+        reg.identify("192.0.2.7", basic("u", "nope"))
+    assert wrong.value.status == 407
+
+
+def test_admits_and_candidates() -> None:
+    reg = registry()
+    assert reg.admits("10.8.0.1")
+    assert reg.admits("192.0.2.1")  # 'roaming' has no source restriction
+    names = [c.name for c in reg.candidates("10.8.1.9")]
+    assert names == ["cred-x", "cert-y", "subnet-10-8-1", "any-10", "roaming"]
+    strict = ClientRegistry([ClientPolicy("a", nets("10.0.0.0/8"))])
+    assert strict.admits("10.1.1.1")
+    assert strict.admits("::ffff:10.1.1.1")
+    assert not strict.admits("11.0.0.1")
+    assert not strict.admits("::1")
+
+
+def test_pending_check_flow_right_password(hashed: str) -> None:
+    reg = ClientRegistry([ClientPolicy("h", nets("10.0.0.0/8"), username="u", password_hash=hashed)])
+    first = reg.identify("10.0.0.1", basic("u", "hunter2"))
+    assert isinstance(first, PendingCheck)
+    assert "hunter2" not in repr(first.key)
+    assert first.run() is True
+    second = reg.identify("10.0.0.1", basic("u", "hunter2"))
+    assert isinstance(second, Identity)
+    assert second.client.name == "h"
+    # the remembered verdict is per credentials: the +profile form is a separate check
+    third = reg.identify("10.0.0.1", basic("u+p", "hunter2"))
+    assert isinstance(third, PendingCheck)
+
+
+def test_pending_check_flow_wrong_password(hashed: str) -> None:
+    reg = ClientRegistry([ClientPolicy("h", nets("10.0.0.0/8"), username="u", password_hash=hashed)])
+    first = reg.identify("10.0.0.1", basic("u", "wrong"))
+    assert isinstance(first, PendingCheck)
+    assert first.run() is False
+    with pytest.raises(AuthRequired) as info:
+        reg.identify("10.0.0.1", basic("u", "wrong"))
+    assert info.value.reason == "bad_credentials"
+    # a different (right) password is not affected by the remembered failure
+    assert isinstance(reg.identify("10.0.0.1", basic("u", "hunter2")), PendingCheck)
+
+
+def test_pending_check_results_do_not_leak_across_registries(hashed: str) -> None:
+    policy = ClientPolicy("h", nets("10.0.0.0/8"), username="u", password_hash=hashed)
+    a, b = ClientRegistry([policy]), ClientRegistry([policy])
+    pending = a.identify("10.0.0.1", basic("u", "hunter2"))
+    assert isinstance(pending, PendingCheck)
+    pending.run()
+    assert isinstance(a.identify("10.0.0.1", basic("u", "hunter2")), Identity)
+    assert isinstance(b.identify("10.0.0.1", basic("u", "hunter2")), PendingCheck)
+
+
+def _spec(**kw):
+    base = dict(name="c", from_=None, username=None, password_hash=None, cert_subject=None, egress=[],
+                allow=None, deny=[], mode="enforce", max_connections=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_compile_clients() -> None:
+    specs = [
+        _spec(name="a", from_=["10.0.0.0/8"], egress=["vendor-x"], allow=["*.x.example", "x.example:8443"],
+              deny=["bad.x.example"], mode="report", max_connections=5),
+        _spec(name="b", username="u", egress=[]),
+    ]
+    reg = compile_clients(specs, lambda spec: "plain" if spec.name == "b" else None)
+    a, b = reg.clients
+    assert reg.by_name == {"a": a, "b": b}
+    assert a.nets == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert a.profiles == ("vendor-x",)
+    assert a.report_only and a.max_connections == 5
+    assert a.allow is not None and a.allow.match("w.x.example", 443, False) == "*.x.example"
+    assert a.allow.ports == frozenset({8443})
+    assert a.deny is not None and a.deny.match("bad.x.example", 443, False) == "bad.x.example"
+    assert a.allow_patterns == ("*.x.example", "x.example:8443")
+    assert b.nets is None and b.allow is None and b.password_plain == "plain"
+    assert not b.report_only
+    assert isinstance(reg.identify("203.0.113.9", basic("u", "plain")), Identity)

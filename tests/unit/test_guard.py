@@ -1,0 +1,158 @@
+"""policy/guard.py: special-purpose address ranges, embedded IPv4, allow_private exemptions."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from egressgate.policy.guard import METADATA_NAMES, AddressGuard, classify, embedded_ipv4
+
+REFUSED = [
+    # (address, reason)
+    ("169.254.169.254", "metadata"),
+    ("fd00:ec2::254", "metadata"),
+    ("::ffff:169.254.169.254", "metadata"),
+    ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64 of 169.254.169.254
+    ("0.0.0.0", "unspecified"),
+    ("0.1.2.3", "unspecified"),
+    ("10.0.0.1", "private"),
+    ("10.255.255.255", "private"),
+    ("172.16.0.1", "private"),
+    ("172.31.255.254", "private"),
+    ("192.168.1.1", "private"),
+    ("100.64.0.1", "cgnat"),
+    ("100.127.255.254", "cgnat"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("169.254.1.1", "link_local"),
+    ("192.0.0.8", "reserved"),
+    ("192.0.2.1", "documentation"),
+    ("198.51.100.1", "documentation"),
+    ("203.0.113.10", "documentation"),
+    ("198.18.0.1", "benchmarking"),
+    ("198.19.255.1", "benchmarking"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("::10.0.0.1", "reserved"),  # deprecated IPv4-compatible
+    ("fc00::1", "private"),
+    ("fd12:3456::1", "private"),
+    ("fe80::1", "link_local"),
+    ("fec0::1", "link_local"),
+    ("ff02::1", "multicast"),
+    ("2001:db8::1", "documentation"),
+    ("2001::1", "reserved"),  # Teredo
+    ("100::1", "reserved"),  # discard-only
+    ("64:ff9b:1::1", "private"),  # local-use NAT64
+    # IPv6 forms that embed a forbidden IPv4 address are judged by the IPv4 address
+    ("::ffff:10.0.0.1", "private"),
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:100.64.0.1", "cgnat"),
+    ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+    ("64:ff9b::7f00:1", "loopback"),
+    ("2002:0a00:0001::", "private"),  # 6to4 of 10.0.0.1
+    ("2002:7f00:0001::1", "loopback"),
+    ("2002:a9fe:a9fe::", "metadata"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused(address: str, reason: str) -> None:
+    assert AddressGuard().check(address) == reason
+    assert classify(address) == reason
+
+
+ALLOWED = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "100.63.255.255",  # just below CGNAT
+    "100.128.0.0",  # just above CGNAT
+    "172.15.255.255",
+    "172.32.0.0",
+    "11.0.0.1",
+    "192.169.0.1",
+    "223.255.255.255",
+    "2606:4700::1111",
+    "2001:4860:4860::8888",
+    "::ffff:8.8.8.8",
+    "64:ff9b::808:808",  # NAT64 of a public address
+    "2002:0808:0808::1",  # 6to4 of a public address
+]
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_allowed(address: str) -> None:
+    assert AddressGuard().check(address) is None
+    assert classify(address) is None
+
+
+EXEMPT = [
+    # (allow_private, address, verdict)
+    (["10.0.0.0/8"], "10.0.0.1", None),
+    (["10.0.0.0/8"], "::ffff:10.0.0.1", None),  # the mapped form of an exempted address
+    (["10.0.0.0/8"], "64:ff9b::a00:1", None),
+    (["10.0.0.0/8"], "2002:0a00:0001::", None),
+    (["10.0.0.0/8"], "10.255.0.1", None),
+    (["10.0.0.0/24"], "10.0.1.1", "private"),  # outside the exemption
+    (["10.0.0.0/8"], "127.0.0.1", "loopback"),
+    (["10.0.0.0/8"], "::ffff:127.0.0.1", "loopback"),
+    (["10.0.0.0/8"], "172.16.0.1", "private"),
+    (["127.0.0.0/8"], "127.0.0.1", None),
+    (["127.0.0.0/8"], "::1", "loopback"),  # v4 exemption does not cover v6 loopback
+    (["::1/128"], "::1", None),
+    (["::1/128"], "127.0.0.1", "loopback"),
+    (["fd00::/8"], "fd00:1::1", None),
+    (["169.254.169.254/32"], "169.254.169.254", None),
+    ([], "10.0.0.1", "private"),
+]
+
+
+@pytest.mark.parametrize(("exempt", "address", "verdict"), EXEMPT,
+                         ids=[f"{c[0]}-{c[1]}" for c in EXEMPT])
+def test_allow_private(exempt: list[str], address: str, verdict: str | None) -> None:
+    assert AddressGuard(exempt).check(address) == verdict
+
+
+def test_check_is_stable_when_cached() -> None:
+    guard = AddressGuard(["10.0.0.0/8"])
+    for _ in range(3):
+        assert guard.check("10.1.2.3") is None
+        assert guard.check("127.0.0.1") == "loopback"
+
+
+def test_check_refuses_non_addresses() -> None:
+    with pytest.raises(ValueError):
+        AddressGuard().check("example.com")
+
+
+EMBEDDED = [
+    ("::ffff:10.0.0.1", "10.0.0.1"),
+    ("64:ff9b::a00:1", "10.0.0.1"),
+    ("2002:0a00:0001::", "10.0.0.1"),
+    ("2002:0808:0808:1::5", "8.8.8.8"),
+    ("2606:4700::1111", None),
+    ("10.0.0.1", None),
+]
+
+
+@pytest.mark.parametrize(("address", "inner"), EMBEDDED)
+def test_embedded_ipv4(address: str, inner: str | None) -> None:
+    got = embedded_ipv4(ipaddress.ip_address(address))
+    assert (str(got) if got is not None else None) == inner
+
+
+@pytest.mark.parametrize("name", ["metadata.google.internal", "metadata", "metadata.goog", "instance-data",
+                                  "instance-data.ec2.internal"])
+def test_metadata_names(name: str) -> None:
+    assert name in METADATA_NAMES
+
+
+def test_metadata_names_are_normalized() -> None:
+    # decide() compares normalized hosts against this set: every entry must already be in that form
+    from egressgate.model import normalize_host
+    for name in METADATA_NAMES:
+        assert normalize_host(name) == name
