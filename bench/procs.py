@@ -76,13 +76,13 @@ def cpu_of(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies since boot, from /proc/stat."""
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, total, irq+softirq) jiffies since boot, from /proc/stat (steal counts as not ours)."""
     f = (_read("/proc/stat") or "cpu 0 0 0 0").split("\n", 1)[0].split()[1:]
-    v = [int(x) for x in f]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    total = sum(v[:8])
-    return total - idle, total
+    v = [int(x) for x in f] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq = v[:7]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait, irq + softirq
 
 
 def threads_of(pid: int) -> int:
@@ -251,6 +251,9 @@ class CpuWindow:
         busy = m1[0] - self.m0[0]
         total = m1[1] - self.m0[1]
         out["machine_busy_pct"] = 100.0 * busy / total if total > 0 else 0.0
+        # softirq time (the loopback network stack) is not charged to any process
+        # (in % of one core, like the processes' figures)
+        out["softirq_cpu_pct"] = 100.0 * NCPU * (m1[2] - self.m0[2]) / total if total > 0 else 0.0
         return out
 
 
@@ -287,9 +290,11 @@ def verdict(win: dict) -> str:
             for _, _, r in sat
         )
         return f"{names} saturated"
+    irq = win.get("softirq_cpu_pct", 0.0)
+    irq_s = f", kernel softirq {irq:.0f}%" if irq >= 5 else ""
     if win["machine_busy_pct"] >= 90:
-        return f"machine CPU ({win['machine_busy_pct']:.0f}% of {NCPU} cores; {tops})"
-    return f"no CPU saturated (machine {win['machine_busy_pct']:.0f}%; {tops})"
+        return f"machine CPU ({win['machine_busy_pct']:.0f}% of {NCPU} cores; {tops}{irq_s})"
+    return f"no CPU saturated (machine {win['machine_busy_pct']:.0f}%; {tops}{irq_s})"
 
 
 # ---------------------------------------------------------------------------- misc

@@ -88,6 +88,7 @@ def test_nat_is_manual_only_per_profile_on_secondary_ranges(tf):
     assert "google_compute_address.nat[n].self_link" in nat["nat_ips"]
     assert "each.value.nat_ip_names" in nat["nat_ips"]
     assert "each.value.draining_nat_ip_names" in nat["drain_nat_ips"]
+    assert "reserved" not in nat["nat_ips"] + nat["drain_nat_ips"], "reserved IPs must not carry traffic"
     sn = first_block(nat, "subnetwork")
     assert sn["source_ip_ranges_to_nat"] == ["LIST_OF_SECONDARY_IP_RANGES"]
     assert sn["secondary_ip_range_names"] == ["${local.secondary_range_name[each.key]}"]
@@ -232,9 +233,16 @@ def test_example_tfvars_sets_every_required_variable(tf):
         assert ipaddress.ip_network(cidr).prefixlen == 32
 
 
+def test_expect_ip_covers_every_address_of_the_profile(tf):
+    egress = tf["locals"]["gateway_egress"]
+    for field in ("p.nat_ip_names", "p.draining_nat_ip_names", "p.reserved_nat_ip_names"):
+        assert field in egress, f"expect_ip must include {field} so an IP switch does not roll the VMs"
+    assert "@ALIAS_IN:${p.secondary_cidr}@" in egress
+
+
 def test_outputs(tf):
     outs = tf["output"]
-    for name in ("lb_ip_address", "egress_ips_by_profile", "proxy_url"):
+    for name in ("lb_ip_address", "egress_ips_by_profile", "proxy_url", "reserved_egress_ips_by_profile"):
         assert name in outs and outs[name].get("description")
     assert "google_compute_address.lb.address" in outs["lb_ip_address"]["value"]
     assert "google_compute_address.nat[n].address" in outs["egress_ips_by_profile"]["value"]

@@ -89,6 +89,8 @@ class OriginHandler(BaseHTTPRequestHandler):
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         if url.path == "/ip":
             self._send(200, self.client_address[0].encode())
+        elif url.path == "/peer":
+            self._send(200, f"{self.client_address[0]}:{self.client_address[1]}".encode())
         elif url.path == "/headers":
             doc = {"request_line": self.requestline, "headers": [[k, v] for k, v in self.headers.items()]}
             self._send(200, json.dumps(doc).encode(), "application/json")

@@ -45,9 +45,10 @@ IDENTIFY = [
     ("10.8.0.5", basic("job-x+vendor-x", "sx"), None, "cred-x", "vendor-x", None),
     ("10.8.0.5", basic("job-x+other", "sx"), None, "cred-x", "other", None),  # decide() judges the profile
     ("10.8.0.5", basic("job-x", "wrong"), None, AuthRequired, None, "bad_credentials"),
-    ("10.8.0.5", basic("job-x+", "sx"), None, AuthRequired, None, "bad_credentials"),  # empty profile
+    ("10.8.0.5", basic("job-x+", "sx"), None, "any-10", None, None),  # not job-x's name: next rule
     ("10.8.0.5", None, "job-y", "cert-y", None, None),
-    ("10.8.0.5", None, "someone-else", AuthRequired, None, "auth_required"),  # cred-x wanted credentials
+    ("10.8.0.5", None, "someone-else", "any-10", None, None),  # neither cred-x nor cert-y: next rule
+    ("10.8.0.5", basic("job-x", "wrong"), "job-y", AuthRequired, None, "bad_credentials"),  # no fall-through
     ("10.8.1.5", None, None, "subnet-10-8-1", None, None),  # first match by CIDR, after the skipped ones
     ("10.8.1.5", basic("job-x", "sx"), None, "cred-x", None, None),  # credentials pick the earlier rule
     ("10.9.0.1", None, None, "any-10", None, None),

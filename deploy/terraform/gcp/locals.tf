@@ -19,15 +19,17 @@ locals {
 
   secondary_range_name = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-${name}" }
 
-  nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names)]))
+  nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
 
   # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's bind address is
   # the placeholder "@ALIAS_IN:<secondary cidr>@"; files/render-config.sh replaces it on each VM with
   # that VM's alias IP inside the range (alias IPs differ per VM and are known only at boot).
+  # expect_ip lists ALL of the profile's addresses (active, draining, reserved): an IP switch then
+  # changes only the NAT, not the instance template, so it does not roll the VMs.
   gateway_egress = {
     for name, p in var.egress_profiles : name => {
       bind      = ["@ALIAS_IN:${p.secondary_cidr}@"]
-      expect_ip = [for n in p.nat_ip_names : google_compute_address.nat[n].address]
+      expect_ip = [for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : google_compute_address.nat[n].address]
     }
   }
   gateway_clients = [

@@ -18,6 +18,11 @@ output "draining_egress_ips_by_profile" {
   value       = { for name, p in var.egress_profiles : name => [for n in p.draining_nat_ip_names : google_compute_address.nat[n].address] }
 }
 
+output "reserved_egress_ips_by_profile" {
+  description = "Egress IPs created but not in use yet: allow-list them at the provider before switching."
+  value       = { for name, p in var.egress_profiles : name => [for n in p.reserved_nat_ip_names : google_compute_address.nat[n].address] }
+}
+
 output "profile_secondary_ranges" {
   description = "Subnet secondary range per profile (the gateway binds each VM's alias IP from it)."
   value       = { for name, p in var.egress_profiles : name => p.secondary_cidr }

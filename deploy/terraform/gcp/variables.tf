@@ -51,13 +51,15 @@ variable "egress_profiles" {
     One entry per gateway egress profile. Each profile gets a secondary range of the subnet (every VM
     takes one alias /32 from it, the gateway binds that address for the profile) and its own Cloud NAT
     gateway with its own static IPs. nat_ip_names are the ACTIVE static IPs (new connections),
-    draining_nat_ip_names the ones being retired (established connections only). Names are the
-    address resource names (without prefix) and must be unique across profiles.
+    draining_nat_ip_names the ones being retired (established connections only),
+    reserved_nat_ip_names ones created but not yet used (to be allow-listed before a switch). Names
+    are the address resource names (without prefix) and must be unique across profiles.
   EOT
   type = map(object({
     secondary_cidr        = string
     nat_ip_names          = list(string)
     draining_nat_ip_names = optional(list(string), [])
+    reserved_nat_ip_names = optional(list(string), [])
   }))
   validation {
     condition     = length(var.egress_profiles) > 0
@@ -76,11 +78,11 @@ variable "egress_profiles" {
     error_message = "Every profile needs at least one active NAT IP (MANUAL_ONLY NAT has no fallback)."
   }
   validation {
-    condition = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names)])))
-    error_message = "A NAT IP name may appear only once across all profiles, active and draining."
+    condition = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])))
+    error_message = "A NAT IP name may appear only once across all profiles (active, draining and reserved)."
   }
   validation {
-    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in concat(p.nat_ip_names, p.draining_nat_ip_names) : can(regex("^[a-z][a-z0-9-]{0,29}$", n))]]))
+    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : can(regex("^[a-z][a-z0-9-]{0,29}$", n))]]))
     error_message = "NAT IP names: lowercase letter first, then up to 29 lowercase letters, digits or hyphens."
   }
 }

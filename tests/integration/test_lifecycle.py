@@ -1,0 +1,124 @@
+"""Process lifecycle: SIGTERM drains (an in-flight transfer completes, exit 0), SIGHUP and
+POST /-/reload apply a new config, a bad config is refused whole; check-config names file,
+line and key."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from .peers import base_config, pattern_sha256, raw_exchange
+
+
+def _admin(gw, path: str, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(gw.admin + path, method=method)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_sigterm_drains_inflight_transfer(start_gateway, origin):
+    gw = start_gateway(base_config(security={"connect_ports": [origin.port]}, drain={"timeout": 20}))
+    n = 8 * 1024 * 1024
+    result = {}
+
+    def download():
+        s = socket.create_connection((gw.host, gw.port), timeout=20)
+        s.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(1)
+        # ~0.5 s of transfer: 128 blocks of 64 KiB with a 4 ms pause each
+        s.sendall(f"GET /bytes?n={n}&delay=0.004 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        result["body"] = data.partition(b"\r\n\r\n")[2]
+
+    t = threading.Thread(target=download)
+    t.start()
+    time.sleep(0.2)
+    gw.signal(signal.SIGTERM)
+    # new connections are refused once the listener closes
+    assert gw.wait(timeout=30) == 0
+    t.join(10)
+    assert len(result["body"]) == n
+    assert hashlib.sha256(result["body"]).hexdigest() == pattern_sha256(n)
+    assert any(e.get("event") == "drain_finished" and e["closed_unfinished"] == 0 for e in gw.events)
+
+
+def test_readyz_turns_503_during_drain(start_gateway, echo):
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"grace": "1s", "timeout": 5}))
+    assert _admin(gw, "/readyz")[0] == 200
+    gw.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    status, body = _admin(gw, "/readyz")
+    assert status == 503 and b"draining" in body
+    # during the grace period the listener still accepts
+    resp = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\n\r\n", read_until_close=False)
+    assert resp.startswith(b"HTTP/1.1 200")
+    assert gw.wait(timeout=15) == 0
+
+
+def test_reload_by_sighup_and_admin(start_gateway, origin):
+    gw = start_gateway(base_config())
+    assert raw_exchange(gw.address, f"GET {origin.url('/r')} HTTP/1.1\r\n\r\n".encode(),
+                        read_until_close=False).startswith(b"HTTP/1.1 200")
+    # new config: this client may only reach *.example.com -> the origin is refused
+    cfg = base_config(clients=[{"name": "local", "from": ["127.0.0.0/8"], "allow": ["*.example.com"]}])
+    cfg["listen"] = [{"address": gw.address}]
+    cfg["admin"] = {"address": gw.admin.removeprefix("http://")}
+    gw.write_config(cfg)
+    n_events = len(gw.events)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n_events)
+    resp = raw_exchange(gw.address, f"GET {origin.url('/r')} HTTP/1.1\r\n\r\n".encode(), read_until_close=False)
+    assert resp.startswith(b"HTTP/1.1 403")
+    # a broken config is refused whole; the old one stays in force
+    gw.write_config("clients:\n  - name: x\n    frm: [10.0.0.0/8]\n")
+    status, body = _admin(gw, "/-/reload", "POST")
+    assert status == 400 and b"clients[0].frm: unknown key" in body and b":3:" in body
+    resp = raw_exchange(gw.address, f"GET {origin.url('/r')} HTTP/1.1\r\n\r\n".encode(), read_until_close=False)
+    assert resp.startswith(b"HTTP/1.1 403")
+    _, metrics = _admin(gw, "/metrics")
+    assert b'egressgate_config_reloads_total{result="success"} 1.0' in metrics
+    assert b'egressgate_config_reloads_total{result="failure"} 1.0' in metrics
+
+
+def test_check_config_reports_file_line_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen:\n  - address: 0.0.0.0:3128\n    egress: nowhere\nclients:\n  - name: a\n"
+                   "    from: [10.0.0.0/8, not-a-cidr]\n")
+    r = subprocess.run([sys.executable, "-m", "egressgate", "check-config", str(bad)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1
+    assert f"{bad}:6: clients[0].from[1]: not an IP address or CIDR: 'not-a-cidr'" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text("")
+    r = subprocess.run([sys.executable, "-m", "egressgate", "check-config", str(good)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_admin_endpoints(start_gateway):
+    gw = start_gateway(base_config())
+    assert _admin(gw, "/healthz") == (200, b"ok\n")
+    status, body = _admin(gw, "/status")
+    import json
+
+    doc = json.loads(body)
+    assert status == 200 and doc["profiles"]["default"]["kind"] == "direct"
+    assert _admin(gw, "/nope")[0] == 404
+    assert _admin(gw, "/-/reload")[0] == 405

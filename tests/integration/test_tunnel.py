@@ -1,0 +1,154 @@
+"""CONNECT tunnels: byte-exact transfer in bounded memory, half-close both ways, early data,
+IPv6 literals, idle timeout."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+from .peers import base_config, pattern_sha256
+
+
+def _open_tunnel(gw, target: str, early: bytes = b"") -> socket.socket:
+    s = socket.create_connection((gw.host, gw.port), timeout=20)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + early)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return s
+
+
+def _gw(start_gateway, *ports, **extra):
+    return start_gateway(base_config(security={"connect_ports": list(ports)}, **extra))
+
+
+def test_half_close_client_first(start_gateway, echo):
+    gw = _gw(start_gateway, echo.port)
+    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    s.sendall(b"ping-1 ")
+    s.sendall(b"ping-2")
+    s.shutdown(socket.SHUT_WR)  # our EOF must reach the echo server, which then echoes and closes
+    got = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    assert got == b"ping-1 ping-2"
+    rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
+    assert rec["bytes_up"] == 13 and rec["bytes_down"] == 13
+
+
+def test_half_close_server_first(start_gateway):
+    # The origin speaks, closes its write side, and still reads what we send afterwards.
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    gw = _gw(start_gateway, port)
+    s = _open_tunnel(gw, f"127.0.0.1:{port}")
+    conn, _ = lsock.accept()
+    conn.sendall(b"banner")
+    conn.shutdown(socket.SHUT_WR)
+    assert s.recv(100) == b"banner"
+    assert s.recv(100) == b""  # EOF passed through
+    s.sendall(b"late data after server EOF")
+    conn.settimeout(5)
+    assert conn.recv(100) == b"late data after server EOF"
+    s.close()
+    assert conn.recv(100) == b""
+    conn.close()
+    lsock.close()
+
+
+def test_early_data_after_connect_head(start_gateway, echo):
+    gw = _gw(start_gateway, echo.port)
+    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}", early=b"sent-before-200")
+    got = b""
+    while len(got) < 15:
+        got += s.recv(100)
+    assert got == b"sent-before-200"
+    s.close()
+
+
+def test_ipv6_literal(start_gateway):
+    try:
+        lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        import pytest
+
+        pytest.skip("no IPv6 loopback")
+    port = lsock.getsockname()[1]
+    gw = _gw(start_gateway, port)
+    s = _open_tunnel(gw, f"[::1]:{port}")
+    conn, addr = lsock.accept()
+    s.sendall(b"v6")
+    assert conn.recv(10) == b"v6"
+    conn.close()
+    s.close()
+    lsock.close()
+
+
+def test_256mib_tunnel_bounded_memory(start_gateway, origin):
+    gw = _gw(start_gateway, origin.port)
+    rss_before = gw.rss_kib()
+    n = 256 * 1024 * 1024
+    s = _open_tunnel(gw, f"127.0.0.1:{origin.port}")
+    s.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    head = b""
+    body = 0
+    peak = 0
+    while True:
+        k = s.recv_into(buf)
+        if not k:
+            break
+        data = bytes(buf[:k])
+        if not head or b"\r\n\r\n" not in head:
+            head += data
+            if b"\r\n\r\n" in head:
+                head, _, data = head.partition(b"\r\n\r\n")
+                head += b"\r\n\r\n"
+            else:
+                continue
+        h.update(data)
+        body += len(data)
+        if body % (32 << 20) < k:
+            peak = max(peak, gw.rss_kib())
+    s.close()
+    assert body == n and h.hexdigest() == pattern_sha256(n)
+    peak = max(peak, gw.rss_kib())
+    assert peak - rss_before < 48 * 1024, f"RSS grew {peak - rss_before} KiB for a 256 MiB tunnel"
+
+
+def test_256mib_plain_forwarding_bounded_memory(start_gateway, origin):
+    import requests
+
+    gw = _gw(start_gateway)
+    rss_before = gw.rss_kib()
+    n = 256 * 1024 * 1024
+    h = hashlib.sha256()
+    peak = 0
+    with requests.get(origin.url(f"/bytes?n={n}"), proxies={"http": gw.url}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        for i, chunk in enumerate(r.iter_content(1 << 20)):
+            h.update(chunk)
+            if i % 32 == 0:
+                peak = max(peak, gw.rss_kib())
+    assert h.hexdigest() == pattern_sha256(n)
+    assert peak - rss_before < 48 * 1024, f"RSS grew {peak - rss_before} KiB"
+
+
+def test_idle_tunnel_is_closed(start_gateway, echo):
+    gw = _gw(start_gateway, echo.port, timeouts={"tunnel_idle": "500ms"})
+    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    t0 = time.monotonic()
+    s.settimeout(5)
+    assert s.recv(10) == b""
+    assert time.monotonic() - t0 < 4
+    rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
+    assert rec["reason"] == "idle_timeout"
