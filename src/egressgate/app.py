@@ -79,6 +79,9 @@ class App:
         self.admin_server: asyncio.base_events.Server | None = None
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._prober: asyncio.Task | None = None
+        self._probe_now = asyncio.Event()
+        self.gateway.on_reload.append(lambda old, new: self._probe_now.set())
 
     async def start(self, admin: bool = True) -> None:
         await self.gateway.start()
@@ -92,6 +95,7 @@ class App:
         if self.admin_server is not None:
             host, port = self.admin_server.sockets[0].getsockname()[:2]
             admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._prober = self.loop.create_task(self._probe_loop())
         log_event("started", listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
                   config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
 
@@ -110,6 +114,32 @@ class App:
                 raise ConfigError([f"{self.path}:0: listen: {err}"]) from None
             self.metrics.reloads.labels("success").inc()
             log_event("reloaded", config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+
+    async def _probe_loop(self) -> None:
+        """Check every profile's egress IP now, then every ``probe.interval`` and after reloads."""
+        from .probe import probe_pools, record
+
+        while True:
+            rt = self.gateway.runtime
+            cfg = rt.config.probe
+            if cfg.echo_url:
+                try:
+                    observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
+                                                     self.gateway.dialer, self.gateway.resolver)
+                except Exception as exc:  # the prober must never stop
+                    self.gateway.log_internal_error(exc)
+                else:
+                    record(rt.profiles, observations, time.time())
+                    self.gateway.publish_egress(rt)
+                    for o in observations:
+                        if not o.ok:
+                            log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
+                                      observed=o.observed, expected=list(o.expected), error=o.error)
+            self._probe_now.clear()
+            try:
+                await asyncio.wait_for(self._probe_now.wait(), cfg.interval)
+            except TimeoutError:
+                pass
 
     def install_signals(self) -> None:
         loop = self.loop
@@ -133,6 +163,8 @@ class App:
         self.stopped.set()
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
         await self.gateway.close()
         if self.admin_server is not None:
             self.admin_server.close()

@@ -68,7 +68,14 @@ def load_tf_module(directory: Path = TF) -> dict[str, Any]:
     """Parse every *.tf file of a module into {'resource': {type: {name: body}}, 'variable': {...},
     'output': {...}, 'locals': {...}, 'terraform': [...]} (bodies normalised by unquote)."""
     hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is needed to parse the Terraform module")
-    module: dict[str, Any] = {"resource": {}, "data": {}, "variable": {}, "output": {}, "locals": {}, "terraform": []}
+    module: dict[str, Any] = {
+        "resource": {},
+        "data": {},
+        "variable": {},
+        "output": {},
+        "locals": {},
+        "terraform": [],
+    }
     for path in sorted(directory.glob("*.tf")):
         with path.open() as fh:
             raw = unquote(hcl2.load(fh))
@@ -162,9 +169,13 @@ EGRESSGATE = REPO / ".venv" / "bin" / "egressgate"
 @pytest.fixture
 def check_config(tmp_path):
     """Run `egressgate check-config` on a config text; skip when the CLI is not installed yet."""
-    exe = os.environ.get("EGRESSGATE_BIN") or (str(EGRESSGATE) if EGRESSGATE.exists() else shutil.which("egressgate"))
+    exe = os.environ.get("EGRESSGATE_BIN") or (
+        str(EGRESSGATE) if EGRESSGATE.exists() else shutil.which("egressgate")
+    )
     if not exe:
-        pytest.skip(f"egressgate CLI not installed ({EGRESSGATE} missing): `pip install -e .` to enable check-config tests")
+        pytest.skip(
+            f"egressgate CLI not installed ({EGRESSGATE} missing): `pip install -e .` to enable check-config tests"
+        )
     if not os.environ.get("EGRESSGATE_BIN") and not (REPO / "src" / "egressgate" / "cli.py").exists():
         pytest.skip("src/egressgate/cli.py does not exist yet, so `egressgate check-config` cannot run")
 

@@ -47,7 +47,9 @@ def _unknown_keys(given, dumped, path="$"):
             else:
                 out.extend(_unknown_keys(v, dumped[k], f"{path}.{k}"))
     elif isinstance(given, list) and isinstance(dumped, list):
-        for i, (g, d) in enumerate(zip(given, dumped)):
+        if len(given) != len(dumped):
+            return [path]
+        for i, (g, d) in enumerate(zip(given, dumped, strict=True)):
             out.extend(_unknown_keys(g, d, f"{path}[{i}]"))
     return out
 
@@ -62,9 +64,18 @@ def test_valid_against_argo_models(wft):
 
 def test_unknown_field_detection_works():
     models = pytest.importorskip("hera.workflows.models")
-    bad = {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowTemplate", "metadata": {"name": "x"},
-           "spec": {"entrypoint": "m", "templates": [{"name": "m", "container": {"image": "a", "imagePolicy": 1}}]}}
-    dumped = json.loads(models.WorkflowTemplate.model_validate(bad).model_dump_json(by_alias=True, exclude_none=True))
+    bad = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "WorkflowTemplate",
+        "metadata": {"name": "x"},
+        "spec": {
+            "entrypoint": "m",
+            "templates": [{"name": "m", "container": {"image": "a", "imagePolicy": 1}}],
+        },
+    }
+    dumped = json.loads(
+        models.WorkflowTemplate.model_validate(bad).model_dump_json(by_alias=True, exclude_none=True)
+    )
     assert _unknown_keys(bad, dumped) == ["$.spec.templates[0].container.imagePolicy"]
 
 
@@ -86,7 +97,9 @@ def proxy_profile_env(template):
     """(secret name, env list) of a step that authenticates to the gateway."""
     env = env_of(template)
     names = [e["name"] for e in env]
-    assert names.index("PROXY_USER") < names.index("HTTPS_PROXY"), "$(VAR) expansion needs the var defined first"
+    assert names.index("PROXY_USER") < names.index("HTTPS_PROXY"), (
+        "$(VAR) expansion needs the var defined first"
+    )
     assert names.index("PROXY_PASSWORD") < names.index("HTTPS_PROXY")
     by_name = {e["name"]: e for e in env}
     user_ref = by_name["PROXY_USER"]["valueFrom"]["secretKeyRef"]
@@ -103,7 +116,9 @@ def test_collect_steps_use_their_profile_secret(templates, profile):
     assert secret == f"egressgate-client-{profile}"
     assert "NO_PROXY" in env and "no_proxy" in env
     # the secret exists (example) with the keys the step reads
-    secrets = {d["metadata"]["name"]: d for d in load_docs(ARGO / "secrets.example.yaml") if d["kind"] == "Secret"}
+    secrets = {
+        d["metadata"]["name"]: d for d in load_docs(ARGO / "secrets.example.yaml") if d["kind"] == "Secret"
+    }
     assert {"username", "password"} <= set(secrets[secret]["stringData"])
     assert secrets[secret]["stringData"]["username"] == profile
 
@@ -173,29 +188,40 @@ def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="
     FakeGateway.answer = answer
     source = templates["preflight"]["script"]["source"]
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
-    env.update(HTTPS_PROXY=f"http://vendor-x:s3cret@127.0.0.1:{port}", EXPECTED_IP=expected_ip,
-               EXPECTED_PROFILE=profile)
+    env.update(
+        HTTPS_PROXY=f"http://vendor-x:s3cret@127.0.0.1:{port}",
+        EXPECTED_IP=expected_ip,
+        EXPECTED_PROFILE=profile,
+    )
     return subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=30)
 
 
-GOOD = {"client": "vendor-x-collector", "profile": "vendor-x", "expect_ip": ["203.0.113.10"],
-        "observed_ip": "203.0.113.10", "allow": ["*.vendor-x.com"]}
+GOOD = {
+    "client": "vendor-x-collector",
+    "profile": "vendor-x",
+    "expect_ip": ["203.0.113.10"],
+    "observed_ip": "203.0.113.10",
+    "allow": ["*.vendor-x.com"],
+}
 
 
 def test_preflight_passes_on_match(templates, fake_gateway):
     proc = run_preflight(templates, fake_gateway.server_port, GOOD)
     assert proc.returncode == 0, proc.stderr
-    (path, auth), = FakeGateway.seen
+    ((path, auth),) = FakeGateway.seen
     assert path == "http://egressgate.whoami/"  # absolute-URI through the proxy
     assert auth == "Basic " + base64.b64encode(b"vendor-x:s3cret").decode()
 
 
-@pytest.mark.parametrize("change", [
-    {"observed_ip": "198.51.100.99"},               # leaving from the wrong IP
-    {"observed_ip": None},                           # gateway could not tell
-    {"profile": "default"},                          # credentials mapped to another profile
-    {"expect_ip": ["203.0.113.11"]},                 # gateway config disagrees with the workflow
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"observed_ip": "198.51.100.99"},  # leaving from the wrong IP
+        {"observed_ip": None},  # gateway could not tell
+        {"profile": "default"},  # credentials mapped to another profile
+        {"expect_ip": ["203.0.113.11"]},  # gateway config disagrees with the workflow
+    ],
+)
 def test_preflight_fails_fast_on_mismatch(templates, fake_gateway, change):
     proc = run_preflight(templates, fake_gateway.server_port, {**GOOD, **change})
     assert proc.returncode == 1

@@ -21,8 +21,12 @@ FRAMEWORKS = ["terraform", "kubernetes", "argo_workflows", "dockerfile"]
 
 
 def checkov_binary():
-    for cand in (os.environ.get("EGRESSGATE_CHECKOV"), REPO / ".venv" / "checkov-venv" / "bin" / "checkov",
-                 REPO / ".venv-checkov" / "bin" / "checkov", shutil.which("checkov")):
+    for cand in (
+        os.environ.get("EGRESSGATE_CHECKOV"),
+        REPO / ".venv" / "checkov-venv" / "bin" / "checkov",
+        REPO / ".venv-checkov" / "bin" / "checkov",
+        shutil.which("checkov"),
+    ):
         if cand and os.path.exists(cand):
             return str(cand)
     return None
@@ -34,9 +38,21 @@ def report():
     if not exe:
         pytest.skip("checkov not installed (separate venv, see this module's docstring)")
     proc = subprocess.run(
-        [exe, "--directory", str(DEPLOY), "--framework", *FRAMEWORKS, "--skip-download", "--output", "json",
-         "--soft-fail"],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+        [
+            exe,
+            "--directory",
+            str(DEPLOY),
+            "--framework",
+            *FRAMEWORKS,
+            "--skip-download",
+            "--output",
+            "json",
+            "--soft-fail",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
         env=dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false"),
     )
     assert proc.stdout.strip(), proc.stderr[-2000:]
@@ -53,7 +69,8 @@ def test_every_framework_scanned_something(report):
 def test_no_failed_checks(report):
     failed = [
         f"{r['check_type']}: {c['check_id']} {c['check_name']} @ {c['file_path']}:{c['resource']}"
-        for r in report for c in r["results"]["failed_checks"]
+        for r in report
+        for c in r["results"]["failed_checks"]
     ]
     assert not failed, "\n".join(failed)
 

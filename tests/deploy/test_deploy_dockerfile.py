@@ -108,7 +108,7 @@ def test_read_only_root_friendly_env():
 def test_ports_and_no_remote_add():
     expose = " ".join(get(final_stage(), "EXPOSE")).split()
     assert {"3128", "9128"} <= set(expose)
-    for instr, args in instructions():
+    for instr, _args in instructions():
         assert instr != "ADD", "use COPY; ADD can fetch URLs and unpack archives"
 
 
@@ -178,7 +178,8 @@ def _matches(pattern: str, path: str) -> bool:
         if fnmatch.fnmatchcase(cand, pattern):
             return True
         if pattern.startswith("**/") and any(
-            fnmatch.fnmatchcase("/".join(cand.split("/")[j:]), pattern[3:]) for j in range(len(cand.split("/")))
+            fnmatch.fnmatchcase("/".join(cand.split("/")[j:]), pattern[3:])
+            for j in range(len(cand.split("/")))
         ):
             return True
     return False
@@ -208,7 +209,9 @@ def test_dockerignore_sends_only_what_the_build_needs():
     assert "pyproject.toml" in sent and "README.md" in sent or not (REPO / "README.md").exists()
     assert "deploy/container-config.yaml" in sent
     for rel in sent:
-        assert not rel.startswith(("tests/", ".venv/", "bench/", "docs/")), f"{rel} would be in the build context"
+        assert not rel.startswith(("tests/", ".venv/", "bench/", "docs/")), (
+            f"{rel} would be in the build context"
+        )
         assert "__pycache__" not in rel and not rel.endswith(".pyc")
         assert not rel.startswith("deploy/terraform/") and not rel.startswith("deploy/kubernetes/")
 
@@ -244,6 +247,7 @@ def test_image_install_steps_in_scratch_venv(tmp_path):
     from importlib.metadata import version
 
     from packaging.version import Version
+
     if Version(version("setuptools")) < Version("68"):
         pytest.skip("offline build needs setuptools>=68 (pyproject build-system) in the test venv")
     runs = " ".join(get(stages()[0], "RUN"))
@@ -258,23 +262,55 @@ def test_image_install_steps_in_scratch_venv(tmp_path):
         shutil.copy2(REPO / rel, ctx / rel)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(wheels), str(ctx)],
-        check=True, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(ctx),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert list(wheels.glob("egressgate-*.whl"))
     venv = tmp_path / "opt-egressgate"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-         "--no-index", "--no-deps", f"--find-links={wheels}", "egressgate"],
-        check=True, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            f"--find-links={wheels}",
+            "egressgate",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     exe = venv / "bin" / "egressgate"
     assert exe.exists(), "console script egressgate not installed"
     if (REPO / "src" / "egressgate" / "cli.py").exists():
         site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))  # dependencies from the test venv
-        proc = subprocess.run([str(exe), "--help"], env=dict(os.environ, PYTHONPATH=str(site)),
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [str(exe), "--help"],
+            env=dict(os.environ, PYTHONPATH=str(site)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "serve" in proc.stdout

@@ -163,7 +163,11 @@ def test_service_hpa_pdb_select_the_pods(objs, pod):
     assert svc["spec"]["selector"].items() <= labels.items()
     assert [p["port"] for p in svc["spec"]["ports"]] == [3128]  # the admin port is not published
     hpa = objs[("HorizontalPodAutoscaler", "egressgate")]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "egressgate"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "egressgate",
+    }
     assert hpa["spec"]["minReplicas"] >= 2
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     pdb = objs[("PodDisruptionBudget", "egressgate")]
@@ -184,7 +188,9 @@ def test_network_policy_limits_who_reaches_the_gateway(objs, pod):
         ports_by_rule.append({p["port"] for p in rule["ports"]})
     assert {3128} in ports_by_rule
     assert all(ports <= {3128, 9128} for ports in ports_by_rule)
-    egress_blocks = [to["ipBlock"] for rule in netpol["egress"] for to in rule.get("to", []) if "ipBlock" in to]
+    egress_blocks = [
+        to["ipBlock"] for rule in netpol["egress"] for to in rule.get("to", []) if "ipBlock" in to
+    ]
     for block in egress_blocks:
         if block["cidr"] == "0.0.0.0/0":
             assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["except"])
@@ -195,6 +201,18 @@ def test_namespace_enforces_restricted_pod_security(objs):
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_configmap_config_is_valid(check_config, objs):
-    proc = check_config(objs[("ConfigMap", "egressgate-config")]["data"]["config.yaml"])
+def test_configmap_config_is_valid(check_config, objs, container, pod, tmp_path):
+    """check-config on the ConfigMap's config, with the Secret materialised where the pod mounts it
+    (password_file is read at load time)."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if "secret" in volumes[m["name"]]]
+    secret = objs[("Secret", volumes[mount["name"]]["secret"]["secretName"])]
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    for key, value in secret["stringData"].items():
+        (secret_dir / key).write_text(value)
+    text = objs[("ConfigMap", "egressgate-config")]["data"]["config.yaml"]
+    assert mount["mountPath"] + "/" in text
+    text = text.replace(mount["mountPath"] + "/", f"{secret_dir}/")
+    proc = check_config(text)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -17,13 +17,13 @@ SA_ROLES = {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/a
 
 # Removed/deprecated/legacy things that must not come back.
 FORBIDDEN_RESOURCE_TYPES = {
-    "google_compute_target_pool",          # legacy target-pool NLB
-    "google_compute_http_health_check",    # legacy health check
+    "google_compute_target_pool",  # legacy target-pool NLB
+    "google_compute_http_health_check",  # legacy health check
     "google_compute_https_health_check",
-    "google_container_registry",           # Container Registry is shut down
-    "google_project_iam_binding",          # authoritative IAM: lock-out risk
+    "google_container_registry",  # Container Registry is shut down
+    "google_project_iam_binding",  # authoritative IAM: lock-out risk
     "google_project_iam_policy",
-    "google_compute_instance",             # single VMs: use the MIG
+    "google_compute_instance",  # single VMs: use the MIG
 }
 FORBIDDEN_KEYS = {"access_config", "gce-container-declaration", "enable_flow_logs", "metadata_startup_script"}
 
@@ -52,11 +52,18 @@ def local_list(tf, ref):
 
 def test_required_resources_exist(tf):
     for rtype in (
-        "google_compute_network", "google_compute_subnetwork", "google_compute_router",
-        "google_compute_router_nat", "google_compute_address", "google_compute_instance_template",
-        "google_compute_region_instance_group_manager", "google_compute_region_health_check",
-        "google_compute_region_backend_service", "google_compute_forwarding_rule",
-        "google_compute_firewall", "google_service_account",
+        "google_compute_network",
+        "google_compute_subnetwork",
+        "google_compute_router",
+        "google_compute_router_nat",
+        "google_compute_address",
+        "google_compute_instance_template",
+        "google_compute_region_instance_group_manager",
+        "google_compute_region_health_check",
+        "google_compute_region_backend_service",
+        "google_compute_forwarding_rule",
+        "google_compute_firewall",
+        "google_service_account",
     ):
         assert rtype in tf["resource"], rtype
 
@@ -94,8 +101,10 @@ def test_nat_is_manual_only_per_profile_on_secondary_ranges(tf):
     assert sn["secondary_ip_range_names"] == ["${local.secondary_range_name[each.key]}"]
     # same naming for the subnet range and the VM alias range
     sub = res(tf, "google_compute_subnetwork")
-    assert sub["dynamic"][0]["secondary_ip_range"]["content"][0]["range_name"] == \
-        "${local.secondary_range_name[secondary_ip_range.key]}"
+    assert (
+        sub["dynamic"][0]["secondary_ip_range"]["content"][0]["range_name"]
+        == "${local.secondary_range_name[secondary_ip_range.key]}"
+    )
 
 
 def test_nat_addresses_keyed_and_create_before_destroy(tf):
@@ -145,7 +154,9 @@ def test_service_account_has_exactly_three_roles(tf):
     assert roles == SA_ROLES
     ar = res(tf, "google_artifact_registry_repository_iam_member")
     assert ar["role"] == "roles/artifactregistry.reader"
-    assert ar["repository"] == "${var.artifact_registry_repository}", "reader on one repository, not the project"
+    assert ar["repository"] == "${var.artifact_registry_repository}", (
+        "reader on one repository, not the project"
+    )
 
 
 def test_firewall_rules(tf):
@@ -162,7 +173,9 @@ def test_firewall_rules(tf):
     assert clients["source_ranges"] == "${var.client_cidrs}"
     assert clients["allow"][0]["ports"] == ["${tostring(local.proxy_port)}"]
     assert set(local_list(tf, allow_rules["lb_health_checks"]["source_ranges"])) == LB_HC_RANGES
-    assert set(local_list(tf, allow_rules["autohealing_health_checks"]["source_ranges"])) == AUTOHEAL_HC_RANGES
+    assert (
+        set(local_list(tf, allow_rules["autohealing_health_checks"]["source_ranges"])) == AUTOHEAL_HC_RANGES
+    )
     for hc in ("lb_health_checks", "autohealing_health_checks"):
         assert allow_rules[hc]["allow"][0]["ports"] == ["${tostring(local.admin_port)}"]
     # anything else must be optional and off by default
@@ -204,7 +217,9 @@ def test_mig_autohealing_and_surge_only_updates(tf):
     assert up["type"] == "PROACTIVE" and up["minimal_action"] == "REPLACE"
     assert up["max_surge_fixed"] == "${local.max_surge}"
     assert tf["locals"]["max_surge"] == "${max(3, length(var.zones))}"  # >= zones, as regional MIGs require
-    assert first_block(mig, "version")["instance_template"] == "${google_compute_instance_template.gateway.id}"
+    assert (
+        first_block(mig, "version")["instance_template"] == "${google_compute_instance_template.gateway.id}"
+    )
 
 
 def test_variables_documented_typed_and_validated(tf):
@@ -212,8 +227,19 @@ def test_variables_documented_typed_and_validated(tf):
     for name, body in variables.items():
         assert body.get("description"), f"variable {name} has no description"
         assert body.get("type"), f"variable {name} has no type"
-    must_validate = {"project_id", "region", "egress_profiles", "client_cidrs", "clients", "image",
-                     "instance_count", "drain_timeout_sec", "nat_min_ports_per_vm", "subnet_cidr", "name_prefix"}
+    must_validate = {
+        "project_id",
+        "region",
+        "egress_profiles",
+        "client_cidrs",
+        "clients",
+        "image",
+        "instance_count",
+        "drain_timeout_sec",
+        "nat_min_ports_per_vm",
+        "subnet_cidr",
+        "name_prefix",
+    }
     missing = {n for n in must_validate if not variables[n].get("validation")}
     assert not missing, f"variables without validation: {missing}"
 
@@ -221,6 +247,7 @@ def test_variables_documented_typed_and_validated(tf):
 def test_example_tfvars_sets_every_required_variable(tf):
     hcl2 = pytest.importorskip("hcl2")
     from conftest import unquote
+
     example = unquote(hcl2.load((TF / "terraform.tfvars.example").open()))
     example = {k: v for k, v in example.items() if not k.startswith("__")}
     required = {n for n, b in tf["variable"].items() if "default" not in b}
@@ -267,10 +294,21 @@ SAMPLE = {
         "vendor-y": {"bind": ["@ALIAS_IN:10.20.2.0/24@"], "expect_ip": ["203.0.113.20", "203.0.113.21"]},
     },
     "clients": [
-        {"name": "vendor-x-collector", "from": ["198.51.100.7/32"], "username": "vendor-x",
-         "password_hash": "scrypt$placeholder", "egress": ["vendor-x"], "allow": ["*.vendor-x.com"]},
-        {"name": "vendor-y-collector", "from": ["198.51.100.7/32"], "username": "vendor-y",
-         "password_hash": "scrypt$placeholder", "egress": ["vendor-y"]},
+        {
+            "name": "vendor-x-collector",
+            "from": ["198.51.100.7/32"],
+            "username": "vendor-x",
+            "password_hash": "scrypt$placeholder",
+            "egress": ["vendor-x"],
+            "allow": ["*.vendor-x.com"],
+        },
+        {
+            "name": "vendor-y-collector",
+            "from": ["198.51.100.7/32"],
+            "username": "vendor-y",
+            "password_hash": "scrypt$placeholder",
+            "egress": ["vendor-y"],
+        },
     ],
     "connect_ports": [443],
 }
@@ -295,14 +333,17 @@ def render_gateway_config():
 
 
 def render_cloud_init():
-    return render_tftpl((TF / "templates" / "cloud-init.yaml.tftpl").read_text(), {
-        "image": "europe-west1-docker.pkg.dev/p/egressgate/egressgate@sha256:" + "0" * 64,
-        "registry_host": "europe-west1-docker.pkg.dev",
-        "gateway_config": render_gateway_config(),
-        "render_script": (TF / "files" / "render-config.sh").read_text(),
-        "stop_timeout": 40,
-        "systemd_stop_sec": 60,
-    })
+    return render_tftpl(
+        (TF / "templates" / "cloud-init.yaml.tftpl").read_text(),
+        {
+            "image": "europe-west1-docker.pkg.dev/p/egressgate/egressgate@sha256:" + "0" * 64,
+            "registry_host": "europe-west1-docker.pkg.dev",
+            "gateway_config": render_gateway_config(),
+            "render_script": (TF / "files" / "render-config.sh").read_text(),
+            "stop_timeout": 40,
+            "systemd_stop_sec": 60,
+        },
+    )
 
 
 def test_cloud_init_runs_the_container_hardened():
@@ -312,8 +353,14 @@ def test_cloud_init_runs_the_container_hardened():
     files = {f["path"]: f for f in doc["write_files"]}
     unit = files["/etc/systemd/system/egressgate.service"]["content"]
     (run,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
-    for flag in ("--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--network=host",
-                 "--user=10001:10001", "--volume=/run/egressgate/config.yaml:/etc/egressgate/config.yaml:ro"):
+    for flag in (
+        "--read-only",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+        "--network=host",
+        "--user=10001:10001",
+        "--volume=/run/egressgate/config.yaml:/etc/egressgate/config.yaml:ro",
+    ):
         assert flag in run, flag
     assert "--privileged" not in run and "--cap-add" not in run
     assert run.rstrip().endswith("@sha256:" + "0" * 64)
@@ -324,8 +371,13 @@ def test_cloud_init_runs_the_container_hardened():
     assert int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1)) > int(stop.group(1))
     assert "systemctl enable --now egressgate.service" in doc["runcmd"]
     # the embedded config and script survive the YAML round trip byte for byte
-    assert files["/etc/egressgate/config.yaml.in"]["content"].rstrip("\n") == render_gateway_config().rstrip("\n")
-    assert files["/etc/egressgate/render-config.sh"]["content"] == (TF / "files" / "render-config.sh").read_text()
+    assert files["/etc/egressgate/config.yaml.in"]["content"].rstrip("\n") == render_gateway_config().rstrip(
+        "\n"
+    )
+    assert (
+        files["/etc/egressgate/render-config.sh"]["content"]
+        == (TF / "files" / "render-config.sh").read_text()
+    )
 
 
 def run_render(tmp_path, aliases):
@@ -335,7 +387,9 @@ def run_render(tmp_path, aliases):
     proc = subprocess.run(
         ["bash", str(TF / "files" / "render-config.sh"), str(src), str(dst)],
         env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": aliases, "EGRESSGATE_GID": str(__import__("os").getgid())},
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return proc, dst
 

@@ -199,9 +199,16 @@ class Gateway:
         m.config_info.clear()
         m.config_info.labels(rt.config_hash).set(1)
         m.config_loaded.set(rt.loaded_at)
-        for name, pool in rt.profiles.items():
+        m.egress_source_up.clear()
+        for pool in rt.profiles.values():
             for plan in pool.members:
                 self.source_state(pool, plan, not pool.is_down(plan))
+        self.publish_egress(rt)
+
+    def publish_egress(self, rt: Runtime) -> None:
+        m = self.metrics
+        m.egress_ip_match.clear()
+        for name, pool in rt.profiles.items():
             m.egress_ip_match.labels(name).set({True: 1, False: 0, None: -1}[pool.ip_matches])
 
     async def drain(self, grace: float, timeout: float) -> None:

@@ -1,0 +1,196 @@
+"""Which IP does each egress profile really exit from?
+
+For every member of a profile (each source address of a ``bind`` pool, each chained proxy
+of an ``upstream`` pool, or the direct route), fetch an IP-echo URL through exactly that
+member and compare the answer (plain-text IP, or JSON with an ``ip`` or ``origin`` field)
+with the profile's ``expect_ip``. Used by ``egressgate probe`` and by the server, which
+repeats it every ``probe.interval`` and exposes the result in ``/readyz`` and metrics.
+
+The echo URL is operator-configured, so the address guard does not apply to it (as for
+upstream proxies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import ssl
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .egress.dialer import Dialer
+from .egress.plan import EgressPlan, ProfilePool
+from .egress.resolver import Resolver
+from .errors import ConfigError, GatewayError
+from .http1.parse import ResponseHead, ResponseParser
+from .model import HostPort
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    profile: str
+    member: str
+    observed: str | None
+    expected: tuple[str, ...]
+    error: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "ERROR"
+        if not self.expected:
+            return "OK (nothing expected)"
+        return "OK" if self.observed in self.expected else "MISMATCH"
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.startswith("OK")
+
+
+def member_label(plan: EgressPlan) -> str:
+    if plan.source:
+        return plan.source
+    if plan.upstream:
+        return str(plan.upstream)
+    return "direct"
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.done = False
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        self.status = head.status
+
+    def on_response_body(self, data: bytes) -> None:
+        self.body += data
+        if len(self.body) > 65536:
+            raise GatewayError("echo answer too large")
+
+    def on_response_end(self) -> None:
+        self.done = True
+
+
+def parse_echo(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    if text.startswith("{"):
+        doc = json.loads(text)
+        text = str(doc.get("ip") or doc.get("origin") or "").split(",")[0].strip()
+    return str(ipaddress.ip_address(text))
+
+
+async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver, timeout: float) -> str:
+    """The IP the echo service at ``url`` sees when reached through ``plan``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"echo URL must be http:// or https://, got {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    dest = HostPort(parts.hostname, port)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 16)
+    async with asyncio.timeout(timeout):
+        if plan.upstream is not None:
+            proxy = plan.upstream.address
+            addrs = [proxy.host] if proxy.is_ip else await resolver.resolve(proxy.host)
+            hop = EgressPlan(plan.profile, "direct")
+            transport, protocol, _ = await dialer.connect(hop, addrs, proxy.port,
+                                                          lambda: asyncio.StreamReaderProtocol(reader), timeout)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            auth = f"Proxy-Authorization: {plan.upstream.authorization}\r\n" if plan.upstream.authorization else ""
+            writer.write(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n{auth}\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            if status_line.split(" ")[1:2] != ["200"]:
+                raise GatewayError(f"upstream proxy refused CONNECT: {status_line}")
+        else:
+            addrs = [dest.host] if dest.is_ip else await resolver.resolve(dest.host)
+            transport, protocol, _ = await dialer.connect(plan, addrs, port,
+                                                          lambda: asyncio.StreamReaderProtocol(reader), timeout)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            if parts.scheme == "https":
+                await writer.start_tls(ssl.create_default_context(), server_hostname=parts.hostname)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/plain, application/json\r\n"
+                         f"User-Agent: egressgate-probe\r\nConnection: close\r\n\r\n".encode())
+            sink = _Collect()
+            parser = ResponseParser(sink, "GET")
+            while not sink.done:
+                data = await reader.read(65536)
+                if not data:
+                    parser.feed_eof()
+                    break
+                parser.feed(data)
+        finally:
+            writer.close()
+    if sink.status != 200:
+        raise GatewayError(f"echo service answered {sink.status}")
+    return parse_echo(sink.body)
+
+
+async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
+                      dialer: Dialer | None = None, resolver: Resolver | None = None) -> list[Observation]:
+    dialer = dialer or Dialer(asyncio.get_running_loop())
+    resolver = resolver or Resolver()
+
+    async def one(pool: ProfilePool, plan: EgressPlan) -> Observation:
+        try:
+            ip = await observe(plan, url, dialer, resolver, timeout)
+            return Observation(pool.name, member_label(plan), ip, pool.expect_ip)
+        except TimeoutError:
+            return Observation(pool.name, member_label(plan), None, pool.expect_ip, f"timed out after {timeout:g}s")
+        except (GatewayError, OSError, ValueError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            detail = exc.detail if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
+            return Observation(pool.name, member_label(plan), None, pool.expect_ip, detail)
+
+    jobs = [one(pool, plan) for pool in pools.values() for plan in pool.members]
+    return list(await asyncio.gather(*jobs))
+
+
+def record(pools: dict[str, ProfilePool], observations: list[Observation], now: float) -> None:
+    """Store observations on the pools: a profile matches only if every member does."""
+    by_profile: dict[str, list[Observation]] = {}
+    for obs in observations:
+        by_profile.setdefault(obs.profile, []).append(obs)
+    for name, group in by_profile.items():
+        pool = pools.get(name)
+        if pool is None:
+            continue
+        bad = [o for o in group if not o.ok]
+        first = bad[0] if bad else group[0]
+        pool.observed_ip = first.observed
+        pool.observed_at = now
+        pool.probe_error = first.error
+
+
+def format_table(observations: list[Observation]) -> str:
+    rows = [("PROFILE", "MEMBER", "OBSERVED", "EXPECTED", "RESULT")]
+    for o in observations:
+        result = o.verdict + (f": {o.error}" if o.error else "")
+        rows.append((o.profile, o.member, o.observed or "-", ", ".join(o.expected) or "-", result))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows)
+
+
+def main(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
+    from .app import load_runtime
+
+    rt = load_runtime(config_path)
+    url = echo_url or rt.config.probe.echo_url
+    if not url:
+        raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "
+                           "set probe.echo_url or pass --echo-url"])
+    pools = rt.profiles
+    if profiles:
+        unknown = [p for p in profiles if p not in pools]
+        if unknown:
+            print(f"egressgate: unknown profile(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        pools = {name: pools[name] for name in profiles}
+    observations = asyncio.run(probe_pools(pools, url, timeout))
+    print(format_table(observations))
+    return 0 if all(o.ok for o in observations) else 1
