@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# checkov (IaC security checks on deploy/) lives in its own venv: it conflicts with python-hcl2.
+CHECKOV := $(VENV)/checkov-venv/bin/checkov
+$(CHECKOV):
+	$(PY) -m venv $(VENV)/checkov-venv
+	$(VENV)/checkov-venv/bin/pip install -q --upgrade pip
+	$(VENV)/checkov-venv/bin/pip install -q checkov
+
 run: $(STAMP)
 	$(BIN)/egressgate serve $(if $(CONFIG),--config $(CONFIG))
 
@@ -40,8 +47,8 @@ deb-packages:
 
 # The suite runs in a private network namespace (loopback only, DNS pointed at nothing) when
 # it can, so no test can reach anything off this machine; see scripts/in-netns.
-test: $(STAMP) deb-packages
-	scripts/in-netns $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(CHECKOV) deb-packages
+	EGRESSGATE_CHECKOV=$(CHECKOV) scripts/in-netns $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -349,6 +349,8 @@ class Egressgate(Peer):
         time.sleep(0.3 if not self.workers else 1.0)  # let SO_REUSEPORT workers come up
         if self.version == "?":
             self.version = version_of([str(EGRESSGATE), "--version"], r"(\d+\.\d+\S*)")
+            if self.version != "?":
+                self.label = self.label.replace("egressgate", f"egressgate {self.version}", 1)
         return self.proc
 
 

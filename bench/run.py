@@ -494,6 +494,7 @@ class Bench:
             if peer.notes:
                 out["notes"] = peer.notes
             out["version"] = peer.version
+            out["label"] = peer.label
         return out
 
     def run(self) -> dict:

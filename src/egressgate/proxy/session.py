@@ -258,7 +258,11 @@ class ClientConnection(asyncio.Protocol):
         rec.profile = decision.profile or "-"
         if not decision.allow:
             kind = AddressProhibited if decision.reason == "destination_ip_prohibited" else PolicyDenied
-            raise kind(f"{decision.reason.replace('_', ' ')}: {dest} ({decision.rule})", reason=decision.reason)
+            if decision.reason == "profile_not_allowed":
+                detail = f"profile {decision.profile!r} is not allowed for client {client.name} ({decision.rule})"
+            else:
+                detail = f"{dest} for client {client.name} ({decision.rule})"
+            raise kind(f"{decision.reason}: {detail}", reason=decision.reason)
         if decision.report_only:
             rec.extra["would_deny"] = decision.reason
             self.gw.metrics.would_deny.labels(client.name, decision.reason).inc()

@@ -1,0 +1,249 @@
+"""Egress profiles: the origin sees the profile's source address; profile selection by
+username suffix and header; pools skip unbindable addresses; chained upstream proxies
+(a second gateway and tinyproxy) with failover; moving a profile by reload while a tunnel on
+the old address keeps flowing; probe reports a mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from .conftest import curl
+from .peers import base_config, pattern_sha256, raw_exchange
+
+SECRET = "s3cret"
+
+
+def _hash(password: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password"], input=password, capture_output=True,
+                       text=True, timeout=30, check=True)
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return _hash(SECRET)
+
+
+def two_profile_config(password_hash: str, *ports: int, b_source: str = "127.0.0.3") -> dict:
+    return base_config(
+        egress={"ip-a": {"bind": ["127.0.0.2"]}, "ip-b": {"bind": [b_source]}},
+        clients=[
+            {"name": "job-a", "from": ["127.0.0.0/8"], "username": "job-a", "password_hash": password_hash,
+             "egress": ["ip-a"]},
+            {"name": "job-ab", "from": ["127.0.0.0/8"], "username": "job-ab", "password_hash": password_hash,
+             "egress": ["ip-a", "ip-b"]},
+        ],
+        security={"connect_ports": [443, *ports]},
+    )
+
+
+def test_profiles_seen_by_origin(start_gateway, origin, password_hash):
+    gw = start_gateway(two_profile_config(password_hash, origin.port))
+    a = f"http://job-a:{SECRET}@{gw.address}"
+    ab_b = f"http://job-ab+ip-b:{SECRET}@{gw.address}"
+    # plain HTTP (curl) and CONNECT (curl -p), each profile
+    assert curl("-x", a, origin.url("/ip")).stdout == b"127.0.0.2"
+    assert curl("-p", "-x", a, origin.url("/ip")).stdout == b"127.0.0.2"
+    assert curl("-x", ab_b, origin.url("/ip")).stdout == b"127.0.0.3"
+    assert curl("-p", "-x", ab_b, origin.url("/ip")).stdout == b"127.0.0.3"
+    # requests, profile picked by header; default is the first profile
+    with requests.Session() as s:
+        s.trust_env = False
+        ab = f"http://job-ab:{SECRET}@{gw.address}"
+        assert s.get(origin.url("/ip"), proxies={"http": ab}, timeout=10).text == "127.0.0.2"
+        r = s.get(origin.url("/ip"), proxies={"http": ab}, headers={"X-Egressgate-Profile": "ip-b"}, timeout=10)
+        assert r.text == "127.0.0.3"
+    rec = gw.wait_log(lambda r: r["client"] == "job-ab" and r["profile"] == "ip-b")
+    assert rec["egress_addr"] == "127.0.0.3"
+
+
+def test_allowlisting_origin(start_gateway, origin, password_hash):
+    gw = start_gateway(two_profile_config(password_hash, origin.port))
+    url = origin.url("/only-from?addr=127.0.0.2")
+    assert curl("-x", f"http://job-ab+ip-a:{SECRET}@{gw.address}", url).stdout == b"welcome\n"
+    assert b"not allowlisted" in curl("-x", f"http://job-ab+ip-b:{SECRET}@{gw.address}", url).stdout
+
+
+def test_profile_not_allowed_and_auth(start_gateway, origin, password_hash):
+    gw = start_gateway(two_profile_config(password_hash, origin.port))
+    r = curl("-i", "-x", f"http://job-a+ip-b:{SECRET}@{gw.address}", origin.url("/ip"))
+    assert b" 403 " in r.stdout.split(b"\r\n")[0] and b"profile_not_allowed" in r.stdout
+    r = curl("-i", "-x", f"http://job-a:wrong@{gw.address}", origin.url("/ip"))
+    assert b" 407 " in r.stdout.split(b"\r\n")[0] and b'Proxy-Authenticate: Basic realm="egressgate"' in r.stdout
+    r = curl("-i", "-x", gw.url, origin.url("/ip"))
+    assert b" 407 " in r.stdout.split(b"\r\n")[0]
+
+
+def test_pool_skips_unbindable_address(start_gateway, origin):
+    cfg = base_config(egress={"pool": {"bind": ["10.99.99.99", "127.0.0.4"], "pick": "round_robin"}},
+                      clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["pool"]}])
+    gw = start_gateway(cfg)
+    seen = {curl("-x", gw.url, origin.url("/ip")).stdout for _ in range(4)}
+    assert seen == {b"127.0.0.4"}
+    gw.wait_event("egress_source_down")
+    metrics = urlopen(gw.admin + "/metrics")
+    assert b'egressgate_egress_source_up{member="10.99.99.99",profile="pool"} 0.0' in metrics
+
+
+def urlopen(url: str) -> bytes:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as r:
+        return r.read()
+
+
+def _dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_chain_through_second_gateway_with_failover(start_gateway, origin, password_hash):
+    # the far gateway egresses from 127.0.0.5 and wants credentials
+    far = start_gateway(base_config(
+        egress={"far": {"bind": ["127.0.0.5"]}},
+        clients=[{"name": "near", "from": ["127.0.0.0/8"], "username": "near", "password_hash": password_hash,
+                  "egress": ["far"]}],
+        security={"connect_ports": [origin.port]}))
+    near = start_gateway(base_config(
+        egress={"chained": {"upstream": [f"http://127.0.0.1:{_dead_port()}",
+                                         f"http://near:{SECRET}@{far.address}"]}},
+        clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["chained"]}],
+        security={"connect_ports": [origin.port], "allow_private": ["127.0.0.0/8"]}))
+    assert curl("-x", near.url, origin.url("/ip")).stdout == b"127.0.0.5"
+    assert curl("-p", "-x", near.url, origin.url("/ip")).stdout == b"127.0.0.5"
+    rec = far.wait_log(lambda r: r["client"] == "near" and r["method"] == "CONNECT")
+    assert rec["egress_addr"] == "127.0.0.5"
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    exe = shutil.which("tinyproxy")
+    if exe is None:
+        pytest.skip("tinyproxy is not installed (make test installs it)")
+    port = _dead_port()
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(f"Port {port}\nListen 127.0.0.1\nBind 127.0.0.6\nTimeout 30\nMaxClients 20\n"
+                    f"Allow 127.0.0.0/8\nLogLevel Critical\nPidFile \"{tmp_path}/tp.pid\"\n")
+    proc = subprocess.Popen([exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_chain_through_tinyproxy(start_gateway, origin, tinyproxy):
+    gw = start_gateway(base_config(
+        egress={"tp": {"upstream": [f"http://127.0.0.1:{tinyproxy}"]}},
+        clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["tp"]}],
+        security={"connect_ports": [origin.port]}))
+    # tinyproxy binds its outgoing connections to 127.0.0.6
+    assert curl("-x", gw.url, origin.url("/ip")).stdout == b"127.0.0.6"
+    assert curl("-p", "-x", gw.url, origin.url("/ip")).stdout == b"127.0.0.6"
+
+
+def test_reload_moves_profile_while_old_tunnel_flows(start_gateway, origin, password_hash):
+    cfg = two_profile_config(password_hash, origin.port)
+    gw = start_gateway(cfg)
+    n = 24 * 1024 * 1024
+    result = {}
+
+    def long_download():
+        s = socket.create_connection((gw.host, gw.port), timeout=30)
+        import base64
+
+        auth = base64.b64encode(f"job-ab+ip-b:{SECRET}".encode()).decode()
+        s.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(1)
+        s.sendall(f"GET /bytes?n={n}&delay=0.003 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = bytearray()
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        result["body"] = bytes(data).partition(b"\r\n\r\n")[2]
+
+    t = threading.Thread(target=long_download)
+    t.start()
+    time.sleep(0.3)
+    cfg["egress"]["ip-b"] = {"bind": ["127.0.0.7"]}
+    cfg["listen"] = [{"address": gw.address}]
+    cfg["admin"] = {"address": gw.admin.removeprefix("http://")}
+    gw.write_config(cfg)
+    status = json.loads(_post(gw.admin + "/-/reload"))
+    assert status["reloaded"] is True
+    # new connections leave from the new address at once
+    assert curl("-x", f"http://job-ab+ip-b:{SECRET}@{gw.address}", origin.url("/ip")).stdout == b"127.0.0.7"
+    assert t.is_alive(), "the transfer should still be running across the reload"
+    t.join(30)
+    assert len(result["body"]) == n and hashlib.sha256(result["body"]).hexdigest() == pattern_sha256(n)
+    rec = gw.wait_log(lambda r: r["method"] == "CONNECT" and r["profile"] == "ip-b")
+    assert rec["egress_addr"] == "127.0.0.3"
+
+
+def _post(url: str) -> bytes:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(url, method="POST"), timeout=10) as r:
+        return r.read()
+
+
+def test_probe_reports_mismatch(tmp_path, origin):
+    import yaml
+
+    cfg = {"egress": {"good": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]},
+                      "bad": {"bind": ["127.0.0.3"], "expect_ip": ["203.0.113.9"]}}}
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "egressgate", "probe", "--config", str(path), "--echo-url", origin.url("/ip")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert "127.0.0.2" in lines["good"] and lines["good"].rstrip().endswith("OK")
+    assert "127.0.0.3" in lines["bad"] and "MISMATCH" in lines["bad"]
+    r = subprocess.run([*cmd, "--profile", "good"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readyz_fails_on_egress_mismatch(start_gateway, origin):
+    gw = start_gateway(base_config(egress={"x": {"bind": ["127.0.0.3"], "expect_ip": ["203.0.113.9"]}},
+                                   probe={"echo_url": origin.url("/ip")}))
+    deadline = time.monotonic() + 10
+    import urllib.error
+
+    while time.monotonic() < deadline:
+        try:
+            urlopen(gw.admin + "/readyz")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and b"203.0.113.9" in e.read()
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("/readyz never reported the mismatch")
+    assert b'egressgate_egress_ip_match{profile="x"} 0.0' in urlopen(gw.admin + "/metrics")
+    resp = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\nX-Egressgate-Profile: x\r\n\r\n",
+                        read_until_close=False)
+    assert resp.startswith(b"HTTP/1.1 200")

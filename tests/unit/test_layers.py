@@ -1,0 +1,184 @@
+"""Lower layers never import higher ones (DESIGN.md, "Dependency direction").
+
+Every module under src/egressgate is parsed with ``ast``; every import of an egressgate module
+(top level, inside functions, inside ``if TYPE_CHECKING:``) is mapped to its layer and an
+import of a higher layer fails the test with file and line.
+
+Layers, bottom to top:
+  errors, model -> config -> policy, http1, egress.plan, observe
+  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, demo) -> cli
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PACKAGE = "egressgate"
+ROOT = SRC / PACKAGE
+
+# Longest dotted prefix wins. The package root and the bare ``egress`` package (a docstring
+# only) sit at the bottom of what they contain.
+LAYER_OF: dict[str, int] = {
+    "egressgate": 0,
+    "egressgate.errors": 0,
+    "egressgate.model": 0,
+    "egressgate.config": 1,
+    "egressgate.policy": 2,
+    "egressgate.http1": 2,
+    "egressgate.egress": 2,
+    "egressgate.egress.plan": 2,
+    "egressgate.observe": 2,
+    "egressgate.egress.resolver": 3,
+    "egressgate.egress.dialer": 3,
+    "egressgate.egress.localaddr": 3,
+    "egressgate.proxy": 4,
+    "egressgate.admin": 4,
+    "egressgate.app": 5,
+    "egressgate.probe": 5,
+    "egressgate.demo": 5,
+    "egressgate.cli": 6,
+    "egressgate.__main__": 6,
+}
+LAYER_NAMES = ["errors/model", "config", "policy/http1/egress.plan/observe", "egress.resolver/dialer",
+               "proxy/admin", "app", "cli"]
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        layer = LAYER_OF.get(".".join(parts[:end]))
+        if layer is not None and (end > 1 or module == PACKAGE):
+            return layer
+    return None
+
+
+def module_name(path: Path, root: Path) -> str:
+    rel = path.relative_to(root.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_module(name: str, root: Path) -> bool:
+    rel = Path(*name.split(".")[1:]) if "." in name else Path()
+    base = root / rel
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool, root: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) for every egressgate import in ``tree``."""
+    found: list[tuple[str, int]] = []
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                if node.level - 1 > 0:
+                    base_parts = base_parts[: -(node.level - 1)]
+                base = ".".join(base_parts)
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((sub if is_module(sub, root) else target, node.lineno))
+    return [(name, line) for name, line in found if name == PACKAGE or name.startswith(PACKAGE + ".")]
+
+
+def violations(root: Path) -> tuple[list[str], list[str]]:
+    """(upward imports, modules with no layer), each as human-readable lines."""
+    upward: list[str] = []
+    unmapped: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        own = layer_of(module)
+        where = path.relative_to(root.parent)
+        if own is None:
+            unmapped.append(f"{where}: module {module} has no layer in test_layers.LAYER_OF")
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for target, line in imported_modules(tree, module, path.name == "__init__.py", root):
+            theirs = layer_of(target)
+            if theirs is None:
+                unmapped.append(f"{where}:{line}: imports {target}, which has no layer")
+            elif theirs > own:
+                upward.append(f"{where}:{line}: {module} ({LAYER_NAMES[own]}) imports {target} "
+                              f"({LAYER_NAMES[theirs]})")
+    return upward, unmapped
+
+
+def test_no_upward_imports() -> None:
+    upward, _ = violations(ROOT)
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_every_module_has_a_layer() -> None:
+    _, unmapped = violations(ROOT)
+    assert not unmapped, "\n".join(unmapped)
+
+
+def test_the_source_tree_is_found() -> None:
+    modules = {module_name(p, ROOT) for p in ROOT.rglob("*.py")}
+    assert {"egressgate.model", "egressgate.policy.decide", "egressgate.proxy.session", "egressgate.cli"} <= modules
+
+
+# ------------------------------------------------------------------------------ the checker itself
+
+def write(root: Path, rel: str, text: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+def fake_tree(tmp_path: Path) -> Path:
+    root = tmp_path / PACKAGE
+    for rel in ("__init__.py", "errors.py", "model.py", "config/__init__.py", "config/schema.py",
+                "policy/__init__.py", "policy/guard.py", "proxy/__init__.py", "proxy/server.py",
+                "egress/__init__.py", "egress/plan.py", "egress/dialer.py", "app.py", "cli.py"):
+        write(root, rel, "")
+    return root
+
+
+CHECKER_CASES = [
+    # (file, source, expected violation prefix or None)
+    ("policy/guard.py", "from ..model import HostPort\nfrom . import guard\n", None),
+    ("policy/guard.py", "x = 1\nfrom ..proxy.server import Gateway\n",
+     "egressgate/policy/guard.py:2: egressgate.policy.guard"),
+    ("policy/guard.py",
+     "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..proxy import server\n",
+     "egressgate/policy/guard.py:3: egressgate.policy.guard"),
+    ("model.py", "def f():\n    import egressgate.config.schema\n",
+     "egressgate/model.py:2: egressgate.model"),
+    ("egress/plan.py", "from .dialer import x\n", "egressgate/egress/plan.py:1: egressgate.egress.plan"),
+    ("egress/dialer.py", "from .plan import EgressPlan\nfrom ..policy import guard\n", None),
+    ("config/schema.py", "from .. import app\n", "egressgate/config/schema.py:1: egressgate.config.schema"),
+    ("config/__init__.py", "from .schema import Config\n", None),
+    ("app.py", "from .cli import main\n", "egressgate/app.py:1: egressgate.app"),
+    ("cli.py", "from .app import run\nimport json\n", None),
+]
+
+
+@pytest.mark.parametrize(("rel", "source", "expected"), CHECKER_CASES, ids=[f"{c[0]}-{c[2] is None}" for c in CHECKER_CASES])
+def test_checker_finds_upward_imports(fake_tree: Path, rel: str, source: str, expected: str | None) -> None:
+    write(fake_tree, rel, source)
+    upward, unmapped = violations(fake_tree)
+    assert unmapped == []
+    if expected is None:
+        assert upward == []
+    else:
+        assert len(upward) == 1
+        assert upward[0].startswith(expected), upward
+
+
+def test_checker_reports_unmapped_modules(fake_tree: Path) -> None:
+    write(fake_tree, "newthing.py", "")
+    _, unmapped = violations(fake_tree)
+    assert unmapped and "egressgate.newthing" in unmapped[0]
