@@ -96,9 +96,12 @@ def normalize_host(host: str) -> str:
         raise ClientProtocolError(f"ambiguous numeric host {host!r}", reason="bad_host")
     if not host.isascii():
         try:
-            host = host.encode("idna").decode("ascii")
+            ascii_host = host.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise ClientProtocolError(f"invalid international host name {host!r}", reason="bad_host") from exc
+        if ascii_host == host or not ascii_host.isascii():
+            raise ClientProtocolError(f"invalid international host name {host!r}", reason="bad_host")
+        return normalize_host(ascii_host)  # judged again: full-width digits may spell an IP
     for label in host.split("."):
         if not label or len(label) > 63 or not _HOST_OK.issuperset(label) or label[0] == "-" or label[-1] == "-":
             raise ClientProtocolError(f"invalid host name {host!r}", reason="bad_host")

@@ -135,7 +135,6 @@ def test_bad_durations_name_the_key(yaml_value: str) -> None:
     assert errors[0].startswith(f"{FILE}:3: timeouts.client_head: ")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: schema._duration accepts YAML .nan/.inf (NaN/infinite timeouts)")
 @pytest.mark.parametrize("yaml_value", [".nan", ".inf"])
 def test_non_finite_durations_are_refused(yaml_value: str) -> None:
     errors = errors_of(f"timeouts:\n  client_head: {yaml_value}\n")
@@ -392,9 +391,6 @@ def test_duplicate_keys_and_schema_errors_reported_together() -> None:
     assert errors[1].endswith(": workers: Input should be greater than or equal to 1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: loader._line returns the FIRST occurrence of a duplicated key, "
-                                       "but PyYAML keeps the LAST value, so the schema error points at the "
-                                       "line of the value that was discarded")
 def test_schema_error_on_duplicated_key_points_at_the_value_used() -> None:
     errors = errors_of("""\
         workers: 2
@@ -420,9 +416,6 @@ def test_every_error_has_the_file_line_key_shape() -> None:
         assert shape.match(line), line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ProfileConfig._bind_entries is a field validator on the whole "
-                                       "list, so a bad bind entry is reported at 'egress.x.bind' (its line), "
-                                       "not at 'egress.x.bind[1]' (the item's line)")
 def test_bad_bind_entry_points_at_the_item() -> None:
     errors = errors_of("""\
         egress:

@@ -117,15 +117,11 @@ def test_choose_profile(profiles, requested, listener_default, expected) -> None
     assert choose_profile(client(profiles=profiles), requested, listener_default) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decide() lets report mode override the metadata-host-name "
-                                       "refusal, a safety check rather than a client rule")
 def test_report_mode_does_not_relax_the_metadata_name_check() -> None:
     d = run(client(report=True), "metadata.google.internal:80", connect=False)
     assert not d.allow
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deny CIDR 8.8.8.0/24 does not match the IPv4-mapped literal "
-                                       "[::ffff:8.8.8.8] (RuleSet.match_ip), so the deny rule is bypassed")
 def test_deny_cidr_applies_to_the_ipv4_mapped_literal() -> None:
     d = run(client(deny=["8.8.8.0/24"]), "[::ffff:8.8.8.8]:443")
     assert not d.allow

@@ -79,8 +79,6 @@ def test_match_ip_direct() -> None:
     assert RuleSet(["example.com"]).match_ip("10.0.0.1", 1) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RuleSet.match_ip compares only same-family networks; an "
-                                       "IPv4-mapped (or NAT64) literal escapes an IPv4 CIDR deny rule")
 @pytest.mark.parametrize("address", ["::ffff:8.8.8.8", "64:ff9b::808:808"])
 def test_ipv4_cidr_rule_matches_ipv6_forms_of_the_address(address: str) -> None:
     rs = RuleSet(["8.8.8.0/24"])

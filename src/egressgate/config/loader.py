@@ -157,13 +157,11 @@ def _line(root: yaml.Node | None, loc: Loc) -> int:
     line = node.start_mark.line + 1 if node is not None else 1
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if key.value == str(part):
-                    line = key.start_mark.line + 1
-                    node = value
-                    break
-            else:
+            matches = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not matches:
                 return line
+            key, node = matches[-1]  # PyYAML keeps the last of duplicated keys
+            line = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
             line = node.start_mark.line + 1

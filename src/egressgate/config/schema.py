@@ -32,6 +32,8 @@ def _duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     else:
         raise ValueError("expected a duration such as 30, '30s', '500ms' or '5m'")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -71,6 +73,7 @@ def _socket_address(value: object) -> str:
 
 
 SocketAddress = Annotated[str, BeforeValidator(_socket_address)]
+BindEntry = Annotated[str, BeforeValidator(lambda v: _network(v) if "/" in str(v) else _address(v))]
 
 
 class _Model(BaseModel):
@@ -99,7 +102,7 @@ class AdminConfig(_Model):
 
 class ProfileConfig(_Model):
     direct: dict | None = None
-    bind: list[str] | None = None  # source addresses, or CIDRs meaning "my address in this range"
+    bind: list[BindEntry] | None = None  # source addresses, or CIDRs meaning "my address in this range"
     upstream: list[str] | None = None  # http://[user:pass@]host:port chained proxies, in failover order
     expect_ip: list[Address] = []
     pick: Literal["sticky", "round_robin"] = "sticky"
@@ -115,13 +118,6 @@ class ProfileConfig(_Model):
         if self.upstream is not None and not self.upstream:
             raise ValueError("upstream needs at least one proxy URL")
         return self
-
-    @field_validator("bind")
-    @classmethod
-    def _bind_entries(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        return [_network(v) if "/" in str(v) else _address(v) for v in value]
 
     @property
     def kind(self) -> str:

@@ -124,7 +124,7 @@ class _HeadCollector:
 
 
 class RequestParser(_HeadCollector):
-    __slots__ = ("_sink", "_http", "_head", "_pending_close", "_stream_pos")
+    __slots__ = ("_sink", "_http", "_head", "_pending_close", "_stream_pos", "_began", "_ended")
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 65536, max_headers: int = 100) -> None:
         super().__init__(max_head_bytes, max_headers)
@@ -132,7 +132,11 @@ class RequestParser(_HeadCollector):
         self._http = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._pending_close = False  # a complete message said Connection: close; ignore the rest
-        self._stream_pos = 0  # bytes fed since the current head began (approximate head size)
+        # Bytes of an incomplete head seen so far, for heads llhttp is still accumulating (a
+        # header value it has not finished cannot be measured through callbacks).
+        self._stream_pos = 0
+        self._began = False  # a message began during the current feed
+        self._ended = False  # a message ended during the current feed
 
     @property
     def in_head(self) -> bool:
@@ -142,6 +146,7 @@ class RequestParser(_HeadCollector):
     def feed(self, data: bytes) -> bytes | None:
         if self._pending_close:
             return None
+        self._began = self._ended = False
         try:
             self._http.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -158,10 +163,21 @@ class RequestParser(_HeadCollector):
         if self._error is not None:
             raise self._error
         if self._in_head:
-            self._stream_pos += len(data)
+            if self._began and self._ended:
+                # The feed held the end of an earlier message too; count the new head from here
+                # (undercounts by at most one read; complete headers are measured exactly).
+                self._stream_pos = self._size
+            else:
+                self._stream_pos += len(data)
             if self._stream_pos > self._max_bytes + 1024:
                 raise HeadTooLarge(f"request head over {self._max_bytes} bytes")
         return None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head = None
+        self._began = True
+        self._stream_pos = 0
 
     def _upgrade(self, data: bytes, offset: int) -> bytes | None:
         if self._error is not None:
@@ -193,13 +209,17 @@ class RequestParser(_HeadCollector):
         self._sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
-        self._sink.on_request_body(body)
+        if self._error is None and self._head is not None:
+            self._sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        self._ended = True
         head = self._head
-        if head is not None and head.method == "CONNECT":
+        if self._error is not None or head is None:
+            return
+        if head.method == "CONNECT":
             return  # the tunnel follows; reported through feed()'s return value
-        if head is not None and not head.keep_alive:
+        if not head.keep_alive:
             self._pending_close = True
         self._sink.on_request_end()
 
@@ -273,8 +293,12 @@ class ResponseParser(_HeadCollector):
             self._done = True
             self._sink.on_response_end()
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason
+        self._reason += reason
         self._size += len(reason)
 
     def on_body(self, body: bytes) -> None:

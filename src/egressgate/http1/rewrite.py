@@ -50,7 +50,7 @@ def parse_absolute_target(target: str) -> AbsoluteTarget:
         raise ClientProtocolError("credentials in the request URL are not forwarded; use headers",
                                   reason="bad_target")
     host = url.host.decode("latin-1")
-    port = url.port or 80
+    port = url.port if url.port is not None else 80
     dest = HostPort.parse_authority(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     path = url.path or b"/"
     origin_form = path + b"?" + url.query if url.query is not None else path
@@ -77,16 +77,17 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
     named = connection_tokens(head.headers)
     line_target = head.target.encode("latin-1") if absolute else target.origin_form
     out = [head.method.encode("ascii"), b" ", line_target, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
-    via_value = via
+    vias = []
     for name, value in head.headers:
         lname = name.lower()
         if lname in _REMOVED_ON_REQUEST or lname in named:
             continue
         if lname == b"via":
-            via_value = value + b", " + via
+            vias.append(value)
             continue
         out += (name, b": ", value, b"\r\n")
-    out += (b"Via: ", via_value, b"\r\n")
+    vias.append(via)
+    out += (b"Via: ", b", ".join(vias), b"\r\n")
     if head.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -111,16 +112,17 @@ def response_head_bytes(head: ResponseHead, via: bytes, framing: str, keep_alive
     named = connection_tokens(head.headers)
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n"]
-    via_value = via
+    vias = []
     for name, value in head.headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in named:
             continue
         if lname == b"via":
-            via_value = value + b", " + via
+            vias.append(value)
             continue
         out += (name, b": ", value, b"\r\n")
-    out += (b"Via: ", via_value, b"\r\n")
+    vias.append(via)
+    out += (b"Via: ", b", ".join(vias), b"\r\n")
     if head.content_length is not None and framing in ("length", "none") and keeps_length(head):
         out += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
     elif framing == "chunked":

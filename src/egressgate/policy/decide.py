@@ -26,35 +26,28 @@ def decide(client: ClientPolicy, dest: HostPort, connect: bool, requested_profil
     if profile is None:
         return Decision(False, "profile_not_allowed", f"profiles: {', '.join(client.profiles or (listener_default,))}",
                         requested_profile or "")
-    denial = _denial(client, dest, connect, connect_ports)
+    host, port, is_ip = dest.host, dest.port, dest.is_ip
+    # Safety checks first: report mode never relaxes these.
+    if not is_ip and host in METADATA_NAMES:
+        return Decision(False, "destination_ip_prohibited", "metadata host name", profile)
+    allowed = client.allow.match_rule(host, port, is_ip) if client.allow is not None else None
+    if connect and port not in connect_ports and not (allowed and allowed[1]):
+        return Decision(False, "connect_port_not_allowed", f"connect_ports: {sorted(connect_ports)}", profile)
+    # The client's own rules: report mode logs these and lets the request through.
+    denial = _rule_denial(client, dest, allowed)
     if denial is None:
-        rule = ""
-        if client.allow is not None:
-            rule = client.allow.match(dest.host, dest.port, dest.is_ip) or ""
-        return Decision(True, "allowed", rule, profile)
+        return Decision(True, "allowed", allowed[0] if allowed else "", profile)
     reason, rule = denial
     if client.report_only:
         return Decision(True, reason, rule, profile, report_only=True)
     return Decision(False, reason, rule, profile)
 
 
-def _denial(client: ClientPolicy, dest: HostPort, connect: bool,
-            connect_ports: frozenset[int]) -> tuple[str, str] | None:
-    host, port = dest.host, dest.port
-    is_ip = dest.is_ip
-    if not is_ip and host in METADATA_NAMES:
-        return "destination_ip_prohibited", "metadata host name"
+def _rule_denial(client: ClientPolicy, dest: HostPort, allowed: tuple[str, bool] | None) -> tuple[str, str] | None:
     if client.deny is not None and not client.deny.empty:
-        rule = client.deny.match(host, port, is_ip)
+        rule = client.deny.match(dest.host, dest.port, dest.is_ip)
         if rule:
             return "destination_denied", rule
-    if client.allow is not None:
-        rule = client.allow.match(host, port, is_ip)
-        if rule is None:
-            return "destination_not_allowed", "allow"
-        if connect and port not in connect_ports and port not in client.allow.ports:
-            return "connect_port_not_allowed", f"connect_ports: {sorted(connect_ports)}"
-        return None
-    if connect and port not in connect_ports:
-        return "connect_port_not_allowed", f"connect_ports: {sorted(connect_ports)}"
+    if client.allow is not None and allowed is None:
+        return "destination_not_allowed", "allow"
     return None

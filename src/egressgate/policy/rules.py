@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from ..model import DestPattern
+from .guard import embedded_ipv4
 
 
 class RuleSet:
@@ -36,32 +37,49 @@ class RuleSet:
         self.empty = count == 0
 
     @staticmethod
-    def _by_port(table: dict[int | None, str], port: int) -> str | None:
-        return table.get(port) or table.get(None)
+    def _by_port(table: dict[int | None, str], port: int) -> tuple[str, bool] | None:
+        rule = table.get(port)
+        if rule is not None:
+            return rule, True
+        rule = table.get(None)
+        return (rule, False) if rule is not None else None
 
     def match(self, host: str, port: int, is_ip: bool) -> str | None:
         """The text of the first rule that matches ``host:port``, or None."""
-        if self._any and (rule := self._by_port(self._any, port)):
-            return rule
+        found = self.match_rule(host, port, is_ip)
+        return found[0] if found else None
+
+    def match_rule(self, host: str, port: int, is_ip: bool) -> tuple[str, bool] | None:
+        """(rule text, whether the rule names this port explicitly) for the first match."""
+        if self._any and (found := self._by_port(self._any, port)):
+            return found
         if is_ip:
-            return self.match_ip(host, port)
+            return self._match_ip(host, port)
         table = self._exact.get(host)
-        if table and (rule := self._by_port(table, port)):
-            return rule
+        if table and (found := self._by_port(table, port)):
+            return found
         if self._suffix:
             dot = host.find(".")
             while dot >= 0:
                 table = self._suffix.get(host[dot:])
-                if table and (rule := self._by_port(table, port)):
-                    return rule
+                if table and (found := self._by_port(table, port)):
+                    return found
                 dot = host.find(".", dot + 1)
         return None
 
     def match_ip(self, address: str, port: int) -> str | None:
+        found = self._match_ip(address, port)
+        return found[0] if found else None
+
+    def _match_ip(self, address: str, port: int) -> tuple[str, bool] | None:
         if not self._nets:
             return None
         ip = ipaddress.ip_address(address)
+        inner = embedded_ipv4(ip)  # ::ffff:a.b.c.d, NAT64 and 6to4 forms match IPv4 rules too
         for net, net_port, text in self._nets:
-            if ip.version == net.version and ip in net and (net_port is None or net_port == port):
-                return text
+            if net_port is not None and net_port != port:
+                continue
+            for candidate in (ip, inner):
+                if candidate is not None and candidate.version == net.version and candidate in net:
+                    return text, net_port is not None
         return None
