@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -21,23 +22,26 @@ class HostPort:
 
     host: str
     port: int
+    is_ip: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ClientProtocolError(f"port out of range: {self.port}", reason="bad_port")
         if not self.host or len(self.host) > _MAX_HOST:
             raise ClientProtocolError("missing or over-long host", reason="bad_host")
-
-    @property
-    def is_ip(self) -> bool:
-        return ip_or_none(self.host) is not None
+        object.__setattr__(self, "is_ip", _is_ip(self.host))
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
     def parse_authority(cls, authority: str, default_port: int | None = None) -> HostPort:
-        """Parse ``host:port``, ``[v6]:port`` (and ``host`` when a default port is given)."""
+        """Parse ``host:port``, ``[v6]:port`` (and ``host`` when a default port is given).
+        Results are memoised: destinations repeat, and HostPort is immutable."""
+        return _parse_authority(authority, default_port)
+
+    @classmethod
+    def _parse(cls, authority: str, default_port: int | None) -> HostPort:
         authority = authority.strip()
         if authority.startswith("["):
             end = authority.find("]")
@@ -65,6 +69,16 @@ class HostPort:
         return cls(normalize_host(host), int(port_text))
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_authority(authority: str, default_port: int | None) -> HostPort:
+    return HostPort._parse(authority, default_port)
+
+
+@functools.lru_cache(maxsize=8192)
+def _is_ip(host: str) -> bool:
+    return ip_or_none(host) is not None
+
+
 def parse_socket_address(text: str) -> tuple[str, int]:
     """A local address to listen on: ``IP:PORT`` or ``[IPv6]:PORT``; port 0 lets the kernel choose."""
     text = str(text).strip()
@@ -80,6 +94,7 @@ def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_host(host: str) -> str:
     """Canonical form of a host for matching and dialing; raises on anything ambiguous."""
     if "%" in host:
@@ -152,7 +167,7 @@ class AccessRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     reason: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

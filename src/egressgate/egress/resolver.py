@@ -25,6 +25,13 @@ class Resolver:
         self._cache: dict[str, tuple[float, list[str] | Exception]] = {}
         self._inflight: dict[str, asyncio.Future[list[str]]] = {}
 
+    def cached(self, host: str) -> list[str] | None:
+        """A fresh positive answer from the cache, without awaiting (the hot path)."""
+        hit = self._cache.get(host)
+        if hit is not None and hit[0] > self._clock() and not isinstance(hit[1], Exception):
+            return hit[1]
+        return None
+
     async def resolve(self, host: str) -> list[str]:
         hit = self._cache.get(host)
         if hit is not None and hit[0] > self._clock():

@@ -219,8 +219,46 @@ class ClientConnection(asyncio.Protocol):
 
     # --- serving a request ----------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
-        ex.runtime = self.gw.runtime
+        rt = ex.runtime = self.gw.runtime
+        try:
+            if self._serve_now(ex, rt):
+                return
+        except GatewayError as err:
+            self.exchange_failed(ex, err)
+            return
+        except Exception as exc:  # a bug: answer 500 and keep serving others
+            self.gw.log_internal_error(exc)
+            self.exchange_failed(ex, GatewayError(f"internal error: {type(exc).__name__}"))
+            return
         ex.task = self.gw.loop.create_task(self._serve(ex))
+
+    def _serve_now(self, ex: Exchange, rt: Runtime) -> bool:
+        """The hot path, without a task: a keep-alive request whose client is already known,
+        whose destination needs no lookup, and for which an idle upstream connection waits.
+        Returns False when something must be awaited (``_serve`` then does it all)."""
+        if ex.connect:
+            return False
+        identity = self.identity
+        if identity is None or self.identity_key != (id(rt), ex.head.header(b"proxy-authorization")):
+            return False
+        route = self._route(ex, rt, identity)
+        if route is None:
+            return True  # answered by the gateway itself
+        pool, dest, client = route
+        if pool.kind == "upstream":
+            return False
+        addresses = [dest.host] if dest.is_ip else self.gw.resolver.cached(dest.host)
+        if addresses is None:
+            return False
+        allowed = _guard(rt, dest, addresses, client)
+        take = self.gw.pool.take
+        for plan in pool.plans(client.name):
+            up = take((plan.key, allowed[0], dest.port))
+            if up is not None:
+                self._begin(ex, up, True, None)
+                return True
+            break
+        return False
 
     async def _serve(self, ex: Exchange) -> None:
         try:
@@ -235,9 +273,21 @@ class ClientConnection(asyncio.Protocol):
 
     async def _serve_inner(self, ex: Exchange) -> None:
         rt = ex.runtime
+        identity = await self._identify(rt, ex.head)
+        route = self._route(ex, rt, identity)
+        if route is None:
+            return
+        pool, dest, client = route
+        if pool.kind == "upstream":
+            await self._via_upstream_proxy(ex, pool, dest, client.name)
+        else:
+            await self._direct(ex, rt, pool, dest, client)
+
+    def _route(self, ex: Exchange, rt: Runtime, identity: Identity):
+        """Target, policy decision and profile for a request (pure apart from answering
+        ``egressgate.whoami`` itself, in which case it returns None)."""
         head = ex.head
         rec = ex.record
-        identity = await self._identify(rt, head)
         client = identity.client
         rec.client = client.name
         if ex.connect:
@@ -247,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
             dest = ex.target.dest
         if dest.host == WHOAMI_HOST:
             self._whoami(ex, rt, identity)
-            return
+            return None
         requested = identity.requested_profile
         if requested is None:
             value = head.header(PROFILE_HEADER)
@@ -264,13 +314,9 @@ class ClientConnection(asyncio.Protocol):
                 detail = f"{dest} for client {client.name} ({decision.rule})"
             raise kind(f"{decision.reason}: {detail}", reason=decision.reason)
         if decision.report_only:
-            rec.extra["would_deny"] = decision.reason
+            rec.extra = {"would_deny": decision.reason}
             self.gw.metrics.would_deny.labels(client.name, decision.reason).inc()
-        pool = rt.profiles[decision.profile]
-        if pool.kind == "upstream":
-            await self._via_upstream_proxy(ex, pool, dest, client.name)
-        else:
-            await self._direct(ex, rt, pool, dest, client)
+        return rt.profiles[decision.profile], dest, client
 
     async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
         auth = head.header(b"proxy-authorization")
@@ -290,23 +336,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def _direct(self, ex: Exchange, rt: Runtime, pool: ProfilePool, dest: HostPort, client) -> None:
         gw = self.gw
-        if dest.is_ip:
-            addresses = [dest.host]
-        else:
-            addresses = await gw.resolve(dest.host)
-        allowed = []
-        refused = ""
-        for a in addresses:
-            why = rt.guard.check(a)
-            if why is None and client.deny is not None and client.deny.match_ip(a, dest.port):
-                why = "denied by rule"
-            if why is None:
-                allowed.append(a)
-            elif not refused:
-                refused = f"{a} is {why.replace('_', ' ')}"
-        if not allowed:
-            where = dest.host if dest.is_ip else f"{dest.host} resolves to {refused.split(' ')[0]}"
-            raise AddressProhibited(f"{where}: {refused.split(' is ', 1)[-1]} address", )
+        addresses = [dest.host] if dest.is_ip else await gw.resolve(dest.host)
+        allowed = _guard(rt, dest, addresses, client)
         last: GatewayError | None = None
         for plan in pool.plans(client.name):
             if not ex.connect:
@@ -323,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
                 last = err
                 continue
             if not ex.connect:
-                up.key = (plan.key, allowed[0], dest.port)
+                up.key = (plan.key, up.remote, dest.port)
             self._begin(ex, up, False, None)
             return
         raise last or UpstreamError("no usable egress address in profile " + pool.name)
@@ -374,9 +405,11 @@ class ClientConnection(asyncio.Protocol):
         rec.upstream_addr = up.remote
         rec.egress_addr = up.local
         self.transport.write(CONNECT_OK)
-        t = Tunnel(self, up, gw.loop.time())
+        t = Tunnel(self, up, rec, gw.loop.time())
         self.tunnel = t
         self.early = None
+        self.queue.clear()  # the tunnel keeps only its record: an idle tunnel stays small
+        self.identity = None
         if leftover:
             t.upstream_data(leftover)
         for chunk in ex.body:
@@ -385,20 +418,19 @@ class ClientConnection(asyncio.Protocol):
         if ex.body_bytes:
             self.unbuffered(ex.body_bytes)
         ex.body = []
+        ex.ended = True
         gw.metrics.active_tunnels.labels(self.listener.name).inc()
         if self.eof:
             t.client_eof()
 
     def tunnel_ended(self, t: Tunnel, reason: str) -> None:
-        ex = self.queue.popleft() if self.queue else None
         self.closed = True
         self.gw.metrics.active_tunnels.labels(self.listener.name).dec()
-        if ex is not None:
-            rec = ex.record
-            rec.bytes_up = t.bytes_up
-            rec.bytes_down = t.bytes_down
-            rec.reason = reason
-            self._log(ex, 200)
+        rec = t.record
+        rec.bytes_up = t.bytes_up
+        rec.bytes_down = t.bytes_down
+        rec.reason = reason
+        self._log_record(rec, 200)
 
     def _whoami(self, ex: Exchange, rt: Runtime, identity: Identity) -> None:
         client = identity.client
@@ -526,7 +558,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.ended:
             return
         ex.ended = True
-        rec = ex.record
+        self._log_record(ex.record, status)
+
+    def _log_record(self, rec: AccessRecord, status: int) -> None:
         rec.status = status
         gw = self.gw
         gw.metrics.count_request(rec.client, rec.profile, rec.method, status)
@@ -564,6 +598,24 @@ class ClientConnection(asyncio.Protocol):
                 self._protocol_error(ClientTimeout(f"no request within {rt.timeouts.client_head:g}s"))
         elif now - self.since > rt.timeouts.client_idle:
             self._close()
+
+
+def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client) -> list[str]:
+    """The resolved addresses a client may reach; 403 when none is left."""
+    allowed = []
+    refused = ""
+    for a in addresses:
+        why = rt.guard.check(a)
+        if why is None and client.deny is not None and not client.deny.empty and client.deny.match_ip(a, dest.port):
+            why = "denied by rule"
+        if why is None:
+            allowed.append(a)
+        elif not refused:
+            refused = f"{a} is {why.replace('_', ' ')}"
+    if not allowed:
+        where = dest.host if dest.is_ip else f"{dest.host} resolves to {refused.split(' ')[0]}"
+        raise AddressProhibited(f"{where}: {refused.split(' is ', 1)[-1]} address")
+    return allowed
 
 
 async def _upstream_connect(up: Upstream, dest: HostPort, authorization: str | None, timeout: float) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from ..model import AccessRecord
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -18,11 +19,12 @@ if TYPE_CHECKING:
 
 
 class Tunnel:
-    __slots__ = ("conn", "client", "upstream", "up", "bytes_up", "bytes_down", "active", "idle_since",
+    __slots__ = ("conn", "client", "upstream", "up", "record", "bytes_up", "bytes_down", "active", "idle_since",
                  "up_done", "down_done", "ended")
 
-    def __init__(self, conn: ClientConnection, upstream: Upstream, now: float) -> None:
+    def __init__(self, conn: ClientConnection, upstream: Upstream, record: AccessRecord, now: float) -> None:
         self.conn = conn
+        self.record = record
         self.client: asyncio.Transport = conn.transport
         self.upstream = upstream
         self.up: asyncio.Transport = upstream.transport

@@ -69,7 +69,7 @@ class Upstream(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections by (egress plan key, address, port)."""
 
-    def __init__(self, max_per_key: int = 32, max_total: int = 4096) -> None:
+    def __init__(self, max_per_key: int = 256, max_total: int = 4096) -> None:
         self._idle: dict[tuple, list[Upstream]] = {}
         self._count = 0
         self.max_per_key = max_per_key
