@@ -31,7 +31,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 class Exchange:
     __slots__ = ("conn", "head", "record", "body", "body_bytes", "request_done", "upstream", "parser",
                  "framing", "client_keep", "upstream_keep", "state", "sent_at", "reused", "target",
-                 "runtime", "task", "response_started", "pool_key", "connect", "ended")
+                 "runtime", "task", "response_started", "pool_key", "connect", "ended", "out")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, record: AccessRecord) -> None:
         self.conn = conn
@@ -55,6 +55,7 @@ class Exchange:
         self.pool_key: tuple | None = None
         self.connect = head.method == "CONNECT"
         self.ended = False
+        self.out: list[bytes] = []  # response bytes produced by one upstream read, written at once
 
     # request side (from the client's parser, via the session) ---------------------------
     def request_body(self, data: bytes) -> None:
@@ -111,7 +112,19 @@ class Exchange:
         try:
             self.parser.feed(data)
         except GatewayError as err:
+            self.flush()
             self.fail(err)
+            return
+        if self.out:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the last upstream read produced in one system call (head and body
+        of a small response travel together)."""
+        out = self.out
+        if out:
+            self.out = []
+            self.conn.transport.writelines(out)
 
     def upstream_eof(self) -> bool:
         try:
@@ -133,10 +146,9 @@ class Exchange:
 
     # response sink (from the response parser) ------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
-        client = self.conn.transport
         if head.informational:
             if self.head.version == "1.1" and head.status != 101:
-                client.write(response_head_bytes(head, VIA, "none", True))
+                self.out.append(response_head_bytes(head, VIA, "none", True))
             return
         self.state = RESPONDING
         self.response_started = True
@@ -145,18 +157,19 @@ class Exchange:
                             and not self.conn.eof)
         self.upstream_keep = head.keep_alive
         self.record.status = head.status
-        client.write(response_head_bytes(head, VIA, self.framing, self.client_keep))
+        self.out.append(response_head_bytes(head, VIA, self.framing, self.client_keep))
 
     def on_response_body(self, data: bytes) -> None:
         if self.framing == "chunked":
-            self.conn.transport.writelines((b"%x\r\n" % len(data), data, _CRLF))
+            self.out += (b"%x\r\n" % len(data), data, _CRLF)
         else:
-            self.conn.transport.write(data)
+            self.out.append(data)
         self.record.bytes_down += len(data)
 
     def on_response_end(self) -> None:
         if self.framing == "chunked":
-            self.conn.transport.write(_LAST_CHUNK)
+            self.out.append(_LAST_CHUNK)
+        self.flush()
         self.state = DONE
         self.conn.exchange_done(self)
 
