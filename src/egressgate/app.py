@@ -65,10 +65,17 @@ def load_runtime(path: str | None) -> Runtime:
 
 
 class App:
-    """A running gateway: proxy listeners, admin listener, probe loop, signals."""
+    """A running gateway: proxy listeners, admin listener, probe loop, signals.
 
-    def __init__(self, path: str | None, runtime: Runtime) -> None:
+    With ``workers: N`` the first process (worker 0) also owns the admin listener and the
+    egress probe, and passes SIGHUP / SIGTERM / SIGUSR1 (and admin reloads) on to the others.
+    """
+
+    def __init__(self, path: str | None, runtime: Runtime, worker: int = 0,
+                 children: tuple[int, ...] = ()) -> None:
         self.path = path
+        self.worker = worker
+        self.children = children
         self.metrics = Metrics()
         cfg = runtime.config
         self.access_log = AccessLog(cfg.log.access, cfg.log.format)
@@ -95,8 +102,9 @@ class App:
         if self.admin_server is not None:
             host, port = self.admin_server.sockets[0].getsockname()[:2]
             admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._prober = self.loop.create_task(self._probe_loop())
-        log_event("started", listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
+        if self.worker == 0:
+            self._prober = self.loop.create_task(self._probe_loop())
+        log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
                   config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
 
     async def reload(self) -> None:
@@ -113,7 +121,15 @@ class App:
                 log_event("reload_failed", config=self.path or EMBEDDED, errors=[str(err)])
                 raise ConfigError([f"{self.path}:0: listen: {err}"]) from None
             self.metrics.reloads.labels("success").inc()
-            log_event("reloaded", config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+            self._tell_children(signal.SIGHUP)
+
+    def _tell_children(self, sig: int) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     async def _probe_loop(self) -> None:
         """Check every profile's egress IP now, then every ``probe.interval`` and after reloads."""
@@ -146,7 +162,11 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(self.shutdown()))
-        loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+
+    def _reopen_logs(self) -> None:
+        self.access_log.reopen()
+        self._tell_children(signal.SIGUSR1)
 
     async def _reload_quietly(self) -> None:
         try:
@@ -157,6 +177,7 @@ class App:
     async def shutdown(self) -> None:
         if self.gateway.draining:
             return
+        self._tell_children(signal.SIGTERM)
         drain = self.gateway.runtime.config.drain
         await self.gateway.drain(drain.grace, drain.timeout)
         await self.close()
@@ -171,19 +192,50 @@ class App:
         self.access_log.close()
 
 
-async def serve(path: str | None) -> int:
-    runtime = load_runtime(path)
-    app = App(path, runtime)
-    await app.start()
+async def serve(path: str | None, runtime: Runtime | None = None, worker: int = 0,
+                children: tuple[int, ...] = ()) -> int:
+    runtime = runtime or load_runtime(path)
+    app = App(path, runtime, worker, children)
+    await app.start(admin=worker == 0)
     app.install_signals()
     await app.stopped.wait()
-    log_event("stopped")
+    log_event("stopped", worker=worker)
     return 0
 
 
-def run(path: str | None) -> int:
+def _run_loop(coro) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
-        return asyncio.run(serve(path))
-    return uvloop.run(serve(path))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run(path: str | None) -> int:
+    """Validate the config, start ``workers`` processes sharing the listeners (SO_REUSEPORT),
+    and serve until SIGTERM has drained them all."""
+    runtime = load_runtime(path)
+    workers = runtime.config.workers
+    children: list[int] = []
+    for index in range(1, workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: dies with worker 0, answers to its signals
+            try:
+                import ctypes
+
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+            code = 1
+            try:
+                code = _run_loop(serve(path, load_runtime(path), index))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    code = _run_loop(serve(path, runtime, 0, tuple(children)))
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return code

@@ -152,3 +152,40 @@ def test_idle_tunnel_is_closed(start_gateway, echo):
     assert time.monotonic() - t0 < 4
     rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
     assert rec["reason"] == "idle_timeout"
+
+
+def test_bulk_tunnel_splice_half_close_and_no_fd_leak(start_gateway, echo):
+    """Bulk data switches the tunnel to splice; EOF still propagates and nothing leaks."""
+    import threading
+
+    gw = _gw(start_gateway, echo.port)
+    fds_before = gw.fd_count()
+    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    received = bytearray()
+
+    def reader():
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    t.join(30)
+    s.close()
+    assert bytes(received) == payload
+    rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
+    assert rec["bytes_up"] == len(payload) and rec["bytes_down"] == len(payload)
+    deadline = time.monotonic() + 5
+    while gw.fd_count() > fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.fd_count() <= fds_before
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    metrics = opener.open(gw.admin + "/metrics", timeout=5).read()
+    assert b"egressgate_tunnels_spliced_total 1.0" in metrics

@@ -74,6 +74,10 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
                 path = getattr(listener.tls, key)
                 if path and not os.path.isfile(path):
                     problems.append((("listen", i, "tls", key), f"file not found: {path}"))
+    if config.workers > 1:
+        for i, listener in enumerate(config.listen):
+            if listener.address.endswith(":0"):
+                problems.append((("listen", i, "address"), "workers > 1 share listeners: give a fixed port"))
     addresses = [listener.address for listener in config.listen]
     for i, address in enumerate(addresses):
         if addresses.index(address) != i:

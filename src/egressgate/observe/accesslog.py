@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from ..model import AccessRecord
 
+_PIPE_BUF = 4096
 FIELDS = ("ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
           "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason")
 
@@ -51,7 +52,7 @@ class AccessLog:
         self._clock = clock
         self._batch: list[str] = []
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._file = None
+        self._fd = -1
         self._reopen = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_scheduled = False
@@ -63,9 +64,9 @@ class AccessLog:
 
     def _open(self) -> None:
         if self._destination == "stdout":
-            self._file = sys.stdout
+            self._fd = sys.stdout.fileno()
         else:
-            self._file = open(self._destination, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._fd = os.open(self._destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, rec: AccessRecord) -> None:
         if not self.enabled:
@@ -102,26 +103,32 @@ class AccessLog:
         while True:
             chunk = self._queue.get()
             if chunk is None:
-                self._sync()
                 return
             if self._reopen.is_set():
                 self._reopen.clear()
-                if self._file is not None and self._file is not sys.stdout:
-                    self._file.close()
+                if self._destination != "stdout":
+                    os.close(self._fd)
                     self._open()
             if chunk:
-                try:
-                    self._file.write(chunk)
-                    if self._queue.empty():
-                        self._sync()
-                except (OSError, ValueError):
-                    pass
+                self._write(chunk.encode("utf-8", "replace"))
 
-    def _sync(self) -> None:
-        try:
-            self._file.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    def _write(self, data: bytes) -> None:
+        """Write whole lines, at most PIPE_BUF bytes a call, so that several worker processes
+        sharing one pipe or file never interleave parts of lines."""
+        view = memoryview(data)
+        while view:
+            piece = view[:_PIPE_BUF]
+            if len(view) > _PIPE_BUF:
+                cut = bytes(piece).rfind(b"\n") + 1
+                piece = view[:cut] if cut else piece
+            try:
+                written = os.write(self._fd, piece)
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # the log destination is gone; never take the gateway down for it
+            view = view[written:]
+
 
 
 def log_event(event: str, **fields: object) -> None:

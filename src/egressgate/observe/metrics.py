@@ -22,6 +22,8 @@ class Metrics:
         self.active_connections = Gauge(PREFIX + "active_connections", "Open client connections",
                                         ["listener"], registry=r)
         self.active_tunnels = Gauge(PREFIX + "active_tunnels", "Open CONNECT tunnels", ["listener"], registry=r)
+        self.spliced_tunnels = Counter(PREFIX + "tunnels_spliced_total",
+                                       "Tunnels switched to zero-copy splice for bulk transfer", registry=r)
         self.connect_seconds = Histogram(PREFIX + "connect_seconds", "Upstream TCP connect latency",
                                          ["profile"], buckets=_LATENCY_BUCKETS, registry=r)
         self.dns_seconds = Histogram(PREFIX + "dns_seconds", "DNS lookup latency (cache misses)",

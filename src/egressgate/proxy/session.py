@@ -36,7 +36,7 @@ from ..model import AccessRecord, HostPort
 from ..policy.clients import Identity, PendingCheck
 from ..policy.decide import choose_profile, decide
 from .forward import DONE, SENDING, Exchange
-from .tunnel import Tunnel
+from .tunnel import BULK, Tunnel
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class ClientConnection(asyncio.Protocol):
             t.up.write(data)
             t.bytes_up += len(data)
             t.active = True
+            if len(data) >= BULK and not t.copy_only:
+                t.go_bulk()
             return
         ex = self.early
         if ex is not None:

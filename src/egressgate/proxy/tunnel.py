@@ -4,6 +4,10 @@ Client bytes are written to the upstream transport straight from the client prot
 ``data_received`` (see ``session``); upstream bytes come here. One side's EOF shuts down the
 other side's write half (``write_eof``); the tunnel ends when both directions are done, when
 either side is lost, or when the sweeper finds it idle too long.
+
+A tunnel that carries bulk data (a single read of ``BULK`` bytes or more) switches to
+zero-copy ``splice`` (see ``splice``); idle and chatty tunnels stay in copy mode, which holds
+no extra descriptors.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from ..model import AccessRecord
+from . import splice
 from .upstream import Upstream
+
+BULK = 64 * 1024
 
 if TYPE_CHECKING:
     from .session import ClientConnection
@@ -20,7 +27,7 @@ if TYPE_CHECKING:
 
 class Tunnel:
     __slots__ = ("conn", "client", "upstream", "up", "record", "bytes_up", "bytes_down", "active", "idle_since",
-                 "up_done", "down_done", "ended")
+                 "up_done", "down_done", "ended", "pumps", "socks", "copy_only")
 
     def __init__(self, conn: ClientConnection, upstream: Upstream, record: AccessRecord, now: float) -> None:
         self.conn = conn
@@ -35,6 +42,9 @@ class Tunnel:
         self.up_done = False  # client -> upstream direction finished
         self.down_done = False  # upstream -> client direction finished
         self.ended = False
+        self.pumps: tuple[splice.Pump, splice.Pump] | None = None
+        self.socks: tuple = ()
+        self.copy_only = not splice.AVAILABLE or conn.listener.tls
         upstream.attach(self)
 
     # upstream events --------------------------------------------------------------------
@@ -42,6 +52,53 @@ class Tunnel:
         self.client.write(data)
         self.bytes_down += len(data)
         self.active = True
+        if len(data) >= BULK and not self.copy_only:
+            self.go_bulk()
+
+    def go_bulk(self) -> None:
+        """Switch both directions to splice, once both write buffers are empty."""
+        if self.pumps is not None or self.ended or self.up_done or self.down_done:
+            return
+        if self.client.get_write_buffer_size() or self.up.get_write_buffer_size():
+            return  # not yet: the next large read tries again
+        csock = splice.duplicate(self.client)
+        usock = splice.duplicate(self.up) if csock is not None else None
+        if usock is None:
+            if csock is not None:
+                csock.close()
+            self.copy_only = True
+            return
+        self.client.pause_reading()
+        self.up.pause_reading()
+        self.conn.paused |= 8  # never resumed: the pumps read from now on
+        loop = self.conn.gw.loop
+        self.socks = (csock, usock)
+        self.pumps = (splice.Pump(loop, csock, usock, self._count_up, self._up_eof, self._error),
+                      splice.Pump(loop, usock, csock, self._count_down, self._down_eof, self._error))
+        for pump in self.pumps:
+            pump.start()
+        self.conn.gw.metrics.spliced_tunnels.inc()
+
+    def _count_up(self, n: int) -> None:
+        self.bytes_up += n
+        self.active = True
+
+    def _count_down(self, n: int) -> None:
+        self.bytes_down += n
+        self.active = True
+
+    def _up_eof(self) -> None:
+        self.up_done = True
+        if self.down_done:
+            self.end("")
+
+    def _down_eof(self) -> None:
+        self.down_done = True
+        if self.up_done:
+            self.end("")
+
+    def _error(self, what: str) -> None:
+        self.end("reset")
 
     def upstream_eof(self) -> bool:
         self.down_done = True
@@ -85,6 +142,12 @@ class Tunnel:
         if self.ended:
             return
         self.ended = True
+        if self.pumps is not None:
+            for pump in self.pumps:
+                pump.close()
+            for sock in self.socks:
+                sock.close()
+            self.pumps = None
         self.upstream.detach()
         self.up.close()
         self.client.close()
