@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from .admin.server import AdminProtocol
+from .admin.server import AdminProtocol, readiness
 from .config import Config, load_config, load_config_text
 from .egress.localaddr import addresses_in
 from .egress.plan import build_pool
@@ -84,6 +84,8 @@ class App:
         self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
                                reuse_port=cfg.workers > 1)
         self.admin_server: asyncio.base_events.Server | None = None
+        gateway = self.gateway
+        self.metrics.ready.set_function(lambda: 0 if readiness(gateway) else 1)
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._prober: asyncio.Task | None = None
@@ -114,13 +116,16 @@ class App:
                 await self.gateway.apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
+                self.metrics.reload_ok.set(0)
                 log_event("reload_failed", config=self.path or EMBEDDED, errors=err.errors)
                 raise
             except OSError as err:  # e.g. a new listener address that cannot be bound
                 self.metrics.reloads.labels("failure").inc()
+                self.metrics.reload_ok.set(0)
                 log_event("reload_failed", config=self.path or EMBEDDED, errors=[str(err)])
                 raise ConfigError([f"{self.path}:0: listen: {err}"]) from None
             self.metrics.reloads.labels("success").inc()
+            self.metrics.reload_ok.set(1)
             log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
             self._tell_children(signal.SIGHUP)
 

@@ -50,11 +50,7 @@ class Observation:
 
 
 def member_label(plan: EgressPlan) -> str:
-    if plan.source:
-        return plan.source
-    if plan.upstream:
-        return str(plan.upstream)
-    return "direct"
+    return plan.label
 
 
 class _Collect:

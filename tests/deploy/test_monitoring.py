@@ -559,13 +559,9 @@ def test_every_exported_gateway_metric_is_monitored(scrape, promql):
             pytest.fail(f"{name} is exported but no alert or dashboard panel uses it")
 
 
-@pytest.mark.xfail(strict=True, reason="src/egressgate/admin/server.py sets egressgate_ready only inside GET /readyz, "
-                                       "so a scrape shows 0 until something polls /readyz (and a stale value after)")
 def test_ready_gauge_is_current_without_a_readyz_call(scrape):
     assert scrape.first.value("egressgate_ready") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="src/egressgate/proxy/server.py source_state(): "
-                                       "`plan.source or str(plan.upstream) or 'direct'` yields member=\"None\"")
 def test_direct_profile_member_label_is_direct(scrape):
     assert scrape.value("egressgate_egress_source_up", profile="default", member="direct") == 1

@@ -274,7 +274,7 @@ def test_script_ran(scene):
 def test_profiles_show_expected_and_observed_ip_with_a_mark(scene):
     rows = _profiles(scene.mismatch)
     assert {"default", "pinned", "moved"} <= set(rows), f"profile rows: {sorted(rows)}"
-    header = ["profile", "kind", "members", "expected IP", "observed IP", "check"]
+    header = ["profile", "kind", "members", "expected IP", "observed IP", "check", "requests", "bytes"]
     pinned = dict(zip(header, rows["pinned"], strict=True))
     moved = dict(zip(header, rows["moved"], strict=True))
     assert (pinned["expected IP"].text, pinned["observed IP"].text) == ("127.0.0.2", "127.0.0.2")

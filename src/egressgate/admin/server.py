@@ -51,12 +51,14 @@ def status(gw: Gateway) -> dict:
     for conn in gw.connections:
         per_client[conn.client_name or "-"] += 1
         tunnels += conn.tunnel is not None
+    traffic = gw.metrics.traffic_by_profile()
     profiles = {}
     for name, pool in rt.profiles.items():
         profiles[name] = {
             "kind": pool.kind,
-            "members": [m.source or (str(m.upstream) if m.upstream else "direct") for m in pool.members],
-            "down": [m.source or str(m.upstream) for m in pool.members if pool.is_down(m)],
+            "members": [m.label for m in pool.members],
+            "down": [m.label for m in pool.members if pool.is_down(m)],
+            "traffic": traffic.get(name, {"requests": 0, "bytes_up": 0, "bytes_down": 0}),
             "expect_ip": list(pool.expect_ip),
             "observed_ip": pool.observed_ip,
             "observed_at": pool.observed_at,
@@ -119,7 +121,6 @@ class AdminProtocol(asyncio.Protocol):
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
                 problems = readiness(gw)
-                gw.metrics.ready.set(0 if problems else 1)
                 body = json.dumps({"ready": not problems, "reasons": problems}).encode() + b"\n"
                 self._send(simple_response(503 if problems else 200, body))
             elif path == "/metrics":

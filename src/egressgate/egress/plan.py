@@ -22,6 +22,15 @@ class EgressPlan:
     upstream: UpstreamProxy | None = None
 
     @property
+    def label(self) -> str:
+        """How this member is named in metrics, status and probe output."""
+        if self.source:
+            return self.source
+        if self.upstream:
+            return str(self.upstream)
+        return "direct"
+
+    @property
     def key(self) -> tuple[str, str | None, str | None]:
         """What makes two plans interchangeable for reusing an idle upstream connection."""
         return (self.kind, self.source, str(self.upstream) if self.upstream else None)

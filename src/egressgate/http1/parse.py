@@ -21,13 +21,21 @@ import httptools
 
 from ..errors import ClientProtocolError, HeadTooLarge, UpstreamProtocolError
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
 
 class RequestHead:
+    """A parsed request head. ``connection`` holds the tokens of the Connection header(s);
+    ``proxy_authorization`` and ``profile`` the first Proxy-Authorization and
+    X-Egressgate-Profile values (captured while parsing, so the hot path never rescans)."""
+
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "content_length", "chunked",
-                 "head_bytes")
+                 "head_bytes", "connection", "proxy_authorization", "profile")
 
     def __init__(self, method: str, target: str, version: str, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool, content_length: int | None, chunked: bool, head_bytes: int) -> None:
+                 keep_alive: bool, content_length: int | None, chunked: bool, head_bytes: int,
+                 connection: frozenset[bytes] | None = None, proxy_authorization: bytes | None = None,
+                 profile: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -36,6 +44,10 @@ class RequestHead:
         self.content_length = content_length
         self.chunked = chunked
         self.head_bytes = head_bytes
+        self.connection = connection if connection is not None else _tokens(headers)
+        self.proxy_authorization = proxy_authorization if proxy_authorization is not None else \
+            self.header(b"proxy-authorization")
+        self.profile = profile if profile is not None else self.header(b"x-egressgate-profile")
 
     @property
     def has_body(self) -> bool:
@@ -51,10 +63,12 @@ class RequestHead:
 
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "keep_alive", "content_length", "chunked",
-                 "until_close", "informational")
+                 "until_close", "informational", "connection")
 
     def __init__(self, status: int, reason: bytes, version: str, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool, content_length: int | None, chunked: bool, until_close: bool) -> None:
+                 keep_alive: bool, content_length: int | None, chunked: bool, until_close: bool,
+                 connection: frozenset[bytes] | None = None) -> None:
+        self.connection = connection if connection is not None else _tokens(headers)
         self.status = status
         self.reason = reason
         self.version = version
@@ -64,6 +78,20 @@ class ResponseHead:
         self.chunked = chunked
         self.until_close = until_close
         self.informational = 100 <= status < 200
+
+
+def _tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens) if tokens else _NO_TOKENS
+
+
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _PROXY_AUTHORIZATION, _PROFILE = range(5)
+_SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
+            b"connection": _CONNECTION, b"proxy-authorization": _PROXY_AUTHORIZATION,
+            b"x-egressgate-profile": _PROFILE}
 
 
 class RequestSink(Protocol):
@@ -82,7 +110,7 @@ class _HeadCollector:
     """Shared llhttp callbacks for heads: URL and header accumulation with limits."""
 
     __slots__ = ("_parser", "_url", "_headers", "_size", "_max_bytes", "_max_headers", "_error",
-                 "_content_length", "_chunked", "_in_head")
+                 "_content_length", "_chunked", "_in_head", "_connection", "_proxy_auth", "_profile")
 
     def __init__(self, max_bytes: int, max_headers: int) -> None:
         self._max_bytes = max_bytes
@@ -97,6 +125,9 @@ class _HeadCollector:
         self._size = 0
         self._content_length: int | None = None
         self._chunked = False
+        self._connection: frozenset[bytes] = _NO_TOKENS
+        self._proxy_auth: bytes | None = None
+        self._profile: bytes | None = None
 
     # llhttp callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -116,11 +147,21 @@ class _HeadCollector:
             self._error = HeadTooLarge(f"header section over {self._max_bytes} bytes")
         elif len(self._headers) > self._max_headers:
             self._error = HeadTooLarge(f"more than {self._max_headers} header fields")
-        lname = name.lower()
-        if lname == b"content-length":
+        special = _SPECIAL.get(name.lower())
+        if special is None:
+            return
+        if special == _CONTENT_LENGTH:
             self._content_length = int(value) if value.strip().isdigit() else -1
-        elif lname == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
-            self._chunked = True
+        elif special == _TRANSFER_ENCODING:
+            if value.lower().rstrip().endswith(b"chunked"):
+                self._chunked = True
+        elif special == _CONNECTION:
+            self._connection = self._connection.union(t.strip().lower() for t in value.split(b","))
+        elif special == _PROXY_AUTHORIZATION:
+            if self._proxy_auth is None:
+                self._proxy_auth = value
+        elif self._profile is None:
+            self._profile = value
 
 
 class RequestParser(_HeadCollector):
@@ -204,7 +245,8 @@ class RequestParser(_HeadCollector):
             self._error = ClientProtocolError("invalid Content-Length")
             return
         head = RequestHead(method, self._url.decode("latin-1"), http.get_http_version(), self._headers,
-                           http.should_keep_alive(), self._content_length, self._chunked, self._size)
+                           http.should_keep_alive(), self._content_length, self._chunked, self._size,
+                           self._connection, self._proxy_auth or b"", self._profile or b"")
         self._head = head
         self._sink.on_request_head(head)
 
@@ -285,7 +327,7 @@ class ResponseParser(_HeadCollector):
         until_close = not bodiless and self._content_length is None and not self._chunked
         head = ResponseHead(status, self._reason, http.get_http_version(), self._headers,
                             http.should_keep_alive() and not until_close, self._content_length,
-                            self._chunked, until_close)
+                            self._chunked, until_close, self._connection)
         self._until_close = until_close
         self._sink.on_response_head(head)
         if self._no_body and not head.informational:

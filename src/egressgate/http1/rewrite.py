@@ -10,7 +10,7 @@ import httptools
 
 from ..errors import ClientProtocolError
 from ..model import HostPort
-from .parse import RequestHead, ResponseHead
+from .parse import RequestHead, ResponseHead, _tokens
 
 # Fields that describe one hop and never pass a proxy. Transfer-Encoding and Content-Length
 # are re-declared by the proxy itself from the parsed framing.
@@ -60,11 +60,8 @@ def parse_absolute_target(target: str) -> AbsoluteTarget:
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+    """The header names listed in Connection fields (lower case)."""
+    return _tokens(headers)
 
 
 def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
@@ -74,7 +71,7 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
     ``absolute`` keeps the absolute-form target, for a chained upstream proxy, which then
     also receives ``proxy_authorization``.
     """
-    named = connection_tokens(head.headers)
+    named = head.connection
     line_target = head.target.encode("latin-1") if absolute else target.origin_form
     out = [head.method.encode("ascii"), b" ", line_target, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
     vias = []
@@ -109,7 +106,7 @@ def response_framing(head: ResponseHead, client_version: str, request_method: st
 
 def response_head_bytes(head: ResponseHead, via: bytes, framing: str, keep_alive: bool) -> bytes:
     """The response head to send to the client; ``framing`` comes from ``response_framing``."""
-    named = connection_tokens(head.headers)
+    named = head.connection
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n"]
     vias = []

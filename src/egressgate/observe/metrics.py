@@ -5,20 +5,46 @@ reason strings from the code) — never destination host names."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
 
 PREFIX = "egressgate_"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _HotCounters:
+    """Per-request counters kept as plain integers and turned into metric families only when
+    scraped: no lock, no label lookup on the hot path (the event loop is single-threaded)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, int], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
+
+    def describe(self):
+        return self._families(empty=True)
+
+    def collect(self):
+        return self._families(empty=False)
+
+    def _families(self, empty: bool):
+        req = CounterMetricFamily(PREFIX + "requests", "Requests and tunnels handled, by outcome",
+                                  labels=["client", "profile", "method", "status"])
+        byt = CounterMetricFamily(PREFIX + "bytes", "Bytes relayed (up: client to destination)",
+                                  labels=["direction", "profile"])
+        if not empty:
+            for (client, profile, method, status), n in list(self.requests.items()):
+                req.add_metric([client, profile, method, str(status)], n)
+            for (direction, profile), n in list(self.bytes.items()):
+                byt.add_metric([direction, profile], n)
+        return [req, byt]
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
-        self.requests = Counter(PREFIX + "requests_total", "Requests and tunnels handled, by outcome",
-                                ["client", "profile", "method", "status"], registry=r)
-        self.bytes = Counter(PREFIX + "bytes_total", "Bytes relayed (up: client to destination)",
-                             ["direction", "profile"], registry=r)
+        self._hot = _HotCounters()
+        r.register(self._hot)
         self.active_connections = Gauge(PREFIX + "active_connections", "Open client connections",
                                         ["listener"], registry=r)
         self.active_tunnels = Gauge(PREFIX + "active_tunnels", "Open CONNECT tunnels", ["listener"], registry=r)
@@ -50,22 +76,36 @@ class Metrics:
                                       "1 if a profile's source address or upstream is usable",
                                       ["profile", "member"], registry=r)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
-        self._requests: dict[tuple[str, str, str, int], object] = {}
-        self._bytes: dict[tuple[str, str], object] = {}
+        self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
+                               "1 if the last reload attempt succeeded (or none was made)", registry=r)
+        self.reload_ok.set(1)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for reason in ("source_not_allowed", "max_connections"):
+            self.rejected_connections.labels(reason)
+
+    def traffic_by_profile(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (_, profile, _, _), n in list(self._hot.requests.items()):
+            entry = out.setdefault(profile, {"requests": 0, "bytes_up": 0, "bytes_down": 0})
+            entry["requests"] += n
+        for (direction, profile), n in list(self._hot.bytes.items()):
+            entry = out.setdefault(profile, {"requests": 0, "bytes_up": 0, "bytes_down": 0})
+            entry["bytes_" + direction] += n
+        return out
 
     def count_request(self, client: str, profile: str, method: str, status: int) -> None:
+        if method not in _METHODS:
+            method = "OTHER"
         key = (client, profile, method, status)
-        child = self._requests.get(key)
-        if child is None:
-            shown = method if method in _METHODS else "OTHER"
-            child = self._requests[key] = self.requests.labels(client, profile, shown, str(status))
-        child.inc()
+        requests = self._hot.requests
+        requests[key] = requests.get(key, 0) + 1
 
     def count_bytes(self, profile: str, up: int, down: int) -> None:
-        pair = self._bytes.get(profile)
-        if pair is None:
-            pair = self._bytes[profile] = (self.bytes.labels("up", profile), self.bytes.labels("down", profile))
+        table = self._hot.bytes
         if up:
-            pair[0].inc(up)
+            key = ("up", profile)
+            table[key] = table.get(key, 0) + up
         if down:
-            pair[1].inc(down)
+            key = ("down", profile)
+            table[key] = table.get(key, 0) + down

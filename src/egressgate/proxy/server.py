@@ -133,8 +133,7 @@ class Gateway:
         return up
 
     def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:
-        member = plan.source or str(plan.upstream) or "direct"
-        self.metrics.egress_source_up.labels(pool.name, member).set(1 if up else 0)
+        self.metrics.egress_source_up.labels(pool.name, plan.label).set(1 if up else 0)
 
     async def check_password(self, peer: str, pending: PendingCheck) -> bool:
         """Run a slow password check off the loop; addresses that keep failing wait longer."""

@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..http1.parse import RequestHead, RequestParser
 from ..http1.responses import CONNECT_OK, error_response, simple_response
-from ..http1.rewrite import PROFILE_HEADER, parse_absolute_target
+from ..http1.rewrite import parse_absolute_target
 from ..model import AccessRecord, HostPort
 from ..policy.clients import Identity, PendingCheck
 from ..policy.decide import choose_profile, decide
@@ -241,7 +241,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.connect:
             return False
         identity = self.identity
-        if identity is None or self.identity_key != (id(rt), ex.head.header(b"proxy-authorization")):
+        if identity is None or self.identity_key != (id(rt), ex.head.proxy_authorization):
             return False
         route = self._route(ex, rt, identity)
         if route is None:
@@ -252,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
         addresses = [dest.host] if dest.is_ip else self.gw.resolver.cached(dest.host)
         if addresses is None:
             return False
-        allowed = _guard(rt, dest, addresses, client)
+        allowed = _guard(rt, dest, addresses, client, ex.record)
         take = self.gw.pool.take
         for plan in pool.plans(client.name):
             up = take((plan.key, allowed[0], dest.port))
@@ -301,10 +301,8 @@ class ClientConnection(asyncio.Protocol):
             self._whoami(ex, rt, identity)
             return None
         requested = identity.requested_profile
-        if requested is None:
-            value = head.header(PROFILE_HEADER)
-            if value:
-                requested = value.decode("latin-1").strip()
+        if requested is None and head.profile:
+            requested = head.profile.decode("latin-1").strip()
         decision = decide(client, dest, ex.connect, requested, self.listener.default_profile(rt),
                           rt.connect_ports)
         rec.profile = decision.profile or "-"
@@ -321,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
         return rt.profiles[decision.profile], dest, client
 
     async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
-        auth = head.header(b"proxy-authorization")
+        auth = head.proxy_authorization
         key = (id(rt), auth)
         if self.identity is not None and self.identity_key == key:
             return self.identity
@@ -339,7 +337,7 @@ class ClientConnection(asyncio.Protocol):
     async def _direct(self, ex: Exchange, rt: Runtime, pool: ProfilePool, dest: HostPort, client) -> None:
         gw = self.gw
         addresses = [dest.host] if dest.is_ip else await gw.resolve(dest.host)
-        allowed = _guard(rt, dest, addresses, client)
+        allowed = _guard(rt, dest, addresses, client, ex.record)
         last: GatewayError | None = None
         for plan in pool.plans(client.name):
             if not ex.connect:
@@ -602,14 +600,14 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
 
-def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client) -> list[str]:
-    """The resolved addresses a client may reach; 403 when none is left."""
+def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client, rec: AccessRecord | None = None) -> list[str]:
+    """The resolved addresses a client may reach. The address guard is a safety check (403
+    ``destination_ip_prohibited``, never relaxed); the client's own IP deny rules are policy
+    (403 ``destination_denied``; in report mode logged and let through)."""
     allowed = []
     refused = ""
     for a in addresses:
         why = rt.guard.check(a)
-        if why is None and client.deny is not None and not client.deny.empty and client.deny.match_ip(a, dest.port):
-            why = "denied by rule"
         if why is None:
             allowed.append(a)
         elif not refused:
@@ -617,6 +615,18 @@ def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client) -> list[st
     if not allowed:
         where = dest.host if dest.is_ip else f"{dest.host} resolves to {refused.split(' ')[0]}"
         raise AddressProhibited(f"{where}: {refused.split(' is ', 1)[-1]} address")
+    deny = client.deny
+    if deny is not None and not deny.empty:
+        kept = [a for a in allowed if deny.match_ip(a, dest.port) is None]
+        if not kept:
+            rule = deny.match_ip(allowed[0], dest.port)
+            if not client.report_only:
+                raise PolicyDenied(f"destination_denied: {dest.host} resolves to {allowed[0]} ({rule})",
+                                   reason="destination_denied")
+            if rec is not None:
+                rec.extra = {"would_deny": "destination_denied"}
+        else:
+            allowed = kept
     return allowed
 
 
