@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
 import signal
 import time
@@ -56,12 +57,19 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         clients=compile_clients(config.clients, _secret), guard=AddressGuard(config.security.allow_private),
         profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
+        proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
+                        for listener in config.listen if listener.proxy_protocol},
     )
 
 
 def load_runtime(path: str | None) -> Runtime:
     config, digest = read_config(path)
     return build_runtime(config, digest, path or EMBEDDED)
+
+
+def make_resolver(cfg: Config) -> Resolver:
+    return Resolver(cfg.dns.cache_ttl, cfg.dns.negative_ttl, cfg.timeouts.dns,
+                    servers=[parse_socket_address(a) for a in cfg.dns.servers])
 
 
 class App:
@@ -80,7 +88,7 @@ class App:
         cfg = runtime.config
         self.access_log = AccessLog(cfg.log.access, cfg.log.format)
         self.loop = asyncio.get_running_loop()
-        resolver = Resolver(cfg.dns.cache_ttl, cfg.dns.negative_ttl, cfg.timeouts.dns)
+        resolver = make_resolver(cfg)
         self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
                                reuse_port=cfg.workers > 1)
         self.admin_server: asyncio.base_events.Server | None = None
@@ -113,7 +121,10 @@ class App:
         async with self._reload_lock:
             try:
                 runtime = await self.loop.run_in_executor(None, load_runtime, self.path)
+                old = self.gateway.runtime.config
                 await self.gateway.apply(runtime)
+                if (old.dns, old.timeouts.dns) != (runtime.config.dns, runtime.config.timeouts.dns):
+                    self.gateway.resolver = make_resolver(runtime.config)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
                 self.metrics.reload_ok.set(0)

@@ -1,4 +1,4 @@
-"""Command line: ``egressgate serve | check-config | hash-password | probe | demo``.
+"""Command line: ``egressgate serve | check-config | hash-password | probe | explain | demo``.
 
 Library code raises; only ``main`` turns errors into messages and exit codes.
 """
@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--echo-url", help="an IP-echo URL (plain text or JSON with an 'ip' field)")
     pr.add_argument("--timeout", type=float, default=10.0)
     sub.add_parser("demo", help="a self-contained demonstration on loopback")
+    ex = sub.add_parser("explain", help="the decision for a client and destination, without sending traffic")
+    ex.add_argument("--config", "-c")
+    ex.add_argument("--client", required=True, help="a client name from the config")
+    ex.add_argument("--from", dest="source", help="the client's source address, to check 'from'")
+    ex.add_argument("target", help="a URL (http:// forwards, https:// tunnels) or HOST:PORT (CONNECT)")
     return p
 
 
@@ -60,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from .probe import main as probe_main
 
             return probe_main(args.config, args.profile, args.echo_url, args.timeout)
+        if args.command == "explain":
+            from .explain import main as explain_main
+
+            return explain_main(args.config, args.client, args.target, args.source)
         if args.command == "demo":
             from .demo import main as demo_main
 

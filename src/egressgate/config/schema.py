@@ -140,7 +140,8 @@ class ClientConfig(_Model):
     allow: list[str] | None = None  # destination patterns; absent = any public destination
     deny: list[str] = []
     mode: Literal["enforce", "report"] = "enforce"
-    max_connections: int | None = Field(default=None, gt=0)
+    max_connections: int | None = Field(default=None, gt=0)  # concurrent connections (429 beyond)
+    max_new_per_second: float | None = Field(default=None, gt=0)  # new connections per second (429 beyond)
 
     @model_validator(mode="after")
     def _credentials(self) -> ClientConfig:
@@ -198,8 +199,9 @@ class ProbeConfig(_Model):
 
 
 class DnsConfig(_Model):
-    cache_ttl: Duration = 30.0
+    cache_ttl: Duration = 30.0  # the most an answer is kept (with servers: also no longer than its TTL)
     negative_ttl: Duration = 5.0
+    servers: list[SocketAddress] = []  # ask these name servers directly (IP:PORT) instead of the system resolver
 
 
 class Config(_Model):

@@ -1,7 +1,9 @@
 """Name resolution with a small positive/negative cache and in-flight de-duplication.
 
-``getaddrinfo`` runs in the loop's thread pool; the cache keeps that off the hot path.
-Answers are IP address strings, in the resolver's order, de-duplicated.
+By default the system resolver (``getaddrinfo`` in the loop's thread pool); with
+``dns.servers`` configured, those name servers are asked directly (dnspython, A and AAAA in
+parallel) and answers are cached no longer than their TTL. Answers are IP address strings,
+in the resolver's order, de-duplicated.
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from ..errors import DnsError, UpstreamTimeout
 
 class Resolver:
     def __init__(self, cache_ttl: float = 30.0, negative_ttl: float = 5.0, timeout: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, max_entries: int = 10000) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_entries: int = 10000,
+                 servers: list[tuple[str, int]] | None = None) -> None:
+        self.servers = servers or []
+        self._dns = None
+        if self.servers:
+            import dns.asyncresolver
+
+            r = dns.asyncresolver.Resolver(configure=False)
+            r.nameservers = [host for host, _ in self.servers]
+            r.nameserver_ports = {host: port for host, port in self.servers}
+            r.timeout = r.lifetime = timeout
+            r.cache = None
+            self._dns = r
         self.cache_ttl = cache_ttl
         self.negative_ttl = negative_ttl
         self.timeout = timeout
@@ -33,6 +47,8 @@ class Resolver:
         return None
 
     async def resolve(self, host: str) -> list[str]:
+        if host == "localhost" or host.endswith(".localhost"):
+            return ["127.0.0.1", "::1"]  # RFC 6761: never asked of a name server
         hit = self._cache.get(host)
         if hit is not None and hit[0] > self._clock():
             if isinstance(hit[1], Exception):
@@ -45,14 +61,17 @@ class Resolver:
         fut: asyncio.Future[list[str]] = loop.create_future()
         self._inflight[host] = fut
         try:
-            addrs = await self._lookup(loop, host)
+            if self._dns is not None:
+                addrs, ttl = await self._query(host)
+            else:
+                addrs, ttl = await self._lookup(loop, host), self.cache_ttl
         except (DnsError, UpstreamTimeout) as exc:
             self._store(host, exc, self.negative_ttl)
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters, if any, get it through shield
             raise
         else:
-            self._store(host, addrs, self.cache_ttl)
+            self._store(host, addrs, min(ttl, self.cache_ttl))
             fut.set_result(addrs)
             return addrs
         finally:
@@ -76,6 +95,34 @@ class Resolver:
         if not out:
             raise DnsError(f"{host} has no IPv4 or IPv6 address")
         return out
+
+    async def _query(self, host: str) -> tuple[list[str], float]:
+        import dns.exception
+        import dns.resolver
+
+        async def one(rdtype: str):
+            try:
+                return await self._dns.resolve(host, rdtype, search=False)
+            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+                return None
+
+        try:
+            answers = await asyncio.gather(one("A"), one("AAAA"))
+        except dns.exception.Timeout:
+            raise UpstreamTimeout(f"DNS lookup of {host} timed out", reason="dns_timeout",
+                                  proxy_status="dns_timeout") from None
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"cannot resolve {host}: {exc}") from None
+        out: list[str] = []
+        ttl = self.cache_ttl
+        for answer in answers:
+            if answer is None:
+                continue
+            ttl = min(ttl, answer.rrset.ttl)
+            out += [r.address for r in answer if r.address not in out]
+        if not out:
+            raise DnsError(f"cannot resolve {host}: no such name or no address")
+        return out, float(ttl)
 
     def _store(self, host: str, value: list[str] | Exception, ttl: float) -> None:
         if ttl <= 0:

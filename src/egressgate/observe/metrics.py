@@ -81,7 +81,7 @@ class Metrics:
         self.reload_ok.set(1)
         for result in ("success", "failure"):
             self.reloads.labels(result)
-        for reason in ("source_not_allowed", "max_connections"):
+        for reason in ("source_not_allowed", "max_connections", "untrusted_proxy", "proxy_protocol"):
             self.rejected_connections.labels(reason)
 
     def traffic_by_profile(self) -> dict[str, dict[str, int]]:

@@ -38,6 +38,7 @@ class ClientPolicy:
     deny: RuleSet | None = None
     report_only: bool = False
     max_connections: int | None = None
+    max_new_per_second: float | None = None
     allow_patterns: tuple[str, ...] | None = None
     deny_patterns: tuple[str, ...] = ()
 
@@ -165,5 +166,6 @@ def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str |
             password_plain=secret_of(spec), cert_subject=spec.cert_subject, profiles=tuple(spec.egress),
             allow=None if spec.allow is None else RuleSet(spec.allow), deny=RuleSet(spec.deny),
             report_only=spec.mode == "report", max_connections=spec.max_connections,
+            max_new_per_second=spec.max_new_per_second,
             allow_patterns=None if spec.allow is None else tuple(spec.allow), deny_patterns=tuple(spec.deny)))
     return ClientRegistry(out)

@@ -25,3 +25,4 @@ class Runtime:
     timeouts: TimeoutsConfig
     limits: LimitsConfig
     listeners: dict[str, ListenConfig]
+    proxy_protocol: dict[str, tuple]  # listener name -> trusted load-balancer networks, if PROXY is on

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..egress.dialer import Dialer, SourceUnavailable
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.resolver import Resolver
+from ..errors import LimitReached
 from ..model import parse_socket_address
 from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import Metrics
@@ -63,6 +64,8 @@ class Gateway:
         self._rejected_logged = 0.0
         self.on_reload: list[Callable[[Runtime, Runtime], None]] = []
         self.recent_denials: deque[dict] = deque(maxlen=50)
+        self.per_client: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,11 +155,36 @@ class Gateway:
             self._failures[peer] = (count + 1, since if count else now)
         return ok
 
-    def note_rejected(self, addr: str) -> None:
+    def note_rejected(self, addr: str, reason: str = "source_not_allowed") -> None:
         now = self.loop.time()
         if now - self._rejected_logged >= 10.0:  # at most one line per 10 s
             self._rejected_logged = now
-            log_event("connection_rejected", client_addr=addr, reason="source_not_allowed")
+            log_event("connection_rejected", client_addr=addr, reason=reason)
+
+    def admit_client(self, client) -> None:
+        """Count a connection against its client's limits, or refuse it (429)."""
+        name = client.name
+        n = self.per_client.get(name, 0)
+        if client.max_connections is not None and n >= client.max_connections:
+            raise LimitReached(f"client {name} is at its limit of {client.max_connections} concurrent connections")
+        rate = client.max_new_per_second
+        if rate is not None:
+            now = self.loop.time()
+            tokens, last = self._buckets.get(name, (rate, now))
+            tokens = min(rate, tokens + (now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[name] = (tokens, now)
+                raise LimitReached(f"client {name} is over {rate:g} new connections per second",
+                                   reason="rate_limited")
+            self._buckets[name] = (tokens - 1.0, now)
+        self.per_client[name] = n + 1
+
+    def release_client(self, name: str) -> None:
+        n = self.per_client.get(name, 0) - 1
+        if n > 0:
+            self.per_client[name] = n
+        else:
+            self.per_client.pop(name, None)
 
     def log_internal_error(self, exc: BaseException) -> None:
         log_event("internal_error", error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])

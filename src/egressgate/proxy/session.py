@@ -29,6 +29,7 @@ from ..errors import (
     Unavailable,
     UpstreamError,
 )
+from ..http1 import proxy_protocol
 from ..http1.parse import RequestHead, RequestParser
 from ..http1.responses import CONNECT_OK, error_response, simple_response
 from ..http1.rewrite import parse_absolute_target
@@ -52,7 +53,7 @@ _PAUSE_BUFFER, _PAUSE_UPSTREAM, _PAUSE_EARLY = 1, 2, 4
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("gw", "listener", "transport", "peer", "parser", "queue", "tunnel", "early", "held",
                  "paused", "since", "head_started", "served", "closed", "eof", "identity", "identity_key",
-                 "cert_subject", "client_name", "__weakref__")
+                 "cert_subject", "client_name", "counted", "pp_buf", "__weakref__")
 
     def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
         self.gw = gw
@@ -74,6 +75,8 @@ class ClientConnection(asyncio.Protocol):
         self.identity_key: tuple | None = None
         self.cert_subject: str | None = None
         self.client_name: str | None = None
+        self.counted: str | None = None  # the client this connection counts against (limits)
+        self.pp_buf: bytes | None = None  # collecting a PROXY protocol header
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,7 +88,17 @@ class ClientConnection(asyncio.Protocol):
             addr = addr[7:]
         self.peer = addr
         rt = gw.runtime
-        if not rt.clients.admits(addr):
+        trusted = rt.proxy_protocol.get(self.listener.name)
+        if trusted is not None:
+            # Behind a TCP load balancer: only it may connect, and it says who the client is.
+            if not _in_networks(addr, trusted):
+                gw.metrics.rejected_connections.labels("untrusted_proxy").inc()
+                gw.note_rejected(addr, "untrusted_proxy")
+                self.closed = True
+                transport.abort()
+                return
+            self.pp_buf = b""
+        elif not rt.clients.admits(addr):
             gw.metrics.rejected_connections.labels("source_not_allowed").inc()
             gw.note_rejected(addr)
             self.closed = True
@@ -114,6 +127,9 @@ class ClientConnection(asyncio.Protocol):
             if len(data) >= BULK and not t.copy_only:
                 t.go_bulk()
             return
+        if self.pp_buf is not None:
+            self._proxy_header(data)
+            return
         ex = self.early
         if ex is not None:
             ex.body.append(data)
@@ -133,6 +149,37 @@ class ClientConnection(asyncio.Protocol):
                 self.early.body_bytes += len(rest)
                 self.buffered(len(rest))
             self.parser = None  # a tunnel follows; no more HTTP on this connection
+
+    def _proxy_header(self, data: bytes) -> None:
+        gw = self.gw
+        buf = self.pp_buf + data
+        try:
+            found = proxy_protocol.parse(buf)
+        except GatewayError:
+            found = False
+        if found is None and len(buf) <= 600:
+            self.pp_buf = buf
+            return
+        if not found:
+            gw.metrics.rejected_connections.labels("proxy_protocol").inc()
+            self._abort()
+            return
+        consumed, addr = found
+        self.pp_buf = None
+        if addr is not None:
+            self.peer = addr[7:] if addr.startswith("::ffff:") and "." in addr else addr
+        if not gw.runtime.clients.admits(self.peer):
+            gw.metrics.rejected_connections.labels("source_not_allowed").inc()
+            gw.note_rejected(self.peer)
+            self._abort()
+            return
+        rest = buf[consumed:]
+        if rest:
+            self.data_received(rest)
+
+    def _abort(self) -> None:
+        self.closed = True
+        self.transport.abort()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -159,6 +206,9 @@ class ClientConnection(asyncio.Protocol):
         self._forget()
 
     def _forget(self) -> None:
+        if self.counted is not None:
+            self.gw.release_client(self.counted)
+            self.counted = None
         if self in self.gw.connections:
             self.gw.connections.discard(self)
             self.gw.metrics.active_connections.labels(self.listener.name).dec()
@@ -329,6 +379,11 @@ class ClientConnection(asyncio.Protocol):
             result = rt.clients.identify(self.peer, auth, self.cert_subject) if ok else None
             if not isinstance(result, Identity):
                 raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+        if self.counted != result.client.name:
+            self.gw.admit_client(result.client)  # raises LimitReached (429)
+            if self.counted is not None:
+                self.gw.release_client(self.counted)
+            self.counted = result.client.name
         self.identity = result
         self.identity_key = key
         self.client_name = result.client.name
@@ -698,6 +753,13 @@ def _describe(pool: ProfilePool) -> dict:
     if pool.kind == "upstream":
         return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members]}
     return {"kind": "direct"}
+
+
+def _in_networks(address: str, networks) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == n.version and ip in n for n in networks)
 
 
 def _subject_cn(cert: dict | None) -> str | None:

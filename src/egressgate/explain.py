@@ -1,0 +1,100 @@
+"""``egressgate explain``: what the gateway would decide for one client and destination, with
+the rule, the profile, the resolved addresses and how the address guard classifies each —
+without connecting to the destination. For reviewing a rule change before a reload."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from urllib.parse import urlsplit
+
+from .errors import GatewayError
+from .model import HostPort
+from .policy.decide import decide
+from .proxy.runtime import Runtime
+
+
+def parse_target(text: str) -> tuple[HostPort, bool, str]:
+    """(destination, is CONNECT, method shown) from a URL or HOST:PORT."""
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+        default = 443 if parts.scheme == "https" else 80
+        host = parts.hostname
+        authority = f"[{host}]:{parts.port or default}" if ":" in host else f"{host}:{parts.port or default}"
+        connect = parts.scheme == "https"
+        return HostPort.parse_authority(authority), connect, "CONNECT" if connect else "GET"
+    return HostPort.parse_authority(text), True, "CONNECT"
+
+
+def explain(rt: Runtime, client_name: str, target: str, source: str | None = None) -> tuple[bool, list[str]]:
+    client = rt.clients.by_name.get(client_name)
+    if client is None:
+        raise ValueError(f"no client named {client_name!r} (clients: {', '.join(rt.clients.by_name)})")
+    lines = [f"client:      {client.name}" + (" (report mode)" if client.report_only else "")]
+    ok = True
+    if source is not None:
+        ip = ipaddress.ip_address(source)
+        admitted = client.admits_address(ip)
+        first = next((c.name for c in rt.clients.candidates(source)), None)
+        lines.append(f"from:        {source}: " + ("admitted by this client's 'from'" if admitted else
+                                                   "NOT in this client's 'from' — the connection would be refused"))
+        if admitted and first != client.name:
+            lines.append(f"             note: client {first!r} comes first in the list and would match instead")
+        ok = ok and admitted
+    try:
+        dest, connect, method = parse_target(target)
+    except (GatewayError, ValueError) as exc:
+        detail = exc.detail if isinstance(exc, GatewayError) else str(exc)
+        return False, [*lines, f"target:      {target}: refused before policy (400): {detail}"]
+    lines.append(f"request:     {method} {dest}")
+    listener_default = rt.config.listen[0].egress if rt.config.listen else "default"
+    decision = decide(client, dest, connect, None, listener_default, rt.connect_ports)
+    verdict = "ALLOW" if decision.allow else "DENY"
+    if decision.report_only:
+        verdict = "ALLOW (report mode: would be denied)"
+    lines.append(f"decision:    {verdict}: {decision.reason}" + (f" (rule: {decision.rule})" if decision.rule else ""))
+    ok = ok and decision.allow
+    pool = rt.profiles.get(decision.profile)
+    if pool is not None:
+        members = ", ".join(m.label for m in pool.members)
+        lines.append(f"profile:     {pool.name} ({pool.kind}: {members})"
+                     + (f", expect_ip {', '.join(pool.expect_ip)}" if pool.expect_ip else ""))
+    if decision.allow and pool is not None and pool.kind == "upstream":
+        lines.append("addresses:   resolved by the upstream proxy")
+    elif decision.allow:
+        addresses = [dest.host] if dest.is_ip else None
+        if addresses is None:
+            from .app import make_resolver
+
+            try:
+                addresses = asyncio.run(make_resolver(rt.config).resolve(dest.host))
+            except GatewayError as exc:
+                lines.append(f"addresses:   {exc.detail} -> 502 {exc.proxy_status}")
+                return False, lines
+        usable = 0
+        for a in addresses:
+            why = rt.guard.check(a)
+            denied = client.deny.match_ip(a, dest.port) if client.deny is not None else None
+            label = f"refused: {why}" if why else (f"denied by rule {denied}" if denied else "allowed")
+            usable += why is None and not denied
+            lines.append(f"address:     {a}  {label}")
+        if not usable:
+            lines.append("result:      403 destination_ip_prohibited (no address may be used)")
+            ok = False
+    lines.append(f"result:      {'would be forwarded' if ok else 'would be refused'}")
+    return ok, lines
+
+
+def main(config: str | None, client: str, target: str, source: str | None) -> int:
+    from .app import load_runtime
+
+    rt = load_runtime(config)
+    try:
+        ok, lines = explain(rt, client, target, source)
+    except ValueError as exc:
+        print(f"egressgate: {exc}")
+        return 2
+    print("\n".join(lines))
+    return 0 if ok else 1
