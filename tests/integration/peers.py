@@ -211,6 +211,7 @@ class GatewayProcess:
         self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
         self.write_config(config)
         self.log: list[dict] = []
+        self.raw_stdout: list[str] = []
         self.events: list[dict] = []
         self.stderr_lines: list[str] = []
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -241,8 +242,12 @@ class GatewayProcess:
 
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
+            self.raw_stdout.append(line.decode(errors="replace"))
             with contextlib.suppress(ValueError):
                 self.log.append(json.loads(line))
+
+    def stdout_lines(self) -> list[str]:
+        return list(self.raw_stdout)
 
     def _read_stderr(self) -> None:
         for raw in self.proc.stderr:
