@@ -151,7 +151,7 @@ def test_pending_check_results_do_not_leak_across_registries(hashed: str) -> Non
 
 def _spec(**kw):
     base = dict(name="c", from_=None, username=None, password_hash=None, cert_subject=None, egress=[],
-                allow=None, deny=[], mode="enforce", max_connections=None)
+                allow=None, deny=[], mode="enforce", max_connections=None, max_new_per_second=None)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -159,7 +159,7 @@ def _spec(**kw):
 def test_compile_clients() -> None:
     specs = [
         _spec(name="a", from_=["10.0.0.0/8"], egress=["vendor-x"], allow=["*.x.example", "x.example:8443"],
-              deny=["bad.x.example"], mode="report", max_connections=5),
+              deny=["bad.x.example"], mode="report", max_connections=5, max_new_per_second=None),
         _spec(name="b", username="u", egress=[]),
     ]
     reg = compile_clients(specs, lambda spec: "plain" if spec.name == "b" else None)

@@ -39,6 +39,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.admin": 4,
     "egressgate.app": 5,
     "egressgate.probe": 5,
+    "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.cli": 6,
     "egressgate.__main__": 6,

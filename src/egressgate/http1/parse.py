@@ -284,6 +284,19 @@ class ResponseParser(_HeadCollector):
         return self._done
 
     @property
+    def reusable(self) -> bool:
+        """True when the last response ended cleanly at a message boundary, so the next
+        response on the same connection can be parsed by this parser (see ``rebind``)."""
+        return self._done and not self._no_body and not self._until_close and self._error is None
+
+    def rebind(self, sink: ResponseSink, request_method: str) -> None:
+        """Parse the next response on the same connection, for a new request."""
+        self._sink = sink
+        self._no_body = request_method == "HEAD"
+        self._until_close = False
+        self._done = False
+
+    @property
     def started(self) -> bool:
         return self._in_head or self._until_close or self._size > 0
 
@@ -317,7 +330,7 @@ class ResponseParser(_HeadCollector):
     def on_headers_complete(self) -> None:
         http = self._http
         self._in_head = False
-        if self._error is not None:
+        if self._error is not None or self._done:
             return
         status = http.get_status_code()
         if self._content_length is not None and self._content_length < 0:
@@ -338,14 +351,17 @@ class ResponseParser(_HeadCollector):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reason = b""
+        if self._done and self._error is None:
+            # Bytes after the end of the response we asked for: the connection is unusable.
+            self._error = UpstreamProtocolError("data after the end of the response")
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
         self._size += len(reason)
 
     def on_body(self, body: bytes) -> None:
-        if not self._done:
-            self._sink.on_response_body(body)
+        if not self._done and not 100 <= self._http.get_status_code() < 200:
+            self._sink.on_response_body(body)  # (a 1xx response's body, if any, is dropped)
 
     def on_message_complete(self) -> None:
         if self._done:

@@ -7,6 +7,8 @@ addresses is separate (``guard``); this looks only at what the client asked for.
 
 from __future__ import annotations
 
+import functools
+
 from ..model import Decision, HostPort
 from .clients import ClientPolicy
 from .guard import METADATA_NAMES
@@ -36,11 +38,16 @@ def decide(client: ClientPolicy, dest: HostPort, connect: bool, requested_profil
     # The client's own rules: report mode logs these and lets the request through.
     denial = _rule_denial(client, dest, allowed)
     if denial is None:
-        return Decision(True, "allowed", allowed[0] if allowed else "", profile)
+        return _allowed(allowed[0] if allowed else "", profile)
     reason, rule = denial
     if client.report_only:
         return Decision(True, reason, rule, profile, report_only=True)
     return Decision(False, reason, rule, profile)
+
+
+@functools.lru_cache(maxsize=4096)
+def _allowed(rule: str, profile: str) -> Decision:
+    return Decision(True, "allowed", rule, profile)  # immutable, so shared between requests
 
 
 def _rule_denial(client: ClientPolicy, dest: HostPort, allowed: tuple[str, bool] | None) -> tuple[str, str] | None:

@@ -90,7 +90,12 @@ class Exchange:
         self.upstream = upstream
         self.reused = reused
         upstream.attach(self)
-        self.parser = ResponseParser(self, self.head.method)
+        parser = upstream.parser
+        if parser is not None and parser.reusable:
+            parser.rebind(self, self.head.method)
+        else:
+            parser = upstream.parser = ResponseParser(self, self.head.method)
+        self.parser = parser
         self.record.upstream_addr = upstream.remote
         self.record.egress_addr = upstream.local
         upstream.transport.write(request_head_bytes(self.head, self.target, VIA,
@@ -113,6 +118,8 @@ class Exchange:
             self.parser.feed(data)
         except GatewayError as err:
             self.flush()
+            if self.state == DONE and self.upstream is not None:
+                self.upstream.transport.close()  # it sent more than the response: never reuse it
             self.fail(err)
             return
         if self.out:

@@ -13,7 +13,7 @@ from typing import Any
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data")
+    __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data", "parser")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -24,6 +24,7 @@ class Upstream(asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self._on_data: Callable[[bytes], None] | None = None
+        self.parser = None  # the response parser, reused across keep-alive responses
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
