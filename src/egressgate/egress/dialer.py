@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable
 
@@ -40,8 +41,16 @@ class Dialer:
                       ) -> tuple[asyncio.Transport, asyncio.Protocol, str]:
         """Returns (transport, protocol, remote address)."""
         last: Exception | None = None
+        task = asyncio.current_task()
+        fired: list[bool] = []
+
+        def expire() -> None:
+            fired.append(True)
+            task.cancel()
+
+        timer = self._loop.call_later(timeout, expire)  # cheaper than asyncio.timeout()
         try:
-            async with asyncio.timeout(timeout):
+            try:
                 for address in addresses:
                     if plan.source is not None and _family(plan.source) != _family(address):
                         last = UpstreamError(f"source {plan.source} cannot reach {address} (address family)",
@@ -54,7 +63,12 @@ class Dialer:
                         raise
                     except OSError as exc:
                         last = exc
-        except TimeoutError:
+            finally:
+                timer.cancel()
+        except asyncio.CancelledError:
+            if not fired or task.cancelling() > 1:
+                raise  # cancelled by someone else, not by our timer
+            task.uncancel()
             raise UpstreamTimeout(f"connect to {_show(addresses, port)} timed out after {timeout:g}s") from None
         if isinstance(last, UpstreamError):
             raise last
@@ -83,7 +97,19 @@ class Dialer:
                 sock.bind((source, 0))
             except OSError as exc:
                 raise SourceUnavailable(f"cannot use source address {source}: {exc.strerror}") from None
-            await loop.sock_connect(sock, (address, port))
+            err = sock.connect_ex((address, port))
+            if err == errno.EINPROGRESS:
+                # wait for writability ourselves: much cheaper than loop.sock_connect
+                fd = sock.fileno()
+                ready = loop.create_future()
+                loop.add_writer(fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return await loop.create_connection(factory, sock=sock)
         except BaseException:

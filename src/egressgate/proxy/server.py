@@ -37,6 +37,8 @@ from .upstream import Upstream, UpstreamPool
 class ListenerInfo:
     name: str  # the configured address, e.g. "127.0.0.1:3128"
     tls: bool
+    connections: object = None  # this listener's gauge children, looked up once
+    tunnels: object = None
 
     def default_profile(self, rt: Runtime) -> str:
         listener = rt.listeners.get(self.name)
@@ -106,7 +108,8 @@ class Gateway:
             if name in self._servers:
                 continue
             host, port = parse_socket_address(name)
-            info = ListenerInfo(name, spec.tls is not None)
+            info = ListenerInfo(name, spec.tls is not None, self.metrics.active_connections.labels(name),
+                                self.metrics.active_tunnels.labels(name))
             self._servers[name] = await self.loop.create_server(
                 lambda info=info: ClientConnection(self, info), host, port, ssl=ctx, backlog=4096,
                 reuse_port=self.reuse_port or None)
@@ -128,7 +131,7 @@ class Gateway:
             self.source_state(pool, plan, False)
             log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
             raise
-        self.metrics.connect_seconds.labels(pool.name).observe(self.loop.time() - t0)
+        self.metrics.connect_seconds.labels(pool.name).observe(self.loop.time() - t0)  # (cached child)
         if plan.source is not None and pool.is_down(plan):
             pool.mark_up(plan)
             self.source_state(pool, plan, True)

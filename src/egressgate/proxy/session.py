@@ -112,7 +112,7 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         gw.connections.add(self)
-        gw.metrics.active_connections.labels(self.listener.name).inc()
+        self.listener.connections.inc()
         self.parser = RequestParser(self, rt.limits.max_head_bytes, rt.limits.max_headers)
         self.since = gw.loop.time()
         if self.listener.tls:
@@ -211,7 +211,7 @@ class ClientConnection(asyncio.Protocol):
             self.counted = None
         if self in self.gw.connections:
             self.gw.connections.discard(self)
-            self.gw.metrics.active_connections.labels(self.listener.name).dec()
+            self.listener.connections.dec()
 
     def pause_writing(self) -> None:
         if self.tunnel is not None:
@@ -474,13 +474,13 @@ class ClientConnection(asyncio.Protocol):
             self.unbuffered(ex.body_bytes)
         ex.body = []
         ex.ended = True
-        gw.metrics.active_tunnels.labels(self.listener.name).inc()
+        self.listener.tunnels.inc()
         if self.eof:
             t.client_eof()
 
     def tunnel_ended(self, t: Tunnel, reason: str) -> None:
         self.closed = True
-        self.gw.metrics.active_tunnels.labels(self.listener.name).dec()
+        self.listener.tunnels.dec()
         rec = t.record
         rec.bytes_up = t.bytes_up
         rec.bytes_down = t.bytes_down
