@@ -7,7 +7,9 @@ import asyncio
 import hashlib
 import ipaddress
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,10 +82,11 @@ class App:
     """
 
     def __init__(self, path: str | None, runtime: Runtime, worker: int = 0,
-                 children: tuple[int, ...] = ()) -> None:
+                 children: tuple[int, ...] = (), sockdir: str | None = None) -> None:
         self.path = path
         self.worker = worker
         self.children = children
+        self.sockdir = sockdir  # private admin sockets of workers > 0 (metrics merging)
         self.metrics = Metrics()
         cfg = runtime.config
         self.access_log = AccessLog(cfg.log.access, cfg.log.format)
@@ -106,8 +109,14 @@ class App:
         if admin and admin_cfg.address:
             token = admin_cfg.token or (os.environ.get(admin_cfg.token_env) if admin_cfg.token_env else None)
             host, port = parse_socket_address(admin_cfg.address)
+            workers = tuple(f"{self.sockdir}/w{i}.sock" for i in range(1, len(self.children) + 1)) \
+                if self.sockdir else ()
             self.admin_server = await self.loop.create_server(
-                lambda: AdminProtocol(self.gateway, self.reload, token), host, port)
+                lambda: AdminProtocol(self.gateway, self.reload, token, workers), host, port)
+        elif self.worker and self.sockdir:
+            self.admin_server = await self.loop.create_unix_server(
+                lambda: AdminProtocol(self.gateway, None, None, metrics_only=True),
+                f"{self.sockdir}/w{self.worker}.sock")
         admin_bound = None
         if self.admin_server is not None:
             host, port = self.admin_server.sockets[0].getsockname()[:2]
@@ -209,9 +218,9 @@ class App:
 
 
 async def serve(path: str | None, runtime: Runtime | None = None, worker: int = 0,
-                children: tuple[int, ...] = ()) -> int:
+                children: tuple[int, ...] = (), sockdir: str | None = None) -> int:
     runtime = runtime or load_runtime(path)
-    app = App(path, runtime, worker, children)
+    app = App(path, runtime, worker, children, sockdir)
     await app.start(admin=worker == 0)
     app.install_signals()
     await app.stopped.wait()
@@ -233,6 +242,7 @@ def run(path: str | None) -> int:
     runtime = load_runtime(path)
     workers = runtime.config.workers
     children: list[int] = []
+    sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None
     for index in range(1, workers):
         pid = os.fork()
         if pid == 0:  # a worker: dies with worker 0, answers to its signals
@@ -244,14 +254,18 @@ def run(path: str | None) -> int:
                 pass
             code = 1
             try:
-                code = _run_loop(serve(path, load_runtime(path), index))
+                code = _run_loop(serve(path, load_runtime(path), index, (), sockdir))
             finally:
                 os._exit(code)
         children.append(pid)
-    code = _run_loop(serve(path, runtime, 0, tuple(children)))
-    for pid in children:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    try:
+        code = _run_loop(serve(path, runtime, 0, tuple(children), sockdir))
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    finally:
+        if sockdir:
+            shutil.rmtree(sockdir, ignore_errors=True)
     return code

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__
 from ..errors import ConfigError
 from ..http1.responses import simple_response
+from ..observe.merge import merge
 from ..proxy.server import Gateway
 
 Reloader = Callable[[], Awaitable[None]]
@@ -79,11 +80,31 @@ def status(gw: Gateway) -> dict:
     }
 
 
+async def worker_metrics(path: str, timeout: float = 2.0) -> str | None:
+    """Another worker's exposition, from its private admin socket (None if it does not answer)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+    except (OSError, TimeoutError):
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
+
+
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, gw: Gateway, reload: Reloader, token: str | None) -> None:
+    """``workers``: the private sockets of the other worker processes, whose metrics are
+    merged into this one's. ``metrics_only``: the private listener of a worker > 0."""
+
+    def __init__(self, gw: Gateway, reload: Reloader | None, token: str | None,
+                 workers: tuple[str, ...] = (), metrics_only: bool = False) -> None:
         self.gw = gw
         self.reload = reload
         self.token = token
+        self.workers = workers
+        self.metrics_only = metrics_only
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -117,14 +138,20 @@ class AdminProtocol(asyncio.Protocol):
     async def _handle(self, method: str, path: str) -> None:
         gw = self.gw
         try:
-            if path == "/healthz":
+            if self.metrics_only and path != "/metrics":
+                self._send(simple_response(404, b"not found\n", "text/plain"))
+            elif path == "/healthz":
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
                 problems = readiness(gw)
                 body = json.dumps({"ready": not problems, "reasons": problems}).encode() + b"\n"
                 self._send(simple_response(503 if problems else 200, body))
             elif path == "/metrics":
-                self._send(simple_response(200, generate_latest(gw.metrics.registry), CONTENT_TYPE_LATEST))
+                own = generate_latest(gw.metrics.registry)
+                if self.workers:
+                    others = await asyncio.gather(*(worker_metrics(w) for w in self.workers))
+                    own = merge([own.decode(), *(t for t in others if t is not None)]).encode()
+                self._send(simple_response(200, own, CONTENT_TYPE_LATEST))
             elif path == "/status":
                 self._send(simple_response(200, json.dumps(status(gw), indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):

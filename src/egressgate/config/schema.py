@@ -76,6 +76,19 @@ SocketAddress = Annotated[str, BeforeValidator(_socket_address)]
 BindEntry = Annotated[str, BeforeValidator(lambda v: _network(v) if "/" in str(v) else _address(v))]
 
 
+def _workers(value: object) -> int:
+    if value == "auto":
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError("workers is a number from 1 to 64, or 'auto' (one per CPU)")
+    return value
+
+
+Workers = Annotated[int, BeforeValidator(_workers)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -216,7 +229,7 @@ class Config(_Model):
     log: LogConfig = LogConfig()
     probe: ProbeConfig = ProbeConfig()
     dns: DnsConfig = DnsConfig()
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: Workers = 1  # processes sharing the listeners; "auto" = one per CPU
 
     @field_validator("egress", mode="after")
     @classmethod
