@@ -236,10 +236,23 @@ def _run_loop(coro) -> int:
     return uvloop.run(coro)
 
 
+def _raise_fd_limit() -> None:
+    """Each tunnel holds two descriptors: take the whole hard limit, not the soft default."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def run(path: str | None) -> int:
     """Validate the config, start ``workers`` processes sharing the listeners (SO_REUSEPORT),
     and serve until SIGTERM has drained them all."""
     runtime = load_runtime(path)
+    _raise_fd_limit()
     workers = runtime.config.workers
     children: list[int] = []
     sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -61,7 +60,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.parser: RequestParser | None = None
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # a list, not a deque: 56 bytes idle instead of 760
         self.tunnel: Tunnel | None = None
         self.early: Exchange | None = None  # a CONNECT waiting for its tunnel: bytes go to its buffer
         self.held = 0  # request bytes buffered, all exchanges
@@ -194,7 +193,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.end("client_closed" if exc is None else "client_reset")
         while self.queue:
-            ex = self.queue.popleft()
+            ex = self.queue.pop(0)
             if ex.task is not None and not ex.task.done():
                 ex.task.cancel()
             if ex.upstream is not None and ex.state != DONE:
@@ -515,7 +514,7 @@ class ClientConnection(asyncio.Protocol):
 
     def exchange_done(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
-            self.queue.popleft()
+            self.queue.pop(0)
         up = ex.upstream
         if up is not None:
             if ex.upstream_keep and ex.request_done and ex.pool_key is not None and ex.response_started:
@@ -531,7 +530,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.state = DONE
         if self.queue and self.queue[0] is ex:
-            self.queue.popleft()
+            self.queue.pop(0)
         rec = ex.record
         rec.reason = err.reason
         gw = self.gw
