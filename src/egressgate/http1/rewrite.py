@@ -74,17 +74,7 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
     named = head.connection
     line_target = head.target.encode("latin-1") if absolute else target.origin_form
     out = [head.method.encode("ascii"), b" ", line_target, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
-    vias = []
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname in _REMOVED_ON_REQUEST or lname in named:
-            continue
-        if lname == b"via":
-            vias.append(value)
-            continue
-        out += (name, b": ", value, b"\r\n")
-    vias.append(via)
-    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    _end_to_end(out, head.headers, _REMOVED_ON_REQUEST, named, via)
     if head.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -93,6 +83,22 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
         out += (b"Proxy-Authorization: ", proxy_authorization.encode("latin-1"), b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def _end_to_end(out: list[bytes], headers: list[tuple[bytes, bytes]], removed: frozenset[bytes],
+                named: frozenset[bytes], via: bytes) -> None:
+    """Append the end-to-end header fields, and one Via field with this hop added."""
+    vias = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in removed or lname in named:
+            continue
+        if lname == b"via":
+            vias.append(value)
+            continue
+        out += (name, b": ", value, b"\r\n")
+    vias.append(via)
+    out += (b"Via: ", b", ".join(vias), b"\r\n")
 
 
 def response_framing(head: ResponseHead, client_version: str, request_method: str) -> str:
@@ -109,17 +115,7 @@ def response_head_bytes(head: ResponseHead, via: bytes, framing: str, keep_alive
     named = head.connection
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n"]
-    vias = []
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named:
-            continue
-        if lname == b"via":
-            vias.append(value)
-            continue
-        out += (name, b": ", value, b"\r\n")
-    vias.append(via)
-    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    _end_to_end(out, head.headers, HOP_BY_HOP, named, via)
     if head.content_length is not None and framing in ("length", "none") and keeps_length(head):
         out += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
     elif framing == "chunked":
