@@ -152,13 +152,53 @@ def tinyproxy(tmp_path):
 
 
 def test_chain_through_tinyproxy(start_gateway, origin, tinyproxy):
+    # No allow_private: the configured upstream on loopback is reachable all the same (the
+    # guard is for destinations clients ask for), and the name is resolved by tinyproxy.
     gw = start_gateway(base_config(
         egress={"tp": {"upstream": [f"http://127.0.0.1:{tinyproxy}"]}},
         clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["tp"]}],
-        security={"connect_ports": [origin.port]}))
+        security={"connect_ports": [origin.port], "allow_private": []}))
     # tinyproxy binds its outgoing connections to 127.0.0.6
-    assert curl("-x", gw.url, origin.url("/ip")).stdout == b"127.0.0.6"
-    assert curl("-p", "-x", gw.url, origin.url("/ip")).stdout == b"127.0.0.6"
+    assert curl("-x", gw.url, origin.url("/ip", host="localhost")).stdout == b"127.0.0.6"
+    assert curl("-p", "-x", gw.url, origin.url("/ip", host="localhost")).stdout == b"127.0.0.6"
+    # an IP-literal destination is still judged by the guard
+    r = curl("-i", "-x", gw.url, origin.url("/ip"))
+    assert b" 403 " in r.stdout.split(b"\r\n")[0] and b"destination_ip_prohibited" in r.stdout
+
+
+def test_ipv6_source_and_destination(start_gateway):
+    try:
+        lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    port = lsock.getsockname()[1]
+    gw = start_gateway(base_config(egress={"v6": {"bind": ["::1"]}},
+                                   clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["v6"]}],
+                                   security={"connect_ports": [port]}))
+    s = socket.create_connection((gw.host, gw.port), timeout=5)
+    s.sendall(f"CONNECT [::1]:{port} HTTP/1.1\r\n\r\n".encode())
+    assert s.recv(100).startswith(b"HTTP/1.1 200")
+    conn, addr = lsock.accept()
+    assert addr[0] == "::1"
+    conn.close()
+    s.close()
+    lsock.close()
+    # an IPv6 source cannot reach an IPv4 destination: a clear 502, not a hang
+    r = raw_exchange(gw.address, b"GET http://127.0.0.1:9/ HTTP/1.1\r\n\r\n", read_until_close=False)
+    assert r.startswith(b"HTTP/1.1 502") and b"address family" in r
+
+
+def test_demo_runs():
+    r = subprocess.run([sys.executable, "-m", "egressgate", "demo"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    before = next(i for i, ln in enumerate(lines) if ln.startswith("1)"))
+    after = next(i for i, ln in enumerate(lines) if ln.startswith("2)"))
+    first = {ln.split()[0]: ln for ln in lines[before + 2:before + 4]}
+    second = {ln.split()[0]: ln for ln in lines[after + 2:after + 4]}
+    assert "127.0.0.3" in first["job-b"] and "403" in first["job-b"]
+    assert "127.0.0.2" in second["job-b"] and "200" in second["job-b"]
+    assert "ip-b: expected 127.0.0.2, observed 127.0.0.2, OK" in r.stdout
 
 
 def test_reload_moves_profile_while_old_tunnel_flows(start_gateway, origin, password_hash):

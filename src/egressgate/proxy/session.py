@@ -414,7 +414,12 @@ class ClientConnection(asyncio.Protocol):
         raise last or UpstreamError("no usable egress address in profile " + pool.name)
 
     async def _via_upstream_proxy(self, ex: Exchange, pool: ProfilePool, dest: HostPort, client: str) -> None:
+        """Through a chained proxy, which resolves the name itself (its DNS view may differ from
+        ours): the address guard applies to IP-literal destinations here; names are judged by
+        the policy (metadata names included) and by the chained proxy."""
         gw = self.gw
+        if dest.is_ip and (why := ex.runtime.guard.check(dest.host)) is not None:
+            raise AddressProhibited(f"{dest.host}: {why.replace('_', ' ')} address")
         last: GatewayError | None = None
         for plan in pool.plans(client):
             proxy = plan.upstream
