@@ -122,3 +122,19 @@ def test_admin_endpoints(start_gateway):
     assert status == 200 and doc["profiles"]["default"]["kind"] == "direct"
     assert _admin(gw, "/nope")[0] == 404
     assert _admin(gw, "/-/reload")[0] == 405
+
+
+def test_reload_endpoint_requires_the_bearer_token(start_gateway):
+    gw = start_gateway(base_config(admin={"token_env": "EG_ADMIN_TOKEN"}), env={"EG_ADMIN_TOKEN": "t0ken"})
+    assert _admin(gw, "/-/reload", "POST")[0] == 401
+    req = urllib.request.Request(gw.admin + "/-/reload", method="POST", headers={"Authorization": "Bearer wrong"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(req, timeout=5)
+        raise AssertionError("a wrong token was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+    req = urllib.request.Request(gw.admin + "/-/reload", method="POST", headers={"Authorization": "Bearer t0ken"})
+    with opener.open(req, timeout=5) as r:
+        assert r.status == 200
+    assert _admin(gw, "/metrics")[0] == 200  # reads stay open
