@@ -11,7 +11,7 @@ CONFIG  ?=
 PYTEST_ARGS ?=
 APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux
 
-.PHONY: run test test-unit lint bench bench-quick demo check-config clean deb-packages
+.PHONY: run test test-unit lint fuzz bench bench-quick demo check-config clean deb-packages
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -54,7 +54,14 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
+
+# Coverage-guided fuzzing of the request-head parser (atheris); FUZZ_SECONDS bounds the run.
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP)
+	$(BIN)/pip install -q -e '.[fuzz]'
+	mkdir -p fuzz/corpus
+	$(BIN)/python fuzz/fuzz_request_head.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -232,6 +232,21 @@ def _two_lengths(p: Peer) -> None:
     p.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
 
 
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nX-Smuggled: 1\r\n\r\nsmuggled!"
+
+
+def _two_responses(p: Peer) -> None:
+    """Answers one request with two responses in one packet: the second was never asked for."""
+    p.read_head()
+    p.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfirst\n" + SMUGGLED)
+
+
+def _interim_with_body(p: Peer) -> None:
+    """A non-standard 1xx status that claims a body, then the real response."""
+    p.read_head()
+    p.send(b"HTTP/1.1 190 Odd\r\nContent-Length: 9\r\n\r\ninjected!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nreal\n")
+
+
 def _stream(p: Peer) -> None:
     """An endless download (announced as 200 MiB), 64 KiB at a time, until the gateway hangs up."""
     p.read_head()
@@ -275,6 +290,8 @@ ROUTES: dict[str, Behaviour] = {
     "/trickle-body": _trickle_body,
     "/bad-status": _bad_status,
     "/two-lengths": _two_lengths,
+    "/two-responses": _two_responses,
+    "/interim-with-body": _interim_with_body,
     "/stream": _stream,
     "/sink": _sink,
     "/ok": _ok,

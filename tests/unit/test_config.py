@@ -375,7 +375,7 @@ def test_all_errors_of_one_pass_are_collected() -> None:
           connect_ports: [443, 70000]
     """)
     assert sorted(errors) == sorted([
-        f"{FILE}:1: workers: Input should be greater than or equal to 1",
+        f"{FILE}:1: workers: workers is a number from 1 to 64, or 'auto' (one per CPU)",
         f"{FILE}:3: log.format: Input should be 'json' or 'squid'",
         f"{FILE}:5: security.connect_ports[1]: Input should be less than 65536",
     ])
@@ -388,7 +388,7 @@ def test_duplicate_keys_and_schema_errors_reported_together() -> None:
     """)
     assert len(errors) == 2
     assert errors[0] == f"{FILE}:2: workers: duplicate key"
-    assert errors[1].endswith(": workers: Input should be greater than or equal to 1")
+    assert errors[1].endswith(": workers: workers is a number from 1 to 64, or 'auto' (one per CPU)")
 
 
 def test_schema_error_on_duplicated_key_points_at_the_value_used() -> None:
@@ -396,7 +396,7 @@ def test_schema_error_on_duplicated_key_points_at_the_value_used() -> None:
         workers: 2
         workers: 0
     """)
-    assert f"{FILE}:2: workers: Input should be greater than or equal to 1" in errors
+    assert f"{FILE}:2: workers: workers is a number from 1 to 64, or 'auto' (one per CPU)" in errors
 
 
 def test_every_error_has_the_file_line_key_shape() -> None:

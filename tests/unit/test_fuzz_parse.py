@@ -15,11 +15,12 @@ A longer, coverage-guided run of the same checks is ``fuzz/fuzz_request_head.py`
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from egressgate.errors import GatewayError
+from egressgate.errors import ClientProtocolError, GatewayError
 from egressgate.http1.parse import RequestParser, ResponseParser
 
 from .test_http1_parse import Recorder, coalesce
@@ -44,7 +45,11 @@ def run_requests(chunks: list[bytes], **limits) -> tuple[list[tuple], str | None
         try:
             rest = parser.feed(chunk)
         except GatewayError as err:
-            return coalesce(rec.events), type(err).__name__, None
+            # Every refusal of a request is the client's fault. Which one (400 or 431) may
+            # depend on the split when a head is both malformed and over a limit: httptools
+            # reports a header only once the next one begins, so compare the family only.
+            assert isinstance(err, ClientProtocolError), err
+            return coalesce(rec.events), "ClientProtocolError", None
         if rest is not None:
             return coalesce(rec.events), None, rest + b"".join(chunks[i + 1:])
     return coalesce(rec.events), None, None
@@ -97,6 +102,19 @@ def check_response_grammar(events: list[tuple]) -> None:
         else:
             assert final, events
             ended = True
+
+
+def is_prefix(events: list[tuple], expected: list[tuple]) -> bool:
+    """``events`` is what ``expected`` reports so far (the last body possibly in part)."""
+    if len(events) > len(expected):
+        return False
+    if not events:
+        return True
+    *done, last = events
+    ref = expected[len(events) - 1]
+    if done != expected[:len(done)]:
+        return False
+    return last == ref or (last[0] == ref[0] == "body" and ref[1].startswith(last[1]))
 
 
 def heads(events: list[tuple]) -> int:
@@ -269,7 +287,7 @@ def response(draw, method: str) -> tuple[bytes, list[tuple]]:
     wire += b"\r\n" + wire_body
     # keep-alive: llhttp is not told the request was HEAD, so a HEAD response with no framing
     # headers counts as close-delimited there (the conservative side: the connection is not reused)
-    keep = not until_close and not (method == "HEAD" and framing == "close")
+    keep = not until_close and not (method == "HEAD" and framing == "close" and status not in (204, 304))
     events.append(("head", status, b"Fine", "1.1", keep, length, chunked, until_close, tuple(headers)))
     if body:
         events.append(("body", body))
@@ -307,6 +325,30 @@ def test_response_parser_mutated(data, method, cuts, eof):
     check_response_grammar(whole[0])
 
 
+
+
+def test_response_parser_reports_nothing_after_the_end_in_one_feed():
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    second = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nX-Smuggled: 1\r\n\r\nsmuggled!"
+    # fed apart, the second response is refused at once ...
+    events, error = run_response([first, second], eof=False)
+    assert error == "UpstreamProtocolError"
+    assert heads(events) == 1
+    # ... and fed together, it must not come out as a response either (an error or silence)
+    events, error = run_response([first + second], eof=False)
+    assert heads(events) == 1, events
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 2\r\n\r\nhi", b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"])
+@pytest.mark.parametrize("status", [104, 190, 199])
+def test_interim_response_body_is_never_reported(status, framing):
+    # found by fuzz/fuzz_request_head.py (fixed in ad6e07a); 100, 102 and 103 with a body are refused
+    wire = b"HTTP/1.1 %d Odd\r\n%s" % (status, framing) + b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz"
+    for chunks in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
+        events, error = run_response(chunks, eof=False)
+        check_response_grammar(events)
+
+
 @FAST
 @given(data=st.data(), method=METHOD, cuts=cuts)
 def test_response_parser_one_response_per_parser(data, method, cuts):
@@ -314,12 +356,14 @@ def test_response_parser_one_response_per_parser(data, method, cuts):
     # same packet or the next: whatever follows the end is never reported as a response
     wire, expected = data.draw(response(method))
     extra, _ = data.draw(response(method))
-    assume(any(e[0] == "end" for e in expected) and not expected[-2 if len(expected) > 1 else -1][7])
+    final = [e for e in expected if e[0] == "head"][-1]
+    assume(not final[7])  # a close-delimited body takes everything that follows
     whole = run_response([wire + extra], method, eof=False)
     pieces = run_response(split(wire + extra, cuts), method, eof=False)
     check_response_grammar(whole[0])
     check_response_grammar(pieces[0])
-    assert heads([e for e in whole[0] if not 100 <= e[1] < 200] if whole[0] else []) <= 1
+    assert whole[0] == expected, "the first response is reported exactly, and nothing after it"
+    assert pieces == whole
 
 
 # ---------------------------------------------------------------------------- stateful
@@ -353,13 +397,17 @@ class RequestStream(RuleBasedStateMachine):
     def feed_empty(self):
         assert self.parser.feed(b"") is None
 
+    @rule()
+    def wait(self):
+        pass  # always possible: the stream may be over
+
     @invariant()
     def consistent(self):
         if not hasattr(self, "rec"):
             return
         events = coalesce(self.rec.events)
         check_request_grammar(events, self.tunnel)
-        assert events == coalesce(self.expected)[:len(events)]
+        assert is_prefix(events, coalesce(self.expected)), (events, self.expected)
         if self.pos == len(self.wire) or self.stopped:
             assert events == coalesce(self.expected)
             assert (self.tunnel or b"") == b""  # well-formed CONNECT has nothing after its head

@@ -310,8 +310,8 @@ class ResponseParser(_HeadCollector):
         except httptools.HttpParserError as exc:
             if self._error is not None:
                 raise self._error from None
-            if self._done and self._no_body:
-                return
+            if self._done:  # e.g. after a response to HEAD: whatever follows retires the connection
+                raise UpstreamProtocolError("data after the end of the response") from None
             raise UpstreamProtocolError(f"malformed response from the origin: {exc}") from None
         if self._error is not None:
             raise self._error
@@ -333,6 +333,9 @@ class ResponseParser(_HeadCollector):
         if self._error is not None or self._done:
             return
         status = http.get_status_code()
+        if not 100 <= status <= 599:
+            self._error = UpstreamProtocolError(f"invalid status code {status} from the origin")
+            return
         if self._content_length is not None and self._content_length < 0:
             self._error = UpstreamProtocolError("invalid Content-Length from the origin")
             return
@@ -360,7 +363,11 @@ class ResponseParser(_HeadCollector):
         self._size += len(reason)
 
     def on_body(self, body: bytes) -> None:
-        if not self._done and not 100 <= self._http.get_status_code() < 200:
+        if self._done:
+            if self._error is None:  # a body after a response to HEAD: never reuse this connection
+                self._error = UpstreamProtocolError("data after the end of the response")
+            return
+        if not 100 <= self._http.get_status_code() < 200:
             self._sink.on_response_body(body)  # (a 1xx response's body, if any, is dropped)
 
     def on_message_complete(self) -> None:

@@ -189,6 +189,11 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed and not self.queue and self.head_started is not None and self.tunnel is None:
+            # The client hung up part-way through a request head: still one record.
+            rec = AccessRecord(self.peer, self.listener.name, time.time() - (self.gw.loop.time() - self.head_started),
+                               reason="client_closed" if exc is None else "client_reset")
+            self._log_record(rec, 499)
         self.closed = True
         if self.tunnel is not None:
             self.tunnel.end("client_closed" if exc is None else "client_reset")
