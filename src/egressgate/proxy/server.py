@@ -63,6 +63,7 @@ class Gateway:
         self._tls: dict[str, ssl.SSLContext] = {}
         self._sweeper: asyncio.Task | None = None
         self._failures: dict[str, tuple[int, float]] = {}
+        self._checks: dict[bytes, asyncio.Future[bool]] = {}
         self._rejected_logged = 0.0
         self.on_reload: list[Callable[[Runtime, Runtime], None]] = []
         self.recent_denials: deque[dict] = deque(maxlen=50)
@@ -149,7 +150,13 @@ class Gateway:
             count = 0
         if count >= 5:
             await asyncio.sleep(min(0.2 * (count - 4), 3.0))
-        ok = await self.loop.run_in_executor(None, pending.run)
+        # Many connections presenting the same new credentials at once (a job's worker pool
+        # starting) share one check instead of each running scrypt.
+        running = self._checks.get(pending.key)
+        if running is None:
+            running = self._checks[pending.key] = self.loop.run_in_executor(None, pending.run)
+            running.add_done_callback(lambda _f, key=pending.key: self._checks.pop(key, None))
+        ok = await asyncio.shield(running)
         if ok:
             self._failures.pop(peer, None)
         else:
