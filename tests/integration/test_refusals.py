@@ -86,7 +86,8 @@ def test_smuggling_attempt_closes_connection(gw, origin):
 def test_guard_applies_after_dns(start_gateway):
     # No allow_private: 'localhost' resolves to loopback, which is refused after resolution.
     gw = start_gateway(base_config(security={"allow_private": [], "connect_ports": [443]}))
-    resp = raw_exchange(gw.address, b"GET http://localhost:1/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    resp = raw_exchange(gw.address, b"GET http://localhost:1/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                        read_until_close=False)
     _assert_refusal(resp, 403, "destination_ip_prohibited")
     assert b"localhost resolves to 127.0.0.1" in resp
 
