@@ -6,19 +6,27 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH    := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.run-$(HASH)
+STAMP   := $(VENV)/.test-$(HASH)
 CONFIG  ?=
 PYTEST_ARGS ?=
 APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux
 
 .PHONY: run test test-unit lint fuzz bench bench-quick demo check-config clean deb-packages
 
-$(STAMP): pyproject.toml
+# `make run` needs only the gateway's own dependencies; `make test` adds the test tools.
+$(RUN_STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	@$(PY) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PY) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@rm -f $(VENV)/.run-*
+	@touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
-	@rm -f $(VENV)/.installed-*
+	@rm -f $(VENV)/.test-*
 	@touch $(STAMP)
 
 # checkov (IaC security checks on deploy/) lives in its own venv: it conflicts with python-hcl2.
@@ -28,13 +36,13 @@ $(CHECKOV):
 	$(VENV)/checkov-venv/bin/pip install -q --upgrade pip
 	$(VENV)/checkov-venv/bin/pip install -q checkov
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/egressgate serve $(if $(CONFIG),--config $(CONFIG))
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/egressgate demo
 
-check-config: $(STAMP)
+check-config: $(RUN_STAMP)
 	$(BIN)/egressgate check-config $(CONFIG)
 
 deb-packages:
