@@ -129,3 +129,17 @@ def test_squid_log_format(start_gateway, origin):
     fields = line.split()
     assert re.fullmatch(r"\d+\.\d{3}", fields[0]) and fields[2] == "127.0.0.1"
     assert fields[3] == "TCP_MISS/200" and fields[5] == "GET" and fields[6] == origin.url("/sq")
+
+
+def test_status_counts_live_connections_per_client_and_profile(start_gateway, echo):
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}))
+    s = socket.create_connection((gw.host, gw.port), timeout=5)
+    s.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n".encode())
+    assert s.recv(100).startswith(b"HTTP/1.1 200")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    doc = json.loads(opener.open(gw.admin + "/status", timeout=5).read())
+    s.close()
+    assert doc["connections"]["tunnels"] == 1
+    assert doc["connections"]["by_client"] == {"local": 1}
+    assert doc["connections"]["by_profile"] == {"default": 1}
+    assert doc["profiles"]["default"]["kind"] == "direct"

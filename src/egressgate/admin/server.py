@@ -48,10 +48,15 @@ def readiness(gw: Gateway) -> list[str]:
 def status(gw: Gateway) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
+    per_profile: Counter[str] = Counter()
     tunnels = 0
     for conn in gw.connections:
         per_client[conn.client_name or "-"] += 1
-        tunnels += conn.tunnel is not None
+        if conn.tunnel is not None:
+            tunnels += 1
+            per_profile[conn.tunnel.record.profile] += 1
+        elif conn.queue:
+            per_profile[conn.queue[0].record.profile] += 1
     traffic = gw.metrics.traffic_by_profile()
     profiles = {}
     for name, pool in rt.profiles.items():
@@ -75,7 +80,8 @@ def status(gw: Gateway) -> dict:
         "config": {"source": rt.source, "hash": rt.config_hash, "loaded_at": rt.loaded_at},
         "listeners": gw.listening,
         "profiles": profiles,
-        "connections": {"total": len(gw.connections), "tunnels": tunnels, "by_client": dict(per_client)},
+        "connections": {"total": len(gw.connections), "tunnels": tunnels, "by_client": dict(per_client),
+                        "by_profile": dict(per_profile)},
         "recent_denials": list(gw.recent_denials)[::-1],
     }
 
