@@ -513,7 +513,9 @@ class ClientConnection(asyncio.Protocol):
         ex.record.status = 200
         ex.record.profile = name or "-"
         keep = ex.head.keep_alive and not self.gw.draining
-        self.transport.write(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n", keep_alive=keep))
+        response = simple_response(200, json.dumps(doc, indent=1).encode() + b"\n", keep_alive=keep)
+        ex.record.bytes_down = len(response)
+        self.transport.write(response)
         ex.state = DONE
         ex.client_keep = keep
         self.exchange_done(ex)
