@@ -309,3 +309,33 @@ def test_explain(tmp_path, password_hash, dns_server, origin2):
     r = subprocess.run([*cmd, "--from", "10.9.9.9", "https://a.example.com/"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 1 and "NOT in this client's 'from'" in r.stdout
+
+
+def test_tls_certificate_reloads_with_the_config(start_gateway, ca, tmp_path):
+    def write(cn: str) -> None:
+        cert = ca.issue_cert("localhost", "127.0.0.1", common_name=cn)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "proxy.pem"))
+
+    def served_cn() -> str:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with socket.create_connection((gw.host, gw.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            subject = dict(item[0] for item in s.getpeercert()["subject"])
+            return subject["commonName"]
+
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    write("first")
+    cfg = base_config(listen=[{"address": "127.0.0.1:0",
+                               "tls": {"cert": str(tmp_path / "proxy.pem"), "key": str(tmp_path / "proxy.pem")}}])
+    gw = start_gateway(cfg)
+    assert served_cn() == "first"
+    write("second")  # the operator rotates the certificate ...
+    cfg["listen"] = [{"address": gw.address, "tls": cfg["listen"][0]["tls"]}]
+    cfg["admin"] = {"address": gw.admin.removeprefix("http://")}
+    gw.write_config(cfg)
+    n = len(gw.events)
+    import signal
+
+    gw.signal(signal.SIGHUP)  # ... and reloads: new handshakes present the new certificate
+    gw.wait_event("reloaded", after=n)
+    assert served_cn() == "second"
