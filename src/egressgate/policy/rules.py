@@ -3,11 +3,14 @@ CIDRs in a list, each with an optional port. Matching costs O(labels), not O(rul
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
 from ..model import DestPattern
 from .guard import embedded_ipv4
+
+_parse_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)  # destinations repeat
 
 
 class RuleSet:
@@ -74,7 +77,7 @@ class RuleSet:
     def _match_ip(self, address: str, port: int) -> tuple[str, bool] | None:
         if not self._nets:
             return None
-        ip = ipaddress.ip_address(address)
+        ip = _parse_ip(address)
         inner = embedded_ipv4(ip)  # ::ffff:a.b.c.d, NAT64 and 6to4 forms match IPv4 rules too
         for net, net_port, text in self._nets:
             if net_port is not None and net_port != port:
