@@ -26,7 +26,7 @@ from .observe.metrics import Metrics
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .proxy.runtime import Runtime
-from .proxy.server import Gateway
+from .proxy.server import Gateway, adopt_checks
 
 EMBEDDED = "(embedded default)"
 
@@ -60,8 +60,9 @@ def _secret(spec) -> str | None:
 
 
 def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
+    attest = config.probe.echo_url is not None
     profiles = {
-        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock)
+        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock, attest)
         for name, spec in config.egress.items()
     }
     return Runtime(
@@ -131,8 +132,7 @@ class App:
         if self.admin_server is not None:
             host, port = self.admin_server.sockets[0].getsockname()[:2]
             admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self.worker == 0:
-            self._prober = self.loop.create_task(self._probe_loop())
+        self._prober = self.loop.create_task(self._probe_loop())
         log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
                   config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
 
@@ -208,6 +208,10 @@ class App:
             if admin_server is not None:
                 admin_server.close()
             raise
+        # Members that are new or moved are checked before they carry traffic, so a profile
+        # moved to a new IP serves from it at once (or refuses, if the IP is wrong).
+        adopt_checks(self.gateway.runtime, runtime)
+        await self._attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
         # 2. Commit: nothing below can fail.
         await self.gateway.apply(runtime, change)
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
@@ -230,30 +234,43 @@ class App:
                 pass
 
     async def _probe_loop(self) -> None:
-        """Check every profile's egress IP now, then every ``probe.interval`` and after reloads."""
-        from .probe import probe_pools, record
-
+        """Check every profile's egress IP now, then every ``probe.interval`` (every
+        ``probe.retry`` while a profile refuses its traffic) and after reloads. Every worker
+        checks for itself: each one decides alone whether a profile may carry traffic."""
         while True:
             rt = self.gateway.runtime
             cfg = rt.config.probe
-            if cfg.echo_url:
-                try:
-                    observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
-                                                     self.gateway.dialer, self.gateway.resolver)
-                except Exception as exc:  # the prober must never stop
-                    self.gateway.internal_error("probe", exc)
-                else:
-                    record(rt.profiles, observations, time.time())
-                    self.gateway.publish_egress(rt)
-                    for o in observations:
-                        if not o.ok:
-                            log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
-                                      observed=o.observed, expected=list(o.expected), error=o.error)
+            await self._attest(rt)
             self._probe_now.clear()
+            wait = cfg.interval
+            if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
+                wait = min(cfg.interval, cfg.retry)
             try:
-                await asyncio.wait_for(self._probe_now.wait(), cfg.interval)
+                await asyncio.wait_for(self._probe_now.wait(), wait)
             except TimeoutError:
                 pass
+
+    async def _attest(self, rt: Runtime, only: set | None = None) -> None:
+        """Probe ``rt``'s profiles (or only the members in ``only``) and record the results."""
+        from .probe import probe_pools, record
+
+        cfg = rt.config.probe
+        if not cfg.echo_url or only == set():
+            return
+        try:
+            observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
+                                             self.gateway.dialer, self.gateway.resolver, only=only)
+        except Exception as exc:  # the prober must never stop
+            self.gateway.internal_error("probe", exc)
+            return
+        record(rt.profiles, observations, time.time())
+        if rt is self.gateway.runtime:
+            self.gateway.publish_egress(rt)
+        if self.worker == 0:
+            for o in observations:
+                if not o.ok:
+                    log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
+                              observed=o.observed, expected=list(o.expected), error=o.error)
 
     def install_signals(self) -> None:
         loop = self.loop

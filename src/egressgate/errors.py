@@ -79,6 +79,14 @@ class Unavailable(GatewayError):
     reason = "unavailable"
 
 
+class EgressUnverified(Unavailable):
+    """The profile's egress IP is not one its ``expect_ip`` promises, or could not be verified:
+    the profile refuses its traffic until a check passes (fail closed)."""
+
+    proxy_status = "destination_unavailable"
+    reason = "egress_ip_unverified"
+
+
 # --- the upstream's fault ---------------------------------------------------------------
 
 class UpstreamError(GatewayError):

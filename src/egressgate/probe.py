@@ -129,7 +129,9 @@ async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver
 
 
 async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
-                      dialer: Dialer | None = None, resolver: Resolver | None = None) -> list[Observation]:
+                      dialer: Dialer | None = None, resolver: Resolver | None = None,
+                      only: set[EgressPlan] | None = None) -> list[Observation]:
+    """Observe every member of ``pools`` (or only the members in ``only``), concurrently."""
     dialer = dialer or Dialer(asyncio.get_running_loop())
     resolver = resolver or Resolver()
 
@@ -143,24 +145,19 @@ async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
             detail = exc.detail if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
             return Observation(pool.name, member_label(plan), None, pool.expect_ip, detail)
 
-    jobs = [one(pool, plan) for pool in pools.values() for plan in pool.members]
+    jobs = [one(pool, plan) for pool in pools.values() for plan in pool.members if only is None or plan in only]
     return list(await asyncio.gather(*jobs))
 
 
 def record(pools: dict[str, ProfilePool], observations: list[Observation], now: float) -> None:
-    """Store observations on the pools: a profile matches only if every member does."""
-    by_profile: dict[str, list[Observation]] = {}
+    """Store each member's observation on its pool (which then uses only verified members)."""
     for obs in observations:
-        by_profile.setdefault(obs.profile, []).append(obs)
-    for name, group in by_profile.items():
-        pool = pools.get(name)
+        pool = pools.get(obs.profile)
         if pool is None:
             continue
-        bad = [o for o in group if not o.ok]
-        first = bad[0] if bad else group[0]
-        pool.observed_ip = first.observed
-        pool.observed_at = now
-        pool.probe_error = first.error
+        for plan in pool.members:
+            if plan.label == obs.member:
+                pool.record(plan, obs.observed, obs.error, now)
 
 
 def format_table(observations: list[Observation]) -> str:

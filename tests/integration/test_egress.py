@@ -255,7 +255,8 @@ def test_probe_reports_mismatch(tmp_path, origin):
     import yaml
 
     cfg = {"egress": {"good": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]},
-                      "bad": {"bind": ["127.0.0.3"], "expect_ip": ["203.0.113.9"]}}}
+                      "bad": {"bind": ["127.0.0.3"], "expect_ip": ["203.0.113.9"]}},
+           "probe": {"echo_url": "http://127.0.0.1:9/unused"}}  # --echo-url below wins
     path = tmp_path / "probe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "egressgate", "probe", "--config", str(path), "--echo-url", origin.url("/ip")]

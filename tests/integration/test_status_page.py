@@ -219,7 +219,7 @@ def scene(tmp_path_factory) -> Scene:
                 "moved": {"bind": ["127.0.0.3"], "expect_ip": ["127.0.0.9"]}},
         clients=[{"name": "crawler", "from": ["127.0.0.1/32"], "egress": ["pinned", "moved"],
                   "deny": ["blocked.example"]}],
-        probe={"echo_url": origin.url("/ip"), "interval": "1h"},
+        probe={"echo_url": origin.url("/ip"), "interval": "1h", "readiness": "all"},
     )
     gw = GatewayProcess(cfg, tmp)
     tunnel = None

@@ -419,3 +419,102 @@ def test_connections_cut_by_drain_each_leave_one_record(start_gateway, faulty, e
     assert by_method["GET"]["status"] == 200 and by_method["GET"]["bytes_down"] > 0
     tunnel.close()
     download.close()
+
+
+# ------------------------------------------------------------ item 3: fail closed per profile
+
+def _attested_config(origin, **probe) -> dict:
+    return base_config(
+        egress={"default": {"direct": {}},
+                "good": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]},
+                "bad": {"bind": ["127.0.0.3"], "expect_ip": ["203.0.113.9"]},
+                "unbindable": {"bind": ["10.99.99.99"], "expect_ip": ["10.99.99.99"]}},
+        clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["good", "bad", "unbindable"]}],
+        probe={"echo_url": origin.url("/ip"), "interval": "1h", "retry": "1h", **probe})
+
+
+def _via(gw: GatewayProcess, profile: str, url: str) -> bytes:
+    s = connect(gw.address)
+    s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nX-Egressgate-Profile: {profile}\r\nConnection: close\r\n\r\n"
+              .encode())
+    raw, _ = read_until_close(s)
+    s.close()
+    return raw
+
+
+def _wait_checked(gw: GatewayProcess, profiles: tuple[str, ...]) -> dict:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        doc = json.loads(admin_get(gw, "/readyz")[1])
+        if all(doc["profiles"][p]["observed_ip"] or doc["profiles"][p]["reason"] and "failed" in
+               doc["profiles"][p]["reason"] for p in profiles):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError(f"the egress probe never checked {profiles}: {doc}")
+
+
+def test_a_profile_with_the_wrong_egress_ip_refuses_its_traffic_and_only_its_own(start_gateway, origin):
+    gw = start_gateway(_attested_config(origin))
+    doc = _wait_checked(gw, ("good", "bad", "unbindable"))
+    bad = _via(gw, "bad", origin.url("/ip?t=bad"))
+    assert status_of(bad) == 503, bad[:300]
+    assert b"Proxy-Status: egressgate; error=destination_unavailable" in bad
+    assert b"profile bad: egress IP 127.0.0.3 is not one of [203.0.113.9]" in bad
+    unbound = _via(gw, "unbindable", origin.url("/ip?t=unbindable"))
+    assert status_of(unbound) == 503 and b"profile unbindable: egress IP not verified" in unbound, unbound[:300]
+    good = _via(gw, "good", origin.url("/ip?t=good"))
+    assert status_of(good) == 200 and good.endswith(b"127.0.0.2"), good[-200:]
+    recs = {p: gw.wait_log(lambda r, p=p: r.get("target", "").endswith(f"/ip?t={p}"))
+            for p in ("bad", "unbindable", "good")}
+    assert recs["bad"]["reason"] == "egress_ip_mismatch" and recs["bad"]["status"] == 503
+    assert recs["unbindable"]["reason"] == "egress_ip_unverified"
+    assert recs["good"]["status"] == 200
+    # The instance stays in rotation (a profile still serves) and says which profiles refuse.
+    status, body = admin_get(gw, "/readyz")
+    doc = json.loads(body)
+    assert status == 200 and doc["ready"], doc
+    assert doc["profiles"]["good"]["ready"] and not doc["profiles"]["bad"]["ready"]
+    assert doc["profiles"]["bad"]["observed_ip"] == "127.0.0.3"
+    assert metric(gw, "egressgate_egress_profile_serving", profile="bad") == 0
+    assert metric(gw, "egressgate_egress_profile_serving", profile="good") == 1
+
+
+def test_a_profile_moved_to_its_promised_ip_serves_right_after_the_reload(start_gateway, origin):
+    cfg = _attested_config(origin)
+    gw = start_gateway(cfg)
+    _wait_checked(gw, ("bad",))
+    assert status_of(_via(gw, "bad", origin.url("/ip"))) == 503
+    cfg["egress"]["bad"]["expect_ip"] = ["127.0.0.3"]  # the operator fixes the promise ...
+    cfg["listen"] = [{"address": gw.address}]
+    cfg["admin"] = {"address": gw.admin.removeprefix("http://")}
+    gw.write_config(cfg)
+    assert admin_post(gw, "/-/reload")[0] == 200
+    fixed = _via(gw, "bad", origin.url("/ip"))  # ... and the very next request leaves from it
+    assert status_of(fixed) == 200 and fixed.endswith(b"127.0.0.3"), fixed[-200:]
+    cfg["egress"]["good"]["bind"] = ["127.0.0.4"]  # moved to an IP the config does not promise
+    gw.write_config(cfg)
+    assert admin_post(gw, "/-/reload")[0] == 200
+    moved = _via(gw, "good", origin.url("/ip"))
+    assert status_of(moved) == 503 and b"egress IP 127.0.0.4 is not one of [127.0.0.2]" in moved, moved[:300]
+
+
+@pytest.mark.parametrize(("readiness", "ready"), [("any", True), ("all", False)])
+def test_readiness_any_or_all_attested_profiles(start_gateway, origin, readiness, ready):
+    gw = start_gateway(_attested_config(origin, readiness=readiness))
+    _wait_checked(gw, ("good", "bad", "unbindable"))
+    status, body = admin_get(gw, "/readyz")
+    doc = json.loads(body)
+    assert (status == 200) is ready and doc["ready"] is ready, doc
+    if not ready:
+        assert any("profile bad" in r for r in doc["reasons"]), doc
+
+
+def test_every_attested_profile_refusing_takes_the_instance_out(start_gateway, origin):
+    cfg = _attested_config(origin)
+    cfg["egress"].pop("good")
+    cfg["clients"][0]["egress"] = ["bad", "unbindable"]
+    gw = start_gateway(cfg)
+    _wait_checked(gw, ("bad", "unbindable"))
+    status, body = admin_get(gw, "/readyz")
+    assert status == 503, body
+    assert status_of(_via(gw, "default", origin.url("/ip"))) == 403  # (not among job's profiles)

@@ -62,6 +62,8 @@ def test_default_profile_is_added_next_to_named_ones() -> None:
           vendor-y:
             upstream: ["http://user:pass@egress-b.internal:3128"]
             pick: round_robin
+        probe:
+          echo_url: http://echo.example/ip
     """)
     assert list(cfg.egress) == ["default", "vendor-x", "vendor-y"]
     assert cfg.egress["vendor-x"].kind == "bind"
@@ -93,6 +95,8 @@ def test_design_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         security:
           connect_ports: [443]
           allow_private: [10.99.0.0/16]
+        probe:
+          echo_url: https://ifconfig.me/ip
     """)
     assert [listener.address for listener in cfg.listen] == ["0.0.0.0:3128", "[::]:3129"]
     assert cfg.clients[0].from_ == ["10.8.0.0/16"]
@@ -270,6 +274,16 @@ ERRORS = [
         [f"{FILE}:4: clients[0].password_hash: not a hash from `egressgate hash-password` "
          "(expected scrypt$N$r$p$salt$digest)"],
         id="password-hash-not-scrypt"),
+    pytest.param(
+        """\
+        egress:
+          vendor-x:
+            bind: [10.0.1.5]
+            expect_ip: [203.0.113.10]
+        """,
+        [f"{FILE}:4: egress.vendor-x.expect_ip: needs probe.echo_url: without an IP-echo service nothing "
+         "can check it, and the profile would refuse all its traffic"],
+        id="expect-ip-without-echo-url"),
     pytest.param(
         """\
         clients:

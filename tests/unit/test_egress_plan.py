@@ -106,16 +106,65 @@ def test_all_down_keeps_rotation_order() -> None:
 
 
 def test_ip_matches() -> None:
-    p = ProfilePool("x", "bind", [EgressPlan("x", "bind", source="10.0.0.1")], ("203.0.113.10",), True, 5.0,
-                    Clock())
+    plan = EgressPlan("x", "bind", source="10.0.0.1")
+    p = ProfilePool("x", "bind", [plan], ("203.0.113.10",), True, 5.0, Clock())
     assert p.ip_matches is None
-    p.observed_ip = "203.0.113.10"
+    p.record(plan, "203.0.113.10", None, 1.0)
     assert p.ip_matches is True
-    p.observed_ip = "203.0.113.11"
+    p.record(plan, "203.0.113.11", None, 2.0)
     assert p.ip_matches is False
     q = pool(1)
-    q.observed_ip = "203.0.113.10"
+    q.record(q.members[0], "203.0.113.10", None, 1.0)
     assert q.ip_matches is None  # nothing expected
+
+
+def _attested(n: int = 2) -> ProfilePool:
+    members = [EgressPlan("x", "bind", source=f"10.0.0.{i + 1}") for i in range(n)]
+    return ProfilePool("x", "bind", members, ("203.0.113.10",), False, 5.0, Clock(), attest=True)
+
+
+ATTESTATION = [
+    # (observations per member: (observed, error) or None for not yet checked, usable members, reason)
+    ("never checked", [None, None], [], "egress_ip_unverified"),
+    ("both verified", [("203.0.113.10", None), ("203.0.113.10", None)], ["10.0.0.1", "10.0.0.2"], None),
+    ("one wrong IP", [("203.0.113.10", None), ("198.51.100.9", None)], ["10.0.0.1"], None),
+    ("one check failed", [("203.0.113.10", None), (None, "timed out")], ["10.0.0.1"], None),
+    ("all wrong", [("198.51.100.9", None), ("198.51.100.9", None)], [], "egress_ip_mismatch"),
+    ("wrong and failed", [(None, "refused"), ("198.51.100.9", None)], [], "egress_ip_mismatch"),
+    ("all failed", [(None, "refused"), (None, "timed out")], [], "egress_ip_unverified"),
+]
+
+
+@pytest.mark.parametrize(("label", "seen", "usable", "reason"), ATTESTATION, ids=[a[0] for a in ATTESTATION])
+def test_attestation_fails_closed_per_member(label, seen, usable, reason) -> None:
+    p = _attested()
+    for plan, obs in zip(p.members, seen, strict=True):
+        if obs is not None:
+            p.record(plan, obs[0], obs[1], 1.0)
+    assert sorted(m.source for m in p.plans("job")) == usable
+    assert p.healthy is (reason is None)
+    refusal = p.refusal()
+    assert (refusal[0] if refusal else None) == reason
+    if reason == "egress_ip_mismatch":
+        assert "198.51.100.9 is not one of [203.0.113.10]" in refusal[1]
+
+
+def test_attestation_recovers_and_survives_a_reload() -> None:
+    p = _attested(1)
+    p.record(p.members[0], "198.51.100.9", None, 1.0)
+    assert not p.healthy
+    p.record(p.members[0], "203.0.113.10", None, 2.0)
+    assert p.healthy and p.plans("job") == p.members
+    moved = ProfilePool("x", "bind", [p.members[0], EgressPlan("x", "bind", source="10.0.0.9")],
+                        ("203.0.113.10",), False, 5.0, Clock(), attest=True)
+    moved.adopt(p)
+    assert moved.plans("job") == [p.members[0]]  # the new member waits for its own check
+    assert moved.unchecked() == [moved.members[1]]
+
+
+def test_profiles_without_expect_ip_are_never_attested() -> None:
+    p = ProfilePool("d", "direct", [EgressPlan("d", "direct")], (), True, 5.0, Clock(), attest=True)
+    assert p.healthy and p.plans("job") == p.members and p.refusal() is None
 
 
 def test_plan_key() -> None:

@@ -32,17 +32,36 @@ Reloader = Callable[[], Awaitable[None]]
 
 
 def readiness(gw: Gateway) -> list[str]:
+    """Why this instance should not get new connections (empty: ready).
+
+    Profiles with ``expect_ip`` refuse their own traffic while their egress IP is wrong or
+    unverified; that alone does not take the instance out of the load balancer while another
+    such profile still serves (``probe.readiness: any``, the default). With ``all``, one
+    refusing profile makes the instance unready; with ``probe.required: false``, none does.
+    """
     problems = []
     rt = gw.runtime
     if gw.draining:
         problems.append("draining")
     if not gw.listening:
         problems.append("no listener is open")
-    if rt.config.probe.required:
-        for name, pool in rt.profiles.items():
-            if pool.ip_matches is False:
-                problems.append(f"profile {name}: egress IP {pool.observed_ip} is not one of {list(pool.expect_ip)}")
+    probe = rt.config.probe
+    if probe.required:
+        attested = [pool for pool in rt.profiles.values() if pool.attest]
+        refusing = [pool for pool in attested if not pool.healthy]
+        if refusing and (probe.readiness == "all" or len(refusing) == len(attested)):
+            problems += [pool.refusal()[1] for pool in refusing]
     return problems
+
+
+def profile_readiness(gw: Gateway) -> dict[str, dict]:
+    """Per profile: does it carry traffic, and what its egress IP check saw."""
+    out = {}
+    for name, pool in gw.runtime.profiles.items():
+        refusal = pool.refusal()
+        out[name] = {"ready": refusal is None, "attested": pool.attest, "expect_ip": list(pool.expect_ip),
+                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None}
+    return out
 
 
 def status(gw: Gateway) -> dict:
@@ -70,6 +89,8 @@ def status(gw: Gateway) -> dict:
             "observed_at": pool.observed_at,
             "ip_matches": pool.ip_matches,
             "probe_error": pool.probe_error,
+            "serving": pool.healthy,
+            "refusal": (pool.refusal() or (None, None))[1],
         }
     problems = readiness(gw)
     return {
@@ -150,7 +171,8 @@ class AdminProtocol(asyncio.Protocol):
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
                 problems = readiness(gw)
-                body = json.dumps({"ready": not problems, "reasons": problems}).encode() + b"\n"
+                body = json.dumps({"ready": not problems, "reasons": problems,
+                                   "profiles": profile_readiness(gw)}).encode() + b"\n"
                 self._send(simple_response(503 if problems else 200, body))
             elif path == "/metrics":
                 own = generate_latest(gw.metrics.registry)

@@ -107,6 +107,10 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
                     problems.append((("clients", i, key, j), msg))
     problems += _unreachable_clients(config.clients)
     for name, profile in config.egress.items():
+        if profile.expect_ip and not config.probe.echo_url:
+            problems.append((("egress", name, "expect_ip"),
+                             "needs probe.echo_url: without an IP-echo service nothing can check it, and "
+                             "the profile would refuse all its traffic"))
         for j, url in enumerate(profile.upstream or []):
             msg = _upstream_problem(url)
             if msg:

@@ -213,9 +213,11 @@ class LogConfig(_Model):
 
 
 class ProbeConfig(_Model):
-    echo_url: str | None = None
+    echo_url: str | None = None  # an IP-echo service; required for profiles with expect_ip
     interval: Duration = 300.0
-    required: bool = True  # a mismatch makes /readyz fail
+    retry: Duration = 10.0  # how soon to check again while a profile is refusing traffic
+    required: bool = True  # profiles refusing traffic count against /readyz (see readiness)
+    readiness: Literal["any", "all"] = "any"  # ready while any / only while all attested profiles serve
 
 
 class DnsConfig(_Model):

@@ -36,15 +36,31 @@ class EgressPlan:
         return (self.kind, self.source, str(self.upstream) if self.upstream else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    """What the egress probe saw for one member: the IP the echo service reported, or why
+    there is none."""
+
+    observed: str | None
+    error: str | None
+    at: float
+
+
 class ProfilePool:
-    """One profile's members and their health. ``plans(client)`` lists the attempts in order."""
+    """One profile's members and their health. ``plans(client)`` lists the attempts in order.
+
+    Attestation (fail closed): when the profile names ``expect_ip`` and the gateway can check it
+    (``attest``), only members whose last probe saw an expected IP are used. A member never
+    checked, whose check failed, or that exits from another IP is left out; with none left the
+    profile refuses its traffic (``refusal``) until a check passes. Other profiles are unaffected.
+    """
 
     __slots__ = ("name", "kind", "members", "expect_ip", "sticky", "connect_timeout", "_down", "_next",
-                 "_clock", "retry_after", "observed_ip", "observed_at", "probe_error")
+                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
                  sticky: bool, connect_timeout: float, clock: Callable[[], float],
-                 retry_after: float = 30.0) -> None:
+                 retry_after: float = 30.0, attest: bool = False) -> None:
         self.name = name
         self.kind = kind
         self.members = members
@@ -55,13 +71,80 @@ class ProfilePool:
         self._down: dict[EgressPlan, float] = {}
         self._next = 0
         self._clock = clock
-        self.observed_ip: str | None = None  # filled by the egress probe
+        self.attest = attest and bool(expect_ip)
+        self.checks: dict[EgressPlan, Attestation] = {}  # filled by the egress probe
+        self._usable: list[EgressPlan] = [] if self.attest else members
         self.observed_at: float | None = None
-        self.probe_error: str | None = None
 
+    # --- attestation ---------------------------------------------------------------------
+    def record(self, plan: EgressPlan, observed: str | None, error: str | None, now: float) -> None:
+        """Store one member's probe result and recompute which members may carry traffic."""
+        if plan not in self.members:
+            return
+        self.checks[plan] = Attestation(observed, error, now)
+        self.observed_at = now
+        if self.attest:
+            self._usable = [m for m in self.members if self.verified(m)]
+
+    def adopt(self, previous: ProfilePool) -> None:
+        """After a reload: keep the results for members that did not change."""
+        for plan, check in previous.checks.items():
+            if plan in self.members:
+                self.record(plan, check.observed, check.error, check.at)
+
+    def verified(self, plan: EgressPlan) -> bool:
+        check = self.checks.get(plan)
+        return check is not None and check.error is None and check.observed in self.expect_ip
+
+    def unchecked(self) -> list[EgressPlan]:
+        return [m for m in self.members if m not in self.checks]
+
+    @property
+    def healthy(self) -> bool:
+        """False when the profile refuses its traffic (attested, and no member verified)."""
+        return not self.attest or bool(self._usable)
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(reason, detail) when the profile must refuse its traffic, else None."""
+        if self.healthy:
+            return None
+        expected = ", ".join(self.expect_ip)
+        for plan in self.members:
+            check = self.checks.get(plan)
+            if check is not None and check.error is None and check.observed not in self.expect_ip:
+                return ("egress_ip_mismatch", f"profile {self.name}: egress IP {check.observed} is not one of "
+                        f"[{expected}]")
+        errors = [c.error for c in self.checks.values() if c.error]
+        why = f"the last check failed: {errors[0]}" if errors else "not checked yet"
+        return ("egress_ip_unverified", f"profile {self.name}: egress IP not verified against [{expected}] ({why})")
+
+    @property
+    def observed_ip(self) -> str | None:
+        """The IP seen through the first member that is wrong (or the first member)."""
+        checks = [self.checks[m] for m in self.members if m in self.checks]
+        bad = [c for c in checks if c.error or c.observed not in self.expect_ip] if self.expect_ip else []
+        chosen = bad[0] if bad else (checks[0] if checks else None)
+        return chosen.observed if chosen is not None else None
+
+    @property
+    def probe_error(self) -> str | None:
+        return next((c.error for c in self.checks.values() if c.error), None)
+
+    @property
+    def ip_matches(self) -> bool | None:
+        """None when nothing is expected or nothing observed yet; True only if every checked
+        member exits from an expected IP."""
+        if not self.expect_ip:
+            return None
+        checks = [self.checks[m] for m in self.members if m in self.checks]
+        if not checks or all(c.error for c in checks):
+            return None
+        return all(c.error is None and c.observed in self.expect_ip for c in checks)
+
+    # --- choosing members ----------------------------------------------------------------
     def plans(self, client: str) -> list[EgressPlan]:
-        members = self.members
-        if len(members) == 1:
+        members = self._usable
+        if len(members) <= 1:
             return members
         if self.sticky:
             start = zlib.crc32(client.encode()) % len(members)
@@ -85,16 +168,9 @@ class ProfilePool:
     def is_down(self, plan: EgressPlan) -> bool:
         return self._down.get(plan, 0.0) > self._clock()
 
-    @property
-    def ip_matches(self) -> bool | None:
-        """None when nothing is expected or nothing observed yet."""
-        if not self.expect_ip or self.observed_ip is None:
-            return None
-        return self.observed_ip in self.expect_ip
-
 
 def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[str]],
-               default_timeout: float, clock: Callable[[], float]) -> ProfilePool:
+               default_timeout: float, clock: Callable[[], float], attest: bool = False) -> ProfilePool:
     """``spec`` is a ``ProfileConfig``; ``local_addresses(cidr)`` lists this host's addresses in
     a range (for ``bind`` entries written as CIDRs)."""
     kind = spec.kind
@@ -110,4 +186,4 @@ def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[st
     else:
         members = [EgressPlan(name, "direct")]
     return ProfilePool(name, kind, members, tuple(spec.expect_ip), spec.pick == "sticky",
-                       spec.connect_timeout or default_timeout, clock)
+                       spec.connect_timeout or default_timeout, clock, attest=attest)

@@ -75,6 +75,10 @@ class Metrics:
         self.egress_ip_match = Gauge(PREFIX + "egress_ip_match",
                                      "1 if the profile's observed egress IP is expected, 0 if not, -1 unknown",
                                      ["profile"], registry=r)
+        self.egress_profile_serving = Gauge(PREFIX + "egress_profile_serving",
+                                            "1 if the profile carries traffic, 0 if it refuses it because its "
+                                            "egress IP is wrong or unverified (fail closed)",
+                                            ["profile"], registry=r)
         self.egress_source_up = Gauge(PREFIX + "egress_source_up",
                                       "1 if a profile's source address or upstream is usable",
                                       ["profile", "member"], registry=r)

@@ -285,10 +285,7 @@ class Gateway:
         if change is None:
             change = await self.prepare_listeners(new)  # may raise: then nothing has changed
         old = self.runtime
-        for name, pool in new.profiles.items():
-            previous = old.profiles.get(name)
-            if previous is not None and previous.members == pool.members:
-                pool.observed_ip, pool.observed_at = previous.observed_ip, previous.observed_at
+        adopt_checks(old, new)
         self.runtime = new
         await self.commit_listeners(change)
         self.pool.close_all()  # idle origin connections may use an old egress address
@@ -310,8 +307,10 @@ class Gateway:
     def publish_egress(self, rt: Runtime) -> None:
         m = self.metrics
         m.egress_ip_match.clear()
+        m.egress_profile_serving.clear()
         for name, pool in rt.profiles.items():
             m.egress_ip_match.labels(name).set({True: 1, False: 0, None: -1}[pool.ip_matches])
+            m.egress_profile_serving.labels(name).set(1 if pool.healthy else 0)
 
     async def drain(self, grace: float, timeout: float) -> None:
         self.draining = True
@@ -354,6 +353,14 @@ class ListenerChange:
     def abandon(self) -> None:
         for server, _ in self.bound.values():
             server.close()
+
+
+def adopt_checks(old: Runtime, new: Runtime) -> None:
+    """Carry egress-IP checks over to a new runtime for members that did not change."""
+    for name, pool in new.profiles.items():
+        previous = old.profiles.get(name)
+        if previous is not None and previous is not pool:
+            pool.adopt(previous)
 
 
 def _bound_name(server) -> str | None:

@@ -23,6 +23,7 @@ from ..errors import (
     AddressProhibited,
     AuthRequired,
     ClientTimeout,
+    EgressUnverified,
     GatewayError,
     PolicyDenied,
     Unavailable,
@@ -458,7 +459,11 @@ class ClientConnection(asyncio.Protocol):
         if decision.report_only:
             rec.extra = {"would_deny": decision.reason}
             self.gw.metrics.would_deny.labels(client.name, decision.reason).inc()
-        return rt.profiles[decision.profile], dest, client
+        pool = rt.profiles[decision.profile]
+        if not pool.healthy:  # fail closed: never leave from an IP the config does not promise
+            reason, detail = pool.refusal()
+            raise EgressUnverified(detail, reason=reason)
+        return pool, dest, client
 
     async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
         auth = head.proxy_authorization
@@ -595,6 +600,8 @@ class ClientConnection(asyncio.Protocol):
             "expect_ip": list(pool.expect_ip) if pool else [],
             "observed_ip": pool.observed_ip if pool else None,
             "ip_matches": pool.ip_matches if pool else None,
+            "serving": pool.healthy if pool else None,
+            "refusal": (pool.refusal() or (None, None))[1] if pool else None,
             "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
             "deny": list(client.deny_patterns),
         }
