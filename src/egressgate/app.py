@@ -117,6 +117,9 @@ class App:
         self.gateway.on_reload.append(lambda old, new: self._probe_now.set())
 
     async def start(self, admin: bool = True) -> None:
+        # Attested profiles serve only once checked: check before the listeners open, so a
+        # start is not a burst of 503s (bounded by timeouts.upstream_connect).
+        await self._attest(self.gateway.runtime)
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -237,10 +240,13 @@ class App:
         """Check every profile's egress IP now, then every ``probe.interval`` (every
         ``probe.retry`` while a profile refuses its traffic) and after reloads. Every worker
         checks for itself: each one decides alone whether a profile may carry traffic."""
+        checked = True  # start() has just checked
         while True:
             rt = self.gateway.runtime
             cfg = rt.config.probe
-            await self._attest(rt)
+            if not checked:
+                await self._attest(rt)
+            checked = False
             self._probe_now.clear()
             wait = cfg.interval
             if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
