@@ -11,6 +11,7 @@ mode=${1:-none}
 out=${TLS_DIR:-/run/egressgate/tls}
 gid=${EGRESSGATE_GID:-10001}
 md=${METADATA_URL:-http://metadata.google.internal/computeMetadata/v1}
+sm=${SECRET_MANAGER_URL:-https://secretmanager.googleapis.com}
 mkdir -p "$out"
 chmod 0750 "$out"
 chgrp "$gid" "$out" 2>/dev/null || true
@@ -25,7 +26,7 @@ secret_url() { # a secret id "NAME" or "projects/P/secrets/NAME" -> its latest v
   if [[ $id != projects/* ]]; then
     id="projects/$(curl -fsS -H 'Metadata-Flavor: Google' "$md/project/project-id")/secrets/$id"
   fi
-  echo "https://secretmanager.googleapis.com/v1/$id/versions/latest:access"
+  echo "$sm/v1/$id/versions/latest:access"
 }
 
 case "$mode" in
