@@ -169,7 +169,7 @@ class App:
                     observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
                                                      self.gateway.dialer, self.gateway.resolver)
                 except Exception as exc:  # the prober must never stop
-                    self.gateway.log_internal_error(exc)
+                    self.gateway.internal_error("probe", exc)
                 else:
                     record(rt.profiles, observations, time.time())
                     self.gateway.publish_egress(rt)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import ClientProtocolError
 
@@ -253,3 +255,54 @@ class UpstreamProxy:
 
     def __str__(self) -> str:
         return f"http://{self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class ScryptHash:
+    """A stored proxy password: ``scrypt$N$r$p$salt$digest`` (salt and digest in base64), exactly
+    the form ``egressgate hash-password`` writes. Anything weaker or malformed is refused here,
+    so a short digest (which would accept one password in 256) or a cheap ``N`` never loads."""
+
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    digest: bytes
+
+    MIN_N: ClassVar[int] = 2**14
+    MAX_MEMORY: ClassVar[int] = 256 * 1024 * 1024  # scrypt needs 128 * N * r bytes
+    DIGEST_BYTES: ClassVar[int] = 32
+    MIN_SALT_BYTES: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        if self.n < self.MIN_N or self.n & (self.n - 1):
+            raise ValueError(f"scrypt N must be a power of two of at least {self.MIN_N}, not {self.n}")
+        if not 1 <= self.r <= 32:
+            raise ValueError(f"scrypt r must be from 1 to 32, not {self.r}")
+        if not 1 <= self.p <= 16:
+            raise ValueError(f"scrypt p must be from 1 to 16, not {self.p}")
+        if 128 * self.n * self.r > self.MAX_MEMORY:
+            raise ValueError(f"scrypt N={self.n}, r={self.r} needs more than {self.MAX_MEMORY >> 20} MiB")
+        if len(self.salt) < self.MIN_SALT_BYTES:
+            raise ValueError(f"the salt must be at least {self.MIN_SALT_BYTES} bytes, not {len(self.salt)}")
+        if len(self.digest) != self.DIGEST_BYTES:
+            raise ValueError(f"the digest must be {self.DIGEST_BYTES} bytes, not {len(self.digest)}")
+
+    @classmethod
+    def parse(cls, text: str) -> ScryptHash:
+        parts = text.split("$")
+        if len(parts) != 6 or parts[0] != "scrypt":
+            raise ValueError("not a hash from `egressgate hash-password` (expected scrypt$N$r$p$salt$digest)")
+        _, n, r, p, salt, digest = parts
+        numbers = []
+        for name, value in (("N", n), ("r", r), ("p", p)):
+            if not value.isascii() or not value.isdigit() or len(value) > 10:
+                raise ValueError(f"scrypt {name} is not a number: {value!r}")
+            numbers.append(int(value))
+        raw = []
+        for name, value in (("salt", salt), ("digest", digest)):
+            try:
+                raw.append(base64.b64decode(value.encode("ascii"), validate=True))
+            except (ValueError, UnicodeEncodeError):
+                raise ValueError(f"the {name} is not valid base64") from None
+        return cls(numbers[0], numbers[1], numbers[2], raw[0], raw[1])

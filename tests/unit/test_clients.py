@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from egressgate.errors import AuthRequired, ClientProtocolError, PolicyDenied
+from egressgate.errors import AuthRequired, PolicyDenied
 from egressgate.policy.clients import ClientPolicy, ClientRegistry, Identity, PendingCheck, compile_clients
 from egressgate.policy.passwords import hash_password
 
@@ -45,14 +45,15 @@ IDENTIFY = [
     ("10.8.0.5", basic("job-x+vendor-x", "sx"), None, "cred-x", "vendor-x", None),
     ("10.8.0.5", basic("job-x+other", "sx"), None, "cred-x", "other", None),  # decide() judges the profile
     ("10.8.0.5", basic("job-x", "wrong"), None, AuthRequired, None, "bad_credentials"),
-    ("10.8.0.5", basic("job-x+", "sx"), None, "any-10", None, None),  # not job-x's name: next rule
+    # Credentials presented match only credentialed rules: never a fall-through to an anonymous one.
+    ("10.8.0.5", basic("job-x+", "sx"), None, AuthRequired, None, "bad_credentials"),
     ("10.8.0.5", None, "job-y", "cert-y", None, None),
     ("10.8.0.5", None, "someone-else", "any-10", None, None),  # neither cred-x nor cert-y: next rule
     ("10.8.0.5", basic("job-x", "wrong"), "job-y", AuthRequired, None, "bad_credentials"),  # no fall-through
     ("10.8.1.5", None, None, "subnet-10-8-1", None, None),  # first match by CIDR, after the skipped ones
     ("10.8.1.5", basic("job-x", "sx"), None, "cred-x", None, None),  # credentials pick the earlier rule
     ("10.9.0.1", None, None, "any-10", None, None),
-    ("10.9.0.1", basic("nobody", "x"), None, "any-10", None, None),  # no rule here wants credentials
+    ("10.9.0.1", basic("nobody", "x"), None, AuthRequired, None, "bad_credentials"),  # no rule takes them
     ("192.0.2.1", basic("roamer", "sr"), None, "roaming", None, None),  # from: any address
     ("192.0.2.1", basic("roamer", "bad"), None, AuthRequired, None, "bad_credentials"),
     ("192.0.2.1", basic("nobody", "x"), None, AuthRequired, None, "bad_credentials"),
@@ -60,10 +61,9 @@ IDENTIFY = [
     ("2001:db8::5", None, None, "v6", None, None),
     ("::ffff:10.9.0.1", None, None, "any-10", None, None),  # IPv4-mapped peer judged as IPv4
     ("10.8.0.5", b"Bearer abc", None, AuthRequired, None, "bad_credentials"),
-    ("10.8.0.5", b"Basic !!!notbase64", None, ClientProtocolError, None, "bad_credentials"),
+    ("10.8.0.5", b"Basic !!!notbase64", None, AuthRequired, None, "bad_credentials"),  # 407, not 400
     ("10.8.0.5", b"Basic " + base64.b64encode(b"no-colon"), None, AuthRequired, None, "bad_credentials"),
-    ("10.8.0.5", b"Basic " + base64.b64encode(b"\xff\xfe:x"), None, ClientProtocolError, None,
-     "bad_credentials"),
+    ("10.8.0.5", b"Basic " + base64.b64encode(b"\xff\xfe:x"), None, AuthRequired, None, "bad_credentials"),
     ("10.8.0.5", b"  basic   " + base64.b64encode(b"job-x:sx") + b"  ", None, "cred-x", None, None),
     ("10.8.0.5", basic("job-x", "sx:with:colons"), None, AuthRequired, None, "bad_credentials"),
 ]
@@ -175,3 +175,18 @@ def test_compile_clients() -> None:
     assert b.nets is None and b.allow is None and b.password_plain == "plain"
     assert not b.report_only
     assert isinstance(reg.identify("203.0.113.9", basic("u", "plain")), Identity)
+
+
+def test_anonymous_rule_listed_first_never_captures_credentialed_requests() -> None:
+    """Issue 11 item 6: ``local`` (no credentials) before ``job-x`` (credentials), same CIDR."""
+    reg = ClientRegistry([ClientPolicy("local", nets("127.0.0.0/8")),
+                          ClientPolicy("job-x", nets("127.0.0.0/8"), username="job-x", password_plain="s3cret",
+                                       profiles=("vendor-x",))])
+    right = reg.identify("127.0.0.1", basic("job-x", "s3cret"))
+    assert isinstance(right, Identity) and right.client.name == "job-x"
+    for wrong in (basic("job-x", "guess"), basic("job-x+vendor-x", "guess"), basic("someone", "s3cret")):
+        with pytest.raises(AuthRequired) as info:
+            reg.identify("127.0.0.1", wrong)
+        assert info.value.status == 407 and info.value.reason == "bad_credentials"
+    anonymous = reg.identify("127.0.0.1", None)  # no credentials: the anonymous rule still matches
+    assert isinstance(anonymous, Identity) and anonymous.client.name == "local"

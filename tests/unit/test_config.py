@@ -87,7 +87,7 @@ def test_design_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
           - name: vendor-x-collector
             from: [10.8.0.0/16]
             username: vendor-x
-            password_hash: "scrypt$16384$8$1$c2FsdA==$aGFzaA=="
+            password_hash: "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
             egress: [vendor-x]
             allow: ["*.vendor-x.com", "api.vendor-x.com:8443"]
         security:
@@ -257,7 +257,7 @@ ERRORS = [
         clients:
           - name: a
             from: [10.0.0.0/8]
-            password_hash: "scrypt$1$2$3$4$5"
+            password_hash: "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
         """,
         [f"{FILE}:2: clients[0]: password_hash needs a username"], id="secret-without-username"),
     pytest.param(
@@ -267,15 +267,60 @@ ERRORS = [
             username: u
             password_hash: "md5$abc"
         """,
-        [f"{FILE}:4: clients[0].password_hash: not a hash from `egressgate hash-password`"],
+        [f"{FILE}:4: clients[0].password_hash: not a hash from `egressgate hash-password` "
+         "(expected scrypt$N$r$p$salt$digest)"],
         id="password-hash-not-scrypt"),
+    pytest.param(
+        """\
+        clients:
+          - name: local
+            from: [127.0.0.0/8]
+          - name: job-x
+            from: [127.0.0.0/8]
+            username: job-x
+            password_env: HOME
+          - name: narrower
+            from: [127.0.0.0/16]
+          - name: elsewhere
+            from: [10.0.0.0/8]
+        """,
+        [f"{FILE}:9: clients[2].from: can never match: clients[0] (local) admits these sources first "
+         "and asks for no credentials"],
+        id="client-entry-shadowed"),
+    pytest.param(
+        """\
+        clients:
+          - name: a
+            username: u
+            password_hash: "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$AA=="
+        """,
+        [f"{FILE}:4: clients[0].password_hash: the digest must be 32 bytes, not 1"],
+        id="password-hash-one-byte-digest"),
+    pytest.param(
+        """\
+        clients:
+          - name: a
+            username: u
+            password_hash: "scrypt$2$8$1$c2FsdHNhbHRzYWx0c2FsdA==$AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+        """,
+        [f"{FILE}:4: clients[0].password_hash: scrypt N must be a power of two of at least 16384, not 2"],
+        id="password-hash-cheap-n"),
+    pytest.param(
+        """\
+        clients:
+          - name: a
+            username: u
+            password_hash: "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$not*base64"
+        """,
+        [f"{FILE}:4: clients[0].password_hash: the digest is not valid base64"],
+        id="password-hash-not-base64"),
     pytest.param(
         """\
         clients:
           - name: a
             from: [10.0.0.0/8]
           - name: a
-            from: [10.0.0.0/8]
+            from: [192.0.2.0/24]
         """,
         [f"{FILE}:4: clients[1].name: duplicate client name (first at clients[0])"], id="duplicate-client-name"),
     pytest.param(

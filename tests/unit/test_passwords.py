@@ -56,3 +56,38 @@ def test_tampered_hash(encoded: str) -> None:
     head, digest = encoded.rsplit("$", 1)
     flipped = ("B" if digest[0] != "B" else "C") + digest[1:]
     assert verify_password("correct horse ☃", f"{head}${flipped}") is False
+
+
+def _forge(password: str, n: int = 2**14, r: int = 8, p: int = 1, salt: bytes = b"s" * 16, dklen: int = 32) -> str:
+    import base64
+    import hashlib
+
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=dklen)
+    return f"scrypt${n}${r}${p}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+WEAK = [  # (label, hash of "pw" that verify_password used to accept, message fragment from the model)
+    ("one-byte digest", _forge("pw", dklen=1), "digest must be 32 bytes"),
+    ("truncated digest", _forge("pw", dklen=16), "digest must be 32 bytes"),
+    ("N=2", _forge("pw", n=2), "power of two of at least 16384"),
+    ("N=1024", _forge("pw", n=1024), "power of two of at least 16384"),
+    ("short salt", _forge("pw", salt=b"salt"), "salt must be at least 16 bytes"),
+    ("p=0", "scrypt$16384$8$0$" + _forge("pw").split("$", 5)[4] + "$" + _forge("pw").split("$", 5)[5], "p must be"),
+    ("non-base64 salt", _forge("pw").replace("$c3Nz", "$c3Nz!", 1), "salt is not valid base64"),
+]
+
+
+@pytest.mark.parametrize(("label", "weak", "message"), WEAK, ids=[w[0] for w in WEAK])
+def test_weak_or_malformed_hashes_never_verify(label: str, weak: str, message: str) -> None:
+    from egressgate.model import ScryptHash
+
+    with pytest.raises(ValueError, match=message):
+        ScryptHash.parse(weak)
+    assert verify_password("pw", weak) is False
+
+
+def test_one_byte_digest_no_longer_accepts_one_password_in_256() -> None:
+    """The defect: a 1-byte stored digest accepted ~1/256 of random passwords."""
+    weak = _forge("the-real-one", dklen=1)
+    accepted = sum(verify_password(f"guess-{i}", weak) for i in range(600))
+    assert accepted == 0

@@ -168,7 +168,7 @@ class AdminProtocol(asyncio.Protocol):
             else:
                 self._send(simple_response(404, b"not found\n", "text/plain"))
         except Exception as exc:  # the admin listener must never take the gateway down
-            gw.log_internal_error(exc)
+            gw.internal_error("admin", exc)
             self._send(simple_response(500, b"internal error\n", "text/plain"))
 
     async def _reload(self, method: str) -> None:

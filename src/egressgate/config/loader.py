@@ -9,6 +9,7 @@ Three passes, all errors collected before raising one ``ConfigError``:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,12 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
             problems.append((("clients", i, "password_file"), f"file not found: {client.password_file}"))
         if client.password_env and client.password_env not in os.environ:
             problems.append((("clients", i, "password_env"), f"environment variable {client.password_env} is not set"))
-        if client.password_hash and not client.password_hash.startswith("scrypt$"):
-            problems.append((("clients", i, "password_hash"), "not a hash from `egressgate hash-password`"))
         for key in ("allow", "deny"):
             for j, pattern in enumerate(getattr(client, key) or []):
                 msg = _pattern_problem(pattern)
                 if msg:
                     problems.append((("clients", i, key, j), msg))
+    problems += _unreachable_clients(config.clients)
     for name, profile in config.egress.items():
         for j, url in enumerate(profile.upstream or []):
             msg = _upstream_problem(url)
@@ -113,6 +113,29 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
                 problems.append((("egress", name, "upstream", j), msg))
     if config.admin.token_env and config.admin.token_env not in os.environ:
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
+    return problems
+
+
+def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
+    """Client entries that can never match: an earlier entry without credentials admits every
+    source they do and so takes each request that carries none (requests with credentials
+    match only entries with credentials, so entries with a username are never shadowed)."""
+    problems: list[tuple[Loc, str]] = []
+    nets = [None if c.from_ is None else [ipaddress.ip_network(n) for n in c.from_] for c in clients]
+    for i, client in enumerate(clients):
+        if client.username or nets[i] is None:
+            continue
+        for j in range(i):
+            earlier = clients[j]
+            if earlier.username or nets[j] is None:
+                continue
+            if earlier.cert_subject is not None and earlier.cert_subject != client.cert_subject:
+                continue
+            if all(any(n.version == m.version and n.subnet_of(m) for m in nets[j]) for n in nets[i]):
+                problems.append(((("clients", i, "from")),
+                                 f"can never match: clients[{j}] ({earlier.name}) admits these sources first "
+                                 "and asks for no credentials"))
+                break
     return problems
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ..model import ip_or_none, parse_socket_address
+from ..model import ScryptHash, ip_or_none, parse_socket_address
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -155,6 +155,13 @@ class ClientConfig(_Model):
     mode: Literal["enforce", "report"] = "enforce"
     max_connections: int | None = Field(default=None, gt=0)  # concurrent connections (429 beyond)
     max_new_per_second: float | None = Field(default=None, gt=0)  # new connections per second (429 beyond)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, value: str | None) -> str | None:
+        if value is not None:
+            ScryptHash.parse(value)  # exactly what `egressgate hash-password` writes, or an error
+        return value
 
     @model_validator(mode="after")
     def _credentials(self) -> ClientConfig:

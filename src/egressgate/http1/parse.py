@@ -15,6 +15,7 @@ with Transfer-Encoding, bad chunking, bare LF, ...) raises ``ClientProtocolError
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import httptools
@@ -88,10 +89,12 @@ def _tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens) if tokens else _NO_TOKENS
 
 
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _PROXY_AUTHORIZATION, _PROFILE = range(5)
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _PROXY_AUTHORIZATION, _PROFILE, _HOST = range(6)
 _SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
             b"connection": _CONNECTION, b"proxy-authorization": _PROXY_AUTHORIZATION,
-            b"x-egressgate-profile": _PROFILE}
+            b"x-egressgate-profile": _PROFILE, b"host": _HOST}
+# RFC 9110 §7.2 / RFC 3986 §3.2: Host = uri-host [ ":" port ]; empty is allowed.
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
 
 
 class RequestSink(Protocol):
@@ -110,7 +113,8 @@ class _HeadCollector:
     """Shared llhttp callbacks for heads: URL and header accumulation with limits."""
 
     __slots__ = ("_parser", "_url", "_headers", "_size", "_max_bytes", "_max_headers", "_error",
-                 "_content_length", "_chunked", "_in_head", "_connection", "_proxy_auth", "_profile")
+                 "_content_length", "_chunked", "_in_head", "_connection", "_proxy_auth", "_profile",
+                 "_hosts", "_bad_host")
 
     def __init__(self, max_bytes: int, max_headers: int) -> None:
         self._max_bytes = max_bytes
@@ -128,6 +132,8 @@ class _HeadCollector:
         self._connection: frozenset[bytes] = _NO_TOKENS
         self._proxy_auth: bytes | None = None
         self._profile: bytes | None = None
+        self._hosts = 0  # Host field lines seen
+        self._bad_host = False
 
     # llhttp callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -160,6 +166,10 @@ class _HeadCollector:
         elif special == _PROXY_AUTHORIZATION:
             if self._proxy_auth is None:
                 self._proxy_auth = value
+        elif special == _HOST:
+            self._hosts += 1
+            if not _VALID_HOST.match(value.strip()):
+                self._bad_host = True
         elif self._profile is None:
             self._profile = value
 
@@ -243,6 +253,10 @@ class RequestParser(_HeadCollector):
         method = http.get_method().decode("ascii", "replace")
         if self._content_length is not None and self._content_length < 0:
             self._error = ClientProtocolError("invalid Content-Length")
+            return
+        if self._hosts > 1 or self._bad_host:  # RFC 9112 §3.2: a server MUST answer 400
+            self._error = ClientProtocolError("more than one Host header field" if self._hosts > 1
+                                              else "invalid Host header field", reason="bad_host")
             return
         head = RequestHead(method, self._url.decode("latin-1"), http.get_http_version(), self._headers,
                            http.should_keep_alive(), self._content_length, self._chunked, self._size,

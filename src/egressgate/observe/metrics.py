@@ -64,6 +64,9 @@ class Metrics:
         self.rejected_connections = Counter(PREFIX + "rejected_connections_total",
                                             "Connections closed at accept (source not allowed, over limits)",
                                             ["reason"], registry=r)
+        self.internal_errors = Counter(PREFIX + "internal_errors_total",
+                                       "Bugs caught in a protocol callback or timer (the connection is closed)",
+                                       ["where"], registry=r)
         self.reloads = Counter(PREFIX + "config_reloads_total", "Configuration reloads", ["result"], registry=r)
         self.config_info = Gauge(PREFIX + "config_info", "The loaded configuration (value 1)", ["hash"],
                                  registry=r)

@@ -1,5 +1,7 @@
 """Who is this peer? Compiled client rules: source CIDRs, Basic credentials, TLS client
 certificate subject. First matching rule wins; a peer no rule admits is refused at accept.
+A request that carries credentials matches only rules with credentials: a wrong password is
+a 407, never a fall-through to an anonymous rule listed earlier or later.
 
 Password checks against a scrypt hash are slow on purpose; ``identify`` never runs one on
 the caller's thread. When a check is needed it returns a ``PendingCheck`` whose ``run()`` the
@@ -18,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import AuthRequired, ClientProtocolError, PolicyDenied
+from ..errors import AuthRequired, PolicyDenied
 from .passwords import verify_password
 from .rules import RuleSet
 
@@ -116,6 +118,8 @@ class ClientRegistry:
                 if verdict:
                     return Identity(client, profile)
                 raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+            if creds is not None:
+                continue  # credentials were presented: only an entry with credentials may match them
             if client.cert_subject is not None:
                 if cert_subject == client.cert_subject:
                     return Identity(client, None)
@@ -149,7 +153,8 @@ def _basic_credentials(value: bytes) -> tuple[str, str]:
     try:
         user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ClientProtocolError("malformed Proxy-Authorization header", reason="bad_credentials") from None
+        # Still an authentication failure (407 with a challenge), so the client retries properly.
+        raise AuthRequired("malformed Basic credentials", reason="bad_credentials") from None
     if not sep:
         raise AuthRequired("malformed Basic credentials", reason="bad_credentials")
     return user, password

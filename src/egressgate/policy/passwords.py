@@ -1,5 +1,6 @@
 """Password hashes for proxy credentials: scrypt from the standard library (memory-hard),
-encoded as ``scrypt$N$r$p$salt$hash`` (base64), compared in constant time."""
+encoded as ``scrypt$N$r$p$salt$hash`` (base64), compared in constant time. The stored form is
+validated by ``model.ScryptHash`` (the config loader refuses anything else)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import hashlib
 import hmac
 import os
 
+from ..model import ScryptHash
+
 _N, _R, _P = 2**14, 8, 1
-_DKLEN = 32
+_DKLEN = ScryptHash.DIGEST_BYTES
 
 
 def hash_password(password: str) -> str:
@@ -19,16 +22,14 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password: str, encoded: str) -> bool:
+    """False for a wrong password and for any stored value that is not a valid hash."""
     try:
-        scheme, n, r, p, salt, digest = encoded.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
-                                dklen=len(expected), maxmem=256 * 1024 * 1024)
-    except (ValueError, TypeError):
+        stored = ScryptHash.parse(encoded)
+        actual = hashlib.scrypt(password.encode(), salt=stored.salt, n=stored.n, r=stored.r, p=stored.p,
+                                dklen=len(stored.digest), maxmem=2 * ScryptHash.MAX_MEMORY)
+    except (ValueError, TypeError, MemoryError):
         return False
-    return hmac.compare_digest(actual, expected)
+    return hmac.compare_digest(actual, stored.digest)
 
 
 def _b64(data: bytes) -> str:

@@ -145,6 +145,9 @@ class Exchange:
             self.fail(UpstreamError("the origin closed the connection before the response was complete",
                                     reason="upstream_closed", proxy_status="http_response_incomplete"))
 
+    def crashed(self, where: str, exc: BaseException) -> None:
+        self.conn._crashed(where, exc)
+
     def upstream_pause_writing(self) -> None:
         self.conn.pause_reading(2)
 

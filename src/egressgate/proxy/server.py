@@ -126,7 +126,7 @@ class Gateway:
     async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int) -> Upstream:
         t0 = self.loop.time()
         try:
-            _, up, remote = await self.dialer.connect(plan, addresses, port, Upstream, pool.connect_timeout)
+            _, up, remote = await self.dialer.connect(plan, addresses, port, self._new_upstream, pool.connect_timeout)
         except SourceUnavailable as err:
             pool.mark_down(plan)
             self.source_state(pool, plan, False)
@@ -196,8 +196,14 @@ class Gateway:
         else:
             self.per_client.pop(name, None)
 
-    def log_internal_error(self, exc: BaseException) -> None:
-        log_event("internal_error", error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])
+    def _new_upstream(self) -> Upstream:
+        return Upstream(self.internal_error)
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug caught at a callback, task or timer boundary: counted and logged once."""
+        self.metrics.internal_errors.labels(where).inc()
+        log_event("internal_error", where=where, error=repr(exc),
+                  traceback="".join(traceback.format_exception(exc))[-4000:])
 
     # --- sweeper (timeouts) -------------------------------------------------------------------
     def _sweep_interval(self, rt: Runtime) -> float:
@@ -214,7 +220,7 @@ class Gateway:
                 try:
                     conn.tick(now, rt)
                 except Exception as exc:  # never let one connection stop the sweeper
-                    self.log_internal_error(exc)
+                    conn._crashed("tick", exc)
             self.pool.sweep(now, rt.timeouts.upstream_idle)
 
     # --- reload and drain ---------------------------------------------------------------------
@@ -260,7 +266,7 @@ class Gateway:
             await asyncio.sleep(0.05)
         left = len(self.connections)
         for conn in list(self.connections):
-            conn.transport.close()
+            conn.teardown("drain_timeout")  # each unfinished request or tunnel: one record
         self.pool.close_all()
         log_event("drain_finished", closed_unfinished=left)
 
@@ -270,7 +276,7 @@ class Gateway:
         for server in self._servers.values():
             server.close()
         for conn in list(self.connections):
-            conn.transport.abort()
+            conn.teardown("shutdown", abort=True)
         self.pool.close_all()
         self._servers.clear()
 

@@ -78,11 +78,24 @@ class ClientConnection(asyncio.Protocol):
         self.pp_buf: bytes | None = None  # collecting a PROXY protocol header
 
     # --- asyncio.Protocol -----------------------------------------------------------------
+    # Every callback below catches what escapes it: a bug in one connection closes that
+    # connection (``_crashed``: counted, logged once, every transport closed), never leaks a
+    # descriptor and never reaches the event loop.
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        try:
+            self._admit(transport)
+        except Exception as exc:
+            self._crashed("connection_made", exc)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
         gw = self.gw
         peer = transport.get_extra_info("peername")
-        addr = peer[0] if peer else "-"
+        if not peer:  # reset before we could ask who it was: nothing to answer, nothing to keep
+            gw.metrics.rejected_connections.labels("peer_gone").inc()
+            self._abort()
+            return
+        addr = peer[0]
         if addr.startswith("::ffff:") and "." in addr:
             addr = addr[7:]
         self.peer = addr
@@ -118,14 +131,20 @@ class ClientConnection(asyncio.Protocol):
             self.cert_subject = _subject_cn(transport.get_extra_info("peercert"))
 
     def data_received(self, data: bytes) -> None:
-        t = self.tunnel
-        if t is not None:
-            t.up.write(data)
-            t.bytes_up += len(data)
-            t.active = True
-            if len(data) >= BULK and not t.copy_only:
-                t.go_bulk()
-            return
+        try:
+            t = self.tunnel
+            if t is not None:
+                t.up.write(data)
+                t.bytes_up += len(data)
+                t.active = True
+                if len(data) >= BULK and not t.copy_only:
+                    t.go_bulk()
+                return
+            self._received(data)
+        except Exception as exc:
+            self._crashed("data_received", exc)
+
+    def _received(self, data: bytes) -> None:
         if self.pp_buf is not None:
             self._proxy_header(data)
             return
@@ -174,7 +193,7 @@ class ClientConnection(asyncio.Protocol):
             return
         rest = buf[consumed:]
         if rest:
-            self.data_received(rest)
+            self._received(rest)
 
     def _abort(self) -> None:
         self.closed = True
@@ -182,13 +201,22 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.tunnel is not None:
-            return self.tunnel.client_eof()
-        if self.queue and self.queue[0].request_done:
-            return True  # the request is complete; answer it, then close
+        try:
+            if self.tunnel is not None:
+                return self.tunnel.client_eof()
+            if self.queue and self.queue[0].request_done:
+                return True  # the request is complete; answer it, then close
+        except Exception as exc:
+            self._crashed("eof_received", exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        except Exception as bug:
+            self._crashed("connection_lost", bug)
+
+    def _lost(self, exc: Exception | None) -> None:
         if not self.closed and not self.queue and self.head_started is not None and self.tunnel is None:
             # The client hung up part-way through a request head: still one record.
             rec = AccessRecord(self.peer, self.listener.name, time.time() - (self.gw.loop.time() - self.head_started),
@@ -197,8 +225,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self.tunnel is not None:
             self.tunnel.end("client_closed" if exc is None else "client_reset")
-        while self.queue:
-            ex = self.queue.pop(0)
+        queue, self.queue = self.queue, []
+        for ex in queue:
             if ex.task is not None and not ex.task.done():
                 ex.task.cancel()
             if ex.upstream is not None and ex.state != DONE:
@@ -218,18 +246,64 @@ class ClientConnection(asyncio.Protocol):
             self.listener.connections.dec()
 
     def pause_writing(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.client_pause_writing()
-        elif self.queue and self.queue[0].upstream is not None:
-            self.queue[0].upstream.transport.pause_reading()
+        try:
+            if self.tunnel is not None:
+                self.tunnel.client_pause_writing()
+            elif self.queue and self.queue[0].upstream is not None:
+                self.queue[0].upstream.transport.pause_reading()
+        except Exception as exc:
+            self._crashed("pause_writing", exc)
 
     def resume_writing(self) -> None:
+        try:
+            if self.tunnel is not None:
+                self.tunnel.client_resume_writing()
+            elif self.queue and self.queue[0].upstream is not None:
+                up = self.queue[0].upstream.transport
+                if not up.is_closing():
+                    up.resume_reading()
+        except Exception as exc:
+            self._crashed("resume_writing", exc)
+
+    def _crashed(self, where: str, exc: BaseException) -> None:
+        """A bug surfaced in one of this connection's callbacks (or in its tunnel's, its
+        exchange's or a timer): count it, log it once, and close everything it holds."""
+        self.gw.internal_error(where, exc)
+        try:
+            self.teardown("internal_error", abort=True)
+        except Exception as again:  # never let the clean-up itself escape
+            self.gw.internal_error("teardown", again)
+            if self.transport is not None:
+                self.transport.abort()
+            self._forget()
+
+    def teardown(self, reason: str, abort: bool = False) -> None:
+        """Close this connection now, and everything it holds: its tunnel, the upstream
+        connections of queued exchanges, their tasks. Each unfinished request or tunnel gets
+        its one access record with ``reason`` and the bytes moved so far. Used for bugs
+        (``internal_error``) and by drain (``drain_timeout``)."""
         if self.tunnel is not None:
-            self.tunnel.client_resume_writing()
-        elif self.queue and self.queue[0].upstream is not None:
-            up = self.queue[0].upstream.transport
-            if not up.is_closing():
-                up.resume_reading()
+            self.tunnel.end(reason)
+        elif not self.queue and self.head_started is not None and not self.closed:
+            self._log_record(AccessRecord(self.peer, self.listener.name, time.time() - (
+                self.gw.loop.time() - self.head_started), reason=reason), 503)
+        queue, self.queue = self.queue, []
+        for ex in queue:
+            if ex.task is not None and not ex.task.done():
+                ex.task.cancel()
+            up = ex.upstream
+            if up is not None:
+                up.detach()
+                up.transport.abort() if abort else up.transport.close()
+            if not ex.ended:
+                ex.state = DONE
+                ex.record.reason = reason
+                self._log(ex, ex.record.status if ex.response_started else 503)
+        self.early = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort() if abort else self.transport.close()
+        self._forget()
 
     # --- back-pressure on the client ------------------------------------------------------
     def pause_reading(self, bit: int) -> None:
@@ -283,8 +357,7 @@ class ClientConnection(asyncio.Protocol):
             self.exchange_failed(ex, err)
             return
         except Exception as exc:  # a bug: answer 500 and keep serving others
-            self.gw.log_internal_error(exc)
-            self.exchange_failed(ex, GatewayError(f"internal error: {type(exc).__name__}"))
+            self._internal_failure(ex, "serve", exc)
             return
         ex.task = self.gw.loop.create_task(self._serve(ex))
 
@@ -320,12 +393,23 @@ class ClientConnection(asyncio.Protocol):
         try:
             await self._serve_inner(ex)
         except GatewayError as err:
-            self.exchange_failed(ex, err)
+            try:
+                self.exchange_failed(ex, err)
+            except Exception as exc:
+                self._crashed("exchange_failed", exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: answer 500 and keep serving others
-            self.gw.log_internal_error(exc)
+            self._internal_failure(ex, "serve", exc)
+
+    def _internal_failure(self, ex: Exchange, where: str, exc: BaseException) -> None:
+        """A bug while serving one request: count it and answer 500; if even that fails, the
+        connection is closed (``_crashed``)."""
+        self.gw.internal_error(where, exc)
+        try:
             self.exchange_failed(ex, GatewayError(f"internal error: {type(exc).__name__}"))
+        except Exception as again:
+            self._crashed("exchange_failed", again)
 
     async def _serve_inner(self, ex: Exchange) -> None:
         rt = ex.runtime
@@ -756,6 +840,10 @@ class _HeadReader:
 
     def upstream_resume_writing(self) -> None:
         pass
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(GatewayError(f"internal error in {where}: {type(exc).__name__}"))
 
 
 def _describe(pool: ProfilePool) -> dict:

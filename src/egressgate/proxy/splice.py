@@ -27,11 +27,11 @@ class Pump:
     """One direction: ``src`` socket -> pipe -> ``dst`` socket."""
 
     __slots__ = ("loop", "src", "dst", "r", "w", "pending", "count", "eof", "on_eof", "on_error", "on_bytes",
-                 "closed")
+                 "closed", "on_crash")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
                  on_bytes: Callable[[int], None], on_eof: Callable[[], None],
-                 on_error: Callable[[str], None]) -> None:
+                 on_error: Callable[[str], None], on_crash: Callable[[BaseException], None]) -> None:
         self.loop = loop
         self.src = src
         self.dst = dst
@@ -47,11 +47,19 @@ class Pump:
         self.on_bytes = on_bytes
         self.on_eof = on_eof
         self.on_error = on_error
+        self.on_crash = on_crash  # a bug in a callback: the owner closes everything
 
     def start(self) -> None:
         self.loop.add_reader(self.src.fileno(), self.readable)
 
     def readable(self) -> None:
+        try:
+            self._readable()
+        except Exception as exc:  # a reader callback must never raise into the loop (it would repeat)
+            self.close()
+            self.on_crash(exc)
+
+    def _readable(self) -> None:
         src, w = self.src.fileno(), self.w
         for _ in range(_MAX_ROUNDS):
             try:
@@ -75,6 +83,13 @@ class Pump:
                 return
 
     def writable(self) -> None:
+        try:
+            self._writable()
+        except Exception as exc:
+            self.close()
+            self.on_crash(exc)
+
+    def _writable(self) -> None:
         if self._drain():
             dst = self.dst.fileno()
             self.loop.remove_writer(dst)

@@ -73,8 +73,9 @@ class Tunnel:
         self.conn.paused |= 8  # never resumed: the pumps read from now on
         loop = self.conn.gw.loop
         self.socks = (csock, usock)
-        self.pumps = (splice.Pump(loop, csock, usock, self._count_up, self._up_eof, self._error),
-                      splice.Pump(loop, usock, csock, self._count_down, self._down_eof, self._error))
+        self.pumps = (splice.Pump(loop, csock, usock, self._count_up, self._up_eof, self._error, self._pump_crashed),
+                      splice.Pump(loop, usock, csock, self._count_down, self._down_eof, self._error,
+                                  self._pump_crashed))
         for pump in self.pumps:
             pump.start()
         self.conn.gw.metrics.spliced_tunnels.inc()
@@ -100,6 +101,9 @@ class Tunnel:
     def _error(self, what: str) -> None:
         self.end("reset")
 
+    def _pump_crashed(self, exc: BaseException) -> None:
+        self.conn._crashed("splice", exc)
+
     def upstream_eof(self) -> bool:
         self.down_done = True
         if self.up_done:
@@ -113,6 +117,9 @@ class Tunnel:
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.end("upstream_reset" if exc else "")
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        self.conn._crashed(where, exc)
 
     def upstream_pause_writing(self) -> None:
         self.conn.pause_reading(2)

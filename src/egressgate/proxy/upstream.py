@@ -13,9 +13,11 @@ from typing import Any
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data", "parser")
+    __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data", "parser",
+                 "on_orphan_crash")
 
-    def __init__(self) -> None:
+    def __init__(self, on_orphan_crash: Callable[[str, BaseException], None] | None = None) -> None:
+        self.on_orphan_crash = on_orphan_crash  # counts and logs a bug when no owner is attached
         self.transport: asyncio.Transport | None = None
         self.owner: Any = None
         self.key: tuple | None = None
@@ -28,9 +30,12 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sockname = transport.get_extra_info("sockname")
-        if sockname:
-            self.local = sockname[0]
+        try:
+            sockname = transport.get_extra_info("sockname")
+            if sockname:
+                self.local = sockname[0]
+        except Exception as exc:
+            self._crashed("upstream_connection_made", exc)
 
     def attach(self, owner: Any) -> None:
         """Hand this connection to a tunnel or exchange (owner.upstream_data/eof/lost...)."""
@@ -41,30 +46,57 @@ class Upstream(asyncio.Protocol):
         self.owner = None
         self._on_data = None
 
+    # Each callback hands a bug to its owner (``owner.crashed``), which closes the client side
+    # too; nothing escapes into the event loop.
     def data_received(self, data: bytes) -> None:
-        on_data = self._on_data
-        if on_data is not None:
-            on_data(data)
-        else:
-            self.transport.close()  # unsolicited bytes on an idle connection: retire it
+        try:
+            on_data = self._on_data
+            if on_data is not None:
+                on_data(data)
+            else:
+                self.transport.close()  # unsolicited bytes on an idle connection: retire it
+        except Exception as exc:
+            self._crashed("upstream_data_received", exc)
 
     def eof_received(self) -> bool | None:
-        if self.owner is not None:
-            return self.owner.upstream_eof()
+        try:
+            if self.owner is not None:
+                return self.owner.upstream_eof()
+        except Exception as exc:
+            self._crashed("upstream_eof_received", exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.owner is not None:
-            self.owner.upstream_lost(exc)
+        try:
+            if self.owner is not None:
+                self.owner.upstream_lost(exc)
+        except Exception as bug:
+            self._crashed("upstream_connection_lost", bug)
 
     def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_pause_writing()
+        try:
+            if self.owner is not None:
+                self.owner.upstream_pause_writing()
+        except Exception as exc:
+            self._crashed("upstream_pause_writing", exc)
 
     def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_resume_writing()
+        try:
+            if self.owner is not None:
+                self.owner.upstream_resume_writing()
+        except Exception as exc:
+            self._crashed("upstream_resume_writing", exc)
+
+    def _crashed(self, where: str, exc: BaseException) -> None:
+        owner = self.owner
+        self.detach()
+        if self.transport is not None:
+            self.transport.abort()
+        if owner is not None:
+            owner.crashed(where, exc)
+        elif self.on_orphan_crash is not None:
+            self.on_orphan_crash(where, exc)
 
 
 class UpstreamPool:
