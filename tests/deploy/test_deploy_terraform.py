@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import yaml
-from conftest import TF, first_block, load_tf_module, render_tftpl, template_variables, walk_keys
+from conftest import TF, first_block, load_tf_module, template_variables, walk_keys
 
 LB_HC_RANGES = {"35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"}  # external passthrough NLB
 INTERNAL_LB_HC_RANGES = {"35.191.0.0/16", "130.211.0.0/22"}  # internal passthrough NLB
