@@ -30,6 +30,15 @@ from .proxy.server import Gateway
 
 EMBEDDED = "(embedded default)"
 
+# Every top-level config key is applied by a reload except these, which a reload refuses by
+# name when they change (tests/unit/test_reload_keys.py keeps this list complete).
+RESTART_KEYS = ("workers",)
+LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "timeouts", "limits", "drain", "log", "probe", "dns")
+
+
+def _admin_token(admin) -> str | None:
+    return admin.token or (os.environ.get(admin.token_env) if admin.token_env else None)
+
 
 def read_config(path: str | None) -> tuple[Config, str]:
     """(config, hash of its text); the embedded default when ``path`` is None."""
@@ -107,6 +116,8 @@ class App:
         self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
                                reuse_port=cfg.workers > 1)
         self.admin_server: asyncio.base_events.Server | None = None
+        self.admin_address: str | None = None  # the configured admin address in force
+        self.admin_token: str | None = None
         gateway = self.gateway
         self.metrics.ready.set_function(lambda: 0 if readiness(gateway) else 1)
         self.stopped = asyncio.Event()
@@ -119,15 +130,13 @@ class App:
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
-            token = admin_cfg.token or (os.environ.get(admin_cfg.token_env) if admin_cfg.token_env else None)
-            host, port = parse_socket_address(admin_cfg.address)
-            workers = tuple(f"{self.sockdir}/w{i}.sock" for i in range(1, len(self.children) + 1)) \
-                if self.sockdir else ()
-            self.admin_server = await self.loop.create_server(
-                lambda: AdminProtocol(self.gateway, self.reload, token, workers), host, port)
+            self.admin_token = _admin_token(admin_cfg)
+            self.admin_server = await self._bind_admin(admin_cfg.address)
+            self.admin_address = admin_cfg.address
+            await self.admin_server.start_serving()
         elif self.worker and self.sockdir:
             self.admin_server = await self.loop.create_unix_server(
-                lambda: AdminProtocol(self.gateway, None, None, metrics_only=True),
+                lambda: AdminProtocol(self.gateway, None, lambda: None, metrics_only=True),
                 f"{self.sockdir}/w{self.worker}.sock")
         admin_bound = None
         if self.admin_server is not None:
@@ -138,28 +147,91 @@ class App:
         log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
                   config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
 
+    def _admin_bound(self) -> str | None:
+        """The admin address really bound (a configured port 0 becomes the kernel's choice)."""
+        for sock in self.admin_server.sockets if self.admin_server is not None else ():
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                host, port = name[:2]
+                return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return None
+
+    async def _bind_admin(self, address: str) -> asyncio.base_events.Server:
+        host, port = parse_socket_address(address)
+        workers = tuple(f"{self.sockdir}/w{i}.sock" for i in range(1, len(self.children) + 1)) \
+            if self.sockdir else ()
+        return await self.loop.create_server(
+            lambda: AdminProtocol(self.gateway, self.reload, lambda: self.admin_token, workers), host, port,
+            start_serving=False)
+
     async def reload(self) -> None:
+        """Apply the config file again, every key of it, or nothing: keys that cannot change
+        in a running process are refused by name, and everything that can fail (binding
+        listeners, loading certificates, opening the access log) happens before anything
+        is swapped. The old configuration stays in force on any error."""
         async with self._reload_lock:
             try:
                 runtime = await self.loop.run_in_executor(None, load_runtime, self.path)
-                old = self.gateway.runtime.config
-                await self.gateway.apply(runtime)
-                if (old.dns, old.timeouts.dns) != (runtime.config.dns, runtime.config.timeouts.dns):
-                    self.gateway.resolver = make_resolver(runtime.config)
+                await self._apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
                 self.metrics.reload_ok.set(0)
                 log_event("reload_failed", config=self.path or EMBEDDED, errors=err.errors)
                 raise
-            except OSError as err:  # e.g. a new listener address that cannot be bound
-                self.metrics.reloads.labels("failure").inc()
-                self.metrics.reload_ok.set(0)
-                log_event("reload_failed", config=self.path or EMBEDDED, errors=[str(err)])
-                raise ConfigError([f"{self.path}:0: listen: {err}"]) from None
             self.metrics.reloads.labels("success").inc()
             self.metrics.reload_ok.set(1)
             log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
             self._tell_children(signal.SIGHUP)
+
+    async def _apply(self, runtime: Runtime) -> None:
+        old, new = self.gateway.runtime.config, runtime.config
+        source = self.path or EMBEDDED
+        restart = [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+        if restart:
+            raise ConfigError([f"{source}:0: {key}: changing it needs a restart (the running value stays in force)"
+                               for key in restart])
+        # 1. Prepare everything that can fail.
+        change = await self.gateway.prepare_listeners(runtime)
+        admin_server = None
+        access_log = None
+        try:
+            if self.worker == 0 and self.admin_server is not None and new.admin.address not in (
+                    self.admin_address, self._admin_bound()):
+                if new.admin.address is None:
+                    raise ConfigError([f"{source}:0: admin.address: turning the admin listener off needs a restart"])
+                try:
+                    admin_server = await self._bind_admin(new.admin.address)
+                except OSError as exc:
+                    raise ConfigError([f"{source}:0: admin.address: cannot listen on {new.admin.address}: "
+                                       f"{exc.strerror or exc}"]) from None
+            elif self.worker == 0 and self.admin_server is None and new.admin.address is not None \
+                    and old.admin.address is None:
+                raise ConfigError([f"{source}:0: admin.address: turning the admin listener on needs a restart"])
+            token = _admin_token(new.admin)
+            if (old.log.access, old.log.format) != (new.log.access, new.log.format):
+                try:
+                    access_log = AccessLog(new.log.access, new.log.format)
+                except OSError as exc:
+                    raise ConfigError([f"{source}:0: log.access: cannot open {new.log.access}: "
+                                       f"{exc.strerror or exc}"]) from None
+        except BaseException:
+            change.abandon()
+            if admin_server is not None:
+                admin_server.close()
+            raise
+        # 2. Commit: nothing below can fail.
+        await self.gateway.apply(runtime, change)
+        if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
+            self.gateway.resolver = make_resolver(new)
+        self.admin_token = token
+        if admin_server is not None:
+            self.admin_server.close()
+            self.admin_server, self.admin_address = admin_server, new.admin.address
+            await admin_server.start_serving()
+        if access_log is not None:
+            previous, self.access_log = self.access_log, access_log
+            self.gateway.access_log = access_log
+            previous.close()
 
     def _tell_children(self, sig: int) -> None:
         for pid in self.children:

@@ -98,7 +98,9 @@ def test_https_proxy_url_form(start_gateway, origin, ca, ca_file, tmp_path):
 
 
 def test_headers_rewritten(start_gateway, origin):
-    gw = _gw(start_gateway)
+    cfg = base_config()
+    cfg["clients"] = [{"name": "foo", "from": ["127.0.0.0/8"], "username": "foo", "password_env": "FOO_SECRET"}]
+    gw = start_gateway(cfg, env={"FOO_SECRET": "bar"})
     r = curl("-x", gw.url, "-H", "Connection: keep-alive, X-Secret-Hop", "-H", "X-Secret-Hop: 1",
              "-H", "Proxy-Authorization: Basic Zm9vOmJhcg==", "-H", "X-Egressgate-Profile: default",
              "-H", "Via: 1.0 upstream-cache", "-H", "TE: trailers", origin.url("/headers?q=1"))

@@ -92,7 +92,7 @@ CASES = [
     ("no-credentials", None, "GET", "http://127.0.0.2:{port}/x", 407, "http_request_denied"),
     ("wrong-password", "open:nope", "GET", "http://127.0.0.2:{port}/x", 407, "http_request_denied"),
     ("unknown-user", "nobody", "GET", "http://127.0.0.2:{port}/x", 407, "http_request_denied"),
-    ("malformed-credentials", "!!garbage!!", "GET", "http://127.0.0.2:{port}/x", 400, "http_request_error"),
+    ("malformed-credentials", "!!garbage!!", "GET", "http://127.0.0.2:{port}/x", 407, "http_request_denied"),  # a 407 challenge, so clients retry
     ("loopback", "open", "GET", "http://127.0.0.1:{port}/", 403, "destination_ip_prohibited"),
     ("loopback-short", "open", "GET", "http://127.1:{port}/", 400, "http_request_error"),
     ("loopback-decimal", "open", "GET", "http://2130706433:{port}/", 400, "http_request_error"),

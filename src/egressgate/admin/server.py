@@ -104,11 +104,11 @@ class AdminProtocol(asyncio.Protocol):
     """``workers``: the private sockets of the other worker processes, whose metrics are
     merged into this one's. ``metrics_only``: the private listener of a worker > 0."""
 
-    def __init__(self, gw: Gateway, reload: Reloader | None, token: str | None,
+    def __init__(self, gw: Gateway, reload: Reloader | None, token: Callable[[], str | None],
                  workers: tuple[str, ...] = (), metrics_only: bool = False) -> None:
         self.gw = gw
         self.reload = reload
-        self.token = token
+        self.token = token  # the bearer token in force (a reload may change it)
         self.workers = workers
         self.metrics_only = metrics_only
         self.transport: asyncio.Transport | None = None
@@ -175,9 +175,10 @@ class AdminProtocol(asyncio.Protocol):
         if method != "POST":
             self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
             return
-        if self.token:
+        token = self.token()
+        if token:
             given = self.headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.token.encode()):
+            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 self._send(simple_response(401, b"bearer token required\n", "text/plain",
                                            extra=(("WWW-Authenticate", 'Bearer realm="egressgate"'),)))
                 return

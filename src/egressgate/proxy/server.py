@@ -2,8 +2,10 @@
 the listeners, the sweeper that enforces timeouts, reload and drain.
 
 Reload swaps the whole ``Runtime`` at once: new requests see the new one, requests and
-tunnels under way keep the one they started with. Listeners are opened and closed to match
-the new config; TLS certificates are re-read into the existing contexts.
+tunnels under way keep the one they started with. A reload is all or nothing: new listeners
+are bound and every TLS context is built fresh first (``prepare_listeners``); only when all of
+that worked is the runtime swapped, old listeners closed and the new contexts handed to new
+handshakes (``commit_listeners``).
 
 Drain (SIGTERM): not ready at once; keep accepting for ``drain.grace`` so the load balancer
 notices; close the listeners; let requests and tunnels finish up to ``drain.timeout``;
@@ -13,6 +15,7 @@ then close what is left.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 import traceback
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from ..egress.dialer import Dialer, SourceUnavailable
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.resolver import Resolver
-from ..errors import LimitReached
+from ..errors import ConfigError, LimitReached
 from ..model import parse_socket_address
 from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import Metrics
@@ -60,7 +63,9 @@ class Gateway:
         self.started = time.time()
         self.reuse_port = reuse_port
         self._servers: dict[str, asyncio.base_events.Server] = {}
-        self._tls: dict[str, ssl.SSLContext] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}  # the context in force per TLS listener
+        self._tls_mode: dict[str, str] = {}
+        self._infos: dict[str, ListenerInfo] = {}
         self._sweeper: asyncio.Task | None = None
         self._failures: dict[str, tuple[int, float]] = {}
         self._checks: dict[bytes, asyncio.Future[bool]] = {}
@@ -72,7 +77,7 @@ class Gateway:
 
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._sync_listeners(self.runtime)
+        await self.commit_listeners(await self.prepare_listeners(self.runtime))
         self._publish(self.runtime)
         self._sweeper = self.loop.create_task(self._sweep())
 
@@ -89,31 +94,82 @@ class Gateway:
                 out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
 
-    async def _sync_listeners(self, rt: Runtime) -> None:
-        wanted = {listener.address: listener for listener in rt.config.listen}
-        for name in list(self._servers):
-            if name not in wanted:
-                server = self._servers.pop(name)
-                server.close()
-                self._tls.pop(name, None)
-        for name, spec in wanted.items():
-            ctx = None
+    async def prepare_listeners(self, rt: Runtime) -> ListenerChange:
+        """Everything about ``rt``'s listeners that can fail, done before anything changes: a
+        fresh TLS context per TLS listener (certificate, key and CA loaded and matched), and
+        new listeners bound (not yet serving). Raises ``ConfigError`` and leaves the gateway as
+        it was; ``commit_listeners`` then applies the change and cannot fail."""
+        errors = []
+        contexts: dict[str, ssl.SSLContext] = {}
+        for i, spec in enumerate(rt.config.listen):
+            mode = _tls_mode(spec)
+            if spec.address in self._servers and self._tls_mode.get(spec.address) != mode:
+                errors.append(f"{rt.source}:0: listen[{i}].tls: changing a listener between plain, TLS and "
+                              f"mutual TLS ({self._tls_mode.get(spec.address)} -> {mode}) needs a restart")
             if spec.tls is not None:
-                ctx = self._tls.get(name)
-                if ctx is None:
-                    ctx = self._tls[name] = _server_context()
-                ctx.load_cert_chain(spec.tls.cert, spec.tls.key)
-                if spec.tls.client_ca:
-                    ctx.load_verify_locations(spec.tls.client_ca)
-                    ctx.verify_mode = ssl.CERT_OPTIONAL
-            if name in self._servers:
+                try:
+                    contexts[spec.address] = server_tls_context(spec.tls)
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    errors.append(f"{rt.source}:0: listen[{i}].tls: {exc}")
+        if errors:
+            raise ConfigError(errors)
+        bound: dict[str, tuple[asyncio.base_events.Server, ListenerInfo]] = {}
+        wanted = {spec.address for spec in rt.config.listen}
+        renamed: dict[str, str] = {}  # a listener configured with port 0, now named by its real port
+        for name, server in self._servers.items():
+            if name not in wanted:
+                real = _bound_name(server)
+                if real in wanted and real not in self._servers and self._tls_mode.get(name) == \
+                        next(_tls_mode(sp) for sp in rt.config.listen if sp.address == real):
+                    renamed[name] = real
+        for i, spec in enumerate(rt.config.listen):
+            name = spec.address
+            if name in self._servers or name in renamed.values():
                 continue
             host, port = parse_socket_address(name)
             info = ListenerInfo(name, spec.tls is not None, self.metrics.active_connections.labels(name),
                                 self.metrics.active_tunnels.labels(name))
-            self._servers[name] = await self.loop.create_server(
-                lambda info=info: ClientConnection(self, info), host, port, ssl=ctx, backlog=4096,
-                reuse_port=self.reuse_port or None)
+            ctx = contexts.get(name)
+            if ctx is not None:
+                ctx.sni_callback = functools.partial(self._pick_tls, info)
+            try:
+                bound[name] = (await self.loop.create_server(
+                    lambda info=info: ClientConnection(self, info), host, port, ssl=ctx, backlog=4096,
+                    reuse_port=self.reuse_port or None, start_serving=False), info)
+            except OSError as exc:
+                for server, _ in bound.values():
+                    server.close()
+                raise ConfigError([f"{rt.source}:0: listen[{i}].address: cannot listen on {name}: "
+                                   f"{exc.strerror or exc}"]) from None
+        modes = {spec.address: _tls_mode(spec) for spec in rt.config.listen}
+        removed = [n for n in self._servers if n not in wanted and n not in renamed]
+        return ListenerChange(contexts, bound, removed, modes, renamed)
+
+    async def commit_listeners(self, change: ListenerChange) -> None:
+        for name in change.removed:
+            self._servers.pop(name).close()
+            self._infos.pop(name, None)
+            self._tls.pop(name, None)
+        for old, new in change.renamed.items():
+            self._servers[new] = self._servers.pop(old)
+            info = self._infos[new] = self._infos.pop(old)
+            info.name = new
+            if old in self._tls:
+                self._tls[new] = self._tls.pop(old)
+        self._tls.update(change.contexts)  # live listeners hand new handshakes the new context
+        self._tls_mode = change.modes
+        for name, (server, info) in change.bound.items():
+            self._servers[name] = server
+            self._infos[name] = info
+            await server.start_serving()
+
+    def _pick_tls(self, info: ListenerInfo, sslobj, server_name, ctx) -> None:  # noqa: ARG002
+        """SNI callback (OpenSSL calls it for every ClientHello, SNI or not): a listener's
+        server context is fixed when it opens, so each handshake switches to the context of
+        the configuration in force, which a reload replaced whole."""
+        current = self._tls.get(info.name)
+        if current is not None and current is not ctx:
+            sslobj.context = current
 
     # --- services used by connections -------------------------------------------------------
     async def resolve(self, host: str) -> list[str]:
@@ -224,14 +280,17 @@ class Gateway:
             self.pool.sweep(now, rt.timeouts.upstream_idle)
 
     # --- reload and drain ---------------------------------------------------------------------
-    async def apply(self, new: Runtime) -> None:
+    async def apply(self, new: Runtime, change: ListenerChange | None = None) -> None:
+        """Swap in ``new`` (listeners prepared by ``prepare_listeners`` unless given)."""
+        if change is None:
+            change = await self.prepare_listeners(new)  # may raise: then nothing has changed
         old = self.runtime
         for name, pool in new.profiles.items():
             previous = old.profiles.get(name)
             if previous is not None and previous.members == pool.members:
                 pool.observed_ip, pool.observed_at = previous.observed_ip, previous.observed_at
-        await self._sync_listeners(new)
         self.runtime = new
+        await self.commit_listeners(change)
         self.pool.close_all()  # idle origin connections may use an old egress address
         self._publish(new)
         for hook in self.on_reload:
@@ -281,8 +340,43 @@ class Gateway:
         self._servers.clear()
 
 
-def _server_context() -> ssl.SSLContext:
+@dataclass(slots=True)
+class ListenerChange:
+    """What ``prepare_listeners`` made ready: fresh TLS contexts, newly bound listeners (not yet
+    serving), listeners to close, and each listener's TLS mode."""
+
+    contexts: dict[str, ssl.SSLContext]
+    bound: dict[str, tuple]
+    removed: list[str]
+    modes: dict[str, str]
+    renamed: dict[str, str]
+
+    def abandon(self) -> None:
+        for server, _ in self.bound.values():
+            server.close()
+
+
+def _bound_name(server) -> str | None:
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None
+
+
+def _tls_mode(spec) -> str:
+    if spec.tls is None:
+        return "plain"
+    return "mtls" if spec.tls.client_ca else "tls"
+
+
+def server_tls_context(tls) -> ssl.SSLContext:
+    """A new server context from a ``TLSConfig``: raises if the certificate, key or CA cannot be
+    loaded or the key does not match the certificate. Never mutated once built."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca:
+        ctx.load_verify_locations(tls.client_ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx

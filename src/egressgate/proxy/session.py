@@ -71,6 +71,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.identity: Identity | None = None
+        # (runtime, Proxy-Authorization) the identity was found under. The runtime object itself,
+        # not id(): a freed runtime's address is reused, and an identity from an old, wider
+        # config must never match a new one.
         self.identity_key: tuple | None = None
         self.cert_subject: str | None = None
         self.client_name: str | None = None
@@ -368,7 +371,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.connect:
             return False
         identity = self.identity
-        if identity is None or self.identity_key != (id(rt), ex.head.proxy_authorization):
+        key = self.identity_key
+        if identity is None or key[0] is not rt or key[1] != ex.head.proxy_authorization:
             return False
         route = self._route(ex, rt, identity)
         if route is None:
@@ -458,8 +462,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
         auth = head.proxy_authorization
-        key = (id(rt), auth)
-        if self.identity is not None and self.identity_key == key:
+        key = (rt, auth)
+        if self.identity is not None and self.identity_key[0] is rt and self.identity_key[1] == auth:
             return self.identity
         result = rt.clients.identify(self.peer, auth, self.cert_subject)
         if isinstance(result, PendingCheck):
