@@ -316,7 +316,7 @@ def test_provider_pinned_to_google_6_or_7(tf):
 
 import gcp_module  # noqa: E402  (tests/deploy is on sys.path through conftest)
 
-HASH = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0$ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0"
+HASH = "scrypt$16384$8$1$+lEPnoX3MO3uhiHC3EDIlA==$g9k3kEzpdIM4G+w7RZLYX55Xf3qChYNlTntSyFdrzJA="
 SAMPLE_VARS = {
     "project_id": "my-egress-project",
     "region": "europe-west1",
