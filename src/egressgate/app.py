@@ -48,21 +48,32 @@ def read_config(path: str | None) -> tuple[Config, str]:
     return config, hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _secret(spec) -> str | None:
-    if spec.password_file:
+def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
+    if path:
         try:
-            return Path(spec.password_file).read_text(encoding="utf-8").strip()
+            return Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError([f"{spec.password_file}:0: password_file: {exc}"]) from None
-    if spec.password_env:
-        return os.environ.get(spec.password_env, "")
+            raise ConfigError([f"{path}:0: {key}: {exc}"]) from None
+    if env:
+        return os.environ.get(env, "")
     return None
+
+
+def _secret(spec) -> str | None:
+    """A client's plain secret (password_file / password_env)."""
+    return _read_secret(spec.password_file, spec.password_env)
+
+
+def _upstream_secret(spec) -> str | None:
+    """A profile's upstream proxy password (upstream_password_file / upstream_password_env)."""
+    return _read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
 
 def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
     attest = config.probe.echo_url is not None
     profiles = {
-        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock, attest)
+        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
+                         upstream_password=_upstream_secret(spec), attest=attest)
         for name, spec in config.egress.items()
     }
     return Runtime(

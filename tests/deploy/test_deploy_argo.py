@@ -106,7 +106,8 @@ def proxy_profile_env(template):
     pass_ref = by_name["PROXY_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert user_ref["name"] == pass_ref["name"]
     assert (user_ref["key"], pass_ref["key"]) == ("username", "password")
-    assert by_name["HTTPS_PROXY"]["value"].startswith("http://$(PROXY_USER):$(PROXY_PASSWORD)@")
+    assert by_name["HTTPS_PROXY"]["value"].startswith(
+        "{{workflow.parameters.proxy-scheme}}://$(PROXY_USER):$(PROXY_PASSWORD)@")
     return user_ref["name"], by_name
 
 
@@ -184,14 +185,16 @@ def fake_gateway():
     server.shutdown()
 
 
-def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="vendor-x"):
+def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="vendor-x", scheme="http",
+                  ca=""):
     FakeGateway.answer = answer
     source = templates["preflight"]["script"]["source"]
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
     env.update(
-        HTTPS_PROXY=f"http://vendor-x:s3cret@127.0.0.1:{port}",
+        HTTPS_PROXY=f"{scheme}://vendor-x:s3cret@{'localhost' if scheme == 'https' else '127.0.0.1'}:{port}",
         EXPECTED_IP=expected_ip,
         EXPECTED_PROFILE=profile,
+        PROXY_CA=ca,
     )
     return subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=30)
 
@@ -226,3 +229,82 @@ def test_preflight_fails_fast_on_mismatch(templates, fake_gateway, change):
     proc = run_preflight(templates, fake_gateway.server_port, {**GOOD, **change})
     assert proc.returncode == 1
     assert "PRE-FLIGHT FAILED" in proc.stderr
+
+
+def test_preflight_over_tls_to_the_proxy(templates, tmp_path):
+    """https:// proxy URL: the pre-flight speaks TLS to the gateway and verifies it with PROXY_CA."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ca_path = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_path))
+    FakeGateway.seen = []
+    server = http.server.HTTPServer(("127.0.0.1", 0), FakeGateway)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = run_preflight(templates, server.server_port, GOOD, scheme="https", ca=str(ca_path))
+        assert proc.returncode == 0, proc.stderr
+        assert FakeGateway.seen[0][0] == "http://egressgate.whoami/"
+        untrusted = run_preflight(templates, server.server_port, GOOD, scheme="https", ca="")
+        assert untrusted.returncode != 0, "an unverified proxy certificate must fail the pre-flight"
+    finally:
+        server.shutdown()
+
+
+def test_proxy_urls_are_https_by_default(params, templates):
+    """Defect: credentials crossed the internet in clear text (http:// proxy URL to an external LB)."""
+    assert params["proxy-scheme"] == "https"
+    for name in ("collect-vendor-x", "collect-vendor-y"):
+        args = templates[name]["container"]["args"]
+        assert args[args.index("--proxy-cacert") + 1].startswith("/etc/egressgate-ca/")
+
+
+def effective(wft, template):
+    """The container/script spec as Argo runs it: templateDefaults.container applies to container
+    templates only, never to script templates."""
+    if "container" in template:
+        merged = json.loads(json.dumps(wft["spec"]["templateDefaults"]["container"]))
+        merged.update(template["container"])
+        return merged
+    return template["script"]
+
+
+def test_every_step_is_hardened_for_restricted_pod_security(wft, templates):
+    """Defect: the script step got none of templateDefaults.container (no allowPrivilegeEscalation,
+    no dropped capabilities, no limits) and a `restricted` namespace rejected it."""
+    steps = [t for t in templates.values() if "container" in t or "script" in t]
+    assert any("script" in t for t in steps)
+    for t in steps:
+        spec = effective(wft, t)
+        sc = spec.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False, t["name"]
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], t["name"]
+        assert sc.get("readOnlyRootFilesystem") is True, t["name"]
+        limits = spec.get("resources", {}).get("limits", {})
+        assert {"cpu", "memory"} <= set(limits), t["name"]
+    assert wft["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert wft["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_executor_rbac_for_workflowtaskresults(wft):
+    """Defect: Argo 3.4+ executors create/patch workflowtaskresults; the job SA had no Role."""
+    docs = load_docs(ARGO / "rbac.yaml")
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    role = roles[binding["roleRef"]["name"]]
+    assert binding["roleRef"]["kind"] == "Role"
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["argoproj.io"] and rule["resources"] == ["workflowtaskresults"]
+    assert set(rule["verbs"]) == {"create", "patch"}
+    (subject,) = binding["subjects"]
+    assert subject == {"kind": "ServiceAccount", "name": wft["spec"]["serviceAccountName"],
+                       "namespace": wft["metadata"]["namespace"]}
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == wft["metadata"]["namespace"]
+    kv = pytest.importorskip("kubernetes_validate")
+    for doc in docs:
+        kv.validate(doc, "1.33.0", strict=True)

@@ -64,12 +64,54 @@ def get(stage, name):
     return [args for instr, args in stage if instr == name]
 
 
+def base_image() -> str:
+    """The value of the global ARG PYTHON_IMAGE (before the first FROM)."""
+    (arg,) = [line.split("=", 1)[1] for line in DOCKERFILE.read_text().splitlines()
+              if line.startswith("ARG PYTHON_IMAGE=")]
+    return arg.strip()
+
+
 def test_multi_stage_on_python_311_slim():
     froms = [args for instr, args in instructions() if instr == "FROM"]
     assert len(froms) >= 2, "expected a build stage and a runtime stage"
     for f in froms:
-        assert f.split()[0] == "python:3.11-slim", f"unexpected base image {f}"
+        assert f.split()[0] == "${PYTHON_IMAGE}", f"unexpected base image {f}"
     assert froms[0].split()[-1] == "build"
+
+
+def test_base_image_pinned_by_digest():
+    """Defect: `python:3.11-slim` floated; two builds of one commit could differ."""
+    import re
+
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base_image()), base_image()
+
+
+def test_dependencies_locked_and_used_by_the_build():
+    """Defect: dependency versions were not locked. deploy/constraints.txt pins every runtime
+    dependency (transitively) with ==, and the image build uses it."""
+    import re
+    from importlib.metadata import distribution
+
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{line}: pin with =="
+            pins[name.lower().replace("_", "-")] = version
+    needed, todo = set(), ["egressgate"]
+    while todo:
+        for req in distribution(todo.pop()).requires or []:
+            if "extra ==" in req or ("win32" in req and "!=" not in req):
+                continue
+            name = re.split(r"[ ;<>=!~\[(]", req)[0].lower().replace("_", "-")
+            if name not in needed:
+                needed.add(name)
+                todo.append(name)
+    assert needed <= set(pins), f"not pinned: {needed - set(pins)}"
+    runs = " ".join(get(stages()[0], "RUN"))
+    assert "--constraint deploy/constraints.txt" in runs
+    assert "deploy/constraints.txt" in context_files()
     # the runtime installs from the build stage's wheels, not from the network
     runs = " ".join(get(final_stage(), "RUN"))
     assert "from=build" in runs and "--no-index" in runs and "--find-links=/wheels" in runs
@@ -251,7 +293,7 @@ def test_image_install_steps_in_scratch_venv(tmp_path):
     if Version(version("setuptools")) < Version("68"):
         pytest.skip("offline build needs setuptools>=68 (pyproject build-system) in the test venv")
     runs = " ".join(get(stages()[0], "RUN"))
-    assert "pip wheel --wheel-dir /wheels ." in runs
+    assert "pip wheel --constraint deploy/constraints.txt --wheel-dir /wheels ." in runs
     final_runs = " ".join(get(final_stage(), "RUN"))
     assert "python -m venv /opt/egressgate" in final_runs
     assert "/opt/egressgate/bin/pip install --no-index --find-links=/wheels egressgate" in final_runs

@@ -4,7 +4,9 @@ security / availability properties the gateway relies on."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -121,6 +123,25 @@ def test_uid_matches_the_image_user(pod):
     assert pod["spec"]["securityContext"]["runAsUser"] == int(user)
 
 
+def secret_generator():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (gen,) = [g for g in kust.get("secretGenerator", []) if g["name"] == "egressgate-client-passwords"]
+    return {f.split("=", 1)[0]: f.split("=", 1)[1] for f in gen["files"]}
+
+
+def test_base_ships_no_usable_credentials(objs):
+    """Defect: `kustomize build` applied a Secret with the password REPLACE-... and the gateway took it.
+    Now the Secret is generated from files the operator creates (gitignored): no Secret object with
+    literal data in the base, and every generator file lives in secrets/, which holds none."""
+    assert not [k for k in objs if k[0] == "Secret"], "the base must not contain a Secret with literal data"
+    files = secret_generator()
+    assert all(path.startswith("secrets/") for path in files.values())
+    ignore = (K8S / "secrets" / ".gitignore").read_text().split()
+    assert "*" in ignore
+    tracked = subprocess.run(["git", "ls-files", "secrets"], capture_output=True, text=True, cwd=K8S).stdout
+    assert tracked.split() in (["secrets/.gitignore"], []), f"credentials committed: {tracked}"
+
+
 def test_mounts_match_config_paths(pod, container, gateway_config, objs):
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
@@ -131,13 +152,14 @@ def test_mounts_match_config_paths(pod, container, gateway_config, objs):
     secret_mounts = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
     assert all(m.get("readOnly") for m in mounts.values() if m["mountPath"] != "/tmp")
     secret_name = volumes[secret_mounts[0]["name"]]["secret"]["secretName"]
-    secret = objs[("Secret", secret_name)]
-    for client in gateway_config["clients"]:
-        pf = client.get("password_file")
-        if pf:
-            directory, key = pf.rsplit("/", 1)
-            assert directory == secret_mounts[0]["mountPath"], pf
-            assert key in secret["stringData"], f"Secret has no key {key} for {client['name']}"
+    assert secret_name == "egressgate-client-passwords"  # kustomize rewrites it to the generated name
+    keys = set(secret_generator())
+    files = [c.get("password_file") for c in gateway_config["clients"]]
+    files += [p.get("upstream_password_file") for p in gateway_config["egress"].values()]
+    for pf in filter(None, files):
+        directory, key = pf.rsplit("/", 1)
+        assert directory == secret_mounts[0]["mountPath"], pf
+        assert key in keys, f"the secretGenerator has no key {key} for {pf}"
     assert "tmp" in volumes and volumes["tmp"]["emptyDir"]["medium"] == "Memory"
 
 
@@ -206,13 +228,80 @@ def test_configmap_config_is_valid(check_config, objs, container, pod, tmp_path)
     (password_file is read at load time)."""
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     (mount,) = [m for m in container["volumeMounts"] if "secret" in volumes[m["name"]]]
-    secret = objs[("Secret", volumes[mount["name"]]["secret"]["secretName"])]
     secret_dir = tmp_path / "secrets"
     secret_dir.mkdir()
-    for key, value in secret["stringData"].items():
-        (secret_dir / key).write_text(value)
+    for key in secret_generator():  # what an operator creates: `openssl rand -hex 24 > secrets/KEY`
+        (secret_dir / key).write_text(os.urandom(24).hex())
     text = objs[("ConfigMap", "egressgate-config")]["data"]["config.yaml"]
     assert mount["mountPath"] + "/" in text
     text = text.replace(mount["mountPath"] + "/", f"{secret_dir}/")
     proc = check_config(text)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ... and the old placeholder secret is refused by check-config
+    (secret_dir / "vendor-x").write_text("REPLACE-WITH-openssl-rand-hex-24")
+    proc = check_config(text)
+    assert proc.returncode == 1 and "placeholder" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_configmap_sets_the_probe(gateway_config):
+    """Defect: probe.echo_url was never set, so expect_ip could never be checked."""
+    assert gateway_config["probe"]["echo_url"].startswith("https://")
+    assert any(p.get("expect_ip") for p in gateway_config["egress"].values())
+
+
+def test_upstream_credentials_are_not_in_the_configmap(gateway_config):
+    """Defect: a chained upstream's credentials could only be in its URL, i.e. in the ConfigMap."""
+    from urllib.parse import urlsplit
+
+    for name, profile in gateway_config["egress"].items():
+        for url in profile.get("upstream", []):
+            assert urlsplit(url).password is None, f"{name}: password in the ConfigMap"
+            if urlsplit(url).username:
+                assert profile.get("upstream_password_file") or profile.get("upstream_password_env"), name
+
+
+def test_network_policy_allows_node_local_dns(objs):
+    """Defect: NodeLocal DNSCache (169.254.20.10, host network) was blocked by the pod selector and
+    by the 169.254.0.0/16 exception."""
+    egress = objs[("NetworkPolicy", "egressgate")]["spec"]["egress"]
+    dns_rules = [r for r in egress if {p["port"] for p in r.get("ports", [])} == {53}]
+    assert dns_rules
+    peers = [peer for r in dns_rules for peer in r["to"]]
+    assert {"cidr": "169.254.20.10/32"} in [p.get("ipBlock") for p in peers]
+    assert any(p.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"} for p in peers)
+    assert {(p["protocol"], p["port"]) for r in dns_rules for p in r["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+
+def test_network_policy_admits_the_scrapers(objs):
+    ingress = objs[("NetworkPolicy", "egressgate")]["spec"]["ingress"]
+    admin = [r for r in ingress if {p["port"] for p in r["ports"]} == {9128}]
+    namespaces = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                  for r in admin for peer in r["from"]}
+    assert {"gmp-system", "monitoring"} <= namespaces
+
+
+def test_pod_and_service_monitors():
+    pm = load_docs(K8S / "monitoring" / "podmonitoring.yaml")[0]
+    assert pm["kind"] == "PodMonitoring" and pm["apiVersion"] == "monitoring.googleapis.com/v1"
+    assert pm["metadata"]["name"] == "egressgate"  # GMP's job label = this name = the alerts' job
+    assert pm["spec"]["endpoints"][0]["port"] == "admin" and pm["spec"]["endpoints"][0]["path"] == "/metrics"
+    docs = {d["kind"]: d for d in load_docs(K8S / "monitoring" / "servicemonitor.yaml")}
+    sm, svc = docs["ServiceMonitor"], docs["Service"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert svc["metadata"]["labels"][sm["spec"]["jobLabel"]] == "egressgate"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [9128]
+    kv = pytest.importorskip("kubernetes_validate")
+    kv.validate(svc, K8S_VERSION, strict=True)
+
+
+def test_hpa_scales_on_a_metric_the_gateway_exports(objs):
+    from egressgate.observe.metrics import Metrics
+
+    hpa = objs[("HorizontalPodAutoscaler", "egressgate")]["spec"]
+    pods = [m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    assert pods, "an HPA metric beyond CPU: open connections"
+    exported = {f.name for f in Metrics().registry.collect()}
+    for name in pods:
+        base = name.split("|")[1] if "|" in name else name
+        assert base == "egressgate_active_connections"
+        assert base in exported, exported

@@ -3,17 +3,23 @@ invariants asserted; its templates rendered and the boot-time config renderer ex
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
+import json
+import os
 import re
 import subprocess
+import threading
 
 import pytest
 import yaml
-from conftest import TF, first_block, load_tf_module, render_tftpl, template_variables, walk_keys
+from conftest import TF, first_block, load_tf_module, template_variables, walk_keys
 
 LB_HC_RANGES = {"35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"}  # external passthrough NLB
+INTERNAL_LB_HC_RANGES = {"35.191.0.0/16", "130.211.0.0/22"}  # internal passthrough NLB
 AUTOHEAL_HC_RANGES = {"35.191.0.0/16", "130.211.0.0/22"}  # health checks not tied to an LB
 SA_ROLES = {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/artifactregistry.reader"}
+TLS_ROLE = "roles/secretmanager.secretAccessor"  # only with var.tls from Secret Manager, per secret
 
 # Removed/deprecated/legacy things that must not come back.
 FORBIDDEN_RESOURCE_TYPES = {
@@ -117,8 +123,14 @@ def test_nat_addresses_keyed_and_create_before_destroy(tf):
 def test_instance_template_hardening(tf):
     it = res(tf, "google_compute_instance_template")
     assert it["can_ip_forward"] is False
-    assert "cos-cloud/" in tf["variable"]["cos_image"]["default"]
-    assert it["disk"][0]["source_image"] == "${var.cos_image}"
+    # The image is resolved at plan time (data source) or pinned, never a family resolved at VM creation.
+    assert it["disk"][0]["source_image"] == (
+        "${var.cos_image != null ? var.cos_image : data.google_compute_image.cos[0].self_link}"
+    )
+    cos = tf["data"]["google_compute_image"]["cos"]
+    assert cos["project"] == "cos-cloud" and cos["family"] == "${var.cos_image_family}"
+    assert tf["variable"]["cos_image"]["default"] is None
+    assert tf["variable"]["cos_image_family"]["default"].startswith("cos-")
     nic = first_block(it, "network_interface")
     assert "access_config" not in nic, "the VMs must not get an external IP"
     alias = nic["dynamic"][0]["alias_ip_range"]
@@ -146,6 +158,10 @@ def test_service_account_has_exactly_three_roles(tf):
         assert rtype.endswith("_iam_member"), f"{rtype}: use additive *_iam_member"
         for body in by_name.values():
             assert body["member"] == "serviceAccount:${google_service_account.gateway.email}"
+            if body["role"] == TLS_ROLE:
+                assert rtype == "google_secret_manager_secret_iam_member", "secret-scoped only"
+                assert body["for_each"] == "${local.tls_secrets}"
+                continue
             if body["role"] == "${each.value}":
                 m = re.fullmatch(r"\$\{toset\(local\.([a-z_]+)\)\}", body["for_each"])
                 roles.update(tf["locals"][m.group(1)])
@@ -172,7 +188,12 @@ def test_firewall_rules(tf):
     clients = allow_rules["clients"]
     assert clients["source_ranges"] == "${var.client_cidrs}"
     assert clients["allow"][0]["ports"] == ["${tostring(local.proxy_port)}"]
-    assert set(local_list(tf, allow_rules["lb_health_checks"]["source_ranges"])) == LB_HC_RANGES
+    assert allow_rules["lb_health_checks"]["source_ranges"] == "${local.lb_health_check_ranges}"
+    assert tf["locals"]["lb_health_check_ranges"] == (
+        "${local.internal_lb ? local.internal_lb_health_check_ranges : local.external_lb_health_check_ranges}"
+    )
+    assert set(tf["locals"]["external_lb_health_check_ranges"]) == LB_HC_RANGES
+    assert set(tf["locals"]["internal_lb_health_check_ranges"]) == INTERNAL_LB_HC_RANGES
     assert (
         set(local_list(tf, allow_rules["autohealing_health_checks"]["source_ranges"])) == AUTOHEAL_HC_RANGES
     )
@@ -194,12 +215,12 @@ def test_load_balancer_and_health_checks(tf):
     assert http["request_path"] == "/readyz"
     assert http["port"] == "${local.admin_port}"
     bes = res(tf, "google_compute_region_backend_service")
-    assert bes["load_balancing_scheme"] == "EXTERNAL" and bes["protocol"] == "TCP"
+    assert bes["load_balancing_scheme"] == "${var.load_balancer_scheme}" and bes["protocol"] == "TCP"
     assert bes["health_checks"] == ["${google_compute_region_health_check.ready.id}"]
     assert first_block(bes, "backend")["balancing_mode"] == "CONNECTION"
-    assert "drain_timeout_sec" in bes["connection_draining_timeout_sec"]
+    assert bes["connection_draining_timeout_sec"] == "${var.drain_timeout_sec}"
     fr = res(tf, "google_compute_forwarding_rule")
-    assert fr["load_balancing_scheme"] == "EXTERNAL" and fr["ip_protocol"] == "TCP"
+    assert fr["load_balancing_scheme"] == "${var.load_balancer_scheme}" and fr["ip_protocol"] == "TCP"
     assert fr["ports"] == ["${tostring(local.proxy_port)}"]
     assert fr["ip_address"] == "${google_compute_address.lb.address}"
     assert fr["backend_service"] == "${google_compute_region_backend_service.gateway.id}"
@@ -209,9 +230,13 @@ def test_load_balancer_and_health_checks(tf):
 def test_mig_autohealing_and_surge_only_updates(tf):
     mig = res(tf, "google_compute_region_instance_group_manager")
     heal = first_block(mig, "auto_healing_policies")
-    assert heal["health_check"] == "${google_compute_health_check.live.id}"
-    live = res(tf, "google_compute_health_check", "live")
-    assert first_block(live, "http_health_check")["request_path"] == "/healthz"
+    # The rollout gate: a MIG update waits for new VMs to be HEALTHY on the autohealing check, so it
+    # must be readiness-aware (defect: it was /healthz, and a config failing /readyz rolled out).
+    assert heal["health_check"] == "${google_compute_health_check.autoheal.id}"
+    heal_check = res(tf, "google_compute_health_check", "autoheal")
+    assert first_block(heal_check, "http_health_check")["request_path"] == "/readyz"
+    # slow enough that a short echo-service outage does not recreate VMs
+    assert heal_check["unhealthy_threshold"] * heal_check["check_interval_sec"] >= 300
     up = first_block(mig, "update_policy")
     assert up["max_unavailable_fixed"] == 0
     assert up["type"] == "PROACTIVE" and up["minimal_action"] == "REPLACE"
@@ -239,6 +264,11 @@ def test_variables_documented_typed_and_validated(tf):
         "nat_min_ports_per_vm",
         "subnet_cidr",
         "name_prefix",
+        "probe_echo_url",
+        "load_balancer_scheme",
+        "tls",
+        "autoscaling",
+        "cos_image",
     }
     missing = {n for n in must_validate if not variables[n].get("validation")}
     assert not missing, f"variables without validation: {missing}"
@@ -284,34 +314,32 @@ def test_provider_pinned_to_google_6_or_7(tf):
 
 # ------------------------------------------------------------------------------ templates + boot
 
-SAMPLE = {
-    "default_profile": "vendor-x",
-    "proxy_port": 3128,
-    "admin_port": 9128,
-    "drain_timeout": 30,
-    "egress": {
-        "vendor-x": {"bind": ["@ALIAS_IN:10.20.1.0/24@"], "expect_ip": ["203.0.113.10"]},
-        "vendor-y": {"bind": ["@ALIAS_IN:10.20.2.0/24@"], "expect_ip": ["203.0.113.20", "203.0.113.21"]},
+import gcp_module  # noqa: E402  (tests/deploy is on sys.path through conftest)
+
+HASH = "scrypt$16384$8$1$+lEPnoX3MO3uhiHC3EDIlA==$g9k3kEzpdIM4G+w7RZLYX55Xf3qChYNlTntSyFdrzJA="
+SAMPLE_VARS = {
+    "project_id": "my-egress-project",
+    "region": "europe-west1",
+    "image": "europe-west1-docker.pkg.dev/my-egress-project/egressgate/egressgate@sha256:" + "0" * 64,
+    "artifact_registry_repository": "egressgate",
+    "egress_profiles": {
+        "vendor-x": {"secondary_cidr": "10.20.1.0/24", "nat_ip_names": ["vendor-x-a"]},
+        "vendor-y": {"secondary_cidr": "10.20.2.0/24", "nat_ip_names": ["vendor-y-a"],
+                     "reserved_nat_ip_names": ["vendor-y-b"]},
     },
+    "default_profile": "vendor-x",
+    "client_cidrs": ["198.51.100.7/32"],
     "clients": [
-        {
-            "name": "vendor-x-collector",
-            "from": ["198.51.100.7/32"],
-            "username": "vendor-x",
-            "password_hash": "scrypt$placeholder",
-            "egress": ["vendor-x"],
-            "allow": ["*.vendor-x.com"],
-        },
-        {
-            "name": "vendor-y-collector",
-            "from": ["198.51.100.7/32"],
-            "username": "vendor-y",
-            "password_hash": "scrypt$placeholder",
-            "egress": ["vendor-y"],
-        },
+        {"name": "vendor-x-collector", "username": "vendor-x", "password_hash": HASH,
+         "egress": ["vendor-x"], "allow": ["*.vendor-x.com"]},
+        {"name": "vendor-y-collector", "username": "vendor-y", "password_hash": HASH, "egress": ["vendor-y"]},
     ],
-    "connect_ports": [443],
 }
+SAMPLE_ADDRESSES = {"vendor-x-a": "203.0.113.10", "vendor-y-a": "203.0.113.20", "vendor-y-b": "203.0.113.21"}
+
+
+def rendered(**overrides):
+    return gcp_module.render({**SAMPLE_VARS, **overrides}, SAMPLE_ADDRESSES)
 
 
 def templatefile_keys(tf, local_name):
@@ -322,35 +350,52 @@ def templatefile_keys(tf, local_name):
 
 
 def test_templates_get_exactly_the_variables_they_use(tf):
-    gw = (TF / "templates" / "egressgate.yaml.tftpl").read_text()
-    ci = (TF / "templates" / "cloud-init.yaml.tftpl").read_text()
-    assert template_variables(gw) == templatefile_keys(tf, "gateway_config") == set(SAMPLE)
-    assert template_variables(ci) == templatefile_keys(tf, "cloud_init")
+    r = rendered()
+    for local_name, template in (("gateway_config", "egressgate.yaml.tftpl"), ("cloud_init", "cloud-init.yaml.tftpl"),
+                                 ("firewall_script", "firewall.sh.tftpl"), ("collector_config", "otel-collector.yaml.tftpl")):
+        used = template_variables((TF / "templates" / template).read_text())
+        assert used == templatefile_keys(tf, local_name) == set(r.template_vars[local_name]), template
 
 
-def render_gateway_config():
-    return render_tftpl((TF / "templates" / "egressgate.yaml.tftpl").read_text(), SAMPLE)
+def test_mirror_matches_locals(tf):
+    """tests/deploy/gcp_module.py mirrors locals.tf; the expressions it mirrors must not drift."""
+    loc = tf["locals"]
+    gw = loc["gateway_config"]
+    for piece in ("listen = local.gateway_listen", "drain_timeout = local.vm_stop_drain_sec",
+                  "egress = local.gateway_egress", "clients = local.gateway_clients",
+                  "connect_ports = var.connect_ports", "probe_echo_url = var.probe_echo_url"):
+        assert re.sub(r"\s+", " ", piece) in re.sub(r"\s+", " ", gw), piece
+    assert "sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)" in loc["gateway_egress"]
+    fw = loc["firewall_script"]
+    assert 'join(" ", var.client_cidrs)' in fw
+    assert "distinct(concat(local.lb_health_check_ranges, local.autohealing_health_check_ranges))" in fw
+    ci = re.sub(r"\s+", " ", loc["cloud_init"])
+    for piece in ("stop_timeout = local.docker_stop_sec", "systemd_stop_sec = local.systemd_stop_sec",
+                  'render_script = file("${path.module}/files/render-config.sh")',
+                  'tls_script = file("${path.module}/files/fetch-tls.sh")', "firewall_script = local.firewall_script"):
+        assert piece in ci, piece
 
 
-def render_cloud_init():
-    return render_tftpl(
-        (TF / "templates" / "cloud-init.yaml.tftpl").read_text(),
-        {
-            "image": "europe-west1-docker.pkg.dev/p/egressgate/egressgate@sha256:" + "0" * 64,
-            "registry_host": "europe-west1-docker.pkg.dev",
-            "gateway_config": render_gateway_config(),
-            "render_script": (TF / "files" / "render-config.sh").read_text(),
-            "stop_timeout": 40,
-            "systemd_stop_sec": 60,
-        },
-    )
+def test_expect_ip_order_is_stable_across_a_switch():
+    """The switch step of the rotation runbook must not change the instance template (no VM roll)."""
+    y = SAMPLE_VARS["egress_profiles"]["vendor-y"]
+    reserve = rendered()
+    switch = rendered(egress_profiles={**SAMPLE_VARS["egress_profiles"], "vendor-y": {
+        **y, "nat_ip_names": ["vendor-y-b"], "draining_nat_ip_names": ["vendor-y-a"], "reserved_nat_ip_names": []}})
+    assert reserve.cloud_init == switch.cloud_init
+
+
+def cloud_init_doc(r=None):
+    r = r or rendered()
+    text = r.cloud_init
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    return doc, {f["path"]: f for f in doc["write_files"]}
 
 
 def test_cloud_init_runs_the_container_hardened():
-    text = render_cloud_init()
-    assert text.startswith("#cloud-config\n")
-    doc = yaml.safe_load(text)
-    files = {f["path"]: f for f in doc["write_files"]}
+    r = rendered()
+    doc, files = cloud_init_doc(r)
     unit = files["/etc/systemd/system/egressgate.service"]["content"]
     (run,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     for flag in (
@@ -366,27 +411,200 @@ def test_cloud_init_runs_the_container_hardened():
     assert run.rstrip().endswith("@sha256:" + "0" * 64)
     assert "docker-credential-gcr configure-docker --registries europe-west1-docker.pkg.dev" in unit
     assert "render-config.sh /etc/egressgate/config.yaml.in /run/egressgate/config.yaml" in unit
-    stop = re.search(r"docker stop --time=(\d+)", unit)
-    assert stop and int(stop.group(1)) > SAMPLE["drain_timeout"], "docker stop must outwait the drain"
-    assert int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1)) > int(stop.group(1))
     assert "systemctl enable --now egressgate.service" in doc["runcmd"]
-    # the embedded config and script survive the YAML round trip byte for byte
-    assert files["/etc/egressgate/config.yaml.in"]["content"].rstrip("\n") == render_gateway_config().rstrip(
-        "\n"
-    )
-    assert (
-        files["/etc/egressgate/render-config.sh"]["content"]
-        == (TF / "files" / "render-config.sh").read_text()
-    )
+    # the embedded config and scripts survive the YAML round trip byte for byte
+    assert files["/etc/egressgate/config.yaml.in"]["content"].rstrip("\n") == r.gateway_config.rstrip("\n")
+    for name in ("render-config.sh", "fetch-tls.sh"):
+        assert files[f"/etc/egressgate/{name}"]["content"] == (TF / "files" / name).read_text()
+    assert files["/etc/egressgate/firewall.sh"]["content"].rstrip("\n") == r.firewall_script.rstrip("\n")
 
 
-def run_render(tmp_path, aliases):
+def test_cloud_init_opens_the_host_firewall_before_the_service():
+    """Defect: COS accepts only SSH; nothing opened the proxy and admin ports for --network=host."""
+    r = rendered()
+    _, files = cloud_init_doc(r)
+    unit = files["/etc/systemd/system/egressgate.service"]["content"].splitlines()
+    pre = [i for i, line in enumerate(unit) if line.startswith("ExecStartPre=")]
+    fw = [i for i in pre if "/etc/egressgate/firewall.sh" in unit[i]]
+    start = [i for i, line in enumerate(unit) if line.startswith("ExecStart=")]
+    assert fw and fw[0] < start[0], "the firewall must be opened before every start (restarts reset nothing)"
+    script = r.firewall_script
+    assert "iptables-restore --wait 10 --noflush" in script
+    assert 'proxy_sources="198.51.100.7/32"' in script
+    assert 'admin_sources="35.191.0.0/16 209.85.152.0/22 209.85.204.0/22 130.211.0.0/22"' in script
+    internal = rendered(load_balancer_scheme="INTERNAL").firewall_script
+    assert 'admin_sources="35.191.0.0/16 130.211.0.0/22"' in internal
+
+
+def test_firewall_script_is_idempotent_and_exact(tmp_path):
+    """Run the rendered script twice in a scratch network namespace with COS's default INPUT chain."""
+    from netns import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    script = tmp_path / "firewall.sh"
+    script.write_text(rendered().firewall_script)
+    runner = (
+        "iptables -w 5 -P INPUT DROP; iptables -w 5 -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT;"
+        f" iptables -w 5 -A INPUT -p tcp --dport 22 -j ACCEPT; bash {script} && bash {script} && iptables -w 5 -S"
+    )
+    proc = subprocess.run(["unshare", "--net", "sh", "-ec", runner], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines.count("-A INPUT -j EGRESSGATE") == 1
+    chain = [ln for ln in lines if ln.startswith("-A EGRESSGATE")]
+    assert chain == [
+        "-A EGRESSGATE -i lo -p tcp -m tcp --dport 9128 -j ACCEPT",
+        "-A EGRESSGATE -s 198.51.100.7/32 -p tcp -m tcp --dport 3128 -j ACCEPT",
+        "-A EGRESSGATE -s 35.191.0.0/16 -p tcp -m tcp --dport 9128 -j ACCEPT",
+        "-A EGRESSGATE -s 209.85.152.0/22 -p tcp -m tcp --dport 9128 -j ACCEPT",
+        "-A EGRESSGATE -s 209.85.204.0/22 -p tcp -m tcp --dport 9128 -j ACCEPT",
+        "-A EGRESSGATE -s 130.211.0.0/22 -p tcp -m tcp --dport 9128 -j ACCEPT",
+    ]
+
+
+def test_rendered_config_sets_the_probe(tf):
+    """Defect: probe.echo_url was never rendered, so expect_ip could never be checked."""
+    cfg = yaml.safe_load(rendered().gateway_config)
+    assert cfg["probe"]["echo_url"] == tf["variable"]["probe_echo_url"]["default"]
+    assert tf["variable"]["probe_echo_url"]["default"].startswith("https://")
+    assert all(p["expect_ip"] for p in cfg["egress"].values())
+    assert yaml.safe_load(rendered(probe_echo_url="http://echo.internal/").gateway_config)["probe"]["echo_url"] == (
+        "http://echo.internal/")
+
+
+def test_draining_numbers_are_consistent(tf):
+    """Defect: the LB's draining ended before the VM was stopped, and TimeoutStopSec could exceed
+    GCE's shutdown window. Now: the LB drains for drain_timeout_sec while the VM runs; then a short
+    SIGTERM drain that fits inside GCE's ~90 s."""
+    lc = gcp_module.module_locals()
+    r = rendered()
+    cfg = yaml.safe_load(r.gateway_config)
+    assert cfg["drain"]["timeout"] == lc["vm_stop_drain_sec"]
+    _, files = cloud_init_doc(r)
+    unit = files["/etc/systemd/system/egressgate.service"]["content"]
+    stop = int(re.search(r"docker stop --time=(\d+)", unit).group(1))
+    assert int(re.search(r"--stop-timeout=(\d+)", unit).group(1)) == stop
+    systemd = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))
+    assert lc["vm_stop_drain_sec"] < stop < systemd <= lc["gce_shutdown_limit"] == 90
+    bes = res(tf, "google_compute_region_backend_service")
+    assert bes["connection_draining_timeout_sec"] == "${var.drain_timeout_sec}"
+    cond = tf["variable"]["drain_timeout_sec"]["validation"][0]["condition"]
+    assert "<= 3600" in cond
+
+
+def test_tls_listener_option():
+    secret = rendered(tls={"cert_secret": "egressgate-tls-crt", "key_secret": "egressgate-tls-key"})
+    cfg = yaml.safe_load(secret.gateway_config)
+    assert cfg["listen"][0]["tls"] == {"cert": "/etc/egressgate/tls/tls.crt", "key": "/etc/egressgate/tls/tls.key"}
+    _, files = cloud_init_doc(secret)
+    unit = files["/etc/systemd/system/egressgate.service"]["content"]
+    assert "fetch-tls.sh secret-manager egressgate-tls-crt egressgate-tls-key" in unit
+    assert "--volume=/run/egressgate/tls:/etc/egressgate/tls:ro" in unit
+    plain = yaml.safe_load(rendered().gateway_config)
+    assert "tls" not in plain["listen"][0]
+
+
+def test_fetch_tls_from_secret_manager_and_files(tmp_path):
+    """fetch-tls.sh against loopback stubs of the metadata server and the Secret Manager API."""
+    payload = {"egressgate-tls-crt": b"-----BEGIN CERTIFICATE-----\nX\n", "egressgate-tls-key": b"KEY\n"}
+    seen = []
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Metadata-Flavor"), self.headers.get("Authorization")))
+            if self.path.endswith("/project/project-id"):
+                body = b"my-egress-project"
+            elif self.path.endswith("/service-accounts/default/token"):
+                body = b'{"access_token":"ya29.tok","expires_in":3599,"token_type":"Bearer"}'
+            else:
+                name = self.path.split("/secrets/")[1].split("/")[0]
+                import base64
+
+                body = json.dumps({"name": name, "payload": {"data": base64.b64encode(payload[name]).decode()}},
+                                  indent=2).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    env = {"PATH": "/usr/bin:/bin", "TLS_DIR": str(tmp_path / "tls"), "EGRESSGATE_GID": str(os.getgid()),
+           "METADATA_URL": f"{base}/computeMetadata/v1", "SECRET_MANAGER_URL": base}
+    try:
+        proc = subprocess.run(["bash", str(TF / "files" / "fetch-tls.sh"), "secret-manager", "egressgate-tls-crt",
+                               "projects/other/secrets/egressgate-tls-key"],
+                              env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tls" / "tls.crt").read_bytes() == payload["egressgate-tls-crt"]
+    assert (tmp_path / "tls" / "tls.key").read_bytes() == payload["egressgate-tls-key"]
+    assert oct((tmp_path / "tls" / "tls.key").stat().st_mode & 0o777) == "0o640"
+    paths = [p for p, _, _ in seen]
+    assert "/v1/projects/my-egress-project/secrets/egressgate-tls-crt/versions/latest:access" in paths
+    assert "/v1/projects/other/secrets/egressgate-tls-key/versions/latest:access" in paths
+    assert all(auth == "Bearer ya29.tok" for p, _, auth in seen if "/secrets/" in p)
+    assert all(flavor == "Google" for p, flavor, _ in seen if "computeMetadata" in p)
+
+
+def test_internal_load_balancer_variant(tf):
+    addr = res(tf, "google_compute_address", "lb")
+    assert addr["address_type"] == "${var.load_balancer_scheme}"
+    assert addr["subnetwork"] == "${local.internal_lb ? google_compute_subnetwork.gateway.id : null}"
+    fr = res(tf, "google_compute_forwarding_rule")
+    assert fr["subnetwork"] == "${local.internal_lb ? google_compute_subnetwork.gateway.id : null}"
+    assert fr["network_tier"] == "${local.internal_lb ? null : \"PREMIUM\"}"
+    assert tf["locals"]["internal_lb"] == '${var.load_balancer_scheme == "INTERNAL"}'
+    out = tf["output"]["proxy_url"]["value"]
+    assert "local.tls_enabled ? \"https\" : \"http\"" in out
+
+
+def test_autoscaler_on_the_mig(tf):
+    auto = res(tf, "google_compute_region_autoscaler")
+    assert auto["target"] == "${google_compute_region_instance_group_manager.gateway.id}"
+    policy = first_block(auto, "autoscaling_policy")
+    assert first_block(policy, "cpu_utilization")["target"] == "${var.autoscaling.cpu_target}"
+    mig = res(tf, "google_compute_region_instance_group_manager")
+    assert mig["target_size"] == "${var.autoscaling == null ? var.instance_count : null}"
+    nat = res(tf, "google_compute_router_nat")
+    assert "local.max_instances" in first_block(nat, "lifecycle")["precondition"][0]["condition"]
+
+
+def test_monitoring_path_on_gce(tf):
+    """Defect: nothing shipped metrics off COS. A collector unit scrapes loopback and writes to
+    Managed Service for Prometheus; Cloud NAT has alert policies."""
+    r = rendered()
+    _, files = cloud_init_doc(r)
+    unit = files["/etc/systemd/system/egressgate-metrics.service"]["content"]
+    assert "--network=host" in unit and "--read-only" in unit and "--cap-drop=ALL" in unit
+    assert "europe-west1-docker.pkg.dev/my-egress-project/egressgate/opentelemetry-collector-contrib" in unit
+    coll = yaml.safe_load(r.collector_config)
+    (job,) = coll["receivers"]["prometheus"]["config"]["scrape_configs"]
+    assert job["job_name"] == "egressgate"
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9128"]
+    assert job["relabel_configs"][0]["replacement"] == "${env:HOSTNAME}:9128"
+    assert coll["exporters"]["googlemanagedprometheus"]["project"] == "my-egress-project"
+    assert "lo" in r.firewall_script and "-i lo -p tcp --dport $admin_port" in r.firewall_script
+    policies = tf["resource"]["google_monitoring_alert_policy"]
+    filters = " ".join(p["conditions"][0]["condition_threshold"][0]["filter"] for p in policies.values())
+    assert "router.googleapis.com/nat/dropped_sent_packets_count" in filters and "OUT_OF_RESOURCES" in filters
+    assert "router.googleapis.com/nat/nat_allocation_failed" in filters
+
+
+def run_render(tmp_path, aliases, config_text=None):
     src = tmp_path / "config.yaml.in"
-    src.write_text(render_gateway_config())
+    src.write_text(config_text or rendered().gateway_config)
     dst = tmp_path / "config.yaml"
     proc = subprocess.run(
         ["bash", str(TF / "files" / "render-config.sh"), str(src), str(dst)],
-        env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": aliases, "EGRESSGATE_GID": str(__import__("os").getgid())},
+        env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": aliases, "EGRESSGATE_GID": str(os.getgid())},
         capture_output=True,
         text=True,
         timeout=30,
@@ -413,8 +631,136 @@ def test_render_config_fails_without_an_alias_in_range(tmp_path):
     assert not dst.exists()
 
 
-def test_rendered_gateway_config_is_valid(tmp_path, check_config):
-    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n")
+@pytest.mark.parametrize("variant", ["plain", "tls"])
+def test_rendered_gateway_config_is_valid(tmp_path, check_config, variant):
+    text = rendered().gateway_config
+    if variant == "tls":
+        trustme = pytest.importorskip("trustme")
+        cert = trustme.CA().issue_cert("gateway.example.internal")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+        text = rendered(tls={"cert_secret": "c", "key_secret": "k"}).gateway_config
+        text = text.replace("/etc/egressgate/tls/", f"{tmp_path}/")
+    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n", text)
     assert proc.returncode == 0, proc.stderr
     result = check_config(dst.read_text(), name="gcp-config.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------- variable validation (smaller)
+
+
+def _validation(tf, var, needle):
+    for v in tf["variable"][var]["validation"]:
+        if needle in v["condition"]:
+            return v["condition"]
+    raise AssertionError(f"no validation of {var} mentions {needle}")
+
+
+def tf_regex(tf, var, needle):
+    """The regex of a `can(regex("...", ...))` validation, unescaped to a Python pattern."""
+    cond = _validation(tf, var, needle)
+    m = re.search(r'regex\("((?:[^"\\]|\\.)*)"', cond)
+    return re.compile(m.group(1).replace("\\\\", "\\"))
+
+
+def test_name_prefix_fits_the_service_account_id(tf):
+    pattern = tf_regex(tf, "name_prefix", "regex")
+    for prefix in ("egressgate", "egw1", "a" * 20):
+        assert pattern.fullmatch(prefix), prefix
+        assert 6 <= len(f"{prefix}-vm") <= 30
+    for prefix in ("a", "ab", "abc", "eg-", "Egress", "a" * 21):
+        assert not pattern.fullmatch(prefix), prefix
+
+
+def test_password_hash_placeholders_are_refused(tf):
+    """Defect: "scrypt$REPLACE-WITH-hash-password-OUTPUT" passed validation."""
+    pattern = tf_regex(tf, "clients", "scrypt")
+    assert pattern.fullmatch(HASH)
+    proc = subprocess.run([os.environ.get("EGRESSGATE_BIN") or str(gcp_module.TF.parents[2] / ".venv/bin/egressgate"),
+                           "hash-password"], input="s3cret", capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:
+        assert pattern.fullmatch(proc.stdout.strip()), proc.stdout
+    for bad in ("scrypt$REPLACE-WITH-hash-password-OUTPUT", "scrypt$placeholder", "changeme", ""):
+        assert not pattern.fullmatch(bad), bad
+    assert "replace|changeme|example|placeholder" in _validation(tf, "clients", "regexall")
+    hcl2 = pytest.importorskip("hcl2")
+    from conftest import unquote
+
+    example = unquote(hcl2.load((TF / "terraform.tfvars.example").open()))
+    assert all(not pattern.fullmatch(c["password_hash"]) for c in example["clients"]), (
+        "the example must not carry a hash that validates (it would deploy as a real one)")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """The HCL formula of the secondary-range validation, in Python."""
+    na, nb = ipaddress.ip_network(a, strict=False), ipaddress.ip_network(b, strict=False)
+    p = min(na.prefixlen, nb.prefixlen)
+    return ipaddress.ip_network(f"{na.network_address}/{p}", strict=False) == ipaddress.ip_network(
+        f"{nb.network_address}/{p}", strict=False)
+
+
+def test_overlapping_ranges_are_refused(tf):
+    cond = _validation(tf, "egress_profiles", "cidrhost(\"${cidrhost(pa.secondary_cidr, 0)}/${min(")
+    assert "a == b ||" in cond
+    cases = {("10.20.1.0/24", "10.20.2.0/24"): False, ("10.20.0.0/16", "10.20.2.0/24"): True,
+             ("10.20.2.0/24", "10.20.2.128/25"): True, ("10.20.1.0/24", "10.20.1.0/24"): True}
+    for (a, b), want in cases.items():
+        assert _overlaps(a, b) is want and _overlaps(b, a) is want
+        assert ipaddress.ip_network(a).overlaps(ipaddress.ip_network(b)) is want
+    sub = res(tf, "google_compute_subnetwork")
+    assert "var.subnet_cidr" in first_block(sub, "lifecycle")["precondition"][0]["condition"]
+
+
+def test_broad_client_cidrs_need_an_explicit_opt_in(tf):
+    it = res(tf, "google_compute_instance_template")
+    conds = [p["condition"] for p in first_block(it, "lifecycle")["precondition"]]
+    assert any("var.allow_broad_client_cidrs ||" in c and ">= 16" in c for c in conds)
+    assert tf["variable"]["allow_broad_client_cidrs"]["default"] is False
+
+
+def test_image_host_must_match_the_registry(tf):
+    it = res(tf, "google_compute_instance_template")
+    conds = [p["condition"] for p in first_block(it, "lifecycle")["precondition"]]
+    assert '${startswith(var.image, "${local.registry_path}/")}' in conds
+    assert tf["locals"]["registry_path"] == (
+        "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}")
+
+
+# --------------------------------------------------------------------------------- terraform fmt
+
+_ATTR = re.compile(r'^(\s*)([A-Za-z_][A-Za-z0-9_-]*|"[^"]*")(\s*)=(?!=)(.*)$')
+
+
+def fmt_alignment_problems(text: str) -> list[str]:
+    """The `=` alignment rule of `terraform fmt` (hclwrite): consecutive attribute lines at one
+    indentation align their `=` one space after the longest name; a blank, comment or block line
+    ends the run. (The rest of fmt - indentation, spacing - is checked by eye; this is the rule the
+    module broke.)"""
+    problems, run = [], []
+
+    def close():
+        if run:
+            width = max(len(m.group(2)) for _, m in run)
+            problems.extend(f"line {i + 1}: {ln.strip()[:60]}" for i, m in run
+                            for ln in [lines[i]] if len(m.group(3)) != width - len(m.group(2)) + 1)
+        run.clear()
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        m = _ATTR.match(line)
+        if not m:
+            close()
+            continue
+        if run and len(m.group(1)) != len(run[-1][1].group(1)):
+            close()
+        run.append((i, m))
+        if line.rstrip().endswith(("{", "[", "(", "<<-EOT", "<<EOT")):
+            close()
+    close()
+    return problems
+
+
+@pytest.mark.parametrize("path", sorted(TF.glob("*.tf")), ids=lambda p: p.name)
+def test_terraform_fmt_alignment(path):
+    assert not fmt_alignment_problems(path.read_text()), fmt_alignment_problems(path.read_text())

@@ -1,3 +1,12 @@
+# The COS image is resolved here, at plan time, and written into the instance template: VMs that
+# autohealing or scaling creates later get exactly this image. An OS update is an explicit apply
+# (a new template, a surge-only rollout); pin var.cos_image to hold it.
+data "google_compute_image" "cos" {
+  count   = var.cos_image == null ? 1 : 0
+  project = "cos-cloud"
+  family  = var.cos_image_family
+}
+
 resource "google_compute_instance_template" "gateway" {
   project        = var.project_id
   name_prefix    = "${var.name_prefix}-"
@@ -8,7 +17,7 @@ resource "google_compute_instance_template" "gateway" {
   labels         = var.labels
 
   disk {
-    source_image = var.cos_image
+    source_image = var.cos_image != null ? var.cos_image : data.google_compute_image.cos[0].self_link
     boot         = true
     auto_delete  = true
     disk_size_gb = 20
@@ -64,21 +73,39 @@ resource "google_compute_instance_template" "gateway" {
       condition     = alltrue(flatten([for c in var.clients : [for e in c.egress : contains(keys(var.egress_profiles), e)]]))
       error_message = "Every clients[].egress entry must be a key of egress_profiles."
     }
+    precondition {
+      # The VM can pull only from the registry it is configured for and whose reader role it has.
+      condition     = startswith(var.image, "${local.registry_path}/")
+      error_message = "image must be in the module's repository: ${local.registry_path}/... (artifact_registry_location / artifact_registry_repository / project_id disagree with image)."
+    }
+    precondition {
+      condition     = !var.enable_metrics_collector || startswith(local.collector_image, "${local.registry_path}/")
+      error_message = "metrics_collector_image must be in the module's repository (${local.registry_path}/...): the VMs have no route to other registries."
+    }
+    precondition {
+      condition     = var.allow_broad_client_cidrs || alltrue([for c in var.client_cidrs : tonumber(split("/", c)[1]) >= 16])
+      error_message = "client_cidrs has a range wider than /16: list the clients' NAT IPs, or set allow_broad_client_cidrs = true if you mean it (e.g. an INTERNAL load balancer and a GKE pod range)."
+    }
   }
 }
 
-# Liveness for autohealing: /healthz (process alive). Deliberately NOT /readyz: a wrong egress IP
-# makes /readyz fail, and recreating VMs would not fix that.
-resource "google_compute_health_check" "live" {
+# Autohealing AND the rollout gate: /readyz. A MIG update replaces an old VM only once the new one
+# is HEALTHY on this check, so a release or config that fails /readyz stops the rollout (surge-only:
+# max_unavailable 0, the old VMs keep serving). /readyz is readiness-aware but does not flap on one
+# bad profile: with `probe.readiness: any` (the default) it fails only when the VM can serve no
+# profile at all (every profile's egress IP wrong or unverified, no listener, draining) - a VM that
+# is useless as it is, so recreating it costs nothing. The thresholds are slow on purpose (10 failed
+# checks 30 s apart): a short echo-service outage does not recreate VMs.
+resource "google_compute_health_check" "autoheal" {
   project             = var.project_id
-  name                = "${var.name_prefix}-live"
-  check_interval_sec  = 10
-  timeout_sec         = 5
-  healthy_threshold   = 2
-  unhealthy_threshold = 3
+  name                = "${var.name_prefix}-autoheal"
+  check_interval_sec  = 30
+  timeout_sec         = 10
+  healthy_threshold   = 1
+  unhealthy_threshold = 10
   http_health_check {
     port         = local.admin_port
-    request_path = "/healthz"
+    request_path = "/readyz"
   }
   log_config {
     enable = true
@@ -89,8 +116,8 @@ resource "google_compute_region_instance_group_manager" "gateway" {
   project                   = var.project_id
   name                      = "${var.name_prefix}-mig"
   region                    = var.region
-  base_instance_name        = "${var.name_prefix}"
-  target_size               = var.instance_count
+  base_instance_name        = var.name_prefix
+  target_size               = var.autoscaling == null ? var.instance_count : null # the autoscaler owns it
   distribution_policy_zones = length(var.zones) > 0 ? var.zones : null
   wait_for_instances        = false
 
@@ -105,12 +132,13 @@ resource "google_compute_region_instance_group_manager" "gateway" {
   }
 
   auto_healing_policies {
-    health_check      = google_compute_health_check.live.id
+    health_check      = google_compute_health_check.autoheal.id
     initial_delay_sec = 180
   }
 
-  # Surge only: new VMs come up (and pass health checks) before old ones are removed; the old ones
-  # get SIGTERM via `docker stop` and drain while the LB drains their connections.
+  # Surge only: new VMs come up and pass /readyz (the autohealing check) before old ones are
+  # removed. An old VM is first drained by the load balancer (drain_timeout_sec, the VM still
+  # runs), then stopped: `docker stop` sends SIGTERM and the gateway closes what is left.
   update_policy {
     type                           = "PROACTIVE"
     minimal_action                 = "REPLACE"
@@ -119,5 +147,33 @@ resource "google_compute_region_instance_group_manager" "gateway" {
     instance_redistribution_type   = "PROACTIVE"
     max_surge_fixed                = local.max_surge
     max_unavailable_fixed          = 0
+  }
+}
+
+# Scale on CPU (a proxy is CPU-bound: TLS, parsing, copying). Not on connections: the connection
+# gauge lives in Managed Service for Prometheus under the prometheus_target resource, which the MIG
+# autoscaler cannot use as a per-instance metric; limits.max_connections caps each VM instead.
+resource "google_compute_region_autoscaler" "gateway" {
+  count   = var.autoscaling == null ? 0 : 1
+  project = var.project_id
+  name    = "${var.name_prefix}-autoscaler"
+  region  = var.region
+  target  = google_compute_region_instance_group_manager.gateway.id
+
+  autoscaling_policy {
+    min_replicas    = var.autoscaling.min_replicas
+    max_replicas    = var.autoscaling.max_replicas
+    cooldown_period = var.autoscaling.cooldown_period
+    mode            = "ON"
+    cpu_utilization {
+      target = var.autoscaling.cpu_target
+    }
+    # Tunnels are long-lived: scale in one VM per 10 minutes at most.
+    scale_in_control {
+      time_window_sec = 600
+      max_scaled_in_replicas {
+        fixed = 1
+      }
+    }
   }
 }

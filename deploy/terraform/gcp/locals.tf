@@ -1,10 +1,14 @@
 locals {
   sa_roles_project = ["roles/logging.logWriter", "roles/monitoring.metricWriter"]
 
+  internal_lb = var.load_balancer_scheme == "INTERNAL"
+
   # Health-check probe sources (Google "Firewall rules" for load balancing / health checks).
-  # Backend-service-based EXTERNAL passthrough NLB probes:
-  lb_health_check_ranges = ["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"]
-  # Autohealing (non-LB) health-check probes:
+  # Backend-service-based EXTERNAL passthrough NLB probes come from these:
+  external_lb_health_check_ranges = ["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"]
+  # INTERNAL passthrough NLB probes (and every non-LB health check, such as autohealing):
+  internal_lb_health_check_ranges = ["35.191.0.0/16", "130.211.0.0/22"]
+  lb_health_check_ranges          = local.internal_lb ? local.internal_lb_health_check_ranges : local.external_lb_health_check_ranges
   autohealing_health_check_ranges = ["35.191.0.0/16", "130.211.0.0/22"]
   iap_tcp_forwarding_range        = ["35.235.240.0/20"]
 
@@ -12,24 +16,41 @@ locals {
   admin_port = 9128
 
   # Regional MIG: a fixed surge must be 0 or >= the number of zones.
-  max_surge = max(3, length(var.zones))
+  max_surge     = max(3, length(var.zones))
+  max_instances = var.autoscaling == null ? var.instance_count : var.autoscaling.max_replicas
+
+  # Stopping a VM: GCE gives the guest about 90 s between the ACPI shutdown and power-off (no
+  # graceful-shutdown extension is configured). The long drain happens before that, in the load
+  # balancer (connection_draining_timeout_sec = var.drain_timeout_sec, the VM is still running);
+  # the SIGTERM drain only finishes what is left, and every number below fits the 90 s.
+  vm_stop_drain_sec  = 20                          # gateway drain.timeout after SIGTERM
+  docker_stop_sec    = local.vm_stop_drain_sec + 5 # docker stop --time: SIGKILL after this
+  systemd_stop_sec   = local.docker_stop_sec + 10  # TimeoutStopSec of the unit
+  gce_shutdown_limit = 90
 
   registry_location = coalesce(var.artifact_registry_location, var.region)
   registry_host     = "${local.registry_location}-docker.pkg.dev"
+  registry_path     = "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}"
+  collector_image   = coalesce(var.metrics_collector_image, "${local.registry_path}/opentelemetry-collector-contrib:0.116.1")
 
   secondary_range_name = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-${name}" }
 
   nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
 
+  tls_enabled     = var.tls != null
+  tls_from_secret = local.tls_enabled && try(var.tls.cert_secret, null) != null
+  tls_secrets     = local.tls_from_secret ? toset([var.tls.cert_secret, var.tls.key_secret]) : toset([])
+
   # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's bind address is
   # the placeholder "@ALIAS_IN:<secondary cidr>@"; files/render-config.sh replaces it on each VM with
   # that VM's alias IP inside the range (alias IPs differ per VM and are known only at boot).
   # expect_ip lists ALL of the profile's addresses (active, draining, reserved): an IP switch then
-  # changes only the NAT, not the instance template, so it does not roll the VMs.
+  # changes only the NAT, not the instance template, so it does not roll the VMs (sorted: moving a
+  # name from reserved to active to draining must not reorder the list either).
   gateway_egress = {
     for name, p in var.egress_profiles : name => {
       bind      = ["@ALIAS_IN:${p.secondary_cidr}@"]
-      expect_ip = [for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : google_compute_address.nat[n].address]
+      expect_ip = sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : google_compute_address.nat[n].address])
     }
   }
   gateway_clients = [
@@ -44,23 +65,55 @@ locals {
       c.allow == null ? {} : { allow = c.allow },
     )
   ]
+  gateway_listen = [merge(
+    {
+      address = "0.0.0.0:${local.proxy_port}"
+      egress  = var.default_profile
+    },
+    local.tls_enabled ? { tls = { cert = "/etc/egressgate/tls/tls.crt", key = "/etc/egressgate/tls/tls.key" } } : {},
+  )]
 
   gateway_config = templatefile("${path.module}/templates/egressgate.yaml.tftpl", {
-    default_profile = var.default_profile
-    proxy_port      = local.proxy_port
-    admin_port      = local.admin_port
-    drain_timeout   = var.drain_timeout_sec
-    egress          = local.gateway_egress
-    clients         = local.gateway_clients
-    connect_ports   = var.connect_ports
+    listen         = local.gateway_listen
+    admin_port     = local.admin_port
+    drain_timeout  = local.vm_stop_drain_sec
+    egress         = local.gateway_egress
+    clients        = local.gateway_clients
+    connect_ports  = var.connect_ports
+    probe_echo_url = var.probe_echo_url
   })
+
+  # The host firewall of Container-Optimized OS (files/firewall.sh, run before every service start).
+  firewall_script = templatefile("${path.module}/templates/firewall.sh.tftpl", {
+    proxy_port    = local.proxy_port
+    admin_port    = local.admin_port
+    proxy_sources = join(" ", var.client_cidrs)
+    admin_sources = join(" ", distinct(concat(local.lb_health_check_ranges, local.autohealing_health_check_ranges)))
+  })
+
+  collector_config = templatefile("${path.module}/templates/otel-collector.yaml.tftpl", {
+    admin_port = local.admin_port
+    project_id = var.project_id
+  })
+
+  tls_fetch_mode = !local.tls_enabled ? "none" : (local.tls_from_secret ? "secret-manager" : "files")
 
   cloud_init = templatefile("${path.module}/templates/cloud-init.yaml.tftpl", {
     image            = var.image
     registry_host    = local.registry_host
     gateway_config   = local.gateway_config
     render_script    = file("${path.module}/files/render-config.sh")
-    stop_timeout     = var.drain_timeout_sec + 10
-    systemd_stop_sec = var.drain_timeout_sec + 30
+    firewall_script  = local.firewall_script
+    tls_script       = file("${path.module}/files/fetch-tls.sh")
+    tls_mode         = local.tls_fetch_mode
+    tls_cert_secret  = local.tls_from_secret ? var.tls.cert_secret : ""
+    tls_key_secret   = local.tls_from_secret ? var.tls.key_secret : ""
+    tls_cert_pem     = local.tls_enabled && !local.tls_from_secret ? var.tls.cert_pem : ""
+    tls_key_pem      = local.tls_enabled && !local.tls_from_secret ? var.tls.key_pem : ""
+    collector_on     = var.enable_metrics_collector ? "yes" : "no"
+    collector_image  = local.collector_image
+    collector_config = local.collector_config
+    stop_timeout     = local.docker_stop_sec
+    systemd_stop_sec = local.systemd_stop_sec
   })
 }

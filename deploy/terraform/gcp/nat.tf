@@ -53,7 +53,7 @@ resource "google_compute_router_nat" "profile" {
 
   lifecycle {
     precondition {
-      condition     = (var.instance_count + local.max_surge) * var.nat_min_ports_per_vm <= 64512 * length(each.value.nat_ip_names)
+      condition     = (local.max_instances + local.max_surge) * var.nat_min_ports_per_vm <= 64512 * length(each.value.nat_ip_names)
       error_message = "Not enough NAT ports for profile ${each.key}: add NAT IPs or lower nat_min_ports_per_vm."
     }
   }

@@ -24,6 +24,13 @@ resource "google_compute_subnetwork" "gateway" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = alltrue([for _, p in var.egress_profiles : cidrhost("${cidrhost(var.subnet_cidr, 0)}/${min(tonumber(split("/", var.subnet_cidr)[1]), tonumber(split("/", p.secondary_cidr)[1]))}", 0) != cidrhost("${cidrhost(p.secondary_cidr, 0)}/${min(tonumber(split("/", var.subnet_cidr)[1]), tonumber(split("/", p.secondary_cidr)[1]))}", 0)])
+      error_message = "A profile's secondary_cidr overlaps subnet_cidr."
+    }
+  }
+
   log_config {
     aggregation_interval = "INTERVAL_5_SEC"
     flow_sampling        = 0.5

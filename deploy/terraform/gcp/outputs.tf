@@ -1,11 +1,16 @@
 output "lb_ip_address" {
-  description = "Static IP of the load balancer: point the gateway's DNS name here."
+  description = "Static IP of the load balancer (public, or internal with load_balancer_scheme = INTERNAL): point the gateway's DNS name here."
   value       = google_compute_address.lb.address
 }
 
 output "proxy_url" {
-  description = "Proxy URL without credentials; jobs use http://USER:PASSWORD@<this host>:3128 (or USER+PROFILE)."
-  value       = "http://${google_compute_address.lb.address}:${local.proxy_port}"
+  description = "Proxy URL without credentials; jobs use SCHEME://USER:PASSWORD@<DNS name>:3128 (or USER+PROFILE). https:// when var.tls is set (the certificate must name the DNS name jobs use)."
+  value       = "${local.tls_enabled ? "https" : "http"}://${google_compute_address.lb.address}:${local.proxy_port}"
+}
+
+output "load_balancer_scheme" {
+  description = "EXTERNAL (public IP) or INTERNAL (an address of the gateway subnet, reachable from this VPC and peered ones)."
+  value       = var.load_balancer_scheme
 }
 
 output "egress_ips_by_profile" {

@@ -31,8 +31,8 @@ variable "name_prefix" {
   type        = string
   default     = "egressgate"
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{0,19}$", var.name_prefix))
-    error_message = "name_prefix: lowercase letter first, then up to 19 lowercase letters, digits or hyphens."
+    condition     = can(regex("^[a-z][a-z0-9-]{2,18}[a-z0-9]$", var.name_prefix))
+    error_message = "name_prefix: 4 to 20 lowercase letters, digits or hyphens, a letter first and no hyphen last (the VM service account id \"<name_prefix>-vm\" needs 6 to 30 characters)."
   }
 }
 
@@ -74,11 +74,16 @@ variable "egress_profiles" {
     error_message = "Every secondary_cidr must be an IPv4 CIDR."
   }
   validation {
+    # Two CIDRs overlap when their network addresses agree on the shorter of the two prefixes.
+    condition     = alltrue(flatten([for a, pa in var.egress_profiles : [for b, pb in var.egress_profiles : a == b || cidrhost("${cidrhost(pa.secondary_cidr, 0)}/${min(tonumber(split("/", pa.secondary_cidr)[1]), tonumber(split("/", pb.secondary_cidr)[1]))}", 0) != cidrhost("${cidrhost(pb.secondary_cidr, 0)}/${min(tonumber(split("/", pa.secondary_cidr)[1]), tonumber(split("/", pb.secondary_cidr)[1]))}", 0)]]))
+    error_message = "The secondary_cidr ranges of two profiles overlap: each profile needs its own range (Cloud NAT picks the egress IP by source range)."
+  }
+  validation {
     condition     = alltrue([for _, p in var.egress_profiles : length(p.nat_ip_names) > 0])
     error_message = "Every profile needs at least one active NAT IP (MANUAL_ONLY NAT has no fallback)."
   }
   validation {
-    condition = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])))
+    condition     = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])))
     error_message = "A NAT IP name may appear only once across all profiles (active, draining and reserved)."
   }
   validation {
@@ -105,9 +110,15 @@ variable "client_cidrs" {
   }
 }
 
+variable "allow_broad_client_cidrs" {
+  description = "client_cidrs entries wider than /16 are refused unless this is true (e.g. an INTERNAL load balancer reached from a GKE pod range such as a /14)."
+  type        = bool
+  default     = false
+}
+
 variable "clients" {
   description = "Gateway clients (jobs). password_hash comes from `egressgate hash-password`; allow = null means any public host."
-  type = list(object({
+  type        = list(object({
     name          = string
     username      = string
     password_hash = string
@@ -119,8 +130,17 @@ variable "clients" {
     error_message = "Define at least one client."
   }
   validation {
-    condition     = alltrue([for c in var.clients : length(c.egress) > 0 && can(regex("\\$", c.password_hash))])
-    error_message = "Every client needs at least one egress profile and a password_hash from `egressgate hash-password`."
+    condition     = alltrue([for c in var.clients : length(c.egress) > 0])
+    error_message = "Every client needs at least one egress profile."
+  }
+  validation {
+    # Exactly what `egressgate hash-password` prints: scrypt$N$r$p$salt$digest (N >= 16384).
+    condition     = alltrue([for c in var.clients : can(regex("^scrypt\\$[0-9]{5,}\\$[0-9]+\\$[0-9]+\\$[A-Za-z0-9+/=_-]+\\$[A-Za-z0-9+/=_-]+$", c.password_hash))])
+    error_message = "Every client needs a password_hash printed by `egressgate hash-password` (scrypt$N$r$p$salt$digest); placeholders are refused."
+  }
+  validation {
+    condition     = alltrue([for c in var.clients : length(regexall("(?i)replace|changeme|example|placeholder", "${c.username} ${c.password_hash}")) == 0])
+    error_message = "A client's username or password_hash still holds a placeholder (REPLACE, CHANGEME, example)."
   }
   validation {
     condition     = length(var.clients) == length(distinct([for c in var.clients : c.username]))
@@ -165,12 +185,22 @@ variable "machine_type" {
 }
 
 variable "cos_image" {
-  description = "Container-Optimized OS boot image (family or image self link)."
+  description = "Exact Container-Optimized OS image (e.g. \"projects/cos-cloud/global/images/cos-stable-117-18613-164-4\") to pin it; null = the newest image of cos_image_family, resolved at plan time (data source), so an OS update is an explicit `terraform apply` that rolls the VMs, never a silent change at VM re-creation."
   type        = string
-  default     = "cos-cloud/cos-stable"
+  default     = null
   validation {
-    condition     = startswith(var.cos_image, "cos-cloud/") || can(regex("projects/cos-cloud/", var.cos_image))
-    error_message = "cos_image must be a Container-Optimized OS image from the cos-cloud project."
+    condition     = var.cos_image == null || can(regex("^(projects/)?cos-cloud/(global/images/)?cos-[a-z0-9-]+$", var.cos_image))
+    error_message = "cos_image must be a Container-Optimized OS image of the cos-cloud project, e.g. projects/cos-cloud/global/images/cos-stable-117-18613-164-4."
+  }
+}
+
+variable "cos_image_family" {
+  description = "Container-Optimized OS image family used when cos_image is null."
+  type        = string
+  default     = "cos-stable"
+  validation {
+    condition     = can(regex("^cos-[a-z0-9-]+$", var.cos_image_family))
+    error_message = "cos_image_family must be a cos-cloud family such as cos-stable or cos-113-lts."
   }
 }
 
@@ -185,12 +215,12 @@ variable "instance_count" {
 }
 
 variable "drain_timeout_sec" {
-  description = "Gateway drain.timeout: how long SIGTERM waits for open tunnels. Docker stop, systemd and the LB connection draining are set above it."
+  description = "How long a VM leaving the group (rolling update, scale-in, autohealing) keeps its open connections: the backend service's connection draining. Long tunnels still open after it are cut when the VM shuts down. The in-VM SIGTERM drain after it is short and fixed (local.vm_stop_drain_sec), inside GCE's shutdown window."
   type        = number
-  default     = 30
+  default     = 300
   validation {
-    condition     = var.drain_timeout_sec >= 1 && var.drain_timeout_sec <= 600
-    error_message = "drain_timeout_sec must be between 1 and 600."
+    condition     = var.drain_timeout_sec >= 0 && var.drain_timeout_sec <= 3600 && floor(var.drain_timeout_sec) == var.drain_timeout_sec
+    error_message = "drain_timeout_sec must be a whole number of seconds between 0 and 3600 (the backend service's limit)."
   }
 }
 
@@ -214,4 +244,92 @@ variable "labels" {
   description = "Labels for the resources that take labels."
   type        = map(string)
   default     = {}
+}
+
+variable "probe_echo_url" {
+  description = "IP-echo service the gateway asks, through every profile, which public IP it leaves from (probe.echo_url): that check is what makes expect_ip, /readyz and the fail-closed profiles work. Replace the default with a service you trust (plain-text IP or JSON {\"ip\": ...})."
+  type        = string
+  default     = "https://api.ipify.org/"
+  validation {
+    condition     = can(regex("^https?://[^/@\\s]+(/\\S*)?$", var.probe_echo_url))
+    error_message = "probe_echo_url must be an http:// or https:// URL without credentials."
+  }
+}
+
+variable "load_balancer_scheme" {
+  description = "EXTERNAL: regional external passthrough NLB with a public static IP (clients from the internet, e.g. a GKE cluster's Cloud NAT IP; use tls, credentials cross the internet). INTERNAL: internal passthrough NLB in the gateway subnet, for GKE in the same or a peered VPC (clients = pod or node ranges); nothing is exposed publicly."
+  type        = string
+  default     = "EXTERNAL"
+  validation {
+    condition     = contains(["EXTERNAL", "INTERNAL"], var.load_balancer_scheme)
+    error_message = "load_balancer_scheme must be EXTERNAL or INTERNAL."
+  }
+}
+
+variable "internal_lb_global_access" {
+  description = "INTERNAL only: let clients in other regions (of this or a peered VPC) reach the internal load balancer."
+  type        = bool
+  default     = false
+}
+
+variable "tls" {
+  description = <<-EOT
+    TLS on the proxy listener (https:// proxy URLs; proxy credentials never cross the network in clear
+    text). null = plain http://. Either Secret Manager secrets (cert_secret and key_secret: secret ids
+    "projects/P/secrets/NAME" or "NAME", latest version, fetched at every service start; the VM account
+    gets secretAccessor on exactly these two) or the PEM texts (cert_pem and key_pem, e.g. file("tls.key");
+    they are stored in the instance metadata, so prefer Secret Manager).
+  EOT
+  type = object({
+    cert_secret = optional(string)
+    key_secret  = optional(string)
+    cert_pem    = optional(string)
+    key_pem     = optional(string)
+  })
+  default   = null
+  sensitive = true
+  validation {
+    condition = var.tls == null ? true : (
+      (try(var.tls.cert_secret, null) != null && try(var.tls.key_secret, null) != null && try(var.tls.cert_pem, null) == null && try(var.tls.key_pem, null) == null) ||
+      (try(var.tls.cert_secret, null) == null && try(var.tls.key_secret, null) == null && try(var.tls.cert_pem, null) != null && try(var.tls.key_pem, null) != null)
+    )
+    error_message = "tls: give cert_secret and key_secret, or cert_pem and key_pem."
+  }
+}
+
+variable "autoscaling" {
+  description = "Autoscale the MIG on CPU between min_replicas and max_replicas (null: a fixed instance_count). Scale-in removes at most one VM per 10 minutes; each removed VM drains for drain_timeout_sec. NAT ports are reserved for max_replicas."
+  type        = object({
+    min_replicas    = number
+    max_replicas    = number
+    cpu_target      = optional(number, 0.6)
+    cooldown_period = optional(number, 120)
+  })
+  default = null
+  validation {
+    condition     = var.autoscaling == null ? true : (var.autoscaling.min_replicas >= 1 && var.autoscaling.max_replicas >= var.autoscaling.min_replicas && var.autoscaling.max_replicas <= 50 && var.autoscaling.cpu_target > 0 && var.autoscaling.cpu_target < 1)
+    error_message = "autoscaling: 1 <= min_replicas <= max_replicas <= 50 and 0 < cpu_target < 1."
+  }
+}
+
+variable "enable_metrics_collector" {
+  description = "Run an OpenTelemetry Collector next to the gateway on every VM: it scrapes 127.0.0.1:9128/metrics and writes the series to Google Cloud Managed Service for Prometheus (job=\"egressgate\"), so deploy/monitoring's rules and dashboard work on GCE. The VM account already has roles/monitoring.metricWriter."
+  type        = bool
+  default     = true
+}
+
+variable "metrics_collector_image" {
+  description = "The collector image (opentelemetry-collector-contrib, which has the googlemanagedprometheus exporter). The VMs have no internet route, so it must live in the same Artifact Registry repository as the gateway (mirror it once, see docs/deploy-gcp.md). null = <registry>/<project>/<repository>/opentelemetry-collector-contrib:0.116.1. Pin it by digest."
+  type        = string
+  default     = null
+  validation {
+    condition     = var.metrics_collector_image == null || can(regex("^[a-z0-9-]+-docker\.pkg\.dev/[^/]+/[^/]+/[^@:]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_.-]+)$", var.metrics_collector_image))
+    error_message = "metrics_collector_image must be an Artifact Registry image (LOCATION-docker.pkg.dev/PROJECT/REPO/NAME) with a :tag or @sha256 digest."
+  }
+}
+
+variable "notification_channels" {
+  description = "Cloud Monitoring notification channel ids for the Cloud NAT alert policies (empty: the policies exist but notify no one)."
+  type        = list(string)
+  default     = []
 }

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -22,6 +24,9 @@ from ..model import DestPattern, UpstreamProxy
 from .schema import Config
 
 Loc = tuple[str | int, ...]
+
+# Values copied from an example and never replaced: refused wherever a credential goes.
+PLACEHOLDER = re.compile(r"replace|change-?me|example|placeholder", re.IGNORECASE)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -96,10 +101,11 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
         for j, name in enumerate(client.egress):
             if name not in profiles:
                 problems.append((("clients", i, "egress", j), f"unknown egress profile {name!r}"))
-        if client.password_file and not os.path.isfile(client.password_file):
-            problems.append((("clients", i, "password_file"), f"file not found: {client.password_file}"))
-        if client.password_env and client.password_env not in os.environ:
-            problems.append((("clients", i, "password_env"), f"environment variable {client.password_env} is not set"))
+        problems += _secret_problems(("clients", i), "password_file", client.password_file,
+                                     "password_env", client.password_env)
+        for key in ("username", "password_hash"):
+            if PLACEHOLDER.search(getattr(client, key) or ""):
+                problems.append((("clients", i, key), "a placeholder from an example, not a real value"))
         for key in ("allow", "deny"):
             for j, pattern in enumerate(getattr(client, key) or []):
                 msg = _pattern_problem(pattern)
@@ -115,6 +121,14 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
             msg = _upstream_problem(url)
             if msg:
                 problems.append((("egress", name, "upstream", j), msg))
+            elif PLACEHOLDER.search(unquote(urlsplit(url).password or "")):
+                problems.append((("egress", name, "upstream", j), "the password is a placeholder from an example"))
+            elif (profile.upstream_password_file or profile.upstream_password_env) and not urlsplit(url).username:
+                problems.append((("egress", name, "upstream", j),
+                                 "name the user in the URL (http://USER@host:port); the password comes from "
+                                 "upstream_password_file / upstream_password_env"))
+        problems += _secret_problems(("egress", name), "upstream_password_file", profile.upstream_password_file,
+                                     "upstream_password_env", profile.upstream_password_env)
     if config.admin.token_env and config.admin.token_env not in os.environ:
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
     return problems
@@ -141,6 +155,27 @@ def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
                                  "and asks for no credentials"))
                 break
     return problems
+
+
+def _secret_problems(loc: Loc, file_key: str, path: str | None, env_key: str,
+                     env: str | None) -> list[tuple[Loc, str]]:
+    """A secret named by file or environment variable must exist and not be an example's placeholder."""
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return [((*loc, file_key), f"file not found: {path}")]
+        except (OSError, UnicodeDecodeError) as exc:
+            return [((*loc, file_key), f"cannot read {path}: {exc}")]
+        if not value or PLACEHOLDER.search(value):
+            return [((*loc, file_key), f"{path} holds a placeholder or nothing, not a secret")]
+    if env:
+        if env not in os.environ:
+            return [((*loc, env_key), f"environment variable {env} is not set")]
+        value = os.environ[env].strip()
+        if not value or PLACEHOLDER.search(value):
+            return [((*loc, env_key), f"environment variable {env} holds a placeholder or nothing, not a secret")]
+    return []
 
 
 def _pattern_problem(pattern: str) -> str | None:

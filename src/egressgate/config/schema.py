@@ -117,6 +117,8 @@ class ProfileConfig(_Model):
     direct: dict | None = None
     bind: list[BindEntry] | None = None  # source addresses, or CIDRs meaning "my address in this range"
     upstream: list[str] | None = None  # http://[user:pass@]host:port chained proxies, in failover order
+    upstream_password_file: str | None = None  # the password of the user in the upstream URLs, from a file
+    upstream_password_env: str | None = None  # ... or from an environment variable
     expect_ip: list[Address] = []
     pick: Literal["sticky", "round_robin"] = "sticky"
     connect_timeout: Duration | None = None
@@ -130,6 +132,11 @@ class ProfileConfig(_Model):
             raise ValueError("bind needs at least one address")
         if self.upstream is not None and not self.upstream:
             raise ValueError("upstream needs at least one proxy URL")
+        secrets = [k for k in ("upstream_password_file", "upstream_password_env") if getattr(self, k)]
+        if secrets and self.upstream is None:
+            raise ValueError(f"{secrets[0]} is for upstream profiles")
+        if len(secrets) > 1:
+            raise ValueError("give one of upstream_password_file, upstream_password_env")
         return self
 
     @property

@@ -7,9 +7,12 @@ pick strategy (sticky per client or round-robin) and down-marking. No I/O.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 from ..model import UpstreamProxy
 
@@ -169,10 +172,23 @@ class ProfilePool:
         return self._down.get(plan, 0.0) > self._clock()
 
 
+def upstream_with_password(url: str, password: str | None) -> UpstreamProxy:
+    """The upstream proxy of ``url``; with ``password`` (read from a file or the environment),
+    the user named in the URL authenticates with it instead of a password in the URL."""
+    proxy = UpstreamProxy.parse(url)
+    user = urlsplit(url).username
+    if password is None or user is None:
+        return proxy
+    token = base64.b64encode(f"{unquote(user)}:{password}".encode()).decode()
+    return dataclasses.replace(proxy, authorization="Basic " + token)
+
+
 def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[str]],
-               default_timeout: float, clock: Callable[[], float], attest: bool = False) -> ProfilePool:
+               default_timeout: float, clock: Callable[[], float],
+               upstream_password: str | None = None, attest: bool = False) -> ProfilePool:
     """``spec`` is a ``ProfileConfig``; ``local_addresses(cidr)`` lists this host's addresses in
-    a range (for ``bind`` entries written as CIDRs)."""
+    a range (for ``bind`` entries written as CIDRs); ``upstream_password`` is the secret of the
+    user in the profile's upstream URLs (``upstream_password_file`` / ``_env``), if any."""
     kind = spec.kind
     members: list[EgressPlan] = []
     if kind == "bind":
@@ -182,7 +198,8 @@ def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[st
         if not members:
             members = [EgressPlan(name, "bind", source=spec.bind[0].split("/")[0])]
     elif kind == "upstream":
-        members = [EgressPlan(name, "upstream", upstream=UpstreamProxy.parse(u)) for u in spec.upstream]
+        members = [EgressPlan(name, "upstream", upstream=upstream_with_password(u, upstream_password))
+                   for u in spec.upstream]
     else:
         members = [EgressPlan(name, "direct")]
     return ProfilePool(name, kind, members, tuple(spec.expect_ip), spec.pick == "sticky",

@@ -1,0 +1,180 @@
+"""What `terraform apply` of deploy/terraform/gcp would write onto a VM, computed without terraform.
+
+There is no terraform binary offline, so `locals.tf` is mirrored here, piece by piece, for the
+values that end up on the VM: the gateway config, the host firewall script, the collector config and
+the cloud-init document, all rendered from the module's own template files with the module's own
+scripts. `test_deploy_terraform.test_mirror_matches_locals` keeps this mirror honest by checking
+that locals.tf still passes exactly these template variables and builds them from these inputs.
+
+``addresses`` stands for the static IPs GCP would allocate: {NAT IP name: address}.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conftest import TF, load_tf_module, render_tftpl
+
+DEFAULTS = {
+    "name_prefix": "egressgate",
+    "connect_ports": [443],
+    "probe_echo_url": "https://api.ipify.org/",
+    "load_balancer_scheme": "EXTERNAL",
+    "tls": None,
+    "enable_metrics_collector": True,
+    "metrics_collector_image": None,
+    "artifact_registry_location": None,
+}
+
+
+@dataclass
+class Rendered:
+    variables: dict[str, Any]
+    gateway_config: str
+    firewall_script: str
+    collector_config: str
+    cloud_init: str
+    template_vars: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def module_locals() -> dict[str, Any]:
+    """The literal values locals.tf sets (ports, ranges, drain numbers)."""
+    raw = load_tf_module()["locals"]
+
+    def lit(name: str) -> Any:
+        value = raw[name]
+        assert not (isinstance(value, str) and "${" in value), f"local.{name} is not a literal: {value}"
+        return value
+
+    stop_drain = lit("vm_stop_drain_sec")
+    m = re.fullmatch(r"\$\{local\.vm_stop_drain_sec \+ (\d+)\}", raw["docker_stop_sec"])
+    docker_stop = stop_drain + int(m.group(1))
+    m = re.fullmatch(r"\$\{local\.docker_stop_sec \+ (\d+)\}", raw["systemd_stop_sec"])
+    return {
+        "proxy_port": lit("proxy_port"),
+        "admin_port": lit("admin_port"),
+        "external_lb_health_check_ranges": lit("external_lb_health_check_ranges"),
+        "internal_lb_health_check_ranges": lit("internal_lb_health_check_ranges"),
+        "autohealing_health_check_ranges": lit("autohealing_health_check_ranges"),
+        "vm_stop_drain_sec": stop_drain,
+        "docker_stop_sec": docker_stop,
+        "systemd_stop_sec": docker_stop + int(m.group(1)),
+        "gce_shutdown_limit": lit("gce_shutdown_limit"),
+    }
+
+
+def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
+    v = {**DEFAULTS, **variables}
+    lc = module_locals()
+    internal = v["load_balancer_scheme"] == "INTERNAL"
+    lb_ranges = lc["internal_lb_health_check_ranges"] if internal else lc["external_lb_health_check_ranges"]
+    registry_host = f"{v['artifact_registry_location'] or v['region']}-docker.pkg.dev"
+    registry_path = f"{registry_host}/{v['project_id']}/{v['artifact_registry_repository']}"
+    tls = v["tls"]
+    tls_from_secret = bool(tls and tls.get("cert_secret"))
+
+    egress = {
+        name: {
+            "bind": [f"@ALIAS_IN:{p['secondary_cidr']}@"],
+            "expect_ip": sorted(
+                addresses[n]
+                for n in p["nat_ip_names"] + p.get("draining_nat_ip_names", []) + p.get("reserved_nat_ip_names", [])
+            ),
+        }
+        for name, p in v["egress_profiles"].items()
+    }
+    clients = []
+    for c in v["clients"]:
+        entry = {
+            "name": c["name"],
+            "from": v["client_cidrs"],
+            "username": c["username"],
+            "password_hash": c["password_hash"],
+            "egress": c["egress"],
+        }
+        if c.get("allow") is not None:
+            entry["allow"] = c["allow"]
+        clients.append(entry)
+    listen = {"address": f"0.0.0.0:{lc['proxy_port']}", "egress": v["default_profile"]}
+    if tls:
+        listen["tls"] = {"cert": "/etc/egressgate/tls/tls.crt", "key": "/etc/egressgate/tls/tls.key"}
+
+    tv: dict[str, dict[str, Any]] = {}
+    tv["gateway_config"] = {
+        "listen": [listen],
+        "admin_port": lc["admin_port"],
+        "drain_timeout": lc["vm_stop_drain_sec"],
+        "egress": egress,
+        "clients": clients,
+        "connect_ports": v["connect_ports"],
+        "probe_echo_url": v["probe_echo_url"],
+    }
+    gateway_config = _template("egressgate.yaml.tftpl", tv["gateway_config"])
+    admin_sources = list(dict.fromkeys(lb_ranges + lc["autohealing_health_check_ranges"]))
+    tv["firewall_script"] = {
+        "proxy_port": lc["proxy_port"],
+        "admin_port": lc["admin_port"],
+        "proxy_sources": " ".join(v["client_cidrs"]),
+        "admin_sources": " ".join(admin_sources),
+    }
+    firewall = _template("firewall.sh.tftpl", tv["firewall_script"])
+    tv["collector_config"] = {"admin_port": lc["admin_port"], "project_id": v["project_id"]}
+    collector = _template("otel-collector.yaml.tftpl", tv["collector_config"])
+    tls_mode = "none" if not tls else ("secret-manager" if tls_from_secret else "files")
+    tv["cloud_init"] = {
+        "image": v["image"],
+        "registry_host": registry_host,
+        "gateway_config": gateway_config,
+        "render_script": (TF / "files" / "render-config.sh").read_text(),
+        "firewall_script": firewall,
+        "tls_script": (TF / "files" / "fetch-tls.sh").read_text(),
+        "tls_mode": tls_mode,
+        "tls_cert_secret": tls["cert_secret"] if tls_from_secret else "",
+        "tls_key_secret": tls["key_secret"] if tls_from_secret else "",
+        "tls_cert_pem": tls["cert_pem"] if tls and not tls_from_secret else "",
+        "tls_key_pem": tls["key_pem"] if tls and not tls_from_secret else "",
+        "collector_on": "yes" if v["enable_metrics_collector"] else "no",
+        "collector_image": v["metrics_collector_image"]
+        or f"{registry_path}/opentelemetry-collector-contrib:0.116.1",
+        "collector_config": collector,
+        "stop_timeout": lc["docker_stop_sec"],
+        "systemd_stop_sec": lc["systemd_stop_sec"],
+    }
+    cloud_init = _template("cloud-init.yaml.tftpl", tv["cloud_init"])
+    return Rendered(v, gateway_config, firewall, collector, cloud_init, tv)
+
+
+def _template(name: str, variables: dict[str, Any]) -> str:
+    return render_tftpl((TF / "templates" / name).read_text(), variables)
+
+
+def write_files(cloud_init: str, root: Path) -> dict[str, Path]:
+    """Do what cloud-init's write_files does, under ``root``: {VM path: written file}."""
+    import yaml
+
+    doc = yaml.safe_load(cloud_init)
+    out = {}
+    for f in doc["write_files"]:
+        dst = root / f["path"].lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(f["content"])
+        dst.chmod(int(f["permissions"], 8))
+        out[f["path"]] = dst
+    return out
+
+
+def unit_commands(cloud_init: str, unit: str = "egressgate.service") -> dict[str, list[str]]:
+    """{"ExecStartPre": [...], "ExecStart": [...], ...} of a unit written by the cloud-init."""
+    import yaml
+
+    doc = yaml.safe_load(cloud_init)
+    (content,) = [f["content"] for f in doc["write_files"] if f["path"] == f"/etc/systemd/system/{unit}"]
+    out: dict[str, list[str]] = {}
+    for line in content.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("Exec"):
+            out.setdefault(key, []).append(value)
+    return out
