@@ -349,7 +349,10 @@ class Blackhole:
             with contextlib.suppress(BlockingIOError):
                 f.connect(("127.0.0.1", self.port))
             self.fillers.append(f)
-        time.sleep(0.1)
+        # The queue (backlog 0: one connection) is full once a filler's handshake completed.
+        _, writable, _ = select.select([], self.fillers, [], 10)
+        if not any(f.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for f in writable):
+            raise RuntimeError("no connection completed to the blackhole listener: its queue is not full")
 
     def close(self) -> None:
         for f in self.fillers:
@@ -394,11 +397,16 @@ class Response:
 
 
 def read_until_close(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 26) -> tuple[bytes, str]:
-    """Read until the other end closes; returns (data, "eof" | "reset" | "timeout")."""
-    sock.settimeout(timeout)
+    """Read until the other end closes, for at most ``timeout`` seconds in all; returns
+    (data, "eof" | "reset" | "timeout" | "limit")."""
+    deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     total = 0
     while total < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), "timeout"
+        sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:

@@ -325,23 +325,34 @@ def base_config(**overrides) -> dict:
     return cfg
 
 
-def raw_exchange(address: str, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
-    """Send raw bytes to the gateway; return what it answers until it closes, times out, or
-    (``read_until_close=False``) one complete response with a Content-Length has arrived."""
+def raw_exchange(address: str, data: bytes, timeout: float = 10.0, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to the gateway and return its answer.
+
+    ``read_until_close`` (the default): everything until the gateway closes the connection,
+    which it must do (EOF or reset) within ``timeout`` seconds -- otherwise this fails, so a
+    test that says "the connection is closed" cannot pass against a gateway that keeps it
+    open. ``read_until_close=False``: one complete response with a Content-Length (or no
+    body), which must arrive within ``timeout`` seconds; the connection may stay open."""
     host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        try:
-            while True:
+        chunks: list[bytes] = []
+        while True:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
                 chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if not read_until_close and _complete(b"".join(chunks)):
-                    break
-        except TimeoutError:
-            pass
+            except TimeoutError:
+                got = b"".join(chunks)
+                what = "close the connection" if read_until_close else "send a complete response"
+                raise AssertionError(f"the gateway did not {what} within {timeout:g}s; got {got[:300]!r}") from None
+            except ConnectionResetError:
+                break  # closed by a reset: closed all the same
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close and _complete(b"".join(chunks)):
+                break
         return b"".join(chunks)
 
 
