@@ -416,3 +416,53 @@ def wait_for(predicate, what: str, timeout: float = 10.0, interval: float = 0.02
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+class Tripwire:
+    """A listener on an address the gateway must never connect to (say, one the address guard
+    refuses but that is reachable). Records every connection it accepts; answers each with a
+    recognisable response, so a gateway that does connect gets a clear answer, not a hang."""
+
+    BODY = b"tripwire: the gateway connected to a refused address\n"
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        try:
+            self.sock = socket.create_server((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot put a tripwire listener on {host}:{port}: {exc}") from None
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+        self.contacts: list[tuple[str, int]] = []
+        self._stop = False
+        self._queue_empty = threading.Event()  # set each time an accept finds nobody waiting
+        self.sock.settimeout(0.05)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, addr = self.sock.accept()
+            except TimeoutError:
+                self._queue_empty.set()
+                continue
+            except OSError:
+                continue
+            self.contacts.append(addr[:2])
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                             % len(self.BODY) + self.BODY)
+
+    def touched(self) -> list[tuple[str, int]]:
+        """Every connection made before this call, including any still in the accept queue:
+        waits until the accept loop has found the queue empty once after the call."""
+        self._queue_empty.clear()
+        if not self._queue_empty.wait(10):
+            raise AssertionError("the tripwire's accept loop is stuck")
+        return list(self.contacts)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
