@@ -1,7 +1,8 @@
 """Loopback peers that misbehave, for the fault-injection suite (test_faults.py).
 
 ``FaultyServer`` accepts connections on 127.0.0.1 and runs a *behaviour* per connection in a
-thread; afterwards it keeps reading until the gateway closes the connection, and records how
+thread (one request per connection: a complete response says ``Connection: close``, so the
+gateway never reuses a connection whose peer is only watching); afterwards it keeps reading until the gateway closes the connection, and records how
 that ended (``Peer.closed`` / ``Peer.ended_by``), so a test can check that the side still
 there was closed. ``FaultyOrigin`` picks the behaviour from the request path (``/reset``,
 ``/silent``, ``/trickle-head`` ... see ``ROUTES``). ``Blackhole`` is a listener whose accept
@@ -218,7 +219,7 @@ TRICKLE_BODY = b"abcde"
 
 def _trickle_body(p: Peer) -> None:
     p.read_head()
-    p.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(TRICKLE_BODY))
+    p.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(TRICKLE_BODY))
     p.trickle(TRICKLE_BODY)
 
 
@@ -244,7 +245,8 @@ def _two_responses(p: Peer) -> None:
 def _interim_with_body(p: Peer) -> None:
     """A non-standard 1xx status that claims a body, then the real response."""
     p.read_head()
-    p.send(b"HTTP/1.1 190 Odd\r\nContent-Length: 9\r\n\r\ninjected!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nreal\n")
+    p.send(b"HTTP/1.1 190 Odd\r\nContent-Length: 9\r\n\r\ninjected!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+           b"Connection: close\r\n\r\nreal\n")
 
 
 def _stream(p: Peer) -> None:
