@@ -17,6 +17,7 @@ import time
 import pytest
 import requests
 
+from .. import required
 from .conftest import curl, need
 from .peers import ClosedPort, base_config, pattern_bytes, pattern_sha256, raw_exchange
 
@@ -199,10 +200,7 @@ def test_chain_through_tinyproxy(start_gateway, origin, tinyproxy):
 
 
 def test_ipv6_source_and_destination(start_gateway):
-    try:
-        lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    except OSError:
-        pytest.skip("no IPv6 loopback")
+    lsock = required.ipv6_loopback()
     port = lsock.getsockname()[1]
     gw = start_gateway(base_config(egress={"v6": {"bind": ["::1"]}},
                                    clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["v6"]}],

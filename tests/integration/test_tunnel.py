@@ -7,6 +7,7 @@ import hashlib
 import socket
 import time
 
+from .. import required
 from .peers import base_config, pattern_sha256
 
 
@@ -75,12 +76,7 @@ def test_early_data_after_connect_head(start_gateway, echo):
 
 
 def test_ipv6_literal(start_gateway):
-    try:
-        lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    except OSError:
-        import pytest
-
-        pytest.skip("no IPv6 loopback")
+    lsock = required.ipv6_loopback()
     port = lsock.getsockname()[1]
     gw = _gw(start_gateway, port)
     s = _open_tunnel(gw, f"[::1]:{port}")
