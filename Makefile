@@ -50,7 +50,7 @@ deb-packages:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else echo "not root: tests needing$$missing will be skipped"; fi; \
+	  else echo "not root: tests needing$$missing will be skipped (under CI=true: fail)"; fi; \
 	fi
 
 # The suite runs in a private network namespace (loopback only, DNS pointed at nothing) when

@@ -142,13 +142,21 @@ class App:
             self.admin_server = await self.loop.create_unix_server(
                 lambda: AdminProtocol(self.gateway, None, lambda: None, metrics_only=True),
                 f"{self.sockdir}/w{self.worker}.sock")
-        admin_bound = None
+        # What this process really listens on: worker 0 the admin TCP address, a worker > 0
+        # only its private Unix socket (a path, not a host and port).
+        admin_bound = admin_socket = None
         if self.admin_server is not None:
-            host, port = self.admin_server.sockets[0].getsockname()[:2]
-            admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._prober = self.loop.create_task(self._probe_loop())
-        log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound, pid=os.getpid(),
-                  config=self.gateway.runtime.source, hash=self.gateway.runtime.config_hash[:12])
+            name = self.admin_server.sockets[0].getsockname()
+            if isinstance(name, tuple):
+                host, port = name[:2]
+                admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            else:
+                admin_socket = name.decode(errors="replace") if isinstance(name, bytes) else name
+        self._prober = self.loop.create_task(self._probe_loop())  # every worker attests for itself
+        extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
+        log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound,
+                  **extra, pid=os.getpid(), config=self.gateway.runtime.source,
+                  hash=self.gateway.runtime.config_hash[:12])
 
     def _admin_bound(self) -> str | None:
         """The admin address really bound (a configured port 0 becomes the kernel's choice)."""

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import required
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -67,7 +69,7 @@ def unquote(value: Any) -> Any:
 def load_tf_module(directory: Path = TF) -> dict[str, Any]:
     """Parse every *.tf file of a module into {'resource': {type: {name: body}}, 'variable': {...},
     'output': {...}, 'locals': {...}, 'terraform': [...]} (bodies normalised by unquote)."""
-    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is needed to parse the Terraform module")
+    hcl2 = required.module("hcl2")
     module: dict[str, Any] = {
         "resource": {},
         "data": {},
@@ -175,11 +177,9 @@ def check_config(tmp_path):
         str(EGRESSGATE) if EGRESSGATE.exists() else shutil.which("egressgate")
     )
     if not exe:
-        pytest.skip(
-            f"egressgate CLI not installed ({EGRESSGATE} missing): `pip install -e .` to enable check-config tests"
-        )
-    if not os.environ.get("EGRESSGATE_BIN") and not (REPO / "src" / "egressgate" / "cli.py").exists():
-        pytest.skip("src/egressgate/cli.py does not exist yet, so `egressgate check-config` cannot run")
+        required.missing(f"the egressgate CLI ({EGRESSGATE})", "`pip install -e .`")
+    assert os.environ.get("EGRESSGATE_BIN") or (REPO / "src" / "egressgate" / "cli.py").exists(), \
+        "src/egressgate/cli.py does not exist, so `egressgate check-config` cannot run"
 
     def run(text: str, name: str = "config.yaml") -> subprocess.CompletedProcess[str]:
         path = tmp_path / name

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import ARGO, load_docs
 
+from tests import required
+
 WFT_PATH = ARGO / "workflowtemplate.yaml"
 
 
@@ -55,7 +57,7 @@ def _unknown_keys(given, dumped, path="$"):
 
 
 def test_valid_against_argo_models(wft):
-    models = pytest.importorskip("hera.workflows.models", reason="hera is needed for Argo model validation")
+    models = required.module("hera.workflows.models")
     model = models.WorkflowTemplate.model_validate(wft)
     dumped = json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
     unknown = _unknown_keys(wft, dumped)
@@ -63,7 +65,7 @@ def test_valid_against_argo_models(wft):
 
 
 def test_unknown_field_detection_works():
-    models = pytest.importorskip("hera.workflows.models")
+    models = required.module("hera.workflows.models")
     bad = {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "WorkflowTemplate",

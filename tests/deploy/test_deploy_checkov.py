@@ -17,6 +17,8 @@ import subprocess
 import pytest
 from conftest import DEPLOY, REPO
 
+from tests import required
+
 FRAMEWORKS = ["terraform", "kubernetes", "argo_workflows", "dockerfile"]
 
 
@@ -36,7 +38,7 @@ def checkov_binary():
 def report():
     exe = checkov_binary()
     if not exe:
-        pytest.skip("checkov not installed (separate venv, see this module's docstring)")
+        required.missing("checkov", "a separate venv, see this module's docstring; `make test` creates it")
     proc = subprocess.run(
         [
             exe,

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import ARGO, DEPLOY, K8S, k8s_objects, load_docs
 
+from tests import required
+
 K8S_VERSION = "1.33.0"
 NAMESPACE = "egressgate"
 
@@ -44,7 +46,7 @@ def all_manifest_files():
 
 @pytest.mark.parametrize("path", all_manifest_files(), ids=lambda p: p.name)
 def test_schema_valid_strict(path):
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is needed for schema checks")
+    kv = required.module("kubernetes_validate")
     for doc in load_docs(path):
         try:
             kv.validate(doc, K8S_VERSION, strict=True)

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from conftest import TF, first_block, load_tf_module, template_variables, walk_keys
 
+from tests import required
+
 LB_HC_RANGES = {"35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"}  # external passthrough NLB
 INTERNAL_LB_HC_RANGES = {"35.191.0.0/16", "130.211.0.0/22"}  # internal passthrough NLB
 AUTOHEAL_HC_RANGES = {"35.191.0.0/16", "130.211.0.0/22"}  # health checks not tied to an LB
@@ -275,13 +277,13 @@ def test_variables_documented_typed_and_validated(tf):
 
 
 def test_example_tfvars_sets_every_required_variable(tf):
-    hcl2 = pytest.importorskip("hcl2")
+    hcl2 = required.module("hcl2")
     from conftest import unquote
 
     example = unquote(hcl2.load((TF / "terraform.tfvars.example").open()))
     example = {k: v for k, v in example.items() if not k.startswith("__")}
-    required = {n for n, b in tf["variable"].items() if "default" not in b}
-    assert required <= set(example), f"example misses {required - set(example)}"
+    needed = {n for n, b in tf["variable"].items() if "default" not in b}
+    assert needed <= set(example), f"example misses {needed - set(example)}"
     assert set(example) <= set(tf["variable"]), f"unknown variables {set(example) - set(tf['variable'])}"
     assert example["default_profile"] in example["egress_profiles"]
     for c in example["clients"]:

@@ -27,8 +27,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import required
 from tests.deploy.conftest import DEPLOY, REPO
-from tests.integration.peers import EchoServer, GatewayProcess, Origin, base_config
+from tests.integration.peers import ClosedPort, EchoServer, GatewayProcess, Origin, base_config
 
 MONITORING = DEPLOY / "monitoring"
 RULES = MONITORING / "alerts.yaml"
@@ -60,11 +61,7 @@ DASHBOARD_METRICS = {
 
 @pytest.fixture(scope="module")
 def promql():
-    return pytest.importorskip(
-        "promql_parser",
-        reason="promql-parser is not installed: add `promql-parser>=0.11` to the [test] extras "
-               "(pyproject.toml) so the monitoring PromQL is parsed",
-    )
+    return required.module("promql_parser")
 
 
 def load_rules() -> dict[str, Any]:
@@ -381,9 +378,13 @@ class Scrape:
         raise KeyError(name)
 
 
+# the admin listener is on loopback: never through a proxy named in the environment
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with _DIRECT.open(url, timeout=10) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -391,7 +392,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 def _post(url: str) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=10) as resp:
+        with _DIRECT.open(urllib.request.Request(url, method="POST", data=b""), timeout=10) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -416,12 +417,6 @@ def _proxy_request(gw: GatewayProcess, target: str, auth: str | None = None, sou
 
 def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else 0
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +450,8 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
         assert _status(_proxy_request(gw, origin.url("/", host="localhost"))) == 200  # a DNS lookup
         assert _status(_proxy_request(gw, "http://blocked.example/")) == 403
         assert _status(_proxy_request(gw, "http://169.254.169.254/latest/meta-data/")) == 403
-        assert _status(_proxy_request(gw, f"http://127.0.0.1:{_closed_port()}/")) == 502
+        with ClosedPort() as closed:  # held: connections to it are refused
+            assert _status(_proxy_request(gw, f"http://{closed.address}/")) == 502
         assert _status(_proxy_request(gw, origin.url("/", host="localhost"), auth="auditor:s3cret")) == 200  # report mode
         assert _proxy_request(gw, origin.url("/"), source="127.0.0.5") == b""  # source not allowed
         # a tunnel that stays open through the scrape

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 import trustme
 
+from .. import required
 from .peers import EchoServer, GatewayProcess, Origin
 
 
@@ -63,10 +63,8 @@ def start_gateway(tmp_path):
 
 
 def need(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        pytest.skip(f"{program} is not installed (make test installs it)")
-    return path
+    """The path of a program the test needs (under CI a missing one fails the test)."""
+    return required.tool(program)
 
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -1,7 +1,8 @@
 """Loopback peers that misbehave, for the fault-injection suite (test_faults.py).
 
 ``FaultyServer`` accepts connections on 127.0.0.1 and runs a *behaviour* per connection in a
-thread; afterwards it keeps reading until the gateway closes the connection, and records how
+thread (one request per connection: a complete response says ``Connection: close``, so the
+gateway never reuses a connection whose peer is only watching); afterwards it keeps reading until the gateway closes the connection, and records how
 that ended (``Peer.closed`` / ``Peer.ended_by``), so a test can check that the side still
 there was closed. ``FaultyOrigin`` picks the behaviour from the request path (``/reset``,
 ``/silent``, ``/trickle-head`` ... see ``ROUTES``). ``Blackhole`` is a listener whose accept
@@ -218,7 +219,7 @@ TRICKLE_BODY = b"abcde"
 
 def _trickle_body(p: Peer) -> None:
     p.read_head()
-    p.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(TRICKLE_BODY))
+    p.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(TRICKLE_BODY))
     p.trickle(TRICKLE_BODY)
 
 
@@ -244,7 +245,8 @@ def _two_responses(p: Peer) -> None:
 def _interim_with_body(p: Peer) -> None:
     """A non-standard 1xx status that claims a body, then the real response."""
     p.read_head()
-    p.send(b"HTTP/1.1 190 Odd\r\nContent-Length: 9\r\n\r\ninjected!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nreal\n")
+    p.send(b"HTTP/1.1 190 Odd\r\nContent-Length: 9\r\n\r\ninjected!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+           b"Connection: close\r\n\r\nreal\n")
 
 
 def _stream(p: Peer) -> None:
@@ -349,7 +351,10 @@ class Blackhole:
             with contextlib.suppress(BlockingIOError):
                 f.connect(("127.0.0.1", self.port))
             self.fillers.append(f)
-        time.sleep(0.1)
+        # The queue (backlog 0: one connection) is full once a filler's handshake completed.
+        _, writable, _ = select.select([], self.fillers, [], 10)
+        if not any(f.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for f in writable):
+            raise RuntimeError("no connection completed to the blackhole listener: its queue is not full")
 
     def close(self) -> None:
         for f in self.fillers:
@@ -394,11 +399,16 @@ class Response:
 
 
 def read_until_close(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 26) -> tuple[bytes, str]:
-    """Read until the other end closes; returns (data, "eof" | "reset" | "timeout")."""
-    sock.settimeout(timeout)
+    """Read until the other end closes, for at most ``timeout`` seconds in all; returns
+    (data, "eof" | "reset" | "timeout" | "limit")."""
+    deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     total = 0
     while total < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), "timeout"
+        sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:

@@ -219,16 +219,23 @@ class GatewayProcess:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
         self._started = threading.Event()
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         deadline = time.monotonic() + ready_timeout
         while not self._started.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                time.sleep(0.2)  # let the reader collect what it printed
+            if self.proc.poll() is not None:
+                self._stderr_reader.join(5)  # the pipe is at EOF: everything it printed is read
+                break
+            if time.monotonic() > deadline:
                 break
         if not self._started.is_set():
+            how = f"exited with {self.proc.returncode}" if self.proc.poll() is not None \
+                else f"no started event within {ready_timeout:g}s"
             self.kill()
-            raise RuntimeError("gateway did not start:\n" + "".join(self.stderr_lines[-30:]))
-        started = next(e for e in self.events if e.get("event") == "started")
+            raise RuntimeError(f"gateway did not start ({how}):\n" + "".join(self.stderr_lines[-30:]))
+        # With several workers each prints a started event; worker 0 owns the admin listener.
+        started = next(e for e in self.events if e.get("event") == "started" and e.get("worker", 0) == 0)
+        self.started_event = started
         self.address = started["listen"][0]
         self.host, port = self.address.rsplit(":", 1)
         self.port = int(port)
@@ -258,7 +265,7 @@ class GatewayProcess:
             except ValueError:
                 continue
             self.events.append(doc)
-            if doc.get("event") == "started":
+            if doc.get("event") == "started" and doc.get("worker", 0) == 0:
                 self._started.set()
 
     def wait_log(self, predicate, timeout: float = 10.0) -> dict:
@@ -318,23 +325,34 @@ def base_config(**overrides) -> dict:
     return cfg
 
 
-def raw_exchange(address: str, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
-    """Send raw bytes to the gateway; return what it answers until it closes, times out, or
-    (``read_until_close=False``) one complete response with a Content-Length has arrived."""
+def raw_exchange(address: str, data: bytes, timeout: float = 10.0, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to the gateway and return its answer.
+
+    ``read_until_close`` (the default): everything until the gateway closes the connection,
+    which it must do (EOF or reset) within ``timeout`` seconds -- otherwise this fails, so a
+    test that says "the connection is closed" cannot pass against a gateway that keeps it
+    open. ``read_until_close=False``: one complete response with a Content-Length (or no
+    body), which must arrive within ``timeout`` seconds; the connection may stay open."""
     host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        try:
-            while True:
+        chunks: list[bytes] = []
+        while True:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
                 chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if not read_until_close and _complete(b"".join(chunks)):
-                    break
-        except TimeoutError:
-            pass
+            except TimeoutError:
+                got = b"".join(chunks)
+                what = "close the connection" if read_until_close else "send a complete response"
+                raise AssertionError(f"the gateway did not {what} within {timeout:g}s; got {got[:300]!r}") from None
+            except ConnectionResetError:
+                break  # closed by a reset: closed all the same
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close and _complete(b"".join(chunks)):
+                break
         return b"".join(chunks)
 
 
@@ -347,3 +365,104 @@ def _complete(data: bytes) -> bool:
         if k.strip().lower() == b"content-length":
             return len(body) >= int(v)
     return True
+
+
+class ClosedPort:
+    """A loopback TCP port where connections are refused, held for as long as this object
+    lives: a socket bound to it that never listens, so no other socket can take the number
+    (the old way -- bind port 0, close, reuse the number -- races with anything else binding)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ClosedPort:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ReservedPort(ClosedPort):
+    """A port kept for processes that bind it with SO_REUSEPORT (the gateway's workers): held
+    by a bound socket that also sets SO_REUSEPORT and never listens, so only sockets of this
+    user that set it too can bind the number, and no connection is ever routed to the holder.
+    Close it once the processes it was kept for are listening."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind((host, 0))
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy (returned); fail loudly, naming
+    ``what``, after ``timeout`` seconds. For waiting on a state, never for time to pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Tripwire:
+    """A listener on an address the gateway must never connect to (say, one the address guard
+    refuses but that is reachable). Records every connection it accepts; answers each with a
+    recognisable response, so a gateway that does connect gets a clear answer, not a hang."""
+
+    BODY = b"tripwire: the gateway connected to a refused address\n"
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        try:
+            self.sock = socket.create_server((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot put a tripwire listener on {host}:{port}: {exc}") from None
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+        self.contacts: list[tuple[str, int]] = []
+        self._stop = False
+        self._queue_empty = threading.Event()  # set each time an accept finds nobody waiting
+        self.sock.settimeout(0.05)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, addr = self.sock.accept()
+            except TimeoutError:
+                self._queue_empty.set()
+                continue
+            except OSError:
+                continue
+            self.contacts.append(addr[:2])
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                             % len(self.BODY) + self.BODY)
+
+    def touched(self) -> list[tuple[str, int]]:
+        """Every connection made before this call, including any still in the accept queue:
+        waits until the accept loop has found the queue empty once after the call."""
+        self._queue_empty.clear()
+        if not self._queue_empty.wait(10):
+            raise AssertionError("the tripwire's accept loop is stuck")
+        return list(self.contacts)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()

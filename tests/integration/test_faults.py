@@ -38,7 +38,7 @@ from .faulty import (
     rst_close,
     thread_count,
 )
-from .peers import GatewayProcess, base_config
+from .peers import GatewayProcess, base_config, wait_for
 
 TIMEOUTS = {"client_head": "500ms", "upstream_connect": "500ms", "upstream_response": "500ms",
             "tunnel_idle": "1s", "upstream_idle": "300ms"}
@@ -130,18 +130,31 @@ class Baseline:
         internal = [e for e in gw.events if e.get("event") == "internal_error"]
         assert not internal, internal
 
-    def records(self, pred: Callable[[dict], bool], n: int, timeout: float = 5.0) -> list[dict]:
-        """Wait for exactly ``n`` new access-log records matching ``pred``."""
+    def records(self, pred: Callable[[dict], bool], n: int, timeout: float = 10.0) -> list[dict]:
+        """Exactly ``n`` new access-log records matching ``pred``: wait for ``n``, then for the
+        record of a marker request made after them -- the gateway writes records in order, so
+        a duplicate written before the marker's would be there by then."""
         deadline = time.monotonic() + timeout
         while True:
             got = [r for r in self.gw.log[self.log_index:] if pred(r)]
             if len(got) >= n or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        time.sleep(0.1)  # a duplicate record would show up now
+        log_barrier(self.gw)
         got = [r for r in self.gw.log[self.log_index:] if pred(r)]
         assert len(got) == n, f"{len(got)} records, wanted {n}: {got[:5]}"
         return got
+
+
+def log_barrier(gw: GatewayProcess, timeout: float = 10.0) -> None:
+    """Make a request (egressgate.whoami, answered by the gateway itself) and wait for its
+    access-log record: every record written before it is in ``gw.log`` afterwards."""
+    marker = f"http://egressgate.whoami/barrier-{time.monotonic_ns()}"
+    with connect(gw.address, timeout=timeout) as s:
+        s.sendall(f"GET {marker} HTTP/1.1\r\nHost: egressgate.whoami\r\nConnection: close\r\n\r\n".encode())
+        data, how = read_until_close(s, timeout)
+    assert Response(data).status == 200 and how == "eof", (data[:200], how)
+    gw.wait_log(lambda r: r.get("target") == marker, timeout=timeout)
 
 
 def wait_idle(gw: GatewayProcess, timeout: float = SETTLE) -> None:
@@ -153,7 +166,6 @@ def wait_idle(gw: GatewayProcess, timeout: float = SETTLE) -> None:
             break
         assert time.monotonic() < deadline, f"{total} client connections still open"
         time.sleep(0.05)
-    time.sleep(0.05)
 
 
 def run_rounds(gw: GatewayProcess, once: Callable[[int], object], rounds: int, parallel: int = 1,
@@ -167,7 +179,7 @@ def run_rounds(gw: GatewayProcess, once: Callable[[int], object], rounds: int, p
     return base, results
 
 
-def http_get(gw: GatewayProcess, url: str, timeout: float = 5.0, close: bool = False) -> tuple[Response, str, float]:
+def http_get(gw: GatewayProcess, url: str, timeout: float = 10.0, close: bool = False) -> tuple[Response, str, float]:
     """One GET on a new connection, read until the gateway closes it. Error responses must
     close by themselves; a request expected to succeed says ``close`` (Connection: close)."""
     t0 = time.monotonic()
@@ -227,7 +239,9 @@ def test_origin_fault_answered_with_error(gw, faulty, path, status, errors, roun
         assert_error(resp, status, *errors)
         assert how == "eof", how  # the gateway closed the client connection after answering
         if status == 504:
-            assert 0.4 < took < 2.5, took  # the 500 ms response timeout, not a hang
+            # the 500 ms response timeout, not earlier (load only makes it later); a hang is
+            # caught by http_get's read bound (how == "timeout")
+            assert took >= 0.45, took
     recs = base.records(lambda r: tag_of(r, path, tag), rounds)
     assert all(r["status"] == status and r["reason"] and r["upstream_addr"] != "-" for r in recs), recs
     origin_closed(faulty, path, tag, rounds)
@@ -258,13 +272,19 @@ def test_origin_fault_mid_body_cuts_response_short(gw, faulty, path):
 
 def test_unsolicited_second_response_is_not_relayed(gw, faulty):
     base = Baseline(gw)
-    with connect(gw.address) as s:
+    with connect(gw.address, timeout=10) as s:
         # keep-alive: the next request on this connection must get its own response
         s.sendall(f"GET {faulty.url('/two-responses?t=smuggle')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(0.3)
+        data = b""
+        while b"first\n" not in data:  # the first response, whole (the extra one came with it)
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
         s.sendall(f"GET {faulty.url('/ok?t=after-smuggle')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                   .encode())
-        data, how = read_until_close(s, 3)
+        rest, how = read_until_close(s, 10)
+        data += rest
+    assert how == "eof", how
     assert b"X-Smuggled" not in data and b"smuggled!" not in data, data
     first = Response(data)
     assert first.status == 200 and first.body.startswith(b"first\n"), first
@@ -293,7 +313,8 @@ def test_trickling_body_is_relayed_whole(gw, faulty):
     base, results = run_rounds(gw, once, 4, 4, warmup=1)
     for resp, how, took in results:
         assert resp.status == 200 and resp.body == TRICKLE_BODY, resp
-        assert how == "eof" and 0.8 <= took < 3, (how, took)
+        assert how == "eof", how
+        assert took >= 0.8, took  # the origin took a second: nothing was cut short by a timeout
     recs = base.records(lambda r: "/trickle-body?t=tb-" in r["target"] and not r["target"].endswith("--1"), 4)
     assert all(r["status"] == 200 and r["bytes_down"] == len(TRICKLE_BODY) for r in recs), recs
     base.assert_no_leak()
@@ -317,7 +338,9 @@ def test_client_disconnects_mid_upload(gw, faulty):
         s.sendall(f"POST {faulty.url(f'/sink?t=up-{i}')} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
                   .encode())
         s.sendall(b"u" * 512 * 1024)
-        time.sleep(0.1)
+        # hang up once part of the body has reached the origin
+        wait_for(lambda: any(p.path == f"/sink?t=up-{i}" and p.body_received > 0 for p in list(faulty.peers)),
+                 "the origin to receive part of the upload")
         _hang_up(s, i)
 
     base, _ = run_rounds(gw, once, 6, 2)
@@ -352,17 +375,33 @@ def test_client_disconnects_mid_download(gw, faulty):
 
 
 def test_client_disconnects_while_connect_is_dialing(gw, blackhole):
-    # the destination never completes the TCP handshake; the client gives up first
-    def once(i):
-        s = connect(gw.address)
-        s.sendall(f"CONNECT {blackhole.address} HTTP/1.1\r\nHost: dial-{i}\r\n\r\n".encode())
-        time.sleep(0.1)
-        _hang_up(s, i)
+    # the destination never completes the TCP handshake; the clients give up first
+    def wave(tag: str, n: int) -> None:
+        socks = []
+        for i in range(n):
+            s = connect(gw.address)
+            s.sendall(f"CONNECT {blackhole.address} HTTP/1.1\r\nHost: {tag}-{i}\r\n\r\n".encode())
+            socks.append(s)
+        # hang up once every one of them is dialing (routed to its profile, no answer yet)
+        wait_for(lambda: admin_json(gw, "/status")["connections"]["by_profile"].get("default") == n,
+                 f"{n} CONNECTs to be dialing")
+        for i, s in enumerate(socks):
+            _hang_up(s, i)
 
-    base, _ = run_rounds(gw, once, 6, 6)
-    time.sleep(0.6)  # past upstream_connect: a dial that was not cancelled would end now
-    recs = base.records(lambda r: r["method"] == "CONNECT" and r["target"] == blackhole.address, 6)
-    assert all(r["status"] == 499 and r["reason"] in ("client_closed", "client_reset") for r in recs), recs
+    for w in range(2):  # warm-up
+        wave(f"warm{w}", 1)
+        wait_idle(gw)
+    base = Baseline(gw)
+    wave("dial", 6)
+    # a dial that was not cancelled would end at upstream_connect (500 ms) with a record of its
+    # own: a marker CONNECT that does wait out its dial ends after all of theirs would have
+    with connect(gw.address, timeout=10) as s:
+        s.sendall(f"CONNECT {blackhole.address} HTTP/1.1\r\nHost: marker\r\n\r\n".encode())
+        data, how = read_until_close(s, 10)
+    assert_error(Response(data), 504, "connection_timeout")
+    recs = base.records(lambda r: r["method"] == "CONNECT" and r["target"] == blackhole.address, 7)
+    assert sorted(r["status"] for r in recs) == [499] * 6 + [504], recs
+    assert all(r["reason"] in ("client_closed", "client_reset") for r in recs if r["status"] == 499), recs
     base.assert_no_leak()
 
 
@@ -398,26 +437,37 @@ def test_client_disconnects_mid_tunnel(gw, echo_peer):
 def test_client_disconnects_inside_connect_head(gw, echo_peer):
     def once(i):
         s = connect(gw.address)
+        # once the gateway has taken the connection, part of a head, then FIN or RST: the bytes
+        # are in its receive queue before the hang-up, and it reads them first
+        wait_for(lambda: admin_json(gw, "/status")["connections"]["total"] == 1, "the connection to be accepted")
         s.sendall(f"CONNECT {echo_peer.address} HTTP/1.1\r\nHost: half-{i}\r\nUser-Ag".encode())
-        time.sleep(0.05)
         _hang_up(s, i)
+        wait_idle(gw)
 
-    base, _ = run_rounds(gw, once, 4, 2, warmup=0)
+    base, _ = run_rounds(gw, once, 4, 1, warmup=0)
     base.assert_no_leak()
     # the connection is gone, and so is the request: still, one record per connection
-    base.records(lambda r: r["reason"] in ("client_closed", "client_reset"), 4, timeout=1.0)
+    base.records(lambda r: r["reason"] in ("client_closed", "client_reset"), 4)
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: a connection the client resets before the gateway has looked "
+                                       "at it leaks a descriptor: peername is unavailable, ClientConnection."
+                                       "connection_made raises ValueError on '-' and the transport is never closed")
+def test_connection_reset_before_accept_leaks_nothing(start_gateway):
+    gw = start_gateway(base_config(timeouts=TIMEOUTS))
+    base = Baseline(gw)
+    for _ in range(8):
+        rst_close(connect(gw.address))  # connect and reset at once: queued, then reset, then accepted
+    base.assert_no_leak()
 
 
 def test_slowloris_silent_connections_get_408(gw):
     n = 30
     base = Baseline(gw)
     socks = [connect(gw.address) for _ in range(n)]
-    t0 = time.monotonic()
-    results = [read_until_close(s, 5) for s in socks]
-    took = time.monotonic() - t0
+    results = [read_until_close(s, 10) for s in socks]  # each answered and closed within the bound
     for s in socks:
         s.close()
-    assert took < 2.5, took
     for data, how in results:
         assert_error(Response(data), 408, "http_request_error")
         assert how == "eof"
@@ -458,7 +508,7 @@ def test_slowloris_head_one_byte_at_a_time_gets_408(gw, faulty):
         assert_error(resp, 408, "http_request_error")
         assert how in ("eof", "reset")
         assert sent < len(head), "the head completed: the test did not test anything"
-        assert took < 3.0, took
+        assert took >= 0.45, took  # client_head is 500 ms: not cut earlier
     base.records(lambda r: r["status"] == 408, n)
     assert not faulty.requests_to("/ok") or all("loris" not in p.path for p in faulty.peers)
     base.assert_no_leak()
@@ -572,12 +622,11 @@ def test_upstream_proxy_fails_connect(start_gateway, echo_peer, behaviour, statu
             security={"connect_ports": [echo_peer.port]}))
         base = Baseline(near)
         for _ in range(3):
-            t0 = time.monotonic()
-            with connect(near.address) as s:
+            with connect(near.address, timeout=10) as s:
                 s.sendall(f"CONNECT {echo_peer.address} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                data, how = read_until_close(s, 5)
+                data, how = read_until_close(s, 10)  # answered and closed within the bound, no hang
             assert_error(Response(data), status, error)
-            assert how == "eof" and time.monotonic() - t0 < 2.5
+            assert how == "eof", how
         base.records(lambda r: r["method"] == "CONNECT" and r["status"] == status, 3)
         for p in bad.wait_peers(3):
             assert p.closed.wait(3)
@@ -592,10 +641,10 @@ def test_connection_limit_answers_503(start_gateway, faulty):
     gw = start_gateway(base_config(timeouts={**TIMEOUTS, "client_head": "3s"}, limits={"max_connections": 5}))
     base = Baseline(gw)
     held = [connect(gw.address) for _ in range(5)]
-    time.sleep(0.2)
+    wait_for(lambda: admin_json(gw, "/status")["connections"]["total"] == 5, "the five connections to be accepted")
     for _ in range(3):
         with connect(gw.address) as s:
-            data, how = read_until_close(s, 3)
+            data, how = read_until_close(s, 10)
         assert_error(Response(data), 503, "proxy_internal_response")
     for s in held:
         s.close()
@@ -617,14 +666,15 @@ def test_running_out_of_file_descriptors_does_not_crash(start_gateway, faulty):
             s.settimeout(3)
             s.connect((gw.host, gw.port))
             socks.append(s)
-        time.sleep(0.5)
+        # the gateway has accepted until it ran out of descriptors (its accept loop met EMFILE)
+        wait_for(lambda: gw.fd_count() >= base.fds + 20 or gw.proc.poll() is not None,
+                 "the gateway to use up its descriptors")
         assert gw.proc.poll() is None, "".join(gw.stderr_lines[-20:])
     finally:
         for s in socks:
             s.close()
         resource.prlimit(gw.pid, resource.RLIMIT_NOFILE, (soft, hard))
-    time.sleep(0.3)
-    # the backlog drains and the gateway serves again
+    # the backlog drains and the gateway serves again (http_get's read bound covers the wait)
     resp, _, _ = http_get(gw, faulty.url("/ok?t=after-emfile"), close=True)
     assert resp.status == 200, resp
     base.assert_no_leak()

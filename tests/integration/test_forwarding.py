@@ -3,9 +3,15 @@ close-delimited responses, Expect: 100-continue, upstream connection reuse."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 
-from .peers import base_config, raw_exchange
+import pytest
+
+from .conftest import need
+from .faulty import connect
+from .peers import base_config, pattern_bytes, raw_exchange
 
 
 def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
@@ -52,14 +58,16 @@ def test_keep_alive_reuses_upstream_connection(start_gateway, origin):
 
 def test_http10_client(start_gateway, origin):
     gw = start_gateway(base_config())
+    # raw_exchange reads until the gateway closes, and fails if it does not within its bound
     resp = raw_exchange(gw.address, f"GET {origin.url('/old')} HTTP/1.0\r\n\r\n".encode())
     assert resp.startswith(b"HTTP/1.1 200 ")
     assert b"Connection: close" in resp
     assert resp.endswith(b"hello /old\n")
-    # HTTP/1.0 client, chunked origin response: de-chunked, delimited by close
+    # HTTP/1.0 client, chunked origin response: de-chunked, delimited by the gateway's close
     resp = raw_exchange(gw.address, f"GET {origin.url('/bytes?n=1000&mode=chunked')} HTTP/1.0\r\n\r\n".encode())
     head, _, body = resp.partition(b"\r\n\r\n")
-    assert b"chunked" not in head.lower() and len(body) == 1000
+    assert b"chunked" not in head.lower() and b"content-length" not in head.lower(), head
+    assert body == b"".join(pattern_bytes(1000))
 
 
 def test_head_request(start_gateway, origin):
@@ -93,17 +101,45 @@ def test_close_delimited_response_rechunked_for_http11(start_gateway, origin):
         assert _read_responses(s, 1)[0][1] == b"hello /again\n"
 
 
-def test_chunked_upload_and_expect_continue(start_gateway, origin):
-    import subprocess
+def _read_head(sock: socket.socket, timeout: float) -> bytes:
+    """One response head, which must arrive within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        try:
+            chunk = sock.recv(1)  # byte by byte: leave what follows the head in the socket
+        except TimeoutError:
+            raise AssertionError(f"no response head within {timeout:g}s; got {buf!r}") from None
+        assert chunk, buf
+        buf += chunk
+    return buf
 
-    from .conftest import need
 
+def test_expect_100_continue_interim_response_is_relayed(start_gateway, origin):
+    gw = start_gateway(base_config())
+    body = b"z" * 100_000
+    with connect(gw.address, timeout=10) as s:
+        s.sendall(f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                  f"Expect: 100-continue\r\n\r\n".encode())
+        # the client holds the body back until the origin's 100 Continue reaches it
+        interim = _read_head(s, 10)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        s.sendall(body)
+        final = _read_responses(s, 1)[0]
+    assert final[0].startswith(b"HTTP/1.1 200 "), final
+    assert json.loads(final[1])["bytes"] == len(body)
+
+
+def test_chunked_upload_and_expect_continue_with_curl(start_gateway, origin):
     gw = start_gateway(base_config())
     payload = b"z" * 300_000
-    r = subprocess.run([need("curl"), "-sS", "-x", gw.url, "-H", "Transfer-Encoding: chunked",
-                        "-H", "Expect: 100-continue", "--data-binary", "@-", origin.url("/upload")],
-                       input=payload, capture_output=True, timeout=30)
+    # curl would send the body after 1 s without the 100; make it wait far longer, and check
+    # that it saw the interim response
+    r = subprocess.run([need("curl"), "-sS", "-v", "--expect100-timeout", "30", "-x", gw.url,
+                        "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue", "--data-binary", "@-",
+                        origin.url("/upload")], input=payload, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert b"< HTTP/1.1 100 Continue" in r.stderr, r.stderr[-2000:]
     assert b'"bytes": 300000' in r.stdout
 
 
@@ -114,13 +150,29 @@ def test_client_disconnect_mid_download_is_logged(start_gateway, origin):
     assert s.recv(1000)
     s.close()
     rec = gw.wait_log(lambda r: "/bytes" in r["target"])
-    assert rec["reason"] in ("client_closed", "")
+    # closing with unread data sends a reset, so either is right; an empty reason is not
+    assert rec["status"] == 499 and rec["reason"] in ("client_closed", "client_reset"), rec
     assert rec["bytes_down"] < 50_000_000
 
 
-def test_whoami(start_gateway):
-    import json
+@pytest.mark.xfail(strict=True, reason="product bug: a keep-alive request served from a pooled upstream "
+                                       "without a task (session._serve_now) gets no access-log record when "
+                                       "the client hangs up mid-response (connection_lost logs only "
+                                       "exchanges with a task)")
+def test_client_disconnect_mid_download_on_reused_connection_is_logged(start_gateway, origin):
+    gw = start_gateway(base_config())
+    s = socket.create_connection((gw.host, gw.port), timeout=10)
+    s.sendall(f"GET {origin.url('/warm')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert _read_responses(s, 1)[0][1] == b"hello /warm\n"
+    gw.wait_log(lambda r: r["target"].endswith("/warm"))  # its upstream connection is back in the pool
+    s.sendall(f"GET {origin.url('/bytes?n=50000000&delay=0.001')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert s.recv(1000)
+    s.close()
+    rec = gw.wait_log(lambda r: "/bytes" in r["target"], timeout=5)
+    assert rec["status"] == 499 and rec["reason"] in ("client_closed", "client_reset"), rec
 
+
+def test_whoami(start_gateway):
     gw = start_gateway(base_config())
     resp = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\nHost: egressgate.whoami\r\n\r\n",
                         read_until_close=False)

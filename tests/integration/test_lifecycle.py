@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
-from .peers import base_config, pattern_sha256, raw_exchange
+import pytest
+
+from .faulty import read_until_close
+from .peers import base_config, pattern_bytes, pattern_sha256, raw_exchange, wait_for
 
 
 def _admin(gw, path: str, method: str = "GET") -> tuple[int, bytes]:
@@ -26,50 +28,94 @@ def _admin(gw, path: str, method: str = "GET") -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_sigterm_drains_inflight_transfer(start_gateway, origin):
-    gw = start_gateway(base_config(security={"connect_ports": [origin.port]}, drain={"timeout": 20}))
-    n = 8 * 1024 * 1024
-    result = {}
+def _tunnel(gw, port: int) -> socket.socket:
+    s = socket.create_connection((gw.host, gw.port), timeout=20)
+    s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    s.sendall(b"ping")
+    assert s.recv(4) == b"ping"
+    return s
 
-    def download():
-        s = socket.create_connection((gw.host, gw.port), timeout=20)
-        s.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += s.recv(1)
-        # ~0.5 s of transfer: 128 blocks of 64 KiB with a 4 ms pause each
-        s.sendall(f"GET /bytes?n={n}&delay=0.004 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-        result["body"] = data.partition(b"\r\n\r\n")[2]
 
-    t = threading.Thread(target=download)
-    t.start()
-    time.sleep(0.2)
+def _refused(gw) -> bool:
+    """One connection attempt to the proxy listener: True when it is refused."""
+    try:
+        socket.create_connection((gw.host, gw.port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_drains_inflight_transfer(start_gateway, echo):
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"timeout": 20}))
+    s = _tunnel(gw, echo.port)  # in flight when SIGTERM comes
+    n = len(gw.events)
     gw.signal(signal.SIGTERM)
-    # new connections are refused once the listener closes
+    gw.wait_event("drain_started")
+    # new connections are refused once the listener closes (drain.grace is 0) ...
+    wait_for(lambda: _refused(gw), "the proxy listener to refuse new connections")
+    assert gw.proc.poll() is None, "the gateway exited with a tunnel still open"
+    # ... while the tunnel carries a whole transfer, byte-exact, both ways
+    size = 8 * 1024 * 1024
+    received = bytearray()
+
+    def reader():
+        while chunk := s.recv(1 << 20):
+            received.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for block in pattern_bytes(size):
+        s.sendall(block)
+    s.shutdown(socket.SHUT_WR)  # the echo server answers our EOF with its own: the tunnel ends
+    t.join(30)
+    assert not t.is_alive(), "the tunnel did not end after both sides closed"
+    s.close()
+    assert len(received) == size and hashlib.sha256(received).hexdigest() == pattern_sha256(size)
     assert gw.wait(timeout=30) == 0
-    t.join(10)
-    assert len(result["body"]) == n
-    assert hashlib.sha256(result["body"]).hexdigest() == pattern_sha256(n)
-    assert any(e.get("event") == "drain_finished" and e["closed_unfinished"] == 0 for e in gw.events)
+    assert [e["closed_unfinished"] for e in gw.events[n:] if e.get("event") == "drain_finished"] == [0]
+
+
+def test_drain_timeout_closes_what_is_unfinished(start_gateway, echo):
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"timeout": "500ms"}))
+    s = _tunnel(gw, echo.port)  # never finishes by itself
+    gw.signal(signal.SIGTERM)
+    data, how = read_until_close(s, 15)  # drain.timeout passes: the gateway closes it
+    s.close()
+    assert data == b"" and how in ("eof", "reset"), (data, how)
+    assert gw.wait(timeout=30) == 0
+    assert [e["closed_unfinished"] for e in gw.events if e.get("event") == "drain_finished"] == [1]
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: a tunnel closed by drain.timeout gets no access-log record "
+                                       "(its connection_lost runs after App.close() has closed the access log)")
+def test_drain_timeout_still_logs_what_it_closed(start_gateway, echo):
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"timeout": "500ms"}))
+    s = _tunnel(gw, echo.port)
+    gw.signal(signal.SIGTERM)
+    read_until_close(s, 15)
+    s.close()
+    assert gw.wait(timeout=30) == 0
+    rec = gw.wait_log(lambda r: r["method"] == "CONNECT", timeout=5)
+    assert rec["status"] == 200 and rec["bytes_up"] == rec["bytes_down"] == 4, rec
 
 
 def test_readyz_turns_503_during_drain(start_gateway, echo):
-    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"grace": "1s", "timeout": 5}))
+    gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"grace": "5s", "timeout": 5}))
     assert _admin(gw, "/readyz")[0] == 200
     gw.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    gw.wait_event("drain_started")
     status, body = _admin(gw, "/readyz")
     assert status == 503 and b"draining" in body
-    # during the grace period the listener still accepts
+    # during the grace period the listener still accepts (5 s: far more than these two requests take)
     resp = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\n\r\n", read_until_close=False)
     assert resp.startswith(b"HTTP/1.1 200")
-    assert gw.wait(timeout=15) == 0
+    assert gw.wait(timeout=30) == 0
 
 
 def test_reload_by_sighup_and_admin(start_gateway, origin):

@@ -14,8 +14,8 @@ import urllib.request
 
 from .peers import base_config, raw_exchange
 
-FIELDS = {"ts", "client_addr", "client", "method", "target", "status", "profile", "egress_addr",
-          "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason"}
+FIELDS = {"ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
+          "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason"}  # the README's list
 
 
 def _scrape(gw) -> dict[str, float]:
@@ -50,22 +50,35 @@ def _tunnel(gw, port: int, payload: bytes) -> bytes:
 def test_metrics_move_by_exactly_the_traffic(start_gateway, origin, echo):
     gw = start_gateway(base_config(security={"connect_ports": [echo.port]}))
     before = _scrape(gw)
-    for _ in range(3):
-        resp = raw_exchange(gw.address, f"GET {origin.url('/bytes?n=1000')} HTTP/1.1\r\n\r\n".encode(),
-                            read_until_close=False)
+    for _ in range(3):  # three new client connections: no upstream connection to reuse
+        resp = raw_exchange(gw.address, f"GET {origin.url('/bytes?n=1000')} HTTP/1.1\r\nConnection: close\r\n\r\n"
+                            .encode())
         assert resp.startswith(b"HTTP/1.1 200")
     raw_exchange(gw.address, b"GET http://10.0.0.1/ HTTP/1.1\r\n\r\n", read_until_close=False)
     assert _tunnel(gw, echo.port, b"x" * 5000) == b"x" * 5000
+    # one name lookup that misses the cache ("localhost" resolves without a name server)
+    resp = raw_exchange(gw.address, f"GET {origin.url('/n', host='localhost')} HTTP/1.1\r\nConnection: close\r\n\r\n"
+                        .encode())
+    assert resp.startswith(b"HTTP/1.1 200"), resp[:200]
     gw.wait_log(lambda r: r["method"] == "CONNECT")
     after = _scrape(gw)
     labels = 'client="local",method="GET",profile="default",status="200"'
-    assert _delta(before, after, f"egressgate_requests_total{{{labels}}}") == 3
+    assert _delta(before, after, f"egressgate_requests_total{{{labels}}}") == 4
     assert _delta(before, after, 'egressgate_requests_total{client="local",method="GET",profile="default",'
                                  'status="403"}') == 1
     assert _delta(before, after, 'egressgate_requests_total{client="local",method="CONNECT",profile="default",'
                                  'status="200"}') == 1
     assert _delta(before, after, 'egressgate_denied_total{reason="destination_ip_prohibited"}') == 1
-    assert _delta(before, after, 'egressgate_bytes_total{direction="down",profile="default"}') == 3000 + 5000
+    assert _delta(before, after, 'egressgate_bytes_total{direction="down",profile="default"}') == 3000 + 5000 + len(b"hello /n\n")
+    # the latency histograms move: one connect observation per dial -- the first GET and the
+    # tunnel; the other GETs (by name too: the same address) reuse the first one's idle origin
+    # connection, the refused request dials nothing -- and one DNS observation per lookup that
+    # missed the cache; each observation lands in a bucket
+    assert _delta(before, after, 'egressgate_connect_seconds_count{profile="default"}') == 2
+    assert _delta(before, after, 'egressgate_connect_seconds_bucket{le="+Inf",profile="default"}') == 2
+    assert _delta(before, after, 'egressgate_connect_seconds_sum{profile="default"}') > 0
+    assert _delta(before, after, "egressgate_dns_seconds_count") == 1
+    assert _delta(before, after, 'egressgate_dns_seconds_bucket{le="+Inf"}') == 1
     assert _delta(before, after, 'egressgate_bytes_total{direction="up",profile="default"}') == 5000
     assert after['egressgate_active_tunnels{listener="127.0.0.1:0"}'] == 0
     assert after["egressgate_ready"] == 1
@@ -85,6 +98,7 @@ def test_access_log_lines_complete_for_every_kind(start_gateway, origin, echo, t
     for rec in records:
         assert set(rec) >= FIELDS, FIELDS - set(rec)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["ts"])
+        assert rec["listener"] == "127.0.0.1:0"  # the configured listener address
     forward, tunnel, denial = records
     assert forward["method"] == "GET" and forward["status"] == 200 and forward["upstream_addr"] == "127.0.0.1"
     assert tunnel["method"] == "CONNECT" and tunnel["bytes_up"] == 5 and tunnel["bytes_down"] == 5

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from .. import required
 from .peers import EchoServer, GatewayProcess, Origin, base_config
 
 CHROMIUM = "/usr/bin/chromium"
@@ -168,10 +169,11 @@ def count_colour(rows: list[bytes], rgb: tuple[int, int, int], tolerance: int = 
 def render(url: str, tmp: Path, screenshot: Path | None = None) -> str:
     """The DOM of ``url`` after its scripts ran (and optionally a screenshot), in headless Chromium."""
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium; `make test` installs it)")
+        required.missing(CHROMIUM, "Debian package chromium; `make test` installs it")
     profile = tmp / f"chromium-{time.monotonic_ns()}"
     profile.mkdir()
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--no-proxy-server",  # the admin page is on loopback: ignore proxy variables and settings
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
             "--hide-scrollbars", "--virtual-time-budget=3000"]
@@ -188,8 +190,12 @@ def render(url: str, tmp: Path, screenshot: Path | None = None) -> str:
 # -------------------------------------------------------------------------------- the scene
 
 
+# the admin listener is on loopback: never through a proxy named in the environment
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _status(gw: GatewayProcess) -> dict:
-    with urllib.request.urlopen(gw.admin + "/status", timeout=5) as resp:
+    with _DIRECT.open(gw.admin + "/status", timeout=10) as resp:
         return json.load(resp)
 
 
@@ -245,7 +251,7 @@ def scene(tmp_path_factory) -> Scene:
         cfg["egress"]["moved"]["expect_ip"] = ["127.0.0.3"]
         gw.write_config(cfg)
         req = urllib.request.Request(gw.admin + "/-/reload", method="POST", data=b"")
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with _DIRECT.open(req, timeout=10) as resp:
             assert resp.status == 200
         _wait(lambda: _status(gw)["ready"], "readiness after fixing expect_ip")
         fixed = parse_dom(render(gw.admin + "/", tmp))

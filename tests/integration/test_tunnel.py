@@ -7,6 +7,7 @@ import hashlib
 import socket
 import time
 
+from .. import required
 from .peers import base_config, pattern_sha256
 
 
@@ -75,12 +76,7 @@ def test_early_data_after_connect_head(start_gateway, echo):
 
 
 def test_ipv6_literal(start_gateway):
-    try:
-        lsock = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    except OSError:
-        import pytest
-
-        pytest.skip("no IPv6 loopback")
+    lsock = required.ipv6_loopback()
     port = lsock.getsockname()[1]
     gw = _gw(start_gateway, port)
     s = _open_tunnel(gw, f"[::1]:{port}")
@@ -146,10 +142,8 @@ def test_256mib_plain_forwarding_bounded_memory(start_gateway, origin):
 def test_idle_tunnel_is_closed(start_gateway, echo):
     gw = _gw(start_gateway, echo.port, timeouts={"tunnel_idle": "500ms"})
     s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
-    t0 = time.monotonic()
-    s.settimeout(5)
+    s.settimeout(15)  # a bound for "closed at all", not a measurement: tunnel_idle is 500 ms
     assert s.recv(10) == b""
-    assert time.monotonic() - t0 < 4
     rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
     assert rec["reason"] == "idle_timeout"
 

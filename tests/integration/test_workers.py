@@ -1,40 +1,42 @@
-"""Several worker processes share the listener (SO_REUSEPORT): metrics are merged across
-them, reloads and SIGTERM reach all of them, and nothing is left behind."""
+"""Several worker processes share the listener (SO_REUSEPORT): each reports what it really
+listens on, metrics are merged across them, reloads and SIGTERM reach all of them, and
+nothing is left behind (no process, no private admin socket, no socket directory)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import time
+import stat
 import urllib.request
 
-from .peers import base_config, raw_exchange
+from .peers import ReservedPort, base_config, raw_exchange, wait_for
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def _started(gw) -> list[dict]:
+    return [e for e in gw.events if e.get("event") == "started"]
 
 
 def test_two_workers(start_gateway, origin):
-    cfg = base_config(listen=[{"address": f"127.0.0.1:{_free_port()}"}], workers=2)
-    gw = start_gateway(cfg)
-    gw.wait_event("started", after=0)
-    deadline = time.monotonic() + 10
-    while sum(1 for e in gw.events if e.get("event") == "started") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pids = {e["pid"] for e in gw.events if e.get("event") == "started"}
+    with ReservedPort() as port:  # workers need a fixed port: held until they listen on it
+        gw = start_gateway(base_config(listen=[{"address": port.address}], workers=2))
+        wait_for(lambda: len(_started(gw)) >= 2, "both workers' started events")
+    by_worker = {e["worker"]: e for e in _started(gw)}
+    assert sorted(by_worker) == [0, 1], _started(gw)
+    pids = {e["pid"] for e in by_worker.values()}
     assert len(pids) == 2
+    # every worker reports what it really listens on: the shared proxy port, and worker 0 the
+    # admin TCP address; worker 1 only a private Unix socket, named as a path
+    assert by_worker[0]["listen"] == by_worker[1]["listen"] == [port.address]
+    assert gw.admin == f"http://{by_worker[0]['admin']}" and by_worker[0]["admin"].startswith("127.0.0.1:")
+    assert by_worker[1]["admin"] is None, by_worker[1]
+    sock_path = by_worker[1]["admin_socket"]
+    assert stat.S_ISSOCK(os.stat(sock_path).st_mode), sock_path
+    sockdir = os.path.dirname(sock_path)
+
     for i in range(40):
         resp = raw_exchange(gw.address, f"GET {origin.url(f'/w{i}')} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
         assert resp.startswith(b"HTTP/1.1 200"), resp[:100]
-    deadline = time.monotonic() + 5
-    while len(gw.log) < 40 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: len(gw.log) >= 40, "40 access-log records")
     assert len({rec["target"] for rec in gw.log}) == 40  # one whole line per request, from either worker
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(gw.admin + "/metrics", timeout=5).read().decode()
@@ -44,10 +46,8 @@ def test_two_workers(start_gateway, origin):
     assert 'process_resident_memory_bytes{worker="1"}' in text
     n = len(gw.events)
     gw.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while sum(1 for e in gw.events[n:] if e.get("event") == "reloaded") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert {e["worker"] for e in gw.events[n:] if e.get("event") == "reloaded"} == {0, 1}
+    wait_for(lambda: {e["worker"] for e in gw.events[n:] if e.get("event") == "reloaded"} == {0, 1},
+             "a reloaded event from each worker")
     gw.signal(signal.SIGTERM)
     assert gw.wait(timeout=30) == 0
     for pid in pids:
@@ -56,3 +56,4 @@ def test_two_workers(start_gateway, origin):
         except ProcessLookupError:
             continue
         raise AssertionError(f"worker {pid} outlived the gateway")
+    assert not os.path.exists(sockdir), f"the workers' socket directory was left behind: {os.listdir(sockdir)}"

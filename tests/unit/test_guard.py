@@ -6,7 +6,11 @@ import ipaddress
 
 import pytest
 
+from egressgate.model import HostPort, normalize_host
+from egressgate.policy.clients import ClientPolicy
+from egressgate.policy.decide import decide
 from egressgate.policy.guard import METADATA_NAMES, AddressGuard, classify, embedded_ipv4
+from egressgate.policy.rules import RuleSet
 
 REFUSED = [
     # (address, reason)
@@ -146,13 +150,19 @@ def test_embedded_ipv4(address: str, inner: str | None) -> None:
 
 
 @pytest.mark.parametrize("name", ["metadata.google.internal", "metadata", "metadata.goog", "instance-data",
-                                  "instance-data.ec2.internal"])
-def test_metadata_names(name: str) -> None:
-    assert name in METADATA_NAMES
+                                  "instance-data.ec2.internal", "METADATA.Google.Internal.", "Metadata."])
+@pytest.mark.parametrize("connect", [True, False])
+def test_metadata_names_are_refused(name: str, connect: bool) -> None:
+    # what the gateway does with the name, not just whether it is listed: refused before any
+    # lookup, in any spelling, for a client that may go anywhere -- even in report mode
+    dest = HostPort.parse_authority(f"{name}:443")
+    for report in (False, True):
+        client = ClientPolicy("job", None, allow=RuleSet(["*"]), deny=RuleSet([]), report_only=report)
+        d = decide(client, dest, connect, None, "default", frozenset({443}))
+        assert (d.allow, d.reason) == (False, "destination_ip_prohibited"), (name, report, d)
 
 
 def test_metadata_names_are_normalized() -> None:
     # decide() compares normalized hosts against this set: every entry must already be in that form
-    from egressgate.model import normalize_host
     for name in METADATA_NAMES:
         assert normalize_host(name) == name

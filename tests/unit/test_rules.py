@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from egressgate.model import HostPort
@@ -85,7 +83,7 @@ def test_ipv4_cidr_rule_matches_ipv6_forms_of_the_address(address: str) -> None:
     assert rs.match_ip(address, 443) == "8.8.8.0/24"
 
 
-def test_thousand_rules_match_correctly_and_fast() -> None:
+def test_thousand_rules_match_correctly() -> None:
     patterns = [f"host{i}.example.com" for i in range(400)]
     patterns += [f"*.zone{i}.example.net" for i in range(300)]
     patterns += [f"svc{i}.example.org:{8000 + i}" for i in range(200)]
@@ -105,8 +103,5 @@ def test_thousand_rules_match_correctly_and_fast() -> None:
     ]
     for host, port, is_ip, rule in cases:
         assert rs.match(host, port, is_ip) == rule, host
-    # names are looked up by label, not by scanning the rules: 10k lookups stay well under a second
-    start = time.perf_counter()
-    for _ in range(10_000):
-        rs.match("x.y.not-listed.example.com", 443, False)
-    assert time.perf_counter() - start < 1.0
+    # that lookups stay fast as the rules grow (by label, not by scanning) is measured by
+    # bench/rules_lookup.py: a wall-clock bound here would fail on a loaded machine
