@@ -134,9 +134,6 @@ def test_chain_through_second_gateway_with_failover(start_gateway, origin, passw
     assert rec["egress_addr"] == "127.0.0.5"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: upstream proxies are documented as tried in failover order, "
-                                       "but the default pick (sticky) rotates the list per client name, so for "
-                                       "some clients the first-listed upstream is not tried first")
 def test_upstreams_are_tried_in_failover_order_for_every_client(start_gateway, origin):
     far = start_gateway(base_config(security={"connect_ports": [origin.port]}))
     with ClosedPort() as dead:

@@ -450,9 +450,6 @@ def test_client_disconnects_inside_connect_head(gw, echo_peer):
     base.records(lambda r: r["reason"] in ("client_closed", "client_reset"), 4)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a connection the client resets before the gateway has looked "
-                                       "at it leaks a descriptor: peername is unavailable, ClientConnection."
-                                       "connection_made raises ValueError on '-' and the transport is never closed")
 def test_connection_reset_before_accept_leaks_nothing(start_gateway):
     gw = start_gateway(base_config(timeouts=TIMEOUTS))
     base = Baseline(gw)

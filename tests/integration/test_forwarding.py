@@ -155,10 +155,6 @@ def test_client_disconnect_mid_download_is_logged(start_gateway, origin):
     assert rec["bytes_down"] < 50_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a keep-alive request served from a pooled upstream "
-                                       "without a task (session._serve_now) gets no access-log record when "
-                                       "the client hangs up mid-response (connection_lost logs only "
-                                       "exchanges with a task)")
 def test_client_disconnect_mid_download_on_reused_connection_is_logged(start_gateway, origin):
     gw = start_gateway(base_config())
     s = socket.create_connection((gw.host, gw.port), timeout=10)

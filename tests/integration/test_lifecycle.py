@@ -92,8 +92,6 @@ def test_drain_timeout_closes_what_is_unfinished(start_gateway, echo):
     assert [e["closed_unfinished"] for e in gw.events if e.get("event") == "drain_finished"] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a tunnel closed by drain.timeout gets no access-log record "
-                                       "(its connection_lost runs after App.close() has closed the access log)")
 def test_drain_timeout_still_logs_what_it_closed(start_gateway, echo):
     gw = start_gateway(base_config(security={"connect_ports": [echo.port]}, drain={"timeout": "500ms"}))
     s = _tunnel(gw, echo.port)

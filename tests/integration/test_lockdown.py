@@ -464,16 +464,12 @@ def test_new_connections_per_second_are_limited(start_gateway, origin2):
              interval=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: max_new_per_second below 1 (allowed by the schema, gt=0) "
-                                       "refuses every connection: the token bucket never holds a whole token")
 def test_fractional_new_connection_rate_admits_the_first(start_gateway):
     cfg = base_config(clients=[{"name": "slow", "from": ["127.0.0.0/8"], "max_new_per_second": 0.5}])
     gw = start_gateway(cfg)
     assert _status(raw_exchange(gw.address, _whoami(None))) == 200  # one connection every two seconds
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a connection refused for its client's limits (429) is "
-                                       "logged with client '-', though the client was identified")
 def test_limit_refusal_names_the_client_in_the_access_log(start_gateway):
     cfg = base_config(clients=[{"name": "burst", "from": ["127.0.0.0/8"], "max_connections": 1}])
     gw = start_gateway(cfg)

@@ -194,7 +194,7 @@ def test_build_pool_bind_with_cidr_entries() -> None:
     assert all(m.kind == "bind" and m.profile == "vendor-x" for m in p.members)
     assert p.kind == "bind"
     assert p.expect_ip == ("203.0.113.10",)
-    assert p.sticky is False
+    assert p.pick == "round_robin"
     assert p.connect_timeout == 2.0
 
 
@@ -212,7 +212,8 @@ def test_build_pool_upstream() -> None:
     assert [str(m.upstream) for m in p.members] == ["http://a.example:3128", "http://b.example:8080"]
     assert p.members[0].upstream.authorization is None
     assert p.members[1].upstream.authorization == "Basic dTpw"
-    assert p.sticky is True
+    assert p.pick == "failover"  # upstream proxies: tried in the listed order for every client
+    assert [str(m.upstream) for m in p.plans("any-client")] == ["http://a.example:3128", "http://b.example:8080"]
     assert p.connect_timeout == 7.0
 
 

@@ -120,7 +120,9 @@ class ProfileConfig(_Model):
     upstream_password_file: str | None = None  # the password of the user in the upstream URLs, from a file
     upstream_password_env: str | None = None  # ... or from an environment variable
     expect_ip: list[Address] = []
-    pick: Literal["sticky", "round_robin"] = "sticky"
+    # sticky: a client keeps one member; round_robin: spread requests; failover: always in the
+    # listed order. Default: sticky for bind pools, failover for upstream proxies.
+    pick: Literal["sticky", "round_robin", "failover"] | None = None
     connect_timeout: Duration | None = None
 
     @model_validator(mode="after")

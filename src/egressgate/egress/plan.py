@@ -1,5 +1,6 @@
 """Egress profiles compiled for use: a pool of source addresses or upstream proxies with a
-pick strategy (sticky per client or round-robin) and down-marking. No I/O.
+pick strategy (sticky per client, round-robin, or failover in the listed order) and
+down-marking. No I/O.
 
 ``EgressPlan`` is what one connection attempt uses: a profile name and either nothing
 (direct), a local source address (bind) or an upstream proxy.
@@ -58,17 +59,19 @@ class ProfilePool:
     profile refuses its traffic (``refusal``) until a check passes. Other profiles are unaffected.
     """
 
-    __slots__ = ("name", "kind", "members", "expect_ip", "sticky", "connect_timeout", "_down", "_next",
+    __slots__ = ("name", "kind", "members", "expect_ip", "pick", "connect_timeout", "_down", "_next",
                  "_clock", "retry_after", "attest", "checks", "_usable", "observed_at")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
-                 sticky: bool, connect_timeout: float, clock: Callable[[], float],
+                 pick: str | bool, connect_timeout: float, clock: Callable[[], float],
                  retry_after: float = 30.0, attest: bool = False) -> None:
         self.name = name
         self.kind = kind
         self.members = members
         self.expect_ip = expect_ip
-        self.sticky = sticky
+        if isinstance(pick, bool):  # (older callers: True = sticky, False = round_robin)
+            pick = "sticky" if pick else "round_robin"
+        self.pick = pick
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self._down: dict[EgressPlan, float] = {}
@@ -149,12 +152,14 @@ class ProfilePool:
         members = self._usable
         if len(members) <= 1:
             return members
-        if self.sticky:
+        if self.pick == "sticky":
             start = zlib.crc32(client.encode()) % len(members)
-        else:
+        elif self.pick == "round_robin":
             start = self._next % len(members)
             self._next += 1
-        ordered = members[start:] + members[:start]
+        else:  # failover: always the listed order
+            start = 0
+        ordered = members[start:] + members[:start] if start else list(members)
         if not self._down:
             return ordered
         now = self._clock()
@@ -202,5 +207,6 @@ def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[st
                    for u in spec.upstream]
     else:
         members = [EgressPlan(name, "direct")]
-    return ProfilePool(name, kind, members, tuple(spec.expect_ip), spec.pick == "sticky",
+    pick = spec.pick or ("failover" if kind == "upstream" else "sticky")
+    return ProfilePool(name, kind, members, tuple(spec.expect_ip), pick,
                        spec.connect_timeout or default_timeout, clock, attest=attest)

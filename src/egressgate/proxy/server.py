@@ -236,8 +236,9 @@ class Gateway:
         rate = client.max_new_per_second
         if rate is not None:
             now = self.loop.time()
-            tokens, last = self._buckets.get(name, (rate, now))
-            tokens = min(rate, tokens + (now - last) * rate)
+            burst = max(1.0, rate)  # a rate below 1/s still admits one connection per 1/rate seconds
+            tokens, last = self._buckets.get(name, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
             if tokens < 1.0:
                 self._buckets[name] = (tokens, now)
                 raise LimitReached(f"client {name} is over {rate:g} new connections per second",

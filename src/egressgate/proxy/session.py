@@ -36,7 +36,7 @@ from ..http1.rewrite import parse_absolute_target
 from ..model import AccessRecord, HostPort
 from ..policy.clients import Identity, PendingCheck
 from ..policy.decide import choose_profile, decide
-from .forward import DONE, SENDING, Exchange
+from .forward import DONE, NEW, SENDING, Exchange
 from .tunnel import BULK, Tunnel
 from .upstream import Upstream
 
@@ -236,8 +236,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.upstream is not None and ex.state != DONE:
                 ex.upstream.detach()
                 ex.upstream.transport.close()
-            if not ex.ended and ex.task is not None:
-                ex.record.reason = ex.record.reason or "client_closed"
+            if not ex.ended and (ex.task is not None or ex.state != NEW):  # it was being served
+                ex.record.reason = ex.record.reason or ("client_closed" if exc is None else "client_reset")
                 self._log(ex, 499)
         self._forget()
 
@@ -418,7 +418,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _serve_inner(self, ex: Exchange) -> None:
         rt = ex.runtime
-        identity = await self._identify(rt, ex.head)
+        identity = await self._identify(rt, ex.head, ex.record)
         route = self._route(ex, rt, identity)
         if route is None:
             return
@@ -465,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
             raise EgressUnverified(detail, reason=reason)
         return pool, dest, client
 
-    async def _identify(self, rt: Runtime, head: RequestHead) -> Identity:
+    async def _identify(self, rt: Runtime, head: RequestHead, rec: AccessRecord) -> Identity:
         auth = head.proxy_authorization
         key = (rt, auth)
         if self.identity is not None and self.identity_key[0] is rt and self.identity_key[1] == auth:
@@ -477,6 +477,7 @@ class ClientConnection(asyncio.Protocol):
             if not isinstance(result, Identity):
                 raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
         if self.counted != result.client.name:
+            rec.client = result.client.name  # (a 429 below names who was refused)
             self.gw.admit_client(result.client)  # raises LimitReached (429)
             if self.counted is not None:
                 self.gw.release_client(self.counted)
