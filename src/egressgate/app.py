@@ -126,11 +126,21 @@ class App:
         self._prober: asyncio.Task | None = None
         self._probe_now = asyncio.Event()
         self.gateway.on_reload.append(lambda old, new: self._probe_now.set())
+        self.loop.set_exception_handler(self._loop_exception)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Whatever still reaches the event loop (a callback outside a connection): counted
+        as ``internal_errors_total{where="loop"}`` and logged, never silent."""
+        exc = context.get("exception")
+        if exc is None:
+            exc = RuntimeError(str(context.get("message", "event loop error")))
+        self.gateway.internal_error("loop", exc)
 
     async def start(self, admin: bool = True) -> None:
-        # Attested profiles serve only once checked: check before the listeners open, so a
-        # start is not a burst of 503s (bounded by timeouts.upstream_connect).
-        await self._attest(self.gateway.runtime)
+        # Attested profiles serve only once checked: check their members before the listeners
+        # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
+        rt = self.gateway.runtime
+        await self._attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -259,13 +269,10 @@ class App:
         """Check every profile's egress IP now, then every ``probe.interval`` (every
         ``probe.retry`` while a profile refuses its traffic) and after reloads. Every worker
         checks for itself: each one decides alone whether a profile may carry traffic."""
-        checked = True  # start() has just checked
         while True:
             rt = self.gateway.runtime
             cfg = rt.config.probe
-            if not checked:
-                await self._attest(rt)
-            checked = False
+            await self._attest(rt)
             self._probe_now.clear()
             wait = cfg.interval
             if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
@@ -292,8 +299,8 @@ class App:
         if rt is self.gateway.runtime:
             self.gateway.publish_egress(rt)
         if self.worker == 0:
-            for o in observations:
-                if not o.ok:
+            for o in observations:  # (profiles without expect_ip are shown, not judged: no event)
+                if not o.ok and o.expected:
                     log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
                               observed=o.observed, expected=list(o.expected), error=o.error)
 

@@ -33,6 +33,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def machine_env(**extra: str) -> dict[str, str]:
+    """The environment of a process on an emulated machine: the test's, without proxy variables
+    (a VM or the metadata path has none; the suite points them at a closed port on purpose)."""
+    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
+    env.update(extra)
+    return env
+
 class Netns:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -56,6 +68,7 @@ class Netns:
 
     def run(self, argv: Sequence[str], check: bool = True, timeout: float = 60, resolv: str | None = None,
             **kw) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("env", machine_env())
         proc = subprocess.run(self.argv(argv, resolv), capture_output=True, text=True, timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"[{self.name}] {' '.join(argv)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}")
@@ -65,6 +78,7 @@ class Netns:
         return self.run(["sh", "-ec", script], check=check)
 
     def popen(self, argv: Sequence[str], resolv: str | None = None, **kw) -> subprocess.Popen:
+        kw.setdefault("env", machine_env())
         proc = subprocess.Popen(self.argv(argv, resolv), **kw)
         self.procs.append(proc)
         return proc

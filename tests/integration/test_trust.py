@@ -242,6 +242,9 @@ def test_credentialed_job_never_leaves_through_an_anonymous_rule_listed_first(st
         r = get(user, password)
         assert r.status_code == 407, (user, password, r.status_code)
         assert r.headers["Proxy-Authenticate"] == 'Basic realm="egressgate"'
+    deadline = time.monotonic() + 10  # (the log reader thread may lag under load)
+    while len([r for r in gw.log if r.get("status") == 407]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
     recs = [r for r in gw.log if r.get("status") == 407]
     assert len(recs) == 3 and all(r["client"] == "-" and r["reason"] == "bad_credentials" for r in recs), recs
 

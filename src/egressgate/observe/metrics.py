@@ -9,6 +9,13 @@ from prometheus_client.core import CounterMetricFamily
 
 PREFIX = "egressgate_"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+# Where a bug can be caught (``egressgate_internal_errors_total{where}``): a fixed set.
+INTERNAL_ERROR_SITES = (
+    "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
+    "upstream_connection_made", "upstream_data_received", "upstream_eof_received", "upstream_connection_lost",
+    "upstream_pause_writing", "upstream_resume_writing", "splice", "tick", "serve", "exchange_failed",
+    "teardown", "admin", "probe", "loop", "other",
+)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -67,6 +74,8 @@ class Metrics:
         self.internal_errors = Counter(PREFIX + "internal_errors_total",
                                        "Bugs caught in a protocol callback or timer (the connection is closed)",
                                        ["where"], registry=r)
+        for where in INTERNAL_ERROR_SITES:
+            self.internal_errors.labels(where)
         self.reloads = Counter(PREFIX + "config_reloads_total", "Configuration reloads", ["result"], registry=r)
         self.config_info = Gauge(PREFIX + "config_info", "The loaded configuration (value 1)", ["hash"],
                                  registry=r)

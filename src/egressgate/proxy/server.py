@@ -29,7 +29,7 @@ from ..egress.resolver import Resolver
 from ..errors import ConfigError, LimitReached
 from ..model import parse_socket_address
 from ..observe.accesslog import AccessLog, log_event
-from ..observe.metrics import Metrics
+from ..observe.metrics import INTERNAL_ERROR_SITES, Metrics
 from ..policy.clients import PendingCheck
 from .runtime import Runtime
 from .session import ClientConnection
@@ -258,7 +258,7 @@ class Gateway:
 
     def internal_error(self, where: str, exc: BaseException) -> None:
         """A bug caught at a callback, task or timer boundary: counted and logged once."""
-        self.metrics.internal_errors.labels(where).inc()
+        self.metrics.internal_errors.labels(where if where in INTERNAL_ERROR_SITES else "other").inc()
         log_event("internal_error", where=where, error=repr(exc),
                   traceback="".join(traceback.format_exception(exc))[-4000:])
 
