@@ -155,6 +155,7 @@ class App:
         # What this process really listens on: worker 0 the admin TCP address, a worker > 0
         # only its private Unix socket (a path, not a host and port).
         admin_bound = admin_socket = None
+        self._note_admin()
         if self.admin_server is not None:
             name = self.admin_server.sockets[0].getsockname()
             if isinstance(name, tuple):
@@ -167,6 +168,12 @@ class App:
         log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
                   hash=self.gateway.runtime.config_hash[:12])
+
+    def _note_admin(self) -> None:
+        """Tell the gateway where the admin listener is: it is never a destination."""
+        sockets = self.admin_server.sockets if self.admin_server is not None else ()
+        self.gateway.admin_sockets = [s.getsockname()[:2] for s in sockets if isinstance(s.getsockname(), tuple)]
+        self.gateway.refresh_own()
 
     def _admin_bound(self) -> str | None:
         """The admin address really bound (a configured port 0 becomes the kernel's choice)."""
@@ -253,6 +260,7 @@ class App:
             self.admin_server.close()
             self.admin_server, self.admin_address = admin_server, new.admin.address
             await admin_server.start_serving()
+            self._note_admin()
         if access_log is not None:
             previous, self.access_log = self.access_log, access_log
             self.gateway.access_log = access_log

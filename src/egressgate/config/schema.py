@@ -200,6 +200,7 @@ class TimeoutsConfig(_Model):
     client_idle: Duration = 60.0  # keep-alive idle between requests
     upstream_connect: Duration = 10.0
     upstream_response: Duration = 60.0  # request sent -> response head
+    exchange_idle: Duration = 120.0  # a forwarded request or response moving no body byte either way
     tunnel_idle: Duration = 900.0
     upstream_idle: Duration = 30.0  # idle keep-alive connections to origins are closed after this
     dns: Duration = 5.0

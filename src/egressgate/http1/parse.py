@@ -114,14 +114,29 @@ class _HeadCollector:
 
     __slots__ = ("_parser", "_url", "_headers", "_size", "_max_bytes", "_max_headers", "_error",
                  "_content_length", "_chunked", "_in_head", "_connection", "_proxy_auth", "_profile",
-                 "_hosts", "_bad_host")
+                 "_hosts", "_bad_host", "_progress", "_stalled")
 
     def __init__(self, max_bytes: int, max_headers: int) -> None:
         self._max_bytes = max_bytes
         self._max_headers = max_headers
         self._error: Exception | None = None
         self._in_head = False
+        self._progress = False  # a message began or ended, a head completed or body bytes came
+        self._stalled = 0  # bytes fed since the last feed that made progress
         self._reset()
+
+    def _stall_guard(self, n: int) -> bool:
+        """True when too many bytes went by without progress. llhttp hands a header value,
+        a reason phrase or a trailer to us only once it ends, and httptools accumulates it
+        meanwhile, so a field that never ends is measured here, as bytes arrive: a head, a
+        chunk header or a trailer section longer than the head limit (plus slack for framing)
+        is refused (undercounts by at most one read)."""
+        if self._progress:
+            self._progress = False
+            self._stalled = 0
+            return False
+        self._stalled += n
+        return self._stalled > self._max_bytes + 1024
 
     def _reset(self) -> None:
         self._url = b""
@@ -139,6 +154,7 @@ class _HeadCollector:
     def on_message_begin(self) -> None:
         self._reset()
         self._in_head = True
+        self._progress = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -175,7 +191,7 @@ class _HeadCollector:
 
 
 class RequestParser(_HeadCollector):
-    __slots__ = ("_sink", "_http", "_head", "_pending_close", "_stream_pos", "_began", "_ended")
+    __slots__ = ("_sink", "_http", "_head", "_pending_close")
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 65536, max_headers: int = 100) -> None:
         super().__init__(max_head_bytes, max_headers)
@@ -183,11 +199,6 @@ class RequestParser(_HeadCollector):
         self._http = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._pending_close = False  # a complete message said Connection: close; ignore the rest
-        # Bytes of an incomplete head seen so far, for heads llhttp is still accumulating (a
-        # header value it has not finished cannot be measured through callbacks).
-        self._stream_pos = 0
-        self._began = False  # a message began during the current feed
-        self._ended = False  # a message ended during the current feed
 
     @property
     def in_head(self) -> bool:
@@ -195,59 +206,55 @@ class RequestParser(_HeadCollector):
         return self._in_head
 
     def feed(self, data: bytes) -> bytes | None:
-        if self._pending_close:
-            return None
-        self._began = self._ended = False
-        try:
-            self._http.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            return self._upgrade(data, exc.args[0])
-        except httptools.HttpParserError as exc:
+        while not self._pending_close:  # a loop, not recursion: pipelined Upgrade requests
+            try:
+                self._http.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                rest = self._upgrade(data, exc.args[0])
+                if rest is None:
+                    return None
+                if self._head is not None and self._head.method == "CONNECT":
+                    return rest
+                data = rest  # go on parsing what follows the Upgrade request, with a new parser
+                continue
+            except httptools.HttpParserError as exc:
+                if self._error is not None:
+                    raise self._error from None
+                if self._pending_close:
+                    return None
+                cause = exc.__context__
+                if isinstance(cause, ClientProtocolError):
+                    raise cause from None
+                raise ClientProtocolError(f"malformed request: {exc}") from None
             if self._error is not None:
-                raise self._error from None
-            if self._pending_close:
-                return None
-            cause = exc.__context__
-            if isinstance(cause, ClientProtocolError):
-                raise cause from None
-            raise ClientProtocolError(f"malformed request: {exc}") from None
-        if self._error is not None:
-            raise self._error
-        if self._in_head:
-            if self._began and self._ended:
-                # The feed held the end of an earlier message too; count the new head from here
-                # (undercounts by at most one read; complete headers are measured exactly).
-                self._stream_pos = self._size
-            else:
-                self._stream_pos += len(data)
-            if self._stream_pos > self._max_bytes + 1024:
-                raise HeadTooLarge(f"request head over {self._max_bytes} bytes")
+                raise self._error
+            if self._stall_guard(len(data)):
+                raise HeadTooLarge(f"request head, chunk header or trailer section over {self._max_bytes} bytes")
+            return None
         return None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head = None
-        self._began = True
-        self._stream_pos = 0
 
     def _upgrade(self, data: bytes, offset: int) -> bytes | None:
+        """After a CONNECT head: the tunnel's first bytes. After another request with Upgrade
+        (h2c, websocket), which we forward as a plain request (the proxy removes Upgrade as a
+        hop-by-hop header, so the message is complete): what follows it, for a new parser."""
         if self._error is not None:
             raise self._error
         head = self._head
         if head is not None and head.method == "CONNECT":
             return data[offset:]
-        # An Upgrade request (h2c, websocket) that we forward as a plain request: the proxy
-        # removes Upgrade as a hop-by-hop header, so the message is complete; go on parsing.
         if head is not None and head.has_body:
             raise ClientProtocolError("Upgrade requests with a body are not supported")
         self._http = httptools.HttpRequestParser(self)
-        rest = data[offset:]
-        return self.feed(rest) if rest else None
+        return data[offset:] or None
 
     def on_headers_complete(self) -> None:
         http = self._http
         self._in_head = False
-        self._stream_pos = 0
+        self._progress = True
         if self._error is not None:
             return
         method = http.get_method().decode("ascii", "replace")
@@ -265,11 +272,12 @@ class RequestParser(_HeadCollector):
         self._sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         if self._error is None and self._head is not None:
             self._sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
-        self._ended = True
+        self._progress = True
         head = self._head
         if self._error is not None or head is None:
             return
@@ -329,6 +337,9 @@ class ResponseParser(_HeadCollector):
             raise UpstreamProtocolError(f"malformed response from the origin: {exc}") from None
         if self._error is not None:
             raise self._error
+        if self._stall_guard(len(data)):
+            raise UpstreamProtocolError(f"response head, chunk header or trailer section from the origin over "
+                                        f"{self._max_bytes} bytes")
 
     def feed_eof(self) -> None:
         """The origin closed. Ends a close-delimited body; anything else is truncation."""
@@ -344,6 +355,7 @@ class ResponseParser(_HeadCollector):
     def on_headers_complete(self) -> None:
         http = self._http
         self._in_head = False
+        self._progress = True
         if self._error is not None or self._done:
             return
         status = http.get_status_code()
@@ -373,10 +385,17 @@ class ResponseParser(_HeadCollector):
             self._error = UpstreamProtocolError("data after the end of the response")
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
         self._size += len(reason)
+        if self._size > self._max_bytes:
+            if self._error is None:
+                self._error = UpstreamProtocolError(f"status line from the origin over {self._max_bytes} bytes")
+            return
+        self._reason += reason
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
+        if self._error is not None:
+            return  # a refused head: not one byte of what follows reaches the client
         if self._done:
             if self._error is None:  # a body after a response to HEAD: never reuse this connection
                 self._error = UpstreamProtocolError("data after the end of the response")
@@ -385,7 +404,8 @@ class ResponseParser(_HeadCollector):
             self._sink.on_response_body(body)  # (a 1xx response's body, if any, is dropped)
 
     def on_message_complete(self) -> None:
-        if self._done:
+        self._progress = True
+        if self._done or self._error is not None:
             return
         if 100 <= self._http.get_status_code() < 200:
             return  # an interim response; the final one follows on the same parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -106,3 +107,36 @@ class AddressGuard:
 def classify(address: str) -> str | None:
     """The special-purpose class of an address ("private", "loopback", ...), or None if public."""
     return AddressGuard()._classify(ipaddress.ip_address(address))
+
+
+@dataclass(frozen=True, slots=True)
+class OwnListeners:
+    """The gateway's own listening sockets (proxy and admin), which no client may reach
+    through it whatever ``allow_private`` says: a proxied ``POST /-/reload`` must never
+    arrive at the admin listener. ``exact`` holds (address, port) of listeners bound to one
+    address; ``any_port`` the ports of listeners bound to every address, reachable through any
+    of ``local`` (this host's addresses), the loopback ranges and the unspecified address."""
+
+    exact: frozenset[tuple[str, int]] = frozenset()
+    any_port: frozenset[int] = frozenset()
+    local: frozenset[str] = frozenset()
+
+    def contains(self, address: str, port: int) -> bool:
+        if port not in self.any_port and not self.exact:
+            return False
+        ip = ipaddress.ip_address(address)
+        inner = embedded_ipv4(ip)
+        for candidate in (ip, inner) if inner is not None else (ip,):
+            text = str(candidate)
+            if (text, port) in self.exact:
+                return True
+            if port in self.any_port and (candidate.is_loopback or candidate.is_unspecified or text in self.local):
+                return True
+        return False
+
+    @classmethod
+    def of(cls, bound: list[tuple[str, int]], local: list[str]) -> OwnListeners:
+        exact = frozenset((str(ipaddress.ip_address(h)), p) for h, p in bound
+                          if not ipaddress.ip_address(h).is_unspecified)
+        any_port = frozenset(p for h, p in bound if ipaddress.ip_address(h).is_unspecified)
+        return cls(exact, any_port, frozenset(local))

@@ -16,6 +16,7 @@ from ..errors import GatewayError, UpstreamError, UpstreamTimeout
 from ..http1.parse import RequestHead, ResponseHead, ResponseParser
 from ..http1.rewrite import AbsoluteTarget, request_head_bytes, response_framing, response_head_bytes
 from ..model import AccessRecord, UpstreamProxy
+from .flow import Pause
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ _LAST_CHUNK = b"0\r\n\r\n"
 class Exchange:
     __slots__ = ("conn", "head", "record", "body", "body_bytes", "request_done", "upstream", "parser",
                  "framing", "client_keep", "upstream_keep", "state", "sent_at", "reused", "target",
-                 "runtime", "task", "response_started", "pool_key", "connect", "ended", "out")
+                 "runtime", "task", "response_started", "pool_key", "connect", "ended", "out", "up_out",
+                 "moved", "idle_since")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, record: AccessRecord) -> None:
         self.conn = conn
@@ -56,11 +58,20 @@ class Exchange:
         self.connect = head.method == "CONNECT"
         self.ended = False
         self.out: list[bytes] = []  # response bytes produced by one upstream read, written at once
+        self.up_out: list[bytes] = []  # request bytes produced by one client read, written at once
+        self.moved = 0  # body bytes both ways when the sweeper last looked (idle timeout)
+        self.idle_since = 0.0
 
     # request side (from the client's parser, via the session) ---------------------------
     def request_body(self, data: bytes) -> None:
         if self.state == SENDING or self.state == RESPONDING:
-            self._send_body(data)
+            if not self.up_out:
+                self.conn.dirty.append(self)
+            if self.head.chunked:
+                self.up_out += (b"%x\r\n" % len(data), data, _CRLF)
+            else:
+                self.up_out.append(data)
+            self.record.bytes_up += len(data)
         else:
             self.body.append(data)
             self.body_bytes += len(data)
@@ -69,8 +80,19 @@ class Exchange:
     def request_end(self) -> None:
         self.request_done = True
         if self.state == SENDING or self.state == RESPONDING:
-            self._send_end()
+            if self.head.chunked:
+                if not self.up_out:
+                    self.conn.dirty.append(self)
+                self.up_out.append(_LAST_CHUNK)
             self.conn.request_sent(self)
+
+    def flush_up(self) -> None:
+        """Write the request bytes one client read produced, in one call (1-byte chunks from
+        a client cost one write per read, not one per chunk)."""
+        out, self.up_out = self.up_out, []
+        up = self.upstream
+        if out and up is not None and self.state != DONE and not up.transport.is_closing():
+            up.transport.writelines(out)
 
     def _send_body(self, data: bytes) -> None:
         up = self.upstream.transport
@@ -101,7 +123,7 @@ class Exchange:
         upstream.transport.write(request_head_bytes(self.head, self.target, VIA,
                                                     chained.authorization if chained else None, chained is not None))
         self.state = SENDING
-        self.sent_at = now
+        self.sent_at = self.idle_since = now
         if self.body:
             body, self.body = self.body, []
             n = self.body_bytes
@@ -149,10 +171,10 @@ class Exchange:
         self.conn._crashed(where, exc)
 
     def upstream_pause_writing(self) -> None:
-        self.conn.pause_reading(2)
+        self.conn.pause_reading(Pause.UPSTREAM)
 
     def upstream_resume_writing(self) -> None:
-        self.conn.resume_reading(2)
+        self.conn.resume_reading(Pause.UPSTREAM)
 
     # response sink (from the response parser) ------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:

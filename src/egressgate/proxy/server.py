@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import ssl
 import time
 import traceback
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.localaddr import local_addresses
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.resolver import Resolver
 from ..errors import ConfigError, LimitReached
@@ -31,6 +33,7 @@ from ..model import parse_socket_address
 from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import INTERNAL_ERROR_SITES, Metrics
 from ..policy.clients import PendingCheck
+from ..policy.guard import OwnListeners
 from .runtime import Runtime
 from .session import ClientConnection
 from .upstream import Upstream, UpstreamPool
@@ -66,6 +69,8 @@ class Gateway:
         self._tls: dict[str, ssl.SSLContext] = {}  # the context in force per TLS listener
         self._tls_mode: dict[str, str] = {}
         self._infos: dict[str, ListenerInfo] = {}
+        self.own = OwnListeners()  # our own listening sockets: never a destination
+        self.admin_sockets: list[tuple[str, int]] = []  # set by the app (the admin listener)
         self._sweeper: asyncio.Task | None = None
         self._failures: dict[str, tuple[int, float]] = {}
         self._checks: dict[bytes, asyncio.Future[bool]] = {}
@@ -162,6 +167,17 @@ class Gateway:
             self._servers[name] = server
             self._infos[name] = info
             await server.start_serving()
+        self.refresh_own()
+
+    def refresh_own(self) -> None:
+        """Recompute the addresses no request may be sent to (our proxy and admin listeners)."""
+        bound = list(self.admin_sockets)
+        for server in self._servers.values():
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                bound.append((host.split("%", 1)[0], port))
+        self.own = OwnListeners.of(bound, local_addresses() if any(
+            ipaddress.ip_address(h).is_unspecified for h, _ in bound) else [])
 
     def _pick_tls(self, info: ListenerInfo, sslobj, server_name, ctx) -> None:  # noqa: ARG002
         """SNI callback (OpenSSL calls it for every ClientHello, SNI or not): a listener's
@@ -266,7 +282,7 @@ class Gateway:
     def _sweep_interval(self, rt: Runtime) -> float:
         t = rt.timeouts
         return max(0.02, min(1.0, t.client_head / 4, t.client_idle / 4, t.upstream_response / 4,
-                             t.tunnel_idle / 4))
+                             t.tunnel_idle / 4, t.exchange_idle / 4))
 
     async def _sweep(self) -> None:
         while True:

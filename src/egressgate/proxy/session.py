@@ -7,9 +7,10 @@ client, decide, resolve, guard, dial. Then either a CONNECT ``Tunnel`` takes ove
 connection or the ``Exchange`` streams the request and response; when it is done the next
 queued request starts (keep-alive) or the connection closes.
 
-Reading from the client is paused for three independent reasons, kept as bits: request
-bytes buffered before the upstream is ready (1), the upstream's write buffer full (2), and
-drain of CONNECT early data (4). Reading resumes only when no bit is set.
+Reading from the client is paused for independent, named reasons (``flow.Pause``): request
+bytes buffered before the upstream is ready, the upstream's write buffer full, unparsed bytes
+waiting (too many pipelined requests, or a large read parsed in steps so one connection
+cannot hold the event loop), a tunnel spliced. Reading resumes only when no reason is left.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import (
     PolicyDenied,
     Unavailable,
     UpstreamError,
+    UpstreamTimeout,
 )
 from ..http1 import proxy_protocol
 from ..http1.parse import RequestHead, RequestParser
@@ -36,7 +38,9 @@ from ..http1.rewrite import parse_absolute_target
 from ..model import AccessRecord, HostPort
 from ..policy.clients import Identity, PendingCheck
 from ..policy.decide import choose_profile, decide
-from .forward import DONE, NEW, SENDING, Exchange
+from ..policy.guard import OwnListeners
+from .flow import PIPELINE_LIMIT, SLICE, SLICES_PER_TURN, Pause
+from .forward import DONE, NEW, RESPONDING, SENDING, Exchange
 from .tunnel import BULK, Tunnel
 from .upstream import Upstream
 
@@ -47,13 +51,12 @@ if TYPE_CHECKING:
 
 WHOAMI_HOST = "egressgate.whoami"
 BUFFER_LIMIT = 256 * 1024  # request bytes held per connection before the client is paused
-_PAUSE_BUFFER, _PAUSE_UPSTREAM, _PAUSE_EARLY = 1, 2, 4
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("gw", "listener", "transport", "peer", "parser", "queue", "tunnel", "early", "held",
                  "paused", "since", "head_started", "served", "closed", "eof", "identity", "identity_key",
-                 "cert_subject", "client_name", "counted", "pp_buf", "__weakref__")
+                 "cert_subject", "client_name", "counted", "pp_buf", "backlog", "dirty", "__weakref__")
 
     def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
         self.gw = gw
@@ -80,6 +83,8 @@ class ClientConnection(asyncio.Protocol):
         self.client_name: str | None = None
         self.counted: str | None = None  # the client this connection counts against (limits)
         self.pp_buf: bytes | None = None  # collecting a PROXY protocol header
+        self.backlog = b""  # bytes read but not parsed yet (Pause.BACKLOG)
+        self.dirty: list[Exchange] = []  # exchanges with request bytes to write upstream after this read
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     # Every callback below catches what escapes it: a bug in one connection closes that
@@ -152,25 +157,76 @@ class ClientConnection(asyncio.Protocol):
         if self.pp_buf is not None:
             self._proxy_header(data)
             return
-        ex = self.early
-        if ex is not None:
-            ex.body.append(data)
-            ex.body_bytes += len(data)
-            self.buffered(len(data))
+        if self.early is not None:
+            self._early_data(data)
             return
+        if self.backlog:
+            data, self.backlog = self.backlog + data, b""
+        if len(data) <= SLICE:
+            self._parse(data)  # the common case: one step
+        else:
+            self._parse_in_steps(data)
+        dirty = self.dirty
+        if dirty:  # each exchange's body bytes from this read go upstream in one write
+            self.dirty = []
+            for ex in dirty:
+                ex.flush_up()
+
+    def _parse(self, data: bytes) -> bool:
+        """Feed the request parser; False once no more HTTP follows (a tunnel, or closed)."""
         if not self.queue and self.head_started is None:
             self.head_started = self.gw.loop.time()
         try:
             rest = self.parser.feed(data)
         except GatewayError as err:
             self._protocol_error(err)
-            return
+            return False
         if rest is not None and self.early is not None:
             if rest:
-                self.early.body.append(rest)
-                self.early.body_bytes += len(rest)
-                self.buffered(len(rest))
+                self._early_data(rest)
             self.parser = None  # a tunnel follows; no more HTTP on this connection
+            return False
+        return not self.closed
+
+    def _parse_in_steps(self, data: bytes) -> None:
+        """A large read is parsed a slice at a time: reading stops (``Pause.BACKLOG``, the rest
+        kept) while more than PIPELINE_LIMIT requests wait, and after SLICES_PER_TURN slices
+        the loop is yielded to other connections, so neither memory for queued requests nor
+        the Python work one read causes (1-byte chunks, say) is unbounded."""
+        pos, n = 0, len(data)
+        for step in range(1, n // SLICE + 2):
+            piece = data[pos:pos + SLICE]
+            pos += SLICE
+            if not self._parse(piece):
+                if pos < n and self.early is not None:
+                    self._early_data(data[pos:])
+                return
+            if pos >= n:
+                return
+            if len(self.queue) > PIPELINE_LIMIT or step >= SLICES_PER_TURN:
+                self.backlog = data[pos:]
+                self.pause_reading(Pause.BACKLOG)
+                if len(self.queue) <= PIPELINE_LIMIT:
+                    self.gw.loop.call_soon(self._resume_backlog)  # our turn is over, not our reading
+                return
+
+    def _resume_backlog(self) -> None:
+        try:
+            if self.closed or not self.paused & Pause.BACKLOG or len(self.queue) > PIPELINE_LIMIT:
+                return
+            data, self.backlog = self.backlog, b""
+            self.resume_reading(Pause.BACKLOG)
+            if data:
+                self._received(data)
+        except Exception as exc:
+            self._crashed("data_received", exc)
+
+    def _early_data(self, data: bytes) -> None:
+        """Bytes after a CONNECT head, before its tunnel is up: kept for the tunnel."""
+        ex = self.early
+        ex.body.append(data)
+        ex.body_bytes += len(data)
+        self.buffered(len(data))
 
     def _proxy_header(self, data: bytes) -> None:
         gw = self.gw
@@ -310,12 +366,12 @@ class ClientConnection(asyncio.Protocol):
         self._forget()
 
     # --- back-pressure on the client ------------------------------------------------------
-    def pause_reading(self, bit: int) -> None:
+    def pause_reading(self, bit: Pause) -> None:
         if not self.paused and not self.closed:
             self.transport.pause_reading()
         self.paused |= bit
 
-    def resume_reading(self, bit: int) -> None:
+    def resume_reading(self, bit: Pause) -> None:
         if not self.paused & bit:
             return
         self.paused &= ~bit
@@ -325,12 +381,12 @@ class ClientConnection(asyncio.Protocol):
     def buffered(self, n: int) -> None:
         self.held += n
         if self.held > BUFFER_LIMIT:
-            self.pause_reading(_PAUSE_BUFFER)
+            self.pause_reading(Pause.BUFFERED)
 
     def unbuffered(self, n: int) -> None:
         self.held -= n
         if self.held <= BUFFER_LIMIT // 2:
-            self.resume_reading(_PAUSE_BUFFER)
+            self.resume_reading(Pause.BUFFERED)
 
     # --- parser sink ----------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
@@ -384,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
         addresses = [dest.host] if dest.is_ip else self.gw.resolver.cached(dest.host)
         if addresses is None:
             return False
-        allowed = _guard(rt, dest, addresses, client, ex.record)
+        allowed = _guard(rt, dest, addresses, client, self.gw.own, ex.record)
         take = self.gw.pool.take
         for plan in pool.plans(client.name):
             up = take((plan.key, allowed[0], dest.port))
@@ -490,7 +546,7 @@ class ClientConnection(asyncio.Protocol):
     async def _direct(self, ex: Exchange, rt: Runtime, pool: ProfilePool, dest: HostPort, client) -> None:
         gw = self.gw
         addresses = [dest.host] if dest.is_ip else await gw.resolve(dest.host)
-        allowed = _guard(rt, dest, addresses, client, ex.record)
+        allowed = _guard(rt, dest, addresses, client, self.gw.own, ex.record)
         last: GatewayError | None = None
         for plan in pool.plans(client.name):
             if not ex.connect:
@@ -517,7 +573,8 @@ class ClientConnection(asyncio.Protocol):
         ours): the address guard applies to IP-literal destinations here; names are judged by
         the policy (metadata names included) and by the chained proxy."""
         gw = self.gw
-        if dest.is_ip and (why := ex.runtime.guard.check(dest.host)) is not None:
+        if dest.is_ip and (why := ex.runtime.guard.check(dest.host) or (
+                "this gateway's own listener" if gw.own.contains(dest.host, dest.port) else None)) is not None:
             raise AddressProhibited(f"{dest.host}: {why.replace('_', ' ')} address")
         last: GatewayError | None = None
         for plan in pool.plans(client):
@@ -625,7 +682,8 @@ class ClientConnection(asyncio.Protocol):
             self.queue.pop(0)
         up = ex.upstream
         if up is not None:
-            if ex.upstream_keep and ex.request_done and ex.pool_key is not None and ex.response_started:
+            if ex.upstream_keep and ex.request_done and ex.pool_key is not None and ex.response_started \
+                    and not ex.up_out:
                 self.gw.pool.put(up, ex.pool_key, self.gw.loop.time())
             else:
                 up.detach()
@@ -685,6 +743,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.served += 1
         self.since = self.gw.loop.time()
+        if self.backlog and len(self.queue) <= PIPELINE_LIMIT:
+            self.gw.loop.call_soon(self._resume_backlog)
         if self.queue:
             self._start(self.queue[0])
         elif self.eof:
@@ -730,6 +790,27 @@ class ClientConnection(asyncio.Protocol):
         gw.access_log.write(rec)
 
     # --- timeouts (called by the server's sweeper) ----------------------------------------
+    def _idle_check(self, ex: Exchange, now: float, limit: float) -> None:
+        """A forwarded request or response that moved no body byte either way for ``limit``:
+        the client stopped sending its body (408), the origin stopped reading it (504), or a
+        response stalled, the client not reading or the origin not sending (cut short)."""
+        moved = ex.record.bytes_up + ex.record.bytes_down
+        if moved != ex.moved:
+            ex.moved, ex.idle_since = moved, now
+            return
+        if now - ex.idle_since <= limit:
+            return
+        if ex.response_started:
+            who = "the client did not read" if self.paused & Pause.UPSTREAM or \
+                self.transport.get_write_buffer_size() else "the origin sent nothing"
+            ex.fail(UpstreamTimeout(f"the response stalled for {limit:g}s ({who})", reason="idle_timeout",
+                                    proxy_status="http_response_timeout"))
+        elif self.paused & Pause.UPSTREAM:
+            ex.fail(UpstreamTimeout(f"the origin did not read the request body for {limit:g}s",
+                                    reason="idle_timeout", proxy_status="http_request_error"))
+        else:
+            ex.fail(ClientTimeout(f"the request body stalled for {limit:g}s", reason="client_timeout"))
+
     def tick(self, now: float, rt: Runtime) -> None:
         if self.closed:
             return
@@ -743,10 +824,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             ex = self.queue[0]
-            if ex.state == SENDING and ex.request_done and now - ex.sent_at > rt.timeouts.upstream_response:
-                ex.fail(UpstreamError(f"no response from the origin within {rt.timeouts.upstream_response:g}s",
-                                      reason="response_timeout", status=504,
-                                      proxy_status="http_response_timeout"))
+            if ex.state == SENDING and ex.request_done:
+                if now - ex.sent_at > rt.timeouts.upstream_response:
+                    ex.fail(UpstreamError(f"no response from the origin within {rt.timeouts.upstream_response:g}s",
+                                          reason="response_timeout", status=504,
+                                          proxy_status="http_response_timeout"))
+            elif ex.state == SENDING or ex.state == RESPONDING:
+                self._idle_check(ex, now, rt.timeouts.exchange_idle)
             return
         if self.gw.draining and self.head_started is None:
             self._close()
@@ -762,14 +846,15 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
 
-def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client, rec: AccessRecord | None = None) -> list[str]:
+def _guard(rt: Runtime, dest: HostPort, addresses: list[str], client, own: OwnListeners,
+           rec: AccessRecord | None = None) -> list[str]:
     """The resolved addresses a client may reach. The address guard is a safety check (403
     ``destination_ip_prohibited``, never relaxed); the client's own IP deny rules are policy
     (403 ``destination_denied``; in report mode logged and let through)."""
     allowed = []
     refused = ""
     for a in addresses:
-        why = rt.guard.check(a)
+        why = rt.guard.check(a) or ("this gateway's own listener" if own.contains(a, dest.port) else None)
         if why is None:
             allowed.append(a)
         elif not refused:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..model import AccessRecord
 from . import splice
+from .flow import Pause
 from .upstream import Upstream
 
 BULK = 64 * 1024
@@ -70,7 +71,7 @@ class Tunnel:
             return
         self.client.pause_reading()
         self.up.pause_reading()
-        self.conn.paused |= 8  # never resumed: the pumps read from now on
+        self.conn.paused |= Pause.SPLICED  # never resumed: the pumps read from now on
         loop = self.conn.gw.loop
         self.socks = (csock, usock)
         self.pumps = (splice.Pump(loop, csock, usock, self._count_up, self._up_eof, self._error, self._pump_crashed),
@@ -122,10 +123,10 @@ class Tunnel:
         self.conn._crashed(where, exc)
 
     def upstream_pause_writing(self) -> None:
-        self.conn.pause_reading(2)
+        self.conn.pause_reading(Pause.UPSTREAM)
 
     def upstream_resume_writing(self) -> None:
-        self.conn.resume_reading(2)
+        self.conn.resume_reading(Pause.UPSTREAM)
 
     # client events (called by the session) ------------------------------------------------
     def client_eof(self) -> bool:

@@ -118,8 +118,14 @@ class UpstreamPool:
         return None
 
     def put(self, up: Upstream, key: tuple, now: float) -> None:
+        """Keep ``up`` for reuse if it is idle, readable and fully consumed; else close it. A
+        connection whose reads were paused (its client did not read) would never notice the
+        origin closing it, nor bytes it should not send: it is closed, not pooled."""
         up.detach()
         if up.closed or up.transport.is_closing():
+            return
+        if not up.transport.is_reading():
+            up.transport.close()
             return
         stack = self._idle.setdefault(key, [])
         if len(stack) >= self.max_per_key or self._count >= self.max_total:
