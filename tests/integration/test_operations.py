@@ -9,10 +9,9 @@ import os
 import re
 import signal
 import socket
-import time
 import urllib.request
 
-from .peers import base_config, raw_exchange
+from .peers import base_config, raw_exchange, wait_for
 
 FIELDS = {"ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
           "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason"}  # the README's list
@@ -90,9 +89,7 @@ def test_access_log_lines_complete_for_every_kind(start_gateway, origin, echo, t
     raw_exchange(gw.address, f"GET {origin.url('/a')} HTTP/1.1\r\n\r\n".encode(), read_until_close=False)
     _tunnel(gw, echo.port, b"hello")
     raw_exchange(gw.address, b"GET http://169.254.169.254/ HTTP/1.1\r\n\r\n", read_until_close=False)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
-        time.sleep(0.05)
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 3, "three lines in the access log file")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 3
     for rec in records:
@@ -118,15 +115,13 @@ def test_logrotate_reopen_loses_no_line(start_gateway, origin, tmp_path):
             if i == total // 2:
                 os.rename(log, tmp_path / "access.log.1")  # what logrotate does
                 gw.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    lines: list[str] = []
-    while time.monotonic() < deadline:
+
+    def all_lines() -> list[str]:
         lines = (tmp_path / "access.log.1").read_text().splitlines()
-        if log.exists():
-            lines += log.read_text().splitlines()
-        if len(lines) >= total:
-            break
-        time.sleep(0.05)
+        return lines + (log.read_text().splitlines() if log.exists() else [])
+
+    wait_for(lambda: len(all_lines()) >= total, f"{total} lines in the two log files")
+    lines = all_lines()
     targets = sorted(json.loads(line)["target"] for line in lines)
     assert len(lines) == total
     assert targets == sorted(origin.url(f"/n{i}") for i in range(total))
@@ -136,9 +131,7 @@ def test_logrotate_reopen_loses_no_line(start_gateway, origin, tmp_path):
 def test_squid_log_format(start_gateway, origin):
     gw = start_gateway(base_config(log={"format": "squid"}))
     raw_exchange(gw.address, f"GET {origin.url('/sq')} HTTP/1.1\r\n\r\n".encode(), read_until_close=False)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not gw.stdout_lines():
-        time.sleep(0.05)
+    wait_for(gw.stdout_lines, "a line on stdout")
     line = gw.stdout_lines()[0]
     fields = line.split()
     assert re.fullmatch(r"\d+\.\d{3}", fields[0]) and fields[2] == "127.0.0.1"
