@@ -213,7 +213,7 @@ class Exchange:
         up = self.upstream
         if up is not None:
             up.detach()
-            up.transport.close()
+            up.transport.abort()  # failed: pending request bytes do not matter any more
         if self.reused and not self.response_started and not self.head.has_body and isinstance(err, UpstreamError) \
                 and not isinstance(err, UpstreamTimeout):
             # A reused idle connection the origin had just closed: try once on a fresh one.

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 WHOAMI_HOST = "egressgate.whoami"
 BUFFER_LIMIT = 256 * 1024  # request bytes held per connection before the client is paused
+FLUSH_GRACE = 10.0  # seconds a closed connection may take to flush its last bytes, then it is reset
+LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # after an error answer, what we read and discard at most
 
 
 class ClientConnection(asyncio.Protocol):
@@ -154,6 +156,11 @@ class ClientConnection(asyncio.Protocol):
             self._crashed("data_received", exc)
 
     def _received(self, data: bytes) -> None:
+        if self.closed:  # lingering after an error answer: discard, within a bound
+            self.held += len(data)
+            if self.held > 0:
+                self.transport.abort()
+            return
         if self.pp_buf is not None:
             self._proxy_header(data)
             return
@@ -291,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.task.cancel()
             if ex.upstream is not None and ex.state != DONE:
                 ex.upstream.detach()
-                ex.upstream.transport.close()
+                ex.upstream.transport.abort()  # unfinished: nothing of it needs flushing
             if not ex.ended and (ex.task is not None or ex.state != NEW):  # it was being served
                 ex.record.reason = ex.record.reason or ("client_closed" if exc is None else "client_reset")
                 self._log(ex, 499)
@@ -708,7 +715,7 @@ class ClientConnection(asyncio.Protocol):
             gw.metrics.upstream_errors.labels(err.reason).inc()
         if ex.upstream is not None:
             ex.upstream.detach()
-            ex.upstream.transport.close()
+            ex.upstream.transport.abort()  # failed: an origin that stopped reading must not hold it
         if self.closed:
             self._log(ex, err.status)
             return
@@ -754,18 +761,33 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # close() waits for the write buffer to drain; a client that never reads must
+                # not hold the connection (and its descriptor) forever.
+                self.gw.loop.call_later(FLUSH_GRACE, self.transport.abort)
+        self._close_queue()
+
+    def _close_queue(self) -> None:
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.detach()
-                ex.upstream.transport.close()
+                ex.upstream.transport.abort()
         self.queue.clear()
 
     def _protocol_error(self, err: GatewayError) -> None:
-        """The client's bytes are not acceptable HTTP: answer if we still can, then close."""
+        """The client's bytes are not acceptable HTTP: answer if no response has begun, then
+        close (lingering, so the answer is not lost to a reset while the client still sends).
+        Every request of the connection that was being served gets its record."""
         ex = self.queue[-1] if self.queue else None
-        if ex is None or (not ex.response_started and len(self.queue) == 1 and ex.state in (0, 1)):
-            if ex is not None and ex.task is not None:
-                ex.task.cancel()
+        answer = ex is None or (not ex.response_started and len(self.queue) == 1)
+        if answer:
+            if ex is not None:
+                if ex.task is not None:
+                    ex.task.cancel()
+                if ex.upstream is not None:
+                    ex.upstream.detach()
+                    ex.upstream.transport.abort()
+                ex.state = DONE
             rec = ex.record if ex else AccessRecord(self.peer, self.listener.name, time.time())
             rec.reason = err.reason
             self.transport.write(error_response(err))
@@ -774,7 +796,30 @@ class ClientConnection(asyncio.Protocol):
             self.gw.access_log.write(rec)
             if ex is not None:
                 ex.ended = True
-        self._close()
+        for other in self.queue:
+            if not other.ended and (other.task is not None or other.state != NEW):
+                other.record.reason = err.reason
+                self._log(other, other.record.status if other.response_started else err.status)
+        if answer and self.transport.can_write_eof() and not self.transport.is_closing():
+            self._linger()
+        else:
+            self._close()
+
+    def _linger(self) -> None:
+        """Half-close after an error answer and discard what the client still sends, for at
+        most LINGER_SECONDS or LINGER_BYTES, then close (as web servers' lingering close)."""
+        self._close_queue()
+        self.closed = True
+        self.parser = None
+        self.early = None
+        self.backlog = b""
+        t = self.transport
+        t.write_eof()
+        self.held = -LINGER_BYTES  # counts discarded bytes up from here (see _received)
+        self.gw.loop.call_later(LINGER_SECONDS, t.abort)
+        if self.paused:
+            self.paused = Pause(0)
+            t.resume_reading()
 
     def _log(self, ex: Exchange, status: int) -> None:
         if ex.ended:

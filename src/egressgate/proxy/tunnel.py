@@ -21,6 +21,7 @@ from .flow import Pause
 from .upstream import Upstream
 
 BULK = 64 * 1024
+FLUSH_GRACE = 10.0  # seconds a closing side may take to flush its last bytes, then it is reset
 
 if TYPE_CHECKING:
     from .session import ClientConnection
@@ -157,6 +158,13 @@ class Tunnel:
                 sock.close()
             self.pumps = None
         self.upstream.detach()
-        self.up.close()
-        self.client.close()
+        if reason in ("", "client_closed"):  # a clean end: flush what is in flight
+            self.up.close()
+            self.client.close()
+            for side in (self.up, self.client):
+                if side.get_write_buffer_size():  # ... but a side that never reads cannot hold it
+                    self.conn.gw.loop.call_later(FLUSH_GRACE, side.abort)
+        else:  # reset, timeout, drain, bug: nothing more will be delivered
+            self.up.abort()
+            self.client.abort()
         self.conn.tunnel_ended(self, reason)
