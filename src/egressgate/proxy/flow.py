@@ -13,6 +13,6 @@ class Pause(enum.IntFlag):
     SPLICED = 8  # a bulk tunnel moved to splice(2); the pumps read from now on (never cleared)
 
 
-SLICE = 16 * 1024  # bytes parsed per step of a large read
-SLICES_PER_TURN = 4  # steps before yielding the event loop to other connections
+SLICE = 8 * 1024  # bytes parsed per step of a large read
+WORK_PER_TURN = 1024  # parser events (heads, body pieces) before yielding the loop to others
 PIPELINE_LIMIT = 16  # requests queued on one connection before its reading stops

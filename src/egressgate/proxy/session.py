@@ -39,7 +39,7 @@ from ..model import AccessRecord, HostPort
 from ..policy.clients import Identity, PendingCheck
 from ..policy.decide import choose_profile, decide
 from ..policy.guard import OwnListeners
-from .flow import PIPELINE_LIMIT, SLICE, SLICES_PER_TURN, Pause
+from .flow import PIPELINE_LIMIT, SLICE, WORK_PER_TURN, Pause
 from .forward import DONE, NEW, RESPONDING, SENDING, Exchange
 from .tunnel import BULK, Tunnel
 from .upstream import Upstream
@@ -58,7 +58,7 @@ LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # after an error answer, what we re
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("gw", "listener", "transport", "peer", "parser", "queue", "tunnel", "early", "held",
                  "paused", "since", "head_started", "served", "closed", "eof", "identity", "identity_key",
-                 "cert_subject", "client_name", "counted", "pp_buf", "backlog", "dirty", "__weakref__")
+                 "cert_subject", "client_name", "counted", "pp_buf", "backlog", "dirty", "work", "__weakref__")
 
     def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
         self.gw = gw
@@ -87,6 +87,7 @@ class ClientConnection(asyncio.Protocol):
         self.pp_buf: bytes | None = None  # collecting a PROXY protocol header
         self.backlog = b""  # bytes read but not parsed yet (Pause.BACKLOG)
         self.dirty: list[Exchange] = []  # exchanges with request bytes to write upstream after this read
+        self.work = 0  # parser events in this turn (see _parse_in_steps)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     # Every callback below catches what escapes it: a bug in one connection closes that
@@ -197,11 +198,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse_in_steps(self, data: bytes) -> None:
         """A large read is parsed a slice at a time: reading stops (``Pause.BACKLOG``, the rest
-        kept) while more than PIPELINE_LIMIT requests wait, and after SLICES_PER_TURN slices
-        the loop is yielded to other connections, so neither memory for queued requests nor
-        the Python work one read causes (1-byte chunks, say) is unbounded."""
+        kept) while more than PIPELINE_LIMIT requests wait, and once a turn has produced
+        WORK_PER_TURN parser events the loop is yielded to other connections, so neither
+        memory for queued requests nor the Python work one read causes (1-byte chunks, say)
+        is unbounded. A body in large pieces costs one event per slice and never yields."""
         pos, n = 0, len(data)
-        for step in range(1, n // SLICE + 2):
+        self.work = 0
+        for _ in range(n // SLICE + 1):
             piece = data[pos:pos + SLICE]
             pos += SLICE
             if not self._parse(piece):
@@ -210,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             if pos >= n:
                 return
-            if len(self.queue) > PIPELINE_LIMIT or step >= SLICES_PER_TURN:
+            if len(self.queue) > PIPELINE_LIMIT or self.work >= WORK_PER_TURN:
                 self.backlog = data[pos:]
                 self.pause_reading(Pause.BACKLOG)
                 if len(self.queue) <= PIPELINE_LIMIT:
@@ -397,6 +400,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- parser sink ----------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
+        self.work += 8
         rec = AccessRecord(self.peer, self.listener.name, time.time(), method=head.method,
                            target=head.target[:2048])
         ex = Exchange(self, head, rec)
@@ -408,6 +412,7 @@ class ClientConnection(asyncio.Protocol):
             self._start(ex)
 
     def on_request_body(self, data: bytes) -> None:
+        self.work += 1
         self.queue[-1].request_body(data)
 
     def on_request_end(self) -> None:
