@@ -7,6 +7,7 @@ import pytest
 import trustme
 
 from .. import required
+from .faulty import Blackhole, FaultyOrigin, FaultyServer, echo_behaviour
 from .peers import EchoServer, GatewayProcess, Origin
 
 
@@ -46,6 +47,29 @@ def echo() -> Iterator[EchoServer]:
     e = EchoServer()
     yield e
     e.close()
+
+
+@pytest.fixture(scope="module")
+def faulty():
+    """An origin that misbehaves as its request path says (see faulty.ROUTES)."""
+    o = FaultyOrigin()
+    yield o
+    o.close()
+
+
+@pytest.fixture(scope="module")
+def echo_peer():
+    e = FaultyServer(echo_behaviour)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def blackhole():
+    """A listener whose accept queue is full: connects to it hang."""
+    b = Blackhole()
+    yield b
+    b.close()
 
 
 @pytest.fixture

@@ -27,12 +27,9 @@ import pytest
 from .faulty import (
     BIG,
     TRICKLE_BODY,
-    Blackhole,
-    FaultyOrigin,
     FaultyServer,
     Response,
     connect,
-    echo_behaviour,
     fd_targets,
     read_until_close,
     rst_close,
@@ -47,27 +44,6 @@ SETTLE = 4.0  # seconds the gateway gets to release what a scenario used
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def faulty():
-    o = FaultyOrigin()
-    yield o
-    o.close()
-
-
-@pytest.fixture(scope="module")
-def echo_peer():
-    e = FaultyServer(echo_behaviour)
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def blackhole():
-    b = Blackhole()
-    yield b
-    b.close()
-
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, faulty, echo_peer, blackhole):

@@ -7,8 +7,6 @@ import json
 import socket
 import subprocess
 
-import pytest
-
 from .conftest import need
 from .faulty import connect
 from .peers import base_config, pattern_bytes, raw_exchange

@@ -12,8 +12,6 @@ import sys
 import threading
 import urllib.request
 
-import pytest
-
 from .faulty import read_until_close
 from .peers import base_config, pattern_bytes, pattern_sha256, raw_exchange, wait_for
 

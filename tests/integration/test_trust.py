@@ -22,7 +22,11 @@ import urllib.request
 
 import pytest
 
-from .faulty import Blackhole, FaultyOrigin, FaultyServer, connect, echo_behaviour, read_until_close, rst_close
+from .faulty import (
+    connect,
+    read_until_close,
+    rst_close,
+)
 from .peers import GatewayProcess, base_config
 
 SETTLE = 5.0
@@ -87,27 +91,6 @@ def serves(gw: GatewayProcess, origin_url: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def faulty():
-    o = FaultyOrigin()
-    yield o
-    o.close()
-
-
-@pytest.fixture(scope="module")
-def echo_peer():
-    e = FaultyServer(echo_behaviour)
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def blackhole():
-    b = Blackhole()
-    yield b
-    b.close()
-
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, faulty, echo_peer, blackhole):
