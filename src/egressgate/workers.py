@@ -97,10 +97,9 @@ class Supervisor:
             argv += ["--config", self.path]
         argv += ["--worker-index", str(slot.index), "--worker-dir", self.sockdir,
                  "--worker-parent", str(os.getpid())]
-        fd = os.memfd_create("egressgate-config")
+        fd = -1
         try:
-            os.write(fd, self.config_text)
-            os.lseek(fd, 0, os.SEEK_SET)
+            fd = _anonymous_file(self.config_text)
             slot.proc = subprocess.Popen(argv, stdin=fd, close_fds=True)
         except OSError as exc:
             slot.proc = None
@@ -109,7 +108,8 @@ class Supervisor:
                       restart_in=round(slot.restart_at - self.clock(), 3))
             return
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         slot.started_at = time.time()
         slot.started_mono = self.clock()
         slot.restart_at = None
@@ -198,6 +198,25 @@ class Supervisor:
                 log_event("worker_killed", worker=slot.index, pid=slot.proc.pid, reason="drain took too long")
                 slot.proc.kill()
                 slot.proc.wait()
+
+
+def _anonymous_file(data: bytes) -> int:
+    """A readable descriptor holding ``data``, positioned at its start, with no name on disk."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("egressgate-config")
+    else:  # pragma: no cover - not Linux
+        import tempfile
+
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def die_with_parent(parent: int) -> bool:

@@ -195,9 +195,9 @@ def test_stalled_stdout_reader_costs_bounded_memory(start_gateway, origin):
         queued = value(text, "egressgate_log_queue_bytes")
         print(f"stalled stdout: {count} records of {size} B; RSS +{base.grew_kib()} KiB over the warm baseline "
               f"{base.rss} KiB; dropped {dropped:.0f}; queued {queued:.0f} B")
+        base.assert_rss_within(16 * MiB, "a stalled stdout reader")
         assert dropped >= count // 2, f"only {dropped:.0f} of {count} records dropped; the pipe holds 64 KiB"
         assert queued <= 8 << 20
-        base.assert_rss_within(16 * MiB, "a stalled stdout reader")
         # the reader is back: the queue drains and new records get through (the writer lives)
         reader.on.set()
         wait_for(lambda: value(scrape(gw), "egressgate_log_queue_bytes") == 0, "the log queue to drain", timeout=30)
@@ -225,13 +225,13 @@ def test_reopen_into_a_vanished_directory_keeps_logging(start_gateway, origin, t
     os.rename(logs, rotated)  # the directory is gone from the configured path
     n = len(gw.events)
     gw.signal(signal.SIGUSR1)
-    failed = gw.wait_event("access_log_reopen_failed", after=n)
-    assert failed["path"] == str(path), failed
     profile_flood(gw, count, size, seed=2)
     well_behaved_get(gw, origin, "during")
     print(f"vanished log directory: {count} records of {size} B; RSS +{base.grew_kib()} KiB over the warm "
           f"baseline {base.rss} KiB")
     base.assert_rss_within(16 * MiB, "records while the log path cannot be opened")
+    failed = gw.wait_event("access_log_reopen_failed", after=n)
+    assert failed["path"] == str(path), failed
 
     def old_file_records() -> list[dict]:
         return [json.loads(line) for line in (rotated / "access.log").read_text().splitlines()]
