@@ -207,7 +207,8 @@ def _anonymous_file(data: bytes) -> int:
     else:  # pragma: no cover - not Linux
         import tempfile
 
-        fd = os.dup(tempfile.TemporaryFile().fileno())
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
     try:
         view = memoryview(data)
         while view:

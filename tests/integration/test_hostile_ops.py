@@ -25,7 +25,6 @@ import signal
 import socket
 import string
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -384,7 +383,7 @@ def test_silent_and_slow_admin_clients_are_closed_at_the_timeout(start_gateway, 
     for hostile in (b"GET /healthz HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
                     b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n",
                     b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200):
-        answer = raw_exchange("%s:%d" % admin_address(gw), hostile, timeout=10)
+        answer = raw_exchange("{}:{}".format(*admin_address(gw)), hostile, timeout=10)
         assert answer.count(b"HTTP/1.1 ") == 1, answer[:300]
     text = scrape(gw)
     assert value(text, "egressgate_admin_connections_closed_total", reason="idle_timeout") >= 11

@@ -1,8 +1,9 @@
 """Merge the Prometheus expositions of several worker processes into one.
 
 Counters, histograms and summaries add up; so do the gauges of live state (connections,
-tunnels). Gauges that describe the configuration or the egress check come from worker 0
-alone (every worker holds the same config, and only worker 0's view is published). Process
+tunnels). Gauges that describe the configuration, the egress check, the worker processes and
+the admin listener come from worker 0 alone (every worker holds the same config; worker 0 owns
+the admin listener and supervises the others). Process
 metrics (``process_*``) keep one series per worker, with a ``worker`` label.
 
 Merged counters never go backwards, even when a worker dies and is replaced (``Merger``):
@@ -23,6 +24,7 @@ FROM_FIRST = frozenset({
     "egressgate_config_info", "egressgate_config_last_load_timestamp_seconds", "egressgate_egress_ip_match",
     "egressgate_egress_source_up", "egressgate_ready", "egressgate_config_last_reload_successful",
     "egressgate_egress_profile_serving", "egressgate_workers", "egressgate_worker_restarts",
+    "egressgate_admin_connections",  # worker 0's admin listener (the others' are private sockets)
 })
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 
