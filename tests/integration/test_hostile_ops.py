@@ -467,6 +467,7 @@ def test_killed_worker_is_reaped_logged_restarted_and_counted(start_gateway, ori
     assert value(text, "egressgate_worker_restarts_total") == 1
     assert value(text, "egressgate_workers", state="live") == 2
     base.wait_fds_back("worker 0 after the restart")
+    base.assert_rss_within(8 * MiB, "worker 0 across a worker's death and restart")
 
     # the new worker still dies with worker 0, and nothing is left behind on a normal exit
     gw.signal(signal.SIGTERM)

@@ -167,6 +167,15 @@ class AccessLog:
 
     # --- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
+        """The writer thread; it outlives any bug in its own loop (reported, then resumed)."""
+        for _ in range(1000):  # (a loop that keeps failing stops; the proxy never depends on it)
+            try:
+                self._drain()
+                return
+            except Exception as exc:  # pragma: no cover - a bug; never lose the writer to it
+                log_event("access_log_error", error=repr(exc), destination=self._destination)
+
+    def _drain(self) -> None:
         retry_at: float | None = None  # when to try a failed reopen again
         delay = REOPEN_RETRY_FIRST
         failures = 0
@@ -205,9 +214,11 @@ class AccessLog:
                         log_event("access_log_reopened", path=self._destination, attempts=failures + 1)
                     retry_at, delay, failures, reported = None, REOPEN_RETRY_FIRST, 0, float("-inf")
             if chunk is not None:
-                self._write(chunk)
-                with self._cond:
-                    self._queued -= len(chunk)
+                try:
+                    self._write(chunk)
+                finally:
+                    with self._cond:
+                        self._queued -= len(chunk)
             if done:
                 if self._destination != "stdout":
                     _close_quietly(self._fd)
