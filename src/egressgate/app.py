@@ -10,23 +10,27 @@ import ipaddress
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .admin.server import AdminProtocol, readiness
-from .config import Config, load_config, load_config_text
+from .admin.server import AdminConnections, AdminProtocol, readiness
+from .config import Config, load_config_text
 from .egress.localaddr import addresses_in
 from .egress.plan import build_pool
 from .egress.resolver import Resolver
 from .errors import ConfigError
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
+from .observe.merge import Merger
 from .observe.metrics import Metrics
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
+from .workers import REAP_EVERY, Supervisor, WorkerTable, die_with_parent
 
 EMBEDDED = "(embedded default)"
 
@@ -40,12 +44,22 @@ def _admin_token(admin) -> str | None:
     return admin.token or (os.environ.get(admin.token_env) if admin.token_env else None)
 
 
-def read_config(path: str | None) -> tuple[Config, str]:
-    """(config, hash of its text); the embedded default when ``path`` is None."""
-    if path is None:
-        return load_config_text("", EMBEDDED), hashlib.sha256(b"").hexdigest()
-    config = load_config(path)
-    return config, hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def read_config(path: str | None, text: bytes | None = None) -> tuple[Config, str, bytes]:
+    """(config, hash of its text, the text): the file at ``path`` read once (or ``text``, the
+    copy a worker process is handed), the embedded default when both are None."""
+    if text is None:
+        if path is None:
+            text = b""
+        else:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path or EMBEDDED}:0: (file): cannot read: {exc}"]) from None
+    return load_config_text(decoded, path or EMBEDDED), hashlib.sha256(text).hexdigest(), text
 
 
 def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
@@ -87,8 +101,13 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
 
 
 def load_runtime(path: str | None) -> Runtime:
-    config, digest = read_config(path)
-    return build_runtime(config, digest, path or EMBEDDED)
+    return load_runtime_text(path)[0]
+
+
+def load_runtime_text(path: str | None, text: bytes | None = None) -> tuple[Runtime, bytes]:
+    """The runtime and the exact config text it was built from (handed to new workers)."""
+    config, digest, text = read_config(path, text)
+    return build_runtime(config, digest, path or EMBEDDED), text
 
 
 def make_resolver(cfg: Config) -> Resolver:
@@ -99,19 +118,31 @@ def make_resolver(cfg: Config) -> Resolver:
 class App:
     """A running gateway: proxy listeners, admin listener, probe loop, signals.
 
-    With ``workers: N`` the first process (worker 0) also owns the admin listener and the
-    egress probe, and passes SIGHUP / SIGTERM / SIGUSR1 (and admin reloads) on to the others.
+    With ``workers: N`` the first process (worker 0) also owns the admin listener, supervises
+    the other workers (``supervisor``: restarts a worker that dies) and passes SIGHUP / SIGTERM /
+    SIGUSR1 (and admin reloads) on to them.
     """
 
     def __init__(self, path: str | None, runtime: Runtime, worker: int = 0,
-                 children: tuple[int, ...] = (), sockdir: str | None = None) -> None:
+                 supervisor: Supervisor | None = None, sockdir: str | None = None) -> None:
         self.path = path
         self.worker = worker
-        self.children = children
+        self.supervisor = supervisor
         self.sockdir = sockdir  # private admin sockets of workers > 0 (metrics merging)
         self.metrics = Metrics()
         cfg = runtime.config
-        self.access_log = AccessLog(cfg.log.access, cfg.log.format)
+        self._set_names(runtime)
+        self.access_log = AccessLog(cfg.log.access, cfg.log.format, max_queue=cfg.log.max_queue)
+        self._log_dropped_before: dict[str, int] = {}  # by access logs a reload replaced
+        self.metrics.watch_access_log(self._log_stats)
+        self.worker_table = WorkerTable(supervisor)
+        self.merger = Merger()
+        self.admin_conns = AdminConnections()
+        if supervisor is not None:
+            supervisor.on_restart = self.metrics.worker_restarts.inc
+        self.metrics.workers.labels("expected").set(self.worker_table.snapshot()["expected"])
+        self.metrics.workers.labels("live").set_function(lambda: self.worker_table.snapshot()["live"])
+        self._supervising: asyncio.Task | None = None
         self.loop = asyncio.get_running_loop()
         resolver = make_resolver(cfg)
         self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
@@ -127,6 +158,16 @@ class App:
         self._probe_now = asyncio.Event()
         self.gateway.on_reload.append(lambda old, new: self._probe_now.set())
         self.loop.set_exception_handler(self._loop_exception)
+
+    def _set_names(self, runtime: Runtime) -> None:
+        """The only client and profile names metrics may carry as labels (others: ``-``)."""
+        cfg = runtime.config
+        self.metrics.set_names((c.name for c in cfg.clients), cfg.egress)
+
+    def _log_stats(self) -> tuple[dict[str, int], int]:
+        now = self.access_log.dropped()
+        total = {k: now.get(k, 0) + self._log_dropped_before.get(k, 0) for k in now.keys() | self._log_dropped_before}
+        return total, self.access_log.queued_bytes()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """Whatever still reaches the event loop (a callback outside a connection): counted
@@ -149,9 +190,13 @@ class App:
             self.admin_address = admin_cfg.address
             await self.admin_server.start_serving()
         elif self.worker and self.sockdir:
+            path = f"{self.sockdir}/w{self.worker}.sock"
+            try:
+                os.unlink(path)  # left by a worker that died in this slot
+            except FileNotFoundError:
+                pass
             self.admin_server = await self.loop.create_unix_server(
-                lambda: AdminProtocol(self.gateway, None, lambda: None, metrics_only=True),
-                f"{self.sockdir}/w{self.worker}.sock")
+                lambda: AdminProtocol(self.gateway, None, lambda: None, self.admin_conns, metrics_only=True), path)
         # What this process really listens on: worker 0 the admin TCP address, a worker > 0
         # only its private Unix socket (a path, not a host and port).
         admin_bound = admin_socket = None
@@ -164,6 +209,8 @@ class App:
             else:
                 admin_socket = name.decode(errors="replace") if isinstance(name, bytes) else name
         self._prober = self.loop.create_task(self._probe_loop())  # every worker attests for itself
+        if self.supervisor is not None:
+            self._supervising = self.loop.create_task(self._supervise())
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
         log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
@@ -186,11 +233,19 @@ class App:
 
     async def _bind_admin(self, address: str) -> asyncio.base_events.Server:
         host, port = parse_socket_address(address)
-        workers = tuple(f"{self.sockdir}/w{i}.sock" for i in range(1, len(self.children) + 1)) \
-            if self.sockdir else ()
         return await self.loop.create_server(
-            lambda: AdminProtocol(self.gateway, self.reload, lambda: self.admin_token, workers), host, port,
+            lambda: AdminProtocol(self.gateway, self.reload, lambda: self.admin_token, self.admin_conns,
+                                  self.worker_table, self.merger), host, port,
             start_serving=False)
+
+    async def _supervise(self) -> None:
+        """Worker 0: reap workers that died, log them, restart them (with back-off)."""
+        while True:
+            try:
+                self.supervisor.tick()
+            except Exception as exc:  # the supervisor must never stop
+                self.gateway.internal_error("workers", exc)
+            await asyncio.sleep(REAP_EVERY)
 
     async def reload(self) -> None:
         """Apply the config file again, every key of it, or nothing: keys that cannot change
@@ -199,7 +254,7 @@ class App:
         is swapped. The old configuration stays in force on any error."""
         async with self._reload_lock:
             try:
-                runtime = await self.loop.run_in_executor(None, load_runtime, self.path)
+                runtime, text = await self.loop.run_in_executor(None, load_runtime_text, self.path)
                 await self._apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
@@ -208,6 +263,8 @@ class App:
                 raise
             self.metrics.reloads.labels("success").inc()
             self.metrics.reload_ok.set(1)
+            if self.supervisor is not None:
+                self.supervisor.config_text = text  # a restarted worker starts with what is in force
             log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
             self._tell_children(signal.SIGHUP)
 
@@ -236,9 +293,9 @@ class App:
                     and old.admin.address is None:
                 raise ConfigError([f"{source}:0: admin.address: turning the admin listener on needs a restart"])
             token = _admin_token(new.admin)
-            if (old.log.access, old.log.format) != (new.log.access, new.log.format):
+            if old.log != new.log:
                 try:
-                    access_log = AccessLog(new.log.access, new.log.format)
+                    access_log = AccessLog(new.log.access, new.log.format, max_queue=new.log.max_queue)
                 except OSError as exc:
                     raise ConfigError([f"{source}:0: log.access: cannot open {new.log.access}: "
                                        f"{exc.strerror or exc}"]) from None
@@ -252,6 +309,9 @@ class App:
         adopt_checks(self.gateway.runtime, runtime)
         await self._attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
         # 2. Commit: nothing below can fail.
+        # (the names first: apply publishes per-profile gauges, and requests under the new
+        # runtime may be counted while it awaits)
+        self._set_names(runtime)
         await self.gateway.apply(runtime, change)
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
             self.gateway.resolver = make_resolver(new)
@@ -264,14 +324,13 @@ class App:
         if access_log is not None:
             previous, self.access_log = self.access_log, access_log
             self.gateway.access_log = access_log
-            previous.close()
+            previous.close(wait=0)  # its thread writes what it holds and ends; never block the loop
+            for reason, n in previous.dropped().items():
+                self._log_dropped_before[reason] = self._log_dropped_before.get(reason, 0) + n
 
     def _tell_children(self, sig: int) -> None:
-        for pid in self.children:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        if self.supervisor is not None:
+            self.supervisor.signal_all(sig)
 
     async def _probe_loop(self) -> None:
         """Check every profile's egress IP now, then every ``probe.interval`` (every
@@ -332,6 +391,8 @@ class App:
     async def shutdown(self) -> None:
         if self.gateway.draining:
             return
+        if self.supervisor is not None:
+            self.supervisor.stop()  # a worker that exits now is not restarted
         self._tell_children(signal.SIGTERM)
         drain = self.gateway.runtime.config.drain
         await self.gateway.drain(drain.grace, drain.timeout)
@@ -341,6 +402,8 @@ class App:
     async def close(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
+        if self._supervising is not None:
+            self._supervising.cancel()
         await self.gateway.close()
         if self.admin_server is not None:
             self.admin_server.close()
@@ -348,11 +411,14 @@ class App:
 
 
 async def serve(path: str | None, runtime: Runtime | None = None, worker: int = 0,
-                children: tuple[int, ...] = (), sockdir: str | None = None) -> int:
+                supervisor: Supervisor | None = None, sockdir: str | None = None,
+                reload_pending: Callable[[], bool] = lambda: False) -> int:
     runtime = runtime or load_runtime(path)
-    app = App(path, runtime, worker, children, sockdir)
+    app = App(path, runtime, worker, supervisor, sockdir)
     await app.start(admin=worker == 0)
     app.install_signals()
+    if reload_pending():  # a SIGHUP that came while this worker was starting
+        app.loop.create_task(app._reload_quietly())
     _tune_gc()
     await app.stopped.wait()
     log_event("stopped", worker=worker)
@@ -390,35 +456,43 @@ def _raise_fd_limit() -> None:
 
 def run(path: str | None) -> int:
     """Validate the config, start ``workers`` processes sharing the listeners (SO_REUSEPORT),
-    and serve until SIGTERM has drained them all."""
-    runtime = load_runtime(path)
+    keep them running (worker 0 restarts one that dies), and serve until SIGTERM has drained
+    them all. The workers' socket directory is removed on the way out."""
+    runtime, text = load_runtime_text(path)
     _raise_fd_limit()
     workers = runtime.config.workers
-    children: list[int] = []
+    supervisor = None
     sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None
-    for index in range(1, workers):
-        pid = os.fork()
-        if pid == 0:  # a worker: dies with worker 0, answers to its signals
-            try:
-                import ctypes
-
-                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            except (OSError, AttributeError):
-                pass
-            code = 1
-            try:
-                code = _run_loop(serve(path, load_runtime(path), index, (), sockdir))
-            finally:
-                os._exit(code)
-        children.append(pid)
     try:
-        code = _run_loop(serve(path, runtime, 0, tuple(children), sockdir))
-        for pid in children:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        if sockdir is not None:
+            supervisor = Supervisor(path, workers, sockdir, text)
+            supervisor.start_all()
+        code = _run_loop(serve(path, runtime, 0, supervisor, sockdir))
     finally:
+        if supervisor is not None:
+            supervisor.stop()
+            supervisor.signal_all(signal.SIGTERM)  # (already sent on a drain; not on a crash)
+            drain = runtime.config.drain
+            supervisor.wait_all(drain.grace + drain.timeout + 10.0)
         if sockdir:
             shutil.rmtree(sockdir, ignore_errors=True)
     return code
+
+
+def run_worker(path: str | None, index: int, sockdir: str, parent: int) -> int:
+    """A worker process started by worker 0 (see ``workers``): its configuration text comes on
+    stdin, it dies with worker 0, and it serves like worker 0 minus the admin listener."""
+    if not die_with_parent(parent):
+        return 1
+    pending: list[int] = []
+    # Until the event loop's handlers are installed: remember a reload, ignore a log reopen
+    # (the log is opened fresh), instead of the default action of both, which is to exit.
+    signal.signal(signal.SIGHUP, lambda *_: pending.append(1))
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    text = sys.stdin.buffer.read()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    runtime, _ = load_runtime_text(path, text)
+    _raise_fd_limit()
+    return _run_loop(serve(path, runtime, index, None, sockdir, reload_pending=lambda: bool(pending)))

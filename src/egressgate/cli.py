@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
     s.add_argument("--config", "-c", help="YAML config file (default: the embedded safe default)")
+    # How worker 0 starts the other workers (``workers: N``); not for people.
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    s.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
     c = sub.add_parser("check-config", help="validate a config file; errors as FILE:LINE: key: what")
     c.add_argument("file")
     sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
@@ -40,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from .app import run
+            from .app import run, run_worker
 
+            if args.worker_index is not None:
+                return run_worker(args.config, args.worker_index, args.worker_dir, args.worker_parent)
             return run(args.config)
         if args.command == "check-config":
             from .app import load_runtime

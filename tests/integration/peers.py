@@ -207,7 +207,10 @@ class EchoServer:
 class GatewayProcess:
     """``egressgate serve`` in a subprocess; access-log lines and events collected."""
 
-    def __init__(self, config: dict, tmp: Path, env: dict | None = None, ready_timeout: float = 20.0) -> None:
+    def __init__(self, config: dict, tmp: Path, env: dict | None = None, ready_timeout: float = 20.0,
+                 read_stdout: bool = True) -> None:
+        """``read_stdout=False``: nobody reads the gateway's stdout pipe (a stalled log reader);
+        ``proc.stdout`` is left to the test."""
         self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
         self.write_config(config)
         self.log: list[dict] = []
@@ -218,7 +221,8 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "egressgate", "serve", "--config", str(self.config_path)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
         self._started = threading.Event()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
+        if read_stdout:
+            threading.Thread(target=self._read_stdout, daemon=True).start()
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
         deadline = time.monotonic() + ready_timeout

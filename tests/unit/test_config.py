@@ -145,6 +145,33 @@ def test_non_finite_durations_are_refused(yaml_value: str) -> None:
     assert errors[0].startswith(f"{FILE}:2: timeouts.client_head: ")
 
 
+# ------------------------------------------------------------------------------ sizes and limits (issue 12)
+
+SIZES = [("65536", 65536), ("'512KiB'", 512 << 10), ("'8MiB'", 8 << 20), ("'1 GiB'", 1 << 30), ("'100KB'", 100_000),
+         ("'2MB'", 2_000_000), ("'70000B'", 70000)]
+
+
+@pytest.mark.parametrize(("yaml_value", "size"), SIZES, ids=[c[0] for c in SIZES])
+def test_sizes(yaml_value: str, size: int) -> None:
+    assert load_config_text(f"log:\n  max_queue: {yaml_value}\n", FILE).log.max_queue == size
+
+
+BAD_LIMITS = [("log", "max_queue", "'8 mebibytes'"), ("log", "max_queue", "1024"), ("log", "max_queue", "true"),
+              ("log", "max_queue", "'-1MiB'"), ("admin", "idle_timeout", "0"), ("admin", "idle_timeout", "'-1s'"),
+              ("admin", "max_connections", "0"), ("admin", "max_connections", "'many'")]
+
+
+@pytest.mark.parametrize(("section", "key", "yaml_value"), BAD_LIMITS)
+def test_bad_limits_name_the_key(section: str, key: str, yaml_value: str) -> None:
+    errors = errors_of(f"{section}:\n  {key}: {yaml_value}\n")
+    assert len(errors) == 1 and errors[0].startswith(f"{FILE}:2: {section}.{key}: "), errors
+
+
+def test_limit_defaults() -> None:
+    cfg = load_config_text("", FILE)
+    assert (cfg.log.max_queue, cfg.admin.idle_timeout, cfg.admin.max_connections) == (8 << 20, 10.0, 64)
+
+
 # ------------------------------------------------------------------------------ error format and lines
 
 ERRORS = [

@@ -7,6 +7,12 @@
 - ``GET /status``: JSON status (version, uptime, config, listeners, profiles, live connections);
 - ``GET /``: a status page that refreshes itself;
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
+
+Hostile or broken admin clients cost bounded resources: at most ``admin.max_connections``
+connections are open (more are closed at once), each must deliver its request within
+``admin.idle_timeout`` and take its response within it again (or it is closed), bytes after
+the one request of a connection are ignored, and a callback never raises into the event loop
+(a bug is counted as ``internal_errors_total{where="admin"}`` and the connection closed).
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import Protocol
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,10 +33,30 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__
 from ..errors import ConfigError
 from ..http1.responses import simple_response
-from ..observe.merge import merge
+from ..observe.merge import Merger
 from ..proxy.server import Gateway
 
 Reloader = Callable[[], Awaitable[None]]
+PID_HEADER = "X-Egressgate-Pid"  # which process answered a worker's private /metrics
+
+
+class WorkerView(Protocol):
+    """What the admin endpoints need to know about worker processes (``workers: N``)."""
+
+    def sockets(self) -> list[tuple[int, str]]:
+        """(index, private admin socket path) of each worker other than this one."""
+        ...
+
+    def snapshot(self) -> dict:
+        """{"expected": N, "live": M, "workers": [{"index", "pid", "alive", "restarts", ...}]}."""
+        ...
+
+
+class AdminConnections:
+    """The admin listener's shared state: how many connections are open (for the cap)."""
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 def readiness(gw: Gateway) -> list[str]:
@@ -64,7 +92,7 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     return out
 
 
-def status(gw: Gateway) -> dict:
+def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
@@ -104,53 +132,134 @@ def status(gw: Gateway) -> dict:
         "connections": {"total": len(gw.connections), "tunnels": tunnels, "by_client": dict(per_client),
                         "by_profile": dict(per_profile)},
         "recent_denials": list(gw.recent_denials)[::-1],
+        **({"workers": workers.snapshot()} if workers is not None else {}),
     }
 
 
-async def worker_metrics(path: str, timeout: float = 2.0) -> str | None:
-    """Another worker's exposition, from its private admin socket (None if it does not answer)."""
+async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
+    """(index, pid, exposition) of another worker, from its private admin socket (exposition
+    None if it does not answer)."""
+    writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(path)
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
             data = await reader.read()
-            writer.close()
     except (OSError, TimeoutError):
-        return None
+        return index, None, None
+    finally:
+        if writer is not None:
+            writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
+    if not head.startswith(b"HTTP/1.1 200"):
+        return index, None, None
+    pid = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == PID_HEADER.lower().encode() and value.strip().isdigit():
+            pid = int(value)
+    try:
+        return index, pid, body.decode()
+    except UnicodeDecodeError:
+        return index, None, None
 
 
 class AdminProtocol(asyncio.Protocol):
-    """``workers``: the private sockets of the other worker processes, whose metrics are
-    merged into this one's. ``metrics_only``: the private listener of a worker > 0."""
+    """One admin connection, one request. ``conns``: the listener's shared connection count.
+    ``workers``: the other worker processes (their metrics are merged into this one's by
+    ``merger``, their state shown by /readyz and /status). ``metrics_only``: the private
+    listener of a worker > 0."""
 
     def __init__(self, gw: Gateway, reload: Reloader | None, token: Callable[[], str | None],
-                 workers: tuple[str, ...] = (), metrics_only: bool = False) -> None:
+                 conns: AdminConnections, workers: WorkerView | None = None, merger: Merger | None = None,
+                 metrics_only: bool = False) -> None:
         self.gw = gw
         self.reload = reload
         self.token = token  # the bearer token in force (a reload may change it)
+        self.conns = conns
         self.workers = workers
+        self.merger = merger
         self.metrics_only = metrics_only
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.size = 0
+        self.counted = False  # holds one of admin.max_connections
+        self.done = False  # the one request is complete: later bytes are ignored
+        self.timer: asyncio.TimerHandle | None = None
 
+    # --- transport callbacks: none of them may raise into the event loop ------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        try:
+            limits = self.gw.runtime.config.admin
+            if self.conns.open >= limits.max_connections:
+                self.gw.metrics.admin_closed.labels("max_connections").inc()
+                transport.abort()
+                return
+            self.conns.open += 1
+            self.counted = True
+            self.gw.metrics.admin_connections.inc()
+            self._arm(limits.idle_timeout)
+        except Exception as exc:
+            self._crashed(exc)
 
     def data_received(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > 65536:
-            self._send(simple_response(413, b"request too large\n", "text/plain"))
+        if self.done or self.transport is None or self.transport.is_closing():
             return
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._send(simple_response(400, b"bad request\n", "text/plain"))
+            self.size += len(data)
+            if self.size > 65536:
+                self._send(simple_response(413, b"request too large\n", "text/plain"))
+                return
+            try:
+                self.parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                # (an Upgrade or CONNECT request: answered as any other if it was complete)
+                if not self.done:
+                    self._send(simple_response(400, b"bad request\n", "text/plain"))
+        except Exception as exc:
+            self._crashed(exc)
 
+    def eof_received(self) -> bool:
+        return self.done  # a complete request may still be answered; otherwise close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._disarm()
+            if self.counted:
+                self.counted = False
+                self.conns.open -= 1
+                self.gw.metrics.admin_connections.dec()
+        except Exception as err:
+            self.gw.internal_error("admin", err)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        """The client did not send its request, or take its response, within admin.idle_timeout."""
+        self.timer = None  # (connection_lost cancels the timer: the connection is still here)
+        try:
+            self.gw.metrics.admin_closed.labels("idle_timeout").inc()
+            if self.transport is not None:
+                self.transport.abort()
+        except Exception as exc:
+            self._crashed(exc)
+
+    def _crashed(self, exc: Exception) -> None:
+        self.gw.internal_error("admin", exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- parser callbacks (inside feed_data) ----------------------------------------------
     def on_url(self, url: bytes) -> None:
         self.url += url
 
@@ -158,6 +267,10 @@ class AdminProtocol(asyncio.Protocol):
         self.headers[name.lower()] = value
 
     def on_message_complete(self) -> None:
+        if self.done:  # one request per connection: pipelined extras are parsed and ignored
+            return
+        self.done = True
+        self._disarm()  # the handler's own time (a reload, a merge) is not the client's
         method = self.parser.get_method().decode()
         path = self.url.split(b"?", 1)[0].decode("latin-1")
         asyncio.get_running_loop().create_task(self._handle(method, path))
@@ -171,17 +284,22 @@ class AdminProtocol(asyncio.Protocol):
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
                 problems = readiness(gw)
-                body = json.dumps({"ready": not problems, "reasons": problems,
-                                   "profiles": profile_readiness(gw)}).encode() + b"\n"
-                self._send(simple_response(503 if problems else 200, body))
+                doc = {"ready": not problems, "reasons": problems, "profiles": profile_readiness(gw)}
+                if self.workers is not None:
+                    view = self.workers.snapshot()
+                    doc["workers"] = {"expected": view["expected"], "live": view["live"]}
+                self._send(simple_response(503 if problems else 200, json.dumps(doc).encode() + b"\n"))
             elif path == "/metrics":
                 own = generate_latest(gw.metrics.registry)
-                if self.workers:
-                    others = await asyncio.gather(*(worker_metrics(w) for w in self.workers))
-                    own = merge([own.decode(), *(t for t in others if t is not None)]).encode()
-                self._send(simple_response(200, own, CONTENT_TYPE_LATEST))
+                sockets = self.workers.sockets() if self.workers is not None else []
+                if sockets and self.merger is not None:
+                    others = await asyncio.gather(*(worker_metrics(i, w) for i, w in sockets))
+                    own = self.merger.merge([(0, os.getpid(), own.decode()), *others]).encode()
+                extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
+                self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                self._send(simple_response(200, json.dumps(status(gw), indent=1).encode() + b"\n"))
+                doc = status(gw, self.workers)
+                self._send(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):
                 page = resources.files("egressgate.admin").joinpath("status.html").read_bytes()
                 self._send(simple_response(200, page, "text/html; charset=utf-8"))
@@ -215,5 +333,8 @@ class AdminProtocol(asyncio.Protocol):
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.done = True
             self.transport.write(data)
             self.transport.close()
+            # the client has admin.idle_timeout to take the response, then it is cut off
+            self._arm(self.gw.runtime.config.admin.idle_timeout)

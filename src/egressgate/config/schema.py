@@ -41,6 +41,20 @@ def _duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(_duration)]
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNIT = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 8388608, '8MiB' or '512KiB'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _SIZE_UNIT[m.group(2)]
+    raise ValueError("expected a size such as 8388608, '8MiB' or '512KiB'")
+
+
 
 def _network(value: object) -> str:
     try:
@@ -111,6 +125,10 @@ class AdminConfig(_Model):
     address: SocketAddress | None = "127.0.0.1:9128"  # null turns the admin listener off
     token: str | None = None  # bearer token required for POST /-/reload
     token_env: str | None = None
+    # A connection must deliver its request within this, and take its response within this
+    # again; otherwise it is closed (counted as egressgate_admin_connections_closed_total).
+    idle_timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 10.0
+    max_connections: int = Field(default=64, ge=1)  # open admin connections; beyond: closed at once
 
 
 class ProfileConfig(_Model):
@@ -220,6 +238,9 @@ class DrainConfig(_Model):
 class LogConfig(_Model):
     access: str = "stdout"  # stdout, none, or a file path
     format: Literal["json", "squid"] = "json"
+    # Bytes of access-log records waiting for a slow destination; beyond: dropped and counted
+    # (egressgate_log_dropped_total). Per worker process.
+    max_queue: Annotated[int, BeforeValidator(_size), Field(ge=65536)] = 8 << 20
 
 
 class ProbeConfig(_Model):

@@ -2,17 +2,20 @@
 native format, to stdout, a file, or nowhere.
 
 Writing never blocks the event loop: records are formatted on the loop, batched, and
-handed to a writer thread. ``reopen()`` (SIGUSR1) reopens a file after logrotate moved it.
+handed to a writer thread through a queue bounded in bytes (``log.max_queue``); what does not
+fit is dropped and counted, so a destination that stops reading costs bounded memory.
+``reopen()`` (SIGUSR1) reopens a file after logrotate moved it; when the path cannot be opened
+(its directory is gone) the writer keeps the old descriptor and retries with back-off.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from ..model import AccessRecord
@@ -43,35 +46,71 @@ def squid_line(rec: AccessRecord, now: float) -> str:
             f"{rec.method} {rec.target} {rec.client if rec.client != '-' else '-'} {hier} -\n")
 
 
+# The most bytes of formatted records waiting for the writer (``log.max_queue``); beyond it new
+# records are dropped and counted (``egressgate_log_dropped_total{reason="queue_full"}``).
+DEFAULT_MAX_QUEUE = 8 << 20
+# A reopen (SIGUSR1) that fails is retried with back-off between these bounds; the old descriptor
+# keeps receiving records meanwhile. A still-failing reopen is reported at most this often.
+REOPEN_RETRY_FIRST = 0.25
+REOPEN_RETRY_MAX = 5.0
+REPORT_EVERY = 60.0
+DROP_REASONS = ("queue_full", "write_error")
+
+
 class AccessLog:
+    """``write`` runs on the event loop and never blocks: it formats a record into the current
+    batch, or drops and counts it when the batch and the writer's queue already hold
+    ``max_queue`` bytes (a log destination that stopped reading -- a full pipe, a stuck disk --
+    costs at most that much memory). One writer thread per log drains the queue.
+
+    Counters are plain integers (no prometheus here): ``dropped()`` and ``queued_bytes()`` are
+    read by the metrics collector at scrape time. ``dropped_full`` is only ever changed on the
+    event loop's thread, ``dropped_error`` only on the writer's, so neither needs a lock.
+    """
+
     def __init__(self, destination: str = "stdout", fmt: str = "json",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_queue: int = DEFAULT_MAX_QUEUE,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.enabled = destination != "none"
         self._destination = destination
         self._format = squid_line if fmt == "squid" else json_line
         self._clock = clock
-        self._batch: list[str] = []
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._monotonic = monotonic
+        self.max_queue = max_queue
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0  # event-loop thread only
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()  # guarded by _cond
+        self._queued = 0  # bytes in _chunks or being written; changed under _cond
+        self._reopen_requested = False  # guarded by _cond
+        self._closing = False  # guarded by _cond
+        self.dropped_full = 0  # event-loop thread only
+        self.dropped_error = 0  # writer thread only
+        self._drop_reported = float("-inf")
         self._fd = -1
-        self._reopen = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_scheduled = False
-        self._loop = None
         if self.enabled:
-            self._open()
+            self._fd = self._open()  # raises OSError: a destination that cannot be opened at all
             self._thread = threading.Thread(target=self._run, name="egressgate-accesslog", daemon=True)
             self._thread.start()
 
-    def _open(self) -> None:
+    def _open(self) -> int:
         if self._destination == "stdout":
-            self._fd = sys.stdout.fileno()
-        else:
-            self._fd = os.open(self._destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return sys.stdout.fileno()
+        return os.open(self._destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
+    # --- the event loop's side ------------------------------------------------------------
     def write(self, rec: AccessRecord) -> None:
         if not self.enabled:
             return
-        self._batch.append(self._format(rec, self._clock()))
+        line = self._format(rec, self._clock()).encode("utf-8", "replace")
+        # (_queued is read without the lock: a stale value is only ever too high, never too low)
+        if self._queued + self._batch_bytes + len(line) > self.max_queue:
+            self._drop()
+            return
+        self._batch.append(line)
+        self._batch_bytes += len(line)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             import asyncio
@@ -81,40 +120,114 @@ class AccessLog:
             except RuntimeError:
                 self.flush()
 
+    def _drop(self) -> None:
+        self.dropped_full += 1
+        now = self._monotonic()
+        if now - self._drop_reported >= REPORT_EVERY:
+            self._drop_reported = now
+            log_event("access_log_dropping", reason="queue_full", destination=self._destination,
+                      max_queue=self.max_queue, dropped=self.dropped_full)
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if self._batch:
-            self._queue.put("".join(self._batch))
+            data = b"".join(self._batch)
             self._batch = []
+            self._batch_bytes = 0
+            with self._cond:
+                self._chunks.append(data)
+                self._queued += len(data)
+                self._cond.notify()
+
+    def dropped(self) -> dict[str, int]:
+        return {"queue_full": self.dropped_full, "write_error": self.dropped_error}
+
+    def queued_bytes(self) -> int:
+        return self._queued + self._batch_bytes
 
     def reopen(self) -> None:
-        self._reopen.set()
-        self._queue.put("")
+        """Reopen the file (after logrotate moved it). On failure the old descriptor stays in
+        use and the open is retried with back-off until it works."""
+        with self._cond:
+            self._reopen_requested = True
+            self._cond.notify()
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
+        """Write what is queued and stop the writer; wait at most ``wait`` seconds for it (a
+        destination that blocks forever must not hold up a shutdown or a reload)."""
         if self._thread is None:
             return
         self.flush()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if wait:
+            self._thread.join(timeout=wait)
         self._thread = None
 
+    # --- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            chunk = self._queue.get()
-            if chunk is None:
+        """The writer thread; it outlives any bug in its own loop (reported, then resumed)."""
+        for _ in range(1000):  # (a loop that keeps failing stops; the proxy never depends on it)
+            try:
+                self._drain()
                 return
-            if self._reopen.is_set():
-                self._reopen.clear()
+            except Exception as exc:  # pragma: no cover - a bug; never lose the writer to it
+                log_event("access_log_error", error=repr(exc), destination=self._destination)
+
+    def _drain(self) -> None:
+        retry_at: float | None = None  # when to try a failed reopen again
+        delay = REOPEN_RETRY_FIRST
+        failures = 0
+        reported = float("-inf")
+        while True:
+            with self._cond:
+                while not (self._chunks or self._closing or self._reopen_requested):
+                    if retry_at is None:
+                        self._cond.wait()
+                        continue
+                    left = retry_at - self._monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                chunk = self._chunks.popleft() if self._chunks else None
+                done = self._closing and chunk is None
+                reopen = self._reopen_requested or (retry_at is not None and self._monotonic() >= retry_at)
+                self._reopen_requested = False
+            if reopen and self._destination != "stdout":
+                try:
+                    fd = self._open()
+                except OSError as exc:
+                    failures += 1
+                    now = self._monotonic()
+                    retry_at = now + delay
+                    if now - reported >= REPORT_EVERY:
+                        reported = now
+                        log_event("access_log_reopen_failed", path=self._destination,
+                                  error=exc.strerror or str(exc), attempts=failures, retry_in=delay,
+                                  note="records go to the previous file until the path can be opened")
+                    delay = min(delay * 2, REOPEN_RETRY_MAX)
+                else:
+                    old, self._fd = self._fd, fd
+                    _close_quietly(old)
+                    if failures:
+                        log_event("access_log_reopened", path=self._destination, attempts=failures + 1)
+                    retry_at, delay, failures, reported = None, REOPEN_RETRY_FIRST, 0, float("-inf")
+            if chunk is not None:
+                try:
+                    self._write(chunk)
+                finally:
+                    with self._cond:
+                        self._queued -= len(chunk)
+            if done:
                 if self._destination != "stdout":
-                    os.close(self._fd)
-                    self._open()
-            if chunk:
-                self._write(chunk.encode("utf-8", "replace"))
+                    _close_quietly(self._fd)
+                return
 
     def _write(self, data: bytes) -> None:
         """Write whole lines, at most PIPE_BUF bytes a call, so that several worker processes
-        sharing one pipe or file never interleave parts of lines."""
+        sharing one pipe or file never interleave parts of lines. Lines that cannot be written
+        (the destination is gone or full) are dropped and counted."""
         view = memoryview(data)
         while view:
             piece = view[:_PIPE_BUF]
@@ -125,10 +238,17 @@ class AccessLog:
                 written = os.write(self._fd, piece)
             except InterruptedError:
                 continue
-            except OSError:
-                return  # the log destination is gone; never take the gateway down for it
+            except OSError:  # never take the gateway down for its log
+                self.dropped_error += max(1, bytes(view).count(b"\n"))
+                return
             view = view[written:]
 
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def log_event(event: str, **fields: object) -> None:

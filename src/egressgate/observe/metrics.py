@@ -1,11 +1,16 @@
 """Every metric name in one place. A ``Metrics`` instance owns its own registry (no global
-state); label values are bounded (client and profile names from config, status codes,
-reason strings from the code) — never destination host names."""
+state). Every label value comes from the configuration or from a fixed set in the code: a
+client or profile name that is not configured -- say, a profile a refused request asked for
+in ``X-Egressgate-Profile`` or ``user+profile`` -- is counted as ``-`` (``UNKNOWN``), methods
+outside a fixed list as ``OTHER``, never destination host names. ``set_names`` tells a
+``Metrics`` which names the configuration has (at start and on every reload)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "egressgate_"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
@@ -14,8 +19,11 @@ INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
     "upstream_connection_made", "upstream_data_received", "upstream_eof_received", "upstream_connection_lost",
     "upstream_pause_writing", "upstream_resume_writing", "splice", "tick", "serve", "exchange_failed",
-    "teardown", "admin", "probe", "loop", "other",
+    "teardown", "admin", "probe", "loop", "workers", "other",
 )
+UNKNOWN = "-"  # the label value of a client or profile name that is not configured
+LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}
+ADMIN_CLOSE_REASONS = ("max_connections", "idle_timeout")  # egressgate_admin_connections_closed_total{reason}
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -26,6 +34,9 @@ class _HotCounters:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.bytes: dict[tuple[str, str], int] = {}
+        # The access log's own plain counters, read at scrape time (the log knows nothing of
+        # prometheus): () -> ({reason: records dropped}, bytes queued).
+        self.access_log: Callable[[], tuple[dict[str, int], int]] = lambda: ({}, 0)
 
     def describe(self):
         return self._families(empty=True)
@@ -38,12 +49,40 @@ class _HotCounters:
                                   labels=["client", "profile", "method", "status"])
         byt = CounterMetricFamily(PREFIX + "bytes", "Bytes relayed (up: client to destination)",
                                   labels=["direction", "profile"])
+        dropped = CounterMetricFamily(PREFIX + "log_dropped", "Access-log records dropped: the queue to a slow "
+                                      "destination was full, or the destination could not be written",
+                                      labels=["reason"])
+        queued = GaugeMetricFamily(PREFIX + "log_queue_bytes", "Access-log bytes waiting for the writer")
         if not empty:
             for (client, profile, method, status), n in list(self.requests.items()):
                 req.add_metric([client, profile, method, str(status)], n)
             for (direction, profile), n in list(self.bytes.items()):
                 byt.add_metric([direction, profile], n)
-        return [req, byt]
+            counts, waiting = self.access_log()
+            for reason in LOG_DROP_REASONS:
+                dropped.add_metric([reason], counts.get(reason, 0))
+            queued.add_metric([], waiting)
+        return [req, byt, dropped, queued]
+
+
+class _KnownNames:
+    """A labelled prometheus metric whose client or profile label (at ``positions``) only ever
+    takes a configured name; anything else becomes ``UNKNOWN``. Everything else is the
+    metric's own (``clear``, ``remove``, ...)."""
+
+    def __init__(self, metric, positions: tuple[int, ...], known: Callable[[], frozenset[str]]) -> None:
+        self._metric = metric
+        self._positions = positions
+        self._known = known
+
+    def labels(self, *values: str):
+        known = self._known()
+        if any(values[i] not in known for i in self._positions):
+            values = tuple(UNKNOWN if i in self._positions and v not in known else v for i, v in enumerate(values))
+        return self._metric.labels(*values)
+
+    def __getattr__(self, name: str):
+        return getattr(self._metric, name)
 
 
 class Metrics:
@@ -52,20 +91,24 @@ class Metrics:
         ProcessCollector(registry=r)
         self._hot = _HotCounters()
         r.register(self._hot)
+        self._clients: frozenset[str] = frozenset()  # every client name configured since start
+        self._profiles: frozenset[str] = frozenset()  # every profile name configured since start
+        clients, profiles = (lambda: self._clients), (lambda: self._profiles)
         self.active_connections = Gauge(PREFIX + "active_connections", "Open client connections",
                                         ["listener"], registry=r)
         self.active_tunnels = Gauge(PREFIX + "active_tunnels", "Open CONNECT tunnels", ["listener"], registry=r)
         self.spliced_tunnels = Counter(PREFIX + "tunnels_spliced_total",
                                        "Tunnels switched to zero-copy splice for bulk transfer", registry=r)
-        self.connect_seconds = Histogram(PREFIX + "connect_seconds", "Upstream TCP connect latency",
-                                         ["profile"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.connect_seconds = _KnownNames(Histogram(PREFIX + "connect_seconds", "Upstream TCP connect latency",
+                                                     ["profile"], buckets=_LATENCY_BUCKETS, registry=r),
+                                           (0,), profiles)
         self.dns_seconds = Histogram(PREFIX + "dns_seconds", "DNS lookup latency (cache misses)",
                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.denied = Counter(PREFIX + "denied_total", "Requests refused by policy or the address guard",
                               ["reason"], registry=r)
-        self.would_deny = Counter(PREFIX + "report_only_denials_total",
-                                  "Denials let through because the client is in report mode",
-                                  ["client", "reason"], registry=r)
+        self.would_deny = _KnownNames(Counter(PREFIX + "report_only_denials_total",
+                                              "Denials let through because the client is in report mode",
+                                              ["client", "reason"], registry=r), (0,), clients)
         self.upstream_errors = Counter(PREFIX + "upstream_errors_total", "Failures reaching destinations",
                                        ["kind"], registry=r)
         self.rejected_connections = Counter(PREFIX + "rejected_connections_total",
@@ -81,16 +124,16 @@ class Metrics:
                                  registry=r)
         self.config_loaded = Gauge(PREFIX + "config_last_load_timestamp_seconds",
                                    "When the configuration in force was loaded", registry=r)
-        self.egress_ip_match = Gauge(PREFIX + "egress_ip_match",
-                                     "1 if the profile's observed egress IP is expected, 0 if not, -1 unknown",
-                                     ["profile"], registry=r)
-        self.egress_profile_serving = Gauge(PREFIX + "egress_profile_serving",
-                                            "1 if the profile carries traffic, 0 if it refuses it because its "
-                                            "egress IP is wrong or unverified (fail closed)",
-                                            ["profile"], registry=r)
-        self.egress_source_up = Gauge(PREFIX + "egress_source_up",
-                                      "1 if a profile's source address or upstream is usable",
-                                      ["profile", "member"], registry=r)
+        self.egress_ip_match = _KnownNames(Gauge(PREFIX + "egress_ip_match",
+                                                 "1 if the profile's observed egress IP is expected, 0 if not, "
+                                                 "-1 unknown", ["profile"], registry=r), (0,), profiles)
+        self.egress_profile_serving = _KnownNames(Gauge(PREFIX + "egress_profile_serving",
+                                                        "1 if the profile carries traffic, 0 if it refuses it "
+                                                        "because its egress IP is wrong or unverified (fail closed)",
+                                                        ["profile"], registry=r), (0,), profiles)
+        self.egress_source_up = _KnownNames(Gauge(PREFIX + "egress_source_up",
+                                                  "1 if a profile's source address or upstream is usable",
+                                                  ["profile", "member"], registry=r), (0,), profiles)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
         self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
                                "1 if the last reload attempt succeeded (or none was made)", registry=r)
@@ -99,6 +142,30 @@ class Metrics:
             self.reloads.labels(result)
         for reason in ("source_not_allowed", "max_connections", "untrusted_proxy", "proxy_protocol"):
             self.rejected_connections.labels(reason)
+        self.admin_connections = Gauge(PREFIX + "admin_connections", "Open admin listener connections",
+                                       registry=r)
+        self.admin_closed = Counter(PREFIX + "admin_connections_closed_total",
+                                    "Admin connections closed by the gateway: over admin.max_connections, or "
+                                    "silent or slow past admin.idle_timeout", ["reason"], registry=r)
+        for reason in ADMIN_CLOSE_REASONS:
+            self.admin_closed.labels(reason)
+        self.workers = Gauge(PREFIX + "workers", "Worker processes: configured (expected) and running (live)",
+                             ["state"], registry=r)
+        self.worker_restarts = Counter(PREFIX + "worker_restarts_total",
+                                       "Worker processes that exited unexpectedly and were started again",
+                                       registry=r)
+
+    def set_names(self, clients: Iterable[str], profiles: Iterable[str]) -> None:
+        """The client and profile names of a configuration coming into force. Names stay known
+        after a reload drops them (requests under the old configuration still finish and are
+        counted under their own names); the set grows only with the configuration, never with
+        what clients send."""
+        self._clients = self._clients | frozenset(clients)
+        self._profiles = self._profiles | frozenset(profiles)
+
+    def watch_access_log(self, stats: Callable[[], tuple[dict[str, int], int]]) -> None:
+        """Export the access log's plain counters: ``stats()`` -> ({reason: dropped}, queued bytes)."""
+        self._hot.access_log = stats
 
     def traffic_by_profile(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -113,11 +180,17 @@ class Metrics:
     def count_request(self, client: str, profile: str, method: str, status: int) -> None:
         if method not in _METHODS:
             method = "OTHER"
+        if client not in self._clients:
+            client = UNKNOWN
+        if profile not in self._profiles:
+            profile = UNKNOWN
         key = (client, profile, method, status)
         requests = self._hot.requests
         requests[key] = requests.get(key, 0) + 1
 
     def count_bytes(self, profile: str, up: int, down: int) -> None:
+        if profile not in self._profiles:
+            profile = UNKNOWN
         table = self._hot.bytes
         if up:
             key = ("up", profile)
