@@ -339,8 +339,8 @@ class App:
         while True:
             rt = self.gateway.runtime
             cfg = rt.config.probe
-            self._probe_now.clear()  # before the check: a reload during it asks for another
             await self._attest(rt)
+            self._probe_now.clear()
             wait = cfg.interval
             if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
                 wait = min(cfg.interval, cfg.retry)
@@ -489,7 +489,6 @@ def run_worker(path: str | None, index: int, sockdir: str, parent: int) -> int:
     # (the log is opened fresh), instead of the default action of both, which is to exit.
     signal.signal(signal.SIGHUP, lambda *_: pending.append(1))
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})  # (held by worker 0's spawn)
     text = sys.stdin.buffer.read()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

@@ -67,9 +67,6 @@ class WorkerSlot:
         return self.proc is not None and self.proc.returncode is None
 
 
-_HELD = {signal.SIGHUP, signal.SIGUSR1}  # held back while a worker starts (see _spawn)
-
-
 class Supervisor:
     """Workers 1..count-1 of one gateway (worker 0 is the process holding this object)."""
 
@@ -103,14 +100,7 @@ class Supervisor:
         fd = -1
         try:
             fd = _anonymous_file(self.config_text)
-            # The new worker inherits this signal mask through exec: SIGHUP / SIGUSR1 stay
-            # pending until it has installed its handlers (run_worker), instead of killing it
-            # (their default action) while the interpreter is still starting.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-            try:
-                slot.proc = subprocess.Popen(argv, stdin=fd, close_fds=True)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            slot.proc = subprocess.Popen(argv, stdin=fd, close_fds=True)
         except OSError as exc:
             slot.proc = None
             self._schedule(slot, {"status": f"could not start: {exc}", "code": None, "signal": None})
