@@ -30,7 +30,7 @@ from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
-from .workers import REAP_EVERY, Supervisor, WorkerTable, die_with_parent
+from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
 
 EMBEDDED = "(embedded default)"
 
@@ -339,8 +339,8 @@ class App:
         while True:
             rt = self.gateway.runtime
             cfg = rt.config.probe
+            self._probe_now.clear()  # (before: a reload during this check asks for another)
             await self._attest(rt)
-            self._probe_now.clear()
             wait = cfg.interval
             if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
                 wait = min(cfg.interval, cfg.retry)
@@ -487,8 +487,11 @@ def run_worker(path: str | None, index: int, sockdir: str, parent: int) -> int:
     pending: list[int] = []
     # Until the event loop's handlers are installed: remember a reload, ignore a log reopen
     # (the log is opened fresh), instead of the default action of both, which is to exit.
+    # Worker 0 started this process with both blocked; a signal that came meanwhile is
+    # delivered to these handlers now.
     signal.signal(signal.SIGHUP, lambda *_: pending.append(1))
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)
     text = sys.stdin.buffer.read()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

@@ -38,6 +38,7 @@ RESTART_FIRST = 0.5  # the delay before restarting a worker that died ...
 RESTART_MAX = 30.0  # ... doubling on each further death, up to this
 STABLE_AFTER = 60.0  # a worker that ran this long starts again from RESTART_FIRST
 REAP_EVERY = 0.5  # how often worker 0 looks for dead workers (waitpid WNOHANG)
+STARTUP_BLOCKED = frozenset({signal.SIGHUP, signal.SIGUSR1})  # held until a new worker can handle them
 
 
 def exit_status(returncode: int) -> dict:
@@ -98,6 +99,10 @@ class Supervisor:
         argv += ["--worker-index", str(slot.index), "--worker-dir", self.sockdir,
                  "--worker-parent", str(os.getpid())]
         fd = -1
+        # The new interpreter takes a moment to import before it can handle SIGHUP / SIGUSR1,
+        # whose default action is to exit: it starts with both blocked (a signal mask survives
+        # exec) and unblocks them once its handlers are in place (``run_worker``).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
         try:
             fd = _anonymous_file(self.config_text)
             slot.proc = subprocess.Popen(argv, stdin=fd, close_fds=True)
@@ -108,6 +113,7 @@ class Supervisor:
                       restart_in=round(slot.restart_at - self.clock(), 3))
             return
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if fd >= 0:
                 os.close(fd)
         slot.started_at = time.time()

@@ -491,3 +491,27 @@ def test_restarted_worker_dies_with_a_killed_worker_0(start_gateway, origin):
     gw.wait(timeout=10)
     wait_for(lambda: proc_state(fresh) in (None, "Z"), f"the restarted worker {fresh} gone with worker 0",
              timeout=30)
+
+
+def test_reload_while_a_worker_starts_neither_kills_nor_skips_it(start_gateway, origin):
+    """SIGHUP reaches a restarted worker while its interpreter is still starting (the default
+    action of SIGHUP is to exit): the worker survives and applies the reload once it runs."""
+    with ReservedPort() as port:
+        gw = start_gateway(base_config(listen=[{"address": port.address}], workers=2))
+        wait_for(lambda: any(e.get("event") == "started" and e.get("worker") == 1 for e in gw.events),
+                 "worker 1's started event")
+    victim = next(e for e in gw.events if e.get("event") == "started" and e.get("worker") == 1)["pid"]
+    n = len(gw.events)
+    os.kill(victim, signal.SIGKILL)
+    restarted = gw.wait_event("worker_restarted", after=n)
+    gw.signal(signal.SIGHUP)  # the new worker is importing now
+    fresh = restarted["pid"]
+    started = wait_for(lambda: next((i for i, e in enumerate(gw.events) if i >= n and e.get("event") == "started"
+                                     and e.get("pid") == fresh), None), "the restarted worker's started event",
+                       timeout=20)
+    wait_for(lambda: any(e.get("event") == "reloaded" and e.get("worker") == 1 for e in gw.events[started:]),
+             "the restarted worker applied the reload it got while starting")
+    exits = [e for e in gw.events[n:] if e.get("event") == "worker_exited"]
+    assert [e["pid"] for e in exits] == [victim], exits
+    assert proc_state(fresh) not in (None, "Z")
+    well_behaved_get(gw, origin, "after-early-reload")
