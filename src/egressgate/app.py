@@ -356,15 +356,17 @@ class App:
         cfg = rt.config.probe
         if not cfg.echo_url or only == set():
             return
+        def each(o) -> None:  # recorded as it comes: a slow member does not hold back the others
+            record(rt.profiles, [o], time.time())
+            if rt is self.gateway.runtime:
+                self.gateway.publish_egress(rt)
+
         try:
             observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
-                                             self.gateway.dialer, self.gateway.resolver, only=only)
+                                             self.gateway.dialer, self.gateway.resolver, only=only, each=each)
         except Exception as exc:  # the prober must never stop
             self.gateway.internal_error("probe", exc)
             return
-        record(rt.profiles, observations, time.time())
-        if rt is self.gateway.runtime:
-            self.gateway.publish_egress(rt)
         if self.worker == 0:
             for o in observations:  # (profiles without expect_ip are shown, not judged: no event)
                 if not o.ok and o.expected:

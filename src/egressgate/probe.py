@@ -17,6 +17,7 @@ import ipaddress
 import json
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -130,12 +131,21 @@ async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver
 
 async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
                       dialer: Dialer | None = None, resolver: Resolver | None = None,
-                      only: set[EgressPlan] | None = None) -> list[Observation]:
-    """Observe every member of ``pools`` (or only the members in ``only``), concurrently."""
+                      only: set[EgressPlan] | None = None,
+                      each: Callable[[Observation], None] | None = None) -> list[Observation]:
+    """Observe every member of ``pools`` (or only the members in ``only``), concurrently;
+    ``each`` gets every observation as soon as it is made (a slow member, e.g. a route that
+    times out, does not hold back the others' results)."""
     dialer = dialer or Dialer(asyncio.get_running_loop())
     resolver = resolver or Resolver()
 
     async def one(pool: ProfilePool, plan: EgressPlan) -> Observation:
+        obs = await attempt(pool, plan)
+        if each is not None:
+            each(obs)
+        return obs
+
+    async def attempt(pool: ProfilePool, plan: EgressPlan) -> Observation:
         try:
             ip = await observe(plan, url, dialer, resolver, timeout)
             return Observation(pool.name, member_label(plan), ip, pool.expect_ip)
