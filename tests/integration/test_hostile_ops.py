@@ -33,7 +33,7 @@ from .faulty import Blackhole
 from .peers import ReservedPort, base_config, raw_exchange, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the suite poisons proxy variables
-MiB = 1024
+MiB = 1024  # in KiB, the unit of GatewayProcess.rss_kib()
 SECRET = "hostile-ops-secret"
 SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?) (\S+)$")
 
@@ -66,7 +66,7 @@ def series(text: str) -> dict[str, float]:
 
 
 def value(text: str, name: str, **labels: str) -> float:
-    """One sample's value (labels given as a subset); 0 when there is no such series."""
+    """The sum of the samples of ``name`` whose labels include ``labels``; 0 when none."""
     total = 0.0
     for key, v in series(text).items():
         base, _, rest = key.partition("{")
