@@ -356,6 +356,7 @@ class App:
         cfg = rt.config.probe
         if not cfg.echo_url or only == set():
             return
+
         def each(o) -> None:  # recorded as it comes: a slow member does not hold back the others
             record(rt.profiles, [o], time.time())
             if rt is self.gateway.runtime:
@@ -364,6 +365,13 @@ class App:
         try:
             observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
                                              self.gateway.dialer, self.gateway.resolver, only=only, each=each)
+        except asyncio.CancelledError as exc:
+            if asyncio.current_task().cancelling():
+                raise  # the prober itself is being stopped
+            # a check's own cancellation escaped it (a timeout handled twice): a bug, and one
+            # that must not end the prober, or profiles would stay unverified for good
+            self.gateway.internal_error("probe", RuntimeError(f"an egress check was cancelled: {exc!r}"))
+            return
         except Exception as exc:  # the prober must never stop
             self.gateway.internal_error("probe", exc)
             return

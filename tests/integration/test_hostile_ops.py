@@ -10,7 +10,8 @@ status / access-log record / metric that shows what happened.
   metric label values: the number of series stays fixed under a flood of random ones;
 - the admin listener caps its connections and closes silent or slow ones;
 - a worker killed with SIGKILL is reaped, logged, restarted and shown; merged counters do not
-  go backwards.
+  go backwards;
+- an egress-IP echo service that swallows connections does not stop the prober.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import threading
 import urllib.error
 import urllib.request
 
+from .faulty import Blackhole
 from .peers import ReservedPort, base_config, raw_exchange, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the suite poisons proxy variables
-MiB = 1024
+MiB = 1024  # in KiB, the unit of GatewayProcess.rss_kib()
 SECRET = "hostile-ops-secret"
 SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?) (\S+)$")
 
@@ -64,7 +66,7 @@ def series(text: str) -> dict[str, float]:
 
 
 def value(text: str, name: str, **labels: str) -> float:
-    """One sample's value (labels given as a subset); 0 when there is no such series."""
+    """The sum of the samples of ``name`` whose labels include ``labels``; 0 when none."""
     total = 0.0
     for key, v in series(text).items():
         base, _, rest = key.partition("{")
@@ -91,9 +93,9 @@ class Footprint:
         grew = self.grew_kib()
         assert grew < margin_kib, f"{what}: RSS grew {grew} KiB (margin {margin_kib} KiB, baseline {self.rss} KiB)"
 
-    def wait_fds_back(self, what: str, timeout: float = 15.0) -> None:
-        wait_for(lambda: self.gw.fd_count() <= self.fds,
-                 f"{what}: descriptors back to {self.fds} (now {self.gw.fd_count()})", timeout=timeout)
+    def wait_fds_back(self, what: str, timeout: float = 15.0, slack: int = 0) -> None:
+        wait_for(lambda: self.gw.fd_count() <= self.fds + slack,
+                 f"{what}: descriptors back to {self.fds} + {slack} (now {self.gw.fd_count()})", timeout=timeout)
 
 
 def well_behaved_get(gw, origin, tag: str) -> bytes:
@@ -515,3 +517,37 @@ def test_reload_while_a_worker_starts_neither_kills_nor_skips_it(start_gateway, 
     assert [e["pid"] for e in exits] == [victim], exits
     assert proc_state(fresh) not in (None, "Z")
     well_behaved_get(gw, origin, "after-early-reload")
+
+
+# --------------------------------------------------------------------- 5. the egress prober
+
+def test_a_blackholed_echo_service_does_not_stop_the_prober(start_gateway, origin):
+    """The echo service's connects hang until ``timeouts.upstream_connect``, check after check:
+    each check fails and is reported, the prober keeps checking every ``probe.retry`` (a
+    timeout handled by two timers once escaped as a cancellation and ended it for good), the
+    attested profile refuses its traffic, the others serve."""
+    hole = Blackhole()
+    try:
+        cfg = base_config(egress={"default": {"direct": {}},
+                                  "pinned": {"direct": {}, "expect_ip": ["203.0.113.10"]}},
+                          clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["default", "pinned"]}],
+                          probe={"echo_url": f"http://{hole.address}/ip", "retry": "0.2s"},
+                          timeouts={"upstream_connect": "0.3s"})
+        gw = start_gateway(cfg)
+        well_behaved_get(gw, origin, "warm")  # (its pooled origin connection is part of the baseline)
+        base = Footprint(gw)
+        wait_for(lambda: len([e for e in gw.events if e.get("event") == "egress_ip_check_failed"]) >= 4,
+                 "four failed egress checks in a row (the prober keeps going)", timeout=20)
+        failed = [e for e in gw.events if e.get("event") == "egress_ip_check_failed"]
+        assert all(e["profile"] == "pinned" and "timed out" in (e["error"] or "") for e in failed), failed[:2]
+        refused = raw_exchange(gw.address, f"GET {origin.url('/p')} HTTP/1.1\r\nHost: x\r\n"
+                                           "X-Egressgate-Profile: pinned\r\n\r\n".encode(), read_until_close=False)
+        assert refused.startswith(b"HTTP/1.1 503") and b"destination_unavailable" in refused, refused[:300]
+        well_behaved_get(gw, origin, "default-profile")
+        text = scrape(gw)
+        assert value(text, "egressgate_internal_errors_total") == 0
+        assert value(text, "egressgate_egress_profile_serving", profile="pinned") == 0
+        base.wait_fds_back("after the failed checks", slack=1)  # (one check may be dialing)
+        base.assert_rss_within(8 * MiB, "checks against a blackholed echo service")
+    finally:
+        hole.close()

@@ -66,9 +66,10 @@ class Dialer:
             finally:
                 timer.cancel()
         except asyncio.CancelledError:
-            if not fired or task.cancelling() > 1:
-                raise  # cancelled by someone else, not by our timer
-            task.uncancel()
+            if fired:
+                task.uncancel()  # withdraw our own request (an outer timeout may have fired too)
+            if not fired or task.cancelling():
+                raise  # cancelled by someone else as well: theirs to handle (asyncio.timeout counts)
             raise UpstreamTimeout(f"connect to {_show(addresses, port)} timed out after {timeout:g}s") from None
         if isinstance(last, UpstreamError):
             raise last
