@@ -473,3 +473,27 @@ def test_the_gateway_never_proxies_to_its_own_listeners(start_gateway):
         text = r.read().decode()
     assert 'egressgate_config_reloads_total{result="success"} 0.0' in text
     assert json.loads(opener.open(gw.admin + "/readyz", timeout=5).read())["ready"]
+
+
+def test_refused_requests_on_keep_alive_stay_small_and_logged_once(gw, friendly):
+    """A 40 KB requested profile name is not echoed back (it was, twice: an 80 KB answer), and
+    a request refused at its head keeps the connection (it used to close it, and the parser's
+    late callbacks then logged a phantom 400 record)."""
+    name = "p" * 40000
+    s = connect(gw.address, timeout=10)
+    before = len(gw.log)
+    for i in range(3):
+        s.sendall(f"GET {friendly.url(f'/keepalive?refused={i}')} HTTP/1.1\r\nHost: x\r\n"
+                  f"X-Egressgate-Profile: {name}\r\n\r\n".encode())
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.endswith(b"\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"the gateway closed the keep-alive connection after refusal {i}"
+            raw += chunk
+        assert status_of(raw) == 403 and len(raw) < 2048, (i, len(raw))
+    s.close()
+    deadline = time.monotonic() + 10
+    while len([r for r in gw.log[before:] if "refused=" in r.get("target", "")]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    recs = [r for r in gw.log[before:] if r.get("method") == "-" or "refused=" in r.get("target", "")]
+    assert len(recs) == 3 and all(r["status"] == 403 and len(r["profile"]) < 100 for r in recs), recs

@@ -413,11 +413,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_request_body(self, data: bytes) -> None:
         self.work += 1
-        self.queue[-1].request_body(data)
+        if self.queue:  # (empty: the request was already answered, e.g. refused at its head)
+            self.queue[-1].request_body(data)
 
     def on_request_end(self) -> None:
-        ex = self.queue[-1]
-        ex.request_end()
+        if self.queue:  # (empty: as above; requests are answered in order, so none is skipped)
+            self.queue[-1].request_end()
 
     # --- serving a request ----------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
@@ -516,11 +517,11 @@ class ClientConnection(asyncio.Protocol):
             requested = head.profile.decode("latin-1").strip()
         decision = decide(client, dest, ex.connect, requested, self.listener.default_profile(rt),
                           rt.connect_ports)
-        rec.profile = decision.profile or "-"
+        rec.profile = _clip(decision.profile) if decision.profile else "-"
         if not decision.allow:
             kind = AddressProhibited if decision.reason == "destination_ip_prohibited" else PolicyDenied
             if decision.reason == "profile_not_allowed":
-                detail = f"profile {decision.profile!r} is not allowed for client {client.name} ({decision.rule})"
+                detail = f"profile {_clip(decision.profile)!r} is not allowed for client {client.name} ({decision.rule})"
             else:
                 detail = f"{dest} for client {client.name} ({decision.rule})"
             raise kind(f"{decision.reason}: {detail}", reason=decision.reason)
@@ -729,7 +730,9 @@ class ClientConnection(asyncio.Protocol):
             self._log(ex, rec.status)
             self._close()
             return
-        keep = (err.status in (403, 407, 429) and ex.request_done and ex.head.keep_alive and not ex.body
+        # (a request refused at its head, with no body to come, is as good as complete)
+        keep = (err.status in (403, 407, 429) and (ex.request_done or not ex.head.has_body)
+                and ex.head.keep_alive and not ex.body
                 and not gw.draining and not self.eof)
         self.transport.write(error_response(err, keep))
         self._log(ex, err.status)
@@ -999,6 +1002,11 @@ def _describe(pool: ProfilePool) -> dict:
     if pool.kind == "upstream":
         return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members]}
     return {"kind": "direct"}
+
+
+def _clip(name: str, limit: int = 64) -> str:
+    """A client-supplied name as it may appear in a response, a record or a label: bounded."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def _in_networks(address: str, networks) -> bool:
