@@ -120,11 +120,12 @@ def refused(gw, request: bytes) -> int:
 
 
 def profile_flood(gw, count: int, size: int, seed: int) -> None:
-    """``count`` requests, each refused (403) for asking for a random profile of ``size`` bytes:
-    each gives one access-log record of more than ``size`` bytes."""
+    """``count`` requests, each refused (403) for asking for a random profile of ``size`` bytes,
+    with a 2 KiB path: each gives one access-log record of about 2 KiB (the gateway clips both)."""
     rng = random.Random(seed)
+    pad = "q" * 2000
     for i in range(count):
-        req = (f"GET http://denied.example/f{i} HTTP/1.1\r\nHost: denied.example\r\n"
+        req = (f"GET http://denied.example/{pad}/f{i} HTTP/1.1\r\nHost: denied.example\r\n"
                f"X-Egressgate-Profile: {name_of(rng, size)}\r\n\r\n").encode()
         assert refused(gw, req) == 403
 
@@ -139,7 +140,8 @@ JOB_ENV = {"HOSTILE_JOB_SECRET": SECRET}
 
 # ------------------------------------------------------------------------- 1. the access log
 
-LOG_FLOOD = (1000, 40 * 1024)  # records x bytes each: 40 MiB of log, five times the default queue
+LOG_FLOOD = (1000, 40 * 1024)  # requests x bytes of client-chosen text each (records keep ~2 KiB of it)
+LOG_QUEUE = "256KiB"  # records are bounded (target 2 KiB, profile 64 B): a small queue to overflow
 
 
 class SwitchableReader:
@@ -180,7 +182,8 @@ def test_stalled_stdout_reader_costs_bounded_memory(start_gateway, origin):
     """The reader of the gateway's stdout stops: the pipe fills, the writer blocks, and records
     beyond ``log.max_queue`` (default 8 MiB) are dropped and counted -- memory does not grow
     with the flood, the proxy keeps serving, and the writer carries on once the reader is back."""
-    gw = start_gateway(base_config(clients=JOB_CLIENTS), env=JOB_ENV, read_stdout=False)
+    gw = start_gateway(base_config(clients=JOB_CLIENTS, log={"max_queue": LOG_QUEUE}), env=JOB_ENV,
+                       read_stdout=False)
     reader = SwitchableReader(gw)
     try:
         count, size = LOG_FLOOD
@@ -307,7 +310,9 @@ def test_client_chosen_names_never_become_label_values(start_gateway, origin):
     assert value(second, "egressgate_requests_total", method="OTHER") > 0
     base.assert_rss_within(16 * MiB, "a flood of client-chosen profile names")
     # the access log still names what was asked for (it is the place to look)
-    assert any(rec.get("reason") == "profile_not_allowed" and len(rec.get("profile", "")) > 100 for rec in gw.log)
+    # the record names the refused profile, clipped: client-chosen text is bounded everywhere
+    assert any(rec.get("reason") == "profile_not_allowed" and 60 < len(rec.get("profile", "")) < 100
+               for rec in gw.log)
 
 
 # --------------------------------------------------------------------------- 3. admin listener
