@@ -53,6 +53,8 @@ class Pump:
         self.loop.add_reader(self.src.fileno(), self.readable)
 
     def readable(self) -> None:
+        if self.closed:  # a callback the loop had already scheduled when the tunnel ended
+            return
         try:
             self._readable()
         except Exception as exc:  # a reader callback must never raise into the loop (it would repeat)
@@ -83,6 +85,8 @@ class Pump:
                 return
 
     def writable(self) -> None:
+        if self.closed:
+            return
         try:
             self._writable()
         except Exception as exc:
