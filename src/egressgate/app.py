@@ -30,6 +30,7 @@ from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
+from .proxy.session import ClientConnection
 from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
 
 EMBEDDED = "(embedded default)"
@@ -145,7 +146,7 @@ class App:
         self._supervising: asyncio.Task | None = None
         self.loop = asyncio.get_running_loop()
         resolver = make_resolver(cfg)
-        self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop,
+        self.gateway = Gateway(runtime, self.metrics, self.access_log, resolver, self.loop, ClientConnection,
                                reuse_port=cfg.workers > 1)
         self.admin_server: asyncio.base_events.Server | None = None
         self.admin_address: str | None = None  # the configured admin address in force
@@ -212,15 +213,15 @@ class App:
         if self.supervisor is not None:
             self._supervising = self.loop.create_task(self._supervise())
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
-        log_event("started", worker=self.worker, listen=self.gateway.bound_addresses(), admin=admin_bound,
+        log_event("started", worker=self.worker, listen=self.gateway.listeners.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
                   hash=self.gateway.runtime.config_hash[:12])
 
     def _note_admin(self) -> None:
         """Tell the gateway where the admin listener is: it is never a destination."""
         sockets = self.admin_server.sockets if self.admin_server is not None else ()
-        self.gateway.admin_sockets = [s.getsockname()[:2] for s in sockets if isinstance(s.getsockname(), tuple)]
-        self.gateway.refresh_own()
+        self.gateway.listeners.admin_sockets = [s.getsockname()[:2] for s in sockets if isinstance(s.getsockname(), tuple)]
+        self.gateway.listeners.refresh_own()
 
     def _admin_bound(self) -> str | None:
         """The admin address really bound (a configured port 0 becomes the kernel's choice)."""
@@ -276,7 +277,7 @@ class App:
             raise ConfigError([f"{source}:0: {key}: changing it needs a restart (the running value stays in force)"
                                for key in restart])
         # 1. Prepare everything that can fail.
-        change = await self.gateway.prepare_listeners(runtime)
+        change = await self.gateway.listeners.prepare(runtime)
         admin_server = None
         access_log = None
         try:
@@ -314,7 +315,7 @@ class App:
         self._set_names(runtime)
         await self.gateway.apply(runtime, change)
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
-            self.gateway.resolver = make_resolver(new)
+            self.gateway.connector.resolver = make_resolver(new)
         self.admin_token = token
         if admin_server is not None:
             self.admin_server.close()
@@ -323,7 +324,7 @@ class App:
             self._note_admin()
         if access_log is not None:
             previous, self.access_log = self.access_log, access_log
-            self.gateway.access_log = access_log
+            self.gateway.outcomes.access_log = access_log
             previous.close(wait=0)  # its thread writes what it holds and ends; never block the loop
             for reason, n in previous.dropped().items():
                 self._log_dropped_before[reason] = self._log_dropped_before.get(reason, 0) + n
@@ -364,7 +365,7 @@ class App:
 
         try:
             observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
-                                             self.gateway.dialer, self.gateway.resolver, only=only, each=each)
+                                             self.gateway.connector.dialer, self.gateway.connector.resolver, only=only, each=each)
         except asyncio.CancelledError as exc:
             if asyncio.current_task().cancelling():
                 raise  # the prober itself is being stopped

@@ -68,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(hash_password(password))
             return 0
         if args.command == "probe":
-            from .probe import main as probe_main
-
-            return probe_main(args.config, args.profile, args.echo_url, args.timeout)
+            return _probe(args.config, args.profile, args.echo_url, args.timeout)
         if args.command == "explain":
-            from .explain import main as explain_main
-
-            return explain_main(args.config, args.client, args.target, args.source)
+            return _explain(args.config, args.client, args.target, args.source)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -89,6 +85,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
+    import asyncio
+
+    from .app import load_runtime
+    from .probe import format_table, probe_pools
+
+    rt = load_runtime(config_path)
+    url = echo_url or rt.config.probe.echo_url
+    if not url:
+        raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "
+                           "set probe.echo_url or pass --echo-url"])
+    pools = rt.profiles
+    if profiles:
+        unknown = [p for p in profiles if p not in pools]
+        if unknown:
+            print(f"egressgate: unknown profile(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        pools = {name: pools[name] for name in profiles}
+    observations = asyncio.run(probe_pools(pools, url, timeout))
+    print(format_table(observations))
+    return 0 if all(o.ok for o in observations) else 1
+
+
+def _explain(config: str | None, client: str, target: str, source: str | None) -> int:
+    from .app import load_runtime, make_resolver
+    from .explain import explain
+
+    rt = load_runtime(config)
+    try:
+        ok, lines = explain(rt, client, target, source, make_resolver(rt.config))
+    except ValueError as exc:
+        print(f"egressgate: {exc}")
+        return 2
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ async def _demo() -> int:
         path.write_text(yaml.safe_dump(_config(echo_port, "127.0.0.3"), sort_keys=False))
         app = App(str(path), load_runtime(str(path)))
         await app.start(admin=False)
-        port = int(app.gateway.bound_addresses()[0].rsplit(":", 1)[1])
+        port = int(app.gateway.listeners.bound_addresses()[0].rsplit(":", 1)[1])
         try:
             print("egressgate demo: two jobs, two egress profiles, one provider that allowlists 127.0.0.2\n")
             print("1) ip-a binds 127.0.0.2, ip-b binds 127.0.0.3")

@@ -15,11 +15,14 @@ class GatewayError(Exception):
     status: int = 500
     proxy_status: str = "proxy_internal_error"
     reason: str = "internal_error"  # short machine-readable reason (access log, metrics)
+    profile: str | None = None  # the egress profile the request was decided under, if it got that far
 
     def __init__(self, detail: str, *, reason: str | None = None, status: int | None = None,
-                 proxy_status: str | None = None) -> None:
+                 proxy_status: str | None = None, profile: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        if profile is not None:
+            self.profile = profile
         if reason is not None:
             self.reason = reason
         if status is not None:

@@ -8,9 +8,12 @@ import asyncio
 import ipaddress
 from urllib.parse import urlsplit
 
+from .egress.resolver import Resolver
 from .errors import GatewayError
 from .model import HostPort
 from .policy.decide import decide
+from .policy.guard import OwnListeners
+from .policy.judge import judge
 from .proxy.runtime import Runtime
 
 
@@ -28,7 +31,10 @@ def parse_target(text: str) -> tuple[HostPort, bool, str]:
     return HostPort.parse_authority(text), True, "CONNECT"
 
 
-def explain(rt: Runtime, client_name: str, target: str, source: str | None = None) -> tuple[bool, list[str]]:
+def explain(rt: Runtime, client_name: str, target: str, source: str | None = None,
+            resolver: Resolver | None = None) -> tuple[bool, list[str]]:
+    """(would it be forwarded, the lines to print). ``resolver`` looks names up (only needed
+    when the target is a name)."""
     client = rt.clients.by_name.get(client_name)
     if client is None:
         raise ValueError(f"no client named {client_name!r} (clients: {', '.join(rt.clients.by_name)})")
@@ -66,35 +72,19 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     elif decision.allow:
         addresses = [dest.host] if dest.is_ip else None
         if addresses is None:
-            from .app import make_resolver
-
             try:
-                addresses = asyncio.run(make_resolver(rt.config).resolve(dest.host))
+                addresses = asyncio.run((resolver or Resolver()).resolve(dest.host))
             except GatewayError as exc:
                 lines.append(f"addresses:   {exc.detail} -> 502 {exc.proxy_status}")
                 return False, lines
-        usable = 0
-        for a in addresses:
-            why = rt.guard.check(a)
-            denied = client.deny.match_ip(a, dest.port) if client.deny is not None else None
-            label = f"refused: {why}" if why else (f"denied by rule {denied}" if denied else "allowed")
-            usable += why is None and not denied
-            lines.append(f"address:     {a}  {label}")
-        if not usable:
-            lines.append("result:      403 destination_ip_prohibited (no address may be used)")
+        judgement = judge(dest, addresses, client, rt.guard, OwnListeners())
+        for v in judgement.verdicts:
+            lines.append(f"address:     {v.address}  {v.label}")
+        if judgement.refusal is not None:
+            err = judgement.refusal
+            lines.append(f"result:      {err.status} {err.reason}: {err.detail}")
             ok = False
+        elif judgement.would_deny:
+            lines.append(f"addresses:   report mode: would be denied ({judgement.would_deny})")
     lines.append(f"result:      {'would be forwarded' if ok else 'would be refused'}")
     return ok, lines
-
-
-def main(config: str | None, client: str, target: str, source: str | None) -> int:
-    from .app import load_runtime
-
-    rt = load_runtime(config)
-    try:
-        ok, lines = explain(rt, client, target, source)
-    except ValueError as exc:
-        print(f"egressgate: {exc}")
-        return 2
-    print("\n".join(lines))
-    return 0 if ok else 1

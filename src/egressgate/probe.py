@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import json
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -24,9 +23,11 @@ from urllib.parse import urlsplit
 from .egress.dialer import Dialer
 from .egress.plan import EgressPlan, ProfilePool
 from .egress.resolver import Resolver
-from .errors import ConfigError, GatewayError
+from .errors import GatewayError
 from .http1.parse import ResponseHead, ResponseParser
 from .model import HostPort
+from .proxy import chain
+from .proxy.upstream import Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +55,44 @@ def member_label(plan: EgressPlan) -> str:
     return plan.label
 
 
-class _Collect:
+class _Fetch:
+    """The owner of an ``Upstream`` while the echo service's answer is read."""
+
     def __init__(self) -> None:
         self.status = 0
         self.body = b""
-        self.done = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.parser = ResponseParser(self, "GET")
+
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except GatewayError as exc:
+            self._fail(exc)
+
+    def upstream_eof(self) -> bool:
+        try:
+            self.parser.feed_eof()
+        except GatewayError as exc:
+            self._fail(exc)
+        self._fail(GatewayError("the echo service closed the connection before its answer was complete"))
+        return False
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self._fail(GatewayError(f"the connection to the echo service was lost: {exc or 'closed'}"))
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        self._fail(GatewayError(f"internal error in {where}: {type(exc).__name__}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
 
     def on_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
@@ -69,7 +103,8 @@ class _Collect:
             raise GatewayError("echo answer too large")
 
     def on_response_end(self) -> None:
-        self.done = True
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 def parse_echo(body: bytes) -> str:
@@ -81,52 +116,44 @@ def parse_echo(body: bytes) -> str:
 
 
 async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver, timeout: float) -> str:
-    """The IP the echo service at ``url`` sees when reached through ``plan``."""
+    """The IP the echo service at ``url`` sees when reached through ``plan``: the same source
+    address, or the same chained proxy (``chain.open_tunnel``, as the proxy itself uses)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"echo URL must be http:// or https://, got {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     dest = HostPort(parts.hostname, port)
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16)
     async with asyncio.timeout(timeout):
+        rest = b""
         if plan.upstream is not None:
             proxy = plan.upstream.address
             addrs = [proxy.host] if proxy.is_ip else await resolver.resolve(proxy.host)
-            hop = EgressPlan(plan.profile, "direct")
-            transport, protocol, _ = await dialer.connect(hop, addrs, proxy.port,
-                                                          lambda: asyncio.StreamReaderProtocol(reader), timeout)
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            auth = f"Proxy-Authorization: {plan.upstream.authorization}\r\n" if plan.upstream.authorization else ""
-            writer.write(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n{auth}\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            if status_line.split(" ")[1:2] != ["200"]:
-                raise GatewayError(f"upstream proxy refused CONNECT: {status_line}")
+            _, up, _ = await dialer.connect(EgressPlan(plan.profile, "direct"), addrs, proxy.port, Upstream, timeout)
+            rest = await chain.open_tunnel(up, dest, plan.upstream.authorization, timeout)
         else:
             addrs = [dest.host] if dest.is_ip else await resolver.resolve(dest.host)
-            transport, protocol, _ = await dialer.connect(plan, addrs, port,
-                                                          lambda: asyncio.StreamReaderProtocol(reader), timeout)
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            _, up, _ = await dialer.connect(plan, addrs, port, Upstream, timeout)
         try:
             if parts.scheme == "https":
-                await writer.start_tls(ssl.create_default_context(), server_hostname=parts.hostname)
+                if rest:
+                    raise GatewayError("the echo service spoke before the TLS handshake")
+                up.transport = await loop.start_tls(up.transport, up, ssl.create_default_context(),
+                                                    server_hostname=parts.hostname)
+            fetch = _Fetch()
+            up.attach(fetch)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/plain, application/json\r\n"
-                         f"User-Agent: egressgate-probe\r\nConnection: close\r\n\r\n".encode())
-            sink = _Collect()
-            parser = ResponseParser(sink, "GET")
-            while not sink.done:
-                data = await reader.read(65536)
-                if not data:
-                    parser.feed_eof()
-                    break
-                parser.feed(data)
+            up.transport.write(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/plain, application/json\r\n"
+                               f"User-Agent: egressgate-probe\r\nConnection: close\r\n\r\n".encode())
+            if rest:
+                fetch.upstream_data(rest)
+            await fetch.done
         finally:
-            writer.close()
-    if sink.status != 200:
-        raise GatewayError(f"echo service answered {sink.status}")
-    return parse_echo(sink.body)
+            up.detach()
+            up.transport.close()
+    if fetch.status != 200:
+        raise GatewayError(f"echo service answered {fetch.status}")
+    return parse_echo(fetch.body)
 
 
 async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
@@ -177,23 +204,3 @@ def format_table(observations: list[Observation]) -> str:
         rows.append((o.profile, o.member, o.observed or "-", ", ".join(o.expected) or "-", result))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows)
-
-
-def main(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
-    from .app import load_runtime
-
-    rt = load_runtime(config_path)
-    url = echo_url or rt.config.probe.echo_url
-    if not url:
-        raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "
-                           "set probe.echo_url or pass --echo-url"])
-    pools = rt.profiles
-    if profiles:
-        unknown = [p for p in profiles if p not in pools]
-        if unknown:
-            print(f"egressgate: unknown profile(s): {', '.join(unknown)}", file=sys.stderr)
-            return 2
-        pools = {name: pools[name] for name in profiles}
-    observations = asyncio.run(probe_pools(pools, url, timeout))
-    print(format_table(observations))
-    return 0 if all(o.ok for o in observations) else 1

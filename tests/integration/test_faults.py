@@ -85,6 +85,8 @@ class Baseline:
     def __init__(self, gw: GatewayProcess) -> None:
         self.gw = gw
         wait_idle(gw)
+        log_barrier(gw)  # every record of what came before is in gw.log now (not after log_index)
+        wait_idle(gw)
         self.fds = gw.fd_count()
         self.threads = thread_count(gw.pid)
         self.rss = gw.rss_kib()

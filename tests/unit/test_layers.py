@@ -1,8 +1,18 @@
-"""Lower layers never import higher ones (DESIGN.md, "Dependency direction").
+"""Two import rules for src/egressgate, checked from the source alone (DESIGN.md, "Dependency direction").
 
 Every module under src/egressgate is parsed with ``ast``; every import of an egressgate module
-(top level, inside functions, inside ``if TYPE_CHECKING:``) is mapped to its layer and an
-import of a higher layer fails the test with file and line.
+counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING:``.
+
+1. No upward imports: each module is mapped to its layer, and an import of a higher layer fails
+   the test with file and line.
+2. No import cycles: no two or more modules may import each other, directly or round a circle.
+   An import of a package is an edge to the package's ``__init__``; the parent packages that
+   Python runs on the way are not edges, so ``config/__init__.py`` importing ``.schema`` is
+   fine as long as ``schema`` does not import ``config`` back. ``from . import x`` inside a
+   package is an edge to ``x`` when ``x`` is a submodule and to the package's ``__init__``
+   otherwise, so a submodule that takes a name from its own ``__init__`` while the ``__init__``
+   imports it is a cycle. Each circle is reported as ``a -> b -> a`` with the file:line of
+   every step.
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, egress.plan, observe
@@ -12,6 +22,7 @@ Layers, bottom to top:
 from __future__ import annotations
 
 import ast
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -116,6 +127,76 @@ def violations(root: Path) -> tuple[list[str], list[str]]:
     return upward, unmapped
 
 
+def import_graph(root: Path) -> dict[str, dict[str, str]]:
+    """module -> {imported egressgate module: "file:line[,line...]" of the import(s)}.
+
+    Only modules that exist under ``root`` are nodes; a package is its ``__init__`` module's
+    name; a module importing itself is left out.
+    """
+    files = {module_name(path, root): path for path in sorted(root.rglob("*.py"))}
+    graph: dict[str, dict[str, str]] = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        lines: dict[str, set[int]] = {}
+        for target, line in imported_modules(tree, module, path.name == "__init__.py", root):
+            if target in files and target != module:
+                lines.setdefault(target, set()).add(line)
+        where = path.relative_to(root.parent)
+        graph[module] = {target: f"{where}:{','.join(map(str, sorted(found)))}"
+                         for target, found in sorted(lines.items())}
+    return graph
+
+
+def shortest_path(graph: dict[str, dict[str, str]], start: str, goal: str) -> list[str] | None:
+    """Fewest-imports path ``start`` ... ``goal`` (breadth first, neighbours in name order), or None."""
+    previous: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            path: list[str] = []
+            step: str | None = node
+            while step is not None:
+                path.append(step)
+                step = previous[step]
+            return path[::-1]
+        for following in sorted(graph.get(node, {})):
+            if following not in previous:
+                previous[following] = node
+                queue.append(following)
+    return None
+
+
+def describe_cycle(graph: dict[str, dict[str, str]], circle: list[str]) -> str:
+    """``a -> b -> a  [a's file:line, b's file:line]``: the circle, then where each step imports."""
+    steps = zip(circle, circle[1:], strict=False)
+    return " -> ".join(circle) + "  [" + ", ".join(graph[a][b] for a, b in steps) + "]"
+
+
+def import_cycles(root: Path) -> list[str]:
+    """Every import cycle among the modules under ``root``, one readable line per circle.
+
+    Each import that lies on some circle is named by at least one line: imports are taken in
+    name order, and for one not yet named the shortest way back from its target closes the
+    circle. A strongly connected tangle therefore shows up as a few short circles that together
+    cover every import in it, rather than as one line per possible circle.
+    """
+    graph = import_graph(root)
+    covered: set[tuple[str, str]] = set()
+    cycles: list[str] = []
+    for source in sorted(graph):
+        for target in sorted(graph[source]):
+            if (source, target) in covered:
+                continue
+            back = shortest_path(graph, target, source)
+            if back is None:
+                continue
+            circle = [source, *back]
+            covered.update(zip(circle, circle[1:], strict=False))
+            cycles.append(describe_cycle(graph, circle))
+    return cycles
+
+
 def test_no_upward_imports() -> None:
     upward, _ = violations(ROOT)
     assert not upward, "upward imports:\n" + "\n".join(upward)
@@ -124,6 +205,11 @@ def test_no_upward_imports() -> None:
 def test_every_module_has_a_layer() -> None:
     _, unmapped = violations(ROOT)
     assert not unmapped, "\n".join(unmapped)
+
+
+def test_no_import_cycles() -> None:
+    cycles = import_cycles(ROOT)
+    assert not cycles, "import cycles (each line a circle, then the import making each step):\n" + "\n".join(cycles)
 
 
 def test_the_source_tree_is_found() -> None:
@@ -184,3 +270,62 @@ def test_checker_reports_unmapped_modules(fake_tree: Path) -> None:
     write(fake_tree, "newthing.py", "")
     _, unmapped = violations(fake_tree)
     assert unmapped and "egressgate.newthing" in unmapped[0]
+
+
+TC = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+
+CYCLE_CASES = [
+    # (id, {file: source}, expected cycle lines)
+    ("two-modules",
+     {"policy/guard.py": "from ..egress.plan import EgressPlan\n", "egress/plan.py": "from ..policy import guard\n"},
+     ["egressgate.egress.plan -> egressgate.policy.guard -> egressgate.egress.plan"
+      "  [egressgate/egress/plan.py:1, egressgate/policy/guard.py:1]"]),
+    ("three-modules",
+     {"errors.py": "from .model import HostPort\n", "model.py": "import egressgate.config.schema\n",
+      "config/schema.py": "x = 1\nfrom ..errors import ConfigError\n"},
+     ["egressgate.config.schema -> egressgate.errors -> egressgate.model -> egressgate.config.schema"
+      "  [egressgate/config/schema.py:2, egressgate/errors.py:1, egressgate/model.py:1]"]),
+    ("only-type-checking",
+     {"app.py": "from .proxy.server import Gateway\n", "proxy/server.py": TC + "    from ..app import App\n"},
+     ["egressgate.app -> egressgate.proxy.server -> egressgate.app"
+      "  [egressgate/app.py:1, egressgate/proxy/server.py:3]"]),
+    ("function-level",
+     {"app.py": "from .cli import main\n\ndef f():\n    from .cli import main\n",
+      "cli.py": "def main():\n    from .app import run\n"},
+     ["egressgate.app -> egressgate.cli -> egressgate.app  [egressgate/app.py:1,4, egressgate/cli.py:2]"]),
+    ("from-dot-import-init-name",
+     {"policy/__init__.py": "from . import guard\nLIMIT = 3\n", "policy/guard.py": "from . import LIMIT\n"},
+     ["egressgate.policy -> egressgate.policy.guard -> egressgate.policy"
+      "  [egressgate/policy/__init__.py:1, egressgate/policy/guard.py:1]"]),
+    ("submodule-imports-its-package",
+     {"config/__init__.py": "from .schema import Config\n", "config/schema.py": "import egressgate.config\n"},
+     ["egressgate.config -> egressgate.config.schema -> egressgate.config"
+      "  [egressgate/config/__init__.py:1, egressgate/config/schema.py:1]"]),
+    ("two-circles-through-one-module",
+     {"proxy/server.py": "from ..egress import plan, dialer\n",
+      "egress/plan.py": TC + "    from ..proxy.server import Gateway\n",
+      "egress/dialer.py": "def f():\n    from ..proxy import server\n"},
+     ["egressgate.egress.dialer -> egressgate.proxy.server -> egressgate.egress.dialer"
+      "  [egressgate/egress/dialer.py:2, egressgate/proxy/server.py:1]",
+      "egressgate.egress.plan -> egressgate.proxy.server -> egressgate.egress.plan"
+      "  [egressgate/egress/plan.py:3, egressgate/proxy/server.py:1]"]),
+    ("acyclic-diamond",
+     {"cli.py": "from .app import run\nfrom .proxy.server import Gateway\n",
+      "app.py": "from .model import HostPort\n", "proxy/server.py": "from ..model import HostPort\n",
+      "model.py": "import json\n"},
+     []),
+    ("package-init-imports-submodule",
+     {"config/__init__.py": "from .schema import Config\n", "config/schema.py": "from ..model import HostPort\n",
+      "egress/__init__.py": "from . import plan\n", "egress/plan.py": "from .. import errors\n"},
+     []),
+    ("module-importing-itself",
+     {"policy/guard.py": "from . import guard\nimport egressgate.policy.guard\n"},
+     []),
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), [c[1:] for c in CYCLE_CASES], ids=[c[0] for c in CYCLE_CASES])
+def test_checker_finds_import_cycles(fake_tree: Path, files: dict[str, str], expected: list[str]) -> None:
+    for rel, source in files.items():
+        write(fake_tree, rel, source)
+    assert import_cycles(fake_tree) == expected

@@ -71,7 +71,7 @@ def readiness(gw: Gateway) -> list[str]:
     rt = gw.runtime
     if gw.draining:
         problems.append("draining")
-    if not gw.listening:
+    if not gw.listeners.names:
         problems.append("no listener is open")
     probe = rt.config.probe
     if probe.required:
@@ -97,13 +97,11 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
     tunnels = 0
-    for conn in gw.connections:
-        per_client[conn.client_name or "-"] += 1
-        if conn.tunnel is not None:
-            tunnels += 1
-            per_profile[conn.tunnel.record.profile] += 1
-        elif conn.queue:
-            per_profile[conn.queue[0].record.profile] += 1
+    for view in gw.open_connections():
+        per_client[view["client"]] += 1
+        tunnels += view["state"] == "tunnel"
+        if view["state"] != "idle":
+            per_profile[view["profile"]] += 1
     traffic = gw.metrics.traffic_by_profile()
     profiles = {}
     for name, pool in rt.profiles.items():
@@ -127,11 +125,11 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
         "ready": not problems,
         "not_ready_reasons": problems,
         "config": {"source": rt.source, "hash": rt.config_hash, "loaded_at": rt.loaded_at},
-        "listeners": gw.listening,
+        "listeners": gw.listeners.names,
         "profiles": profiles,
-        "connections": {"total": len(gw.connections), "tunnels": tunnels, "by_client": dict(per_client),
+        "connections": {"total": sum(per_client.values()), "tunnels": tunnels, "by_client": dict(per_client),
                         "by_profile": dict(per_profile)},
-        "recent_denials": list(gw.recent_denials)[::-1],
+        "recent_denials": list(gw.outcomes.recent_denials)[::-1],
         **({"workers": workers.snapshot()} if workers is not None else {}),
     }
 

@@ -1,8 +1,16 @@
-"""Why reading from a client is paused. Each reason is set and cleared on its own; the client
-is read from again only when no reason is left (see ``ClientConnection.pause_reading``)."""
+"""Back-pressure on the client side of a connection.
+
+Reading from a client is paused for independent, named reasons (``Pause``); each is set and
+cleared on its own, and the client is read from again only when no reason is left. Request
+bytes held before their upstream is ready are counted here too (``buffered``/``unbuffered``):
+over ``BUFFER_LIMIT`` the client is paused, below half of it resumed.
+
+``FlowControl`` is the only code that pauses or resumes a client transport's reading.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 
 
@@ -13,6 +21,51 @@ class Pause(enum.IntFlag):
     SPLICED = 8  # a bulk tunnel moved to splice(2); the pumps read from now on (never cleared)
 
 
+NOT_PAUSED = Pause(0)
+BUFFER_LIMIT = 256 * 1024  # request bytes held per connection before the client is paused
 SLICE = 8 * 1024  # bytes parsed per step of a large read
 WORK_PER_TURN = 1024  # parser events (heads, body pieces) before yielding the loop to others
 PIPELINE_LIMIT = 16  # requests queued on one connection before its reading stops
+
+
+class FlowControl:
+    __slots__ = ("transport", "paused", "held", "stopped")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.paused = NOT_PAUSED
+        self.held = 0  # request bytes buffered, all exchanges of the connection
+        self.stopped = False  # the connection is closing: reading is no longer managed
+
+    def pause(self, reason: Pause) -> None:
+        if not self.paused and not self.stopped and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: Pause) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.stopped and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def buffered(self, n: int) -> None:
+        self.held += n
+        if self.held > BUFFER_LIMIT:
+            self.pause(Pause.BUFFERED)
+
+    def unbuffered(self, n: int) -> None:
+        self.held -= n
+        if self.held <= BUFFER_LIMIT // 2:
+            self.resume(Pause.BUFFERED)
+
+    def stop(self) -> None:
+        """The connection is closing: no reason pauses or resumes it any more."""
+        self.stopped = True
+
+    def release(self) -> None:
+        """Forget every reason and read again (a lingering close discards what comes)."""
+        self.stopped = True
+        if self.paused:
+            self.paused = NOT_PAUSED
+            self.transport.resume_reading()

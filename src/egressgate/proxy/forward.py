@@ -5,25 +5,57 @@ rewritten and the body streamed up with its framing re-declared; the response pa
 An ``Exchange`` is the owner of its ``Upstream`` while it runs and the sink of the response
 parser. Bodies are never held whole: request bytes that arrive before the upstream is
 connected are buffered up to a bound, after which the client is paused.
+
+It sees its client connection only through ``ClientSide`` (a ``typing.Protocol``): the
+transport to write the response to, flow control, and the outcome callbacks.
+
+States (``State``): NEW (queued behind earlier requests) -> ROUTING (identify, route, dial)
+-> SENDING (head sent, request body streaming) -> RESPONDING (response head received) ->
+DONE (answered, failed or abandoned; nothing more happens).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import enum
+from typing import TYPE_CHECKING, Protocol
 
-from ..errors import GatewayError, UpstreamError, UpstreamTimeout
+from ..errors import ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
 from ..http1.parse import RequestHead, ResponseHead, ResponseParser
 from ..http1.rewrite import AbsoluteTarget, request_head_bytes, response_framing, response_head_bytes
 from ..model import AccessRecord, UpstreamProxy
-from .flow import Pause
+from .flow import FlowControl, Pause
 from .upstream import Upstream
 
 if TYPE_CHECKING:
+    from .route import Route
     from .runtime import Runtime
-    from .session import ClientConnection
 
-NEW, DIALING, SENDING, RESPONDING, DONE = range(5)
+
+class State(enum.Enum):
+    NEW = "new"
+    ROUTING = "routing"
+    SENDING = "sending"
+    RESPONDING = "responding"
+    DONE = "done"
+
+
+NEW, ROUTING, SENDING, RESPONDING, DONE = State  # (module globals: cheaper to read in the hot path)
+
+
+class ClientSide(Protocol):
+    """What an exchange needs of its client connection."""
+
+    transport: asyncio.Transport
+    flow: FlowControl
+
+    def may_keep_alive(self) -> bool: ...  # not draining, and the client has not half-closed
+    def body_pending(self, ex: Exchange) -> None: ...  # ex has request bytes to flush after this read
+    def exchange_done(self, ex: Exchange) -> None: ...
+    def exchange_failed(self, ex: Exchange, err: GatewayError) -> None: ...
+    def retry_fresh(self, ex: Exchange) -> None: ...
+    def crashed(self, where: str, exc: BaseException) -> None: ...
+
 VIA = b"1.1 egressgate"
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -32,10 +64,10 @@ _LAST_CHUNK = b"0\r\n\r\n"
 class Exchange:
     __slots__ = ("conn", "head", "record", "body", "body_bytes", "request_done", "upstream", "parser",
                  "framing", "client_keep", "upstream_keep", "state", "sent_at", "reused", "target",
-                 "runtime", "task", "response_started", "pool_key", "connect", "ended", "out", "up_out",
+                 "runtime", "route", "task", "response_started", "pool_key", "connect", "ended", "out", "up_out",
                  "moved", "idle_since")
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, record: AccessRecord) -> None:
+    def __init__(self, conn: ClientSide, head: RequestHead, record: AccessRecord) -> None:
         self.conn = conn
         self.head = head
         self.record = record
@@ -52,6 +84,7 @@ class Exchange:
         self.reused = False
         self.target: AbsoluteTarget | None = None
         self.runtime: Runtime | None = None
+        self.route: Route | None = None  # where it goes, once routed (a retry reuses it)
         self.task: asyncio.Task | None = None
         self.response_started = False
         self.pool_key: tuple | None = None
@@ -64,9 +97,9 @@ class Exchange:
 
     # request side (from the client's parser, via the session) ---------------------------
     def request_body(self, data: bytes) -> None:
-        if self.state == SENDING or self.state == RESPONDING:
+        if self.state is SENDING or self.state is RESPONDING:
             if not self.up_out:
-                self.conn.dirty.append(self)
+                self.conn.body_pending(self)
             if self.head.chunked:
                 self.up_out += (b"%x\r\n" % len(data), data, _CRLF)
             else:
@@ -75,23 +108,21 @@ class Exchange:
         else:
             self.body.append(data)
             self.body_bytes += len(data)
-            self.conn.buffered(len(data))
+            self.conn.flow.buffered(len(data))
 
     def request_end(self) -> None:
         self.request_done = True
-        if self.state == SENDING or self.state == RESPONDING:
-            if self.head.chunked:
-                if not self.up_out:
-                    self.conn.dirty.append(self)
-                self.up_out.append(_LAST_CHUNK)
-            self.conn.request_sent(self)
+        if (self.state is SENDING or self.state is RESPONDING) and self.head.chunked:
+            if not self.up_out:
+                self.conn.body_pending(self)
+            self.up_out.append(_LAST_CHUNK)
 
     def flush_up(self) -> None:
         """Write the request bytes one client read produced, in one call (1-byte chunks from
         a client cost one write per read, not one per chunk)."""
         out, self.up_out = self.up_out, []
         up = self.upstream
-        if out and up is not None and self.state != DONE and not up.transport.is_closing():
+        if out and up is not None and self.state is not DONE and not up.transport.is_closing():
             up.transport.writelines(out)
 
     def _send_body(self, data: bytes) -> None:
@@ -130,7 +161,7 @@ class Exchange:
             self.body_bytes = 0
             for chunk in body:
                 self._send_body(chunk)
-            self.conn.unbuffered(n)
+            self.conn.flow.unbuffered(n)
         if self.request_done:
             self._send_end()
 
@@ -140,7 +171,7 @@ class Exchange:
             self.parser.feed(data)
         except GatewayError as err:
             self.flush()
-            if self.state == DONE and self.upstream is not None:
+            if self.state is DONE and self.upstream is not None:
                 self.upstream.transport.close()  # it sent more than the response: never reuse it
             self.fail(err)
             return
@@ -163,18 +194,18 @@ class Exchange:
         return False
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if self.state != DONE:
+        if self.state is not DONE:
             self.fail(UpstreamError("the origin closed the connection before the response was complete",
                                     reason="upstream_closed", proxy_status="http_response_incomplete"))
 
     def crashed(self, where: str, exc: BaseException) -> None:
-        self.conn._crashed(where, exc)
+        self.conn.crashed(where, exc)
 
     def upstream_pause_writing(self) -> None:
-        self.conn.pause_reading(Pause.UPSTREAM)
+        self.conn.flow.pause(Pause.UPSTREAM)
 
     def upstream_resume_writing(self) -> None:
-        self.conn.resume_reading(Pause.UPSTREAM)
+        self.conn.flow.resume(Pause.UPSTREAM)
 
     # response sink (from the response parser) ------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
@@ -185,8 +216,7 @@ class Exchange:
         self.state = RESPONDING
         self.response_started = True
         self.framing = response_framing(head, self.head.version, self.head.method)
-        self.client_keep = (self.client_keep and self.framing != "close" and not self.conn.gw.draining
-                            and not self.conn.eof)
+        self.client_keep = self.client_keep and self.framing != "close" and self.conn.may_keep_alive()
         self.upstream_keep = head.keep_alive
         self.record.status = head.status
         self.out.append(response_head_bytes(head, VIA, self.framing, self.client_keep))
@@ -205,9 +235,40 @@ class Exchange:
         self.state = DONE
         self.conn.exchange_done(self)
 
+    # timeouts (asked by the connection's sweep) -----------------------------------------------
+    def overdue(self, now: float, response_timeout: float, idle_limit: float,
+                client_not_reading: bool) -> GatewayError | None:
+        """The error to fail with if this exchange has waited too long, else None: no response
+        head ``response_timeout`` after the whole request went up (504), or no body byte moved
+        either way for ``idle_limit``: the client stopped sending its body (408), the origin
+        stopped reading it (504), or a response stalled, the client not reading or the origin
+        not sending (cut short)."""
+        state = self.state
+        if state is SENDING and self.request_done:
+            if now - self.sent_at > response_timeout:
+                return UpstreamError(f"no response from the origin within {response_timeout:g}s",
+                                     reason="response_timeout", status=504, proxy_status="http_response_timeout")
+            return None
+        if state is not SENDING and state is not RESPONDING:
+            return None
+        moved = self.record.bytes_up + self.record.bytes_down
+        if moved != self.moved:
+            self.moved, self.idle_since = moved, now
+            return None
+        if now - self.idle_since <= idle_limit:
+            return None
+        if self.response_started:
+            who = "the client did not read" if client_not_reading else "the origin sent nothing"
+            return UpstreamTimeout(f"the response stalled for {idle_limit:g}s ({who})", reason="idle_timeout",
+                                   proxy_status="http_response_timeout")
+        if self.conn.flow.paused & Pause.UPSTREAM:
+            return UpstreamTimeout(f"the origin did not read the request body for {idle_limit:g}s",
+                                   reason="idle_timeout", proxy_status="http_request_error")
+        return ClientTimeout(f"the request body stalled for {idle_limit:g}s", reason="client_timeout")
+
     # failure --------------------------------------------------------------------------------
     def fail(self, err: GatewayError) -> None:
-        if self.state == DONE:
+        if self.state is DONE:
             return
         self.state = DONE
         up = self.upstream

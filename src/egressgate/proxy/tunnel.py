@@ -8,30 +8,45 @@ either side is lost, or when the sweeper finds it idle too long.
 A tunnel that carries bulk data (a single read of ``BULK`` bytes or more) switches to
 zero-copy ``splice`` (see ``splice``); idle and chatty tunnels stay in copy mode, which holds
 no extra descriptors.
+
+A tunnel sees its client connection only through ``ClientSide`` (a ``typing.Protocol``).
+Each direction is open until its EOF (``up_done``: client -> upstream, ``down_done``:
+upstream -> client); ``ended`` once both are done or the tunnel is cut.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..model import AccessRecord
 from . import splice
-from .flow import Pause
+from .flow import FlowControl, Pause
 from .upstream import Upstream
 
 BULK = 64 * 1024
 FLUSH_GRACE = 10.0  # seconds a closing side may take to flush its last bytes, then it is reset
 
-if TYPE_CHECKING:
-    from .session import ClientConnection
+
+class ClientSide(Protocol):
+    """What a tunnel needs of its client connection."""
+
+    transport: asyncio.Transport
+    flow: FlowControl
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def tunnel_spliced(self) -> None: ...  # counted
+    def tunnel_ended(self, t: Tunnel, reason: str) -> None: ...
+    def crashed(self, where: str, exc: BaseException) -> None: ...
 
 
 class Tunnel:
     __slots__ = ("conn", "client", "upstream", "up", "record", "bytes_up", "bytes_down", "active", "idle_since",
                  "up_done", "down_done", "ended", "pumps", "socks", "copy_only")
 
-    def __init__(self, conn: ClientConnection, upstream: Upstream, record: AccessRecord, now: float) -> None:
+    def __init__(self, conn: ClientSide, upstream: Upstream, record: AccessRecord, now: float,
+                 copy_only: bool) -> None:
         self.conn = conn
         self.record = record
         self.client: asyncio.Transport = conn.transport
@@ -46,8 +61,35 @@ class Tunnel:
         self.ended = False
         self.pumps: tuple[splice.Pump, splice.Pump] | None = None
         self.socks: tuple = ()
-        self.copy_only = not splice.AVAILABLE or conn.listener.tls
+        self.copy_only = copy_only or not splice.AVAILABLE  # (TLS to the client: no splice)
         upstream.attach(self)
+
+    def start(self, early: list[bytes], leftover: bytes) -> int:
+        """Deliver what arrived before the tunnel was up: the chained proxy's bytes after its
+        reply (``leftover``) to the client, the client's bytes after its CONNECT head
+        (``early``) upstream. Returns the number of early bytes."""
+        if leftover:
+            self.upstream_data(leftover)
+        n = 0
+        for chunk in early:
+            self.up.write(chunk)
+            n += len(chunk)
+        self.bytes_up += n
+        return n
+
+    def client_data(self, data: bytes) -> None:
+        self.up.write(data)
+        self.bytes_up += len(data)
+        self.active = True
+        if len(data) >= BULK and not self.copy_only:
+            self.go_bulk()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without a byte either way (asked by the connection's sweep)."""
+        if self.active:
+            self.active = False
+            self.idle_since = now
+        return now - self.idle_since
 
     # upstream events --------------------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -70,17 +112,16 @@ class Tunnel:
                 csock.close()
             self.copy_only = True
             return
-        self.client.pause_reading()
         self.up.pause_reading()
-        self.conn.paused |= Pause.SPLICED  # never resumed: the pumps read from now on
-        loop = self.conn.gw.loop
+        self.conn.flow.pause(Pause.SPLICED)  # never resumed: the pumps read from now on
+        loop = self.conn.loop
         self.socks = (csock, usock)
         self.pumps = (splice.Pump(loop, csock, usock, self._count_up, self._up_eof, self._error, self._pump_crashed),
                       splice.Pump(loop, usock, csock, self._count_down, self._down_eof, self._error,
                                   self._pump_crashed))
         for pump in self.pumps:
             pump.start()
-        self.conn.gw.metrics.spliced_tunnels.inc()
+        self.conn.tunnel_spliced()
 
     def _count_up(self, n: int) -> None:
         self.bytes_up += n
@@ -104,7 +145,7 @@ class Tunnel:
         self.end("reset")
 
     def _pump_crashed(self, exc: BaseException) -> None:
-        self.conn._crashed("splice", exc)
+        self.conn.crashed("splice", exc)
 
     def upstream_eof(self) -> bool:
         self.down_done = True
@@ -121,13 +162,13 @@ class Tunnel:
         self.end("upstream_reset" if exc else "")
 
     def crashed(self, where: str, exc: BaseException) -> None:
-        self.conn._crashed(where, exc)
+        self.conn.crashed(where, exc)
 
     def upstream_pause_writing(self) -> None:
-        self.conn.pause_reading(Pause.UPSTREAM)
+        self.conn.flow.pause(Pause.UPSTREAM)
 
     def upstream_resume_writing(self) -> None:
-        self.conn.resume_reading(Pause.UPSTREAM)
+        self.conn.flow.resume(Pause.UPSTREAM)
 
     # client events (called by the session) ------------------------------------------------
     def client_eof(self) -> bool:
@@ -163,7 +204,7 @@ class Tunnel:
             self.client.close()
             for side in (self.up, self.client):
                 if side.get_write_buffer_size():  # ... but a side that never reads cannot hold it
-                    self.conn.gw.loop.call_later(FLUSH_GRACE, side.abort)
+                    self.conn.loop.call_later(FLUSH_GRACE, side.abort)
         else:  # reset, timeout, drain, bug: nothing more will be delivered
             self.up.abort()
             self.client.abort()

@@ -1,0 +1,48 @@
+"""``Outcomes``: how every request and tunnel ends up accounted for, in one place.
+
+A finished request or tunnel is one access-log record and its metrics (``finished``); a
+refusal or failure is also counted by reason, and a denial remembered among the recent ones
+the admin status shows (``refused``); a report-mode denial let through is counted per client
+(``would_deny``). The access log is swapped on reload (``access_log``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from ..errors import GatewayError
+from ..model import AccessRecord
+from .accesslog import AccessLog
+from .metrics import Metrics
+
+RECENT_DENIALS = 50
+DENIAL_STATUSES = (403, 407, 429)
+
+
+class Outcomes:
+    def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+        self.recent_denials: deque[dict] = deque(maxlen=RECENT_DENIALS)
+
+    def finished(self, rec: AccessRecord, status: int) -> None:
+        rec.status = status
+        m = self.metrics
+        m.count_request(rec.client, rec.profile, rec.method, status)
+        m.count_bytes(rec.profile, rec.bytes_up, rec.bytes_down)
+        self.access_log.write(rec)
+
+    def refused(self, rec: AccessRecord, err: GatewayError) -> None:
+        """Count a refusal or failure by its reason (its record follows via ``finished``)."""
+        rec.reason = err.reason
+        if err.status in DENIAL_STATUSES:
+            self.metrics.denied.labels(err.reason).inc()
+            self.recent_denials.append({"ts": time.strftime("%H:%M:%S"), "client": rec.client,
+                                        "target": rec.target[:200], "reason": err.reason})
+        elif err.status >= 500:
+            self.metrics.upstream_errors.labels(err.reason).inc()
+
+    def would_deny(self, rec: AccessRecord, client: str, reason: str) -> None:
+        rec.extra = {"would_deny": reason}
+        self.metrics.would_deny.labels(client, reason).inc()

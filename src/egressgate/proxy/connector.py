@@ -1,0 +1,158 @@
+"""The egress connector: a routed request -> a connected ``Upstream``, through the route's
+egress members in order.
+
+- direct and ``bind`` profiles: an idle keep-alive connection from the pool (forwarded
+  requests only), else a new connection to the judged addresses from the member's source
+  address; a source address the host no longer has is marked down and the next member tried;
+- ``upstream`` profiles: a connection to the chained proxy (kept alive and reused for
+  forwarded requests) and, for CONNECT, ``chain.open_tunnel`` through it; an unreachable
+  chained proxy is marked down and the next one tried.
+
+Resolve and dial latencies and each member's state are measured here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.resolver import Resolver
+from ..errors import UpstreamError
+from ..model import UpstreamProxy
+from ..observe.accesslog import log_event
+from ..observe.metrics import Metrics
+from . import chain
+from .route import Route
+from .upstream import Upstream, UpstreamPool
+
+
+class Link:
+    """A connection ready for a request: ``reused`` from the pool or new, ``chained`` through
+    an upstream proxy (whose credentials a forwarded request carries), and the bytes a chained
+    proxy sent after its CONNECT reply (``leftover``)."""
+
+    __slots__ = ("upstream", "reused", "chained", "leftover")
+
+    def __init__(self, upstream: Upstream, reused: bool, chained: UpstreamProxy | None = None,
+                 leftover: bytes = b"") -> None:
+        self.upstream = upstream
+        self.reused = reused
+        self.chained = chained
+        self.leftover = leftover
+
+
+class Connector:
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolver: Resolver, metrics: Metrics,
+                 on_orphan_crash: Callable[[str, BaseException], None]) -> None:
+        self.loop = loop
+        self.resolver = resolver
+        self.metrics = metrics
+        self.dialer = Dialer(loop)
+        self.pool = UpstreamPool()
+        self._on_orphan_crash = on_orphan_crash
+
+    # --- forwarded requests: idle connections --------------------------------------------
+    def idle(self, r: Route, connect: bool) -> Link | None:
+        """An idle pooled connection for the route's first member, if one waits (no await)."""
+        if connect or not r.plans:
+            return None
+        plan = r.plans[0]
+        up = self.pool.take(self._pool_key(r, plan))
+        if up is None:
+            return None
+        return Link(up, True, plan.upstream)
+
+    def release(self, up: Upstream, key: tuple) -> None:
+        self.pool.put(up, key, self.loop.time())
+
+    @staticmethod
+    def _pool_key(r: Route, plan: EgressPlan) -> tuple:
+        if plan.upstream is not None:
+            return (plan.key, str(plan.upstream.address), 0)
+        return (plan.key, r.addresses[0], r.dest.port)
+
+    # --- new connections -----------------------------------------------------------------------
+    async def connect(self, r: Route, connect: bool, chain_timeout: float, fresh: bool = False) -> Link:
+        """A connection for the route: pooled (unless ``fresh`` or a CONNECT) or new."""
+        pooled = not connect and not fresh
+        if r.chained:
+            return await self._via_upstream_proxy(r, connect, pooled, chain_timeout)
+        return await self._direct(r, connect, pooled)
+
+    async def _direct(self, r: Route, connect: bool, pooled: bool) -> Link:
+        last: UpstreamError | None = None
+        pool, addresses, port = r.pool, list(r.addresses), r.dest.port
+        for plan in r.plans:
+            if pooled:
+                up = self.pool.take((plan.key, addresses[0], port))
+                if up is not None:
+                    return Link(up, True)
+            try:
+                up = await self.dial(plan, pool, addresses, port)
+            except UpstreamError as err:
+                if err.reason != "source_unavailable":
+                    raise
+                last = err
+                continue
+            if not connect:
+                up.key = (plan.key, up.remote, port)
+            return Link(up, False)
+        raise last or UpstreamError("no usable egress address in profile " + pool.name)
+
+    async def _via_upstream_proxy(self, r: Route, connect: bool, pooled: bool, chain_timeout: float) -> Link:
+        last: UpstreamError | None = None
+        pool = r.pool
+        for plan in r.plans:
+            proxy = plan.upstream
+            key = self._pool_key(r, plan)
+            try:
+                if pooled:
+                    up = self.pool.take(key)
+                    if up is not None:
+                        return Link(up, True, proxy)
+                addresses = [proxy.address.host] if proxy.address.is_ip else await self.resolve(proxy.address.host)
+                up = await self.dial(plan, pool, addresses, proxy.address.port)
+            except UpstreamError as err:
+                pool.mark_down(plan)
+                self.source_state(pool, plan, False)
+                last = err
+                continue
+            pool.mark_up(plan)
+            if connect:
+                leftover = await chain.open_tunnel(up, r.dest, proxy.authorization, chain_timeout)
+                return Link(up, False, proxy, leftover)
+            up.key = key
+            return Link(up, False, proxy)
+        raise last or UpstreamError("no upstream proxy of profile " + pool.name + " is reachable")
+
+    async def resolve(self, host: str) -> list[str]:
+        t0 = time.perf_counter()  # (uvloop's loop.time() ticks in milliseconds)
+        try:
+            return await self.resolver.resolve(host)
+        finally:
+            self.metrics.dns_seconds.observe(time.perf_counter() - t0)
+
+    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int) -> Upstream:
+        t0 = time.perf_counter()
+        try:
+            _, up, remote = await self.dialer.connect(plan, addresses, port, self._new_upstream, pool.connect_timeout)
+        except SourceUnavailable as err:
+            pool.mark_down(plan)
+            self.source_state(pool, plan, False)
+            log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
+            raise
+        self.metrics.connect_seconds.labels(pool.name).observe(time.perf_counter() - t0)
+        if plan.source is not None and pool.is_down(plan):
+            pool.mark_up(plan)
+            self.source_state(pool, plan, True)
+        up.remote = remote
+        return up
+
+    def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:
+        self.metrics.egress_source_up.labels(pool.name, plan.label).set(1 if up else 0)
+
+    def _new_upstream(self) -> Upstream:
+        return Upstream(self._on_orphan_crash)
