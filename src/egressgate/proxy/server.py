@@ -5,6 +5,7 @@ global): the runtime in force, and the pieces the connections use —
 - ``gate`` (``gate.Gate``): refused connections counted and logged;
 - ``limits`` / ``auth`` (``limits``): per-client limits, the password-check throttle;
 - ``connector`` (``connector.Connector``): resolve, dial, pooled upstream connections;
+- ``dispatcher`` (``dispatch.Dispatcher``): identify -> route -> connect, for each request;
 - ``outcomes`` (``observe.outcomes``): records, metrics, recent denials;
 
 and the lifecycle: the registry of open connections, the sweep that enforces timeouts,
@@ -33,6 +34,7 @@ from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import INTERNAL_ERROR_SITES, Metrics
 from ..observe.outcomes import Outcomes
 from .connector import Connector
+from .dispatch import Dispatcher
 from .gate import Gate
 from .limits import AuthThrottle, ClientLimits
 from .listeners import ListenerChange, ListenerInfo, Listeners
@@ -61,6 +63,7 @@ class Gateway:
         self.auth = AuthThrottle(loop)
         self.connector = Connector(loop, resolver, metrics, self.internal_error)
         self.listeners = Listeners(loop, metrics, lambda info: connection(self, info), reuse_port)
+        self.dispatcher = Dispatcher(self.connector, self.limits, self.auth, self.outcomes, self.listeners)
         self.connections: set[OpenConnection] = set()
         self.draining = False
         self.started = time.time()

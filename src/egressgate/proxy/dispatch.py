@@ -1,0 +1,165 @@
+"""Serving one request up to the moment bytes can move: identify -> route -> connect.
+
+``Dispatcher.now`` takes every step that needs no waiting and returns how far it got:
+
+- a ``Link``: an idle pooled upstream connection, so the request can start at once;
+- a ``Whoami``: the gateway answers the request itself (``egressgate.whoami``);
+- a ``Pending``: what is left to await (a password check, a DNS lookup, a dial), which
+  ``Dispatcher.rest`` then does, returning a ``Link`` or a ``Whoami``.
+
+Refusals are raised as typed ``GatewayError``s (their status is the answer). Nothing here
+calls back into the connection: each step fills in the request's record (client, profile,
+a report-mode denial) and returns a value.
+
+``Who`` is what a connection knows about its client between requests: the identity found for
+its last credentials under a given runtime, and the client its connection counts against.
+"""
+
+from __future__ import annotations
+
+from ..errors import AuthRequired, GatewayError
+from ..model import AccessRecord
+from ..observe.outcomes import Outcomes
+from ..policy.clients import Identity, PendingCheck
+from . import whoami
+from .connector import Connector, Link
+from .forward import Exchange
+from .limits import AuthThrottle, ClientLimits
+from .listeners import Listeners
+from .route import Route, cached_addresses, resolve_and_judge, route
+from .runtime import Runtime
+
+
+class Who:
+    __slots__ = ("peer", "cert_subject", "identity", "key", "counted")
+
+    def __init__(self, peer: str, cert_subject: str | None = None) -> None:
+        self.peer = peer
+        self.cert_subject = cert_subject  # a verified TLS client certificate's common name
+        self.identity: Identity | None = None
+        # (runtime, Proxy-Authorization) the identity was found under. The runtime object itself,
+        # not id(): a freed runtime's address is reused, and an identity from an old, wider
+        # config must never match a new one.
+        self.key: tuple | None = None
+        self.counted: str | None = None  # the client this connection counts against (limits)
+
+    def forget(self) -> None:
+        """A tunnel took the connection over: no request follows, nothing to remember."""
+        self.identity = None
+        self.key = None
+
+
+class Whoami:
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+
+
+class Pending:
+    """What ``now`` could not finish: the identity (or the password check it needs) and the
+    route, if it got that far."""
+
+    __slots__ = ("identity", "route")
+
+    def __init__(self, identity: Identity | PendingCheck, r: Route | None) -> None:
+        self.identity = identity
+        self.route = r
+
+
+class Dispatcher:
+    def __init__(self, connector: Connector, limits: ClientLimits, auth: AuthThrottle, outcomes: Outcomes,
+                 listeners: Listeners) -> None:
+        self.connector = connector
+        self.limits = limits
+        self.auth = auth
+        self.outcomes = outcomes
+        self.listeners = listeners
+
+    def now(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str) -> Link | Whoami | Pending:
+        identity = self._identify(who, rt, ex.head.proxy_authorization, ex.record)
+        if not isinstance(identity, Identity):
+            return Pending(identity, None)
+        r = self._route(who, ex, rt, identity, default_profile)
+        if isinstance(r, Whoami):
+            return r
+        if cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own):
+            self._judged(ex.record, r)
+            link = self.connector.idle(r, ex.connect)
+            if link is not None:
+                return link
+        return Pending(identity, r)
+
+    async def rest(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str, pending: Pending) -> Link | Whoami:
+        r = pending.route
+        if r is None:
+            identity = pending.identity
+            if isinstance(identity, PendingCheck):
+                identity = await self._check_password(who, rt, ex.head.proxy_authorization, identity, ex.record)
+            r = self._route(who, ex, rt, identity, default_profile)
+            if isinstance(r, Whoami):
+                return r
+        if not r.ready:
+            await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
+            self._judged(ex.record, r)
+        return await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect)
+
+    async def again(self, ex: Exchange) -> Link:
+        """A new connection for an exchange whose reused one failed before answering."""
+        return await self.connector.connect(ex.route, False, ex.runtime.timeouts.upstream_connect, fresh=True)
+
+    # --- identify ---------------------------------------------------------------------------
+    def _identify(self, who: Who, rt: Runtime, auth: bytes | None, rec: AccessRecord) -> Identity | PendingCheck:
+        """The client known from an earlier request on the connection, or found now; a password
+        not seen before needs a check off the loop (``PendingCheck``). Raises 407 / 403."""
+        key = who.key
+        if who.identity is not None and key[0] is rt and key[1] == auth:
+            return who.identity
+        result = rt.clients.identify(who.peer, auth, who.cert_subject)
+        if isinstance(result, PendingCheck):
+            return result
+        return self._identified(who, rt, auth, result, rec)
+
+    async def _check_password(self, who: Who, rt: Runtime, auth: bytes | None, pending: PendingCheck,
+                              rec: AccessRecord) -> Identity:
+        ok = await self.auth.check(who.peer, pending)
+        result = rt.clients.identify(who.peer, auth, who.cert_subject) if ok else None
+        if not isinstance(result, Identity):
+            raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+        return self._identified(who, rt, auth, result, rec)
+
+    def _identified(self, who: Who, rt: Runtime, auth: bytes | None, identity: Identity,
+                    rec: AccessRecord) -> Identity:
+        name = identity.client.name
+        if who.counted != name:
+            rec.client = name  # (a 429 below names who was refused)
+            self.limits.admit(identity.client)  # raises LimitReached (429)
+            if who.counted is not None:
+                self.limits.release(who.counted)
+            who.counted = name
+        who.identity = identity
+        who.key = (rt, auth)
+        return identity
+
+    # --- route ------------------------------------------------------------------------------
+    def _route(self, who: Who, ex: Exchange, rt: Runtime, identity: Identity, default_profile: str) -> Route | Whoami:
+        rec = ex.record
+        rec.client = identity.client.name
+        try:
+            r = route(ex.head, ex.connect, identity, rt, default_profile, self.listeners.own)
+        except GatewayError as err:
+            if err.profile is not None:
+                rec.profile = err.profile
+            raise
+        if r.whoami:
+            return Whoami(whoami.document(identity, who.peer, rt, default_profile))
+        rec.profile = r.pool.name
+        ex.route = r
+        ex.target = r.target
+        if r.would_deny:
+            self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
+        return r
+
+    def _judged(self, rec: AccessRecord, r: Route) -> None:
+        if r.would_deny and rec.extra is None:  # (a rule on the resolved addresses)
+            self.outcomes.would_deny(rec, r.client.name, r.would_deny)
