@@ -96,6 +96,20 @@ def test_pool_skips_unbindable_address(start_gateway, origin):
     assert b'egressgate_egress_source_up{member="10.99.99.99",profile="pool"} 0.0' in metrics
 
 
+def test_round_robin_advances_once_per_request(start_gateway, origin):
+    """A keep-alive client's requests take the pool's members in turn. Each request asks the
+    pool once: the gateway used to ask twice when a known client's request found no idle
+    upstream connection (the fast path, then the full path), so a two-member round-robin
+    pool sent every request after the first from the same address."""
+    cfg = base_config(egress={"pool": {"bind": ["127.0.0.2", "127.0.0.3"], "pick": "round_robin"}},
+                      clients=[{"name": "local", "from": ["127.0.0.0/8"], "egress": ["pool"]}])
+    gw = start_gateway(cfg)
+    with requests.Session() as s:
+        s.trust_env = False
+        seen = [s.get(origin.url("/ip"), proxies={"http": gw.url}, timeout=10).text for _ in range(6)]
+    assert seen == ["127.0.0.2", "127.0.0.3"] * 3, seen
+
+
 def urlopen(url: str) -> bytes:
     import urllib.request
 
