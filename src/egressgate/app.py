@@ -5,35 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
-import ipaddress
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
-from .config import Config, load_config_text
-from .egress.localaddr import addresses_in
-from .egress.plan import build_pool
-from .egress.resolver import Resolver
+from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .errors import ConfigError
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
 from .observe.merge import Merger
 from .observe.metrics import Metrics
-from .policy.clients import compile_clients
-from .policy.guard import AddressGuard
+from .probe import Attestor
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
 from .proxy.session import ClientConnection
 from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
-
-EMBEDDED = "(embedded default)"
 
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
@@ -43,77 +33,6 @@ LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "timeouts", "li
 
 def _admin_token(admin) -> str | None:
     return admin.token or (os.environ.get(admin.token_env) if admin.token_env else None)
-
-
-def read_config(path: str | None, text: bytes | None = None) -> tuple[Config, str, bytes]:
-    """(config, hash of its text, the text): the file at ``path`` read once (or ``text``, the
-    copy a worker process is handed), the embedded default when both are None."""
-    if text is None:
-        if path is None:
-            text = b""
-        else:
-            try:
-                text = Path(path).read_bytes()
-            except OSError as exc:
-                raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path or EMBEDDED}:0: (file): cannot read: {exc}"]) from None
-    return load_config_text(decoded, path or EMBEDDED), hashlib.sha256(text).hexdigest(), text
-
-
-def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError([f"{path}:0: {key}: {exc}"]) from None
-    if env:
-        return os.environ.get(env, "")
-    return None
-
-
-def _secret(spec) -> str | None:
-    """A client's plain secret (password_file / password_env)."""
-    return _read_secret(spec.password_file, spec.password_env)
-
-
-def _upstream_secret(spec) -> str | None:
-    """A profile's upstream proxy password (upstream_password_file / upstream_password_env)."""
-    return _read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
-
-
-def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
-    attest = config.probe.echo_url is not None
-    profiles = {
-        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
-                         upstream_password=_upstream_secret(spec), attest=attest)
-        for name, spec in config.egress.items()
-    }
-    return Runtime(
-        config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
-        clients=compile_clients(config.clients, _secret), guard=AddressGuard(config.security.allow_private),
-        profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
-        limits=config.limits, listeners={listener.address: listener for listener in config.listen},
-        proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
-                        for listener in config.listen if listener.proxy_protocol},
-    )
-
-
-def load_runtime(path: str | None) -> Runtime:
-    return load_runtime_text(path)[0]
-
-
-def load_runtime_text(path: str | None, text: bytes | None = None) -> tuple[Runtime, bytes]:
-    """The runtime and the exact config text it was built from (handed to new workers)."""
-    config, digest, text = read_config(path, text)
-    return build_runtime(config, digest, path or EMBEDDED), text
-
-
-def make_resolver(cfg: Config) -> Resolver:
-    return Resolver(cfg.dns.cache_ttl, cfg.dns.negative_ttl, cfg.timeouts.dns,
-                    servers=[parse_socket_address(a) for a in cfg.dns.servers])
 
 
 class App:
@@ -156,8 +75,8 @@ class App:
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._prober: asyncio.Task | None = None
-        self._probe_now = asyncio.Event()
-        self.gateway.on_reload.append(lambda old, new: self._probe_now.set())
+        self.attestor = Attestor(self.gateway, worker)
+        self.gateway.on_reload.append(lambda old, new: self.attestor.wake())
         self.loop.set_exception_handler(self._loop_exception)
 
     def _set_names(self, runtime: Runtime) -> None:
@@ -182,7 +101,7 @@ class App:
         # Attested profiles serve only once checked: check their members before the listeners
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
-        await self._attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
+        await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -209,7 +128,7 @@ class App:
                 admin_bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             else:
                 admin_socket = name.decode(errors="replace") if isinstance(name, bytes) else name
-        self._prober = self.loop.create_task(self._probe_loop())  # every worker attests for itself
+        self._prober = self.loop.create_task(self.attestor.run())  # every worker attests for itself
         if self.supervisor is not None:
             self._supervising = self.loop.create_task(self._supervise())
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
@@ -308,7 +227,7 @@ class App:
         # Members that are new or moved are checked before they carry traffic, so a profile
         # moved to a new IP serves from it at once (or refuses, if the IP is wrong).
         adopt_checks(self.gateway.runtime, runtime)
-        await self._attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
+        await self.attestor.attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
         # 2. Commit: nothing below can fail.
         # (the names first: apply publishes per-profile gauges, and requests under the new
         # runtime may be counted while it awaits)
@@ -332,55 +251,6 @@ class App:
     def _tell_children(self, sig: int) -> None:
         if self.supervisor is not None:
             self.supervisor.signal_all(sig)
-
-    async def _probe_loop(self) -> None:
-        """Check every profile's egress IP now, then every ``probe.interval`` (every
-        ``probe.retry`` while a profile refuses its traffic) and after reloads. Every worker
-        checks for itself: each one decides alone whether a profile may carry traffic."""
-        while True:
-            rt = self.gateway.runtime
-            cfg = rt.config.probe
-            self._probe_now.clear()  # (before: a reload during this check asks for another)
-            await self._attest(rt)
-            wait = cfg.interval
-            if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
-                wait = min(cfg.interval, cfg.retry)
-            try:
-                await asyncio.wait_for(self._probe_now.wait(), wait)
-            except TimeoutError:
-                pass
-
-    async def _attest(self, rt: Runtime, only: set | None = None) -> None:
-        """Probe ``rt``'s profiles (or only the members in ``only``) and record the results."""
-        from .probe import probe_pools, record
-
-        cfg = rt.config.probe
-        if not cfg.echo_url or only == set():
-            return
-
-        def each(o) -> None:  # recorded as it comes: a slow member does not hold back the others
-            record(rt.profiles, [o], time.time())
-            if rt is self.gateway.runtime:
-                self.gateway.publish_egress(rt)
-
-        try:
-            observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
-                                             self.gateway.connector.dialer, self.gateway.connector.resolver, only=only, each=each)
-        except asyncio.CancelledError as exc:
-            if asyncio.current_task().cancelling():
-                raise  # the prober itself is being stopped
-            # a check's own cancellation escaped it (a timeout handled twice): a bug, and one
-            # that must not end the prober, or profiles would stay unverified for good
-            self.gateway.internal_error("probe", RuntimeError(f"an egress check was cancelled: {exc!r}"))
-            return
-        except Exception as exc:  # the prober must never stop
-            self.gateway.internal_error("probe", exc)
-            return
-        if self.worker == 0:
-            for o in observations:  # (profiles without expect_ip are shown, not judged: no event)
-                if not o.ok and o.expected:
-                    log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
-                              observed=o.observed, expected=list(o.expected), error=o.error)
 
     def install_signals(self) -> None:
         loop = self.loop

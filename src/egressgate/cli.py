@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_worker(args.config, args.worker_index, args.worker_dir, args.worker_parent)
             return run(args.config)
         if args.command == "check-config":
-            from .app import load_runtime
+            from .build import load_runtime
 
             load_runtime(args.file)
             print(f"{args.file}: OK")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
     import asyncio
 
-    from .app import load_runtime
+    from .build import load_runtime
     from .probe import format_table, probe_pools
 
     rt = load_runtime(config_path)
@@ -111,7 +111,7 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
 
 
 def _explain(config: str | None, client: str, target: str, source: str | None) -> int:
-    from .app import load_runtime, make_resolver
+    from .build import load_runtime, make_resolver
     from .explain import explain
 
     rt = load_runtime(config)

@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import json
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -26,7 +27,10 @@ from .egress.resolver import Resolver
 from .errors import GatewayError
 from .http1.parse import ResponseHead, ResponseParser
 from .model import HostPort
+from .observe.accesslog import log_event
 from .proxy import chain
+from .proxy.runtime import Runtime
+from .proxy.server import Gateway
 from .proxy.upstream import Upstream
 
 
@@ -204,3 +208,62 @@ def format_table(observations: list[Observation]) -> str:
         rows.append((o.profile, o.member, o.observed or "-", ", ".join(o.expected) or "-", result))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows)
+
+
+class Attestor:
+    """The server's egress-IP checks: every profile now, then every ``probe.interval`` (every
+    ``probe.retry`` while a profile refuses its traffic) and after reloads (``wake``). Every
+    worker checks for itself: each one decides alone whether a profile may carry traffic."""
+
+    def __init__(self, gateway: Gateway, worker: int) -> None:
+        self.gateway = gateway
+        self.worker = worker
+        self._now = asyncio.Event()
+
+    def wake(self) -> None:
+        self._now.set()
+
+    async def run(self) -> None:
+        while True:
+            rt = self.gateway.runtime
+            cfg = rt.config.probe
+            self._now.clear()  # (before: a reload during this check asks for another)
+            await self.attest(rt)
+            wait = cfg.interval
+            if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
+                wait = min(cfg.interval, cfg.retry)
+            try:
+                await asyncio.wait_for(self._now.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def attest(self, rt: Runtime, only: set | None = None) -> None:
+        """Probe ``rt``'s profiles (or only the members in ``only``) and record the results."""
+        cfg = rt.config.probe
+        if not cfg.echo_url or only == set():
+            return
+        gw = self.gateway
+
+        def each(o: Observation) -> None:  # recorded as it comes: a slow member does not hold back the others
+            record(rt.profiles, [o], time.time())
+            if rt is gw.runtime:
+                gw.publish_egress(rt)
+
+        try:
+            observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
+                                             gw.connector.dialer, gw.connector.resolver, only=only, each=each)
+        except asyncio.CancelledError as exc:
+            if asyncio.current_task().cancelling():
+                raise  # the prober itself is being stopped
+            # a check's own cancellation escaped it (a timeout handled twice): a bug, and one
+            # that must not end the prober, or profiles would stay unverified for good
+            gw.internal_error("probe", RuntimeError(f"an egress check was cancelled: {exc!r}"))
+            return
+        except Exception as exc:  # the prober must never stop
+            gw.internal_error("probe", exc)
+            return
+        if self.worker == 0:
+            for o in observations:  # (profiles without expect_ip are shown, not judged: no event)
+                if not o.ok and o.expected:
+                    log_event("egress_ip_check_failed", profile=o.profile, member=o.member,
+                              observed=o.observed, expected=list(o.expected), error=o.error)

@@ -49,6 +49,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.proxy": 4,
     "egressgate.admin": 4,
     "egressgate.app": 5,
+    "egressgate.build": 5,
     "egressgate.workers": 5,
     "egressgate.probe": 5,
     "egressgate.explain": 5,

@@ -1,0 +1,96 @@
+"""Config -> ``Runtime``: the compile step, shared by the server, ``check-config``, ``probe``
+and ``explain``. The config file is read once (its hash names the version in force), secrets
+named by file or environment variable are read, and everything a request needs is compiled:
+client matchers, the address guard, egress pools, listener settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import time
+from pathlib import Path
+
+from .config import Config, load_config_text
+from .egress.localaddr import addresses_in
+from .egress.plan import build_pool
+from .egress.resolver import Resolver
+from .errors import ConfigError
+from .model import parse_socket_address
+from .policy.clients import compile_clients
+from .policy.guard import AddressGuard
+from .proxy.runtime import Runtime
+
+EMBEDDED = "(embedded default)"
+
+
+def read_config(path: str | None, text: bytes | None = None) -> tuple[Config, str, bytes]:
+    """(config, hash of its text, the text): the file at ``path`` read once (or ``text``, the
+    copy a worker process is handed), the embedded default when both are None."""
+    if text is None:
+        if path is None:
+            text = b""
+        else:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path or EMBEDDED}:0: (file): cannot read: {exc}"]) from None
+    return load_config_text(decoded, path or EMBEDDED), hashlib.sha256(text).hexdigest(), text
+
+
+def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{path}:0: {key}: {exc}"]) from None
+    if env:
+        return os.environ.get(env, "")
+    return None
+
+
+def _secret(spec) -> str | None:
+    """A client's plain secret (password_file / password_env)."""
+    return _read_secret(spec.password_file, spec.password_env)
+
+
+def _upstream_secret(spec) -> str | None:
+    """A profile's upstream proxy password (upstream_password_file / upstream_password_env)."""
+    return _read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
+
+
+def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
+    attest = config.probe.echo_url is not None
+    profiles = {
+        name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
+                         upstream_password=_upstream_secret(spec), attest=attest)
+        for name, spec in config.egress.items()
+    }
+    return Runtime(
+        config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
+        clients=compile_clients(config.clients, _secret), guard=AddressGuard(config.security.allow_private),
+        profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
+        limits=config.limits, listeners={listener.address: listener for listener in config.listen},
+        proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
+                        for listener in config.listen if listener.proxy_protocol},
+    )
+
+
+def load_runtime(path: str | None) -> Runtime:
+    return load_runtime_text(path)[0]
+
+
+def load_runtime_text(path: str | None, text: bytes | None = None) -> tuple[Runtime, bytes]:
+    """The runtime and the exact config text it was built from (handed to new workers)."""
+    config, digest, text = read_config(path, text)
+    return build_runtime(config, digest, path or EMBEDDED), text
+
+
+def make_resolver(cfg: Config) -> Resolver:
+    return Resolver(cfg.dns.cache_ttl, cfg.dns.negative_ttl, cfg.timeouts.dns,
+                    servers=[parse_socket_address(a) for a in cfg.dns.servers])
