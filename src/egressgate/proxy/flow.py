@@ -29,13 +29,17 @@ PIPELINE_LIMIT = 16  # requests queued on one connection before its reading stop
 
 
 class FlowControl:
-    __slots__ = ("transport", "paused", "held", "stopped")
+    __slots__ = ("transport", "paused", "held", "stopped", "write_paused")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.paused = NOT_PAUSED
         self.held = 0  # request bytes buffered, all exchanges of the connection
         self.stopped = False  # the connection is closing: reading is no longer managed
+        # The client's write buffer is over its high-water mark (asyncio said pause_writing and
+        # has not said resume_writing yet): whatever feeds the client starts paused, including
+        # the upstream of the next request or a tunnel opened meanwhile.
+        self.write_paused = False
 
     def pause(self, reason: Pause) -> None:
         if not self.paused and not self.stopped and not self.transport.is_closing():

@@ -141,6 +141,8 @@ class RequestPipeline:
 
     # --- the parser's sink ------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
+        if self.conn.closed:  # answered with Connection: close: nothing after it is processed (RFC 9112 9.6)
+            return
         self.work += 8
         rec = AccessRecord(self.conn.who.peer, self.conn.listener.name, time.time(), method=head.method,
                            target=head.target[:2048])
@@ -212,6 +214,8 @@ class RequestPipeline:
         if up.key is not None:
             ex.pool_key = up.key
         ex.start(up, step.reused, step.chained, self.gw.loop.time())
+        if self.flow.write_paused:  # the client is not reading: neither do we, from its origin
+            up.transport.pause_reading()
 
     def _answer_whoami(self, ex: Exchange, doc: dict) -> None:
         """The gateway's own answer (possibly from inside the parser's head callback: a
@@ -258,6 +262,7 @@ class RequestPipeline:
     def exchange_done(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
+        self.flow.resume(Pause.UPSTREAM)  # (its upstream no longer takes the client's bytes)
         up = ex.upstream
         if up is not None:
             if ex.upstream_keep and ex.request_done and ex.pool_key is not None and ex.response_started \
@@ -275,6 +280,7 @@ class RequestPipeline:
         ex.state = DONE
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
+        self.flow.resume(Pause.UPSTREAM)
         self.gw.outcomes.refused(ex.record, err)
         if ex.upstream is not None:
             ex.upstream.detach()
@@ -314,18 +320,24 @@ class RequestPipeline:
 
     # --- back-pressure from the client's writing ------------------------------------------------
     def pause_writing(self) -> None:
+        self.flow.write_paused = True
         if self.queue and self.queue[0].upstream is not None:
             self.queue[0].upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.flow.write_paused = False
         if self.queue and self.queue[0].upstream is not None:
             up = self.queue[0].upstream.transport
             if not up.is_closing():
                 up.resume_reading()
 
     def request_complete(self) -> bool:
-        """The client half-closed: is the request being served complete (answer, then close)?"""
-        return bool(self.queue) and self.queue[0].request_done
+        """The client half-closed: is the request being served complete (answer, then close)?
+        A CONNECT is, once its head is in: its tunnel opens half-closed."""
+        if not self.queue:
+            return False
+        ex = self.queue[0]
+        return ex.request_done or ex is self.early
 
     # --- ending -------------------------------------------------------------------------------------
     def protocol_error(self, err: GatewayError) -> None:

@@ -189,6 +189,8 @@ class ClientConnection(asyncio.Protocol):
         ex.body = []
         ex.ended = True
         self.listener.tunnels.inc()
+        if self.flow.write_paused:  # the client is not reading yet
+            t.client_pause_writing()
         if self.eof:
             t.client_eof()
 

@@ -124,8 +124,8 @@ class UpstreamPool:
         up.detach()
         if up.closed or up.transport.is_closing():
             return
-        if not up.transport.is_reading():
-            up.transport.close()
+        if not up.transport.is_reading() or up.transport.get_write_buffer_size():
+            up.transport.close()  # (paused by its client, or request bytes still unsent)
             return
         stack = self._idle.setdefault(key, [])
         if len(stack) >= self.max_per_key or self._count >= self.max_total:
