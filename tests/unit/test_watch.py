@@ -10,7 +10,7 @@ import pytest
 
 from egressgate.config import load_config_text
 from egressgate.errors import ConfigError
-from egressgate.watch import ConfigWatcher, Settle, digest
+from egressgate.watch import ConfigWatcher, Settle, digest, watch
 
 A, B, C = (1, 10, 100, 5), (1, 11, 200, 5), (1, 11, 300, 6)
 
@@ -85,3 +85,45 @@ def test_reload_settings_default_to_watching_every_two_seconds():
     cfg = load_config_text("reload: {interval: 500ms}\n", "<t>")
     assert cfg.reload.watch is True and cfg.reload.interval == 0.5
     assert load_config_text("", "<t>").reload.interval == 2.0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_watch_loop_reloads_settled_new_content_and_follows_its_settings(tmp_path):
+    """The loop, with time injected: a poll per ``sleep``; ``reload.watch: false`` (as a
+    reload may set it) means the file is not looked at; interval changes are followed."""
+    import asyncio
+
+    from egressgate.config.schema import ReloadConfig
+
+    path = configmap_volume(tmp_path, "workers: 1\n", 1)
+    w = ConfigWatcher(str(path), digest(b"workers: 1\n"))
+    on, off = ReloadConfig(), ReloadConfig(watch=False, interval=5)
+    # per round: the settings in force, and a new ConfigMap generation published before it (or None)
+    rounds = [(on, None), (on, None), (on, "workers: 2\n"), (on, None), (off, "workers: 3\n"), (off, None),
+              (off, None), (on, None), (on, None)]
+    slept: list[float] = []
+    reloaded: list[tuple[int, bytes | None]] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) > len(rounds):
+            raise _Stop
+        settings, text = rounds[len(slept) - 1]
+        current[0] = settings
+        if text is not None:
+            configmap_volume(tmp_path, text, len(slept) + 1)
+
+    async def reload(text: bytes | None) -> None:
+        reloaded.append((len(slept), text))
+        w.note(text)
+
+    current = [on]
+    with pytest.raises(_Stop):
+        asyncio.run(watch(w, lambda: current[0], reload, lambda exc: pytest.fail(repr(exc)), sleep=sleep))
+    # round 2 compares with what is in force (no reload); the change of round 3 settles in round 4;
+    # the change of round 5 is not looked at while watching is off, and is taken once it is on again
+    assert reloaded == [(4, b"workers: 2\n"), (9, b"workers: 3\n")]
+    assert slept == [2.0] * 5 + [5.0] * 3 + [2.0] * 2
