@@ -23,12 +23,14 @@ from .probe import Attestor
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
 from .proxy.session import ClientConnection
+from .watch import ConfigWatcher, watch
 from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
 
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
 RESTART_KEYS = ("workers",)
-LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "timeouts", "limits", "drain", "log", "probe", "dns")
+LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "timeouts", "limits", "drain", "log", "probe", "dns",
+             "reload")
 
 
 def _admin_token(admin) -> str | None:
@@ -40,7 +42,7 @@ class App:
 
     With ``workers: N`` the first process (worker 0) also owns the admin listener, supervises
     the other workers (``supervisor``: restarts a worker that dies) and passes SIGHUP / SIGTERM /
-    SIGUSR1 (and admin reloads) on to them.
+    SIGUSR1 (and admin reloads, and reloads by ``reload.watch``: ``watcher``) on to them.
     """
 
     def __init__(self, path: str | None, runtime: Runtime, worker: int = 0,
@@ -75,6 +77,8 @@ class App:
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._prober: asyncio.Task | None = None
+        self.watcher = ConfigWatcher(path, runtime.config_hash) if path is not None and worker == 0 else None
+        self._watching: asyncio.Task | None = None
         self.attestor = Attestor(self.gateway, worker)
         self.gateway.on_reload.append(lambda old, new: self.attestor.wake())
         self.loop.set_exception_handler(self._loop_exception)
@@ -131,6 +135,10 @@ class App:
         self._prober = self.loop.create_task(self.attestor.run())  # every worker attests for itself
         if self.supervisor is not None:
             self._supervising = self.loop.create_task(self._supervise())
+        if self.watcher is not None:
+            self._watching = self.loop.create_task(watch(
+                self.watcher, lambda: self.gateway.runtime.config.reload, self._reload_quietly,
+                lambda exc: self.gateway.internal_error("watch", exc)))
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
         log_event("started", worker=self.worker, listen=self.gateway.listeners.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
@@ -167,14 +175,20 @@ class App:
                 self.gateway.internal_error("workers", exc)
             await asyncio.sleep(REAP_EVERY)
 
-    async def reload(self) -> None:
+    async def reload(self, text: bytes | None = None) -> None:
         """Apply the config file again, every key of it, or nothing: keys that cannot change
         in a running process are refused by name, and everything that can fail (binding
         listeners, loading certificates, opening the access log) happens before anything
-        is swapped. The old configuration stays in force on any error."""
+        is swapped. The old configuration stays in force on any error. ``text``: the file's
+        content as the watcher read it, skipped if a reload read that very content meanwhile."""
         async with self._reload_lock:
+            if text is not None and self.watcher is not None and not self.watcher.is_new(text):
+                return
             try:
-                runtime, text = await self.loop.run_in_executor(None, load_runtime_text, self.path)
+                if self.watcher is not None:
+                    text = text if text is not None else await self.loop.run_in_executor(None, self.watcher.read)
+                    self.watcher.note(text)
+                runtime, text = await self.loop.run_in_executor(None, load_runtime_text, self.path, text)
                 await self._apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
@@ -263,9 +277,9 @@ class App:
         self.access_log.reopen()
         self._tell_children(signal.SIGUSR1)
 
-    async def _reload_quietly(self) -> None:
+    async def _reload_quietly(self, text: bytes | None = None) -> None:
         try:
-            await self.reload()
+            await self.reload(text)
         except ConfigError:
             pass  # logged; the old config stays in force
 
@@ -283,8 +297,9 @@ class App:
     async def close(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
-        if self._supervising is not None:
-            self._supervising.cancel()
+        for task in (self._supervising, self._watching):
+            if task is not None:
+                task.cancel()
         await self.gateway.close()
         if self.admin_server is not None:
             self.admin_server.close()

@@ -25,17 +25,18 @@ from .proxy.runtime import Runtime
 EMBEDDED = "(embedded default)"
 
 
+def read_config_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+
+
 def read_config(path: str | None, text: bytes | None = None) -> tuple[Config, str, bytes]:
     """(config, hash of its text, the text): the file at ``path`` read once (or ``text``, the
     copy a worker process is handed), the embedded default when both are None."""
     if text is None:
-        if path is None:
-            text = b""
-        else:
-            try:
-                text = Path(path).read_bytes()
-            except OSError as exc:
-                raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+        text = b"" if path is None else read_config_file(path)
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:

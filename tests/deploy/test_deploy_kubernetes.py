@@ -149,8 +149,10 @@ def test_mounts_match_config_paths(pod, container, gateway_config, objs):
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     args = container["args"]
     config_path = args[args.index("--config") + 1]
-    cfg_mount = [m for m in mounts.values() if m["mountPath"] == config_path]
+    config_dir, config_key = config_path.rsplit("/", 1)
+    cfg_mount = [m for m in mounts.values() if m["mountPath"] == config_dir]
     assert cfg_mount and volumes[cfg_mount[0]["name"]]["configMap"]["name"] == "egressgate-config"
+    assert config_key in objs[("ConfigMap", "egressgate-config")]["data"]
     secret_mounts = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
     assert all(m.get("readOnly") for m in mounts.values() if m["mountPath"] != "/tmp")
     secret_name = volumes[secret_mounts[0]["name"]]["secret"]["secretName"]
@@ -163,6 +165,20 @@ def test_mounts_match_config_paths(pod, container, gateway_config, objs):
         assert directory == secret_mounts[0]["mountPath"], pf
         assert key in keys, f"the secretGenerator has no key {key} for {pf}"
     assert "tmp" in volumes and volumes["tmp"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_config_updates_reach_the_running_pod(pod, container, gateway_config):
+    """A ConfigMap mounted with subPath is never updated in a running pod: the config is
+    mounted as a directory, nothing else is mounted inside it (the kubelet swaps its ..data
+    symlink), and the gateway watches the file (reload.watch, on by default)."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_mounts = [m for m in container["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    assert config_mounts and all("subPath" not in m and "subPathExpr" not in m for m in config_mounts)
+    for cm in config_mounts:
+        nested = [m["mountPath"] for m in container["volumeMounts"]
+                  if m is not cm and m["mountPath"].startswith(cm["mountPath"].rstrip("/") + "/")]
+        assert not nested, f"mounted inside the ConfigMap volume {cm['mountPath']}: {nested}"
+    assert gateway_config.get("reload", {}).get("watch", True) is True
 
 
 def test_config_has_no_plaintext_passwords(gateway_config):

@@ -208,11 +208,15 @@ class GatewayProcess:
     """``egressgate serve`` in a subprocess; access-log lines and events collected."""
 
     def __init__(self, config: dict, tmp: Path, env: dict | None = None, ready_timeout: float = 20.0,
-                 read_stdout: bool = True) -> None:
+                 read_stdout: bool = True, config_path: Path | None = None) -> None:
         """``read_stdout=False``: nobody reads the gateway's stdout pipe (a stalled log reader);
-        ``proc.stdout`` is left to the test."""
-        self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
-        self.write_config(config)
+        ``proc.stdout`` is left to the test. ``config_path``: serve the file the test laid out
+        there (``config`` is then not written)."""
+        if config_path is None:
+            self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
+            self.write_config(config)
+        else:
+            self.config_path = config_path
         self.log: list[dict] = []
         self.raw_stdout: list[str] = []
         self.events: list[dict] = []

@@ -54,6 +54,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.probe": 5,
     "egressgate.explain": 5,
     "egressgate.demo": 5,
+    "egressgate.watch": 5,
     "egressgate.cli": 6,
     "egressgate.__main__": 6,
 }

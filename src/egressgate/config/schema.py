@@ -257,6 +257,13 @@ class DnsConfig(_Model):
     servers: list[SocketAddress] = []  # ask these name servers directly (IP:PORT) instead of the system resolver
 
 
+class ReloadConfig(_Model):
+    # Reload by itself when the config file's content changes (worker 0 polls it; see
+    # egressgate.watch). Only with ``serve --config FILE``; SIGHUP and POST /-/reload work either way.
+    watch: bool = True
+    interval: Annotated[float, BeforeValidator(_duration), Field(ge=0.1, le=3600)] = 2.0  # between polls
+
+
 class Config(_Model):
     listen: list[ListenConfig] = Field(default_factory=lambda: [ListenConfig()])
     admin: AdminConfig = AdminConfig()
@@ -269,6 +276,7 @@ class Config(_Model):
     log: LogConfig = LogConfig()
     probe: ProbeConfig = ProbeConfig()
     dns: DnsConfig = DnsConfig()
+    reload: ReloadConfig = ReloadConfig()
     workers: Workers = 1  # processes sharing the listeners; "auto" = one per CPU
 
     @field_validator("egress", mode="after")
