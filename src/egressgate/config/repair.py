@@ -73,9 +73,7 @@ class Pruner:
     def _at(self, loc: Loc) -> Any:
         node: Any = self.data
         for part in loc:
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
                 node = node[part]
             else:
                 return None
