@@ -57,7 +57,7 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     lines.append(f"request:     {method} {dest}")
     listener_default = rt.config.listen[0].egress if rt.config.listen else "default"
     if profile is not None:
-        lines.append(f"asks for:    profile {profile} (as {client.username or client.name}+{profile})")
+        lines.append(f"asks for:    profile {profile}" + (f" (as {client.username}+{profile})" if client.username else ""))
     decision = decide(client, dest, connect, profile, listener_default, rt.connect_ports)
     verdict = "ALLOW" if decision.allow else "DENY"
     if decision.report_only:
