@@ -1,5 +1,5 @@
 """Config -> ``Runtime``: the compile step, shared by the server, ``check-config``, ``probe``
-and ``explain``. The config file is read once (its hash names the version in force), secrets
+and ``explain`` (``check_file`` adds the warnings of ``config.lint``). The config file is read once (its hash names the version in force), secrets
 named by file or environment variable are read, and everything a request needs is compiled:
 client matchers, the address guard, egress pools, listener settings.
 """
@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from .config import Config, load_config_text
-from .egress.localaddr import addresses_in
+from .config.lint import host_bits, lint
+from .config.loader import check_config_text
+from .egress.localaddr import addresses_in, local_addresses
 from .egress.plan import build_pool
 from .egress.resolver import Resolver
 from .errors import ConfigError
@@ -55,26 +57,28 @@ def _read_secret(path: str | None, env: str | None, key: str = "password_file") 
     return None
 
 
-def _secret(spec) -> str | None:
-    """A client's plain secret (password_file / password_env)."""
-    return _read_secret(spec.password_file, spec.password_env)
+def _offline_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
+    """``check-config --offline``: a named secret stands for itself, nothing is read."""
+    return "(offline)" if path or env else None
 
 
-def _upstream_secret(spec) -> str | None:
-    """A profile's upstream proxy password (upstream_password_file / upstream_password_env)."""
-    return _read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
+def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic,
+                  read_secret=_read_secret) -> Runtime:
+    def secret(spec) -> str | None:  # a client's password_file / password_env
+        return read_secret(spec.password_file, spec.password_env)
 
+    def upstream_secret(spec) -> str | None:  # a profile's upstream_password_file / _env
+        return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
-def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic) -> Runtime:
     attest = config.probe.echo_url is not None
     profiles = {
         name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
-                         upstream_password=_upstream_secret(spec), attest=attest)
+                         upstream_password=upstream_secret(spec), attest=attest)
         for name, spec in config.egress.items()
     }
     return Runtime(
         config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
-        clients=compile_clients(config.clients, _secret), guard=AddressGuard(config.security.allow_private),
+        clients=compile_clients(config.clients, secret), guard=AddressGuard(config.security.allow_private),
         profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
@@ -90,6 +94,28 @@ def load_runtime_text(path: str | None, text: bytes | None = None) -> tuple[Runt
     """The runtime and the exact config text it was built from (handed to new workers)."""
     config, digest, text = read_config(path, text)
     return build_runtime(config, digest, path or EMBEDDED), text
+
+
+def check_file(path: str, offline: bool = False) -> tuple[list[str], list[str]]:
+    """``check-config``: (every error, every warning), each ``FILE:LINE: key: what``. The config
+    is compiled as the server would (with ``offline``: without reading secrets or TLS files)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{path}:0: (file): cannot read: {exc}"], []
+    checked = check_config_text(text, path, offline=offline)
+    if checked.config is None:
+        return checked.errors, []
+    errors = list(checked.errors)
+    if not errors:
+        try:
+            build_runtime(checked.config, "", path, read_secret=_offline_secret if offline else _read_secret)
+        except ConfigError as err:
+            errors += err.errors
+    findings = lint(checked.config, None, None if offline else local_addresses())
+    warnings = [checked.where(f.loc, f"warning: {f.message}") for f in findings]
+    warnings += [checked.where_raw(f.loc, f"warning: {f.message}") for f in host_bits(checked.raw)]
+    return errors, warnings
 
 
 def make_resolver(cfg: Config) -> Resolver:

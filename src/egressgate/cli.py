@@ -23,8 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.add_argument("--worker-dir", help=argparse.SUPPRESS)
     s.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
-    c = sub.add_parser("check-config", help="validate a config file; errors as FILE:LINE: key: what")
+    c = sub.add_parser("check-config", help="validate a config file: every error and warning as FILE:LINE: key: what")
     c.add_argument("file")
+    c.add_argument("--offline", action="store_true",
+                   help="for CI: secrets and TLS files need only be named, not present; bind addresses not checked")
+    c.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 1)")
     sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
     pr = sub.add_parser("probe", help="which IP each egress profile really exits from")
     pr.add_argument("--config", "-c")
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", "-c")
     ex.add_argument("--client", required=True, help="a client name from the config")
     ex.add_argument("--from", dest="source", help="the client's source address, to check 'from'")
+    ex.add_argument("--profile", help="the egress profile the client asks for (as USER+PROFILE would)")
     ex.add_argument("target", help="a URL (http:// forwards, https:// tunnels) or HOST:PORT (CONNECT)")
     return p
 
@@ -50,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_worker(args.config, args.worker_index, args.worker_dir, args.worker_parent)
             return run(args.config)
         if args.command == "check-config":
-            from .build import load_runtime
-
-            load_runtime(args.file)
-            print(f"{args.file}: OK")
-            return 0
+            return _check_config(args.file, args.offline, args.strict)
         if args.command == "hash-password":
             from .policy.passwords import hash_password
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "probe":
             return _probe(args.config, args.profile, args.echo_url, args.timeout)
         if args.command == "explain":
-            return _explain(args.config, args.client, args.target, args.source)
+            return _explain(args.config, args.client, args.target, args.source, args.profile)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
     import asyncio
 
-    from .build import load_runtime
+    from .build import load_runtime, make_resolver
     from .probe import format_table, probe_pools
 
     rt = load_runtime(config_path)
@@ -105,18 +105,31 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
             print(f"egressgate: unknown profile(s): {', '.join(unknown)}", file=sys.stderr)
             return 2
         pools = {name: pools[name] for name in profiles}
-    observations = asyncio.run(probe_pools(pools, url, timeout))
+    resolver = make_resolver(rt.config)  # dns.servers, as the server resolves
+    observations = asyncio.run(probe_pools(pools, url, timeout, resolver=resolver))
     print(format_table(observations))
     return 0 if all(o.ok for o in observations) else 1
 
 
-def _explain(config: str | None, client: str, target: str, source: str | None) -> int:
+def _check_config(path: str, offline: bool, strict: bool) -> int:
+    from .build import check_file
+
+    errors, warnings = check_file(path, offline)
+    for line in errors + warnings:
+        print(line, file=sys.stderr)
+    if errors or (strict and warnings):
+        return 1
+    print(f"{path}: OK" + (f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""))
+    return 0
+
+
+def _explain(config: str | None, client: str, target: str, source: str | None, profile: str | None) -> int:
     from .build import load_runtime, make_resolver
     from .explain import explain
 
     rt = load_runtime(config)
     try:
-        ok, lines = explain(rt, client, target, source, make_resolver(rt.config))
+        ok, lines = explain(rt, client, target, source, make_resolver(rt.config), profile)
     except ValueError as exc:
         print(f"egressgate: {exc}")
         return 2

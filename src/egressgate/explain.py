@@ -32,9 +32,9 @@ def parse_target(text: str) -> tuple[HostPort, bool, str]:
 
 
 def explain(rt: Runtime, client_name: str, target: str, source: str | None = None,
-            resolver: Resolver | None = None) -> tuple[bool, list[str]]:
+            resolver: Resolver | None = None, profile: str | None = None) -> tuple[bool, list[str]]:
     """(would it be forwarded, the lines to print). ``resolver`` looks names up (only needed
-    when the target is a name)."""
+    when the target is a name); ``profile`` is the one the client asks for (``USER+PROFILE``)."""
     client = rt.clients.by_name.get(client_name)
     if client is None:
         raise ValueError(f"no client named {client_name!r} (clients: {', '.join(rt.clients.by_name)})")
@@ -56,7 +56,9 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
         return False, [*lines, f"target:      {target}: refused before policy (400): {detail}"]
     lines.append(f"request:     {method} {dest}")
     listener_default = rt.config.listen[0].egress if rt.config.listen else "default"
-    decision = decide(client, dest, connect, None, listener_default, rt.connect_ports)
+    if profile is not None:
+        lines.append(f"asks for:    profile {profile}" + (f" (as {client.username}+{profile})" if client.username else ""))
+    decision = decide(client, dest, connect, profile, listener_default, rt.connect_ports)
     verdict = "ALLOW" if decision.allow else "DENY"
     if decision.report_only:
         verdict = "ALLOW (report mode: would be denied)"

@@ -194,7 +194,7 @@ ERRORS = [
           client_head: 5
           cleint_idle: 5
         """,
-        [f"{FILE}:3: timeouts.cleint_idle: unknown key"], id="unknown-nested-key"),
+        [f"{FILE}:3: timeouts.cleint_idle: unknown key; did you mean `client_idle`?"], id="unknown-nested-key"),
     pytest.param(
         """\
         listen:

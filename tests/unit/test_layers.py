@@ -38,6 +38,8 @@ LAYER_OF: dict[str, int] = {
     "egressgate.errors": 0,
     "egressgate.model": 0,
     "egressgate.config": 1,
+    "egressgate.config.lint": 1,  # pure: check-config warnings
+    "egressgate.config.repair": 1,
     "egressgate.policy": 2,
     "egressgate.http1": 2,
     "egressgate.egress": 2,

@@ -2,7 +2,9 @@
 
 Three passes, all errors collected before raising one ``ConfigError``:
 1. YAML syntax and duplicate keys (PyYAML accepts duplicates silently; we do not);
-2. the pydantic schema (types, unknown keys, per-model rules);
+2. the pydantic schema (types, unknown keys with the nearest known key suggested, per-model
+   rules); a refused value is taken out and the rest checked again (``repair``), so one run
+   reports every error;
 3. cross-references (profiles named by listeners and clients exist, client names unique,
    secrets referenced by file or environment variable are present).
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,9 +25,8 @@ from pydantic import ValidationError
 
 from ..errors import ConfigError
 from ..model import DestPattern, UpstreamProxy
+from .repair import Loc, Pruner, did_you_mean, related
 from .schema import Config
-
-Loc = tuple[str | int, ...]
 
 # Values copied from an example and never replaced: refused wherever a credential goes.
 PLACEHOLDER = re.compile(r"replace|change-?me|example|placeholder", re.IGNORECASE)
@@ -38,7 +41,33 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return load_config_text(text, str(path))
 
 
-def load_config_text(text: str, filename: str = "<config>") -> Config:
+def load_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Config:
+    checked = check_config_text(text, filename, offline=offline)
+    if checked.errors or checked.config is None:
+        raise ConfigError(checked.errors)
+    return checked.config
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Every error in a config text, and the config as far as it could be read (None when the
+    YAML itself is broken). ``where(loc, what)`` renders ``FILE:LINE: key: what`` for a
+    location in ``config`` (list indices as in the file, even where broken items were dropped);
+    ``raw`` is the document as written and ``where_raw`` does the same for locations in it."""
+
+    config: Config | None
+    errors: list[str]
+    where: Callable[[Loc, str], str]
+    raw: dict = field(default_factory=dict)
+    where_raw: Callable[[Loc, str], str] | None = None
+
+
+def check_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Checked:
+    """All errors at once: YAML, schema (continuing past each refused value, see ``repair``) and
+    cross-references. ``offline``: secrets and TLS files must be named, not present here (CI)."""
+    def nowhere(loc: Loc, what: str) -> str:
+        return f"{filename}:0: {_dotted(loc) or '(top level)'}: {what}"
+
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -46,27 +75,48 @@ def load_config_text(text: str, filename: str = "<config>") -> Config:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{filename}:{line}: (yaml): {problem}"]) from None
+        return Checked(None, [f"{filename}:{line}: (yaml): {problem}"], nowhere)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{filename}:1: (top level): expected a mapping of keys, got {type(data).__name__}"])
+        return Checked(None, [f"{filename}:1: (top level): expected a mapping of keys, got {type(data).__name__}"],
+                       nowhere)
 
     errors = [f"{filename}:{line}: {_dotted(loc)}: duplicate key" for loc, line in _duplicates(root, ())]
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _internal(p))
-            errors.append(f"{filename}:{_line(root, loc)}: {_dotted(loc) or '(top level)'}: {_message(err)}")
-        raise ConfigError(errors) from None
-    errors += [f"{filename}:{_line(root, loc)}: {_dotted(loc)}: {msg}" for loc, msg in _cross_checks(config)]
-    if errors:
-        raise ConfigError(errors)
-    return config
+    pruner = Pruner(data)
+    reported: list[Loc] = []
+
+    def where_raw(loc: Loc, what: str) -> str:
+        return f"{filename}:{_line(root, loc)}: {_dotted(loc) or '(top level)'}: {what}"
+
+    def where(loc: Loc, what: str) -> str:
+        return where_raw(pruner.original(loc), what)
+
+    config: Config | None = None
+    for _ in range(16):  # each pass takes out at least one value; nesting is shallow
+        try:
+            config = Config.model_validate(pruner.data)
+            break
+        except ValidationError as exc:
+            earlier, found = list(reported), []
+            for err in exc.errors():
+                loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _internal(p))
+                found.append(loc)
+                original = pruner.original(loc)
+                if any(related(original, r) for r in earlier):
+                    continue  # a consequence of taking out a value already reported
+                reported.append(original)
+                errors.append(where(loc, _message(err, original)))
+            if not pruner.prune(found):
+                break
+    if config is not None:
+        for loc, msg in _cross_checks(config, offline):
+            if not any(related(pruner.original(loc), r) for r in reported):
+                errors.append(where(loc, msg))
+    return Checked(config, errors, where, data, where_raw)
 
 
-def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
+def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
     profiles = set(config.egress)
     for i, listener in enumerate(config.listen):
@@ -78,7 +128,7 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
         if listener.tls:
             for key in ("cert", "key", "client_ca"):
                 path = getattr(listener.tls, key)
-                if path and not os.path.isfile(path):
+                if path and not offline and not os.path.isfile(path):
                     problems.append((("listen", i, "tls", key), f"file not found: {path}"))
     if config.workers > 1:
         for i, listener in enumerate(config.listen):
@@ -101,8 +151,9 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
         for j, name in enumerate(client.egress):
             if name not in profiles:
                 problems.append((("clients", i, "egress", j), f"unknown egress profile {name!r}"))
-        problems += _secret_problems(("clients", i), "password_file", client.password_file,
-                                     "password_env", client.password_env)
+        if not offline:
+            problems += _secret_problems(("clients", i), "password_file", client.password_file,
+                                         "password_env", client.password_env)
         for key in ("username", "password_hash"):
             if PLACEHOLDER.search(getattr(client, key) or ""):
                 problems.append((("clients", i, key), "a placeholder from an example, not a real value"))
@@ -127,9 +178,11 @@ def _cross_checks(config: Config) -> list[tuple[Loc, str]]:
                 problems.append((("egress", name, "upstream", j),
                                  "name the user in the URL (http://USER@host:port); the password comes from "
                                  "upstream_password_file / upstream_password_env"))
-        problems += _secret_problems(("egress", name), "upstream_password_file", profile.upstream_password_file,
-                                     "upstream_password_env", profile.upstream_password_env)
-    if config.admin.token_env and config.admin.token_env not in os.environ:
+        if not offline:
+            problems += _secret_problems(("egress", name), "upstream_password_file",
+                                         profile.upstream_password_file, "upstream_password_env",
+                                         profile.upstream_password_env)
+    if config.admin.token_env and not offline and config.admin.token_env not in os.environ:
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
     return problems
 
@@ -199,9 +252,10 @@ def _internal(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: dict[str, Any], loc: Loc) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        near = did_you_mean(Config, loc)
+        return f"unknown key; did you mean `{near}`?" if near else "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
     msg = str(err["msg"])

@@ -1,0 +1,157 @@
+"""Warnings about valid but dangerous or useless configs (``check-config`` prints them; with
+``--strict`` they fail the check). Pure: a ``Config`` (and the document as written, for what
+validation normalises away) in, ``Finding`` values out; the caller renders ``FILE:LINE``.
+
+Each rule is a function returning findings; ``RULES`` lists those that read the config,
+``host_bits`` reads the document as written (``10.0.0.1/8`` is stored as ``10.0.0.0/8``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from .repair import Loc
+from .schema import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    loc: Loc
+    message: str
+
+
+def lint(config: Config, raw: dict[str, Any] | None = None,
+         local_addresses: Collection[str] | None = None) -> list[Finding]:
+    """Every warning. ``raw``: the YAML document as written (for ``host_bits``);
+    ``local_addresses``: this host's addresses (None: not on the serving host, e.g. ``--offline``,
+    so ``bind`` addresses are not checked)."""
+    found = [f for rule in RULES for f in rule(config)]
+    if raw is not None:
+        found += host_bits(raw)
+    if local_addresses is not None:
+        found += bind_not_local(config, local_addresses)
+    return found
+
+
+def _everything(network: str) -> bool:
+    return ipaddress.ip_network(network).prefixlen == 0
+
+
+def open_clients(config: Config) -> list[Finding]:
+    """A client admitted from anywhere with no credentials: an open proxy."""
+    found = []
+    for i, client in enumerate(config.clients):
+        if client.username or client.cert_subject:
+            continue
+        for j, net in enumerate(client.from_ or []):
+            if _everything(net):
+                found.append(Finding(("clients", i, "from", j),
+                                     f"admits every address ({net}) without credentials: an open proxy for "
+                                     "anyone who reaches the listener; add username and a password"))
+    return found
+
+
+def exposed_admin(config: Config) -> list[Finding]:
+    """The admin listener reachable from other hosts while POST /-/reload needs no token."""
+    address = config.admin.address
+    if address is None or config.admin.token or config.admin.token_env:
+        return []
+    host = address.rpartition(":")[0].strip("[]")
+    if ipaddress.ip_address(host).is_loopback:
+        return []
+    return [Finding(("admin", "address"),
+                    f"{address} is not loopback and no token (or token_env) is set: anyone who reaches it "
+                    "can POST /-/reload")]
+
+
+def private_everything(config: Config) -> list[Finding]:
+    """allow_private covering every address turns the private/metadata guard off."""
+    return [Finding(("security", "allow_private", j),
+                    f"{net} exempts every address from the private/loopback/metadata block: clients can reach "
+                    "internal services and the cloud metadata server")
+            for j, net in enumerate(config.security.allow_private) if _everything(net)]
+
+
+def never_matching_clients(config: Config) -> list[Finding]:
+    """Client entries no connection can match (earlier entries that shadow a later one are an
+    error in the loader, not a warning)."""
+    found = []
+    mtls = any(listener.tls and listener.tls.client_ca for listener in config.listen)
+    for i, client in enumerate(config.clients):
+        if client.from_ is not None and not client.from_:
+            found.append(Finding(("clients", i, "from"), "empty: no source address is admitted, the entry never "
+                                                         "matches"))
+        elif client.cert_subject and not client.username and not mtls:
+            found.append(Finding(("clients", i, "cert_subject"),
+                                 "no listener asks for client certificates (tls.client_ca), so this entry "
+                                 "never matches"))
+    return found
+
+
+def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Finding]:
+    """``bind`` sources this host does not have: connecting from them fails."""
+    mine = {ipaddress.ip_address(a) for a in local_addresses}
+    loopback = ipaddress.ip_network("127.0.0.0/8")  # bindable as a whole on Linux
+    found = []
+    for name, profile in config.egress.items():
+        for j, entry in enumerate(profile.bind or []):
+            if "/" in entry:
+                net = ipaddress.ip_network(entry)
+                if not any(a in net for a in mine if a.version == net.version) and not (
+                        net.version == 4 and net.subnet_of(loopback)):
+                    found.append(Finding(("egress", name, "bind", j),
+                                         f"this host has no address in {entry}: the profile cannot connect here"))
+            else:
+                ip = ipaddress.ip_address(entry)
+                if ip not in mine and ip not in loopback:
+                    found.append(Finding(("egress", name, "bind", j),
+                                         f"{entry} is not an address of this host: the profile cannot connect here"))
+    return found
+
+
+RULES: tuple[Callable[[Config], list[Finding]], ...] = (
+    open_clients, exposed_admin, private_everything, never_matching_clients)
+
+# Where the document holds CIDRs whose host bits validation would silently clear.
+_CIDR_LISTS: tuple[tuple[str, ...], ...] = (
+    ("clients", "*", "from"), ("listen", "*", "trusted_proxies"), ("security", "allow_private"))
+
+
+def host_bits(raw: dict[str, Any]) -> list[Finding]:
+    """``10.0.0.1/8`` means ``10.0.0.0/8``: probably not what was meant."""
+    found = []
+    for pattern in _CIDR_LISTS:
+        for loc, value in _walk(raw, pattern, ()):
+            for j, text in enumerate(value if isinstance(value, list) else []):
+                meant = _host_bits_cleared(str(text))
+                if meant is not None:
+                    found.append(Finding((*loc, j), f"{text} has host bits set; it means {meant}"))
+    return found
+
+
+def _host_bits_cleared(text: str) -> str | None:
+    """The network ``text`` stands for when it has host bits set, else None (also for non-CIDRs,
+    which validation reports)."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+    try:
+        ipaddress.ip_network(text)
+    except ValueError:
+        return str(net)
+    return None
+
+
+def _walk(node: Any, pattern: tuple[str, ...], loc: Loc) -> list[tuple[Loc, Any]]:
+    if not pattern:
+        return [(loc, node)]
+    head, rest = pattern[0], pattern[1:]
+    if head == "*":
+        items = list(enumerate(node)) if isinstance(node, list) else []
+    else:
+        items = [(head, node[head])] if isinstance(node, dict) and head in node else []
+    return [hit for key, child in items for hit in _walk(child, rest, (*loc, key))]
