@@ -52,9 +52,17 @@ class ClientTimeout(ClientProtocolError):
 
 
 class AuthRequired(GatewayError):
+    """``user``: the user name that was tried, if any (for the access record, never the answer)."""
+
     status = 407
     proxy_status = "http_request_denied"
     reason = "auth_required"
+    user: str | None = None
+
+    def __init__(self, detail: str, *, user: str | None = None, **kwargs) -> None:
+        super().__init__(detail, **kwargs)
+        if user is not None:
+            self.user = user
 
 
 class PolicyDenied(GatewayError):

@@ -170,6 +170,8 @@ class AccessRecord:
     bytes_down: int = 0
     reason: str = ""
     extra: dict[str, str] | None = None
+    egress_ip: str | None = None  # the public IP the egress member used was last attested to leave from
+    user: str | None = None  # the proxy user name a refused (407) request tried (never the password)
 
 
 @dataclass(frozen=True, slots=True)

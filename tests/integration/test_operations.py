@@ -13,7 +13,7 @@ import urllib.request
 
 from .peers import base_config, raw_exchange, wait_for
 
-FIELDS = {"ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
+FIELDS = {"ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr", "egress_ip",
           "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason"}  # the README's list
 
 

@@ -328,3 +328,16 @@ def test_screenshot_is_a_real_png_showing_the_marks(scene):
     assert len(distinct) > 8, "the screenshot is (nearly) blank"
     assert count_colour(rows, RED) > 500, "no red MISMATCH mark / NOT READY banner in the screenshot"
     assert count_colour(rows, GREEN) > 200, "no green OK mark in the screenshot"
+
+
+def test_open_connections_table_shows_the_tunnel(scene):
+    rows = scene.mismatch.tables["open"]
+    header = ["age", "client", "from", "state", "profile", "egress address", "egress IP", "target", "bytes"]
+    tunnels = [dict(zip(header, (c.text for c in row), strict=True)) for row in rows]
+    tunnels = [t for t in tunnels if t["state"] == "tunnel"]
+    assert len(tunnels) == 1, rows
+    t = tunnels[0]
+    assert (t["client"], t["from"], t["profile"]) == ("crawler", "127.0.0.1", "pinned"), t
+    assert (t["egress address"], t["egress IP"]) == ("127.0.0.2", "127.0.0.2"), t  # the attested member
+    assert t["target"].startswith("127.0.0.1:") and t["bytes"] == "5 B / 5 B", t
+    assert t["age"].endswith("s"), t

@@ -46,17 +46,17 @@ IDENTIFY = [
     ("10.8.0.5", basic("job-x+other", "sx"), None, "cred-x", "other", None),  # decide() judges the profile
     ("10.8.0.5", basic("job-x", "wrong"), None, AuthRequired, None, "bad_credentials"),
     # Credentials presented match only credentialed rules: never a fall-through to an anonymous one.
-    ("10.8.0.5", basic("job-x+", "sx"), None, AuthRequired, None, "bad_credentials"),
+    ("10.8.0.5", basic("job-x+", "sx"), None, AuthRequired, None, "unknown_user"),
     ("10.8.0.5", None, "job-y", "cert-y", None, None),
     ("10.8.0.5", None, "someone-else", "any-10", None, None),  # neither cred-x nor cert-y: next rule
     ("10.8.0.5", basic("job-x", "wrong"), "job-y", AuthRequired, None, "bad_credentials"),  # no fall-through
     ("10.8.1.5", None, None, "subnet-10-8-1", None, None),  # first match by CIDR, after the skipped ones
     ("10.8.1.5", basic("job-x", "sx"), None, "cred-x", None, None),  # credentials pick the earlier rule
     ("10.9.0.1", None, None, "any-10", None, None),
-    ("10.9.0.1", basic("nobody", "x"), None, AuthRequired, None, "bad_credentials"),  # no rule takes them
+    ("10.9.0.1", basic("nobody", "x"), None, AuthRequired, None, "unknown_user"),  # no rule takes them
     ("192.0.2.1", basic("roamer", "sr"), None, "roaming", None, None),  # from: any address
     ("192.0.2.1", basic("roamer", "bad"), None, AuthRequired, None, "bad_credentials"),
-    ("192.0.2.1", basic("nobody", "x"), None, AuthRequired, None, "bad_credentials"),
+    ("192.0.2.1", basic("nobody", "x"), None, AuthRequired, None, "unknown_user"),
     ("192.0.2.1", None, None, AuthRequired, None, "auth_required"),  # 407, not 403
     ("2001:db8::5", None, None, "v6", None, None),
     ("::ffff:10.9.0.1", None, None, "any-10", None, None),  # IPv4-mapped peer judged as IPv4
@@ -100,6 +100,27 @@ def test_status_codes_407_and_403() -> None:
     assert wrong.value.status == 407
 
 
+def test_unknown_user_and_wrong_password_look_the_same_to_the_client() -> None:
+    """No user enumeration: the answer's detail is identical; only the reason (logged, never
+    sent) and the tried user name (logged, bounded) tell the cases apart."""
+    reg = registry()
+    refusals = {}
+    for user in ("job-x", "nobody"):
+        with pytest.raises(AuthRequired) as info:
+            reg.identify("10.8.0.5", basic(user, "wrong"))
+        refusals[user] = info.value
+    known, unknown = refusals["job-x"], refusals["nobody"]
+    assert known.detail == unknown.detail and known.proxy_status == unknown.proxy_status
+    assert (known.reason, unknown.reason) == ("bad_credentials", "unknown_user")
+    assert (known.user, unknown.user) == ("job-x", "nobody")
+    with pytest.raises(AuthRequired) as long_name:
+        reg.identify("10.8.0.5", basic("u" * 500, "x"))
+    assert long_name.value.user == "u" * 64 + "..."
+    with pytest.raises(AuthRequired) as none:
+        reg.identify("192.0.2.1", None)
+    assert none.value.user is None
+
+
 def test_admits_and_candidates() -> None:
     reg = registry()
     assert reg.admits("10.8.0.1")
@@ -134,7 +155,8 @@ def test_pending_check_flow_wrong_password(hashed: str) -> None:
     assert first.run() is False
     with pytest.raises(AuthRequired) as info:
         reg.identify("10.0.0.1", basic("u", "wrong"))
-    assert info.value.reason == "bad_credentials"
+    assert info.value.reason == "bad_credentials" and info.value.user == "u"
+    assert first.user == "u"  # (the dispatcher's 407 after a failed check names it too)
     # a different (right) password is not affected by the remembered failure
     assert isinstance(reg.identify("10.0.0.1", basic("u", "hunter2")), PendingCheck)
 
@@ -184,9 +206,11 @@ def test_anonymous_rule_listed_first_never_captures_credentialed_requests() -> N
                                        profiles=("vendor-x",))])
     right = reg.identify("127.0.0.1", basic("job-x", "s3cret"))
     assert isinstance(right, Identity) and right.client.name == "job-x"
-    for wrong in (basic("job-x", "guess"), basic("job-x+vendor-x", "guess"), basic("someone", "s3cret")):
+    for wrong, reason in ((basic("job-x", "guess"), "bad_credentials"),
+                          (basic("job-x+vendor-x", "guess"), "bad_credentials"),
+                          (basic("someone", "s3cret"), "unknown_user")):
         with pytest.raises(AuthRequired) as info:
             reg.identify("127.0.0.1", wrong)
-        assert info.value.status == 407 and info.value.reason == "bad_credentials"
+        assert info.value.status == 407 and info.value.reason == reason
     anonymous = reg.identify("127.0.0.1", None)  # no credentials: the anonymous rule still matches
     assert isinstance(anonymous, Identity) and anonymous.client.name == "local"

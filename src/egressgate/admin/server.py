@@ -4,7 +4,9 @@
 - ``GET /readyz``: 200 when listeners are up, a config is loaded, the gateway is not draining
   and no profile's observed egress IP contradicts its ``expect_ip`` (503 otherwise, JSON reasons);
 - ``GET /metrics``: Prometheus exposition;
-- ``GET /status``: JSON status (version, uptime, config, listeners, profiles, live connections);
+- ``GET /status``: JSON status (version, uptime, config, listeners, profiles, live connections
+  and what each is doing (``connections.open``: the ``OPEN_LIMIT`` oldest), sources refused at
+  the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent));
 - ``GET /``: a status page that refreshes itself;
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
 
@@ -37,6 +39,8 @@ from ..observe.merge import Merger
 from ..proxy.server import Gateway
 
 Reloader = Callable[[], Awaitable[None]]
+OPEN_LIMIT = 200  # open connections listed in /status, oldest first
+REFUSED_LIMIT = 100  # sources refused at the gate listed in /status, most recent first
 PID_HEADER = "X-Egressgate-Pid"  # which process answered a worker's private /metrics
 
 
@@ -97,7 +101,8 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
     tunnels = 0
-    for view in gw.open_connections():
+    views = gw.open_connections()  # oldest first
+    for view in views:
         per_client[view["client"]] += 1
         tunnels += view["state"] == "tunnel"
         if view["state"] != "idle":
@@ -128,7 +133,9 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
         "listeners": gw.listeners.names,
         "profiles": profiles,
         "connections": {"total": sum(per_client.values()), "tunnels": tunnels, "by_client": dict(per_client),
-                        "by_profile": dict(per_profile)},
+                        "by_profile": dict(per_profile), "open": views[:OPEN_LIMIT]},
+        "refused_sources": {"total": gw.gate.refused_source_count,
+                            "recent": gw.gate.refused_sources(REFUSED_LIMIT)},
         "recent_denials": list(gw.outcomes.recent_denials)[::-1],
         **({"workers": workers.snapshot()} if workers is not None else {}),
     }

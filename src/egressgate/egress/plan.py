@@ -98,6 +98,14 @@ class ProfilePool:
             if plan in self.members:
                 self.record(plan, check.observed, check.error, check.at)
 
+    def attested_ip(self, plan: EgressPlan) -> str | None:
+        """The public IP the last check of this member saw (None: never checked, or it failed).
+        Asked once per request for its access record: one dict lookup, none without checks."""
+        if not self.checks:
+            return None
+        check = self.checks.get(plan)
+        return check.observed if check is not None else None
+
     def verified(self, plan: EgressPlan) -> bool:
         check = self.checks.get(plan)
         return check is not None and check.error is None and check.observed in self.expect_ip

@@ -22,7 +22,9 @@ from ..model import AccessRecord
 
 _PIPE_BUF = 4096
 FIELDS = ("ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
-          "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason")
+          "egress_ip", "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason")
+# Only on some records: ``user`` (the user name a 407 tried), ``would_deny`` (report mode).
+OPTIONAL_FIELDS = ("user", "would_deny")
 
 
 def json_line(rec: AccessRecord, now: float) -> str:
@@ -30,20 +32,38 @@ def json_line(rec: AccessRecord, now: float) -> str:
     doc = {
         "ts": ts, "client_addr": rec.client_addr, "client": rec.client, "listener": rec.listener,
         "method": rec.method, "target": rec.target, "status": rec.status, "profile": rec.profile,
-        "egress_addr": rec.egress_addr, "upstream_addr": rec.upstream_addr, "bytes_up": rec.bytes_up,
-        "bytes_down": rec.bytes_down, "duration_ms": round((now - rec.start) * 1000, 3), "reason": rec.reason,
+        "egress_addr": rec.egress_addr, "egress_ip": rec.egress_ip, "upstream_addr": rec.upstream_addr,
+        "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down, "duration_ms": round((now - rec.start) * 1000, 3),
+        "reason": rec.reason,
     }
+    if rec.user is not None:
+        doc["user"] = rec.user
     if rec.extra:
         doc.update(rec.extra)
     return json.dumps(doc, separators=(",", ":")) + "\n"
 
 
 def squid_line(rec: AccessRecord, now: float) -> str:
+    """Squid's native format (``logformat squid``), then two fixed extra fields: the egress
+    profile and the egress IP (``-`` when unknown)."""
     elapsed = int((now - rec.start) * 1000)
-    code = "TCP_TUNNEL" if rec.method == "CONNECT" else ("TCP_DENIED" if rec.status in (403, 407) else "TCP_MISS")
+    if rec.status in (403, 407):
+        code = "TCP_DENIED"
+    else:
+        code = "TCP_TUNNEL" if rec.method == "CONNECT" else "TCP_MISS"
     hier = f"HIER_DIRECT/{rec.upstream_addr}" if rec.upstream_addr != "-" else "HIER_NONE/-"
     return (f"{rec.start:.3f} {elapsed:6d} {rec.client_addr} {code}/{rec.status:03d} {rec.bytes_down} "
-            f"{rec.method} {rec.target} {rec.client if rec.client != '-' else '-'} {hier} -\n")
+            f"{rec.method} {_squid_field(rec.target)} {_squid_field(rec.client)} {hier} - "
+            f"{_squid_field(rec.profile)} {rec.egress_ip or '-'}\n")
+
+
+def _squid_field(text: str) -> str:
+    """One space-separated field: never empty, no blanks or control characters."""
+    if not text:
+        return "-"
+    if text.isprintable() and " " not in text:
+        return text
+    return "".join(c if c.isprintable() and c != " " else "%" + format(ord(c) & 0xFF, "02X") for c in text)
 
 
 # The most bytes of formatted records waiting for the writer (``log.max_queue``); beyond it new

@@ -106,6 +106,10 @@ class Metrics:
                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.denied = Counter(PREFIX + "denied_total", "Requests refused by policy or the address guard",
                               ["reason"], registry=r)
+        self.denied_by_client = _KnownNames(Counter(PREFIX + "denied_by_client_total",
+                                                    "Requests refused by policy, authentication or limits (403, "
+                                                    "407, 429), per configured client (- for none)",
+                                                    ["client", "reason"], registry=r), (0,), clients)
         self.would_deny = _KnownNames(Counter(PREFIX + "report_only_denials_total",
                                               "Denials let through because the client is in report mode",
                                               ["client", "reason"], registry=r), (0,), clients)

@@ -1,9 +1,9 @@
 """``Outcomes``: how every request and tunnel ends up accounted for, in one place.
 
 A finished request or tunnel is one access-log record and its metrics (``finished``); a
-refusal or failure is also counted by reason, and a denial remembered among the recent ones
-the admin status shows (``refused``); a report-mode denial let through is counted per client
-(``would_deny``). The access log is swapped on reload (``access_log``).
+refusal or failure is also counted by reason (a denial also per configured client), and a
+denial remembered among the recent ones the admin status shows (``refused``); a report-mode
+denial let through is counted per client (``would_deny``). The access log is swapped on reload (``access_log``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ..errors import GatewayError
+from ..errors import AuthRequired, GatewayError
 from ..model import AccessRecord
 from .accesslog import AccessLog
 from .metrics import Metrics
@@ -37,7 +37,10 @@ class Outcomes:
         """Count a refusal or failure by its reason (its record follows via ``finished``)."""
         rec.reason = err.reason
         if err.status in DENIAL_STATUSES:
+            if isinstance(err, AuthRequired) and err.user is not None:
+                rec.user = err.user  # who a 407 was for (the answer itself does not say why)
             self.metrics.denied.labels(err.reason).inc()
+            self.metrics.denied_by_client.labels(rec.client, err.reason).inc()
             self.recent_denials.append({"ts": time.strftime("%H:%M:%S"), "client": rec.client,
                                         "target": rec.target[:200], "reason": err.reason})
         elif err.status >= 500:

@@ -7,6 +7,11 @@ Password checks against a scrypt hash are slow on purpose; ``identify`` never ru
 the caller's thread. When a check is needed it returns a ``PendingCheck`` whose ``run()`` the
 caller executes off the event loop; the result is remembered (keyed by a keyed digest of the
 credentials, never the password itself) so the next ``identify`` answers at once.
+
+No user enumeration: an unknown user and a wrong password get the same answer
+(``REJECTED``); only the reason, which goes to the access record and not to the client,
+tells them apart (``unknown_user`` / ``bad_credentials``). The 407 carries the user name
+that was tried (bounded, ``USER_LIMIT``) for the record.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from .passwords import verify_password
 from .rules import RuleSet
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
+USER_LIMIT = 64  # characters of a tried user name kept for the access record
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,6 +71,7 @@ class PendingCheck:
     password: str
     encoded: str
     registry: ClientRegistry
+    user: str = ""  # the user name tried (for the record of a refusal)
 
     def run(self) -> bool:
         ok = verify_password(self.password, self.encoded)
@@ -117,7 +125,7 @@ class ClientRegistry:
                     return verdict
                 if verdict:
                     return Identity(client, profile)
-                raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+                raise rejected(user, "bad_credentials")
             if creds is not None:
                 continue  # credentials were presented: only an entry with credentials may match them
             if client.cert_subject is not None:
@@ -125,10 +133,10 @@ class ClientRegistry:
                     return Identity(client, None)
                 continue
             return Identity(client, None)
-        if wanted_credentials or creds is not None:
-            reason = "bad_credentials" if creds is not None else "auth_required"
-            raise AuthRequired("proxy credentials required" if creds is None else "unknown proxy user",
-                               reason=reason)
+        if creds is not None:
+            raise rejected(creds[0], "unknown_user")
+        if wanted_credentials:
+            raise AuthRequired("proxy credentials required", reason="auth_required")
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
 
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
@@ -138,12 +146,17 @@ class ClientRegistry:
         known = self._verified.get(key)
         if known is not None:
             return known
-        return PendingCheck(key, password, client.password_hash or "", self)
+        return PendingCheck(key, password, client.password_hash or "", self, user)
 
     def _remember(self, key: bytes, ok: bool) -> None:
         if len(self._verified) > 4096:
             self._verified.clear()
         self._verified[key] = ok
+
+
+def rejected(user: str, reason: str) -> AuthRequired:
+    """The 407 for credentials that do not match: the same detail whatever the reason."""
+    return AuthRequired(REJECTED, reason=reason, user=user if len(user) <= USER_LIMIT else user[:USER_LIMIT] + "...")
 
 
 def _basic_credentials(value: bytes) -> tuple[str, str]:

@@ -30,16 +30,18 @@ from .upstream import Upstream, UpstreamPool
 
 
 class Link:
-    """A connection ready for a request: ``reused`` from the pool or new, ``chained`` through
-    an upstream proxy (whose credentials a forwarded request carries), and the bytes a chained
-    proxy sent after its CONNECT reply (``leftover``)."""
+    """A connection ready for a request: ``reused`` from the pool or new, through which egress
+    member (``plan``: its attested IP goes into the record), ``chained`` through an upstream
+    proxy (whose credentials a forwarded request carries), and the bytes a chained proxy sent
+    after its CONNECT reply (``leftover``)."""
 
-    __slots__ = ("upstream", "reused", "chained", "leftover")
+    __slots__ = ("upstream", "reused", "plan", "chained", "leftover")
 
-    def __init__(self, upstream: Upstream, reused: bool, chained: UpstreamProxy | None = None,
+    def __init__(self, upstream: Upstream, reused: bool, plan: EgressPlan, chained: UpstreamProxy | None = None,
                  leftover: bytes = b"") -> None:
         self.upstream = upstream
         self.reused = reused
+        self.plan = plan
         self.chained = chained
         self.leftover = leftover
 
@@ -63,7 +65,7 @@ class Connector:
         up = self.pool.take(self._pool_key(r, plan))
         if up is None:
             return None
-        return Link(up, True, plan.upstream)
+        return Link(up, True, plan, plan.upstream)
 
     def release(self, up: Upstream, key: tuple) -> None:
         self.pool.put(up, key, self.loop.time())
@@ -89,7 +91,7 @@ class Connector:
             if pooled:
                 up = self.pool.take((plan.key, addresses[0], port))
                 if up is not None:
-                    return Link(up, True)
+                    return Link(up, True, plan)
             try:
                 up = await self.dial(plan, pool, addresses, port)
             except UpstreamError as err:
@@ -99,7 +101,7 @@ class Connector:
                 continue
             if not connect:
                 up.key = (plan.key, up.remote, port)
-            return Link(up, False)
+            return Link(up, False, plan)
         raise last or UpstreamError("no usable egress address in profile " + pool.name)
 
     async def _via_upstream_proxy(self, r: Route, connect: bool, pooled: bool, chain_timeout: float) -> Link:
@@ -112,7 +114,7 @@ class Connector:
                 if pooled:
                     up = self.pool.take(key)
                     if up is not None:
-                        return Link(up, True, proxy)
+                        return Link(up, True, plan, proxy)
                 addresses = [proxy.address.host] if proxy.address.is_ip else await self.resolve(proxy.address.host)
                 up = await self.dial(plan, pool, addresses, proxy.address.port)
             except UpstreamError as err:
@@ -123,9 +125,9 @@ class Connector:
             pool.mark_up(plan)
             if connect:
                 leftover = await chain.open_tunnel(up, r.dest, proxy.authorization, chain_timeout)
-                return Link(up, False, proxy, leftover)
+                return Link(up, False, plan, proxy, leftover)
             up.key = key
-            return Link(up, False, proxy)
+            return Link(up, False, plan, proxy)
         raise last or UpstreamError("no upstream proxy of profile " + pool.name + " is reachable")
 
     async def resolve(self, host: str) -> list[str]:

@@ -17,10 +17,10 @@ its last credentials under a given runtime, and the client its connection counts
 
 from __future__ import annotations
 
-from ..errors import AuthRequired, GatewayError
+from ..errors import GatewayError
 from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
-from ..policy.clients import Identity, PendingCheck
+from ..policy.clients import Identity, PendingCheck, rejected
 from . import whoami
 from .connector import Connector, Link
 from .forward import Exchange
@@ -125,7 +125,7 @@ class Dispatcher:
         ok = await self.auth.check(who.peer, pending)
         result = rt.clients.identify(who.peer, auth, who.cert_subject) if ok else None
         if not isinstance(result, Identity):
-            raise AuthRequired("wrong proxy credentials", reason="bad_credentials")
+            raise rejected(pending.user, "bad_credentials")
         return self._identified(who, rt, auth, result, rec)
 
     def _identified(self, who: Who, rt: Runtime, auth: bytes | None, identity: Identity,

@@ -2,14 +2,19 @@
 is parsed, and again once a load balancer's PROXY header has said who the client is.
 
 ``admit`` and ``after_proxy_header`` are pure: they return an ``Admission`` (and the
-client's address); ``Gate.refused`` counts and logs a refusal (one log line per 10 s at
-most, so a flood of refused peers cannot flood the log). The connection acts on the verdict.
+client's address); ``Gate.refused`` counts a refusal, keeps a per-source summary for the
+admin status (``refused_sources``: bounded) and logs it: at most one line per source per
+``REJECTED_LOG_EVERY`` seconds, with the count of refusals not logged since, and at most
+``REJECTED_LOG_BURST`` lines per such period in all, so a flood of refused peers cannot flood
+the log. The connection acts on the verdict.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import time
+from collections import OrderedDict
 
 from ..errors import GatewayError
 from ..http1 import proxy_protocol
@@ -18,7 +23,10 @@ from ..observe.metrics import Metrics
 from .runtime import Runtime
 
 PROXY_HEADER_MAX = 600  # bytes collected before a PROXY header must have ended (v1: 107, v2: 16 + TLVs)
-REJECTED_LOG_EVERY = 10.0
+REJECTED_LOG_EVERY = 10.0  # seconds between two log lines about one source
+REJECTED_LOG_BURST = 100  # log lines about refused sources per REJECTED_LOG_EVERY, all sources together
+REFUSED_SOURCES = 1000  # sources remembered (the least recently refused are forgotten first)
+LOGGED_VERDICTS = frozenset({"source_not_allowed", "untrusted_proxy"})
 
 
 class Admission(enum.Enum):
@@ -66,21 +74,73 @@ def after_proxy_header(buf: bytes, peer: str, rt: Runtime) -> tuple[Admission | 
     return Admission.ADMIT, peer, consumed
 
 
-class Gate:
-    """Counts and logs refused connections."""
+class _Source:
+    __slots__ = ("count", "last_seen", "reason", "logged_at", "unlogged")
 
-    def __init__(self, metrics: Metrics, clock) -> None:
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_seen = 0.0  # wall clock, for people
+        self.reason = ""
+        self.logged_at = float("-inf")  # monotonic
+        self.unlogged = 0  # refusals since the last log line about this source
+
+
+class Gate:
+    """Counts, summarises and logs refused connections."""
+
+    def __init__(self, metrics: Metrics, clock, wall=time.time) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._logged = float("-inf")
+        self._wall = wall
+        self._sources: OrderedDict[str, _Source] = OrderedDict()  # least recently refused first
+        self._window = float("-inf")  # start of the current log budget period
+        self._budget = REJECTED_LOG_BURST
 
     def refused(self, verdict: Admission, addr: str) -> None:
         self._metrics.rejected_connections.labels(verdict.value).inc()
-        if verdict in (Admission.SOURCE_NOT_ALLOWED, Admission.UNTRUSTED_PROXY):
-            now = self._clock()
-            if now - self._logged >= REJECTED_LOG_EVERY:
-                self._logged = now
-                log_event("connection_rejected", client_addr=addr, reason=verdict.value)
+        if addr == "-":
+            return
+        src = self._sources.get(addr)
+        if src is None:
+            src = self._sources[addr] = _Source()
+            if len(self._sources) > REFUSED_SOURCES:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(addr)
+        src.count += 1
+        src.last_seen = self._wall()
+        src.reason = verdict.value
+        if verdict.value not in LOGGED_VERDICTS:
+            return
+        src.unlogged += 1
+        now = self._clock()
+        if now - src.logged_at < REJECTED_LOG_EVERY:
+            return
+        if now - self._window >= REJECTED_LOG_EVERY:
+            self._window, self._budget = now, REJECTED_LOG_BURST
+        if self._budget <= 0:
+            return
+        self._budget -= 1
+        log_event("connection_rejected", client_addr=addr, reason=verdict.value, count=src.unlogged,
+                  suppressed=src.unlogged - 1, total=src.count)
+        src.logged_at = now
+        src.unlogged = 0
+
+    def refused_sources(self, limit: int = 100) -> list[dict]:
+        """The most recently refused sources, newest first: address, refusals since start (or
+        since the source was last forgotten), when last seen, and why."""
+        out = []
+        for addr in reversed(self._sources):
+            if len(out) >= limit:
+                break
+            src = self._sources[addr]
+            out.append({"client_addr": addr, "count": src.count, "last_seen": round(src.last_seen, 3),
+                        "reason": src.reason})
+        return out
+
+    @property
+    def refused_source_count(self) -> int:
+        return len(self._sources)
 
 
 def subject_cn(cert: dict | None) -> str | None:

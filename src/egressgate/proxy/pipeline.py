@@ -207,6 +207,7 @@ class RequestPipeline:
         if self.conn.closed:
             up.transport.close()
             return
+        ex.record.egress_ip = ex.route.pool.attested_ip(step.plan)
         if ex.connect:
             self.early = None
             self.conn.open_tunnel(ex, step)

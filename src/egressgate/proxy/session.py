@@ -288,6 +288,7 @@ class ClientConnection(asyncio.Protocol):
             "profile": rec.profile if rec is not None else "-",
             "target": rec.target[:200] if rec is not None else "-",
             "egress_addr": rec.egress_addr if rec is not None else "-",
+            "egress_ip": rec.egress_ip if rec is not None else None,
             "bytes_up": moved[0], "bytes_down": moved[1],
             "age_seconds": round(time.time() - rec.start if rec is not None else
                                  now - (self.http.since if self.http is not None else now), 3),
