@@ -29,8 +29,8 @@ from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_w
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
 RESTART_KEYS = ("workers",)
-LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "timeouts", "limits", "drain", "log", "probe", "dns",
-             "reload")
+LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "forwarding", "timeouts", "limits", "drain", "log",
+             "probe", "dns", "reload")
 
 
 def _admin_token(admin) -> str | None:

@@ -19,6 +19,7 @@ from .egress.localaddr import addresses_in, local_addresses
 from .egress.plan import build_pool
 from .egress.resolver import Resolver
 from .errors import ConfigError
+from .http1.rewrite import Forwarding
 from .model import parse_socket_address
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
@@ -83,6 +84,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
                         for listener in config.listen if listener.proxy_protocol},
+        forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
     )
 
 

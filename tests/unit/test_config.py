@@ -172,6 +172,20 @@ def test_limit_defaults() -> None:
     assert (cfg.log.max_queue, cfg.admin.idle_timeout, cfg.admin.max_connections) == (8 << 20, 10.0, 64)
 
 
+def test_forwarding_defaults_leak_no_client_address() -> None:
+    cfg = load_config_text("", FILE)
+    assert (cfg.forwarding.via, cfg.forwarding.x_forwarded_for) == (True, "strip")
+    cfg = load("forwarding: {via: false, x_forwarded_for: keep}\n")
+    assert (cfg.forwarding.via, cfg.forwarding.x_forwarded_for) == (False, "keep")
+
+
+@pytest.mark.parametrize(("key", "yaml_value"), [("x_forwarded_for", "drop"), ("x_forwarded_for", "true"),
+                                                  ("via", "'sometimes'"), ("client_ip", "strip")])
+def test_bad_forwarding_names_the_key(key: str, yaml_value: str) -> None:
+    errors = errors_of(f"forwarding:\n  {key}: {yaml_value}\n")
+    assert len(errors) == 1 and errors[0].startswith(f"{FILE}:2: forwarding.{key}: "), errors
+
+
 # ------------------------------------------------------------------------------ error format and lines
 
 ERRORS = [

@@ -8,7 +8,7 @@ import pytest
 
 from egressgate import errors
 from egressgate.http1.parse import ResponseParser
-from egressgate.http1.responses import CONNECT_OK, error_response, simple_response
+from egressgate.http1.responses import CONNECT_OK, PHRASE_LIMIT, PHRASES, error_response, simple_response
 
 
 class _Sink:
@@ -114,8 +114,82 @@ def test_keep_alive_error_response() -> None:
 
 def test_status_line_phrases() -> None:
     assert error_response(errors.AuthRequired("x")).startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
-    assert error_response(errors.PolicyDenied("x")).startswith(b"HTTP/1.1 403 Forbidden\r\n")
-    assert error_response(errors.GatewayError("x", status=599)).startswith(b"HTTP/1.1 599 Error\r\n")
+    assert error_response(errors.PolicyDenied("x", reason="destination_not_allowed")).startswith(
+        b"HTTP/1.1 403 Destination Not Allowed\r\n")
+    assert error_response(errors.PolicyDenied("x", reason="connect_port_not_allowed")).startswith(
+        b"HTTP/1.1 403 Connect Port Not Allowed\r\n")
+    assert error_response(errors.AddressProhibited("x")).startswith(b"HTTP/1.1 403 Destination IP Prohibited\r\n")
+    assert error_response(errors.LimitReached("x")).startswith(b"HTTP/1.1 429 Client Limit Reached\r\n")
+    assert error_response(errors.DnsError("x")).startswith(b"HTTP/1.1 502 DNS Lookup Failed\r\n")
+    assert error_response(errors.UpstreamTimeout("x")).startswith(b"HTTP/1.1 504 Destination Connect Timeout\r\n")
+    assert error_response(errors.GatewayError("x", status=599)).startswith(b"HTTP/1.1 599 Internal Proxy Error\r\n")
+
+
+def test_the_body_repeats_the_status_line() -> None:
+    sink = parse(error_response(errors.PolicyDenied("api.example:443 for client c (allow)",
+                                                    reason="destination_not_allowed")))
+    assert sink.body == b"403 Destination Not Allowed: api.example:443 for client c (allow)\n"
+
+
+SAFE_PHRASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .:/-]*$")
+
+
+@pytest.mark.parametrize("reason", sorted(PHRASES))
+def test_table_phrases_are_ascii_bounded_and_safe(reason: str) -> None:
+    phrase = PHRASES[reason]
+    assert SAFE_PHRASE.match(phrase) and len(phrase) <= PHRASE_LIMIT, phrase
+
+
+@pytest.mark.parametrize(("reason", "phrase"), [
+    ("some_new_reason", "Some New Reason"),
+    ("x" * 200, "X" + "x" * (PHRASE_LIMIT - 1)),
+    ("evil\r\nSet-Cookie: a=1", "Evil Set Cookie A 1"),
+    ("b\u00fccher", "B Cher"),
+    ("", "Forbidden"),
+    ("___", "Forbidden"),
+])
+def test_unlisted_reasons_fall_back_to_title_case(reason: str, phrase: str) -> None:
+    raw = error_response(errors.PolicyDenied("x", reason=reason))
+    assert raw.startswith(f"HTTP/1.1 403 {phrase}\r\n".encode())
+    assert parse(raw).head.status == 403
+
+
+def _raised_reasons() -> set[str]:
+    """Every reason the source code gives an error: class attributes of error classes, reason=
+    keywords of calls that build one, and the reasons policy.decide and the pools return."""
+    import ast
+    import pathlib
+
+    import egressgate
+
+    root = pathlib.Path(egressgate.__file__).parent
+    found: set[str] = set()
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["reason"]
+                            and isinstance(stmt.value, ast.Constant)):
+                        found.add(stmt.value.value)
+            elif isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+                if name in ("log_event", "labels"):
+                    continue
+                for kw in node.keywords:
+                    if kw.arg == "reason" and isinstance(kw.value, ast.Constant):
+                        found.add(kw.value.value)
+                if name == "Decision" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
+                    found.add(node.args[1].value)
+            elif (isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and node.value.elts
+                  and isinstance(node.value.elts[0], ast.Constant) and path.name == "plan.py"):
+                found.add(node.value.elts[0].value)  # ProfilePool.refusal(): (reason, detail)
+    return {r for r in found if isinstance(r, str)} - {"allowed"}
+
+
+def test_every_reason_in_the_code_has_a_phrase() -> None:
+    missing = _raised_reasons() - set(PHRASES)
+    assert not missing, f"add these reasons to http1.responses.PHRASES: {sorted(missing)}"
 
 
 def test_simple_response() -> None:

@@ -7,6 +7,9 @@ import pytest
 from egressgate.errors import ClientProtocolError
 from egressgate.http1.parse import RequestHead, RequestParser, ResponseHead, ResponseParser
 from egressgate.http1.rewrite import (
+    CLIENT_ADDRESS_FIELDS,
+    DEFAULT_FORWARDING,
+    Forwarding,
     connection_tokens,
     parse_absolute_target,
     request_head_bytes,
@@ -62,9 +65,9 @@ def names(head_bytes: bytes) -> list[bytes]:
     return [name.lower() for name, _ in fields(head_bytes)]
 
 
-def forward(raw: bytes, **kw) -> bytes:
+def forward(raw: bytes, fwd: Forwarding = DEFAULT_FORWARDING, **kw) -> bytes:
     head = request(raw)
-    return request_head_bytes(head, parse_absolute_target(head.target), VIA, **kw)
+    return request_head_bytes(head, parse_absolute_target(head.target), fwd, **kw)
 
 
 # ------------------------------------------------------------------------------ parse_absolute_target
@@ -192,6 +195,48 @@ def test_via_added_and_appended() -> None:
     assert [v for n, v in fields(out) if n == b"Via"] == [VIA]
     out = forward(b"GET http://example.com/ HTTP/1.1\r\nVia: 1.0 first, 1.1 second\r\n\r\n")
     assert [v for n, v in fields(out) if n.lower() == b"via"] == [b"1.0 first, 1.1 second, " + VIA]
+
+
+CLIENT_ADDRESSES = (
+    b"GET http://example.com/ HTTP/1.1\r\n"
+    b"X-Forwarded-For: 10.8.1.2, 10.0.0.7\r\n"
+    b"Forwarded: for=10.8.1.2;by=10.0.0.7\r\n"
+    b"X-Real-IP: 10.8.1.2\r\n"
+    b"x-forwarded-host: collector.internal\r\n"
+    b"True-Client-IP: 10.8.1.2\r\n"
+    b"X-Forwarded-Proto: http\r\n"
+    b"Accept: */*\r\n\r\n"
+)
+
+
+def test_client_address_fields_are_stripped_by_default() -> None:
+    out = forward(CLIENT_ADDRESSES)
+    assert not set(names(out)) & CLIENT_ADDRESS_FIELDS, names(out)
+    assert b"10.8.1.2" not in out and b"collector.internal" not in out
+    assert names(out) == [b"host", b"x-forwarded-proto", b"accept", b"via"]
+
+
+def test_client_address_fields_kept_when_configured() -> None:
+    out = forward(CLIENT_ADDRESSES, Forwarding.compile(via=True, x_forwarded_for="keep"))
+    assert names(out) == [b"host", b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host",
+                          b"true-client-ip", b"x-forwarded-proto", b"accept", b"via"]
+    assert (b"X-Forwarded-For", b"10.8.1.2, 10.0.0.7") in fields(out)
+    # keep never relaxes hop-by-hop removal
+    assert b"proxy-authorization" not in names(forward(HOP_BY_HOP_REQUEST, Forwarding.compile(True, "keep")))
+
+
+def test_compiled_defaults_equal_the_default() -> None:
+    assert Forwarding.compile(via=True, x_forwarded_for="strip") == Forwarding()
+    assert Forwarding().via == VIA
+
+
+def test_via_off_adds_no_entry_and_keeps_received_ones() -> None:
+    off = Forwarding.compile(via=False, x_forwarded_for="strip")
+    assert b"via" not in names(forward(b"GET http://example.com/ HTTP/1.1\r\n\r\n", off))
+    out = forward(b"GET http://example.com/ HTTP/1.1\r\nVia: 1.0 first\r\nVia: 1.1 second\r\n\r\n", off)
+    assert [v for n, v in fields(out) if n.lower() == b"via"] == [b"1.0 first, 1.1 second"]
+    head = response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert b"via" not in names(response_head_bytes(head, None, "length", keep_alive=True))
 
 
 def test_several_via_fields_are_all_kept() -> None:

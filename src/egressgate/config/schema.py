@@ -213,6 +213,15 @@ class SecurityConfig(_Model):
     allow_private: list[Network] = []
 
 
+class ForwardingConfig(_Model):
+    """What forwarded plain-HTTP requests tell the origin about the gateway and the client."""
+
+    via: bool = True  # add "Via: 1.1 egressgate" (a pseudonym) to requests and responses
+    # strip: remove client-address fields (X-Forwarded-For, Forwarded, X-Real-IP, ...) the
+    # client sent; keep: forward them as sent. The gateway never adds the client's address.
+    x_forwarded_for: Literal["strip", "keep"] = "strip"
+
+
 class TimeoutsConfig(_Model):
     client_head: Duration = 10.0  # from connection (or previous response) to a complete request head
     client_idle: Duration = 60.0  # keep-alive idle between requests
@@ -270,6 +279,7 @@ class Config(_Model):
     egress: dict[str, ProfileConfig] = Field(default_factory=lambda: {"default": ProfileConfig(direct={})})
     clients: list[ClientConfig] = Field(default_factory=_default_clients)
     security: SecurityConfig = SecurityConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
     drain: DrainConfig = DrainConfig()

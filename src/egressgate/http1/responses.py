@@ -1,5 +1,12 @@
 """Responses the proxy itself makes: errors with an RFC 9209 ``Proxy-Status`` header and a
-one-line plain-text body, and the CONNECT success line. Sans-IO."""
+one-line plain-text body, and the CONNECT success line. Sans-IO.
+
+The reason phrase of an error names its reason (``403 Destination Not Allowed``): for a
+failed CONNECT most clients (Python requests, curl) show the status line and nothing else.
+The phrase comes from ``PHRASES`` (or, for a reason not listed there, the reason in title
+case), never from client-controlled text, and is ASCII letters, digits, spaces and a few
+punctuation marks, at most ``PHRASE_LIMIT`` characters.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,61 @@ from ..errors import AuthRequired, GatewayError
 
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 PROXY_NAME = "egressgate"
+WHOAMI_URL = "http://egressgate.whoami/"
+PHRASE_LIMIT = 64
+
+# reason (errors.py, policy, proxy) -> the reason phrase of the status line
+PHRASES = {
+    # 400, 408, 431: the request
+    "bad_request": "Bad Request",
+    "bad_host": "Bad Destination Host",
+    "bad_port": "Bad Destination Port",
+    "bad_target": "Bad Request Target",
+    "bad_scheme": "Unsupported URL Scheme",
+    "origin_form": "Absolute URI Required",
+    "proxy_protocol": "Bad PROXY Protocol Header",
+    "whoami_over_connect": f"Use {WHOAMI_URL}",
+    "client_timeout": "Request Timeout",
+    "head_too_large": "Request Header Fields Too Large",
+    # 407
+    "auth_required": "Proxy Authentication Required",
+    "bad_credentials": "Proxy Credentials Rejected",
+    "unknown_user": "Proxy Credentials Rejected",  # (the same answer: no user enumeration)
+    # 403
+    "denied": "Request Denied",
+    "client_not_allowed": "Client Not Allowed",
+    "profile_not_allowed": "Egress Profile Not Allowed",
+    "destination_not_allowed": "Destination Not Allowed",
+    "destination_denied": "Destination Denied",
+    "destination_ip_prohibited": "Destination IP Prohibited",
+    "connect_port_not_allowed": "Connect Port Not Allowed",
+    # 429
+    "connection_limit_reached": "Client Limit Reached",
+    "rate_limited": "Client Rate Limited",
+    # 500, 503
+    "internal_error": "Internal Proxy Error",
+    "unavailable": "Service Unavailable",
+    "max_connections": "Gateway At Connection Limit",
+    "egress_ip_unverified": "Egress IP Unverified",
+    "egress_ip_mismatch": "Egress IP Mismatch",
+    # 502
+    "upstream_error": "Bad Gateway",
+    "dns_error": "DNS Lookup Failed",
+    "connection_refused": "Destination Refused Connection",
+    "connect_failed": "Destination Connect Failed",
+    "unreachable": "Destination Unreachable",
+    "family_mismatch": "Egress Address Family Mismatch",
+    "source_unavailable": "Egress Source Address Unavailable",
+    "upstream_protocol_error": "Bad Response From Upstream",
+    "upstream_refused": "Upstream Proxy Refused Connect",
+    "upstream_closed": "Upstream Closed Connection",
+    # 504
+    "connect_timeout": "Destination Connect Timeout",
+    "dns_timeout": "DNS Lookup Timeout",
+    "upstream_timeout": "Upstream Proxy Timeout",
+    "response_timeout": "Origin Response Timeout",
+    "idle_timeout": "Idle Timeout",
+}
 
 
 def _phrase(status: int) -> str:
@@ -18,6 +80,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def reason_phrase(err: GatewayError) -> str:
+    """The status line's phrase for ``err``: from ``PHRASES``, else its reason in title case."""
+    phrase = PHRASES.get(err.reason)
+    if phrase is None:
+        words = "".join(c if c.isascii() and c.isalnum() else " " for c in str(err.reason)).split()
+        phrase = " ".join(w[:1].upper() + w[1:] for w in words)[:PHRASE_LIMIT].strip() or _phrase(err.status)
+    return phrase
+
+
 def _quoted(text: str) -> str:
     clean = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
     return clean.replace("\\", "\\\\").replace('"', '\\"')
@@ -25,7 +96,7 @@ def _quoted(text: str) -> str:
 
 def error_response(err: GatewayError, keep_alive: bool = False) -> bytes:
     status = err.status
-    phrase = _phrase(status)
+    phrase = reason_phrase(err)
     body = f"{status} {phrase}: {_quoted(err.detail)}\n".encode()
     lines = [
         f"HTTP/1.1 {status} {phrase}",

@@ -1,5 +1,11 @@
 """Header rewriting for forwarding (RFC 9110 §7.6): hop-by-hop fields removed, ``Via`` added,
 ``Host`` made to agree with the absolute URI, framing re-declared by the proxy. Sans-IO.
+
+What a forwarded request says about the client is a ``Forwarding`` value, compiled once from
+the ``forwarding`` config (``build.py``): by default the fields a client (or a proxy in front
+of the gateway) sends to name client addresses (``CLIENT_ADDRESS_FIELDS``: X-Forwarded-For,
+Forwarded, X-Real-IP, ...) are removed, the gateway never adds the client's address, and
+``Via`` names this hop only by the pseudonym ``egressgate``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,31 @@ HOP_BY_HOP = frozenset({
 })
 PROFILE_HEADER = b"x-egressgate-profile"
 _REMOVED_ON_REQUEST = HOP_BY_HOP | {b"host", PROFILE_HEADER}
+# Request fields that carry client addresses or internal host names; removed unless the
+# config says ``forwarding.x_forwarded_for: keep``.
+CLIENT_ADDRESS_FIELDS = frozenset({
+    b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-real-ip", b"x-client-ip", b"true-client-ip",
+    b"x-originating-ip", b"client-ip",
+})
+VIA = b"1.1 egressgate"  # this hop in Via: a pseudonym, never a host name or address
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What forwarded messages say about this hop and the client: ``via`` is the Via entry to
+    add (None: add none), ``removed`` the request fields never forwarded."""
+
+    via: bytes | None = VIA
+    removed: frozenset[bytes] = _REMOVED_ON_REQUEST | CLIENT_ADDRESS_FIELDS
+
+    @classmethod
+    def compile(cls, via: bool, x_forwarded_for: str) -> Forwarding:
+        """From the config: ``via`` on or off, ``x_forwarded_for`` "strip" or "keep"."""
+        removed = _REMOVED_ON_REQUEST if x_forwarded_for == "keep" else _REMOVED_ON_REQUEST | CLIENT_ADDRESS_FIELDS
+        return cls(VIA if via else None, removed)
+
+
+DEFAULT_FORWARDING = Forwarding()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +95,9 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return _tokens(headers)
 
 
-def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
+def request_head_bytes(head: RequestHead, target: AbsoluteTarget, fwd: Forwarding = DEFAULT_FORWARDING,
                        proxy_authorization: str | None = None, absolute: bool = False) -> bytes:
-    """The request head to send upstream (HTTP/1.1, persistent).
+    """The request head to send upstream (HTTP/1.1, persistent), rewritten as ``fwd`` says.
 
     ``absolute`` keeps the absolute-form target, for a chained upstream proxy, which then
     also receives ``proxy_authorization``.
@@ -74,7 +105,7 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
     named = head.connection
     line_target = head.target.encode("latin-1") if absolute else target.origin_form
     out = [head.method.encode("ascii"), b" ", line_target, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
-    _end_to_end(out, head.headers, _REMOVED_ON_REQUEST, named, via)
+    _end_to_end(out, head.headers, fwd.removed, named, fwd.via)
     if head.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -86,8 +117,9 @@ def request_head_bytes(head: RequestHead, target: AbsoluteTarget, via: bytes,
 
 
 def _end_to_end(out: list[bytes], headers: list[tuple[bytes, bytes]], removed: frozenset[bytes],
-                named: frozenset[bytes], via: bytes) -> None:
-    """Append the end-to-end header fields, and one Via field with this hop added."""
+                named: frozenset[bytes], via: bytes | None) -> None:
+    """Append the end-to-end header fields, and one Via field with this hop added (``via``
+    None: the Via fields received, joined, and no entry for this hop)."""
     vias = []
     for name, value in headers:
         lname = name.lower()
@@ -97,8 +129,10 @@ def _end_to_end(out: list[bytes], headers: list[tuple[bytes, bytes]], removed: f
             vias.append(value)
             continue
         out += (name, b": ", value, b"\r\n")
-    vias.append(via)
-    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if via is not None:
+        vias.append(via)
+    if vias:
+        out += (b"Via: ", b", ".join(vias), b"\r\n")
 
 
 def response_framing(head: ResponseHead, client_version: str, request_method: str) -> str:
@@ -110,7 +144,7 @@ def response_framing(head: ResponseHead, client_version: str, request_method: st
     return "chunked" if client_version == "1.1" else "close"
 
 
-def response_head_bytes(head: ResponseHead, via: bytes, framing: str, keep_alive: bool) -> bytes:
+def response_head_bytes(head: ResponseHead, via: bytes | None, framing: str, keep_alive: bool) -> bytes:
     """The response head to send to the client; ``framing`` comes from ``response_framing``."""
     named = head.connection
     reason = head.reason or b"-"

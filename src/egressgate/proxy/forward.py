@@ -56,7 +56,6 @@ class ClientSide(Protocol):
     def retry_fresh(self, ex: Exchange) -> None: ...
     def crashed(self, where: str, exc: BaseException) -> None: ...
 
-VIA = b"1.1 egressgate"
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -151,7 +150,7 @@ class Exchange:
         self.parser = parser
         self.record.upstream_addr = upstream.remote
         self.record.egress_addr = upstream.local
-        upstream.transport.write(request_head_bytes(self.head, self.target, VIA,
+        upstream.transport.write(request_head_bytes(self.head, self.target, self.runtime.forwarding,
                                                     chained.authorization if chained else None, chained is not None))
         self.state = SENDING
         self.sent_at = self.idle_since = now
@@ -211,7 +210,7 @@ class Exchange:
     def on_response_head(self, head: ResponseHead) -> None:
         if head.informational:
             if self.head.version == "1.1" and head.status != 101:
-                self.out.append(response_head_bytes(head, VIA, "none", True))
+                self.out.append(response_head_bytes(head, self.runtime.forwarding.via, "none", True))
             return
         self.state = RESPONDING
         self.response_started = True
@@ -219,7 +218,7 @@ class Exchange:
         self.client_keep = self.client_keep and self.framing != "close" and self.conn.may_keep_alive()
         self.upstream_keep = head.keep_alive
         self.record.status = head.status
-        self.out.append(response_head_bytes(head, VIA, self.framing, self.client_keep))
+        self.out.append(response_head_bytes(head, self.runtime.forwarding.via, self.framing, self.client_keep))
 
     def on_response_body(self, data: bytes) -> None:
         if self.framing == "chunked":

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from ..egress.plan import EgressPlan, ProfilePool
-from ..errors import AddressProhibited, EgressUnverified, PolicyDenied
+from ..errors import AddressProhibited, ClientProtocolError, EgressUnverified, PolicyDenied
 from ..http1.parse import RequestHead
 from ..http1.rewrite import AbsoluteTarget, parse_absolute_target
 from ..model import HostPort
@@ -67,7 +67,8 @@ class Route:
 def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, listener_default: str,
           own: OwnListeners) -> Route:
     """Steps 1 (and 3 for IP literals). Raises ``PolicyDenied`` / ``AddressProhibited`` (403),
-    ``EgressUnverified`` (503), or a ``ClientProtocolError`` (400) for a bad target."""
+    ``EgressUnverified`` (503), or a ``ClientProtocolError`` (400) for a bad target or a
+    CONNECT to ``egressgate.whoami`` (answered only as plain HTTP)."""
     client = identity.client
     if connect:
         dest, target = HostPort.parse_authority(head.target), None
@@ -75,6 +76,10 @@ def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, lis
         target = parse_absolute_target(head.target)
         dest = target.dest
     if dest.host == WHOAMI_HOST:
+        if connect:  # the gateway answers it itself, in plain HTTP: a tunnel has nothing to reach
+            raise ClientProtocolError(f"{WHOAMI_HOST} answers plain HTTP only: use http://{WHOAMI_HOST}/ "
+                                      f"(e.g. curl -x \"$HTTPS_PROXY\" http://{WHOAMI_HOST}/)",
+                                      reason="whoami_over_connect")
         return Route(client, dest, target, None, [], None, whoami=True)
     requested = identity.requested_profile
     if requested is None and head.profile:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
 from ..egress.plan import ProfilePool
+from ..http1.rewrite import Forwarding
 from ..policy.clients import ClientRegistry
 from ..policy.guard import AddressGuard
 
@@ -26,3 +27,4 @@ class Runtime:
     limits: LimitsConfig
     listeners: dict[str, ListenConfig]
     proxy_protocol: dict[str, tuple]  # listener name -> trusted load-balancer networks, if PROXY is on
+    forwarding: Forwarding  # Via and client-address fields of forwarded requests
