@@ -163,7 +163,7 @@ def test_a_reused_connection_is_not_retried_for_a_request_with_a_body(play):
     origin_goes(ut, "reset")
     play.settle()
     assert len(play.connects) == 1
-    assert t.take() == ok_down(b"one") + error(b"502 Bad Gateway", "http_response_incomplete",
+    assert t.take() == ok_down(b"one") + error(b"502 Upstream Closed Connection", "http_response_incomplete",
                                                 "the origin closed the connection before the response was complete")
     assert play.outcomes()[1:] == [("POST", 502, "upstream_closed", 2, 0)]
 
@@ -330,7 +330,9 @@ def test_a_request_refused_at_its_head_keeps_the_connection(play, host, proxy_st
     """403 at once (no dial), keep-alive kept: the next request on the connection is served."""
     conn, t = play.client()
     t.receive(get("/a", host))
-    assert t.take() == error(b"403 Forbidden", proxy_status, detail, keep=True)
+    phrase = {"destination_denied": b"403 Destination Denied",
+              "destination_ip_prohibited": b"403 Destination IP Prohibited"}[reason]
+    assert t.take() == error(phrase, proxy_status, detail, keep=True)
     assert play.outcomes() == [("GET", 403, reason, 0, 0)]
     play.settle()
     assert play.connects == [] and t.calls == []
@@ -344,10 +346,10 @@ def test_a_request_refused_at_its_head_keeps_the_connection(play, host, proxy_st
 
 
 DIAL_FAILURES = [
-    (ConnectRefused("connection to 203.0.113.9:80 refused"), b"502 Bad Gateway", "connection_refused"),
-    (UpstreamTimeout("connect to 203.0.113.9:80 timed out after 10s"), b"504 Gateway Timeout", "connection_timeout"),
+    (ConnectRefused("connection to 203.0.113.9:80 refused"), b"502 Destination Refused Connection", "connection_refused"),
+    (UpstreamTimeout("connect to 203.0.113.9:80 timed out after 10s"), b"504 Destination Connect Timeout", "connection_timeout"),
     (UpstreamError("203.0.113.9:80 unreachable: no route", reason="unreachable",
-                   proxy_status="destination_ip_unroutable"), b"502 Bad Gateway", "destination_ip_unroutable"),
+                   proxy_status="destination_ip_unroutable"), b"502 Destination Unreachable", "destination_ip_unroutable"),
 ]
 
 
@@ -366,9 +368,9 @@ def test_a_dial_failure_is_answered_and_the_connection_closed(play, err, status,
 
 
 UPSTREAM_ENDINGS = {
-    # how the origin goes away -> the record's reason
-    "eof": "upstream_protocol_error",  # a FIN: the response parser finds the response truncated
-    "reset": "upstream_closed",
+    # how the origin goes away -> the record's reason, and the status line's phrase
+    "eof": ("upstream_protocol_error", b"502 Bad Response From Upstream"),  # a FIN: the parser finds it truncated
+    "reset": ("upstream_closed", b"502 Upstream Closed Connection"),
 }
 
 
@@ -376,10 +378,11 @@ UPSTREAM_ENDINGS = {
 def test_an_origin_that_closes_before_answering_is_a_502(play, how):
     conn, t, up, ut = forwarding(play, get("/a"))
     origin_goes(ut, how)
-    assert t.take() == error(b"502 Bad Gateway", "http_response_incomplete",
+    reason, status_line = UPSTREAM_ENDINGS[how]
+    assert t.take() == error(status_line, "http_response_incomplete",
                              "the origin closed the connection before the response was complete")
     assert t.calls == ["close"] and set(ut.calls) == {"abort"}
-    assert play.outcomes() == [("GET", 502, UPSTREAM_ENDINGS[how], 0, 0)]
+    assert play.outcomes() == [("GET", 502, reason, 0, 0)]
     play.settle()
     play.assert_all_closed()
 
@@ -393,7 +396,7 @@ def test_an_origin_that_closes_mid_response_cuts_the_client_short(play, how):
     origin_goes(ut, how)
     assert t.take() == b"partial"
     assert t.calls == ["close"] and set(ut.calls) == {"abort"}
-    assert play.outcomes() == [("GET", 200, UPSTREAM_ENDINGS[how], 0, 7)]
+    assert play.outcomes() == [("GET", 200, UPSTREAM_ENDINGS[how][0], 0, 7)]
     play.settle()
     play.assert_all_closed()
 
@@ -404,7 +407,7 @@ def test_no_response_in_time_is_a_504(play):
     conn.tick(play.loop.time() + 59, play.gw.runtime)
     assert t.take() == b""
     conn.tick(play.loop.time() + 61, play.gw.runtime)
-    assert t.take() == error(b"504 Gateway Timeout", "http_response_timeout", "no response from the origin within 60s")
+    assert t.take() == error(b"504 Origin Response Timeout", "http_response_timeout", "no response from the origin within 60s")
     assert t.calls == ["close"] and set(ut.calls) == {"abort"}
     assert play.outcomes() == [("GET", 504, "response_timeout", 0, 0)]
 
