@@ -120,9 +120,10 @@ class OwnListeners:
     exact: frozenset[tuple[str, int]] = frozenset()
     any_port: frozenset[int] = frozenset()
     local: frozenset[str] = frozenset()
+    exact_ports: frozenset[int] = frozenset()  # the ports in ``exact`` (most requests: none of ours)
 
     def contains(self, address: str, port: int) -> bool:
-        if port not in self.any_port and not self.exact:
+        if port not in self.any_port and port not in self.exact_ports:
             return False
         ip = ipaddress.ip_address(address)
         inner = embedded_ipv4(ip)
@@ -139,4 +140,4 @@ class OwnListeners:
         exact = frozenset((str(ipaddress.ip_address(h)), p) for h, p in bound
                           if not ipaddress.ip_address(h).is_unspecified)
         any_port = frozenset(p for h, p in bound if ipaddress.ip_address(h).is_unspecified)
-        return cls(exact, any_port, frozenset(local))
+        return cls(exact, any_port, frozenset(local), frozenset(p for _, p in exact))

@@ -210,6 +210,7 @@ class RequestPipeline:
         ex.record.egress_ip = ex.route.pool.attested_ip(step.plan)
         if ex.connect:
             self.early = None
+            self.queue.clear()  # (nothing else is queued behind a CONNECT; no cycle outlives the handover)
             self.conn.open_tunnel(ex, step)
             return
         if up.key is not None:
