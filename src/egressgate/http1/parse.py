@@ -205,8 +205,14 @@ class RequestParser(_HeadCollector):
         """True while a request head has begun but is not complete."""
         return self._in_head
 
+    def close(self) -> None:
+        """No more bytes will come: let go of llhttp's parser (it holds this object: a cycle only
+        the garbage collector would otherwise break, keeping the sink and everything it holds
+        alive until then). ``feed`` ignores bytes from now on."""
+        self._http = None
+
     def feed(self, data: bytes) -> bytes | None:
-        while not self._pending_close:  # a loop, not recursion: pipelined Upgrade requests
+        while not self._pending_close and self._http is not None:  # a loop, not recursion: pipelined Upgrade
             try:
                 self._http.feed_data(data)
             except httptools.HttpParserUpgrade as exc:

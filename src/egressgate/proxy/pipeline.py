@@ -98,7 +98,7 @@ class RequestPipeline:
         if rest is not None and self.early is not None:
             if rest:
                 self._early_data(rest)
-            self.parser = None  # a tunnel follows; no more HTTP on this connection
+            self._drop_parser()  # a tunnel follows; no more HTTP on this connection
             return False
         return not self.conn.closed
 
@@ -370,7 +370,7 @@ class RequestPipeline:
                 self._log(other, other.record.status if other.response_started else err.status)
         if answer and self.transport.can_write_eof() and not self.transport.is_closing():
             self.close_queue()
-            self.parser = None
+            self._drop_parser()
             self.early = None
             self.backlog = b""
             self.conn.linger()
@@ -384,9 +384,15 @@ class RequestPipeline:
                 ex.upstream.transport.abort()
         self.queue.clear()
 
+    def _drop_parser(self) -> None:
+        if self.parser is not None:
+            self.parser.close()
+            self.parser = None
+
     def lost(self, reason: str) -> None:
         """The client went away: cancel what is being served, abort its upstream connections,
         and give each request that was being served (and a head cut short) its 499 record."""
+        self._drop_parser()
         if not self.queue and self.head_started is not None and not self.conn.closed:
             self._head_record(reason, 499)
         queue, self.queue = self.queue, []
