@@ -478,16 +478,23 @@ def test_an_exchange_done_while_its_upstream_is_write_paused_resumes_the_client(
     assert t.calls == ["pause_reading", "resume_reading"]
 
 
-def test_connect_data_and_eof_before_the_tunnel_is_up_are_delivered(play):
+def test_a_client_that_closes_before_its_tunnel_is_up_is_gone(play):
+    """A CONNECT's client that sends EOF while the dial is under way is treated as gone, as one
+    that resets: the dial is cancelled and the record says 499, so a client cannot leave dials
+    running behind it (``test_faults``' dialing-clients case, from the outside). A half-closing
+    ``nc -N`` therefore needs its tunnel up before it sends EOF."""
     play.dialer.hold()
     conn, t = play.client()
     t.receive(b"CONNECT 203.0.113.9:443 HTTP/1.1\r\n\r\nhello")
-    t.receive_eof()               # e.g. `printf 'CONNECT ...\r\n\r\nhello' | nc -N`
-    assert t.calls == []          # (was ['close']: eof_received returned False)
+    play.settle()
+    assert len(play.dialer.calls) == 1
+    t.receive_eof()
+    assert t.calls == ["close"]
     play.dialer.release()
     play.settle()
-    up, ut = play.upstream()
-    assert t.take() == CONNECT_OK and ut.take() == b"hello" and ut.calls == ["write_eof"]
+    assert play.dialer.upstreams == []  # the dial was cancelled, not completed
+    assert play.outcomes() == [("CONNECT", 499, "client_closed", 0, 0)]
+    play.assert_all_closed()
 
 
 def test_no_request_is_processed_after_a_connection_close_answer(play):

@@ -335,11 +335,9 @@ class RequestPipeline:
 
     def request_complete(self) -> bool:
         """The client half-closed: is the request being served complete (answer, then close)?
-        A CONNECT is, once its head is in: its tunnel opens half-closed."""
-        if not self.queue:
-            return False
-        ex = self.queue[0]
-        return ex.request_done or ex is self.early
+        Not a CONNECT still dialing: a client that closes before its tunnel is up is gone (its
+        dial is cancelled, 499), so a hostile client cannot leave dials running behind it."""
+        return bool(self.queue) and self.queue[0].request_done
 
     # --- ending -------------------------------------------------------------------------------------
     def protocol_error(self, err: GatewayError) -> None:
