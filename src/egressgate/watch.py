@@ -19,7 +19,10 @@ The first check after start compares the file with what was loaded at start, so 
 that lands while the gateway starts is not lost. Only worker 0 watches; its reload is
 ``App.reload``, the same all-or-nothing reload as SIGHUP, which passes SIGHUP on to the other
 workers. ``Settle`` (when has a change settled?) is pure; ``ConfigWatcher`` does the file
-I/O (run it in an executor); ``watch`` is the loop.
+I/O; ``watch`` is the loop. The poll runs on the event loop itself: a ``stat`` of a local file
+(a ConfigMap volume is tmpfs) takes microseconds and the file is read only once a change has
+settled, while the shared default executor would start threads at moments nobody chose (and
+make password checks queue behind polls).
 """
 
 from __future__ import annotations
@@ -107,13 +110,12 @@ async def watch(watcher: ConfigWatcher, settings: Callable[[], ReloadConfig],
                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """Poll until cancelled. ``settings`` is read every round: a reload may change the
     interval or turn watching off (then the file is not looked at) and on again."""
-    loop = asyncio.get_running_loop()
     while True:
         await sleep(settings().interval)
         if not settings().watch:
             continue
         try:
-            changed, text = await loop.run_in_executor(None, watcher.look)
+            changed, text = watcher.look()
             if changed and watcher.is_new(text):
                 await reload(text)
         except Exception as exc:  # the watcher must never stop
