@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
@@ -33,7 +34,18 @@ LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "forwarding", "
              "probe", "dns", "reload")
 
 
-def _admin_token(admin) -> str | None:
+def _admin_token(admin, source: str) -> str | None:
+    """The bearer token in force, read at start and at every reload. The loader has checked a
+    named file; one that vanished or emptied since fails the start or the reload (never an
+    admin listener left open by accident)."""
+    if admin.token_file:
+        try:
+            token = Path(admin.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{source}:0: admin.token_file: cannot read {admin.token_file}: {exc}"]) from None
+        if not token:
+            raise ConfigError([f"{source}:0: admin.token_file: {admin.token_file} is empty"])
+        return token
     return admin.token or (os.environ.get(admin.token_env) if admin.token_env else None)
 
 
@@ -109,7 +121,7 @@ class App:
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
-            self.admin_token = _admin_token(admin_cfg)
+            self.admin_token = _admin_token(admin_cfg, self.path or EMBEDDED)
             self.admin_server = await self._bind_admin(admin_cfg.address)
             self.admin_address = admin_cfg.address
             await self.admin_server.start_serving()
@@ -226,7 +238,7 @@ class App:
             elif self.worker == 0 and self.admin_server is None and new.admin.address is not None \
                     and old.admin.address is None:
                 raise ConfigError([f"{source}:0: admin.address: turning the admin listener on needs a restart"])
-            token = _admin_token(new.admin)
+            token = _admin_token(new.admin, source)
             if old.log != new.log:
                 try:
                     access_log = AccessLog(new.log.access, new.log.format, max_queue=new.log.max_queue)

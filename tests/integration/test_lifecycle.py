@@ -180,3 +180,30 @@ def test_reload_endpoint_requires_the_bearer_token(start_gateway):
     with opener.open(req, timeout=5) as r:
         assert r.status == 200
     assert _admin(gw, "/metrics")[0] == 200  # reads stay open
+
+
+def _reload_with(gw, token: str) -> int:
+    req = urllib.request.Request(gw.admin + "/-/reload", method="POST", headers={"Authorization": f"Bearer {token}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_reload_token_from_a_file_is_read_again_on_reload(start_gateway, tmp_path):
+    """admin.token_file (a mounted Secret): the token is the file's content, and a reload takes
+    a rotated one; a token file that was emptied fails the reload instead of opening the admin
+    listener."""
+    secret = tmp_path / "admin-token"
+    secret.write_text("first-t0ken\n")
+    gw = start_gateway(base_config(admin={"token_file": str(secret)}))
+    assert _admin(gw, "/-/reload", "POST")[0] == 401
+    secret.write_text("second-t0ken\n")  # rotated; in force from the next reload on
+    assert _reload_with(gw, "first-t0ken") == 200
+    assert _reload_with(gw, "first-t0ken") == 401
+    assert _reload_with(gw, "second-t0ken") == 200
+    secret.write_text("")
+    assert _reload_with(gw, "second-t0ken") == 400  # refused: the old token stays in force
+    assert _reload_with(gw, "") == 401

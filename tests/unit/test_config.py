@@ -209,6 +209,9 @@ ERRORS = [
           cleint_idle: 5
         """,
         [f"{FILE}:3: timeouts.cleint_idle: unknown key; did you mean `client_idle`?"], id="unknown-nested-key"),
+    pytest.param("admin:\n  token: a\n  token_file: /x\n",
+                 [f"{FILE}:1: admin: give one of token, token_env, token_file, not token, token_file"],
+                 id="admin-two-tokens"),
     pytest.param(
         """\
         listen:

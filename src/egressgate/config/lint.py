@@ -57,13 +57,13 @@ def open_clients(config: Config) -> list[Finding]:
 def exposed_admin(config: Config) -> list[Finding]:
     """The admin listener reachable from other hosts while POST /-/reload needs no token."""
     address = config.admin.address
-    if address is None or config.admin.token or config.admin.token_env:
+    if address is None or config.admin.token or config.admin.token_env or config.admin.token_file:
         return []
     host = address.rpartition(":")[0].strip("[]")
     if ipaddress.ip_address(host).is_loopback:
         return []
     return [Finding(("admin", "address"),
-                    f"{address} is not loopback and no token (or token_env) is set: anyone who reaches it "
+                    f"{address} is not loopback and no token (token, token_env or token_file) is set: anyone who reaches it "
                     "can POST /-/reload")]
 
 

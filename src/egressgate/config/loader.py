@@ -184,6 +184,8 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                                          profile.upstream_password_env)
     if config.admin.token_env and not offline and config.admin.token_env not in os.environ:
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
+    if config.admin.token_file and not offline:
+        problems += _secret_problems(("admin",), "token_file", config.admin.token_file, "token_env", None)
     return problems
 
 

@@ -124,11 +124,19 @@ class ListenConfig(_Model):
 class AdminConfig(_Model):
     address: SocketAddress | None = "127.0.0.1:9128"  # null turns the admin listener off
     token: str | None = None  # bearer token required for POST /-/reload
-    token_env: str | None = None
+    token_env: str | None = None  # ... or the environment variable holding it
+    token_file: str | None = None  # ... or the file holding it (a mounted Secret; re-read on reload)
     # A connection must deliver its request within this, and take its response within this
     # again; otherwise it is closed (counted as egressgate_admin_connections_closed_total).
     idle_timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 10.0
     max_connections: int = Field(default=64, ge=1)  # open admin connections; beyond: closed at once
+
+    @model_validator(mode="after")
+    def _one_token(self) -> AdminConfig:
+        given = [k for k in ("token", "token_env", "token_file") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of token, token_env, token_file, not {', '.join(given)}")
+        return self
 
 
 class ProfileConfig(_Model):
