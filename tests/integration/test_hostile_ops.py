@@ -483,7 +483,8 @@ def test_killed_worker_is_reaped_logged_restarted_and_counted(start_gateway, ori
     assert not os.path.exists(sockdir), f"the workers' socket directory was left behind: {os.listdir(sockdir)}"
 
 
-def test_restarted_worker_dies_with_a_killed_worker_0(start_gateway, origin):
+def _two_workers_and_worker_1_killed(start_gateway):
+    """A gateway with ``workers: 2`` whose worker 1 was just killed: (gateway, event index, its pid)."""
     with ReservedPort() as port:
         gw = start_gateway(base_config(listen=[{"address": port.address}], workers=2))
         wait_for(lambda: any(e.get("event") == "started" and e.get("worker") == 1 for e in gw.events),
@@ -491,6 +492,11 @@ def test_restarted_worker_dies_with_a_killed_worker_0(start_gateway, origin):
     victim = next(e for e in gw.events if e.get("event") == "started" and e.get("worker") == 1)["pid"]
     n = len(gw.events)
     os.kill(victim, signal.SIGKILL)
+    return gw, n, victim
+
+
+def test_restarted_worker_dies_with_a_killed_worker_0(start_gateway, origin):
+    gw, n, victim = _two_workers_and_worker_1_killed(start_gateway)
     fresh = wait_for(lambda: next((e["pid"] for e in gw.events[n:] if e.get("event") == "started"
                                    and e.get("worker") == 1), None), "worker 1 started again", timeout=20)
     well_behaved_get(gw, origin, "two-workers-again")
@@ -503,13 +509,7 @@ def test_restarted_worker_dies_with_a_killed_worker_0(start_gateway, origin):
 def test_reload_while_a_worker_starts_neither_kills_nor_skips_it(start_gateway, origin):
     """SIGHUP reaches a restarted worker while its interpreter is still starting (the default
     action of SIGHUP is to exit): the worker survives and applies the reload once it runs."""
-    with ReservedPort() as port:
-        gw = start_gateway(base_config(listen=[{"address": port.address}], workers=2))
-        wait_for(lambda: any(e.get("event") == "started" and e.get("worker") == 1 for e in gw.events),
-                 "worker 1's started event")
-    victim = next(e for e in gw.events if e.get("event") == "started" and e.get("worker") == 1)["pid"]
-    n = len(gw.events)
-    os.kill(victim, signal.SIGKILL)
+    gw, n, victim = _two_workers_and_worker_1_killed(start_gateway)
     restarted = gw.wait_event("worker_restarted", after=n)
     gw.signal(signal.SIGHUP)  # the new worker is importing now
     fresh = restarted["pid"]
