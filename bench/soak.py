@@ -516,9 +516,13 @@ class Worker(threading.Thread):
 def settle(gw: Gateway, timeout: float = 10.0) -> dict:
     """Wait until no client connection is open and the fd count stops falling; measure."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and gw.status()["connections"]["total"] > 0:
+    # no client connection open, and no idle origin connection left in the pool (closed by the
+    # sweep past upstream_idle): waited for, not slept on (a fixed 1.5 s lost the race to a sweep)
+    while time.monotonic() < deadline:
+        conns = gw.status()["connections"]
+        if conns["total"] == 0 and conns["idle_upstream"] == 0:
+            break
         time.sleep(0.1)
-    time.sleep(1.5)  # past upstream_idle (1 s): idle origin connections are closed
     last = gw.fds()
     while time.monotonic() < deadline:
         time.sleep(0.3)
