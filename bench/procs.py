@@ -246,6 +246,7 @@ class CpuWindow:
             out["roles"][role] = {
                 "name": p.name,
                 "cpu_pct": 100.0 * used / wall if wall > 0 else 0.0,
+                "cpu_s": used,
                 "capacity_cores": p.capacity if p.capacity else min(NCPU, max(1, len(pids))),
             }
         busy = m1[0] - self.m0[0]
@@ -267,8 +268,17 @@ def add_loadgen_cpu(win: dict, name: str, procs: list[Proc], capacity: float) ->
     win["roles"]["loadgen"] = {
         "name": name,
         "cpu_pct": 100.0 * used / wall if wall > 0 else 0.0,
+        "cpu_s": used,
         "capacity_cores": capacity,
     }
+
+
+def cpu_us_per_op(win: dict, ops: float, role: str = "proxy") -> float | None:
+    """CPU (user + system, from /proc) a role's process tree spent per operation, in µs."""
+    r = win.get("roles", {}).get(role)
+    if r is None or not ops:
+        return None
+    return 1e6 * r["cpu_s"] / ops
 
 
 def verdict(win: dict) -> str:

@@ -58,6 +58,30 @@ def _get(d, *path):
     return d
 
 
+def digest(r: dict) -> dict:
+    """The scalar figures of one run of a figure (for the run-to-run spread)."""
+    out = {}
+    if "rps" in r:
+        out["rps"] = r["rps"]
+    if "rate" in r:
+        out["tunnels"] = r["rate"]
+    if "q_us" in r:
+        out["lat_p50_us"] = r["q_us"].get("p50")
+    for d in ("up", "down"):
+        if isinstance(r.get(d), dict):
+            out[d] = r[d].get("MBps")
+            out[f"cpu_{d}"] = r[d].get("cpu_us_per_op")
+    if "cpu_us_per_op" in r:
+        out["cpu"] = r["cpu_us_per_op"]
+    return out
+
+
+def _spread(fig: dict | None, key: str) -> tuple[float, float] | None:
+    runs = [d.get(key) for d in (fig or {}).get("run_digests", [])]
+    runs = [x for x in runs if x is not None]
+    return (min(runs), max(runs)) if len(runs) > 1 else None
+
+
 def row(results: dict, name: str) -> dict:
     peers = results["peers"]
     p = peers.get(name, {})
@@ -90,6 +114,32 @@ def row(results: dict, name: str) -> dict:
         r["max_alive"] = _get(m, "max", "alive")
         r["max_tried"] = _get(m, "max", "tried")
         r["max_rss_mib"] = (_get(m, "max", "rss_kib") or 0) / 1024
+    # CPU the proxy's process tree spent per operation (µs; per MiB for CONNECT), and spreads
+    r["cpu_req"] = _get(p, "rps", "cpu_us_per_op")
+    r["cpu_tunnel"] = _get(p, "tunnels", "cpu_us_per_op")
+    r["cpu_lat_req"] = _get(p, "latency", "cpu_us_per_op")
+    for d in ("up", "down"):
+        r[f"cpu_mib_{d}"] = _get(p, "throughput", d, "cpu_us_per_op")
+    spread = {}
+    for key, fig, k in (
+        ("rps", "rps", "rps"),
+        ("cpu_req", "rps", "cpu"),
+        ("tunnels", "tunnels", "tunnels"),
+        ("cpu_tunnel", "tunnels", "cpu"),
+        ("up", "throughput", "up"),
+        ("down", "throughput", "down"),
+        ("cpu_mib_up", "throughput", "cpu_up"),
+        ("cpu_mib_down", "throughput", "cpu_down"),
+        ("lat_p50_us", "latency", "lat_p50_us"),
+        ("cpu_lat_req", "latency", "cpu"),
+    ):
+        sp = _spread(p.get(fig) if isinstance(p.get(fig), dict) else None, k)
+        if sp:
+            spread[key] = sp
+    r["spread"] = spread
+    for st in m.get("steps", []):
+        if st.get("kib_per_tunnel_rss") is not None:
+            r[f"kib_rss_{st.get('target', st['idle_tunnels'])}"] = st["kib_per_tunnel_rss"]
     limits = {}
     for fig in ("rps", "latency"):
         if _get(p, fig, "limit"):
@@ -105,6 +155,7 @@ def row(results: dict, name: str) -> dict:
 
 HIGHER = ["rps", "up", "down", "tunnels"]  # higher is better
 LOWER = ["tunnel_p99_ms", "added_p50_us", "added_p99_us", "kib_rss"]  # lower is better
+CPU = ["cpu_req", "cpu_tunnel", "cpu_mib_up", "cpu_mib_down", "cpu_lat_req"]  # CPU µs per operation
 
 
 def _ratio(a, b):
@@ -114,16 +165,19 @@ def _ratio(a, b):
 
 
 def targets_for(rows: dict, name: str) -> list[dict]:
+    """The performance targets (issue 19; issue 6's that it does not restate are kept)."""
     r, sq, no = rows.get(name, {}), rows.get("squid", {}), rows.get("none", {})
     out = []
 
-    def add(what, value, goal, ok):
+    def add(what, value, goal, ok, kind="ratio", spread=None):
         out.append(
             {
                 "peer": name,
                 "target": what,
                 "measured": value,
                 "goal": goal,
+                "kind": kind,
+                "spread": spread,
                 "status": "n/a" if ok is None else ("pass" if ok else "FAIL"),
             }
         )
@@ -139,32 +193,46 @@ def targets_for(rows: dict, name: str) -> list[dict]:
             return None, a <= b * k if b >= 0 else a <= 0
         return a / b, a <= b * k
 
+    def ratio_spread(key, base):
+        """The ratio's range when both sides were repeated (worst run against best, and back)."""
+        a, b = r.get("spread", {}).get(key), base.get("spread", {}).get(key)
+        if not a or not b or not b[0] or not b[1]:
+            return None
+        return (a[0] / b[1], a[1] / b[0])
+
+    # issue 19: CPU per operation, from the proxy's own /proc time during each figure
+    x, ok = le(r.get("cpu_req"), sq.get("cpu_req"), 0.5)
+    add("CPU per forwarded request <= 0.5 x Squid's", x, 0.5, ok, spread=ratio_spread("cpu_req", sq))
+    x, ok = le(r.get("cpu_tunnel"), sq.get("cpu_tunnel"), 0.6)
+    add("CPU per tunnel set-up <= 0.6 x Squid's", x, 0.6, ok, spread=ratio_spread("cpu_tunnel", sq))
     x, ok = ge(r.get("rps"), sq.get("rps"), 2.0)
-    add("req/s >= 2.0 x Squid", x, 2.0, ok)
-    for d in ("up", "down"):
-        x, ok = ge(r.get(d), sq.get(d), 3.0)
-        add(f"CONNECT {d} >= 3 x Squid", x, 3.0, ok)
-        x, ok = ge(r.get(d), no.get(d), 0.6)
-        add(f"CONNECT {d} >= 0.6 x no proxy", x, 0.6, ok)
+    add("req/s >= 2.0 x Squid", x, 2.0, ok, spread=ratio_spread("rps", sq))
     x, ok = ge(r.get("tunnels"), sq.get("tunnels"), 1.4)
-    add("tunnels/s >= 1.4 x Squid", x, 1.4, ok)
+    add("tunnels/s >= 1.4 x Squid", x, 1.4, ok, spread=ratio_spread("tunnels", sq))
+    for d in ("up", "down"):
+        x, ok = ge(r.get(d), no.get(d), 0.6)
+        add(f"CONNECT {d} >= 0.6 x no proxy", x, 0.6, ok, spread=ratio_spread(d, no))
+        x, ok = ge(r.get(d), sq.get(d), 3.0)
+        add(f"CONNECT {d} >= 3 x Squid", x, 3.0, ok, spread=ratio_spread(d, sq))
+    for n in (500, 2000):
+        k = r.get(f"kib_rss_{n}")
+        add(f"<= 4 KiB RSS per idle tunnel at {n:,}", k, 4.0, None if k is None else k <= 4.0, kind="kib")
+    # issue 6's, kept
     x, ok = le(r.get("tunnel_p99_ms"), sq.get("tunnel_p99_ms"), 1.0)
     add("tunnel p99 <= Squid's", x, 1.0, ok)
     for q in ("p50", "p99"):
         x, ok = le(r.get(f"added_{q}_us"), sq.get(f"added_{q}_us"), 0.5)
         add(f"added latency {q} <= 0.5 x Squid", x, 0.5, ok)
-    k = r.get("kib_rss")
-    add("<= 4 KiB RSS per idle tunnel", k, 4.0, None if k is None else k <= 4.0)
     m = r.get("max_alive")
-    add("20,000 concurrent idle tunnels held", m, 20000, None if m is None else m >= 20000)
+    add("20,000 concurrent idle tunnels held", m, 20000, None if m is None else m >= 20000, kind="count")
     if name.endswith("-policy"):
         off = rows.get(name[: -len("-policy")], {})
         for key in HIGHER:
             x, ok = ge(r.get(key), off.get(key), 0.9)
-            add(f"policy on: {key} >= 0.9 x policy off", x, 0.9, ok)
-        for key in LOWER:
+            add(f"policy on: {key} >= 0.9 x policy off", x, 0.9, ok, spread=ratio_spread(key, off))
+        for key in LOWER + CPU:
             x, ok = le(r.get(key), off.get(key), 1.1)
-            add(f"policy on: {key} <= 1.1 x policy off", x, 1.1, ok)
+            add(f"policy on: {key} <= 1.1 x policy off", x, 1.1, ok, spread=ratio_spread(key, off))
     return out
 
 
@@ -325,18 +393,54 @@ def targets_table(results: dict) -> str:
     t = results["summary"]["targets"]
     if not t:
         return "_egressgate was not measured in this run; no targets evaluated._"
-    lines = ["| peer | target | measured | status |", "|---|---|---|---|"]
+    lines = ["| peer | target | measured (run-to-run range) | status |", "|---|---|---|---|"]
     for x in t:
         m = x["measured"]
+        kind = x.get("kind", "ratio")
         if m is None:
             ms = "—"
-        elif "KiB" in x["target"]:
+        elif kind == "kib":
             ms = f"{m:.1f} KiB"
-        elif "20,000" in x["target"]:
+        elif kind == "count":
             ms = f"{m:,.0f}"
         else:
             ms = f"{m:.2f}×"
+        if x.get("spread"):
+            lo, hi = x["spread"]
+            ms += f" ({lo:.2f}–{hi:.2f})"
         lines.append(f"| {x['peer']} | {x['target']} | {ms} | {x['status']} |")
+    return "\n".join(lines)
+
+
+def cpu_table(results: dict) -> str:
+    """CPU the proxy spent per operation (user + system of its process tree, from /proc)."""
+    s = results["summary"]
+    sq = s["rows"].get("squid", {})
+
+    def cell(r, key):
+        v = r.get(key)
+        if v is None:
+            return "—"
+        out = f"{v:,.0f}" if v >= 10 else f"{v:,.1f}"
+        sp = r.get("spread", {}).get(key)
+        if sp:
+            out += f" ({sp[0]:,.0f}–{sp[1]:,.0f})"
+        if r is not sq and sq.get(key):
+            out += f" · {v / sq[key]:.2f}×"
+        return out
+
+    lines = [
+        "| | µs per forwarded request | µs per tunnel set-up | µs per MiB CONNECT up / down | "
+        "µs per request (latency run) |",
+        "|---|---|---|---|---|",
+    ]
+    for n, r in s["rows"].items():
+        if n == "none":
+            continue
+        lines.append(
+            f"| {r['label']} | {cell(r, 'cpu_req')} | {cell(r, 'cpu_tunnel')} | "
+            f"{cell(r, 'cpu_mib_up')} / {cell(r, 'cpu_mib_down')} | {cell(r, 'cpu_lat_req')} |"
+        )
     return "\n".join(lines)
 
 
@@ -421,7 +525,11 @@ def markdown(results: dict) -> str:
         "",
         ratio_table(results),
         "",
-        "## Targets (issue 6)",
+        "## CPU per operation (the proxy's process tree, user + system, from /proc; × = vs Squid)",
+        "",
+        cpu_table(results),
+        "",
+        "## Targets (issue 19; issue 6's latency, p99 and capacity targets kept)",
         "",
         targets_table(results),
         "",
@@ -444,6 +552,9 @@ def console(results: dict) -> str:
             "",
             "Ratios:",
             ratio_table(results),
+            "",
+            "CPU per operation (µs; × = vs Squid):",
+            cpu_table(results),
             "",
             "Targets:",
             targets_table(results),

@@ -42,7 +42,17 @@ from peers import (  # noqa: E402
     version_of,
     which,
 )
-from procs import NCPU, CpuWindow, Proc, Registry, add_loadgen_cpu, free_ports, memory_of, verdict  # noqa: E402
+from procs import (  # noqa: E402
+    NCPU,
+    CpuWindow,
+    Proc,
+    Registry,
+    add_loadgen_cpu,
+    cpu_us_per_op,
+    free_ports,
+    memory_of,
+    verdict,
+)
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -156,7 +166,8 @@ class Bench:
         return out
 
     def repeat(self, fn, key):
-        """Run fn --repeat times; keep the run with the median key."""
+        """Run fn --repeat times; keep the run with the median key, and every run's figures
+        (``report.digest``) so the report can show the run-to-run spread."""
         runs = [fn() for _ in range(self.a.repeat)]
         runs = [r for r in runs if r is not None]
         if not runs:
@@ -165,6 +176,7 @@ class Bench:
         best = runs[len(runs) // 2]
         if len(runs) > 1:
             best["runs"] = [key(r) for r in runs]
+            best["run_digests"] = [report.digest(r) for r in runs]
         return best
 
     # ------------------------------------------------------------------ figures
@@ -218,6 +230,7 @@ class Bench:
         res = report.parse_wrk(text)
         res["limit"] = verdict(w)
         res["cpu"] = w
+        res["cpu_us_per_op"] = cpu_us_per_op(w, res.get("requests"))
         if res.get("non2xx") or res.get("socket_errors"):
             res["warning"] = f"non-2xx {res.get('non2xx', 0)}, socket errors {res.get('socket_errors')}"
         if not res.get("rps"):
@@ -246,6 +259,8 @@ class Bench:
             add_loadgen_cpu(w, "client", [p], 1)
             res["limit"] = verdict(w)
             res["cpu"] = w
+            # CPU per MiB relayed (µs), the bulk path's cost per unit of work
+            res["cpu_us_per_op"] = cpu_us_per_op(w, res.get("bytes", 0) / 2**20)
             out[d] = res
         return out
 
@@ -289,7 +304,8 @@ class Bench:
             if self.reg.wait(p, dur + 60) is None:
                 self.reg.stop(p)
         w = self.merge_echo(win.stop())
-        # the window includes the 1 s start delay; scale CPU to the measured interval
+        # the window includes the 1 s start delay (an idle proxy); scale CPU % to the measured
+        # interval below; CPU seconds (and so CPU per tunnel) need no scaling
         add_loadgen_cpu(w, f"loadgen ({procs_n} proc)", ps, procs_n)
         parts = []
         for f in files:
@@ -324,6 +340,7 @@ class Bench:
         }
         res["limit"] = verdict(w)
         res["cpu"] = w
+        res["cpu_us_per_op"] = cpu_us_per_op(w, len(total))
         return res
 
     def fig_latency(self, peer: Peer) -> dict:
@@ -344,6 +361,7 @@ class Bench:
         add_loadgen_cpu(w, "client", [p], 1)
         res["limit"] = verdict(w)
         res["cpu"] = w
+        res["cpu_us_per_op"] = cpu_us_per_op(w, res.get("requests"))
         return res
 
     def fig_memory(self, peer: Peer) -> dict:
@@ -400,18 +418,24 @@ class Bench:
             base_held = sum(a["held"] for a in warm)
             time.sleep(1.0)
             m0 = memory_of(peer.proc.tree())
-            n = self.a.idle_tunnels
-            a1 = ask(lambda i: f"open {share(base_held + n, i)}", self.a.hold_open_seconds + 30)
-            held1 = sum(a["held"] for a in a1) - base_held
-            time.sleep(1.0)
-            m1 = memory_of(peer.proc.tree())
-            res = {
-                "baseline": m0,
-                "idle_tunnels": held1,
-                "with_idle": m1,
-                "kib_per_tunnel_rss": (m1["rss_kib"] - m0["rss_kib"]) / held1 if held1 else None,
-                "kib_per_tunnel_pss": (m1["pss_kib"] - m0["pss_kib"]) / held1 if held1 else None,
-            }
+            # the growth is measured at each step (500, then --idle-tunnels): a per-tunnel cost
+            # that only looks small at one count (a fixed arena amortised) shows at the other
+            steps = []
+            for n in sorted({min(500, self.a.idle_tunnels), self.a.idle_tunnels}):
+                a1 = ask(lambda i, n=n: f"open {share(base_held + n, i)}", self.a.hold_open_seconds + 30)
+                held1 = sum(a["held"] for a in a1) - base_held
+                time.sleep(1.0)
+                m1 = memory_of(peer.proc.tree())
+                steps.append(
+                    {
+                        "target": n,
+                        "idle_tunnels": held1,
+                        "with_idle": m1,
+                        "kib_per_tunnel_rss": (m1["rss_kib"] - m0["rss_kib"]) / held1 if held1 else None,
+                        "kib_per_tunnel_pss": (m1["pss_kib"] - m0["pss_kib"]) / held1 if held1 else None,
+                    }
+                )
+            res = {"baseline": m0, "steps": steps, **steps[-1]}
             target = self.a.max_tunnels
             a2 = ask(lambda i: f"open {share(base_held + target, i)}", self.a.hold_open_seconds + 30)
             errs: dict[str, int] = {}
