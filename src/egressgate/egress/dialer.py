@@ -87,9 +87,8 @@ class Dialer:
         loop = self._loop
         if source is None:
             return await loop.create_connection(factory, address, port)
-        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        sock = socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
         try:
-            sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             except OSError:
@@ -111,8 +110,7 @@ class Dialer:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return await loop.create_connection(factory, sock=sock)
+            return await loop.create_connection(factory, sock=sock)  # (the loop sets TCP_NODELAY)
         except BaseException:
             sock.close()
             raise
