@@ -18,7 +18,7 @@ from egressgate.model import AccessRecord, HostPort
 from egressgate.observe.accesslog import AccessLog
 from egressgate.observe.metrics import Metrics
 from egressgate.observe.outcomes import Outcomes
-from egressgate.policy.protect import ProtectRule, compile_protect, hold_seconds, retry_after_seconds
+from egressgate.policy.protect import ProfileProtect, ProtectRule, compile_protect, hold_seconds, retry_after_seconds
 from egressgate.proxy.protect import SharedIpGuard
 
 WALL = 1_800_000_000.0
@@ -274,3 +274,16 @@ def test_only_profiles_with_rules_are_compiled() -> None:
     rt = build_runtime(cfg, "", "c.yaml")
     assert set(rt.protect) == {"px"} and rt.protect["px"].rules[0].max_per_second == 5
     assert build_runtime(load_config_text(""), "", "-").protect == {}
+
+
+def test_the_match_cache_is_bounded_and_never_used_when_a_pattern_names_a_port() -> None:
+    protect = ProfileProtect([rule(name="all")], cache_size=3)
+    for i in range(10):
+        assert protect.match(HostPort(f"h{i}.vendor-x.com", 443)).name == "all"
+        assert protect.match(HostPort(f"h{i}.example.org", 443)) is None
+        assert len(protect._cache) <= 3
+    assert protect.match(HostPort("h9.example.org", 443)) is None  # (from the cache)
+    ported = compile_protect([_Spec(["*.vendor-x.com:8443"], "alt")])
+    assert ported._cache is None
+    assert ported.match(HostPort("a.vendor-x.com", 8443)).name == "alt"
+    assert ported.match(HostPort("a.vendor-x.com", 443)) is None

@@ -24,6 +24,7 @@ from ..model import HostPort
 from .rules import RuleSet
 
 BACKOFF_STATUSES = frozenset({429, 503})
+MATCH_CACHE = 4096  # hosts whose rule (or none) is remembered; the cache is emptied when full
 MAX_RETRY_AFTER_DIGITS = 10  # a delta-seconds value longer than this is nonsense, not a hold
 
 
@@ -48,19 +49,33 @@ class ProtectRule:
 class ProfileProtect:
     """The ``protect`` rules of one profile, matched in O(labels) (``policy.rules.RuleSet``)."""
 
-    __slots__ = ("rules", "_matcher", "_by_pattern")
+    __slots__ = ("rules", "_matcher", "_by_pattern", "_cache", "_cache_size")
 
-    def __init__(self, rules: list[ProtectRule]) -> None:
+    def __init__(self, rules: list[ProtectRule], cache_size: int = MATCH_CACHE) -> None:
         self.rules = rules
         self._by_pattern: dict[str, ProtectRule] = {}
         for rule in rules:
             for pattern in rule.destinations:
                 self._by_pattern.setdefault(pattern, rule)  # (the first rule listing a pattern)
         self._matcher = RuleSet(self._by_pattern)
+        # host -> its rule or None, when no pattern names a port (then the host alone decides)
+        self._cache: dict[str, ProtectRule | None] | None = None if self._matcher.ports else {}
+        self._cache_size = cache_size
 
     def match(self, dest: HostPort) -> ProtectRule | None:
+        cache = self._cache
+        if cache is not None:
+            try:
+                return cache[dest.host]
+            except KeyError:
+                pass
         text = self._matcher.match(dest.host, dest.port, dest.is_ip)
-        return self._by_pattern[text] if text is not None else None
+        rule = self._by_pattern[text] if text is not None else None
+        if cache is not None:
+            if len(cache) >= self._cache_size:
+                cache.clear()
+            cache[dest.host] = rule
+        return rule
 
 
 def rule_name(spec) -> str:

@@ -52,19 +52,22 @@ class Hold:
 class Ticket:
     """One admitted request or tunnel: counted in flight until ``release``."""
 
-    __slots__ = ("guard", "profile", "member", "rule", "host", "live")
+    __slots__ = ("guard", "key", "rule", "host", "live")
 
-    def __init__(self, guard: SharedIpGuard, profile: str, member: str, rule: ProtectRule, host: str) -> None:
+    def __init__(self, guard: SharedIpGuard, key: Key, rule: ProtectRule, host: str) -> None:
         self.guard = guard
-        self.profile = profile
-        self.member = member
+        self.key = key  # (profile, member, rule name)
         self.rule = rule
         self.host = host
         self.live = True
 
     @property
-    def key(self) -> Key:
-        return (self.profile, self.member, self.rule.name)
+    def profile(self) -> str:
+        return self.key[0]
+
+    @property
+    def member(self) -> str:
+        return self.key[1]
 
     def release(self) -> None:
         if self.live:
@@ -73,9 +76,9 @@ class Ticket:
 
     def moved(self, member: str) -> None:
         """The connector used another member than the first (failover): count it there."""
-        if member != self.member and self.live:
+        if member != self.key[1] and self.live:
             self.guard.release(self.key)
-            self.member = member
+            self.key = (self.key[0], member, self.key[2])
             self.guard.count(self.key)
 
     def answered(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -111,25 +114,30 @@ class SharedIpGuard:
                                  f"{hold.status} with Retry-After; held for {left:.0f}s more",
                                  "origin_backoff")
                 del self.holds[(profile, member, host)]
+        in_flight = self.in_flight.get(key, 0)
         limit = rule.max_concurrent
-        if limit is not None and self.in_flight.get(key, 0) >= limit:
+        if limit is not None and in_flight >= limit:
             self._refuse(key, "concurrency", 1.0,
                          f"protect {rule.name} (profile {profile}, egress {member}): max_concurrent {limit} "
                          f"reached", "egress_concurrency_limit")
         rate = rule.max_per_second
         if rate is not None:
-            burst = max(1.0, rate)
-            tokens, last = self._buckets.get(key, (burst, now))
-            tokens = min(burst, tokens + (now - last) * rate)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                tokens = rate if rate > 1.0 else 1.0  # (a full bucket: burst max(1, rate))
+            else:
+                tokens = bucket[0] + (now - bucket[1]) * rate
+                if tokens > 1.0 and tokens > rate:
+                    tokens = rate if rate > 1.0 else 1.0
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
                 self._refuse(key, "rate", (1.0 - tokens) / rate,
                              f"protect {rule.name} (profile {profile}, egress {member}): max_per_second {rate:g} "
                              f"reached", "egress_rate_limit")
             self._buckets[key] = (tokens - 1.0, now)
-        self.count(key)
+        self.in_flight[key] = in_flight + 1
         self.admitted[key] = self.admitted.get(key, 0) + 1
-        return Ticket(self, profile, member, rule, host)
+        return Ticket(self, key, rule, host)
 
     def _refuse(self, key: Key, limit: str, wait: float, detail: str, reason: str) -> None:
         rkey = (*key, limit)
@@ -141,8 +149,8 @@ class SharedIpGuard:
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
 
     def release(self, key: Key) -> None:
-        n = self.in_flight.get(key, 0) - 1
-        self.in_flight[key] = max(n, 0)  # (kept at 0: the gauge stays exported)
+        n = self.in_flight.get(key, 0)
+        self.in_flight[key] = n - 1 if n > 0 else 0  # (kept at 0: the gauge stays exported)
 
     # --- holds --------------------------------------------------------------------------------
     def backoff(self, ticket: Ticket, status: int, retry_after: bytes | None) -> None:
@@ -150,7 +158,7 @@ class SharedIpGuard:
         if seconds is None:
             return
         now = self._clock()
-        where = (ticket.profile, ticket.member, ticket.host)
+        where = (*ticket.key[:2], ticket.host)
         if where not in self.holds and len(self.holds) >= self.max_holds:
             self._make_room(now)
         self.holds[where] = Hold(now + seconds, ticket.rule.name, status, seconds)
