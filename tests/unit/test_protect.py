@@ -18,7 +18,13 @@ from egressgate.model import AccessRecord, HostPort
 from egressgate.observe.accesslog import AccessLog
 from egressgate.observe.metrics import Metrics
 from egressgate.observe.outcomes import Outcomes
-from egressgate.policy.protect import ProfileProtect, ProtectRule, compile_protect, hold_seconds, retry_after_seconds
+from egressgate.policy.protect import (
+    ProfileProtect,
+    ProtectRule,
+    compile_protect,
+    hold_seconds,
+    retry_after_seconds,
+)
 from egressgate.proxy.protect import SharedIpGuard
 
 WALL = 1_800_000_000.0
