@@ -293,3 +293,35 @@ def test_unconfigured_profile_shows_no_protection(start_gateway, provider):
     assert requests.get(f"http://127.0.0.1:{provider.port}/x", proxies={"http": gw.url}, timeout=10).status_code == 200
     assert "egressgate_protect_admitted_total{" not in _admin(gw, "/metrics")
 
+
+
+def _reload(gw, config: dict) -> None:
+    gw.write_config(config)
+    req = urllib.request.Request(gw.admin + "/-/reload", method="POST", data=b"")
+    with _opener.open(req, timeout=10) as resp:
+        assert json.loads(resp.read())["reloaded"] is True
+
+
+def test_a_reload_changes_the_limits_and_keeps_counting_open_tunnels(start_gateway, echo_server):
+    """A tunnel admitted under the old config still holds its place under the new limits (the
+    count lives in the gateway, not the config), and frees it when it ends, even after the
+    rule is gone."""
+    dest = f"127.0.0.1:{echo_server.port}"
+    cfg = _config([{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 1}], [echo_server.port])
+    gw = start_gateway(cfg)
+    old = _tunnel(JOB_A, gw, dest)
+    connect = f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode()
+    assert _status(_exchange(JOB_B, gw, connect)) == 429
+    cfg["egress"]["shared"]["protect"][0]["max_concurrent"] = 2
+    _reload(gw, cfg)
+    new = _tunnel(JOB_B, gw, dest)  # the second of two places
+    assert _status(_exchange(JOB_B, gw, connect)) == 429  # the old tunnel still counts
+    old.sendall(b"still here")
+    assert old.recv(10) == b"still here"
+    cfg["egress"]["shared"]["protect"] = []
+    _reload(gw, cfg)
+    assert _admin(gw, "/status")["profiles"]["shared"]["protect"] is None
+    for s in (old, new):
+        s.close()
+    wait_for(lambda: _metric(gw, "egressgate_protect_in_flight", profile="shared", member=MEMBER,
+                             destination="p") == 0, "both tunnels' places freed after the rule was removed")
