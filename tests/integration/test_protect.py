@@ -325,3 +325,19 @@ def test_a_reload_changes_the_limits_and_keeps_counting_open_tunnels(start_gatew
         s.close()
     wait_for(lambda: _metric(gw, "egressgate_protect_in_flight", profile="shared", member=MEMBER,
                              destination="p") == 0, "both tunnels' places freed after the rule was removed")
+
+
+def test_a_failover_to_another_member_counts_there(start_gateway, echo_server):
+    """The first member's address cannot be bound: the connector falls over to the second, and
+    the tunnel counts against the member it really leaves from (not the one tried first)."""
+    dest = f"127.0.0.1:{echo_server.port}"
+    cfg = _config([{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 1}], [echo_server.port])
+    cfg["egress"]["shared"].update(bind=["10.99.99.99", MEMBER], pick="failover")
+    gw = start_gateway(cfg)
+    tunnel = _tunnel(JOB_A, gw, dest)
+    gw.wait_event("egress_source_down")
+    members = _admin(gw, "/status")["profiles"]["shared"]["protect"]["rules"][0]["members"]
+    assert (members["10.99.99.99"]["in_flight"], members[MEMBER]["in_flight"]) == (0, 1)
+    refused = _exchange(JOB_B, gw, f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
+    assert _status(refused) == 429 and f"egress {MEMBER})" in _header(refused, "Proxy-Status")
+    tunnel.close()
