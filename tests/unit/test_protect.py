@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from egressgate.build import build_runtime
 from egressgate.config.loader import check_config_text, load_config_text
+from egressgate.config.schema import ProtectConfig
 from egressgate.errors import LimitReached
 from egressgate.http1.parse import ResponseParser
 from egressgate.http1.responses import error_response
@@ -54,11 +55,8 @@ def refused(g: SharedIpGuard, r: ProtectRule, member="10.0.0.1", host="api.vendo
 
 # --- pure: matching and Retry-After ---------------------------------------------------------
 
-class _Spec:
-    def __init__(self, destinations, name=None) -> None:
-        self.name, self.destinations = name, destinations
-        self.max_concurrent = self.max_per_second = None
-        self.max_hold = 300.0
+def _Spec(destinations, name=None) -> ProtectConfig:  # noqa: N802 (reads as the config it builds)
+    return ProtectConfig(name=name, destinations=destinations)
 
 
 @pytest.mark.parametrize("host, port, expected", [

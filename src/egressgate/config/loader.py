@@ -199,7 +199,7 @@ def _protect_problems(name: str, profile) -> list[tuple[Loc, str]]:
             msg = _pattern_problem(pattern)
             if msg:
                 problems.append((("egress", name, "protect", i, "destinations", j), msg))
-        label = rule.name or ",".join(rule.destinations)[:64]  # (as policy.protect.rule_name)
+        label = rule.label
         if label in names:
             problems.append((("egress", name, "protect", i, "name" if rule.name else "destinations"),
                              f"two protect rules named {label!r} (first at protect[{names[label]}]): give each "

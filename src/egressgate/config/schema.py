@@ -151,6 +151,11 @@ class ProtectConfig(_Model):
     # (0: never hold).
     max_hold: Duration = 300.0
 
+    @property
+    def label(self) -> str:
+        """The rule's name in metrics, status and answers: ``name``, else its patterns joined."""
+        return self.name or ",".join(self.destinations)[:64]
+
 
 class ProfileConfig(_Model):
     direct: dict | None = None

@@ -78,14 +78,9 @@ class ProfileProtect:
         return rule
 
 
-def rule_name(spec) -> str:
-    """A rule's label: its ``name``, else its destination patterns joined (configured text)."""
-    return spec.name or ",".join(spec.destinations)[:64]
-
-
 def compile_protect(specs: Iterable) -> ProfileProtect | None:
     """``specs`` are ``ProtectConfig``s; None when there are none (the profile pays nothing)."""
-    rules = [ProtectRule(rule_name(s), tuple(s.destinations), s.max_concurrent, s.max_per_second, s.max_hold)
+    rules = [ProtectRule(s.label, tuple(s.destinations), s.max_concurrent, s.max_per_second, s.max_hold)
              for s in specs]
     return ProfileProtect(rules) if rules else None
 
