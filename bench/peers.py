@@ -252,15 +252,17 @@ class Egressgate(Peer):
     PASSWORD = "secret"
     RULES = 1000
 
-    def __init__(self, policy: bool, workers: int | None):
-        super().__init__("egressgate-policy" if policy else "egressgate")
-        self.policy = policy
+    def __init__(self, policy: bool, workers: int | None, protect: bool = False):
+        super().__init__("egressgate-protect" if protect else "egressgate-policy" if policy else "egressgate")
+        self.policy = policy or protect
+        self.protect = protect  # policy, plus shared-IP protection of the target (limits never reached)
         self.workers = workers
         self.capacity = 0  # 0: as many cores as it has processes (workers), up to the machine's
         self.label = (
-            "egressgate" + (" + policy" if policy else "") + (f" ({workers} workers)" if workers else "")
+            "egressgate" + (" + policy" if policy else "") + (" + policy + protect" if protect else "")
+            + (f" ({workers} workers)" if workers else "")
         )
-        if policy:
+        if self.policy:
             self.auth = "bench:" + self.PASSWORD
         self._hash: str | None = None
 
@@ -297,9 +299,11 @@ class Egressgate(Peer):
         if not self.policy:
             lines.append("clients: [{name: bench, from: [127.0.0.0/8]}]")
         else:
+            lines += ["egress:", "  bound:", "    bind: [127.0.0.1]"]
+            if self.protect:  # the target is protected; the limits are far above what the load reaches
+                lines.append('    protect: [{name: bench, destinations: ["127.0.0.1"], max_concurrent: 1000000, '
+                             "max_per_second: 1000000000}]")
             lines += [
-                "egress:",
-                "  bound: {bind: [127.0.0.1]}",
                 "clients:",
                 "  - name: bench",
                 "    from: [127.0.0.0/8]",
@@ -365,6 +369,9 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
             out.append(Egressgate(False, egressgate_workers))
         elif n == "egressgate-policy":
             out.append(Egressgate(True, egressgate_workers))
+        elif n == "egressgate-protect":
+            out.append(Egressgate(True, egressgate_workers, protect=True))
         else:
-            raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, egressgate, egressgate-policy)")
+            raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, egressgate, egressgate-policy, "
+                             "egressgate-protect)")
     return out

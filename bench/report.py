@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-ORDER = ["none", "squid", "tinyproxy", "egressgate", "egressgate-policy"]
+ORDER = ["none", "squid", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect"]
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -233,6 +233,11 @@ def targets_for(rows: dict, name: str) -> list[dict]:
         for key in LOWER + CPU:
             x, ok = le(r.get(key), off.get(key), 1.1)
             add(f"policy on: {key} <= 1.1 x policy off", x, 1.1, ok, spread=ratio_spread(key, off))
+    if name.endswith("-protect"):  # shared-IP protection on top of the policy: a bounded cost
+        base = rows.get(name[: -len("-protect")] + "-policy", {})
+        for key in HIGHER:
+            x, ok = ge(r.get(key), base.get(key), 0.95)
+            add(f"protect on: {key} >= 0.95 x policy", x, 0.95, ok, spread=ratio_spread(key, base))
     return out
 
 

@@ -23,6 +23,7 @@ from .http1.rewrite import Forwarding
 from .model import parse_socket_address
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
+from .policy.protect import compile_protect
 from .proxy.runtime import Runtime
 
 EMBEDDED = "(embedded default)"
@@ -85,6 +86,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
                         for listener in config.listen if listener.proxy_protocol},
         forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
+        protect={name: compile_protect(spec.protect) for name, spec in config.egress.items() if spec.protect},
     )
 
 

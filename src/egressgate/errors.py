@@ -16,11 +16,15 @@ class GatewayError(Exception):
     proxy_status: str = "proxy_internal_error"
     reason: str = "internal_error"  # short machine-readable reason (access log, metrics)
     profile: str | None = None  # the egress profile the request was decided under, if it got that far
+    headers: tuple[tuple[str, str], ...] = ()  # extra response header fields (e.g. Retry-After)
 
     def __init__(self, detail: str, *, reason: str | None = None, status: int | None = None,
-                 proxy_status: str | None = None, profile: str | None = None) -> None:
+                 proxy_status: str | None = None, profile: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(detail)
         self.detail = detail
+        if headers:
+            self.headers = headers
         if profile is not None:
             self.profile = profile
         if reason is not None:

@@ -69,6 +69,12 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
         members = ", ".join(m.label for m in pool.members)
         lines.append(f"profile:     {pool.name} ({pool.kind}: {members})"
                      + (f", expect_ip {', '.join(pool.expect_ip)}" if pool.expect_ip else ""))
+        rule = rt.protect[pool.name].match(dest) if pool.name in rt.protect else None
+        if rule is not None:  # shared-IP protection (proxy.protect): the limits this request counts against
+            limits = [f"{k} {v:g}" for k, v in (("max_concurrent", rule.max_concurrent),
+                                                ("max_per_second", rule.max_per_second)) if v is not None]
+            limits.append(f"Retry-After holds up to {rule.max_hold:g}s" if rule.max_hold else "no holds")
+            lines.append(f"protect:     {rule.name} per egress member, all clients: {', '.join(limits)}")
     if decision.allow and pool is not None and pool.kind == "upstream":
         lines.append("addresses:   resolved by the upstream proxy")
     elif decision.allow:

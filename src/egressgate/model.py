@@ -6,7 +6,7 @@ import base64
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .errors import ClientProtocolError
 
@@ -152,6 +152,12 @@ class Decision:
     report_only: bool = False  # denied by a rule in report mode: logged, but let through
 
 
+class Releasable(Protocol):
+    """Something a request holds until its record is finished (a shared-IP admission)."""
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class AccessRecord:
     """The one access-log record of a request or tunnel, filled in as it proceeds."""
@@ -172,6 +178,7 @@ class AccessRecord:
     extra: dict[str, str] | None = None
     egress_ip: str | None = None  # the public IP the egress member used was last attested to leave from
     user: str | None = None  # the proxy user name a refused (407) request tried (never the password)
+    protect: Releasable | None = None  # a shared-IP admission (proxy.protect), released when finished
 
 
 @dataclass(frozen=True, slots=True)

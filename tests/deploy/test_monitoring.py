@@ -428,7 +428,9 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
     cfg = base_config(
         security={"connect_ports": [echo.port]},
         egress={"default": {"direct": {}},
-                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]}},
+                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"],
+                           "protect": [{"name": "origin", "destinations": ["127.0.0.1"], "max_concurrent": 1},
+                                       {"name": "origin-by-name", "destinations": ["localhost"]}]}},
         clients=[
             {"name": "auditor", "from": ["127.0.0.1/32"], "username": "auditor", "password_env": "EG_AUDITOR_PW",
              "egress": ["pinned"], "deny": ["localhost"], "mode": "report"},
@@ -480,6 +482,11 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
         gw.write_config(good)
         assert _get(gw.admin + "/readyz")[0] == 200
 
+        # shared-IP protection: the open tunnel holds the one place for 127.0.0.1 (a request there
+        # is refused), and an origin's 429 with Retry-After starts a hold on localhost
+        assert _status(_proxy_request(gw, origin.url("/"))) == 429
+        assert _status(_proxy_request(gw, origin.url("/answer?code=429&retry_after=60", host="localhost"))) == 429
+
         result = Scrape(_get(gw.admin + "/metrics")[1].decode())
         result.first = first
         yield result
@@ -498,6 +505,10 @@ def test_traffic_reached_the_metrics(scrape):
     assert scrape.value("egressgate_config_reloads_total", result="failure") == 1
     assert scrape.value("egressgate_rejected_connections_total", reason="max_connections") == 1
     assert scrape.value("egressgate_egress_ip_match", profile="pinned") == 1
+    assert scrape.value("egressgate_protect_refused_total", profile="pinned", member="127.0.0.2",
+                        destination="origin", limit="concurrency") == 1
+    assert scrape.value("egressgate_protect_in_flight", destination="origin") == 1
+    assert scrape.value("egressgate_protect_held_hosts", destination="origin-by-name") == 1
 
 
 def _check_selector(where: str, sel, scrape: Scrape, promql) -> None:

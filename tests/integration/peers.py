@@ -121,6 +121,9 @@ class OriginHandler(BaseHTTPRequestHandler):
         elif url.path == "/slow":
             time.sleep(float(q.get("delay", "1")))
             self._send(200, b"slow\n")
+        elif url.path == "/answer":  # a provider's refusal, e.g. /answer?code=429&retry_after=60
+            extra = {"Retry-After": q["retry_after"]} if "retry_after" in q else None
+            self._send(int(q.get("code", "200")), f"{q.get('code', '200')}\n".encode(), extra=extra)
         elif url.path == "/only-from":
             allowed = q.get("addr", "127.0.0.2")
             if self.client_address[0] == allowed:

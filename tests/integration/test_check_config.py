@@ -158,3 +158,18 @@ def test_explain_with_the_profile_a_client_asks_for(tmp_path):
     assert "asks for:    profile b\n" in r.stdout and "profile:     b (bind: 127.0.0.3)" in r.stdout
     r = egressgate(*cmd, "--profile", "c", "198.51.100.7:443")
     assert r.returncode == 1 and "DENY: profile_not_allowed" in r.stdout, r.stdout
+
+
+def test_explain_names_the_shared_ip_limits_a_request_counts_against(tmp_path):
+    path = tmp_path / "explain.yaml"
+    path.write_text(yaml.safe_dump({
+        "egress": {"a": {"bind": ["127.0.0.2"], "protect": [
+            {"name": "vendor", "destinations": ["198.51.100.0/24"], "max_concurrent": 20, "max_per_second": 5}]}},
+        "clients": [{"name": "job", "from": ["127.0.0.0/8"], "egress": ["a"]}],
+        "security": {"allow_private": ["198.51.100.0/24", "203.0.113.0/24"]},
+    }))
+    cmd = ["explain", "--config", str(path), "--client", "job"]
+    r = egressgate(*cmd, "198.51.100.7:443")
+    assert "protect:     vendor per egress member, all clients: max_concurrent 20, max_per_second 5, " \
+           "Retry-After holds up to 300s\n" in r.stdout, r.stdout + r.stderr
+    assert "protect:" not in egressgate(*cmd, "203.0.113.7:443").stdout

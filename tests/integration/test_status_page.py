@@ -221,7 +221,8 @@ def scene(tmp_path_factory) -> Scene:
     cfg = base_config(
         security={"connect_ports": [echo.port]},
         egress={"default": {"direct": {}},
-                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]},
+                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"],
+                           "protect": [{"name": "origin", "destinations": ["localhost"]}]},
                 "moved": {"bind": ["127.0.0.3"], "expect_ip": ["127.0.0.9"]}},
         clients=[{"name": "crawler", "from": ["127.0.0.1/32"], "egress": ["pinned", "moved"],
                   "deny": ["blocked.example"]}],
@@ -235,6 +236,10 @@ def scene(tmp_path_factory) -> Scene:
         with socket.create_connection((gw.host, gw.port), timeout=5) as s:
             s.sendall(f"GET {denied_target} HTTP/1.1\r\nHost: blocked.example\r\nConnection: close\r\n\r\n".encode())
             assert s.recv(4096).startswith(b"HTTP/1.1 403"), "the denial did not happen"
+        with socket.create_connection((gw.host, gw.port), timeout=5) as s:  # a provider asks for a back-off
+            s.sendall(f"GET http://localhost:{origin.port}/answer?code=503&retry_after=3600 HTTP/1.1\r\n"
+                      "Host: localhost\r\nConnection: close\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 503"), "the provider's answer did not come through"
         tunnel = socket.create_connection((gw.host, gw.port), timeout=5)
         tunnel.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: 127.0.0.1:{echo.port}\r\n\r\n".encode())
         assert tunnel.recv(4096).startswith(b"HTTP/1.1 200")
@@ -341,3 +346,9 @@ def test_open_connections_table_shows_the_tunnel(scene):
     assert (t["egress address"], t["egress IP"]) == ("127.0.0.2", "127.0.0.2"), t  # the attested member
     assert t["target"].startswith("127.0.0.1:") and t["bytes"] == "5 B / 5 B", t
     assert t["age"].endswith("s"), t
+
+
+def test_shared_ip_holds_are_listed(scene):
+    rows = scene.mismatch.tables.get("holds", [])
+    assert [[c.text for c in row[:5]] for row in rows] == [["pinned", "127.0.0.2", "localhost", "origin", "503"]]
+    assert rows[0][4].cls == "bad" and 0 < int(rows[0][5].text) <= 3600

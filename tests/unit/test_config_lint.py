@@ -55,6 +55,16 @@ LINT_CASES = [
         clients:
           - {name: by-cert, cert_subject: job-a}
         """, [(("clients", 0, "cert_subject"), "never matches")]),
+    ("protect-limits-with-workers", """\
+        workers: 3
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
+          py: {bind: [10.0.0.2], protect: [{destinations: [b.test]}]}
+        """, [(("egress", "px", "protect"), "divide them by 3")]),
+    ("protect-limits-one-worker", """\
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 5}]}
+        """, []),
 ]
 
 

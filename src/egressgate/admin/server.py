@@ -122,6 +122,7 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
             "probe_error": pool.probe_error,
             "serving": pool.healthy,
             "refusal": (pool.refusal() or (None, None))[1],
+            "protect": gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.members]),
         }
     problems = readiness(gw)
     return {

@@ -112,8 +112,20 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
     return found
 
 
+def protect_per_worker(config: Config) -> list[Finding]:
+    """Shared-IP limits are counted per process: with several workers a provider sees up to
+    ``workers`` times each figure."""
+    if config.workers <= 1:
+        return []
+    return [Finding(("egress", name, "protect"),
+                    f"limits are counted per worker process: with workers: {config.workers} the provider can see "
+                    f"up to {config.workers}x max_concurrent / max_per_second; divide them by {config.workers}")
+            for name, profile in config.egress.items()
+            if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
+
+
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
-    open_clients, exposed_admin, private_everything, never_matching_clients)
+    open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (

@@ -178,6 +178,7 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                 problems.append((("egress", name, "upstream", j),
                                  "name the user in the URL (http://USER@host:port); the password comes from "
                                  "upstream_password_file / upstream_password_env"))
+        problems += _protect_problems(name, profile)
         if not offline:
             problems += _secret_problems(("egress", name), "upstream_password_file",
                                          profile.upstream_password_file, "upstream_password_env",
@@ -186,6 +187,24 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
     if config.admin.token_file and not offline:
         problems += _secret_problems(("admin",), "token_file", config.admin.token_file, "token_env", None)
+    return problems
+
+
+def _protect_problems(name: str, profile) -> list[tuple[Loc, str]]:
+    """A profile's ``protect`` rules: valid destination patterns, one name per rule."""
+    problems: list[tuple[Loc, str]] = []
+    names: dict[str, int] = {}
+    for i, rule in enumerate(profile.protect):
+        for j, pattern in enumerate(rule.destinations):
+            msg = _pattern_problem(pattern)
+            if msg:
+                problems.append((("egress", name, "protect", i, "destinations", j), msg))
+        label = rule.label
+        if label in names:
+            problems.append((("egress", name, "protect", i, "name" if rule.name else "destinations"),
+                             f"two protect rules named {label!r} (first at protect[{names[label]}]): give each "
+                             "a distinct name"))
+        names.setdefault(label, i)
     return problems
 
 

@@ -139,6 +139,24 @@ class AdminConfig(_Model):
         return self
 
 
+class ProtectConfig(_Model):
+    """Shared-IP protection: limits per (egress member x these destinations), across all
+    clients of the profile (see ``policy.protect``)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.*:-]+$")
+    destinations: list[str] = Field(min_length=1)  # patterns as in clients' allow: host, *.domain, CIDR, :PORT
+    max_concurrent: int | None = Field(default=None, gt=0)  # open tunnels + requests in flight per member
+    max_per_second: float | None = Field(default=None, gt=0)  # new tunnels + requests per second per member
+    # An origin's 429/503 with Retry-After holds (member x host) for that long, at most this
+    # (0: never hold).
+    max_hold: Duration = 300.0
+
+    @property
+    def label(self) -> str:
+        """The rule's name in metrics, status and answers: ``name``, else its patterns joined."""
+        return self.name or ",".join(self.destinations)[:64]
+
+
 class ProfileConfig(_Model):
     direct: dict | None = None
     bind: list[BindEntry] | None = None  # source addresses, or CIDRs meaning "my address in this range"
@@ -150,6 +168,7 @@ class ProfileConfig(_Model):
     # listed order. Default: sticky for bind pools, failover for upstream proxies.
     pick: Literal["sticky", "round_robin", "failover"] | None = None
     connect_timeout: Duration | None = None
+    protect: list[ProtectConfig] = []  # shared-IP protection (policy.protect)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProfileConfig:

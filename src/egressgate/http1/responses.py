@@ -107,6 +107,7 @@ def error_response(err: GatewayError, keep_alive: bool = False) -> bytes:
     ]
     if isinstance(err, AuthRequired):
         lines.append(f'Proxy-Authenticate: Basic realm="{PROXY_NAME}"')
+    lines += [f"{k}: {v}" for k, v in err.headers]  # (set by the gateway, never client text)
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 

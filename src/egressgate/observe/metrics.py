@@ -65,6 +65,49 @@ class _HotCounters:
         return [req, byt, dropped, queued]
 
 
+class _ProtectCounters:
+    """Shared-IP protection (``proxy.protect``), kept as plain integers by the guard and turned
+    into metric families when scraped. Labels: profile, member (a configured source address or
+    upstream proxy) and destination (the rule's configured name) -- never a raw host."""
+
+    LIMITS = ("concurrency", "rate", "hold")
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict] = lambda: {}
+
+    def describe(self):
+        return self._families({})
+
+    def collect(self):
+        return self._families(self.stats())
+
+    @staticmethod
+    def _families(stats: dict):
+        labels = ["profile", "member", "destination"]
+        admitted = CounterMetricFamily(PREFIX + "protect_admitted", "Requests and tunnels admitted to a protected "
+                                       "destination, per egress member", labels=labels)
+        refused = CounterMetricFamily(PREFIX + "protect_refused", "Requests and tunnels refused (429) to protect a "
+                                      "shared egress IP: max_concurrent, max_per_second, or an origin's Retry-After "
+                                      "hold", labels=[*labels, "limit"])
+        in_flight = GaugeMetricFamily(PREFIX + "protect_in_flight", "Open tunnels and requests in flight to a "
+                                      "protected destination, per egress member", labels=labels)
+        started = CounterMetricFamily(PREFIX + "protect_holds_started", "Holds started because an origin answered "
+                                      "429/503 with Retry-After", labels=labels)
+        held = GaugeMetricFamily(PREFIX + "protect_held_hosts", "Hosts currently held (an origin's Retry-After), "
+                                 "per egress member and protected destination", labels=labels)
+        for key, n in stats.get("admitted", {}).items():
+            admitted.add_metric(list(key), n)
+        for key, n in stats.get("refused", {}).items():
+            refused.add_metric(list(key), n)
+        for key, n in stats.get("in_flight", {}).items():
+            in_flight.add_metric(list(key), n)
+        for key, n in stats.get("holds_started", {}).items():
+            started.add_metric(list(key), n)
+        for key, n in stats.get("held", {}).items():
+            held.add_metric(list(key), n)
+        return [admitted, refused, in_flight, started, held]
+
+
 class _KnownNames:
     """A labelled prometheus metric whose client or profile label (at ``positions``) only ever
     takes a configured name; anything else becomes ``UNKNOWN``. Everything else is the
@@ -91,6 +134,8 @@ class Metrics:
         ProcessCollector(registry=r)
         self._hot = _HotCounters()
         r.register(self._hot)
+        self._protect = _ProtectCounters()
+        r.register(self._protect)
         self._clients: frozenset[str] = frozenset()  # every client name configured since start
         self._profiles: frozenset[str] = frozenset()  # every profile name configured since start
         clients, profiles = (lambda: self._clients), (lambda: self._profiles)
@@ -170,6 +215,10 @@ class Metrics:
     def watch_access_log(self, stats: Callable[[], tuple[dict[str, int], int]]) -> None:
         """Export the access log's plain counters: ``stats()`` -> ({reason: dropped}, queued bytes)."""
         self._hot.access_log = stats
+
+    def watch_protect(self, stats: Callable[[], dict]) -> None:
+        """Export the shared-IP guard's plain counters (``proxy.protect.SharedIpGuard.stats``)."""
+        self._protect.stats = stats
 
     def traffic_by_profile(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -28,6 +28,8 @@ class Outcomes:
 
     def finished(self, rec: AccessRecord, status: int) -> None:
         rec.status = status
+        if rec.protect is not None:  # (a shared-IP admission: released once, here, however it ended)
+            rec.protect.release()
         m = self.metrics
         m.count_request(rec.client, rec.profile, rec.method, status)
         m.count_bytes(rec.profile, rec.bytes_up, rec.bytes_down)

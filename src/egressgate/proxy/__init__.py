@@ -19,14 +19,17 @@ How one connection flows, file by file
 5. route — ``route.py``: decide (``policy.decide``: destination rules, CONNECT ports,
    profile) -> resolve (``egress.resolver``, cache first) -> judge (``policy.judge``: the
    address guard and IP deny rules on the resolved addresses) -> pick the egress members in
-   order (``egress.plan``). A ``Route`` value, or a typed refusal.
+   order (``egress.plan``). A ``Route`` value, or a typed refusal. A profile with ``protect``
+   rules then admits the route against its first member (``protect.py``: shared-IP limits
+   and holds, 429 beyond), the admission riding on the request's access record.
 6. dial — ``connector.py``: an idle pooled connection (forwarded requests) or a new one from
    the member's source address (``egress.dialer``), or through a chained proxy
    (``chain.py``, also used by ``probe``).
 7. relay — CONNECT: ``tunnel.py`` (copy, then ``splice.py`` for bulk); absolute-URI:
    ``forward.py`` streams the rewritten request and the re-framed response over an
    ``upstream.Upstream``.
-8. record — ``observe.outcomes``: one access record and its metrics per request or tunnel.
+8. record — ``observe.outcomes``: one access record and its metrics per request or tunnel;
+   finishing the record releases its shared-IP admission, whatever ended it.
 
 Steps 4-6 run synchronously as long as nothing must be awaited (a known client, a cached
 destination, an idle upstream): no task is made for a keep-alive request that needs none.

@@ -26,6 +26,7 @@ from .connector import Connector, Link
 from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
+from .protect import SharedIpGuard, admit_route
 from .route import Route, cached_addresses, resolve_and_judge, route
 from .runtime import Runtime
 
@@ -69,8 +70,9 @@ class Pending:
 
 class Dispatcher:
     def __init__(self, connector: Connector, limits: ClientLimits, auth: AuthThrottle, outcomes: Outcomes,
-                 listeners: Listeners) -> None:
+                 listeners: Listeners, protect: SharedIpGuard | None = None) -> None:
         self.connector = connector
+        self.protect = protect if protect is not None else SharedIpGuard(connector.loop.time)
         self.limits = limits
         self.auth = auth
         self.outcomes = outcomes
@@ -102,11 +104,19 @@ class Dispatcher:
         if not r.ready:
             await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
             self._judged(ex.record, r)
-        return await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect)
+        return self._counted(ex, await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect))
 
     async def again(self, ex: Exchange) -> Link:
         """A new connection for an exchange whose reused one failed before answering."""
-        return await self.connector.connect(ex.route, False, ex.runtime.timeouts.upstream_connect, fresh=True)
+        return self._counted(ex, await self.connector.connect(ex.route, False, ex.runtime.timeouts.upstream_connect,
+                                                              fresh=True))
+
+    @staticmethod
+    def _counted(ex: Exchange, link: Link) -> Link:
+        """A shared-IP admission follows the member the connector really used (failover)."""
+        if ex.record.protect is not None:
+            ex.record.protect.moved(link.plan.label)
+        return link
 
     # --- identify ---------------------------------------------------------------------------
     def _identify(self, who: Who, rt: Runtime, auth: bytes | None, rec: AccessRecord) -> Identity | PendingCheck:
@@ -152,10 +162,12 @@ class Dispatcher:
                 rec.profile = err.profile
             raise
         if r.whoami:
-            return Whoami(whoami.document(identity, who.peer, rt, default_profile))
+            return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect))
         rec.profile = r.pool.name
         ex.route = r
         ex.target = r.target
+        if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)
+            admit_route(self.protect, rt.protect, r, rec)
         if r.would_deny:
             self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
         return r

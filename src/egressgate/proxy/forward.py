@@ -57,6 +57,7 @@ class ClientSide(Protocol):
     def crashed(self, where: str, exc: BaseException) -> None: ...
 
 _CRLF = b"\r\n"
+_BACKOFF = frozenset({429, 503})
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -218,6 +219,8 @@ class Exchange:
         self.client_keep = self.client_keep and self.framing != "close" and self.conn.may_keep_alive()
         self.upstream_keep = head.keep_alive
         self.record.status = head.status
+        if head.status in _BACKOFF and self.record.protect is not None:  # shared-IP protection (proxy.protect)
+            self.record.protect.answered(head.status, head.headers)
         self.out.append(response_head_bytes(head, self.runtime.forwarding.via, self.framing, self.client_keep))
 
     def on_response_body(self, data: bytes) -> None:

@@ -4,13 +4,14 @@ never changes a request or tunnel already under way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
 from ..egress.plan import ProfilePool
 from ..http1.rewrite import Forwarding
 from ..policy.clients import ClientRegistry
 from ..policy.guard import AddressGuard
+from ..policy.protect import ProfileProtect
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -28,3 +29,5 @@ class Runtime:
     listeners: dict[str, ListenConfig]
     proxy_protocol: dict[str, tuple]  # listener name -> trusted load-balancer networks, if PROXY is on
     forwarding: Forwarding  # Via and client-address fields of forwarded requests
+    # profile -> its shared-IP protection rules; only profiles that have some (policy.protect)
+    protect: dict[str, ProfileProtect] = field(default_factory=dict)

@@ -4,6 +4,7 @@ global): the runtime in force, and the pieces the connections use —
 - ``listeners`` (``listeners.Listeners``): bound, TLS, swapped on reload;
 - ``gate`` (``gate.Gate``): refused connections counted and logged;
 - ``limits`` / ``auth`` (``limits``): per-client limits, the password-check throttle;
+- ``protect`` (``protect.SharedIpGuard``): shared-IP limits and holds per egress member;
 - ``connector`` (``connector.Connector``): resolve, dial, pooled upstream connections;
 - ``dispatcher`` (``dispatch.Dispatcher``): identify -> route -> connect, for each request;
 - ``outcomes`` (``observe.outcomes``): records, metrics, recent denials;
@@ -38,6 +39,7 @@ from .dispatch import Dispatcher
 from .gate import Gate
 from .limits import AuthThrottle, ClientLimits
 from .listeners import ListenerChange, ListenerInfo, Listeners
+from .protect import SharedIpGuard
 from .runtime import Runtime
 
 
@@ -63,7 +65,10 @@ class Gateway:
         self.auth = AuthThrottle(loop)
         self.connector = Connector(loop, resolver, metrics, self.internal_error)
         self.listeners = Listeners(loop, metrics, lambda info: connection(self, info), reuse_port)
-        self.dispatcher = Dispatcher(self.connector, self.limits, self.auth, self.outcomes, self.listeners)
+        self.protect = SharedIpGuard(loop.time)  # shared-IP limits and holds, across reloads
+        metrics.watch_protect(self.protect.stats)
+        self.dispatcher = Dispatcher(self.connector, self.limits, self.auth, self.outcomes, self.listeners,
+                                     self.protect)
         self.connections: set[OpenConnection] = set()
         self.draining = False
         self.started = time.time()

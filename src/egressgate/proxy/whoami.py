@@ -12,10 +12,12 @@ from ..egress.plan import ProfilePool
 from ..http1.responses import simple_response
 from ..policy.clients import Identity
 from ..policy.decide import choose_profile
+from .protect import SharedIpGuard
 from .runtime import Runtime
 
 
-def document(identity: Identity, peer: str, rt: Runtime, listener_default: str) -> dict:
+def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
+             protect: SharedIpGuard | None = None) -> dict:
     client = identity.client
     name = choose_profile(client, identity.requested_profile, listener_default)
     pool = rt.profiles.get(name) if name else None
@@ -30,6 +32,9 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str) 
         "refusal": (pool.refusal() or (None, None))[1] if pool else None,
         "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
         "deny": list(client.deny_patterns),
+        # shared-IP protection of the profile: its rules, what is in flight per member, the holds
+        "protect": protect.view(rt.protect.get(name), name, [m.label for m in pool.members])
+        if protect is not None and pool is not None else None,
     }
 
 
