@@ -4,10 +4,11 @@ never changes a request or tunnel already under way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
 from ..egress.plan import ProfilePool
+from ..egress.providers import ProviderBoard
 from ..http1.rewrite import Forwarding
 from ..policy.clients import ClientRegistry
 from ..policy.guard import AddressGuard
@@ -28,3 +29,4 @@ class Runtime:
     listeners: dict[str, ListenConfig]
     proxy_protocol: dict[str, tuple]  # listener name -> trusted load-balancer networks, if PROXY is on
     forwarding: Forwarding  # Via and client-address fields of forwarded requests
+    providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results

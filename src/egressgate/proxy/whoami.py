@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from ..egress.plan import ProfilePool
+from ..egress.providers import profile_view
 from ..http1.responses import simple_response
 from ..policy.clients import Identity
 from ..policy.decide import choose_profile
@@ -28,6 +29,7 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str) 
         "ip_matches": pool.ip_matches if pool else None,
         "serving": pool.healthy if pool else None,
         "refusal": (pool.refusal() or (None, None))[1] if pool else None,
+        "providers": profile_view(rt.providers, pool) if pool else None,
         "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
         "deny": list(client.deny_patterns),
     }
