@@ -177,14 +177,13 @@ class ProviderConfig(_Model):
 
         try:
             parts = urlsplit(value)
-            port = parts.port
+            parts.port  # noqa: B018 (a port out of range or not a number raises here)
         except ValueError as exc:
             raise ValueError(f"not a URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
         if parts.username or parts.password:
             raise ValueError("a provider URL carries no credentials")
-        del port
         return value
 
     @model_validator(mode="after")
