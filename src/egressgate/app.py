@@ -99,7 +99,7 @@ class App:
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
                                  self.attestor.attest, log=worker == 0)
         self._verifying: asyncio.Task | None = None
-        self.gateway.on_reload.append(lambda old, new: self.verifier.wake())
+        self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
 
     def _set_names(self, runtime: Runtime) -> None:

@@ -244,8 +244,11 @@ class Verifier:
         self.attest = attest
         self.log = log
         self._now = asyncio.Event()
+        self._all = False
 
-    def wake(self) -> None:
+    def wake(self, everything: bool = False) -> None:
+        """Check what is due now; with ``everything`` (after a reload) every pair again."""
+        self._all = self._all or everything
         self._now.set()
 
     async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
@@ -318,8 +321,9 @@ class Verifier:
         while True:
             rt = self.current()
             self._now.clear()
+            force, self._all = self._all, False
             try:
-                await self.check_due(rt)
+                await self.check_due(rt, force)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the checker must never stop

@@ -172,7 +172,7 @@ def test_server_shows_the_matrix(start_gateway, origin, faulty, tmp_path):
     cfg = base_config(egress={"vendor": {"bind": ["127.0.0.2", "127.0.0.3"], "providers": [
         {"name": "only-2", "url": origin.url("/only-from?addr=127.0.0.2"), "required": True},
         {"name": "resets", "url": f"http://127.0.0.1:{faulty.port}/reset-before-head"}]}},
-        clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["vendor"]}])
+        clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["vendor"], "allow": [f"127.0.0.1:{origin.port}"]}])
     gw = start_gateway(cfg)
     event = gw.wait_event("provider_check")
     assert {"profile", "member", "provider", "ok", "outcome", "detail", "egress_addr"} <= set(event)
@@ -200,6 +200,10 @@ def test_server_shows_the_matrix(start_gateway, origin, faulty, tmp_path):
     doc = json.loads(resp.partition(b"\r\n\r\n")[2])
     seen = {(c["member"], c["provider"]): c["ok"] for c in doc["providers"]["checks"]}
     assert seen[("127.0.0.2", "only-2")] is True and seen[("127.0.0.3", "only-2")] is False
+    # ... and whether the job's own destination rules let it reach each provider at all
+    reach = {p["name"]: (p["allowed"], p["denied_because"]) for p in doc["providers"]["providers"]}
+    assert reach["only-2"] == (True, None)
+    assert reach["resets"][0] is False and reach["resets"][1].startswith("destination_not_allowed")
     # the status page draws the matrix, red and green
     dom = parse_dom(render(gw.admin + "/", tmp_path))
     rows = {(r[1].text, r[2].text): r for r in dom.tables["providers"]}
@@ -298,3 +302,35 @@ def test_immediate_switch_is_unchanged(start_gateway, allowlist, echo, origin):
     status, doc = _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.3", switch="immediate"))
     assert status == 200 and "pending_switches" not in doc
     assert _ip(gw, origin) == b"127.0.0.3"
+
+
+def test_verify_through_a_chained_proxy_and_the_gateways_own_refusals(start_gateway, tmp_path, origin, tls_origin,
+                                                                      ca_file):
+    """An upstream member is checked through its chained proxy (here a second gateway leaving
+    from 127.0.0.4), TLS end to end through the CONNECT; a bind address this host lacks and a
+    provider the address guard refuses are the gateway's own failures, each named."""
+    hop = start_gateway(base_config(egress={"default": {"bind": ["127.0.0.4"]}},
+                                    security={"connect_ports": [443, origin.port, tls_origin.port]}))
+    providers = [{"name": "only-4", "url": origin.url("/only-from?addr=127.0.0.4")},
+                 {"name": "tls-ok", "url": f"https://localhost:{tls_origin.port}/ping"}]
+    cfg = base_config(egress={"chained": {"upstream": [hop.url], "providers": providers},
+                              "absent": {"bind": ["192.0.2.77"], "providers": providers[:1]}})
+    path = tmp_path / "chained.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = _verify(path, "--json", env={"SSL_CERT_FILE": ca_file})
+    got = {(d["profile"], d["provider"]): d for d in map(json.loads, r.stdout.splitlines())}
+    assert r.returncode == 1, r.stdout + r.stderr
+    only = got[("chained", "only-4")]
+    assert only["outcome"] == "accepted", only  # the provider saw the chained proxy's source address
+    assert only["member"] == only["egress_addr"] == hop.url, only  # (the member is the chained proxy)
+    assert got[("chained", "tls-ok")]["outcome"] == "accepted", got[("chained", "tls-ok")]
+    absent = got[("absent", "only-4")]
+    assert absent["outcome"] == "source_unavailable" and "192.0.2.77" in absent["detail"], absent
+    # without security.allow_private the loopback provider is refused by the address guard, as a job's
+    # request would be: the check never connects
+    del cfg["security"]["allow_private"]
+    cfg["egress"] = {"direct-ish": {"bind": ["127.0.0.2"], "providers": providers[:1]}}
+    path.write_text(yaml.safe_dump(cfg))
+    guarded = _verify(path, "--json")
+    (d,) = map(json.loads, guarded.stdout.splitlines())
+    assert guarded.returncode == 1 and d["outcome"] == "address_prohibited" and "loopback" in d["detail"], d
