@@ -263,7 +263,7 @@ class App:
         adopt_checks(self.gateway.runtime, runtime)
         await self.attestor.attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
         # switch: verified -- new members carry traffic only once every provider accepts them
-        runtime.providers.adopt(self.gateway.runtime.providers)
+        runtime.providers.adopt(self.gateway.runtime.providers, runtime.profiles)
         await self.verifier.gate_switches(self.gateway.runtime, runtime)
         # 2. Commit: nothing below can fail.
         # (the names first: apply publishes per-profile gauges, and requests under the new

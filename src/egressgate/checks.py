@@ -293,7 +293,8 @@ class Verifier:
             results = await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())])
             failures = [r for r in results if not r.ok]
             if failures:
-                new.profiles[name] = previous  # the old members stay in force
+                new.profiles[name] = previous  # the old members stay in force, with their results
+                board.adopt(old.providers, {name: previous})
                 held[name] = board.pending[name] = PendingSwitch(name, pool, failures, time.time())
                 log_event("provider_switch", profile=name, state="pending", old_members=[m.label for m in previous.members],
                           new_members=[m.label for m in pool.members], reason=held[name].describe())

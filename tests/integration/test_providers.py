@@ -268,6 +268,9 @@ def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, al
     event = gw.wait_event("provider_switch")
     assert event["state"] == "pending" and event["new_members"] == ["127.0.0.3"]
     assert _ip(gw, origin) == b"127.0.0.2"  # new connections still leave from the old address
+    kept = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]
+    assert kept["members"] == ["127.0.0.2"]
+    assert [(c["member"], c["ok"]) for c in kept["providers"]["checks"]] == [("127.0.0.2", True)]  # results kept
     _roundtrip(s, b"during" * 1000)  # the open tunnel keeps running
     metrics = _get(gw.admin + "/metrics")[1].decode()
     assert 'egressgate_provider_switch_pending{profile="vendor"} 1.0' in metrics

@@ -148,14 +148,17 @@ def test_not_ready_only_for_required_providers(required: bool, checks, reasons) 
 def test_adopt_keeps_results_of_unchanged_checks_only() -> None:
     old = board()
     old.record(result("10.0.0.1"))
+    old.record(result("10.0.0.2"))
+    pools = {"x": pool_of("10.0.0.1")}
     same = board()
-    same.adopt(old)
+    same.adopt(old, pools)
     assert same.result("x", "10.0.0.1", "v") is not None
+    assert same.result("x", "10.0.0.2", "v") is None  # that member is gone: its result too
     changed = ProviderBoard(specs={"x": (spec(["200"]),)})  # the provider's accept changed: check again
-    changed.adopt(old)
+    changed.adopt(old, pools)
     assert changed.result("x", "10.0.0.1", "v") is None
     gone = ProviderBoard()
-    gone.adopt(old)
+    gone.adopt(old, pools)
     assert gone.results == {}
 
 

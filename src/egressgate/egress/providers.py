@@ -123,9 +123,13 @@ class ProviderBoard:
     def record(self, result: ProviderResult) -> None:
         self.results[(result.profile, result.member, result.provider)] = result
 
-    def adopt(self, previous: ProviderBoard) -> None:
-        """After a reload: keep results of checks that did not change (same member, same spec)."""
+    def adopt(self, previous: ProviderBoard, pools: dict[str, ProfilePool]) -> None:
+        """After a reload: keep results of checks that did not change (same member, still in
+        ``pools``, same spec). Results of members gone are dropped: the table stays bounded."""
+        members = {(name, m.label) for name, pool in pools.items() for m in pool.members}
         for (profile, member, provider), result in previous.results.items():
+            if (profile, member) not in members:
+                continue
             old = {s.name: s for s in previous.specs.get(profile, ())}.get(provider)
             new = {s.name: s for s in self.specs.get(profile, ())}.get(provider)
             if old is not None and old == new:
