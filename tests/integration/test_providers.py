@@ -168,12 +168,14 @@ def test_verify_since_checks_only_new_members(tmp_path, origin):
     assert _verify(tmp_path / "current.yaml", "--since", str(tmp_path / "current.yaml")).returncode == 0
 
 
-def test_server_shows_the_matrix(start_gateway, origin, faulty, tmp_path):
+def test_server_shows_the_matrix(start_gateway, origin, faulty, tls_origin, untrusted_tls_origin, ca_file, tmp_path):
     cfg = base_config(egress={"vendor": {"bind": ["127.0.0.2", "127.0.0.3"], "providers": [
         {"name": "only-2", "url": origin.url("/only-from?addr=127.0.0.2"), "required": True},
-        {"name": "resets", "url": f"http://127.0.0.1:{faulty.port}/reset-before-head"}]}},
+        {"name": "resets", "url": f"http://127.0.0.1:{faulty.port}/reset-before-head"},
+        {"name": "tls-ok", "url": f"https://localhost:{tls_origin.port}/ping"},
+        {"name": "tls-untrusted", "url": f"https://localhost:{untrusted_tls_origin.port}/", "accept": "tls"}]}},
         clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["vendor"], "allow": [f"127.0.0.1:{origin.port}"]}])
-    gw = start_gateway(cfg)
+    gw = start_gateway(cfg, env={"SSL_CERT_FILE": ca_file})  # the server's checks trust the test's CA
     event = gw.wait_event("provider_check")
     assert {"profile", "member", "provider", "ok", "outcome", "detail", "egress_addr"} <= set(event)
 
@@ -186,6 +188,9 @@ def test_server_shows_the_matrix(start_gateway, origin, faulty, tmp_path):
     assert checks[("127.0.0.2", "only-2")]["ok"] is True
     assert checks[("127.0.0.3", "only-2")]["outcome"] == "http_status" and checks[("127.0.0.3", "only-2")]["status"] == 403
     assert checks[("127.0.0.2", "resets")]["outcome"] == "reset"
+    assert checks[("127.0.0.3", "tls-ok")]["outcome"] == "accepted"  # real TLS in the server's own loop
+    untrusted = checks[("127.0.0.3", "tls-untrusted")]
+    assert untrusted["outcome"] == "tls_error" and "certificate verify failed" in untrusted["detail"], untrusted
     metrics = _get(gw.admin + "/metrics")[1].decode()
     assert 'egressgate_provider_reachable{member="127.0.0.2",profile="vendor",provider="only-2"} 1.0' in metrics
     assert 'egressgate_provider_reachable{member="127.0.0.3",profile="vendor",provider="only-2"} 0.0' in metrics
@@ -337,3 +342,35 @@ def test_verify_through_a_chained_proxy_and_the_gateways_own_refusals(start_gate
     guarded = _verify(path, "--json")
     (d,) = map(json.loads, guarded.stdout.splitlines())
     assert guarded.returncode == 1 and d["outcome"] == "address_prohibited" and "loopback" in d["detail"], d
+
+
+def test_failing_checks_leak_nothing(start_gateway, origin, faulty, blackhole, untrusted_tls_origin):
+    """Round after round of checks that end in a reset, a timeout, a TLS failure, a 403 and a
+    connect that never completes: the gateway's descriptors do not grow."""
+    fast = {"timeout": "0.3s", "interval": "0.2s"}
+    gw = start_gateway(base_config(egress={"vendor": {"bind": ["127.0.0.3"], "providers": [
+        {"name": "only-2", "url": origin.url("/only-from?addr=127.0.0.2"), **fast},
+        {"name": "resets", "url": f"http://127.0.0.1:{faulty.port}/reset-before-head", **fast},
+        {"name": "silent", "url": f"http://127.0.0.1:{faulty.port}/silent", **fast},
+        {"name": "blackholed", "url": f"http://{blackhole.address}/", **fast},
+        {"name": "tls-untrusted", "url": f"https://localhost:{untrusted_tls_origin.port}/", "accept": "tls", **fast},
+    ]}}))
+
+    def rounds() -> int:
+        return sum(1 for e in list(gw.events) if e.get("event") == "provider_check" and e["provider"] == "silent")
+
+    def lowest_fds_until(n: int) -> int:
+        """The fewest descriptors seen while waiting for round ``n`` (checks in flight hold some:
+        the low point is the state between rounds, what a leak would raise round after round)."""
+        seen: list[int] = []
+        wait_for(lambda: seen.append(gw.fd_count()) or rounds() >= n, f"{n} rounds of checks", timeout=30)
+        return min(seen)
+
+    lowest_fds_until(2)
+    before = lowest_fds_until(4)
+    after = lowest_fds_until(10)
+    outcomes = {e["provider"]: e["outcome"] for e in list(gw.events) if e.get("event") == "provider_check"}
+    assert outcomes == {"only-2": "http_status", "resets": "reset", "silent": "no_response",
+                        "blackholed": "connect_timeout", "tls-untrusted": "tls_error"}
+    assert after <= before + 1, f"descriptors grew from {before} to {after} over six rounds"
+    assert not [e for e in gw.events if e.get("event") == "internal_error"]
