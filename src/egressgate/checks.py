@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .egress.dialer import Dialer, SourceUnavailable
 from .egress.plan import EgressPlan, ProfilePool
@@ -231,12 +231,15 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
 class Verifier:
     """The server's provider checks (every worker checks for itself, as for egress IPs: each
     decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
-    export a runtime's results; ``attest(rt, members)``: the egress-IP check of new members
-    before a pending switch is promoted; ``log``: this process logs ``provider_check`` events."""
+    export a runtime's results; ``attest(rt, members)``: the egress-IP check of a promoted
+    switch's members not checked yet; ``log``: this process logs ``provider_check`` events;
+    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
-                 attest: Callable[[Runtime, set], object], log: bool) -> None:
+                 attest: Callable[[Runtime, set], Awaitable[None]], log: bool,
+                 on_error: Callable[[str, BaseException], None]) -> None:
+        self.on_error = on_error
         self.current = current
         self.dialer = dialer
         self.resolver = resolver
@@ -310,10 +313,12 @@ class Verifier:
         if failures:
             pending.failures = failures
             return
-        await self.attest(rt, set(pending.candidate.unchecked()))
         old = rt.profiles[pending.profile]
         rt.profiles[pending.profile] = pending.candidate
         del rt.providers.pending[pending.profile]
+        # (its members were attested at the reload, while they were in the runtime; any that
+        # were not are checked now, as a reload would)
+        await self.attest(rt, set(pending.candidate.unchecked()) if pending.candidate.attest else set())
         log_event("provider_switch", profile=pending.profile, state="done",
                   old_members=[m.label for m in old.members], new_members=[m.label for m in pending.candidate.members],
                   reason="every new member now passes every provider")
@@ -328,7 +333,7 @@ class Verifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the checker must never stop
-                log_event("internal_error", where="providers", error=repr(exc))
+                self.on_error("providers", exc)
             wait = rt.providers.next_due(rt.profiles, time.time())
             try:
                 await asyncio.wait_for(self._now.wait(), 3600.0 if wait is None else max(wait, 0.05))

@@ -260,13 +260,24 @@ def _ip(gw, origin) -> bytes:
     return curl("-x", gw.url, origin.url("/ip")).stdout
 
 
-def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, allowlist, echo, origin):
-    gw = start_gateway(_cutover_config(allowlist, echo.port, "127.0.0.2"))
+@pytest.mark.parametrize("attested", [False, True], ids=["plain", "with-expect_ip"])
+def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, allowlist, echo, origin, attested):
+    """With expect_ip too, the switch the gateway makes by itself lands on an attested member
+    (never a burst of 503s from a profile whose new member nobody probed)."""
+    extra = {"expect_ip": ["127.0.0.2", "127.0.0.3"]} if attested else {}
+
+    def config(bind: str) -> dict:
+        cfg = _cutover_config(allowlist, echo.port, bind, **extra)
+        if attested:
+            cfg["probe"] = {"echo_url": origin.url("/ip")}
+        return cfg
+
+    gw = start_gateway(config("127.0.0.2"))
     assert _ip(gw, origin) == b"127.0.0.2"
     s = _tunnel(gw, echo.port)
     _roundtrip(s, b"before" * 1000)
     # the new address is not on the provider's allowlist: the reload keeps the old member
-    status, doc = _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.3"))
+    status, doc = _reload_to(gw, config("127.0.0.3"))
     assert status == 200 and doc["reloaded"] is True
     why = doc["pending_switches"]["vendor"]
     assert "vendor-api" in why and "127.0.0.3" in why and "403" in why, why
@@ -287,6 +298,9 @@ def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, al
     done = gw.wait_event("provider_switch", after=after)
     assert done["state"] == "done" and done["new_members"] == ["127.0.0.3"]
     assert _ip(gw, origin) == b"127.0.0.3"
+    if attested:
+        profile = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]
+        assert profile["serving"] is True and profile["observed_ip"] == "127.0.0.3", profile
     _roundtrip(s, b"after" * 1000)  # and the tunnel from the old address still was not cut
     s.close()
     wait_for(lambda: 'egressgate_provider_switch_pending{profile="vendor"} 0.0'
