@@ -25,7 +25,7 @@ from .egress.dialer import Dialer, SourceUnavailable
 from .egress.plan import EgressPlan, ProfilePool
 from .egress.providers import PendingSwitch, ProviderBoard, ProviderResult, ProviderSpec, new_members
 from .egress.resolver import Resolver
-from .errors import ConnectRefused, DnsError, UpstreamError, UpstreamTimeout
+from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
 from .observe.accesslog import log_event
 from .observe.metrics import Metrics
 from .policy.guard import AddressGuard
@@ -103,7 +103,7 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
                 guard: AddressGuard, tls: ssl.SSLContext | None = None) -> ProviderResult:
     """One member x one provider; never raises (bar cancellation)."""
     at, started = time.time(), time.monotonic()
-    where: dict[str, str | None] = {"egress": None, "remote": None, "status": None}
+    where: dict[str, str | None] = {"egress": None, "remote": None}
     try:
         async with asyncio.timeout(spec.timeout):
             status, line = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
@@ -113,6 +113,10 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
         phase = "no_response" if where["remote"] else "connect_timeout"
         outcome, detail, status = phase, (f"no answer within {spec.timeout:g}s" if where["remote"] else
                                           f"no connection within {spec.timeout:g}s"), None
+    except GatewayError as exc:  # anything else the dial path raises, named as it is
+        outcome, detail, status = "error", exc.detail, None
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        outcome, detail, status = "error", f"{type(exc).__name__}: {exc}", None
     else:
         if status is None or spec.accepts(status):
             outcome, detail = "accepted", line
@@ -179,7 +183,7 @@ async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolv
                 return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})"
         reader = _HeadReader()
         up.attach(reader)
-        up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {dest}\r\nUser-Agent: egressgate-verify\r\n"
+        up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
                            f"Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
         if rest:
             reader.upstream_data(rest)

@@ -86,6 +86,10 @@ def test_spec_compiles_url_and_defaults() -> None:
     assert (str(s.dest), s.tls, s.path, s.method, s.timeout, s.interval) == \
         ("v.test:8443", True, "/ping?x=1", "HEAD", 10.0, 300.0)
     assert spec(url="http://v.test").dest.port == 80
+    assert spec().host_header == "v.test:8443"
+    assert spec(url="https://v.test/").host_header == "v.test"
+    assert spec(url="http://[2001:db8::1]/").host_header == "[2001:db8::1]"
+    assert spec(url="http://[2001:db8::1]:8080/").host_header == "[2001:db8::1]:8080"
     assert spec(timeout="2s", interval="1m").timeout == 2.0
 
 

@@ -54,6 +54,13 @@ class ProviderSpec:
         return cls(spec.name, spec.url, dest, tls, path, spec.method, accept, spec.timeout or default_timeout,
                    spec.interval or default_interval, spec.required)
 
+    @property
+    def host_header(self) -> str:
+        """``Host`` as a client would send it: the port only when it is not the scheme's default."""
+        if self.dest.port != (443 if self.tls else 80):
+            return str(self.dest)
+        return f"[{self.dest.host}]" if ":" in self.dest.host else self.dest.host
+
     def accepts(self, status: int) -> bool:
         return self.accept is not None and any(lo <= status <= hi for lo, hi in self.accept)
 
