@@ -22,7 +22,7 @@ import trustme
 import yaml
 
 from .conftest import curl
-from .peers import Origin, base_config, raw_exchange, wait_for
+from .peers import Origin, ReservedPort, base_config, raw_exchange, wait_for
 from .test_status_page import parse_dom, render
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -50,6 +50,7 @@ class Allowlist:
 
     def __init__(self, *allowed: str) -> None:
         self.allowed = set(allowed)
+        self.hits: list[str] = []  # the source address of every check
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +60,7 @@ class Allowlist:
                 pass
 
             def do_HEAD(self) -> None:
+                owner.hits.append(self.client_address[0])
                 ok = self.client_address[0] in owner.allowed
                 self.send_response(200 if ok else 403, None if ok else f"{self.client_address[0]} not allowlisted")
                 self.send_header("Content-Length", "0")
@@ -388,3 +390,20 @@ def test_failing_checks_leak_nothing(start_gateway, origin, faulty, blackhole, u
                         "blackholed": "connect_timeout", "tls-untrusted": "tls_error"}
     assert after <= before + 1, f"descriptors grew from {before} to {after} over six rounds"
     assert not [e for e in gw.events if e.get("event") == "internal_error"]
+
+
+def test_two_workers_each_check_and_the_instance_reports_once(start_gateway, allowlist):
+    """Every worker checks for itself (each decides alone about a verified switch); /metrics
+    shows worker 0's result (1, not the sum 2) and only worker 0 logs provider_check events."""
+    with ReservedPort() as port:
+        gw = start_gateway(base_config(listen=[{"address": port.address}], workers=2, egress={
+            "vendor": {"bind": ["127.0.0.2"], "providers": [{"name": "vendor-api", "url": allowlist.url}]}}))
+        wait_for(lambda: len([e for e in gw.events if e.get("event") == "started"]) >= 2, "both workers started")
+    wait_for(lambda: len(allowlist.hits) >= 2, "a check from each worker")
+    assert allowlist.hits[:2] == ["127.0.0.2", "127.0.0.2"]
+    line = 'egressgate_provider_reachable{member="127.0.0.2",profile="vendor",provider="vendor-api"}'
+    metric = wait_for(lambda: next((ln for ln in _get(gw.admin + "/metrics")[1].decode().splitlines()
+                                    if ln.startswith(line)), None), "the merged gauge")
+    assert metric.endswith(" 1.0"), metric
+    wait_for(lambda: [e for e in gw.events if e.get("event") == "provider_check"], "worker 0's provider_check event")
+    assert len([e for e in gw.events if e.get("event") == "provider_check"]) == 1
