@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
+from .checks import Verifier, publish
 from .errors import ConfigError
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
@@ -93,6 +94,12 @@ class App:
         self._watching: asyncio.Task | None = None
         self.attestor = Attestor(self.gateway, worker)
         self.gateway.on_reload.append(lambda old, new: self.attestor.wake())
+        self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
+                                 lambda: gateway.connector.resolver,
+                                 lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
+                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error)
+        self._verifying: asyncio.Task | None = None
+        self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
 
     def _set_names(self, runtime: Runtime) -> None:
@@ -145,6 +152,7 @@ class App:
             else:
                 admin_socket = name.decode(errors="replace") if isinstance(name, bytes) else name
         self._prober = self.loop.create_task(self.attestor.run())  # every worker attests for itself
+        self._verifying = self.loop.create_task(self.verifier.run())  # provider checks, likewise
         if self.supervisor is not None:
             self._supervising = self.loop.create_task(self._supervise())
         if self.watcher is not None:
@@ -254,6 +262,9 @@ class App:
         # moved to a new IP serves from it at once (or refuses, if the IP is wrong).
         adopt_checks(self.gateway.runtime, runtime)
         await self.attestor.attest(runtime, {m for pool in runtime.profiles.values() if pool.attest for m in pool.unchecked()})
+        # switch: verified -- new members carry traffic only once every provider accepts them
+        runtime.providers.adopt(self.gateway.runtime.providers, runtime.profiles)
+        await self.verifier.gate_switches(self.gateway.runtime, runtime)
         # 2. Commit: nothing below can fail.
         # (the names first: apply publishes per-profile gauges, and requests under the new
         # runtime may be counted while it awaits)
@@ -309,7 +320,7 @@ class App:
     async def close(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
-        for task in (self._supervising, self._watching):
+        for task in (self._supervising, self._watching, self._verifying):
             if task is not None:
                 task.cancel()
         await self.gateway.close()

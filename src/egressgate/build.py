@@ -17,6 +17,7 @@ from .config.lint import host_bits, lint
 from .config.loader import check_config_text
 from .egress.localaddr import addresses_in, local_addresses
 from .egress.plan import build_pool
+from .egress.providers import compile_board
 from .egress.resolver import Resolver
 from .errors import ConfigError
 from .http1.rewrite import Forwarding
@@ -87,6 +88,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
                         for listener in config.listen if listener.proxy_protocol},
         forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
         protect={name: compile_protect(spec.protect) for name, spec in config.egress.items() if spec.protect},
+        providers=compile_board(config.egress, config.timeouts.upstream_connect, config.probe.interval),
     )
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``egressgate serve | check-config | hash-password | probe | explain | demo``.
+"""Command line: ``egressgate serve | check-config | hash-password | probe | verify | explain | demo``.
 
 Library code raises; only ``main`` turns errors into messages and exit codes.
 """
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--profile", action="append", help="only this profile (repeatable)")
     pr.add_argument("--echo-url", help="an IP-echo URL (plain text or JSON with an 'ip' field)")
     pr.add_argument("--timeout", type=float, default=10.0)
+    v = sub.add_parser("verify", help="does each provider accept each profile member? (exit 1 on any failure)")
+    v.add_argument("--config", "-c", help="the config to check (a candidate: check it before anyone reloads)")
+    v.add_argument("--profile", action="append", help="only this profile (repeatable)")
+    v.add_argument("--provider", action="append", help="only this provider (repeatable)")
+    v.add_argument("--since", metavar="CURRENT.yaml",
+                   help="only the members that CURRENT.yaml's same profile does not have (what a reload would add)")
+    v.add_argument("--json", action="store_true", help="one JSON object per check instead of the table")
     sub.add_parser("demo", help="a self-contained demonstration on loopback")
     ex = sub.add_parser("explain", help="the decision for a client and destination, without sending traffic")
     ex.add_argument("--config", "-c")
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             return _probe(args.config, args.profile, args.echo_url, args.timeout)
+        if args.command == "verify":
+            from .verify import main as verify_main
+
+            return verify_main(args.config, args.profile, args.provider, args.since, args.json)
         if args.command == "explain":
             return _explain(args.config, args.client, args.target, args.source, args.profile)
         if args.command == "demo":

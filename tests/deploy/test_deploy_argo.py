@@ -188,7 +188,7 @@ def fake_gateway():
 
 
 def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="vendor-x", scheme="http",
-                  ca=""):
+                  ca="", provider=""):
     FakeGateway.answer = answer
     source = templates["preflight"]["script"]["source"]
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
@@ -197,6 +197,7 @@ def run_preflight(templates, port, answer, expected_ip="203.0.113.10", profile="
         EXPECTED_IP=expected_ip,
         EXPECTED_PROFILE=profile,
         PROXY_CA=ca,
+        EXPECTED_PROVIDER=provider,
     )
     return subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=30)
 
@@ -231,6 +232,33 @@ def test_preflight_fails_fast_on_mismatch(templates, fake_gateway, change):
     proc = run_preflight(templates, fake_gateway.server_port, {**GOOD, **change})
     assert proc.returncode == 1
     assert "PRE-FLIGHT FAILED" in proc.stderr
+
+
+PROVIDERS = {"switch": "immediate", "providers": [{"name": "vendor-x"}], "pending_switch": None, "checks": [
+    {"member": "10.0.1.5", "provider": "vendor-x", "ok": True, "outcome": "accepted", "detail": "HTTP/1.1 200 OK"},
+    {"member": "10.0.1.6", "provider": "vendor-x", "ok": True, "outcome": "accepted", "detail": "HTTP/1.1 200 OK"},
+]}
+
+
+def _refused(member: str = "10.0.1.6") -> dict:
+    checks = [dict(c) for c in PROVIDERS["checks"]]
+    for c in checks:
+        if c["member"] == member:
+            c.update(ok=False, outcome="http_status", detail="HTTP/1.1 403 Forbidden")
+    return {**PROVIDERS, "checks": checks}
+
+
+def test_preflight_checks_the_provider_through_whoami(templates, fake_gateway):
+    ok = run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": PROVIDERS})
+    assert ok.returncode == 0 and "accepted by vendor-x" in ok.stdout, ok.stderr
+    refused = run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": _refused()})
+    assert refused.returncode == 1
+    assert "provider vendor-x refuses member 10.0.1.6 (http_status: HTTP/1.1 403 Forbidden)" in refused.stderr
+    unchecked = {**PROVIDERS, "checks": [{**PROVIDERS["checks"][0], "ok": None, "outcome": "unchecked"}]}
+    assert run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": unchecked}).returncode == 1
+    # a provider the step requires but the gateway does not check fails too (EXPECTED_PROVIDER)
+    missing = run_preflight(templates, fake_gateway.server_port, GOOD, provider="vendor-x")
+    assert missing.returncode == 1 and "does not check provider 'vendor-x'" in missing.stderr
 
 
 def test_preflight_over_tls_to_the_proxy(templates, tmp_path):

@@ -48,7 +48,7 @@ GROUP_KEYS = {"name", "interval", "rules", "limit", "query_offset"}
 ALERTED_METRICS = {
     "egressgate_egress_ip_match", "egressgate_denied_total", "egressgate_upstream_errors_total",
     "egressgate_requests_total", "egressgate_ready", "up", "egressgate_egress_source_up",
-    "egressgate_config_reloads_total",
+    "egressgate_config_reloads_total", "egressgate_provider_reachable", "egressgate_provider_switch_pending",
 }
 DASHBOARD_METRICS = {
     "egressgate_requests_total", "egressgate_bytes_total", "egressgate_active_connections",
@@ -430,7 +430,8 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
         egress={"default": {"direct": {}},
                 "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"],
                            "protect": [{"name": "origin", "destinations": ["127.0.0.1"], "max_concurrent": 1},
-                                       {"name": "origin-by-name", "destinations": ["localhost"]}]}},
+                                       {"name": "origin-by-name", "destinations": ["localhost"]}],
+                           "providers": [{"name": "vendor", "url": origin.url("/only-from?addr=127.0.0.2")}]}},
         clients=[
             {"name": "auditor", "from": ["127.0.0.1/32"], "username": "auditor", "password_env": "EG_AUDITOR_PW",
              "egress": ["pinned"], "deny": ["localhost"], "mode": "report"},
@@ -445,6 +446,9 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
         deadline = time.monotonic() + 10
         while json.loads(_get(gw.admin + "/status")[1])["profiles"]["pinned"]["ip_matches"] is not True:
             assert time.monotonic() < deadline, "the egress probe never confirmed profile pinned"
+            time.sleep(0.05)
+        while json.loads(_get(gw.admin + "/status")[1])["profiles"]["pinned"]["providers"]["checks"][0]["ok"] is not True:
+            assert time.monotonic() < deadline, "the provider check of profile pinned never passed"
             time.sleep(0.05)
         first = Scrape(_get(gw.admin + "/metrics")[1].decode())  # before anyone asked /readyz
 

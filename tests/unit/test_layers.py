@@ -16,7 +16,7 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, egress.plan, observe
-  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, demo) -> cli
+  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, checks, verify, demo) -> cli
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ LAYER_OF: dict[str, int] = {
     "egressgate.build": 5,
     "egressgate.workers": 5,
     "egressgate.probe": 5,
+    "egressgate.checks": 5,
+    "egressgate.verify": 5,
     "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.watch": 5,

@@ -49,6 +49,26 @@ def test_merge_sums_counters_and_live_gauges_and_keeps_worker_0s_config_gauges()
     assert get(out, "process_cpu_seconds_total", worker="1") == 0
 
 
+
+def test_provider_gauges_come_from_worker_0():
+    """Every worker checks the providers itself: 1 + 1 reachable is not 2, and a timestamp is no sum."""
+    def provider(reachable: float, at: float) -> str:
+        return f"""# HELP egressgate_provider_reachable Reachable
+# TYPE egressgate_provider_reachable gauge
+egressgate_provider_reachable{{profile="p",member="10.0.0.1",provider="v"}} {reachable}
+# HELP egressgate_provider_last_check_timestamp_seconds Checked
+# TYPE egressgate_provider_last_check_timestamp_seconds gauge
+egressgate_provider_last_check_timestamp_seconds{{profile="p",member="10.0.0.1",provider="v"}} {at}
+# HELP egressgate_provider_switch_pending Pending
+# TYPE egressgate_provider_switch_pending gauge
+egressgate_provider_switch_pending{{profile="p"}} {reachable}
+"""
+    out = merge([provider(1, 1000.0), provider(1, 1001.0)])
+    assert get(out, "egressgate_provider_reachable") == 1
+    assert get(out, "egressgate_provider_last_check_timestamp_seconds") == 1000.0
+    assert get(out, "egressgate_provider_switch_pending") == 1
+
+
 # Each case: the answers of worker 1 at successive scrapes (pid, requests, connections, cpu), or None
 # for "did not answer"; worker 0 answers 10 requests every time. Expected: merged requests and
 # connections after each scrape.

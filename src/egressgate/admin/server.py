@@ -33,6 +33,7 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
 from ..observe.merge import Merger
@@ -83,6 +84,8 @@ def readiness(gw: Gateway) -> list[str]:
         refusing = [pool for pool in attested if not pool.healthy]
         if refusing and (probe.readiness == "all" or len(refusing) == len(attested)):
             problems += [pool.refusal()[1] for pool in refusing]
+    for pool in rt.profiles.values():  # providers marked required (egress.*.providers)
+        problems += not_ready(rt.providers, pool)
     return problems
 
 
@@ -123,6 +126,7 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
             "serving": pool.healthy,
             "refusal": (pool.refusal() or (None, None))[1],
             "protect": gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.members]),
+            "providers": profile_view(rt.providers, pool),
         }
     problems = readiness(gw)
     return {
@@ -335,7 +339,9 @@ class AdminProtocol(asyncio.Protocol):
             body = json.dumps({"reloaded": False, "errors": err.errors}, indent=1).encode() + b"\n"
             self._send(simple_response(400, body))
             return
-        body = json.dumps({"reloaded": True, "hash": self.gw.runtime.config_hash}).encode() + b"\n"
+        pending = {name: p.describe() for name, p in self.gw.runtime.providers.pending.items()}
+        body = json.dumps({"reloaded": True, "hash": self.gw.runtime.config_hash,
+                           **({"pending_switches": pending} if pending else {})}).encode() + b"\n"
         self._send(simple_response(200, body))
 
     def _send(self, data: bytes) -> None:

@@ -157,6 +157,60 @@ class ProtectConfig(_Model):
         return self.name or ",".join(self.destinations)[:64]
 
 
+def _accept(value: object) -> object:
+    """``accept``: ``tls`` (a verified TLS handshake is enough), or HTTP statuses: numbers and
+    ``LOW-HIGH`` ranges, e.g. ``[200-399, 401]`` -> ``[[200, 399], [401, 401]]``."""
+    if value == "tls":
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected 'tls' or a list of HTTP statuses and ranges such as [200-399, 401]")
+    ranges = []
+    for item in value:
+        text = str(item).strip()
+        low, sep, high = text.partition("-")
+        if isinstance(item, bool) or not low.strip().isdigit() or (sep and not high.strip().isdigit()):
+            raise ValueError(f"not an HTTP status or LOW-HIGH range: {item!r}")
+        lo, hi = int(low), int(high) if sep else int(low)
+        if not 100 <= lo <= hi <= 599:
+            raise ValueError(f"not a range of HTTP statuses (100-599, low first): {item!r}")
+        ranges.append([lo, hi])
+    return ranges
+
+
+class ProviderConfig(_Model):
+    """A provider that must accept a profile's egress (see ``egressgate.checks``)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str  # https://host[:port]/path (TLS with SNI and verification) or http://
+    accept: Annotated[Literal["tls"] | list[tuple[int, int]], BeforeValidator(_accept)] = [(200, 399)]
+    method: Literal["HEAD", "GET"] = "HEAD"
+    timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: timeouts.upstream_connect
+    interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: probe.interval
+    required: bool = False  # a failed check makes /readyz fail
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (a port out of range or not a number raises here)
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+        if parts.username or parts.password:
+            raise ValueError("a provider URL carries no credentials")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> ProviderConfig:
+        if self.accept == "tls" and not self.url.startswith("https://"):
+            raise ValueError("accept: tls needs an https:// URL")
+        return self
+
+
 class ProfileConfig(_Model):
     direct: dict | None = None
     bind: list[BindEntry] | None = None  # source addresses, or CIDRs meaning "my address in this range"
@@ -169,6 +223,10 @@ class ProfileConfig(_Model):
     pick: Literal["sticky", "round_robin", "failover"] | None = None
     connect_timeout: Duration | None = None
     protect: list[ProtectConfig] = []  # shared-IP protection (policy.protect)
+    providers: list[ProviderConfig] = []  # who must accept this profile's egress (checked per member)
+    # immediate: a reload that changes the members moves new connections at once; verified: only
+    # once every new member passes every provider check (else the old members stay in force).
+    switch: Literal["immediate", "verified"] = "immediate"
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProfileConfig:
@@ -184,6 +242,11 @@ class ProfileConfig(_Model):
             raise ValueError(f"{secrets[0]} is for upstream profiles")
         if len(secrets) > 1:
             raise ValueError("give one of upstream_password_file, upstream_password_env")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"provider names must be unique in a profile: {', '.join(names)}")
+        if self.switch == "verified" and not self.providers:
+            raise ValueError("switch: verified needs providers to verify new members against")
         return self
 
     @property

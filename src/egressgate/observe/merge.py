@@ -1,7 +1,7 @@
 """Merge the Prometheus expositions of several worker processes into one.
 
 Counters, histograms and summaries add up; so do the gauges of live state (connections,
-tunnels). Gauges that describe the configuration, the egress check, the worker processes and
+tunnels). Gauges that describe the configuration, the egress and provider checks, the worker processes and
 the admin listener come from worker 0 alone (every worker holds the same config; worker 0 owns
 the admin listener and supervises the others). Process
 metrics (``process_*``) keep one series per worker, with a ``worker`` label.
@@ -25,6 +25,9 @@ FROM_FIRST = frozenset({
     "egressgate_egress_source_up", "egressgate_ready", "egressgate_config_last_reload_successful",
     "egressgate_egress_profile_serving", "egressgate_workers", "egressgate_worker_restarts",
     "egressgate_admin_connections",  # worker 0's admin listener (the others' are private sockets)
+    # provider checks: every worker checks for itself; worker 0's results stand for the instance
+    "egressgate_provider_reachable", "egressgate_provider_last_check_timestamp_seconds",
+    "egressgate_provider_switch_pending",
 })
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 

@@ -19,7 +19,7 @@ INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
     "upstream_connection_made", "upstream_data_received", "upstream_eof_received", "upstream_connection_lost",
     "upstream_pause_writing", "upstream_resume_writing", "splice", "tick", "serve", "exchange_failed",
-    "teardown", "admin", "probe", "loop", "workers", "other",
+    "teardown", "admin", "probe", "providers", "loop", "workers", "other",
 )
 UNKNOWN = "-"  # the label value of a client or profile name that is not configured
 LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}
@@ -183,6 +183,17 @@ class Metrics:
         self.egress_source_up = _KnownNames(Gauge(PREFIX + "egress_source_up",
                                                   "1 if a profile's source address or upstream is usable",
                                                   ["profile", "member"], registry=r), (0,), profiles)
+        self.provider_reachable = _KnownNames(Gauge(PREFIX + "provider_reachable",
+                                                    "1 if the provider accepted the last check through this member "
+                                                    "(egress.*.providers), 0 if it refused or failed",
+                                                    ["profile", "member", "provider"], registry=r), (0,), profiles)
+        self.provider_checked = _KnownNames(Gauge(PREFIX + "provider_last_check_timestamp_seconds",
+                                                  "When the provider was last checked through this member",
+                                                  ["profile", "member", "provider"], registry=r), (0,), profiles)
+        self.provider_switch_pending = _KnownNames(Gauge(PREFIX + "provider_switch_pending",
+                                                         "1 while a switch: verified reload's new members wait for "
+                                                         "every provider to accept them (the old members serve)",
+                                                         ["profile"], registry=r), (0,), profiles)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
         self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
                                "1 if the last reload attempt succeeded (or none was made)", registry=r)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
 from ..egress.plan import ProfilePool
+from ..egress.providers import ProviderBoard
 from ..http1.rewrite import Forwarding
 from ..policy.clients import ClientRegistry
 from ..policy.guard import AddressGuard
@@ -31,3 +32,4 @@ class Runtime:
     forwarding: Forwarding  # Via and client-address fields of forwarded requests
     # profile -> its shared-IP protection rules; only profiles that have some (policy.protect)
     protect: dict[str, ProfileProtect] = field(default_factory=dict)
+    providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 from ..egress.plan import ProfilePool
+from ..egress.providers import profile_view
 from ..http1.responses import simple_response
 from ..policy.clients import Identity
-from ..policy.decide import choose_profile
+from ..policy.decide import choose_profile, decide
 from .protect import SharedIpGuard
 from .runtime import Runtime
 
@@ -30,12 +31,28 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
         "ip_matches": pool.ip_matches if pool else None,
         "serving": pool.healthy if pool else None,
         "refusal": (pool.refusal() or (None, None))[1] if pool else None,
+        "providers": _providers(identity, rt, name, listener_default, pool) if pool else None,
         "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
         "deny": list(client.deny_patterns),
         # shared-IP protection of the profile: its rules, what is in flight per member, the holds
         "protect": protect.view(rt.protect.get(name), name, [m.label for m in pool.members])
         if protect is not None and pool is not None else None,
     }
+
+
+def _providers(identity: Identity, rt: Runtime, profile: str, listener_default: str, pool: ProfilePool) -> dict | None:
+    """The profile's provider checks, each provider with whether this client's destination
+    rules let it reach the provider's host at all (``allowed``, and the reason if not)."""
+    view = profile_view(rt.providers, pool)
+    if view is None:
+        return None
+    specs = {s.name: s for s in rt.providers.specs.get(pool.name, ())}
+    for entry in view["providers"]:
+        spec = specs[entry["name"]]
+        d = decide(identity.client, spec.dest, spec.tls, profile, listener_default, rt.connect_ports)
+        entry["allowed"] = d.allow
+        entry["denied_because"] = None if d.allow else f"{d.reason} ({d.rule})"
+    return view
 
 
 def response(doc: dict, keep_alive: bool) -> bytes:

@@ -1,0 +1,345 @@
+"""Does provider Y accept egress IP X right now? Provider checks through each member.
+
+``check`` reaches one provider through one member of a profile exactly as a job's request
+leaves: the provider's name resolved by the gateway's resolver, every address judged by the
+address guard, the connection made by ``egress.dialer`` from the member's source address (or
+through its chained proxy with ``proxy.chain``, CONNECT as the proxy itself sends it), then TLS
+with SNI and certificate verification (``https://``) and a HEAD or GET whose status is judged
+against ``accept``. It never raises: every failure is a ``ProviderResult`` whose ``outcome``
+names it (see ``egress.providers``) and whose ``detail`` keeps the evidence.
+
+``Verifier`` is the server's side: every member x provider at start, after each reload and
+every ``interval``; ``gate_switches`` holds back a ``switch: verified`` reload's new members
+until they pass (``PendingSwitch``), and the loop promotes a pending switch once they do.
+``egressgate verify`` uses ``check_pools`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from .egress.dialer import Dialer, SourceUnavailable
+from .egress.plan import EgressPlan, ProfilePool
+from .egress.providers import PendingSwitch, ProviderBoard, ProviderResult, ProviderSpec, new_members
+from .egress.resolver import Resolver
+from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
+from .observe.accesslog import log_event
+from .observe.metrics import Metrics
+from .policy.guard import AddressGuard
+from .proxy import chain
+from .proxy.runtime import Runtime
+from .proxy.upstream import Upstream
+
+MAX_HEAD = 64 * 1024
+CONCURRENCY = 16  # checks in flight at once
+
+
+class _Failed(Exception):
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+
+
+class _HeadReader:
+    """The owner of an ``Upstream`` while the provider's response head is awaited."""
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.buf = b""
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            self.done.set_result(self.buf[:end])
+        elif len(self.buf) > MAX_HEAD:
+            self._fail(_Failed("bad_response", "response head over 64 KiB"))
+
+    def upstream_eof(self) -> bool:
+        self._fail(_Failed("closed", "the provider closed the connection before answering"))
+        return False
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ConnectionResetError):
+            self._fail(_Failed("reset", "connection reset by the provider before it answered"))
+        else:
+            self._fail(_Failed("closed", f"the connection was lost before an answer: {exc or 'closed'}"))
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        self._fail(_Failed("error", f"internal error in {where}: {type(exc).__name__}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+def _status(head: bytes) -> tuple[int, str]:
+    line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
+    status = chain.reply_status(head)
+    if not status:
+        raise _Failed("bad_response", f"not an HTTP response: {line!r}")
+    return status, line
+
+
+def _tls_detail(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    return exc.reason or str(exc)
+
+
+async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
+                guard: AddressGuard, tls: ssl.SSLContext | None = None) -> ProviderResult:
+    """One member x one provider; never raises (bar cancellation)."""
+    at, started = time.time(), time.monotonic()
+    where: dict[str, str | None] = {"egress": None, "remote": None}
+    try:
+        async with asyncio.timeout(spec.timeout):
+            status, line = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
+    except _Failed as f:
+        outcome, detail, status = f.outcome, f.detail, None
+    except TimeoutError:
+        phase = "no_response" if where["remote"] else "connect_timeout"
+        outcome, detail, status = phase, (f"no answer within {spec.timeout:g}s" if where["remote"] else
+                                          f"no connection within {spec.timeout:g}s"), None
+    except GatewayError as exc:  # anything else the dial path raises, named as it is
+        outcome, detail, status = "error", exc.detail, None
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        outcome, detail, status = "error", f"{type(exc).__name__}: {exc}", None
+    else:
+        if status is None or spec.accepts(status):
+            outcome, detail = "accepted", line
+        else:
+            outcome, detail = "http_status", f"{line} (accepted: {spec.expects})"
+    return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, where["egress"],
+                          where["remote"], round((time.monotonic() - started) * 1000, 1))
+
+
+async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
+                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str]:
+    dest = spec.dest
+    loop = asyncio.get_running_loop()
+    rest = b""
+    try:
+        if plan.upstream is not None:  # as the proxy does: names are resolved by the chained proxy
+            if dest.is_ip and guard.check(dest.host):
+                raise _Failed("address_prohibited", f"{dest.host} is refused by the address guard "
+                                                    f"({guard.check(dest.host)})")
+            proxy = plan.upstream.address
+            addrs = [proxy.host] if proxy.is_ip else await resolver.resolve(proxy.host)
+            _, up, remote = await dialer.connect(EgressPlan(plan.profile, "direct"), addrs, proxy.port, Upstream,
+                                                 spec.timeout)
+            where["remote"] = f"{dest} via {plan.upstream}"
+            where["egress"] = str(plan.upstream)
+            rest = await chain.open_tunnel(up, dest, plan.upstream.authorization, spec.timeout)
+        else:
+            addrs = [dest.host] if dest.is_ip else await resolver.resolve(dest.host)
+            usable = [a for a in addrs if guard.check(a) is None]
+            if not usable:
+                raise _Failed("address_prohibited", f"{dest.host} resolves only to addresses the guard refuses: "
+                                                    + ", ".join(f"{a} ({guard.check(a)})" for a in addrs[:3]))
+            _, up, remote = await dialer.connect(plan, usable, dest.port, Upstream, spec.timeout)
+            where["remote"] = f"{remote}:{dest.port}" if ":" not in remote else f"[{remote}]:{dest.port}"
+            where["egress"] = up.local
+    except SourceUnavailable as exc:
+        raise _Failed("source_unavailable", exc.detail) from None
+    except ConnectRefused as exc:
+        raise _Failed("connect_refused", exc.detail) from None
+    except UpstreamTimeout as exc:
+        raise _Failed("dns_error" if exc.reason == "dns_timeout" else "connect_timeout", exc.detail) from None
+    except DnsError as exc:
+        raise _Failed("dns_error", exc.detail) from None
+    except UpstreamError as exc:
+        outcome = "upstream_refused" if exc.reason in ("upstream_refused", "upstream_closed") else "connect_failed"
+        raise _Failed(outcome, exc.detail) from None
+    except ConnectionResetError:
+        raise _Failed("reset", "connection reset while connecting") from None
+    try:
+        if spec.tls:
+            if rest:
+                raise _Failed("bad_response", "the provider spoke before the TLS handshake")
+            try:
+                up.transport = await loop.start_tls(up.transport, up, tls or ssl.create_default_context(),
+                                                    server_hostname=dest.host)
+            except ssl.SSLError as exc:
+                raise _Failed("tls_error", _tls_detail(exc)) from None
+            except ConnectionResetError:
+                raise _Failed("reset", "connection reset during the TLS handshake") from None
+            except (ConnectionError, OSError) as exc:
+                raise _Failed("closed", f"the connection ended during the TLS handshake: {exc}") from None
+            if spec.accept is None:
+                ssl_object = up.transport.get_extra_info("ssl_object")
+                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})"
+        reader = _HeadReader()
+        up.attach(reader)
+        up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
+                           f"Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        if rest:
+            reader.upstream_data(rest)
+        head = await reader.done
+        return _status(head)
+    finally:
+        up.detach()
+        up.transport.abort() if spec.tls else up.transport.close()
+
+
+async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, dialer: Dialer, resolver: Resolver,
+                      guard: AddressGuard, only: list[tuple[EgressPlan, ProviderSpec]] | None = None,
+                      each: Callable[[ProviderResult], None] | None = None) -> list[ProviderResult]:
+    """Check ``only`` these pairs, or every member x provider of ``pools``, concurrently (at most
+    ``CONCURRENCY`` at once); ``each`` gets every result as soon as it is made."""
+    pairs = only if only is not None else [(plan, spec) for pool in pools.values() for plan in pool.members
+                                           for spec in board.specs.get(pool.name, ())]
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(plan: EgressPlan, spec: ProviderSpec) -> ProviderResult:
+        async with limit:
+            result = await check(plan, spec, dialer, resolver, guard)
+        if each is not None:
+            each(result)
+        return result
+
+    return list(await asyncio.gather(*(one(plan, spec) for plan, spec in pairs)))
+
+
+def publish(metrics: Metrics, rt: Runtime) -> None:
+    """The provider gauges of ``rt``: reachability and last-check time per member x provider of
+    the members in use, and whether a verified switch is pending, per profile."""
+    board = rt.providers
+    metrics.provider_reachable.clear()
+    metrics.provider_checked.clear()
+    metrics.provider_switch_pending.clear()
+    for name, pool in rt.profiles.items():
+        if not board.specs.get(name):
+            continue
+        metrics.provider_switch_pending.labels(name).set(1 if name in board.pending else 0)
+        for plan in pool.members:
+            for spec in board.specs[name]:
+                r = board.result(name, plan.label, spec.name)
+                if r is not None:
+                    metrics.provider_reachable.labels(name, plan.label, spec.name).set(1 if r.ok else 0)
+                    metrics.provider_checked.labels(name, plan.label, spec.name).set(r.at)
+
+
+class Verifier:
+    """The server's provider checks (every worker checks for itself, as for egress IPs: each
+    decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
+    export a runtime's results; ``attest(rt, members)``: the egress-IP check of a promoted
+    switch's members not checked yet; ``log``: this process logs ``provider_check`` events;
+    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running)."""
+
+    def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
+                 resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
+                 attest: Callable[[Runtime, set], Awaitable[None]], log: bool,
+                 on_error: Callable[[str, BaseException], None]) -> None:
+        self.on_error = on_error
+        self.current = current
+        self.dialer = dialer
+        self.resolver = resolver
+        self.publish = publish
+        self.attest = attest
+        self.log = log
+        self._now = asyncio.Event()
+        self._all = False
+
+    def wake(self, everything: bool = False) -> None:
+        """Check what is due now; with ``everything`` (after a reload) every pair again."""
+        self._all = self._all or everything
+        self._now.set()
+
+    async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
+        def each(r: ProviderResult) -> None:
+            rt.providers.record(r)
+            if self.log:
+                log_event("provider_check", profile=r.profile, member=r.member, provider=r.provider, ok=r.ok,
+                          outcome=r.outcome, detail=r.detail, status=r.status, egress_addr=r.egress_addr,
+                          remote_addr=r.remote_addr, duration_ms=r.duration_ms)
+        return await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
+                                 only=pairs, each=each)
+
+    async def check_due(self, rt: Runtime, force: bool = False) -> None:
+        board = rt.providers
+        now = time.time()
+        pairs = []
+        for pool in rt.profiles.values():
+            pairs += ([(p, s) for p in pool.members for s in board.specs.get(pool.name, ())] if force
+                      else board.due(pool, now))
+        if pairs:
+            await self._check(rt, pairs)
+        for pending in list(board.pending.values()):
+            every = min((s.interval for s in board.specs.get(pending.profile, ())), default=0.0)
+            if force or now - max((f.at for f in pending.failures), default=0.0) >= every:
+                await self._retry_switch(rt, pending)
+        self.publish(rt)
+
+    async def gate_switches(self, old: Runtime, new: Runtime) -> dict[str, PendingSwitch]:
+        """Before ``new`` is committed: for each ``switch: verified`` profile whose members
+        change, check the new members against every provider. A profile whose new members do
+        not all pass keeps its old pool in ``new`` (so new connections stay on the old members)
+        and gets a ``PendingSwitch``; returned, by profile."""
+        board = new.providers
+        held: dict[str, PendingSwitch] = {}
+        for name, pool in list(new.profiles.items()):
+            previous = old.profiles.get(name)
+            if board.switch.get(name) != "verified" or previous is None:
+                continue
+            added = new_members(previous, pool)
+            if not added:
+                continue
+            results = await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())])
+            failures = [r for r in results if not r.ok]
+            if failures:
+                new.profiles[name] = previous  # the old members stay in force, with their results
+                board.adopt(old.providers, {name: previous})
+                held[name] = board.pending[name] = PendingSwitch(name, pool, failures, time.time())
+                log_event("provider_switch", profile=name, state="pending", old_members=[m.label for m in previous.members],
+                          new_members=[m.label for m in pool.members], reason=held[name].describe())
+            else:
+                log_event("provider_switch", profile=name, state="done", old_members=[m.label for m in previous.members],
+                          new_members=[m.label for m in pool.members], reason="every new member passed every provider")
+        return held
+
+    async def _retry_switch(self, rt: Runtime, pending: PendingSwitch) -> None:
+        added = new_members(rt.profiles.get(pending.profile), pending.candidate)
+        results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())])
+        failures = [r for r in results if not r.ok]
+        if failures:
+            pending.failures = failures
+            return
+        old = rt.profiles[pending.profile]
+        rt.profiles[pending.profile] = pending.candidate
+        del rt.providers.pending[pending.profile]
+        # (its members were attested at the reload, while they were in the runtime; any that
+        # were not are checked now, as a reload would)
+        await self.attest(rt, set(pending.candidate.unchecked()) if pending.candidate.attest else set())
+        log_event("provider_switch", profile=pending.profile, state="done",
+                  old_members=[m.label for m in old.members], new_members=[m.label for m in pending.candidate.members],
+                  reason="every new member now passes every provider")
+
+    async def run(self) -> None:
+        while True:
+            rt = self.current()
+            self._now.clear()
+            force, self._all = self._all, False
+            try:
+                await self.check_due(rt, force)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the checker must never stop
+                self.on_error("providers", exc)
+            wait = rt.providers.next_due(rt.profiles, time.time())
+            try:
+                await asyncio.wait_for(self._now.wait(), 3600.0 if wait is None else max(wait, 0.05))
+            except TimeoutError:
+                pass

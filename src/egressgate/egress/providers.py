@@ -1,0 +1,247 @@
+"""Provider checks compiled for use, and what they found. No I/O (``egressgate.checks`` does it).
+
+A profile may name providers that must accept its egress (``providers:``). Each (member x
+provider) pair is checked through that member exactly as a job's request leaves; the result,
+with its evidence (status line, TLS error, reset, timeout, the egress address used, when), is a
+``ProviderResult``. A ``ProviderBoard`` holds one runtime's specs and latest results, and the
+verified cutovers waiting for their new members to pass (``PendingSwitch``).
+
+Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts on differently:
+
+- ``accepted``: the handshake (``accept: tls``) or the HTTP status was acceptable;
+- ``http_status``: the provider answered, with a status outside ``accept`` (say 403: blocked);
+- ``tls_error``: the TLS handshake failed (an alert, or the certificate did not verify);
+- ``reset``: the connection was reset (at connect, in the handshake or before the answer);
+- ``closed``: the provider closed the connection before answering;
+- ``connect_refused`` / ``connect_timeout`` / ``connect_failed``: no TCP connection;
+- ``no_response``: connected, but no response head within the timeout;
+- ``dns_error``, ``address_prohibited`` (the address guard), ``source_unavailable`` (the
+  member's bind address is not on this host), ``upstream_refused`` (the chained proxy
+  refused the CONNECT), ``bad_response``, ``error``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ..model import HostPort
+from .plan import EgressPlan, ProfilePool
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """One provider of one profile, compiled from ``ProviderConfig``."""
+
+    name: str
+    url: str
+    dest: HostPort
+    tls: bool
+    path: str
+    method: str
+    accept: tuple[tuple[int, int], ...] | None  # None: a verified TLS handshake is enough
+    timeout: float
+    interval: float
+    required: bool
+
+    @classmethod
+    def compile(cls, spec: object, default_timeout: float, default_interval: float) -> ProviderSpec:
+        parts = urlsplit(spec.url)
+        tls = parts.scheme == "https"
+        dest = HostPort(parts.hostname, parts.port or (443 if tls else 80))
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        accept = None if spec.accept == "tls" else tuple((lo, hi) for lo, hi in spec.accept)
+        return cls(spec.name, spec.url, dest, tls, path, spec.method, accept, spec.timeout or default_timeout,
+                   spec.interval or default_interval, spec.required)
+
+    @property
+    def host_header(self) -> str:
+        """``Host`` as a client would send it: the port only when it is not the scheme's default."""
+        if self.dest.port != (443 if self.tls else 80):
+            return str(self.dest)
+        return f"[{self.dest.host}]" if ":" in self.dest.host else self.dest.host
+
+    def accepts(self, status: int) -> bool:
+        return self.accept is not None and any(lo <= status <= hi for lo, hi in self.accept)
+
+    @property
+    def expects(self) -> str:
+        if self.accept is None:
+            return "TLS handshake"
+        return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.accept)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResult:
+    """One check of one member against one provider, with its evidence."""
+
+    profile: str
+    member: str
+    provider: str
+    outcome: str  # see the module docstring
+    detail: str  # the evidence in words: the status line, the TLS error, ...
+    at: float  # wall-clock time of the check
+    status: int | None = None  # the HTTP status, when the provider answered
+    egress_addr: str | None = None  # the local address the check left from (bind / direct)
+    remote_addr: str | None = None  # the provider address connected to (or the chained proxy)
+    duration_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "accepted"
+
+    def view(self) -> dict:
+        return {"member": self.member, "provider": self.provider, "ok": self.ok, "outcome": self.outcome,
+                "detail": self.detail, "status": self.status, "egress_addr": self.egress_addr,
+                "remote_addr": self.remote_addr, "at": self.at, "duration_ms": self.duration_ms}
+
+
+@dataclass(slots=True)
+class PendingSwitch:
+    """A ``switch: verified`` reload whose new members did not (yet) pass every provider: the
+    profile keeps ``old`` members; ``candidate`` takes over once all its checks pass."""
+
+    profile: str
+    candidate: ProfilePool
+    failures: list[ProviderResult]
+    since: float
+
+    def view(self) -> dict:
+        return {"new_members": [m.label for m in self.candidate.members],
+                "since": self.since, "refused_by": [f.view() for f in self.failures]}
+
+    def describe(self) -> str:
+        return "; ".join(f"provider {f.provider} refused {f.member}: {f.outcome}: {f.detail}" for f in self.failures)
+
+
+@dataclass(slots=True)
+class ProviderBoard:
+    """One runtime's provider specs (by profile) and the latest result of each check."""
+
+    specs: dict[str, tuple[ProviderSpec, ...]] = field(default_factory=dict)
+    switch: dict[str, str] = field(default_factory=dict)  # profile -> "immediate" | "verified"
+    results: dict[tuple[str, str, str], ProviderResult] = field(default_factory=dict)
+    pending: dict[str, PendingSwitch] = field(default_factory=dict)
+
+    @property
+    def configured(self) -> bool:
+        return any(self.specs.values())
+
+    def record(self, result: ProviderResult) -> None:
+        self.results[(result.profile, result.member, result.provider)] = result
+
+    def adopt(self, previous: ProviderBoard, pools: dict[str, ProfilePool]) -> None:
+        """After a reload: keep results of checks that did not change (same member, still in
+        ``pools``, same spec). Results of members gone are dropped: the table stays bounded."""
+        members = {(name, m.label) for name, pool in pools.items() for m in pool.members}
+        for (profile, member, provider), result in previous.results.items():
+            if (profile, member) not in members:
+                continue
+            old = {s.name: s for s in previous.specs.get(profile, ())}.get(provider)
+            new = {s.name: s for s in self.specs.get(profile, ())}.get(provider)
+            if old is not None and old == new:
+                self.results[(profile, member, provider)] = result
+
+    def result(self, profile: str, member: str, provider: str) -> ProviderResult | None:
+        return self.results.get((profile, member, provider))
+
+    def matrix(self, pool: ProfilePool) -> list[dict]:
+        """One row per (member x provider) of ``pool`` as it serves now; unchecked ones say so."""
+        rows = []
+        for plan in pool.members:
+            for spec in self.specs.get(pool.name, ()):
+                r = self.result(pool.name, plan.label, spec.name)
+                rows.append(r.view() if r is not None else {"member": plan.label, "provider": spec.name,
+                                                            "ok": None, "outcome": "unchecked", "detail": ""})
+        return rows
+
+    def due(self, pool: ProfilePool, now: float) -> list[tuple[EgressPlan, ProviderSpec]]:
+        """The checks of ``pool`` never made, or older than their provider's interval."""
+        out = []
+        for plan in pool.members:
+            for spec in self.specs.get(pool.name, ()):
+                r = self.result(pool.name, plan.label, spec.name)
+                if r is None or now - r.at >= spec.interval:
+                    out.append((plan, spec))
+        return out
+
+    def failing_required(self, pool: ProfilePool) -> list[ProviderResult]:
+        """The last checks that failed, of providers marked ``required``, through members in use."""
+        out = []
+        for spec in self.specs.get(pool.name, ()):
+            if not spec.required:
+                continue
+            for plan in pool.members:
+                r = self.result(pool.name, plan.label, spec.name)
+                if r is not None and not r.ok:
+                    out.append(r)
+        return out
+
+    def next_due(self, profiles: dict[str, ProfilePool], now: float) -> float | None:
+        """Seconds until the next check falls due (None: no provider configured)."""
+        waits = []
+        for pool in profiles.values():
+            for plan in pool.members:
+                for spec in self.specs.get(pool.name, ()):
+                    r = self.result(pool.name, plan.label, spec.name)
+                    waits.append(0.0 if r is None else max(0.0, r.at + spec.interval - now))
+        for pending in self.pending.values():
+            waits += [s.interval for s in self.specs.get(pending.profile, ())]
+        return min(waits) if waits else None
+
+
+def compile_board(egress: dict, default_timeout: float, default_interval: float) -> ProviderBoard:
+    """``egress``: the config's profiles (name -> ``ProfileConfig``)."""
+    return ProviderBoard(
+        specs={name: tuple(ProviderSpec.compile(p, default_timeout, default_interval) for p in spec.providers)
+               for name, spec in egress.items() if spec.providers},
+        switch={name: spec.switch for name, spec in egress.items()},
+    )
+
+
+def new_members(old: ProfilePool | None, new: ProfilePool) -> list[EgressPlan]:
+    """The members of ``new`` that ``old`` did not have (all of them when there was no ``old``)."""
+    if old is None:
+        return list(new.members)
+    return [m for m in new.members if m not in old.members]
+
+
+def format_matrix(results: list[ProviderResult]) -> str:
+    """``egressgate verify``: one line per (profile, member, provider)."""
+    rows = [("PROFILE", "MEMBER", "PROVIDER", "EGRESS", "RESULT")]
+    for r in results:
+        verdict = "OK" if r.ok else "FAIL"
+        rows.append((r.profile, r.member, r.provider, r.egress_addr or "-", f"{verdict} {r.outcome}: {r.detail}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                     for row in rows)
+
+
+def not_ready(board: ProviderBoard, pool: ProfilePool) -> list[str]:
+    """``/readyz`` reasons from ``required`` providers: a member in use whose last check of a
+    required provider failed, or that was not checked yet (fail closed, as for ``expect_ip``)."""
+    problems = []
+    for spec in board.specs.get(pool.name, ()):
+        if not spec.required:
+            continue
+        for plan in pool.members:
+            r = board.result(pool.name, plan.label, spec.name)
+            if r is None:
+                problems.append(f"profile {pool.name}: provider {spec.name} not checked yet through {plan.label}")
+            elif not r.ok:
+                problems.append(f"profile {pool.name}: provider {spec.name} refuses {plan.label}: "
+                                f"{r.outcome}: {r.detail}")
+    return problems
+
+
+def profile_view(board: ProviderBoard, pool: ProfilePool) -> dict | None:
+    """What ``/status`` and ``whoami`` show of a profile's providers (None: it names none)."""
+    specs = board.specs.get(pool.name, ())
+    if not specs:
+        return None
+    pending = board.pending.get(pool.name)
+    return {"switch": board.switch.get(pool.name, "immediate"),
+            "providers": [{"name": s.name, "url": s.url, "accept": s.expects, "required": s.required,
+                           "interval": s.interval} for s in specs],
+            "checks": board.matrix(pool),
+            "pending_switch": pending.view() if pending is not None else None}
