@@ -68,6 +68,21 @@ def test_profiles_seen_by_origin(start_gateway, origin, password_hash):
     assert rec["egress_addr"] == "127.0.0.3"
 
 
+def test_whoami_answers_for_the_profile_the_request_picks(start_gateway, origin, password_hash):
+    """A job that picks its profile with X-Egressgate-Profile gets whoami about that profile,
+    as its requests would leave (it used to get its default profile's)."""
+    gw = start_gateway(two_profile_config(password_hash, origin.port))
+    with requests.Session() as s:
+        s.trust_env = False
+        ab = {"http": f"http://job-ab:{SECRET}@{gw.address}"}
+        assert s.get("http://egressgate.whoami/", proxies=ab, timeout=10).json()["profile"] == "ip-a"
+        doc = s.get("http://egressgate.whoami/", proxies=ab, headers={"X-Egressgate-Profile": "ip-b"},
+                    timeout=10).json()
+        assert doc["profile"] == "ip-b" and doc["egress"] == {"kind": "bind", "sources": ["127.0.0.3"]}
+        by_user = {"http": f"http://job-ab+ip-b:{SECRET}@{gw.address}"}
+        assert s.get("http://egressgate.whoami/", proxies=by_user, timeout=10).json()["profile"] == "ip-b"
+
+
 def test_allowlisting_origin(start_gateway, origin, password_hash):
     gw = start_gateway(two_profile_config(password_hash, origin.port))
     url = origin.url("/only-from?addr=127.0.0.2")

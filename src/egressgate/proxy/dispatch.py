@@ -27,7 +27,7 @@ from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
 from .protect import SharedIpGuard, admit_route
-from .route import Route, cached_addresses, resolve_and_judge, route
+from .route import Route, cached_addresses, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
 
 
@@ -162,7 +162,8 @@ class Dispatcher:
                 rec.profile = err.profile
             raise
         if r.whoami:
-            return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect))
+            return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect,
+                                          requested_profile(identity, ex.head)))
         rec.profile = r.pool.name
         ex.route = r
         ex.target = r.target

@@ -81,9 +81,7 @@ def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, lis
                                       f"(e.g. curl -x \"$HTTPS_PROXY\" http://{WHOAMI_HOST}/)",
                                       reason="whoami_over_connect")
         return Route(client, dest, target, None, [], None, whoami=True)
-    requested = identity.requested_profile
-    if requested is None and head.profile:
-        requested = head.profile.decode("latin-1").strip()
+    requested = requested_profile(identity, head)
     decision = decide(client, dest, connect, requested, listener_default, rt.connect_ports)
     if not decision.allow:
         kind = AddressProhibited if decision.reason == "destination_ip_prohibited" else PolicyDenied
@@ -102,6 +100,13 @@ def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, lis
     if dest.is_ip:
         judged(r, (dest.host,), rt, own)
     return r
+
+
+def requested_profile(identity: Identity, head: RequestHead) -> str | None:
+    """The profile the client asked for: ``user+profile`` first, else ``X-Egressgate-Profile``."""
+    if identity.requested_profile is not None:
+        return identity.requested_profile
+    return head.profile.decode("latin-1").strip() if head.profile else None
 
 
 def cached_addresses(r: Route, cached: Callable[[str], list[str] | None], rt: Runtime, own: OwnListeners) -> bool:

@@ -18,9 +18,11 @@ from .runtime import Runtime
 
 
 def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
-             protect: SharedIpGuard | None = None) -> dict:
+             protect: SharedIpGuard | None = None, requested: str | None = None) -> dict:
+    """``requested``: the profile the request asked for (``user+profile`` or the
+    ``X-Egressgate-Profile`` header), as the job's own requests would."""
     client = identity.client
-    name = choose_profile(client, identity.requested_profile, listener_default)
+    name = choose_profile(client, requested, listener_default)
     pool = rt.profiles.get(name) if name else None
     return {
         "client": client.name, "client_addr": peer, "profile": name,
