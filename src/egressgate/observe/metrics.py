@@ -13,7 +13,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "egressgate_"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "SOCKS5"})
+# egressgate_socks_replies_total{reply}: how SOCKS5 negotiations ended (RFC 1928 reply codes,
+# and the ends before a request: no acceptable method, failed authentication, malformed, slow).
+SOCKS_REPLIES = ("succeeded", "general_failure", "not_allowed", "network_unreachable", "host_unreachable",
+                 "connection_refused", "ttl_expired", "command_not_supported", "address_type_not_supported",
+                 "no_acceptable_method", "auth_failed", "protocol_error", "timeout")
 # Where a bug can be caught (``egressgate_internal_errors_total{where}``): a fixed set.
 INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
@@ -113,6 +118,11 @@ class Metrics:
         self.would_deny = _KnownNames(Counter(PREFIX + "report_only_denials_total",
                                               "Denials let through because the client is in report mode",
                                               ["client", "reason"], registry=r), (0,), clients)
+        self.socks_replies = Counter(PREFIX + "socks_replies_total",
+                                     "SOCKS5 negotiations by how they ended: the reply code sent, or "
+                                     "no_acceptable_method, auth_failed, protocol_error, timeout", ["reply"], registry=r)
+        for reply in SOCKS_REPLIES:
+            self.socks_replies.labels(reply)
         self.upstream_errors = Counter(PREFIX + "upstream_errors_total", "Failures reaching destinations",
                                        ["kind"], registry=r)
         self.rejected_connections = Counter(PREFIX + "rejected_connections_total",
