@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import socket
 import struct
 import time
@@ -190,8 +191,7 @@ def _refused(gw, dest: bytes, code: int, reason: str, **kw) -> dict:
 def test_refusals_map_onto_reply_codes(start_gateway, origin, blackhole):
     clients = [{"name": "job", "from": ["127.0.0.0/8"], "username": "job", "password_env": "JOB_SECRET",
                 "allow": ["localhost", "127.0.0.1"], "deny": [f"127.0.0.1:{origin.port}"]}]
-    gw = _socks_gw(start_gateway, origin.port, clients=clients,
-                   egress={"slow": {"direct": {}, "connect_timeout": "0.5s"}})
+    gw = _socks_gw(start_gateway, origin.port, clients=clients)
     # not in the client's allow rules
     rec = _refused(gw, _domain("example.com", origin.port), 0x02, "destination_not_allowed")
     assert rec["status"] == 403 and rec["client"] == "job" and rec["socks_reply"] == "not_allowed"
@@ -337,3 +337,63 @@ def test_client_gone_while_dialing_abandons_the_dial(start_gateway, blackhole):
     s.close()
     rec = gw.wait_log(lambda r: r["method"] == "SOCKS5")
     assert rec["status"] == 499 and rec["reason"] == "client_closed"
+
+
+# --- drain and reload -------------------------------------------------------------------------------
+
+def test_drain_lets_a_socks_tunnel_finish(start_gateway, echo):
+    gw = _socks_gw(start_gateway, echo.port, clients=[{"name": "anon", "from": ["127.0.0.0/8"]}],
+                   drain={"timeout": 20})
+    s, code = _socks(gw, _ipv4("127.0.0.1", echo.port), user=None)
+    assert code == 0
+    gw.signal(signal.SIGTERM)
+    gw.wait_event("drain_started")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the listener closes (drain.grace is 0)
+        try:
+            socket.create_connection((gw.host, gw.port), timeout=5).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the SOCKS5 listener still accepts during drain")
+    assert gw.proc.poll() is None, "the gateway exited with a SOCKS5 tunnel open"
+    data = bytes(range(256)) * 4096
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    got = _recv_exact(s, len(data) + 1)
+    s.close()
+    assert got == data
+    assert gw.wait(timeout=30) == 0
+    rec = gw.wait_log(lambda r: r["method"] == "SOCKS5")
+    assert rec["status"] == 200 and rec["bytes_up"] == len(data) == rec["bytes_down"]
+
+
+def test_drain_timeout_closes_a_negotiation_and_a_tunnel_with_records(start_gateway, echo):
+    gw = _socks_gw(start_gateway, echo.port, clients=[{"name": "anon", "from": ["127.0.0.0/8"]}],
+                   drain={"timeout": "500ms"})
+    tunnel, code = _socks(gw, _ipv4("127.0.0.1", echo.port), user=None)
+    assert code == 0
+    half = socket.create_connection((gw.host, gw.port), timeout=20)
+    half.sendall(b"\x05\x01\x00\x05")  # methods, then a request cut short
+    assert _recv_exact(half, 2) == b"\x05\x00"
+    gw.signal(signal.SIGTERM)
+    assert _closed(tunnel) and _closed(half)
+    assert gw.wait(timeout=30) == 0
+    reasons = sorted((r["status"], r["reason"]) for r in gw.log if r["method"] == "SOCKS5")
+    assert reasons == [(200, "drain_timeout"), (503, "drain_timeout")], reasons
+
+
+def test_reload_switches_a_listener_between_http_and_socks5(start_gateway, origin):
+    gw = start_gateway(base_config(security={"connect_ports": [origin.port]}))
+    assert curl("-x", gw.url, origin.url("/r")).returncode == 0
+    cfg = base_config(listen=[{"address": gw.address, "protocol": "socks5"}],
+                      admin={"address": gw.admin.removeprefix("http://")},
+                      security={"connect_ports": [origin.port]})
+    gw.write_config(cfg)
+    n = len(gw.events)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n)
+    r = curl("-x", f"socks5h://{gw.address}", origin.url("/r", host="localhost"))
+    assert r.returncode == 0 and r.stdout == b"hello /r\n", r.stderr
+    gw.wait_log(lambda r: r["method"] == "SOCKS5" and r["status"] == 200)
