@@ -112,8 +112,18 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
     return found
 
 
+def socks_without_clients(config: Config) -> list[Finding]:
+    """A SOCKS5 listener no client entry can use: entries identified by a TLS client
+    certificate (``cert_subject``) never match a SOCKS5 connection."""
+    if any(c.username or not c.cert_subject for c in config.clients):
+        return []
+    return [Finding(("listen", i, "protocol"), "no client entry can use this socks5 listener: entries with "
+                    "cert_subject never match SOCKS5; add one with username/password or source CIDRs alone")
+            for i, listener in enumerate(config.listen) if listener.protocol == "socks5"]
+
+
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
-    open_clients, exposed_admin, private_everything, never_matching_clients)
+    open_clients, exposed_admin, private_everything, never_matching_clients, socks_without_clients)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (
