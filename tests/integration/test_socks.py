@@ -118,6 +118,7 @@ def test_curl_socks5_hostname_with_credentials_and_profile(start_gateway, origin
     metrics = _get(gw.admin + "/metrics")
     assert 'egressgate_socks_replies_total{reply="succeeded"} 3.0' in metrics
     assert 'method="SOCKS5"' in metrics
+    assert 'egressgate_listener_info{listener="127.0.0.1:0",protocol="socks5"} 1.0' in metrics
 
 
 def test_requests_socks5h(start_gateway, origin):
@@ -397,3 +398,5 @@ def test_reload_switches_a_listener_between_http_and_socks5(start_gateway, origi
     r = curl("-x", f"socks5h://{gw.address}", origin.url("/r", host="localhost"))
     assert r.returncode == 0 and r.stdout == b"hello /r\n", r.stderr
     gw.wait_log(lambda r: r["method"] == "SOCKS5" and r["status"] == 200)
+    info = [ln for ln in _get(gw.admin + "/metrics").splitlines() if ln.startswith("egressgate_listener_info{")]
+    assert info == [f'egressgate_listener_info{{listener="{gw.address}",protocol="socks5"}} 1.0'], info

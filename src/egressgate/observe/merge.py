@@ -25,6 +25,7 @@ FROM_FIRST = frozenset({
     "egressgate_egress_source_up", "egressgate_ready", "egressgate_config_last_reload_successful",
     "egressgate_egress_profile_serving", "egressgate_workers", "egressgate_worker_restarts",
     "egressgate_admin_connections",  # worker 0's admin listener (the others' are private sockets)
+    "egressgate_listener_info",
 })
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 

@@ -102,6 +102,9 @@ class Metrics:
         self.active_connections = Gauge(PREFIX + "active_connections", "Open client connections",
                                         ["listener"], registry=r)
         self.active_tunnels = Gauge(PREFIX + "active_tunnels", "Open CONNECT tunnels", ["listener"], registry=r)
+        self.listener_info = Gauge(PREFIX + "listener_info", "The proxy listeners in force (value 1) and the "
+                                   "protocol each speaks (http, socks5): join on listener", ["listener", "protocol"],
+                                   registry=r)
         self.spliced_tunnels = Counter(PREFIX + "tunnels_spliced_total",
                                        "Tunnels switched to zero-copy splice for bulk transfer", registry=r)
         self.connect_seconds = _KnownNames(Histogram(PREFIX + "connect_seconds", "Upstream TCP connect latency",

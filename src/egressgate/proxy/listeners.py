@@ -136,6 +136,9 @@ class Listeners:
             self._servers[name] = server
             self._infos[name] = info
             await server.start_serving()
+        self.metrics.listener_info.clear()
+        for name, info in self._infos.items():
+            self.metrics.listener_info.labels(name, info.protocol).set(1)
         self.refresh_own()
 
     def refresh_own(self) -> None:
