@@ -400,3 +400,24 @@ def test_reload_switches_a_listener_between_http_and_socks5(start_gateway, origi
     gw.wait_log(lambda r: r["method"] == "SOCKS5" and r["status"] == 200)
     info = [ln for ln in _get(gw.admin + "/metrics").splitlines() if ln.startswith("egressgate_listener_info{")]
     assert info == [f'egressgate_listener_info{{listener="{gw.address}",protocol="socks5"}} 1.0'], info
+
+
+def test_squid_log_format(start_gateway, origin):
+    gw = _socks_gw(start_gateway, origin.port, clients=[{"name": "anon", "from": ["127.0.0.0/8"]}],
+                   log={"format": "squid"})
+    assert curl("-x", f"socks5h://{gw.address}", origin.url("/ip", host="localhost")).returncode == 0
+    deadline = time.monotonic() + 10
+    while not gw.stdout_lines() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    fields = gw.stdout_lines()[0].split()
+    assert fields[3] == "TCP_TUNNEL/200" and fields[5] == "SOCKS5" and fields[6] == f"localhost:{origin.port}", fields
+
+
+def test_gateway_connection_limit_closes_without_an_http_answer(start_gateway):
+    gw = _socks_gw(start_gateway, 443, clients=[{"name": "anon", "from": ["127.0.0.0/8"]}],
+                   limits={"max_connections": 1})
+    first = socket.create_connection((gw.host, gw.port), timeout=10)
+    first.sendall(b"\x05\x01\x00")
+    assert _recv_exact(first, 2) == b"\x05\x00"  # (admitted: it holds the one connection)
+    assert raw_exchange(gw.address, b"\x05\x01\x00") == b""
+    first.close()

@@ -79,7 +79,7 @@ class ClientConnection(asyncio.Protocol):
         if verdict is not Admission.ADMIT and verdict is not Admission.READ_PROXY_HEADER:
             gw.gate.refused(verdict, peer)
             self.closed = True
-            if verdict is Admission.MAX_CONNECTIONS:
+            if verdict is Admission.MAX_CONNECTIONS and self.listener.protocol == "http":  # (socks5: just closed)
                 transport.write(error_response(Unavailable("the gateway is at its connection limit",
                                                            reason="max_connections")))
                 transport.close()
