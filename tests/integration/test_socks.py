@@ -18,6 +18,7 @@ import pytest
 import requests
 import socks
 
+from .. import required
 from .conftest import curl
 from .peers import ClosedPort, base_config, pattern_sha256, raw_exchange
 
@@ -106,7 +107,8 @@ def test_curl_socks5_hostname_with_credentials_and_profile(start_gateway, origin
     gw = _socks_gw(start_gateway, origin.port)
     proxy = f"socks5h://job+ip-b:{SECRET}@{gw.address}"
     n = 3 * 1024 * 1024 + 17
-    r = curl("-x", proxy, origin.url(f"/bytes?n={n}", host="localhost"))
+    r = curl("--socks5-hostname", gw.address, "--proxy-user", f"job+ip-b:{SECRET}",
+             origin.url(f"/bytes?n={n}", host="localhost"))
     assert r.returncode == 0, r.stderr
     assert hashlib.sha256(r.stdout).hexdigest() == pattern_sha256(n)
     assert curl("-x", proxy, origin.url("/ip", host="localhost")).stdout == b"127.0.0.2"
@@ -421,3 +423,21 @@ def test_gateway_connection_limit_closes_without_an_http_answer(start_gateway):
     assert _recv_exact(first, 2) == b"\x05\x00"  # (admitted: it holds the one connection)
     assert raw_exchange(gw.address, b"\x05\x01\x00") == b""
     first.close()
+
+
+def test_ipv6_destination(start_gateway):
+    lsock = required.ipv6_loopback()
+    port = lsock.getsockname()[1]
+    try:
+        gw = _socks_gw(start_gateway, port, clients=[{"name": "anon", "from": ["127.0.0.0/8"]}])
+        s, code = _socks(gw, b"\x04" + socket.inet_pton(socket.AF_INET6, "::1") + struct.pack(">H", port), user=None)
+        assert code == 0
+        conn, peer = lsock.accept()
+        conn.sendall(b"over v6")
+        assert _recv_exact(s, 7) == b"over v6"
+        s.close()
+        conn.close()
+        rec = gw.wait_log(lambda r: r["method"] == "SOCKS5")
+        assert rec["target"] == f"[::1]:{port}" and rec["upstream_addr"] == "::1" and rec["status"] == 200
+    finally:
+        lsock.close()
