@@ -5,6 +5,8 @@ the mapping from the gateway's typed refusals to SOCKS reply codes."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egressgate.errors import (
     AddressProhibited,
@@ -204,3 +206,28 @@ def test_bound_address_in_reply() -> None:
     assert reply_bytes(0, ("::ffff:10.0.0.1", 80)) == b"\x05\x00\x00\x01\x0a\x00\x00\x01\x00\x50"
     assert reply_bytes(0, ("2001:db8::1", 1)) == b"\x05\x00\x00\x04" + bytes.fromhex("20010db8" + "0" * 22 + "01") \
         + b"\x00\x01"
+
+
+@given(st.lists(st.binary(max_size=64), max_size=40), st.sampled_from([METHOD_NO_AUTH, METHOD_USERPASS]))
+@settings(max_examples=400, deadline=None)
+def test_any_bytes_end_in_an_event_a_wait_or_a_protocol_error(chunks: list[bytes], method: int) -> None:
+    """Whatever a client sends, in whatever pieces: the machine yields events, waits for more,
+    or raises SocksProtocolError (never another exception), and holds at most MAX_PENDING."""
+    m = ServerNegotiation()
+    try:
+        for chunk in chunks:
+            if m.state is State.DONE:
+                break
+            m.receive(chunk)
+            while (ev := m.next_event()) is not None:
+                if isinstance(ev, MethodsOffered):
+                    m.choose_method(method)
+                elif isinstance(ev, Credentials):
+                    m.auth_result(True)
+                else:
+                    assert 0 < ev.dest.port < 65536
+                    m.reply(0)
+                    break
+            assert len(m.buf) <= MAX_PENDING
+    except SocksProtocolError as err:
+        assert m.state is State.FAILED and err.status == 400
