@@ -26,6 +26,7 @@ PACKAGES = [  # (binary, [packages to try, first with a candidate wins])
     ("tinyproxy", ["tinyproxy"]),
     ("wrk", ["wrk"]),
     ("nginx", ["nginx-light", "nginx"]),
+    ("danted", ["dante-server"]),  # the SOCKS5 peer (bench/socks.py)
 ]
 
 
@@ -34,7 +35,7 @@ def which(binary: str) -> str | None:
 
 
 def ensure_packages(needed: set[str], log=print) -> None:
-    """apt-get install whatever of squid/tinyproxy/wrk/nginx is missing (apt-get update once first)."""
+    """apt-get install whatever of squid/tinyproxy/wrk/nginx/danted is missing (apt-get update once first)."""
     missing = [(b, pkgs) for b, pkgs in PACKAGES if b in needed and not which(b)]
     if not missing:
         return

@@ -539,6 +539,10 @@ def markdown(results: dict) -> str:
         targets_table(results),
         "",
     ]
+    if results.get("socks"):
+        from socks import markdown as socks_markdown
+
+        parts += socks_markdown(results["socks"])
     n = notes(results)
     if n:
         parts += ["## Notes", ""] + [f"- {x}" for x in n] + [""]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of egressgate, Squid, tinyproxy and the no-proxy path (issue 6).
+"""Side-by-side benchmark of egressgate, Squid, tinyproxy and the no-proxy path (issue 6), and
+of egressgate's SOCKS5 listener with Dante (figure ``socks``, bench/socks.py).
 
-    .venv/bin/python bench/run.py [--quick] [--only rps,throughput,tunnels,latency,memory]
+    .venv/bin/python bench/run.py [--quick] [--only rps,throughput,tunnels,latency,memory,socks]
                                   [--peers squid,tinyproxy,egressgate,egressgate-policy]
                                   [--egressgate-workers N] [--repeat N]
 
@@ -31,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
+import socks as socks_figure  # noqa: E402
 from peers import (  # noqa: E402
     BODY,
     Env,
@@ -59,7 +61,8 @@ RESULTS = BENCH / "results"
 PY = sys.executable
 LOADGEN = str(BENCH / "loadgen.py")
 SERVERS = str(BENCH / "servers.py")
-FIGURES = ["rps", "throughput", "tunnels", "latency", "memory"]
+FIGURES = ["rps", "throughput", "tunnels", "latency", "memory", "socks"]
+PEER_FIGURES = FIGURES[:5]  # per peer; "socks" runs once with its own peers (egressgate socks5, Dante)
 ECHO_PORTS = 8  # several destination ports spread the proxies' outbound 4-tuples
 ECHO_PROCS = 3  # SO_REUSEPORT processes behind those ports (fd limit per process; CPU)
 HOLDERS = 4  # processes holding idle tunnels (each under the per-process fd limit)
@@ -480,7 +483,8 @@ class Bench:
         try:
             if peer.proc is None and not isinstance(peer, NoProxy):
                 peer.start(self.reg, self.env)
-            figs = [f for f in self.a.only if not (f == "memory" and isinstance(peer, NoProxy))]
+            figs = [f for f in self.a.only
+                    if f in PEER_FIGURES and not (f == "memory" and isinstance(peer, NoProxy))]
             for fig in figs:
                 if time.monotonic() > self.deadline:
                     out.setdefault("skipped_figures", []).append(fig)
@@ -524,7 +528,8 @@ class Bench:
     def run(self) -> dict:
         a = self.a
         peers: list[Peer] = [NoProxy(), *make_peers(a.peers, a.egressgate_workers)]
-        ensure_packages({"wrk", "nginx", *(p.name for p in peers if p.name in ("squid", "tinyproxy"))}, log)
+        ensure_packages({"wrk", "nginx", *(p.name for p in peers if p.name in ("squid", "tinyproxy")),
+                         *(["danted"] if "socks" in a.only else [])}, log)
         for b in ("wrk", "nginx"):
             if not which(b):
                 raise SystemExit(f"{b} is required (apt-get install {b})")
@@ -561,8 +566,16 @@ class Bench:
             }
         )
         self.results = {"meta": meta, "peers": {}}
-        for peer in peers:
-            self.results["peers"][peer.name] = self.run_peer(peer)
+        if any(f in PEER_FIGURES for f in a.only):
+            for peer in peers:
+                self.results["peers"][peer.name] = self.run_peer(peer)
+        if "socks" in a.only:
+            log("== SOCKS5: egressgate socks5 listener, Dante, egressgate CONNECT")
+            try:
+                self.results["socks"] = socks_figure.figure(a.tunnel_seconds, a.bulk_bytes, log=log)
+            except Exception as e:  # the other figures stand
+                self.results["socks"] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"   error: {self.results['socks']['error']}")
         self.results["summary"] = report.summarize(self.results)
         return self.results
 

@@ -183,3 +183,61 @@ def test_bulk_tunnel_splice_half_close_and_no_fd_leak(start_gateway, echo):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     metrics = opener.open(gw.admin + "/metrics", timeout=5).read()
     assert b"egressgate_tunnels_spliced_total 1.0" in metrics
+
+
+class _BannerServer:
+    """Speaks first, at once (as SSH, SMTP or a database do), then echoes."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.sendall(b"SSH-2.0-banner\r\n")  # at once: before the gateway's next turn
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_server_that_speaks_first(start_gateway):
+    # The banner can arrive before the tunnel is attached to its upstream connection: it is
+    # held and delivered after the 200, never taken for an idle connection's stray bytes.
+    banner = _BannerServer()
+    try:
+        gw = _gw(start_gateway, banner.port)
+        for _ in range(20):
+            s = _open_tunnel(gw, f"127.0.0.1:{banner.port}")
+            got = b""
+            while len(got) < 16:
+                chunk = s.recv(100)
+                assert chunk, got
+                got += chunk
+            assert got == b"SSH-2.0-banner\r\n"
+            s.sendall(b"hello")
+            assert s.recv(100) == b"hello"
+            s.close()
+    finally:
+        banner.close()

@@ -577,3 +577,30 @@ def test_load_config_empty_file_is_default(tmp_path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_config(path) == Config()
+
+
+def test_listener_protocol() -> None:
+    assert load("").listen[0].protocol == "http"
+    cfg = load("""\
+        listen:
+          - address: 127.0.0.1:3128
+          - address: 127.0.0.1:1080
+            protocol: socks5
+        """)
+    assert [x.protocol for x in cfg.listen] == ["http", "socks5"]
+    errors = errors_of("""\
+        listen:
+          - address: 127.0.0.1:1080
+            protocol: socks4
+        """)
+    assert len(errors) == 1 and errors[0].startswith(f"{FILE}:3: listen[0].protocol: ")
+
+
+def test_socks5_listener_takes_no_tls() -> None:
+    errors = errors_of("""\
+        listen:
+          - address: 127.0.0.1:1080
+            protocol: socks5
+            tls: {cert: /nonexistent.crt, key: /nonexistent.key}
+        """)
+    assert f"{FILE}:4: listen[0].tls: a socks5 listener takes no tls" in errors[0]

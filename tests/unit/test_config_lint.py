@@ -14,6 +14,19 @@ from egressgate.config.lint import Finding, host_bits, lint
 LINT_CASES = [
     # (id, config text, [(loc, a phrase of the message)])
     ("default-is-quiet", "", []),
+    ("socks5-with-certificate-clients-only", """\
+        listen:
+          - {address: "127.0.0.1:3128", tls: {cert: a.crt, key: a.key, client_ca: ca.crt}}
+          - {address: "127.0.0.1:1080", protocol: socks5}
+        clients:
+          - {name: job, from: [10.0.0.0/8], cert_subject: job}
+        """, [(("listen", 1, "protocol"), "cert_subject never match SOCKS5")]),
+    ("socks5-with-a-password-client", """\
+        listen:
+          - {address: "127.0.0.1:1080", protocol: socks5}
+        clients:
+          - {name: job, from: [10.0.0.0/8], username: job, password_env: JOB_SECRET}
+        """, []),
     ("open-client-v4", """\
         clients:
           - {name: anyone, from: [0.0.0.0/0]}

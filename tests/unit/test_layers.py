@@ -15,7 +15,7 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
    every step.
 
 Layers, bottom to top:
-  errors, model -> config -> policy, http1, egress.plan, observe
+  errors, model -> config -> policy, http1, socks5, egress.plan, observe
   -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, checks, verify, demo) -> cli
 """
 
@@ -42,6 +42,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.config.repair": 1,
     "egressgate.policy": 2,
     "egressgate.http1": 2,
+    "egressgate.socks5": 2,
     "egressgate.egress": 2,
     "egressgate.egress.plan": 2,
     "egressgate.observe": 2,

@@ -124,8 +124,19 @@ def protect_per_worker(config: Config) -> list[Finding]:
             if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
 
 
+def socks_without_clients(config: Config) -> list[Finding]:
+    """A SOCKS5 listener no client entry can use: entries identified by a TLS client
+    certificate (``cert_subject``) never match a SOCKS5 connection."""
+    if any(c.username or not c.cert_subject for c in config.clients):
+        return []
+    return [Finding(("listen", i, "protocol"), "no client entry can use this socks5 listener: entries with "
+                    "cert_subject never match SOCKS5; add one with username/password or source CIDRs alone")
+            for i, listener in enumerate(config.listen) if listener.protocol == "socks5"]
+
+
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
-    open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker)
+    open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker,
+    socks_without_clients)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (

@@ -125,6 +125,9 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
         if listener.proxy_protocol and not listener.trusted_proxies:
             problems.append((("listen", i, "trusted_proxies"),
                              "proxy_protocol needs trusted_proxies (the load balancer's CIDRs)"))
+        if listener.protocol == "socks5" and listener.tls:
+            problems.append((("listen", i, "tls"), "a socks5 listener takes no tls: SOCKS5 clients connect in "
+                             "plain TCP (put it on a private address, or behind the load balancer)"))
         if listener.tls:
             for key in ("cert", "key", "client_ca"):
                 path = getattr(listener.tls, key)

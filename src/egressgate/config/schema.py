@@ -115,6 +115,9 @@ class TLSConfig(_Model):
 
 class ListenConfig(_Model):
     address: SocketAddress = "127.0.0.1:3128"
+    # http: an HTTP proxy (CONNECT and absolute-URI); socks5: a SOCKS5 proxy (RFC 1928 CONNECT,
+    # RFC 1929 username/password) through the same clients, rules, profiles and tunnel.
+    protocol: Literal["http", "socks5"] = "http"
     tls: TLSConfig | None = None
     egress: str = "default"  # profile for this listener's clients that name none
     proxy_protocol: bool = False

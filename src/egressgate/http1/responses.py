@@ -70,6 +70,15 @@ PHRASES = {
     "upstream_timeout": "Upstream Proxy Timeout",
     "response_timeout": "Origin Response Timeout",
     "idle_timeout": "Idle Timeout",
+    # SOCKS5 negotiations (never an HTTP answer; the access record's reason)
+    "socks_version": "Not SOCKS5",
+    "socks_no_method": "No SOCKS Method Offered",
+    "socks_no_acceptable_method": "No Acceptable SOCKS Method",
+    "socks_auth_version": "Bad SOCKS Auth Version",
+    "socks_command": "SOCKS Command Not Supported",
+    "socks_address_type": "SOCKS Address Type Not Supported",
+    "socks_oversized": "SOCKS Negotiation Too Large",
+    "socks_protocol_error": "SOCKS Protocol Error",
 }
 
 

@@ -50,7 +50,7 @@ def squid_line(rec: AccessRecord, now: float) -> str:
     if rec.status in (403, 407):
         code = "TCP_DENIED"
     else:
-        code = "TCP_TUNNEL" if rec.method == "CONNECT" else "TCP_MISS"
+        code = "TCP_TUNNEL" if rec.method in ("CONNECT", "SOCKS5") else "TCP_MISS"
     hier = f"HIER_DIRECT/{rec.upstream_addr}" if rec.upstream_addr != "-" else "HIER_NONE/-"
     return (f"{rec.start:.3f} {elapsed:6d} {rec.client_addr} {code}/{rec.status:03d} {rec.bytes_down} "
             f"{rec.method} {_squid_field(rec.target)} {_squid_field(rec.client)} {hier} - "

@@ -28,6 +28,7 @@ FROM_FIRST = frozenset({
     # provider checks: every worker checks for itself; worker 0's results stand for the instance
     "egressgate_provider_reachable", "egressgate_provider_last_check_timestamp_seconds",
     "egressgate_provider_switch_pending",
+    "egressgate_listener_info",
 })
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 

@@ -13,7 +13,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "egressgate_"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "SOCKS5"})
+# egressgate_socks_replies_total{reply}: how SOCKS5 negotiations ended (RFC 1928 reply codes,
+# and the ends before a request: no acceptable method, failed authentication, malformed, slow).
+SOCKS_REPLIES = ("succeeded", "general_failure", "not_allowed", "network_unreachable", "host_unreachable",
+                 "connection_refused", "ttl_expired", "command_not_supported", "address_type_not_supported",
+                 "no_acceptable_method", "auth_failed", "protocol_error", "timeout")
 # Where a bug can be caught (``egressgate_internal_errors_total{where}``): a fixed set.
 INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
@@ -142,6 +147,9 @@ class Metrics:
         self.active_connections = Gauge(PREFIX + "active_connections", "Open client connections",
                                         ["listener"], registry=r)
         self.active_tunnels = Gauge(PREFIX + "active_tunnels", "Open CONNECT tunnels", ["listener"], registry=r)
+        self.listener_info = Gauge(PREFIX + "listener_info", "The proxy listeners in force (value 1) and the "
+                                   "protocol each speaks (http, socks5): join on listener", ["listener", "protocol"],
+                                   registry=r)
         self.spliced_tunnels = Counter(PREFIX + "tunnels_spliced_total",
                                        "Tunnels switched to zero-copy splice for bulk transfer", registry=r)
         self.connect_seconds = _KnownNames(Histogram(PREFIX + "connect_seconds", "Upstream TCP connect latency",
@@ -158,6 +166,11 @@ class Metrics:
         self.would_deny = _KnownNames(Counter(PREFIX + "report_only_denials_total",
                                               "Denials let through because the client is in report mode",
                                               ["client", "reason"], registry=r), (0,), clients)
+        self.socks_replies = Counter(PREFIX + "socks_replies_total",
+                                     "SOCKS5 negotiations by how they ended: the reply code sent, or "
+                                     "no_acceptable_method, auth_failed, protocol_error, timeout", ["reply"], registry=r)
+        for reply in SOCKS_REPLIES:
+            self.socks_replies.labels(reply)
         self.upstream_errors = Counter(PREFIX + "upstream_errors_total", "Failures reaching destinations",
                                        ["kind"], registry=r)
         self.rejected_connections = Counter(PREFIX + "rejected_connections_total",

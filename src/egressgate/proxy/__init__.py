@@ -11,7 +11,10 @@ How one connection flows, file by file
 3. parse — ``pipeline.py``: a ``RequestPipeline`` feeds the bytes to llhttp
    (``http1.parse``); each request head becomes an ``Exchange`` (``forward.py``) in a queue,
    served in arrival order; ``flow.py`` pauses reading (named ``Pause`` reasons) for
-   back-pressure, buffered bodies, pipelining and fairness.
+   back-pressure, buffered bodies, pipelining and fairness. On a ``protocol: socks5``
+   listener a ``SocksHandshake`` (``socks.py``) takes the pipeline's place: the sans-IO
+   negotiation (``egressgate.socks5``), RFC 1929 credentials as a Basic value, and a
+   ``SocksRequest`` that steps 4-7 serve exactly as a CONNECT.
 4. identify — ``dispatch.py``: the client from its source address, ``Proxy-Authorization``
    or TLS certificate (``policy.clients``), a new password checked off the loop and throttled
    (``limits.AuthThrottle``), the connection counted against the client's limits

@@ -93,14 +93,15 @@ class Connector:
                 if up is not None:
                     return Link(up, True, plan)
             try:
-                up = await self.dial(plan, pool, addresses, port)
+                up = await self.dial(plan, pool, addresses, port, hold_early=connect)
             except UpstreamError as err:
                 if err.reason != "source_unavailable":
                     raise
                 last = err
                 continue
-            if not connect:
-                up.key = (plan.key, up.remote, port)
+            if connect:  # (a banner the server sent already goes to the client first)
+                return Link(up, False, plan, leftover=up.take_early())
+            up.key = (plan.key, up.remote, port)
             return Link(up, False, plan)
         raise last or UpstreamError("no usable egress address in profile " + pool.name)
 
@@ -137,10 +138,13 @@ class Connector:
         finally:
             self.metrics.dns_seconds.observe(time.perf_counter() - t0)
 
-    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int) -> Upstream:
+    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int,
+                   hold_early: bool = False) -> Upstream:
+        """``hold_early``: for a tunnel, keep what the server sends before the tunnel is up."""
         t0 = time.perf_counter()
+        factory = self._new_tunnel_upstream if hold_early else self._new_upstream
         try:
-            _, up, remote = await self.dialer.connect(plan, addresses, port, self._new_upstream, pool.connect_timeout)
+            _, up, remote = await self.dialer.connect(plan, addresses, port, factory, pool.connect_timeout)
         except SourceUnavailable as err:
             pool.mark_down(plan)
             self.source_state(pool, plan, False)
@@ -158,3 +162,6 @@ class Connector:
 
     def _new_upstream(self) -> Upstream:
         return Upstream(self._on_orphan_crash)
+
+    def _new_tunnel_upstream(self) -> Upstream:
+        return Upstream(self._on_orphan_crash, hold_early=True)

@@ -15,7 +15,7 @@ import functools
 import ipaddress
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..egress.localaddr import local_addresses
 from ..errors import ConfigError
@@ -31,6 +31,7 @@ class ListenerInfo:
     tls: bool
     connections: object = None  # this listener's gauge children, looked up once
     tunnels: object = None
+    protocol: str = "http"  # "http" or "socks5" (a reload may change it for new connections)
 
     def default_profile(self, rt: Runtime) -> str:
         listener = rt.listeners.get(self.name)
@@ -98,7 +99,7 @@ class Listeners:
                 continue
             host, port = parse_socket_address(name)
             info = ListenerInfo(name, spec.tls is not None, self.metrics.active_connections.labels(name),
-                                self.metrics.active_tunnels.labels(name))
+                                self.metrics.active_tunnels.labels(name), spec.protocol)
             ctx = contexts.get(name)
             if ctx is not None:
                 ctx.sni_callback = functools.partial(self._pick_tls, info)
@@ -113,7 +114,8 @@ class Listeners:
                                    f"{exc.strerror or exc}"]) from None
         modes = {spec.address: _tls_mode(spec) for spec in rt.config.listen}
         removed = [n for n in self._servers if n not in wanted and n not in renamed]
-        return ListenerChange(contexts, bound, removed, modes, renamed)
+        return ListenerChange(contexts, bound, removed, modes, renamed,
+                              {spec.address: spec.protocol for spec in rt.config.listen})
 
     async def commit(self, change: ListenerChange) -> None:
         for name in change.removed:
@@ -126,12 +128,17 @@ class Listeners:
             info.name = new
             if old in self._tls:
                 self._tls[new] = self._tls.pop(old)
+        for name, info in self._infos.items():  # new connections speak the protocol in force
+            info.protocol = change.protocols.get(name, info.protocol)
         self._tls.update(change.contexts)  # live listeners hand new handshakes the new context
         self._tls_mode = change.modes
         for name, (server, info) in change.bound.items():
             self._servers[name] = server
             self._infos[name] = info
             await server.start_serving()
+        self.metrics.listener_info.clear()
+        for name, info in self._infos.items():
+            self.metrics.listener_info.labels(name, info.protocol).set(1)
         self.refresh_own()
 
     def refresh_own(self) -> None:
@@ -171,6 +178,7 @@ class ListenerChange:
     removed: list[str]
     modes: dict[str, str]
     renamed: dict[str, str]
+    protocols: dict[str, str] = field(default_factory=dict)  # listener -> "http" / "socks5"
 
     def abandon(self) -> None:
         for server, _ in self.bound.values():

@@ -34,6 +34,7 @@ from .gate import Admission
 from .listeners import ListenerInfo
 from .pipeline import RequestPipeline
 from .server import Gateway
+from .socks import SocksHandshake
 from .tunnel import Tunnel
 
 FLUSH_GRACE = 10.0  # seconds a closed connection may take to flush its last bytes, then it is reset
@@ -78,7 +79,7 @@ class ClientConnection(asyncio.Protocol):
         if verdict is not Admission.ADMIT and verdict is not Admission.READ_PROXY_HEADER:
             gw.gate.refused(verdict, peer)
             self.closed = True
-            if verdict is Admission.MAX_CONNECTIONS:
+            if verdict is Admission.MAX_CONNECTIONS and self.listener.protocol == "http":  # (socks5: just closed)
                 transport.write(error_response(Unavailable("the gateway is at its connection limit",
                                                            reason="max_connections")))
                 transport.close()
@@ -89,7 +90,8 @@ class ClientConnection(asyncio.Protocol):
             self.pp_buf = b""
         gw.connections.add(self)
         self.listener.connections.inc()
-        self.http = RequestPipeline(self, gw.loop.time())
+        # (a socks5 listener's phase stands in for the pipeline until its tunnel is up)
+        self.http = (SocksHandshake if self.listener.protocol == "socks5" else RequestPipeline)(self, gw.loop.time())
         if self.listener.tls:
             self.who.cert_subject = gate.subject_cn(transport.get_extra_info("peercert"))
 
@@ -172,13 +174,13 @@ class ClientConnection(asyncio.Protocol):
             self.crashed("resume_writing", exc)
 
     # --- the tunnel phase (tunnel.ClientSide) -------------------------------------------------
-    def open_tunnel(self, ex: Exchange, link: Link) -> None:
+    def open_tunnel(self, ex: Exchange, link: Link, reply: bytes = CONNECT_OK) -> None:
         rec = ex.record
         up = link.upstream
         rec.status = 200
         rec.upstream_addr = up.remote
         rec.egress_addr = up.local
-        self.transport.write(CONNECT_OK)
+        self.transport.write(reply)
         t = Tunnel(self, up, rec, self.gw.loop.time(), self.listener.tls)
         self.tunnel = t
         self.http = None  # the tunnel keeps only its record: an idle tunnel stays small

@@ -2,7 +2,9 @@
 persistent connections to origins kept for reuse by plain-HTTP requests.
 
 An ``Upstream`` has an owner (a ``Tunnel`` or an ``Exchange``) that receives its events; in
-the pool it has none and any byte or EOF from the far end retires it.
+the pool it has none and any byte or EOF from the far end retires it. A connection dialed
+for a tunnel (``hold_early``) instead keeps what a server that speaks first (SSH, SMTP, a
+database) sends before the tunnel is attached, and stops reading until then (``take_early``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 class Upstream(asyncio.Protocol):
     __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data", "parser",
-                 "on_orphan_crash")
+                 "on_orphan_crash", "early")
 
-    def __init__(self, on_orphan_crash: Callable[[str, BaseException], None] | None = None) -> None:
+    def __init__(self, on_orphan_crash: Callable[[str, BaseException], None] | None = None,
+                 hold_early: bool = False) -> None:
         self.on_orphan_crash = on_orphan_crash  # counts and logs a bug when no owner is attached
         self.transport: asyncio.Transport | None = None
         self.owner: Any = None
@@ -27,6 +30,7 @@ class Upstream(asyncio.Protocol):
         self.closed = False
         self._on_data: Callable[[bytes], None] | None = None
         self.parser = None  # the response parser, reused across keep-alive responses
+        self.early: bytes | None = b"" if hold_early else None  # bytes before a tunnel took it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -42,6 +46,14 @@ class Upstream(asyncio.Protocol):
         self.owner = owner
         self._on_data = owner.upstream_data
 
+    def take_early(self) -> bytes:
+        """What the server sent before its tunnel was attached; reading resumes. Called right
+        before the tunnel takes the connection, with no await in between."""
+        data, self.early = self.early or b"", None
+        if data and not self.transport.is_closing():
+            self.transport.resume_reading()
+        return data
+
     def detach(self) -> None:
         self.owner = None
         self._on_data = None
@@ -53,6 +65,9 @@ class Upstream(asyncio.Protocol):
             on_data = self._on_data
             if on_data is not None:
                 on_data(data)
+            elif self.early is not None:  # a server that speaks first, before its tunnel is up
+                self.early += data
+                self.transport.pause_reading()
             else:
                 self.transport.close()  # unsolicited bytes on an idle connection: retire it
         except Exception as exc:
