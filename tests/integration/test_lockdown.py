@@ -330,6 +330,7 @@ def test_per_client_connection_limit(start_gateway, origin2):
     resp = raw_exchange(gw.address, f"CONNECT 127.0.0.2:{origin2.port} HTTP/1.1\r\n\r\n".encode(),
                         read_until_close=False)
     assert _status(resp) == 429 and _proxy_status(resp) == "connection_limit_reached"
+    assert b"\r\nRetry-After: 1\r\n" in resp.partition(b"\r\n\r\n")[0] + b"\r\n", resp[:300]
     held.pop().close()
     wait_for(lambda: _admin_status(gw)["connections"]["by_client"].get("small") == 1,
              "the closed connection to stop counting against the client")
@@ -454,6 +455,7 @@ def test_new_connections_per_second_are_limited(start_gateway, origin2):
         statuses.append(_status(resp))
         if statuses[-1] == 429:
             assert _proxy_status(resp) == "connection_limit_reached", resp[:300]
+            assert b"\r\nRetry-After: 1\r\n" in resp.partition(b"\r\n\r\n")[0] + b"\r\n", resp[:300]
             break
     assert statuses[-1] == 429, f"ten new connections in a row were all admitted: {statuses}"
     rec = gw.wait_log(lambda r: r["status"] == 429)

@@ -12,6 +12,7 @@ worker's connections share.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 from ..errors import LimitReached
@@ -34,7 +35,8 @@ class ClientLimits:
         name = client.name
         n = self.per_client.get(name, 0)
         if client.max_connections is not None and n >= client.max_connections:
-            raise LimitReached(f"client {name} is at its limit of {client.max_connections} concurrent connections")
+            raise LimitReached(f"client {name} is at its limit of {client.max_connections} concurrent connections",
+                               headers=(("Retry-After", "1"),))
         rate = client.max_new_per_second
         if rate is not None:
             now = self._clock()
@@ -43,8 +45,9 @@ class ClientLimits:
             tokens = min(burst, tokens + (now - last) * rate)
             if tokens < 1.0:
                 self._buckets[name] = (tokens, now)
+                wait = math.ceil((1.0 - tokens) / rate)  # seconds until the next token
                 raise LimitReached(f"client {name} is over {rate:g} new connections per second",
-                                   reason="rate_limited")
+                                   reason="rate_limited", headers=(("Retry-After", str(max(1, wait))),))
             self._buckets[name] = (tokens - 1.0, now)
         self.per_client[name] = n + 1
 
