@@ -54,6 +54,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.build": 5,
     "egressgate.workers": 5,
     "egressgate.probe": 5,
+    "egressgate.keysource": 5,
     "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.watch": 5,

@@ -44,7 +44,7 @@ def open_clients(config: Config) -> list[Finding]:
     """A client admitted from anywhere with no credentials: an open proxy."""
     found = []
     for i, client in enumerate(config.clients):
-        if client.username or client.cert_subject:
+        if client.username or client.cert_subject or client.kubernetes:
             continue
         for j, net in enumerate(client.from_ or []):
             if _everything(net):

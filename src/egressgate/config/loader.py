@@ -151,6 +151,16 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
         for j, name in enumerate(client.egress):
             if name not in profiles:
                 problems.append((("clients", i, "egress", j), f"unknown egress profile {name!r}"))
+        k8s = client.kubernetes
+        if k8s is not None:
+            clash = next((j for j, c in enumerate(config.clients) if c.username == k8s.username), None)
+            if clash is not None:
+                problems.append((("clients", i, "kubernetes", "username"),
+                                 f"also the username of clients[{clash}], a password client"))
+            for key in ("jwks_file", "ca_file"):
+                path = getattr(k8s, key)
+                if path and not offline and not os.path.isfile(path):
+                    problems.append((("clients", i, "kubernetes", key), f"file not found: {path}"))
         if not offline:
             problems += _secret_problems(("clients", i), "password_file", client.password_file,
                                          "password_env", client.password_env)
@@ -196,7 +206,7 @@ def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
     nets = [None if c.from_ is None else [ipaddress.ip_network(n) for n in c.from_] for c in clients]
     for i, client in enumerate(clients):
-        if client.username or nets[i] is None:
+        if client.username or client.kubernetes or nets[i] is None:
             continue
         for j in range(i):
             earlier = clients[j]
