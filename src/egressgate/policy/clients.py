@@ -192,7 +192,7 @@ class ClientRegistry:
             raise AuthRequired("token issuer not accepted", reason="token_unknown_issuer")
         subject = None
         for client in entries:
-            subject = self._verified(client.token, token)
+            subject = self._token_subject(client.token, token)
             if isinstance(subject, PendingKeys):
                 return subject
             if client.token.admits(subject):
@@ -200,7 +200,7 @@ class ClientRegistry:
         raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
                            user=subject.name[:USER_LIMIT])
 
-    def _verified(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
+    def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
         now = self._clock()
         key = hmac.new(self._key, f"{id(policy)}\0{token}".encode(), hashlib.sha256).digest()
         known = self._tokens.get(key)
