@@ -68,7 +68,10 @@ class TokenPolicy:
     static_keys: Mapping[str, Any] | None = None  # from jwks_file: never fetched
 
     def admits(self, subject: TokenSubject) -> bool:
-        name = subject.name
+        return self.admits_name(subject.name)
+
+    def admits_name(self, name: str) -> bool:
+        """``namespace/serviceaccount`` is in the list (by name, or by ``namespace/*``)."""
         return any(name == a or (a.endswith("/*") and fnmatch.fnmatchcase(name, a)) for a in self.accounts)
 
 
