@@ -8,13 +8,14 @@ import base64
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 
 from .conftest import curl
 from .oidc import Issuer
-from .peers import ClosedPort, base_config, raw_exchange
+from .peers import ClosedPort, base_config, raw_exchange, wait_for
 
 SA = "data-jobs/vendor-x-collector"
 
@@ -229,3 +230,22 @@ def test_check_config_and_explain(issuer, ca_file, tmp_path):
     bad = subprocess.run([*run, "check-config", str(path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert "clients[0].kubernetes.service_accounts" in bad.stdout + bad.stderr
+
+
+def test_a_connection_does_not_outlive_its_token(start_gateway, issuer, ca_file, origin):
+    """The identity a keep-alive connection remembers ends with its token: the next request with
+    the same (now expired) credentials is refused."""
+    gw = started(start_gateway, k8s_config(issuer, ca_file, leeway=0))
+    token = issuer.mint(lifetime=2)
+    exp = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["exp"]
+    proxy = f"http://k8s:{token}@{gw.address}"
+    with requests.Session() as s:
+        s.trust_env = False
+        assert s.get(origin.url("/first"), proxies={"http": proxy}, timeout=10).status_code == 200
+        wait_for(lambda: time.time() > exp + 0.5, "the token's expiry")
+        second = s.get(origin.url("/second"), proxies={"http": proxy}, timeout=10)
+    assert second.status_code == 407 and second.reason == "Token Expired"
+    first = gw.wait_log(lambda r: r["target"].endswith("/first"))
+    rec = gw.wait_log(lambda r: r["target"].endswith("/second"))
+    assert rec["reason"] == "token_expired"
+    assert rec["client_addr"] == first["client_addr"]  # the same connection (same source port)

@@ -104,6 +104,8 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
                 found.append(loc)
                 original = pruner.original(loc)
                 if any(related(original, r) for r in earlier):
+                    if err["type"] == "missing":  # the mapping holding it is reset: its other keys go too
+                        reported.append(original[:-1])
                     continue  # a consequence of taking out a value already reported
                 reported.append(original)
                 errors.append(where(loc, _message(err, original)))
