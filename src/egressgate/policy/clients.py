@@ -42,6 +42,7 @@ from .tokens import KeyProvider, NoKeys, TokenPolicy, TokenSubject, UnknownKey, 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
 USER_LIMIT = 64  # characters of a tried user name kept for the access record
+MAX_REMEMBERED_TOKENS = 4096  # tokens seen (and their verified subjects) remembered until they expire
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -113,7 +114,8 @@ class ClientRegistry:
         self.clients = tuple(clients)
         self.keys: KeyProvider = NoKeys()  # set by the running gateway (keysource.KeySources)
         self._clock = clock
-        self._tokens: dict[bytes, TokenSubject] = {}
+        # keyed digest of a token -> (its issuer, the subject verified for each entry's policy)
+        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
         self._verified: dict[bytes, bool] = {}
@@ -180,34 +182,39 @@ class ClientRegistry:
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
 
     def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
-        """The entry a service-account token identifies (see the module docstring)."""
-        _, issuer = peek(token)
+        """The entry a service-account token identifies (see the module docstring). A token seen
+        before costs a keyed digest and a lookup: nothing is parsed again until it expires."""
         entries = [c for c in self.candidates(address) if c.token is not None]
         if not entries:
             raise PolicyDenied("no client rule admits service-account tokens from this address",
                                reason="client_not_allowed")
+        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+        known = self._tokens.get(digest)
+        if known is None:
+            known = (peek(token)[1], {})
+            if len(self._tokens) >= MAX_REMEMBERED_TOKENS:
+                self._tokens.clear()
+            self._tokens[digest] = known
+        issuer, verified = known
         base, _, profile = (user or "").partition("+")
         entries = [c for c in entries if c.token.issuer == issuer and (user is None or c.token.username == base)]
         if not entries:
             raise AuthRequired("token issuer not accepted", reason="token_unknown_issuer")
         subject = None
         for client in entries:
-            subject = self._token_subject(client.token, token)
-            if isinstance(subject, PendingKeys):
-                return subject
+            subject = verified.get(client.token)
+            if subject is None or subject.expires + client.token.leeway <= self._clock():
+                subject = self._token_subject(client.token, token)
+                if isinstance(subject, PendingKeys):
+                    return subject
+                verified[client.token] = subject
             if client.token.admits(subject):
                 return Identity(client, profile or None, subject)
         raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
                            user=subject.name[:USER_LIMIT])
 
     def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
-        now = self._clock()
-        key = hmac.new(self._key, f"{id(policy)}\0{token}".encode(), hashlib.sha256).digest()
-        known = self._tokens.get(key)
-        if known is not None:
-            if known.expires + policy.leeway > now:
-                return known
-            del self._tokens[key]
+        """Verify ``token`` for ``policy`` with the keys in hand, or say they must be fetched."""
         keys = policy.static_keys if policy.static_keys is not None else self.keys.keys(policy)
         if keys is None:
             error = AuthRequired("the issuer's keys are not available", reason="token_keys_unavailable")
@@ -216,16 +223,12 @@ class ClientRegistry:
                 raise error
             return PendingKeys(wait, error)
         try:
-            subject = verify(token, policy, keys)
+            return verify(token, policy, keys)
         except UnknownKey as err:
             wait = None if policy.static_keys is not None else self.keys.refresh(policy)
             if wait is None:
                 raise
             return PendingKeys(wait, err)
-        if len(self._tokens) >= 4096:
-            self._tokens.clear()
-        self._tokens[key] = subject
-        return subject
 
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
         if client.password_plain is not None:
