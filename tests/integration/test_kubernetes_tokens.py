@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -249,3 +250,27 @@ def test_a_connection_does_not_outlive_its_token(start_gateway, issuer, ca_file,
     rec = gw.wait_log(lambda r: r["target"].endswith("/second"))
     assert rec["reason"] == "token_expired"
     assert rec["client_addr"] == first["client_addr"]  # the same connection (same source port)
+
+
+def test_reload_adds_a_token_client_and_keeps_the_keys(start_gateway, issuer, ca_file, closed):
+    """A reload that brings in a kubernetes entry gets the keys fetched; one that keeps it costs no fetch."""
+    cfg = k8s_config(issuer, ca_file, closed=closed)
+    token_client = cfg["clients"][0]
+    cfg["clients"] = [{"name": "local", "from": ["127.0.0.0/8"]}]
+    gw = start_gateway(cfg)
+    n = len(gw.events)
+    cfg["clients"] = [token_client]
+    gw.write_config(cfg)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n)
+    assert connect(gw, closed[0], f"Bearer {issuer.mint()}").startswith(b"HTTP/1.1 502")
+    fetched = len(issuer.requests)
+    assert fetched == 2  # discovery + JWKS
+    n = len(gw.events)
+    token_client["egress"] = ["spare", "default"]
+    gw.write_config(cfg)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n)
+    assert connect(gw, closed[1], f"Bearer {issuer.mint('e1')}").startswith(b"HTTP/1.1 502")
+    assert gw.wait_log(lambda r: r["target"] == closed[1])["profile"] == "spare"
+    assert len(issuer.requests) == fetched
