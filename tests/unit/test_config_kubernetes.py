@@ -86,3 +86,20 @@ def test_token_user_name_is_not_a_password_user() -> None:
         """)
     errors = check_config_text(text, FILE, offline=True).errors
     assert errors == [f"{FILE}:7: clients[1].kubernetes.username: also the username of clients[0], a password client"]
+
+
+def test_lint_warns_of_keys_over_plain_http_and_no_rate_limit() -> None:
+    checked = check_config_text(textwrap.dedent("""\
+        clients:
+          - name: k
+            kubernetes:
+              issuer: http://issuer.internal
+              service_accounts: [a/b]
+              min_refresh: 0
+          - name: f
+            kubernetes: {issuer: http://issuer.internal, service_accounts: [a/b], jwks_file: /k.json}
+        """), FILE, offline=True)
+    assert [(f.loc, f.message.split(":")[0]) for f in lint(checked.config)] == [
+        (("clients", 0, "kubernetes", "issuer"), "the signing keys would be fetched over plain http"),
+        (("clients", 0, "kubernetes", "min_refresh"), "below 1s"),
+    ]

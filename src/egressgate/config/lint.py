@@ -91,6 +91,26 @@ def never_matching_clients(config: Config) -> list[Finding]:
     return found
 
 
+def weak_token_keys(config: Config) -> list[Finding]:
+    """Kubernetes token keys that anyone on the path could replace, or fetches with no rate limit."""
+    found = []
+    for i, client in enumerate(config.clients):
+        k8s = client.kubernetes
+        if k8s is None:
+            continue
+        if not k8s.jwks_file:
+            url, key = (k8s.jwks_url, "jwks_url") if k8s.jwks_url else (k8s.issuer, "issuer")
+            if url.startswith("http://"):
+                found.append(Finding(("clients", i, "kubernetes", key),
+                                     "the signing keys would be fetched over plain http: anyone on the path could "
+                                     "substitute their own and mint accepted tokens; use https or jwks_file"))
+            if k8s.min_refresh < 1:
+                found.append(Finding(("clients", i, "kubernetes", "min_refresh"),
+                                     "below 1s: every token naming an unknown key makes the gateway fetch the "
+                                     "issuer's keys again"))
+    return found
+
+
 def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Finding]:
     """``bind`` sources this host does not have: connecting from them fails."""
     mine = {ipaddress.ip_address(a) for a in local_addresses}
@@ -113,7 +133,7 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
 
 
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
-    open_clients, exposed_admin, private_everything, never_matching_clients)
+    open_clients, exposed_admin, private_everything, never_matching_clients, weak_token_keys)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (
