@@ -192,3 +192,17 @@ def test_malformed_credentials(auth: bytes) -> None:
 
 def test_other_basic_users_are_not_tokens() -> None:
     assert _token_credentials(basic("job", "a.b.c"), frozenset({"k8s"})) is None
+
+
+def test_a_final_refusal_is_remembered_and_a_premature_one_is_not() -> None:
+    reg = registry()
+    expired, early = S.mint(issued=-700, lifetime=600), S.mint(issued=120)
+    for token, reason in ((expired, "token_expired"), (early, "token_not_yet_valid")):
+        with pytest.raises(AuthRequired) as info:
+            reg.identify("10.1.2.3", bearer(token))
+        assert info.value.reason == reason
+    reg.keys.current = {}  # a second verification would now say "unknown key"
+    with pytest.raises(AuthRequired) as info:
+        reg.identify("10.1.2.3", bearer(expired))
+    assert info.value.reason == "token_expired"  # remembered: not verified again
+    assert isinstance(reg.identify("10.1.2.3", bearer(early)), PendingKeys)  # verified again

@@ -43,6 +43,9 @@ Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
 USER_LIMIT = 64  # characters of a tried user name kept for the access record
 MAX_REMEMBERED_TOKENS = 4096  # tokens seen (and their verified subjects) remembered until they expire
+# refusals no later look can change (not: unknown key / keys unavailable, not yet valid)
+FINAL_TOKEN_REFUSALS = frozenset({"token_expired", "token_wrong_audience", "token_unknown_issuer",
+                                  "token_bad_signature", "token_bad_algorithm", "token_malformed"})
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -114,8 +117,9 @@ class ClientRegistry:
         self.clients = tuple(clients)
         self.keys: KeyProvider = NoKeys()  # set by the running gateway (keysource.KeySources)
         self._clock = clock
-        # keyed digest of a token -> (its issuer, the subject verified for each entry's policy)
-        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject]]] = {}
+        # keyed digest of a token -> (its issuer, for each entry's policy the subject verified or
+        # the final refusal)
+        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
         self._verified: dict[bytes, bool] = {}
@@ -203,8 +207,16 @@ class ClientRegistry:
         subject = None
         for client in entries:
             subject = verified.get(client.token)
+            if isinstance(subject, AuthRequired):  # refused before for good: a job retrying an expired
+                raise AuthRequired(subject.detail, reason=subject.reason)  # token costs a lookup (a new
+                # error each time: re-raising one object would grow its traceback)
             if subject is None or subject.expires + client.token.leeway <= self._clock():
-                subject = self._token_subject(client.token, token)
+                try:
+                    subject = self._token_subject(client.token, token)
+                except AuthRequired as err:
+                    if err.reason in FINAL_TOKEN_REFUSALS:
+                        verified[client.token] = err
+                    raise
                 if isinstance(subject, PendingKeys):
                     return subject
                 verified[client.token] = subject
