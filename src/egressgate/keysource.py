@@ -117,7 +117,7 @@ class KeySources:
             keys = parse_jwks(await self._get_json(url, policy.ca_file))
         except asyncio.CancelledError:
             raise
-        except (GatewayError, OSError, ValueError, TimeoutError, ssl.SSLError) as exc:
+        except Exception as exc:  # (an issuer's answer must never take a waiting request down with it)
             self._metrics.jwks_fetches.labels("error").inc()
             detail = exc.detail if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
             log_event("jwks_fetch_failed", issuer=policy.issuer, error=detail[:300],
