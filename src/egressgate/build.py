@@ -81,6 +81,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     def upstream_secret(spec) -> str | None:  # a profile's upstream_password_file / _env
         return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
+    jwks = (lambda path: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
     attest = config.probe.echo_url is not None
     profiles = {
         name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
@@ -89,8 +90,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     }
     return Runtime(
         config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
-        clients=compile_clients(config.clients, secret,
-                                (lambda path: {}) if read_secret is _offline_secret else _read_jwks), guard=AddressGuard(config.security.allow_private),
+        clients=compile_clients(config.clients, secret, jwks), guard=AddressGuard(config.security.allow_private),
         profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
