@@ -103,3 +103,18 @@ def test_lint_warns_of_keys_over_plain_http_and_no_rate_limit() -> None:
         (("clients", 0, "kubernetes", "issuer"), "the signing keys would be fetched over plain http"),
         (("clients", 0, "kubernetes", "min_refresh"), "below 1s"),
     ]
+
+
+def test_check_file_reads_the_jwks_file(tmp_path) -> None:
+    from egressgate.build import check_file
+
+    jwks = tmp_path / "jwks.json"
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"clients:\n  - name: k\n    kubernetes: {{issuer: {ISSUER}, service_accounts: [a/b], "
+                      f"jwks_file: {jwks}}}\n")
+    for content, what in (('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "no usable RSA or EC signing key"),
+                          ("not json", "Expecting value")):
+        jwks.write_text(content)
+        errors, _ = check_file(str(config))
+        assert len(errors) == 1 and errors[0].startswith(f"{jwks}:0: kubernetes.jwks_file: ") and what in errors[0]
+    assert check_file(str(config), offline=True) == ([], [])  # offline: named, not read
