@@ -8,6 +8,7 @@ import ipaddress
 import json
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from egressgate.errors import AuthRequired, PolicyDenied
 from egressgate.policy.clients import ClientPolicy, ClientRegistry, Identity, PendingKeys, _token_credentials
@@ -70,7 +71,8 @@ def test_leeway_admits_a_small_skew() -> None:
 
 def test_jwks_keeps_only_asymmetric_signing_keys() -> None:
     doc = S.jwks("k1")
-    doc["keys"] += [{"kty": "oct", "kid": "h", "k": b64(b"secret")},
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    doc["keys"] += [{"kty": "oct", "kid": "h", "k": b64(b"secret")}, public_jwk("weak", weak),
                     {**public_jwk("enc", S.keys["e1"]), "use": "enc"}, "junk"]
     assert set(parse_jwks(doc)) == {"k1"}
     for bad in ({}, {"keys": "x"}, {"keys": [{"kty": "oct", "k": "AA"}]}):

@@ -30,6 +30,7 @@ from ..errors import AuthRequired
 
 MAX_TOKEN_BYTES = 16384  # a Kubernetes token is about 1 KiB; anything much larger is refused unread
 MAX_KEYS = 64  # keys kept from one JWKS document
+MIN_RSA_BITS = 2048
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 _SIGNING_KTY = {"RSA", "EC"}
 
@@ -97,7 +98,7 @@ class NoKeys:
 
 def parse_jwks(doc: object) -> dict[str, jwt.PyJWK]:
     """The signing keys of a JWKS document by ``kid``; keys that are not asymmetric signing
-    keys of a supported algorithm are left out. ValueError when nothing usable is left."""
+    keys of a supported algorithm (RSA of at least ``MIN_RSA_BITS``) are left out. ValueError when nothing usable is left."""
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError("not a JWKS document (no 'keys' list)")
     out: dict[str, jwt.PyJWK] = {}
@@ -110,6 +111,8 @@ def parse_jwks(doc: object) -> dict[str, jwt.PyJWK]:
             key = jwt.PyJWK(item)
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
             continue
+        if item["kty"] == "RSA" and getattr(key.key, "key_size", 0) < MIN_RSA_BITS:
+            continue  # too weak to trust
         out[str(item.get("kid", ""))] = key
     if not out:
         raise ValueError("the JWKS document holds no usable RSA or EC signing key")
@@ -177,7 +180,7 @@ def verify(token: str, policy: TokenPolicy, keys: Mapping[str, Any]) -> TokenSub
         claims = jwt.decode(token, key=key, algorithms=list(ALGORITHMS), audience=list(policy.audiences),
                             issuer=policy.issuer, leeway=policy.leeway,
                             options={"require": ["exp", "iat", "iss", "aud", "sub"], "strict_aud": False})
-    except jwt.InvalidTokenError as exc:
+    except jwt.PyJWTError as exc:
         for kind, reason, detail in _ERRORS:
             if isinstance(exc, kind):
                 raise AuthRequired(detail, reason=reason) from None
