@@ -17,6 +17,7 @@ from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
 from .errors import ConfigError
+from .keysource import KeySources
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
 from .observe.merge import Merger
@@ -86,6 +87,9 @@ class App:
         self.admin_address: str | None = None  # the configured admin address in force
         self.admin_token: str | None = None
         gateway = self.gateway
+        self.keys = KeySources(gateway.connector.dialer, lambda: gateway.connector.resolver, self.metrics,
+                               lambda: gateway.runtime.timeouts.upstream_connect)
+        runtime.clients.keys = self.keys
         self.metrics.ready.set_function(lambda: 0 if readiness(gateway) else 1)
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -105,7 +109,9 @@ class App:
     def _set_names(self, runtime: Runtime) -> None:
         """The only client and profile names metrics may carry as labels (others: ``-``)."""
         cfg = runtime.config
-        self.metrics.set_names((c.name for c in cfg.clients), cfg.egress)
+        # a service account listed by name is counted under it; one matched by "namespace/*" as "-"
+        accounts = (a for c in cfg.clients if c.kubernetes for a in c.kubernetes.service_accounts if "*" not in a)
+        self.metrics.set_names([*(c.name for c in cfg.clients), *accounts], cfg.egress)
 
     def _log_stats(self) -> tuple[dict[str, int], int]:
         now = self.access_log.dropped()
@@ -125,6 +131,7 @@ class App:
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
         await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
+        self.keys.prefetch([c.token for c in rt.clients.clients if c.token is not None])
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -269,6 +276,8 @@ class App:
         # (the names first: apply publishes per-profile gauges, and requests under the new
         # runtime may be counted while it awaits)
         self._set_names(runtime)
+        runtime.clients.keys = self.keys
+        self.keys.prefetch([c.token for c in runtime.clients.clients if c.token is not None])
         await self.gateway.apply(runtime, change)
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
             self.gateway.connector.resolver = make_resolver(new)
@@ -323,6 +332,7 @@ class App:
         for task in (self._supervising, self._watching, self._verifying):
             if task is not None:
                 task.cancel()
+        self.keys.close()
         await self.gateway.close()
         if self.admin_server is not None:
             self.admin_server.close()

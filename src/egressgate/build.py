@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from .model import parse_socket_address
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .policy.protect import compile_protect
+from .policy.tokens import parse_jwks
 from .proxy.runtime import Runtime
 
 EMBEDDED = "(embedded default)"
@@ -65,6 +67,14 @@ def _offline_secret(path: str | None, env: str | None, key: str = "password_file
     return "(offline)" if path or env else None
 
 
+def _read_jwks(path: str) -> object:
+    """A kubernetes ``jwks_file``: its signing keys (``policy.tokens.parse_jwks``)."""
+    try:
+        return parse_jwks(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError([f"{path}:0: kubernetes.jwks_file: {exc}"]) from None
+
+
 def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic,
                   read_secret=_read_secret) -> Runtime:
     def secret(spec) -> str | None:  # a client's password_file / password_env
@@ -73,6 +83,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     def upstream_secret(spec) -> str | None:  # a profile's upstream_password_file / _env
         return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
+    jwks = (lambda path: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
     attest = config.probe.echo_url is not None
     profiles = {
         name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
@@ -81,7 +92,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     }
     return Runtime(
         config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
-        clients=compile_clients(config.clients, secret), guard=AddressGuard(config.security.allow_private),
+        clients=compile_clients(config.clients, secret, jwks), guard=AddressGuard(config.security.allow_private),
         profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="a self-contained demonstration on loopback")
     ex = sub.add_parser("explain", help="the decision for a client and destination, without sending traffic")
     ex.add_argument("--config", "-c")
-    ex.add_argument("--client", required=True, help="a client name from the config")
+    ex.add_argument("--client", required=True, help="a client name from the config, or a namespace/serviceaccount")
     ex.add_argument("--from", dest="source", help="the client's source address, to check 'from'")
     ex.add_argument("--profile", help="the egress profile the client asks for (as USER+PROFILE would)")
     ex.add_argument("target", help="a URL (http:// forwards, https:// tunnels) or HOST:PORT (CONNECT)")

@@ -36,9 +36,17 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     """(would it be forwarded, the lines to print). ``resolver`` looks names up (only needed
     when the target is a name); ``profile`` is the one the client asks for (``USER+PROFILE``)."""
     client = rt.clients.by_name.get(client_name)
+    shown = client_name
+    if client is None and "/" in client_name:  # a Kubernetes service account: the first entry listing it
+        client = next((c for c in rt.clients.clients if c.token is not None and c.token.admits_name(client_name)),
+                      None)
+        if client is not None:
+            shown = (f"{client_name} (kubernetes service account, entry {client.name}, "
+                     f"issuer {client.token.issuer}, audiences {', '.join(client.token.audiences)})")
     if client is None:
-        raise ValueError(f"no client named {client_name!r} (clients: {', '.join(rt.clients.by_name)})")
-    lines = [f"client:      {client.name}" + (" (report mode)" if client.report_only else "")]
+        raise ValueError(f"no client named {client_name!r} (clients: {', '.join(rt.clients.by_name)}; "
+                         "or a namespace/serviceaccount a kubernetes entry lists)")
+    lines = [f"client:      {shown}" + (" (report mode)" if client.report_only else "")]
     ok = True
     if source is not None:
         ip = ipaddress.ip_address(source)
@@ -57,7 +65,8 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     lines.append(f"request:     {method} {dest}")
     listener_default = rt.config.listen[0].egress if rt.config.listen else "default"
     if profile is not None:
-        lines.append(f"asks for:    profile {profile}" + (f" (as {client.username}+{profile})" if client.username else ""))
+        lines.append(f"asks for:    profile {profile}" + (f" (as {client.username}+{profile})" if client.username else "")
+                     + (f" (as {client.token.username}+{profile})" if client.token else ""))
     decision = decide(client, dest, connect, profile, listener_default, rt.connect_ports)
     verdict = "ALLOW" if decision.allow else "DENY"
     if decision.report_only:

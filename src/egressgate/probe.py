@@ -59,10 +59,13 @@ def member_label(plan: EgressPlan) -> str:
     return plan.label
 
 
-class _Fetch:
-    """The owner of an ``Upstream`` while the echo service's answer is read."""
+class Fetch:
+    """The owner of an ``Upstream`` while an HTTP answer (the echo service's; the issuer's keys
+    in ``keysource``) is read, at most ``limit`` bytes of body."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "echo service", limit: int = 65536) -> None:
+        self.what = what
+        self.limit = limit
         self.status = 0
         self.body = b""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -79,11 +82,11 @@ class _Fetch:
             self.parser.feed_eof()
         except GatewayError as exc:
             self._fail(exc)
-        self._fail(GatewayError("the echo service closed the connection before its answer was complete"))
+        self._fail(GatewayError(f"the {self.what} closed the connection before its answer was complete"))
         return False
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        self._fail(GatewayError(f"the connection to the echo service was lost: {exc or 'closed'}"))
+        self._fail(GatewayError(f"the connection to the {self.what} was lost: {exc or 'closed'}"))
 
     def upstream_pause_writing(self) -> None:
         pass
@@ -103,8 +106,8 @@ class _Fetch:
 
     def on_response_body(self, data: bytes) -> None:
         self.body += data
-        if len(self.body) > 65536:
-            raise GatewayError("echo answer too large")
+        if len(self.body) > self.limit:
+            raise GatewayError(f"{self.what} answer too large")
 
     def on_response_end(self) -> None:
         if not self.done.done():
@@ -144,7 +147,7 @@ async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver
                     raise GatewayError("the echo service spoke before the TLS handshake")
                 up.transport = await loop.start_tls(up.transport, up, ssl.create_default_context(),
                                                     server_hostname=parts.hostname)
-            fetch = _Fetch()
+            fetch = Fetch()
             up.attach(fetch)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             up.transport.write(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/plain, application/json\r\n"

@@ -98,6 +98,17 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         if c.get("allow") is not None:
             entry["allow"] = c["allow"]
         clients.append(entry)
+    for c in v.get("workload_clients", []):
+        entry = {
+            "name": c["name"],
+            "from": v["client_cidrs"],
+            "kubernetes": {"issuer": v.get("kubernetes_issuer"), "audiences": ["egressgate"],
+                           "service_accounts": c["service_accounts"]},
+            "egress": c["egress"],
+        }
+        if c.get("allow") is not None:
+            entry["allow"] = c["allow"]
+        clients.append(entry)
     listen = {"address": f"0.0.0.0:{lc['proxy_port']}", "egress": v["default_profile"]}
     if tls:
         listen["tls"] = {"cert": "/etc/egressgate/tls/tls.crt", "key": "/etc/egressgate/tls/tls.key"}

@@ -649,6 +649,30 @@ def test_rendered_gateway_config_is_valid(tmp_path, check_config, variant):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_workload_clients_render_a_kubernetes_block(tf, tmp_path, check_config):
+    """kubernetes_issuer + workload_clients: token clients from the cluster issuer, audience egressgate."""
+    loc = re.sub(r"\s+", " ", tf["locals"]["gateway_clients"])
+    for piece in ("for c in var.workload_clients", "issuer = var.kubernetes_issuer", 'audiences = ["egressgate"]',
+                  "service_accounts = c.service_accounts", "from = var.client_cidrs"):
+        assert piece in loc, piece
+    issuer = "https://container.googleapis.com/v1/projects/p/locations/europe-west1/clusters/jobs"
+    text = rendered(kubernetes_issuer=issuer, workload_clients=[
+        {"name": "vx-workload", "service_accounts": ["data-jobs/vendor-x-collector", "batch/*"],
+         "egress": ["vendor-x"]}]).gateway_config
+    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n", text)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(dst.read_text())
+    (client,) = [c for c in config["clients"] if c["name"] == "vx-workload"]
+    assert client["kubernetes"] == {"issuer": issuer, "audiences": ["egressgate"],
+                                    "service_accounts": ["data-jobs/vendor-x-collector", "batch/*"]}
+    result = check_config(dst.read_text(), name="gcp-config.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pattern = tf_regex(tf, "workload_clients", "regex")
+    assert pattern.match("data-jobs/vendor-x-collector") and pattern.match("batch/*")
+    assert not pattern.match("vendor-x") and not pattern.match("Data/x")
+    assert tf_regex(tf, "kubernetes_issuer", "regex").match(issuer)
+
+
 # ------------------------------------------------------------------- variable validation (smaller)
 
 

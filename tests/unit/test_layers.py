@@ -57,6 +57,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.probe": 5,
     "egressgate.checks": 5,
     "egressgate.verify": 5,
+    "egressgate.keysource": 5,
     "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.watch": 5,

@@ -74,6 +74,14 @@ resource "google_compute_instance_template" "gateway" {
       error_message = "Every clients[].egress entry must be a key of egress_profiles."
     }
     precondition {
+      condition     = alltrue(flatten([for c in var.workload_clients : [for e in c.egress : contains(keys(var.egress_profiles), e)]]))
+      error_message = "Every workload_clients[].egress entry must be a key of egress_profiles."
+    }
+    precondition {
+      condition     = length(var.workload_clients) == 0 || var.kubernetes_issuer != null
+      error_message = "workload_clients need kubernetes_issuer (the GKE cluster's service-account issuer URL)."
+    }
+    precondition {
       # The VM can pull only from the registry it is configured for and whose reader role it has.
       condition     = startswith(var.image, "${local.registry_path}/")
       error_message = "image must be in the module's repository: ${local.registry_path}/... (artifact_registry_location / artifact_registry_repository / project_id disagree with image)."

@@ -53,7 +53,7 @@ locals {
       expect_ip = sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : google_compute_address.nat[n].address])
     }
   }
-  gateway_clients = [
+  gateway_clients = concat([
     for c in var.clients : merge(
       {
         name          = c.name
@@ -64,7 +64,21 @@ locals {
       },
       c.allow == null ? {} : { allow = c.allow },
     )
-  ]
+    ], [
+    for c in var.workload_clients : merge(
+      {
+        name       = c.name
+        from       = var.client_cidrs
+        kubernetes = {
+          issuer           = var.kubernetes_issuer
+          audiences        = ["egressgate"]
+          service_accounts = c.service_accounts
+        }
+        egress = c.egress
+      },
+      c.allow == null ? {} : { allow = c.allow },
+    )
+  ])
   gateway_listen = [merge(
     {
       address = "0.0.0.0:${local.proxy_port}"

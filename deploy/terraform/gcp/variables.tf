@@ -148,6 +148,35 @@ variable "clients" {
   }
 }
 
+variable "kubernetes_issuer" {
+  description = "The GKE cluster's service-account token issuer (`kubectl get --raw /.well-known/openid-configuration`: issuer), e.g. https://container.googleapis.com/v1/projects/P/locations/L/clusters/C. Needed by workload_clients; the gateway fetches its public keys (OIDC discovery, over Private Google Access) and verifies tokens offline."
+  type        = string
+  default     = null
+  validation {
+    condition     = var.kubernetes_issuer == null || can(regex("^https://[^/?#\\s]+(/[^?#\\s]*)?$", var.kubernetes_issuer))
+    error_message = "kubernetes_issuer is an https:// URL without query or fragment."
+  }
+}
+
+variable "workload_clients" {
+  description = "Gateway clients identified by Kubernetes service-account tokens instead of passwords (pods with a projected token, audience egressgate): service_accounts as namespace/name or namespace/*. Needs kubernetes_issuer."
+  type        = list(object({
+    name             = string
+    service_accounts = list(string)
+    egress           = list(string)
+    allow            = optional(list(string))
+  }))
+  default = []
+  validation {
+    condition     = alltrue([for c in var.workload_clients : length(c.egress) > 0 && length(c.service_accounts) > 0])
+    error_message = "Every workload client needs at least one egress profile and one service account."
+  }
+  validation {
+    condition     = alltrue(flatten([for c in var.workload_clients : [for a in c.service_accounts : can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?/(\\*|[a-z0-9]([-a-z0-9.]*[a-z0-9])?)$", a))]]))
+    error_message = "service_accounts entries are namespace/serviceaccount or namespace/*."
+  }
+}
+
 variable "connect_ports" {
   description = "Ports CONNECT may reach (besides ports named in a client's allow)."
   type        = list(number)

@@ -44,7 +44,7 @@ def open_clients(config: Config) -> list[Finding]:
     """A client admitted from anywhere with no credentials: an open proxy."""
     found = []
     for i, client in enumerate(config.clients):
-        if client.username or client.cert_subject:
+        if client.username or client.cert_subject or client.kubernetes:
             continue
         for j, net in enumerate(client.from_ or []):
             if _everything(net):
@@ -88,6 +88,26 @@ def never_matching_clients(config: Config) -> list[Finding]:
             found.append(Finding(("clients", i, "cert_subject"),
                                  "no listener asks for client certificates (tls.client_ca), so this entry "
                                  "never matches"))
+    return found
+
+
+def weak_token_keys(config: Config) -> list[Finding]:
+    """Kubernetes token keys that anyone on the path could replace, or fetches with no rate limit."""
+    found = []
+    for i, client in enumerate(config.clients):
+        k8s = client.kubernetes
+        if k8s is None:
+            continue
+        if not k8s.jwks_file:
+            url, key = (k8s.jwks_url, "jwks_url") if k8s.jwks_url else (k8s.issuer, "issuer")
+            if url.startswith("http://"):
+                found.append(Finding(("clients", i, "kubernetes", key),
+                                     "the signing keys would be fetched over plain http: anyone on the path could "
+                                     "substitute their own and mint accepted tokens; use https or jwks_file"))
+            if k8s.min_refresh < 1:
+                found.append(Finding(("clients", i, "kubernetes", "min_refresh"),
+                                     "below 1s: every token naming an unknown key makes the gateway fetch the "
+                                     "issuer's keys again"))
     return found
 
 
@@ -136,7 +156,7 @@ def socks_without_clients(config: Config) -> list[Finding]:
 
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
     open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker,
-    socks_without_clients)
+    socks_without_clients, weak_token_keys)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (

@@ -104,6 +104,8 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
                 found.append(loc)
                 original = pruner.original(loc)
                 if any(related(original, r) for r in earlier):
+                    if err["type"] == "missing":  # the mapping holding it is reset: its other keys go too
+                        reported.append(original[:-1])
                     continue  # a consequence of taking out a value already reported
                 reported.append(original)
                 errors.append(where(loc, _message(err, original)))
@@ -154,6 +156,16 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
         for j, name in enumerate(client.egress):
             if name not in profiles:
                 problems.append((("clients", i, "egress", j), f"unknown egress profile {name!r}"))
+        k8s = client.kubernetes
+        if k8s is not None:
+            clash = next((j for j, c in enumerate(config.clients) if c.username == k8s.username), None)
+            if clash is not None:
+                problems.append((("clients", i, "kubernetes", "username"),
+                                 f"also the username of clients[{clash}], a password client"))
+            for key in ("jwks_file", "ca_file"):
+                path = getattr(k8s, key)
+                if path and not offline and not os.path.isfile(path):
+                    problems.append((("clients", i, "kubernetes", key), f"file not found: {path}"))
         if not offline:
             problems += _secret_problems(("clients", i), "password_file", client.password_file,
                                          "password_env", client.password_env)
@@ -218,7 +230,7 @@ def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
     nets = [None if c.from_ is None else [ipaddress.ip_network(n) for n in c.from_] for c in clients]
     for i, client in enumerate(clients):
-        if client.username or nets[i] is None:
+        if client.username or client.kubernetes or nets[i] is None:
             continue
         for j in range(i):
             earlier = clients[j]

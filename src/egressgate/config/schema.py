@@ -261,6 +261,49 @@ class ProfileConfig(_Model):
         return "direct"
 
 
+_SERVICE_ACCOUNT = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/(\*|[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)$")
+
+
+class KubernetesConfig(_Model):
+    """A client identified by a Kubernetes service-account token (a projected, audience-bound
+    JWT), verified offline against the issuer's keys (see ``policy.tokens``)."""
+
+    issuer: str  # the cluster's service-account issuer URL (the token's ``iss``)
+    audiences: list[str] = Field(default_factory=lambda: ["egressgate"], min_length=1)
+    service_accounts: list[str] = Field(min_length=1)  # "namespace/name" or "namespace/*"
+    jwks_file: str | None = None  # a local JWKS document; otherwise the issuer's OIDC discovery
+    jwks_url: str | None = None  # the JWKS URL, skipping discovery
+    ca_file: str | None = None  # CA bundle for https:// to the issuer (default: the system's)
+    username: str = Field(default="k8s", min_length=1, pattern=r"^[^:+]+$")  # Basic user ("k8s[+profile]")
+    leeway: Annotated[float, BeforeValidator(_duration), Field(le=300)] = 30.0  # clock skew allowed
+    refresh: Annotated[float, BeforeValidator(_duration), Field(ge=1)] = 3600.0  # keys re-fetched this often
+    # after a token names an unknown key, the keys are re-fetched at most this often
+    min_refresh: Annotated[float, BeforeValidator(_duration), Field(ge=0)] = 10.0
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+            raise ValueError(f"expected an http:// or https:// URL without query or fragment, got {value!r}")
+        return value
+
+    @field_validator("service_accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not _SERVICE_ACCOUNT.match(item):
+                raise ValueError(f"expected 'namespace/serviceaccount' or 'namespace/*', got {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys(self) -> KubernetesConfig:
+        if self.jwks_file and self.jwks_url:
+            raise ValueError("give one of jwks_file, jwks_url")
+        if self.jwks_file and self.ca_file:
+            raise ValueError("ca_file is for fetching keys from the issuer, not for jwks_file")
+        return self
+
+
 class ClientConfig(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     from_: list[Network] | None = Field(default=None, alias="from")
@@ -269,6 +312,7 @@ class ClientConfig(_Model):
     password_file: str | None = None
     password_env: str | None = None
     cert_subject: str | None = None  # TLS client certificate subject CN that identifies this client
+    kubernetes: KubernetesConfig | None = None  # identified by a Kubernetes service-account token
     egress: list[str] = []  # profiles it may use; the first is its default
     allow: list[str] | None = None  # destination patterns; absent = any public destination
     deny: list[str] = []
@@ -286,13 +330,15 @@ class ClientConfig(_Model):
     @model_validator(mode="after")
     def _credentials(self) -> ClientConfig:
         secrets = [k for k in ("password_hash", "password_file", "password_env") if getattr(self, k)]
+        if self.kubernetes is not None and (self.username or self.cert_subject or secrets):
+            raise ValueError("a kubernetes client is identified by its token: no username, password or cert_subject")
         if len(secrets) > 1:
             raise ValueError(f"give one of password_hash, password_file, password_env, not {', '.join(secrets)}")
         if secrets and not self.username:
             raise ValueError(f"{secrets[0]} needs a username")
         if self.username and not secrets:
             raise ValueError("username needs password_hash, password_file or password_env")
-        if self.from_ is None and not self.username and not self.cert_subject:
+        if self.from_ is None and not self.username and not self.cert_subject and self.kubernetes is None:
             raise ValueError("a client needs 'from' CIDRs or credentials; otherwise the gateway is an open proxy")
         return self
 

@@ -36,6 +36,17 @@ PHRASES = {
     "auth_required": "Proxy Authentication Required",
     "bad_credentials": "Proxy Credentials Rejected",
     "unknown_user": "Proxy Credentials Rejected",  # (the same answer: no user enumeration)
+    # 407 for a Kubernetes service-account token (policy.tokens): each names what was wrong
+    "token_expired": "Token Expired",
+    "token_not_yet_valid": "Token Not Yet Valid",
+    "token_wrong_audience": "Token Audience Not Accepted",
+    "token_unknown_issuer": "Token Issuer Not Accepted",
+    "token_unknown_key": "Token Signing Key Unknown",
+    "token_keys_unavailable": "Token Issuer Keys Unavailable",
+    "token_bad_signature": "Token Signature Invalid",
+    "token_bad_algorithm": "Token Algorithm Not Accepted",
+    "token_malformed": "Malformed Token",
+    "service_account_not_allowed": "Service Account Not Allowed",
     # 403
     "denied": "Request Denied",
     "client_not_allowed": "Client Not Allowed",

@@ -182,6 +182,9 @@ class Metrics:
         for where in INTERNAL_ERROR_SITES:
             self.internal_errors.labels(where)
         self.reloads = Counter(PREFIX + "config_reloads_total", "Configuration reloads", ["result"], registry=r)
+        self.jwks_fetches = Counter(PREFIX + "jwks_fetches_total",
+                                    "Fetches of Kubernetes token-signing keys from their issuer (ok, error)",
+                                    ["result"], registry=r)
         self.config_info = Gauge(PREFIX + "config_info", "The loaded configuration (value 1)", ["hash"],
                                  registry=r)
         self.config_loaded = Gauge(PREFIX + "config_last_load_timestamp_seconds",

@@ -49,5 +49,5 @@ class Outcomes:
             self.metrics.upstream_errors.labels(err.reason).inc()
 
     def would_deny(self, rec: AccessRecord, client: str, reason: str) -> None:
-        rec.extra = {"would_deny": reason}
+        rec.extra = {**(rec.extra or {}), "would_deny": reason}
         self.metrics.would_deny.labels(client, reason).inc()

@@ -12,6 +12,14 @@ No user enumeration: an unknown user and a wrong password get the same answer
 (``REJECTED``); only the reason, which goes to the access record and not to the client,
 tells them apart (``unknown_user`` / ``bad_credentials``). The 407 carries the user name
 that was tried (bounded, ``USER_LIMIT``) for the record.
+
+A Kubernetes service-account token (``policy.tokens``) identifies an entry with a
+``kubernetes`` block: as ``Proxy-Authorization: Bearer TOKEN``, or as Basic with the token as
+the password and the entry's ``username`` (``k8s``, or ``k8s+PROFILE``) as the user. The
+first such entry admitting the source address whose issuer signed the token and whose list
+names the service account wins; the identity carries the ``TokenSubject``. A verified token is
+remembered (bounded) until it expires; when the keys lack the token's ``kid`` (or were never
+fetched) ``identify`` returns a ``PendingKeys`` to await before asking again.
 """
 
 from __future__ import annotations
@@ -22,16 +30,22 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import AuthRequired, PolicyDenied
 from .passwords import verify_password
 from .rules import RuleSet
+from .tokens import KeyProvider, NoKeys, TokenPolicy, TokenSubject, UnknownKey, looks_like_token, peek, verify
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
 USER_LIMIT = 64  # characters of a tried user name kept for the access record
+MAX_REMEMBERED_TOKENS = 4096  # tokens seen (and their verified subjects) remembered until they expire
+# refusals no later look can change (not: unknown key / keys unavailable, not yet valid)
+FINAL_TOKEN_REFUSALS = frozenset({"token_expired", "token_wrong_audience", "token_unknown_issuer",
+                                  "token_bad_signature", "token_bad_algorithm", "token_malformed"})
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -50,6 +64,7 @@ class ClientPolicy:
     max_new_per_second: float | None = None
     allow_patterns: tuple[str, ...] | None = None
     deny_patterns: tuple[str, ...] = ()
+    token: TokenPolicy | None = None  # identified by a Kubernetes service-account token
 
     def admits_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if self.nets is None:
@@ -61,6 +76,24 @@ class ClientPolicy:
 class Identity:
     client: ClientPolicy
     requested_profile: str | None  # from a ``user+profile`` username
+    subject: TokenSubject | None = None  # the service account of a Kubernetes token
+
+    @property
+    def name(self) -> str:
+        """The client's name in logs: ``namespace/serviceaccount`` for a token, else the entry's."""
+        return self.client.name if self.subject is None else self.subject.name
+
+    def expired(self, now: float) -> bool:
+        return self.subject is not None and self.subject.expires + (self.client.token.leeway or 0.0) <= now
+
+
+@dataclass(slots=True)
+class PendingKeys:
+    """The issuer's keys must be fetched (or fetched again) before the token can be checked:
+    await ``wait()``, then call ``identify`` again. ``error``: the refusal if they still lack it."""
+
+    wait: Callable[[], Awaitable[None]]
+    error: AuthRequired
 
 
 @dataclass(slots=True)
@@ -80,8 +113,14 @@ class PendingCheck:
 
 
 class ClientRegistry:
-    def __init__(self, clients: Sequence[ClientPolicy]) -> None:
+    def __init__(self, clients: Sequence[ClientPolicy], clock: Callable[[], float] = time.time) -> None:
         self.clients = tuple(clients)
+        self.keys: KeyProvider = NoKeys()  # set by the running gateway (keysource.KeySources)
+        self._clock = clock
+        # keyed digest of a token -> (its issuer, for each entry's policy the subject verified or
+        # the final refusal)
+        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
+        self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
         self._verified: dict[bytes, bool] = {}
         self._key = os.urandom(32)
@@ -106,10 +145,17 @@ class ClientRegistry:
         return bool(self.candidates(address))
 
     def identify(self, address: str, authorization: bytes | None,
-                 cert_subject: str | None = None) -> Identity | PendingCheck:
+                 cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys:
+        if authorization and self.token_users:
+            token = _token_credentials(authorization, self.token_users)
+            if token is not None:
+                return self._identify_token(address, *token)
         creds = _basic_credentials(authorization) if authorization else None
         wanted_credentials = False
         for client in self.candidates(address):
+            if client.token is not None:
+                wanted_credentials = True  # (a token was handled above)
+                continue
             if client.username is not None:
                 wanted_credentials = True
                 if creds is None:
@@ -139,6 +185,63 @@ class ClientRegistry:
             raise AuthRequired("proxy credentials required", reason="auth_required")
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
 
+    def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
+        """The entry a service-account token identifies (see the module docstring). A token seen
+        before costs a keyed digest and a lookup: nothing is parsed again until it expires."""
+        entries = [c for c in self.candidates(address) if c.token is not None]
+        if not entries:
+            raise PolicyDenied("no client rule admits service-account tokens from this address",
+                               reason="client_not_allowed")
+        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+        known = self._tokens.get(digest)
+        if known is None:
+            known = (peek(token)[1], {})
+            if len(self._tokens) >= MAX_REMEMBERED_TOKENS:
+                self._tokens.clear()
+            self._tokens[digest] = known
+        issuer, verified = known
+        base, _, profile = (user or "").partition("+")
+        entries = [c for c in entries if c.token.issuer == issuer and (user is None or c.token.username == base)]
+        if not entries:
+            raise AuthRequired("token issuer not accepted", reason="token_unknown_issuer")
+        subject = None
+        for client in entries:
+            subject = verified.get(client.token)
+            if isinstance(subject, AuthRequired):  # refused before for good: a job retrying an expired
+                raise AuthRequired(subject.detail, reason=subject.reason)  # token costs a lookup (a new
+                # error each time: re-raising one object would grow its traceback)
+            if subject is None or subject.expires + client.token.leeway <= self._clock():
+                try:
+                    subject = self._token_subject(client.token, token)
+                except AuthRequired as err:
+                    if err.reason in FINAL_TOKEN_REFUSALS:
+                        verified[client.token] = err
+                    raise
+                if isinstance(subject, PendingKeys):
+                    return subject
+                verified[client.token] = subject
+            if client.token.admits(subject):
+                return Identity(client, profile or None, subject)
+        raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
+                           user=subject.name[:USER_LIMIT])
+
+    def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
+        """Verify ``token`` for ``policy`` with the keys in hand, or say they must be fetched."""
+        keys = policy.static_keys if policy.static_keys is not None else self.keys.keys(policy)
+        if keys is None:
+            error = AuthRequired("the issuer's keys are not available", reason="token_keys_unavailable")
+            wait = self.keys.refresh(policy)
+            if wait is None:
+                raise error
+            return PendingKeys(wait, error)
+        try:
+            return verify(token, policy, keys)
+        except UnknownKey as err:
+            wait = None if policy.static_keys is not None else self.keys.refresh(policy)
+            if wait is None:
+                raise
+            return PendingKeys(wait, err)
+
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
         if client.password_plain is not None:
             return hmac.compare_digest(password.encode(), client.password_plain.encode())
@@ -159,6 +262,32 @@ def rejected(user: str, reason: str) -> AuthRequired:
     return AuthRequired(REJECTED, reason=reason, user=user if len(user) <= USER_LIMIT else user[:USER_LIMIT] + "...")
 
 
+def _token_credentials(value: bytes, users: frozenset[str]) -> tuple[str | None, str] | None:
+    """(user, token) for ``Bearer TOKEN`` (no user) or Basic with a token user name (``k8s``
+    or ``k8s+PROFILE``); None for any other credentials."""
+    scheme, _, rest = value.strip().partition(b" ")
+    scheme = scheme.lower()
+    if scheme == b"bearer":
+        try:
+            token = rest.strip().decode("ascii")
+        except UnicodeDecodeError:
+            raise AuthRequired("malformed token: not ASCII", reason="token_malformed") from None
+        if not looks_like_token(token):
+            raise AuthRequired("malformed token: not a JWT", reason="token_malformed")
+        return None, token
+    if scheme != b"basic":
+        return None
+    try:
+        user, password = _basic_credentials(value)
+    except AuthRequired:
+        return None
+    if user.partition("+")[0] not in users:
+        return None
+    if not looks_like_token(password):
+        raise AuthRequired("malformed token: not a JWT", reason="token_malformed", user=user[:USER_LIMIT])
+    return user, password
+
+
 def _basic_credentials(value: bytes) -> tuple[str, str]:
     scheme, _, token = value.strip().partition(b" ")
     if scheme.lower() != b"basic":
@@ -173,11 +302,22 @@ def _basic_credentials(value: bytes) -> tuple[str, str]:
     return user, password
 
 
-def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str | None]) -> ClientRegistry:
+def compile_token(spec, jwks_of: Callable[[str], object]) -> TokenPolicy:
+    """A ``KubernetesConfig`` compiled; ``jwks_of`` reads its jwks_file (I/O with the caller)."""
+    return TokenPolicy(
+        issuer=spec.issuer, audiences=tuple(spec.audiences), accounts=tuple(spec.service_accounts),
+        username=spec.username, leeway=spec.leeway, source=spec.jwks_url or spec.issuer, ca_file=spec.ca_file,
+        refresh=spec.refresh, min_refresh=spec.min_refresh,
+        static_keys=jwks_of(spec.jwks_file) if spec.jwks_file else None)
+
+
+def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str | None],
+                    jwks_of: Callable[[str], object] | None = None) -> ClientRegistry:
     """Build the registry from ``ClientConfig``-shaped objects; ``secret_of`` reads a client's
-    password_file / password_env (I/O stays with the caller)."""
+    password_file / password_env, ``jwks_of`` a kubernetes jwks_file (I/O stays with the caller)."""
     out = []
     for spec in specs:
+        k8s = getattr(spec, "kubernetes", None)
         nets = None if spec.from_ is None else tuple(ipaddress.ip_network(n) for n in spec.from_)
         out.append(ClientPolicy(
             name=spec.name, nets=nets, username=spec.username, password_hash=spec.password_hash,
@@ -185,5 +325,6 @@ def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str |
             allow=None if spec.allow is None else RuleSet(spec.allow), deny=RuleSet(spec.deny),
             report_only=spec.mode == "report", max_connections=spec.max_connections,
             max_new_per_second=spec.max_new_per_second,
+            token=None if k8s is None else compile_token(k8s, jwks_of or (lambda path: {})),
             allow_patterns=None if spec.allow is None else tuple(spec.allow), deny_patterns=tuple(spec.deny)))
     return ClientRegistry(out)

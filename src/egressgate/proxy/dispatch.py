@@ -12,15 +12,18 @@ calls back into the connection: each step fills in the request's record (client,
 a report-mode denial) and returns a value.
 
 ``Who`` is what a connection knows about its client between requests: the identity found for
-its last credentials under a given runtime, and the client its connection counts against.
+its last credentials under a given runtime (a token's only until the token expires), and the
+client its connection counts against.
 """
 
 from __future__ import annotations
 
+import time
+
 from ..errors import GatewayError
 from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
-from ..policy.clients import Identity, PendingCheck, rejected
+from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
 from . import whoami
 from .connector import Connector, Link
 from .forward import Exchange
@@ -63,7 +66,7 @@ class Pending:
 
     __slots__ = ("identity", "route")
 
-    def __init__(self, identity: Identity | PendingCheck, r: Route | None) -> None:
+    def __init__(self, identity: Identity | PendingCheck | PendingKeys, r: Route | None) -> None:
         self.identity = identity
         self.route = r
 
@@ -98,6 +101,8 @@ class Dispatcher:
             identity = pending.identity
             if isinstance(identity, PendingCheck):
                 identity = await self._check_password(who, rt, ex.head.proxy_authorization, identity, ex.record)
+            elif isinstance(identity, PendingKeys):
+                identity = await self._fetch_keys(who, rt, ex.head.proxy_authorization, identity, ex.record)
             r = self._route(who, ex, rt, identity, default_profile)
             if isinstance(r, Whoami):
                 return r
@@ -119,14 +124,18 @@ class Dispatcher:
         return link
 
     # --- identify ---------------------------------------------------------------------------
-    def _identify(self, who: Who, rt: Runtime, auth: bytes | None, rec: AccessRecord) -> Identity | PendingCheck:
+    def _identify(self, who: Who, rt: Runtime, auth: bytes | None,
+                  rec: AccessRecord) -> Identity | PendingCheck | PendingKeys:
         """The client known from an earlier request on the connection, or found now; a password
-        not seen before needs a check off the loop (``PendingCheck``). Raises 407 / 403."""
+        not seen before needs a check off the loop (``PendingCheck``), a token the issuer's keys
+        (``PendingKeys``). Raises 407 / 403."""
         key = who.key
-        if who.identity is not None and key[0] is rt and key[1] == auth:
-            return who.identity
+        known = who.identity
+        if known is not None and key[0] is rt and key[1] == auth and (
+                known.subject is None or not known.expired(time.time())):
+            return known
         result = rt.clients.identify(who.peer, auth, who.cert_subject)
-        if isinstance(result, PendingCheck):
+        if isinstance(result, PendingCheck | PendingKeys):
             return result
         return self._identified(who, rt, auth, result, rec)
 
@@ -138,11 +147,19 @@ class Dispatcher:
             raise rejected(pending.user, "bad_credentials")
         return self._identified(who, rt, auth, result, rec)
 
+    async def _fetch_keys(self, who: Who, rt: Runtime, auth: bytes | None, pending: PendingKeys,
+                          rec: AccessRecord) -> Identity:
+        await pending.wait()
+        result = rt.clients.identify(who.peer, auth, who.cert_subject)
+        if not isinstance(result, Identity):
+            raise pending.error  # the keys fetched (or kept) still lack the token's key
+        return self._identified(who, rt, auth, result, rec)
+
     def _identified(self, who: Who, rt: Runtime, auth: bytes | None, identity: Identity,
                     rec: AccessRecord) -> Identity:
         name = identity.client.name
         if who.counted != name:
-            rec.client = name  # (a 429 below names who was refused)
+            rec.client = identity.name  # (a 429 below names who was refused)
             self.limits.admit(identity.client)  # raises LimitReached (429)
             if who.counted is not None:
                 self.limits.release(who.counted)
@@ -154,7 +171,9 @@ class Dispatcher:
     # --- route ------------------------------------------------------------------------------
     def _route(self, who: Who, ex: Exchange, rt: Runtime, identity: Identity, default_profile: str) -> Route | Whoami:
         rec = ex.record
-        rec.client = identity.client.name
+        rec.client = identity.name
+        if identity.subject is not None and identity.subject.pod:
+            rec.extra = {"pod": identity.subject.pod}
         try:
             r = route(ex.head, ex.connect, identity, rt, default_profile, self.listeners.own)
         except GatewayError as err:
@@ -174,5 +193,5 @@ class Dispatcher:
         return r
 
     def _judged(self, rec: AccessRecord, r: Route) -> None:
-        if r.would_deny and rec.extra is None:  # (a rule on the resolved addresses)
+        if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)

@@ -24,8 +24,12 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
     client = identity.client
     name = choose_profile(client, requested, listener_default)
     pool = rt.profiles.get(name) if name else None
+    subject = identity.subject
     return {
-        "client": client.name, "client_addr": peer, "profile": name,
+        "client": identity.name, "client_addr": peer, "profile": name,
+        **({"kubernetes": {"entry": client.name, "namespace": subject.namespace,
+                           "service_account": subject.service_account, "pod": subject.pod,
+                           "issuer": subject.issuer, "expires": int(subject.expires)}} if subject else {}),
         "profiles": list(client.profiles or (listener_default,)),
         "egress": describe(pool) if pool else None,
         "expect_ip": list(pool.expect_ip) if pool else [],
