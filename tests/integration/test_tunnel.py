@@ -7,6 +7,8 @@ import hashlib
 import socket
 import time
 
+import pytest
+
 from .. import required
 from .peers import base_config, pattern_sha256
 
@@ -220,6 +222,60 @@ class _BannerServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class _ClosingServer:
+    """Accepts, sends ``banner`` (maybe nothing) and closes at once: a service refusing by
+    closing, or one that says its piece and leaves."""
+
+    def __init__(self, banner: bytes) -> None:
+        import threading
+
+        self.banner = banner
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.banner)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(100)  # (the tunnel's EOF, or its reset)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("banner", [b"", b"421 too busy\r\n"], ids=["silent", "banner"])
+@pytest.mark.parametrize("bound", [False, True], ids=["direct", "bound"])
+def test_server_that_closes_before_the_tunnel_is_up(start_gateway, banner, bound):
+    # The server's EOF can arrive before the tunnel is attached to its upstream connection: it is
+    # kept and delivered after the 200 (and the banner), so the client sees the end at once
+    # instead of a tunnel that stays open until tunnel_idle.
+    server = _ClosingServer(banner)
+    try:
+        extra = {"egress": {"default": {"bind": ["127.0.0.2"]}}} if bound else {}
+        gw = _gw(start_gateway, server.port, **extra)
+        for _ in range(30):
+            s = _open_tunnel(gw, f"127.0.0.1:{server.port}")
+            s.settimeout(10)  # a hang fails here, long before tunnel_idle (900 s)
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+            assert got == banner
+            s.close()
+        rec = gw.wait_log(lambda r: r["method"] == "CONNECT" and r["status"] == 200)
+        assert rec["bytes_down"] == len(banner)
+    finally:
+        server.close()
 
 
 def test_server_that_speaks_first(start_gateway):

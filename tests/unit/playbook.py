@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 from egressgate.app import load_runtime_text
 from egressgate.egress.resolver import Resolver
@@ -169,6 +170,9 @@ class FakeDialer:
         self.failures: list[Exception] = []  # raised by the next dials, in order
         self.upstreams: list[tuple[Upstream, FakeTransport]] = []
         self.gate: asyncio.Future | None = None  # while set and unresolved, dials wait
+        # what the server does the moment its connection is made, before the dial's task resumes
+        # (called with the new upstream's transport), e.g. ``lambda ut: ut.receive_eof()``
+        self.at_once: Callable[[FakeTransport], None] | None = None
 
     def hold(self) -> None:
         self.gate = self.loop.create_future()
@@ -188,6 +192,8 @@ class FakeDialer:
         t = FakeTransport(self.loop, up, (addresses[0], port), (EGRESS_ADDR, 40000 + len(self.upstreams)))
         up.connection_made(t)
         self.upstreams.append((up, t))
+        if self.at_once is not None:
+            self.at_once(t)
         return t, up, addresses[0]
 
 

@@ -187,6 +187,39 @@ def test_whoami_is_answered_by_the_gateway_itself(play):
 
 # --------------------------------------------------------------------------- tunnels
 
+@pytest.mark.parametrize("server", ["says_and_closes", "closes", "resets"])
+def test_a_server_that_leaves_before_the_tunnel_is_up_ends_the_tunnel(play, server):
+    """What the server did between its connection being made and the tunnel taking it (one
+    loop turn: the dial's task resumes) reaches the tunnel: its banner, then its EOF or reset.
+    The EOF used to be taken for an idle connection's, the transport closed with nobody told:
+    the client kept a tunnel to nowhere until tunnel_idle."""
+    def at_once(ut):
+        if server == "says_and_closes":
+            ut.receive(b"421 busy\r\n")
+            ut.receive_eof()
+        elif server == "closes":
+            ut.receive_eof()
+        else:
+            ut.peer_lost(ConnectionResetError())
+
+    play.dialer.at_once = at_once
+    conn, t = play.client()
+    t.receive(b"CONNECT 203.0.113.9:443 HTTP/1.1\r\nHost: 203.0.113.9:443\r\n\r\n")
+    play.settle()
+    banner = b"421 busy\r\n" if server == "says_and_closes" else b""
+    assert t.take() == CONNECT_OK + banner
+    if server == "resets":
+        assert t.calls == ["abort"]  # a reset is passed on as one
+        assert [(o[0], o[1], o[2]) for o in play.outcomes()] == [("CONNECT", 200, "upstream_reset")]
+    else:
+        assert t.calls == ["write_eof"]  # the server's end, passed on: the client may still send
+        t.receive_eof()
+        assert t.calls == ["write_eof", "close"]
+        assert play.outcomes() == [("CONNECT", 200, "", 0, len(banner))]
+    play.settle()
+    play.assert_all_closed()
+
+
 def test_connect_with_early_data_then_half_closes_both_ways(play):
     """Bytes that came with the CONNECT head go up right after the 200; each side's EOF
     half-closes the other; the tunnel ends when both directions are done."""

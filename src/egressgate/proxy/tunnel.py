@@ -75,6 +75,13 @@ class Tunnel:
             self.up.write(chunk)
             n += len(chunk)
         self.bytes_up += n
+        gone = self.upstream.early_end  # the server left before the tunnel took its connection
+        if gone is not None and not self.ended:
+            eof, exc = gone
+            if not eof:
+                self.upstream_lost(exc)
+            elif not self.upstream_eof():
+                self.up.close()
         return n
 
     def client_data(self, data: bytes) -> None:

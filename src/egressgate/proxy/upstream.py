@@ -16,7 +16,7 @@ from typing import Any
 
 class Upstream(asyncio.Protocol):
     __slots__ = ("transport", "owner", "key", "remote", "local", "idle_since", "closed", "_on_data", "parser",
-                 "on_orphan_crash", "early")
+                 "on_orphan_crash", "early", "early_end")
 
     def __init__(self, on_orphan_crash: Callable[[str, BaseException], None] | None = None,
                  hold_early: bool = False) -> None:
@@ -31,6 +31,8 @@ class Upstream(asyncio.Protocol):
         self._on_data: Callable[[bytes], None] | None = None
         self.parser = None  # the response parser, reused across keep-alive responses
         self.early: bytes | None = b"" if hold_early else None  # bytes before a tunnel took it
+        # ... and how the server left meanwhile, if it did: (eof, reset or None), for the tunnel
+        self.early_end: tuple[bool, Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -77,6 +79,9 @@ class Upstream(asyncio.Protocol):
         try:
             if self.owner is not None:
                 return self.owner.upstream_eof()
+            if self.early is not None:  # the server is done before its tunnel is up: kept for it
+                self.early_end = (True, None)
+                return True  # (half-closed: the tunnel may still send)
         except Exception as exc:
             self._crashed("upstream_eof_received", exc)
         return False
@@ -86,6 +91,8 @@ class Upstream(asyncio.Protocol):
         try:
             if self.owner is not None:
                 self.owner.upstream_lost(exc)
+            elif self.early is not None:
+                self.early_end = (False, exc)
         except Exception as bug:
             self._crashed("upstream_connection_lost", bug)
 
