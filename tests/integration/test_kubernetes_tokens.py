@@ -274,3 +274,32 @@ def test_reload_adds_a_token_client_and_keeps_the_keys(start_gateway, issuer, ca
     assert connect(gw, closed[1], f"Bearer {issuer.mint('e1')}").startswith(b"HTTP/1.1 502")
     assert gw.wait_log(lambda r: r["target"] == closed[1])["profile"] == "spare"
     assert len(issuer.requests) == fetched
+
+
+def test_socks5_offers_no_authentication_only_when_no_token_is_needed_and_waits_for_the_keys(
+        start_gateway, issuer, ca_file):
+    """On a socks5 listener a token entry needs credentials (it used to be offered "no
+    authentication", then refused); a token whose key must first be fetched is answered only
+    once checked (it used to get RFC 1929 success at once)."""
+    import socket
+
+    cfg = k8s_config(issuer, ca_file, min_refresh=0)
+    cfg["listen"] = [{"address": "127.0.0.1:0", "protocol": "socks5"}]
+    gw = started(start_gateway, cfg)
+    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+        s.sendall(b"\x05\x02\x00\x02")  # offers "no authentication" and username/password
+        assert s.recv(2) == b"\x05\x02"
+    # a short token (RFC 1929 allows 255 bytes) signed by a key the issuer never published
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "ES256", "kid": "zz"}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps({"iss": issuer.url}).encode()).rstrip(b"=")
+    token = header + b"." + body + b".c2ln"
+    assert len(token) < 256
+    fetched = len(issuer.requests)
+    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+        s.sendall(b"\x05\x01\x02")
+        assert s.recv(2) == b"\x05\x02"
+        s.sendall(b"\x01\x03k8s" + bytes([len(token)]) + token)
+        assert s.recv(2) == b"\x01\x01"  # failure, after the keys were fetched again
+    assert len(issuer.requests) > fetched
+    rec = gw.wait_log(lambda r: r["method"] == "SOCKS5" and r["status"] == 407)
+    assert rec["reason"] == "token_unknown_key", rec

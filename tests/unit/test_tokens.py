@@ -208,3 +208,32 @@ def test_a_final_refusal_is_remembered_and_a_premature_one_is_not() -> None:
         reg.identify("10.1.2.3", bearer(expired))
     assert info.value.reason == "token_expired"  # remembered: not verified again
     assert isinstance(reg.identify("10.1.2.3", bearer(early)), PendingKeys)  # verified again
+
+
+def test_an_entry_refusing_a_token_does_not_hide_a_later_entry_that_takes_it() -> None:
+    """Two entries of one issuer with different audiences: a token for the second is refused by
+    the first (wrong audience) and taken by the second (it used to get the first's 407)."""
+    net = (ipaddress.ip_network("10.0.0.0/8"),)
+    reg = ClientRegistry([
+        ClientPolicy("egress-aud", net, token=POLICY),
+        ClientPolicy("vault-aud", net, token=TokenPolicy(issuer=S.url, audiences=("vault",), accounts=("batch/*",),
+                                                         source=S.url)),
+    ])
+    reg.keys = Keys(KEYS)
+    token = S.mint(aud=["vault"], ns="batch", sa="x")
+    for _ in range(2):  # (the first entry's refusal is remembered: the second still takes it)
+        assert reg.identify("10.1.2.3", bearer(token)).client.name == "vault-aud"
+    with pytest.raises(AuthRequired) as info:  # a token neither takes: the first entry's reason
+        reg.identify("10.1.2.3", bearer(S.mint(aud=["other"], ns="batch", sa="x")))
+    assert info.value.reason == "token_wrong_audience"
+
+
+def test_a_remembered_refusal_holds_no_traceback() -> None:
+    """The refusal kept for a token must not be the raised exception: its traceback holds every
+    frame up to the handler (the connection, its request head), for as long as it is kept."""
+    reg = registry()
+    token = S.mint(issued=-700, lifetime=600)
+    with pytest.raises(AuthRequired):
+        reg.identify("10.1.2.3", bearer(token))
+    kept = [v for _, verified in reg._tokens.values() for v in verified.values() if isinstance(v, AuthRequired)]
+    assert kept and all(e.__traceback__ is None and e.__context__ is None for e in kept)

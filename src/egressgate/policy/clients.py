@@ -204,26 +204,33 @@ class ClientRegistry:
         entries = [c for c in entries if c.token.issuer == issuer and (user is None or c.token.username == base)]
         if not entries:
             raise AuthRequired("token issuer not accepted", reason="token_unknown_issuer")
-        subject = None
-        for client in entries:
+        refused: AuthRequired | None = None  # the first entry's refusal, if no entry verifies it
+        seen: TokenSubject | None = None  # a verified subject no entry admits
+        for client in entries:  # the first entry that verifies the token and lists its account wins
             subject = verified.get(client.token)
             if isinstance(subject, AuthRequired):  # refused before for good: a job retrying an expired
-                raise AuthRequired(subject.detail, reason=subject.reason)  # token costs a lookup (a new
-                # error each time: re-raising one object would grow its traceback)
+                # token costs a lookup (and a new error: re-raising the kept one would grow its traceback)
+                refused = refused or AuthRequired(subject.detail, reason=subject.reason)
+                continue
             if subject is None or subject.expires + client.token.leeway <= self._clock():
                 try:
                     subject = self._token_subject(client.token, token)
                 except AuthRequired as err:
-                    if err.reason in FINAL_TOKEN_REFUSALS:
-                        verified[client.token] = err
-                    raise
+                    if err.reason in FINAL_TOKEN_REFUSALS:  # (a copy: the raised one carries a traceback,
+                        # and with it every frame's locals up to the handler: connections, heads)
+                        verified[client.token] = AuthRequired(err.detail, reason=err.reason)
+                    refused = refused or err
+                    continue
                 if isinstance(subject, PendingKeys):
                     return subject
                 verified[client.token] = subject
             if client.token.admits(subject):
                 return Identity(client, profile or None, subject)
+            seen = subject
+        if seen is None and refused is not None:
+            raise refused
         raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
-                           user=subject.name[:USER_LIMIT])
+                           user=seen.name[:USER_LIMIT] if seen is not None else None)
 
     def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
         """Verify ``token`` for ``policy`` with the keys in hand, or say they must be fetched."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import AuthRequired, ClientTimeout, GatewayError, Unavailable
 from ..http1.parse import RequestHead
 from ..model import AccessRecord
-from ..policy.clients import Identity, PendingCheck, rejected
+from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
 from ..socks5 import (
     METHOD_NO_AUTH,
     METHOD_NONE_ACCEPTABLE,
@@ -142,9 +142,12 @@ class SocksHandshake:
     # --- 1. methods -----------------------------------------------------------------------
     def _choose(self, offered: frozenset[int]) -> None:
         candidates = self.gw.runtime.clients.candidates(self.conn.who.peer)
-        if METHOD_USERPASS in offered and any(c.username is not None for c in candidates):
+        # (a Kubernetes token entry needs credentials too: user "k8s" or its username, the token
+        # as the password, if it fits RFC 1929's 255 bytes)
+        if METHOD_USERPASS in offered and any(c.username is not None or c.token is not None for c in candidates):
             self.transport.write(self.machine.choose_method(METHOD_USERPASS))
-        elif METHOD_NO_AUTH in offered and any(c.username is None and c.cert_subject is None for c in candidates):
+        elif METHOD_NO_AUTH in offered and any(c.username is None and c.cert_subject is None and c.token is None
+                                               for c in candidates):
             self.transport.write(self.machine.choose_method(METHOD_NO_AUTH))
         else:
             answer = self.machine.choose_method(METHOD_NONE_ACCEPTABLE)
@@ -162,20 +165,29 @@ class SocksHandshake:
         except GatewayError as err:
             self._auth_failed(err)
             return
-        if isinstance(result, PendingCheck):
+        if isinstance(result, (PendingCheck, PendingKeys)):  # a password, or a token's issuer keys
             self.task = self.gw.loop.create_task(self._check(result, auth))
             return
         self._authenticated(auth)
 
-    async def _check(self, pending: PendingCheck, auth: bytes) -> None:
+    async def _check(self, pending: PendingCheck | PendingKeys, auth: bytes) -> None:
+        """Success is answered only once the credentials are verified (a token whose issuer
+        keys must be fetched first is not yet)."""
         try:
-            ok = await self.gw.auth.check(self.conn.who.peer, pending)
-            result = self.gw.runtime.clients.identify(self.conn.who.peer, auth, None) if ok else None
+            peer = self.conn.who.peer
+            if isinstance(pending, PendingKeys):
+                await pending.wait()
+                result = self.gw.runtime.clients.identify(peer, auth, None)
+                failure = pending.error  # the keys fetched (or kept) still lack the token's key
+            else:
+                ok = await self.gw.auth.check(peer, pending)
+                result = self.gw.runtime.clients.identify(peer, auth, None) if ok else None
+                failure = rejected(pending.user, "bad_credentials")
             self.task = None
             if self.finished:
                 return
             if not isinstance(result, Identity):
-                self._auth_failed(rejected(pending.user, "bad_credentials"))
+                self._auth_failed(failure)
                 return
             self._authenticated(auth)
             self._advance()  # a request sent along with the credentials
