@@ -185,6 +185,8 @@ class Metrics:
         self.jwks_fetches = Counter(PREFIX + "jwks_fetches_total",
                                     "Fetches of Kubernetes token-signing keys from their issuer (ok, error)",
                                     ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.jwks_fetches.labels(result)  # (exported at 0 from the start: alerts compare the two)
         self.config_info = Gauge(PREFIX + "config_info", "The loaded configuration (value 1)", ["hash"],
                                  registry=r)
         self.config_loaded = Gauge(PREFIX + "config_last_load_timestamp_seconds",
