@@ -210,7 +210,12 @@ async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, diale
             each(result)
         return result
 
-    return list(await asyncio.gather(*(one(plan, spec) for plan, spec in pairs)))
+    tasks = [asyncio.ensure_future(one(plan, spec)) for plan, spec in pairs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:  # (a bug raised by one check must not leave the others running, their results unread)
+        for task in tasks:
+            task.cancel()
 
 
 def publish(metrics: Metrics, rt: Runtime) -> None:

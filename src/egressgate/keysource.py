@@ -114,6 +114,9 @@ class KeySources:
                 url = doc.get("jwks_uri")
                 if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
                     raise ValueError("the discovery document has no http(s) jwks_uri")
+                if urlsplit(policy.issuer).scheme == "https" and urlsplit(url).scheme != "https":
+                    # (keys in clear text could be swapped on the way: forged tokens would pass)
+                    raise ValueError("the discovery document of an https issuer names a plain-http jwks_uri")
             keys = parse_jwks(await self._get_json(url, policy.ca_file))
         except asyncio.CancelledError:
             raise

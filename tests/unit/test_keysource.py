@@ -79,3 +79,14 @@ def test_discovery_naming_another_issuer_is_refused() -> None:
         assert ks.fetched == [S.url + DISCOVERY]
 
     run(go(Fake()))
+
+
+def test_an_https_issuer_naming_a_plain_http_jwks_uri_is_refused() -> None:
+    """Keys fetched in clear text could be swapped on the way (then forged tokens pass)."""
+    async def go(ks: Fake) -> None:
+        ks.discovery = {"issuer": S.url, "jwks_uri": "http://issuer.test/jwks"}
+        await ks.refresh(POLICY)()
+        assert ks.keys(POLICY) is None
+        assert ks.fetched == [S.url + DISCOVERY]  # the JWKS was never asked for
+
+    run(go(Fake()))
