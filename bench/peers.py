@@ -260,7 +260,7 @@ class Egressgate(Peer):
         self.workers = workers
         self.capacity = 0  # 0: as many cores as it has processes (workers), up to the machine's
         self.label = (
-            "egressgate" + (" + policy" if policy else "") + (" + policy + protect" if protect else "")
+            "egressgate" + (" + policy" if policy else "") + (" + protect" if protect else "")
             + (f" ({workers} workers)" if workers else "")
         )
         if self.policy:
