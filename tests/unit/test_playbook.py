@@ -593,3 +593,26 @@ def test_a_connection_with_request_bytes_still_unsent_is_not_pooled():
         tr.buffered = buffered
         pool.put(up, ("k", buffered), 0.0)
         assert (pool.take(("k", buffered)) is up) == kept and tr.closed != kept
+
+
+@pytest.mark.parametrize("method", ["GET", "CONNECT"])
+def test_a_bug_before_the_upstream_is_handed_over_closes_it(play, monkeypatch, method):
+    """A bug between the dial and the hand-over (here: the attested-IP lookup) is a 500 for the
+    request, counted, and the fresh upstream connection is closed, not left to nobody."""
+    from egressgate.egress.plan import ProfilePool
+
+    def boom(self, plan):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(ProfilePool, "attested_ip", boom)
+    conn, t = play.client()
+    t.receive(get("/x") if method == "GET" else b"CONNECT 203.0.113.9:443 HTTP/1.1\r\n\r\n")
+    play.settle()
+    up, ut = play.upstream()
+    assert t.take().startswith(b"HTTP/1.1 500 ")
+    assert "abort" in ut.calls
+    assert play.bugs == ["serve: RuntimeError('injected')"]
+    play.bugs.clear()
+    t.receive_eof()
+    play.settle()
+    play.assert_all_closed()

@@ -207,15 +207,20 @@ class RequestPipeline:
         if self.conn.closed:
             up.transport.close()
             return
-        ex.record.egress_ip = ex.route.pool.attested_ip(step.plan)
-        if ex.connect:
-            self.early = None
-            self.queue.clear()  # (nothing else is queued behind a CONNECT; no cycle outlives the handover)
-            self.conn.open_tunnel(ex, step)
-            return
-        if up.key is not None:
-            ex.pool_key = up.key
-        ex.start(up, step.reused, step.chained, self.gw.loop.time())
+        try:
+            ex.record.egress_ip = ex.route.pool.attested_ip(step.plan)
+            if ex.connect:
+                self.early = None
+                self.queue.clear()  # (nothing else is queued behind a CONNECT; no cycle outlives the handover)
+                self.conn.open_tunnel(ex, step)
+                return
+            if up.key is not None:
+                ex.pool_key = up.key
+            ex.start(up, step.reused, step.chained, self.gw.loop.time())
+        except BaseException:
+            if up.owner is None:  # a bug before the hand-over: the connection is nobody's, close it
+                up.transport.abort()
+            raise
         if self.flow.write_paused:  # the client is not reading: neither do we, from its origin
             up.transport.pause_reading()
 

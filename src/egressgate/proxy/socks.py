@@ -262,12 +262,17 @@ class SocksHandshake:
         if self.conn.closed or self.finished:
             up.transport.close()
             return
-        req.record.egress_ip = req.route.pool.attested_ip(link.plan)
-        sockname = up.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-        reply = self.machine.reply(SUCCEEDED, (sockname[0], sockname[1]))
-        self.finished = True
-        self.gw.metrics.socks_replies.labels(REPLY_NAMES[SUCCEEDED]).inc()
-        self.conn.open_tunnel(req, link, reply)
+        try:
+            req.record.egress_ip = req.route.pool.attested_ip(link.plan)
+            sockname = up.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+            reply = self.machine.reply(SUCCEEDED, (sockname[0], sockname[1]))
+            self.finished = True
+            self.gw.metrics.socks_replies.labels(REPLY_NAMES[SUCCEEDED]).inc()
+            self.conn.open_tunnel(req, link, reply)
+        except BaseException:
+            if up.owner is None:  # a bug before the hand-over: the connection is nobody's, close it
+                up.transport.abort()
+            raise
 
     def _failed(self, err: GatewayError) -> None:
         """The request refused or its dial failed: the SOCKS reply, the record, a close."""
