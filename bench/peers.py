@@ -26,7 +26,7 @@ PACKAGES = [  # (binary, [packages to try, first with a candidate wins])
     ("tinyproxy", ["tinyproxy"]),
     ("wrk", ["wrk"]),
     ("nginx", ["nginx-light", "nginx"]),
-    ("danted", ["dante-server"]),  # the SOCKS5 peer (bench/socks.py)
+    ("danted", ["dante-server"]),  # the SOCKS5 peer (bench/socks_figure.py)
 ]
 
 

@@ -540,7 +540,7 @@ def markdown(results: dict) -> str:
         "",
     ]
     if results.get("socks"):
-        from socks import markdown as socks_markdown
+        from socks_figure import markdown as socks_markdown
 
         parts += socks_markdown(results["socks"])
     n = notes(results)

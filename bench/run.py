@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of egressgate, Squid, tinyproxy and the no-proxy path (issue 6), and
-of egressgate's SOCKS5 listener with Dante (figure ``socks``, bench/socks.py).
+of egressgate's SOCKS5 listener with Dante (figure ``socks``, bench/socks_figure.py).
 
     .venv/bin/python bench/run.py [--quick] [--only rps,throughput,tunnels,latency,memory,socks]
                                   [--peers squid,tinyproxy,egressgate,egressgate-policy]
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
-import socks as socks_figure  # noqa: E402
+import socks_figure  # noqa: E402
 from peers import (  # noqa: E402
     BODY,
     Env,

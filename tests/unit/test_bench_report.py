@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import procs  # noqa: E402
-import report  # noqa: E402
+_BENCH = str(Path(__file__).resolve().parents[2] / "bench")
+sys.path.insert(0, _BENCH)
+try:
+    import procs
+    import report
+finally:  # (the bench's module names must not shadow anything for the tests that follow)
+    sys.path.remove(_BENCH)
 
 
 def window(cpu_s: float, wall_s: float = 4.0) -> dict:

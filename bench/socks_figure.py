@@ -2,7 +2,7 @@
 """SOCKS5 figure: egressgate's ``protocol: socks5`` listener side by side with Dante (Debian
 ``dante-server``) and egressgate's own CONNECT path, in the same run, on loopback.
 
-    .venv/bin/python bench/socks.py [--quick] [--seconds S] [--bytes N]   # alone
+    .venv/bin/python bench/socks_figure.py [--quick] [--seconds S] [--bytes N]   # alone
     .venv/bin/python bench/run.py --only socks                            # as part of make bench
 
 Per peer: tunnels/s (50 workers, each connect -> SOCKS5 no-auth negotiation (or CONNECT) ->
@@ -61,7 +61,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None
     raise RuntimeError(f"nothing listens on {port} after {timeout:g}s")
 
 
-# --- the client side (run in a subprocess: ``socks.py load ...``) -------------------------------------
+# --- the client side (run in a subprocess: ``socks_figure.py load ...``) -------------------------------------
 
 def _negotiate(kind: str, target: tuple[str, int]) -> tuple[bytes, int]:
     """The request bytes and the length of the answer to read before the tunnel is up."""
