@@ -44,45 +44,23 @@ class _Failed(Exception):
         self.detail = detail
 
 
-class _HeadReader:
-    """The owner of an ``Upstream`` while the provider's response head is awaited."""
+class _HeadReader(chain.HeadReader):
+    """The provider's response head, each way of failing an outcome of its own."""
 
-    def __init__(self) -> None:
-        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.buf = b""
+    __slots__ = ()
 
-    def upstream_data(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end >= 0:
-            self.done.set_result(self.buf[:end])
-        elif len(self.buf) > MAX_HEAD:
-            self._fail(_Failed("bad_response", "response head over 64 KiB"))
+    def oversized(self) -> BaseException:
+        return _Failed("bad_response", "response head over 64 KiB")
 
-    def upstream_eof(self) -> bool:
-        self._fail(_Failed("closed", "the provider closed the connection before answering"))
-        return False
-
-    def upstream_lost(self, exc: Exception | None) -> None:
+    def closed(self, exc: Exception | None) -> BaseException:
+        if exc is None:
+            return _Failed("closed", "the provider closed the connection before answering")
         if isinstance(exc, ConnectionResetError):
-            self._fail(_Failed("reset", "connection reset by the provider before it answered"))
-        else:
-            self._fail(_Failed("closed", f"the connection was lost before an answer: {exc or 'closed'}"))
+            return _Failed("reset", "connection reset by the provider before it answered")
+        return _Failed("closed", f"the connection was lost before an answer: {exc}")
 
-    def upstream_pause_writing(self) -> None:
-        pass
-
-    def upstream_resume_writing(self) -> None:
-        pass
-
-    def crashed(self, where: str, exc: BaseException) -> None:
-        self._fail(_Failed("error", f"internal error in {where}: {type(exc).__name__}"))
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+    def bug(self, where: str, exc: BaseException) -> BaseException:
+        return _Failed("error", f"internal error in {where}: {type(exc).__name__}")
 
 
 def _status(head: bytes) -> tuple[int, str]:
@@ -181,13 +159,13 @@ async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolv
             if spec.accept is None:
                 ssl_object = up.transport.get_extra_info("ssl_object")
                 return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})"
-        reader = _HeadReader()
+        reader = _HeadReader(MAX_HEAD)
         up.attach(reader)
         up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
                            f"Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
         if rest:
             reader.upstream_data(rest)
-        head = await reader.done
+        head, _ = await reader.done
         return _status(head)
     finally:
         up.detach()

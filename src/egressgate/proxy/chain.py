@@ -36,7 +36,7 @@ def reply_status(head: bytes) -> int:
 async def open_tunnel(up: Upstream, dest: HostPort, authorization: str | None, timeout: float) -> bytes:
     """CONNECT ``dest`` through the chained proxy ``up`` is connected to. On failure ``up`` is
     closed and the error raised; on success it is detached, ready for its new owner."""
-    reader = _ReplyReader()
+    reader = HeadReader()
     up.attach(reader)
     up.transport.write(connect_request(dest, authorization))
     try:
@@ -61,14 +61,17 @@ async def open_tunnel(up: Upstream, dest: HostPort, authorization: str | None, t
     return rest
 
 
-class _ReplyReader:
-    """The owner of an ``Upstream`` while a CONNECT reply head is awaited."""
+class HeadReader:
+    """The owner of an ``Upstream`` while a response head is awaited: ``done`` gets (the head,
+    the bytes after it), or the failure. What each failure is, subclasses say their way (here: a
+    chained proxy's CONNECT reply; ``checks``: a provider's answer)."""
 
-    __slots__ = ("done", "buf")
+    __slots__ = ("done", "buf", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_REPLY_HEAD) -> None:
         self.done: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self.buf = b""
+        self.limit = limit
 
     def upstream_data(self, data: bytes) -> None:
         if self.done.done():
@@ -77,18 +80,15 @@ class _ReplyReader:
         end = self.buf.find(b"\r\n\r\n")
         if end >= 0:
             self.done.set_result((self.buf[:end], self.buf[end + 4:]))
-        elif len(self.buf) > MAX_REPLY_HEAD:
-            self.done.set_exception(UpstreamError("oversized reply from the upstream proxy",
-                                                  proxy_status="http_response_header_section_size"))
+        elif len(self.buf) > self.limit:
+            self.fail(self.oversized())
 
     def upstream_eof(self) -> bool:
-        self.upstream_lost(None)
+        self.fail(self.closed(None))
         return False
 
-    def upstream_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
-        if not self.done.done():
-            self.done.set_exception(UpstreamError("the upstream proxy closed the connection during CONNECT",
-                                                  reason="upstream_closed"))
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.fail(self.closed(exc))
 
     def upstream_pause_writing(self) -> None:
         pass
@@ -97,5 +97,19 @@ class _ReplyReader:
         pass
 
     def crashed(self, where: str, exc: BaseException) -> None:
+        self.fail(self.bug(where, exc))
+
+    def fail(self, exc: BaseException) -> None:
         if not self.done.done():
-            self.done.set_exception(GatewayError(f"internal error in {where}: {type(exc).__name__}"))
+            self.done.set_exception(exc)
+
+    # what each failure is --------------------------------------------------------------------
+    def oversized(self) -> BaseException:
+        return UpstreamError("oversized reply from the upstream proxy",
+                             proxy_status="http_response_header_section_size")
+
+    def closed(self, exc: Exception | None) -> BaseException:  # noqa: ARG002
+        return UpstreamError("the upstream proxy closed the connection during CONNECT", reason="upstream_closed")
+
+    def bug(self, where: str, exc: BaseException) -> BaseException:
+        return GatewayError(f"internal error in {where}: {type(exc).__name__}")

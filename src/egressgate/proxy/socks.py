@@ -310,16 +310,12 @@ class SocksHandshake:
     def lost(self, reason: str) -> None:
         """The client went away before its tunnel was up: the dial (or check) is cancelled and
         a negotiation that had begun gets its 499 record."""
-        self._cancel()
-        if self.finished or not self.started:
-            self.finished = True
-            return
-        self.finished = True
-        rec = self.req.record if self.req is not None else self._record()
-        rec.reason = reason
-        self.gw.outcomes.finished(rec, 499)
+        self._end_unfinished(reason, 499)
 
     def teardown(self, reason: str, abort: bool) -> None:  # noqa: ARG002 (the connection closes the transport)
+        self._end_unfinished(reason, 503)
+
+    def _end_unfinished(self, reason: str, status: int) -> None:
         self._cancel()
         if self.finished or not self.started:
             self.finished = True
@@ -327,7 +323,7 @@ class SocksHandshake:
         self.finished = True
         rec = self.req.record if self.req is not None else self._record()
         rec.reason = reason
-        self.gw.outcomes.finished(rec, 503)
+        self.gw.outcomes.finished(rec, status)
 
     def _cancel(self) -> None:
         if self.task is not None and not self.task.done():
