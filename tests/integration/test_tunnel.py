@@ -187,12 +187,15 @@ def test_bulk_tunnel_splice_half_close_and_no_fd_leak(start_gateway, echo):
     assert b"egressgate_tunnels_spliced_total 1.0" in metrics
 
 
-class _BannerServer:
-    """Speaks first, at once (as SSH, SMTP or a database do), then echoes."""
+class _SpeaksFirst:
+    """Sends ``banner`` at once on accept (as SSH, SMTP or a database do: before the gateway's
+    next turn), then echoes, or (``then_close``) closes its side: a service refusing by closing,
+    or one that says its piece and leaves."""
 
-    def __init__(self) -> None:
+    def __init__(self, banner: bytes, then_close: bool = False) -> None:
         import threading
 
+        self.banner, self.then_close = banner, then_close
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._run, daemon=True).start()
@@ -206,49 +209,23 @@ class _BannerServer:
             except OSError:
                 return
             try:
-                conn.sendall(b"SSH-2.0-banner\r\n")  # at once: before the gateway's next turn
+                conn.sendall(self.banner)  # at once, from the accepting thread
             except OSError:
+                conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
+                if self.then_close:
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(100)  # (the tunnel's EOF, or its reset)
+                    return
                 while data := conn.recv(4096):
                     conn.sendall(data)
             except OSError:
                 pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _ClosingServer:
-    """Accepts, sends ``banner`` (maybe nothing) and closes at once: a service refusing by
-    closing, or one that says its piece and leaves."""
-
-    def __init__(self, banner: bytes) -> None:
-        import threading
-
-        self.banner = banner
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.banner)
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(100)  # (the tunnel's EOF, or its reset)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.sock.close()
@@ -260,7 +237,7 @@ def test_server_that_closes_before_the_tunnel_is_up(start_gateway, banner, bound
     # The server's EOF can arrive before the tunnel is attached to its upstream connection: it is
     # kept and delivered after the 200 (and the banner), so the client sees the end at once
     # instead of a tunnel that stays open until tunnel_idle.
-    server = _ClosingServer(banner)
+    server = _SpeaksFirst(banner, then_close=True)
     try:
         extra = {"egress": {"default": {"bind": ["127.0.0.2"]}}} if bound else {}
         gw = _gw(start_gateway, server.port, **extra)
@@ -281,7 +258,7 @@ def test_server_that_closes_before_the_tunnel_is_up(start_gateway, banner, bound
 def test_server_that_speaks_first(start_gateway):
     # The banner can arrive before the tunnel is attached to its upstream connection: it is
     # held and delivered after the 200, never taken for an idle connection's stray bytes.
-    banner = _BannerServer()
+    banner = _SpeaksFirst(b"SSH-2.0-banner\r\n")
     try:
         gw = _gw(start_gateway, banner.port)
         for _ in range(20):

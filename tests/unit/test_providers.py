@@ -190,3 +190,30 @@ def test_compile_board_and_views() -> None:
     table = format_matrix([result("10.0.0.1"), result("10.0.0.2", outcome="reset")]).splitlines()
     assert table[1].split()[:3] == ["x", "10.0.0.1", "v"] and "OK accepted" in table[1]
     assert "FAIL reset" in table[2]
+
+
+def test_a_bug_in_one_check_cancels_the_rest_of_the_round(monkeypatch) -> None:
+    """check() never raises by design; if a bug makes one raise, the round fails at once and the
+    other checks of the round are cancelled, not left running with nobody to read them."""
+    import asyncio
+
+    from egressgate import checks
+
+    started: list[asyncio.Task] = []
+
+    async def fake_check(plan, spec_, dialer, resolver, guard):
+        started.append(asyncio.current_task())
+        if plan.source == "127.0.0.2":
+            raise RuntimeError("injected")
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(checks, "check", fake_check)
+
+    async def go() -> None:
+        pairs = [(m, spec()) for m in members("127.0.0.2", "127.0.0.3", "127.0.0.4")]
+        with pytest.raises(RuntimeError):
+            await checks.check_pools({}, board(), None, None, None, only=pairs)
+        await asyncio.sleep(0)
+        assert len(started) == 3 and all(t.done() for t in started)
+
+    asyncio.run(go())
