@@ -9,7 +9,7 @@ import pytest
 from egressgate.model import HostPort, normalize_host
 from egressgate.policy.clients import ClientPolicy
 from egressgate.policy.decide import decide
-from egressgate.policy.guard import METADATA_NAMES, AddressGuard, classify, embedded_ipv4
+from egressgate.policy.guard import METADATA_NAMES, AddressGuard, classify, embedded_ipv4, rfc6052_ipv4
 from egressgate.policy.rules import RuleSet
 
 REFUSED = [
@@ -51,7 +51,16 @@ REFUSED = [
     ("2001:db8::1", "documentation"),
     ("2001::1", "reserved"),  # Teredo
     ("100::1", "reserved"),  # discard-only
-    ("64:ff9b:1::1", "private"),  # local-use NAT64
+    ("64:ff9b:1::1", "private"),  # local-use NAT64 (RFC 8215), its prefix not named: refused whole
+    ("64:ff9b:1::808:808", "private"),
+    ("64:ff9b:1::a9fe:a9fe", "metadata"),  # ... naming what the /96 place holds
+    ("64:ff9b:1:abcd:7f:0:100:0", "private"),
+    # IPv4-translated (RFC 2765/6145, ::ffff:0:0:0/96): judged by the IPv4 address
+    ("::ffff:0:7f00:1", "loopback"),
+    ("::ffff:0:a00:1", "private"),
+    ("::ffff:0:a9fe:a9fe", "metadata"),
+    ("::ffff:0:0:0", "unspecified"),
+    ("::ffff:0:c0a8:101", "private"),
     # IPv6 forms that embed a forbidden IPv4 address are judged by the IPv4 address
     ("::ffff:10.0.0.1", "private"),
     ("::ffff:127.0.0.1", "loopback"),
@@ -85,6 +94,7 @@ ALLOWED = [
     "::ffff:8.8.8.8",
     "64:ff9b::808:808",  # NAT64 of a public address
     "2002:0808:0808::1",  # 6to4 of a public address
+    "::ffff:0:808:808",  # IPv4-translated public address
 ]
 
 
@@ -112,6 +122,23 @@ EXEMPT = [
     (["fd00::/8"], "fd00:1::1", None),
     (["169.254.169.254/32"], "169.254.169.254", None),
     ([], "10.0.0.1", "private"),
+    # an exempted IPv6 range does not exempt the IPv4 address its addresses carry
+    (["::ffff:0:0/96"], "::ffff:10.0.0.1", "private"),
+    (["::ffff:0:0:0/96"], "::ffff:0:a00:1", "private"),
+    (["64:ff9b::/96"], "64:ff9b::7f00:1", "loopback"),
+    (["10.0.0.0/8"], "::ffff:0:a00:1", None),
+    # a local-use NAT64 prefix named in allow_private: the IPv4 address at the place its length gives
+    (["64:ff9b:1::/96"], "64:ff9b:1::808:808", None),
+    (["64:ff9b:1::/96"], "64:ff9b:1::a00:1", "private"),
+    (["64:ff9b:1::/96"], "64:ff9b:1::a9fe:a9fe", "metadata"),
+    (["64:ff9b:1::/96", "10.0.0.0/8"], "64:ff9b:1::a00:1", None),
+    (["64:ff9b:1:abcd::/64"], "64:ff9b:1:abcd:7f:0:100:0", "loopback"),  # 127.0.0.1 in bits 72-103
+    (["64:ff9b:1:abcd::/64"], "64:ff9b:1:abcd:8:808:800:0", None),  # 8.8.8.8 there
+    (["64:ff9b:1:ab00::/56"], "64:ff9b:1:ab0a:0:102:300::", "private"),  # 10.1.2.3: bits 56-63, 72-95
+    (["64:ff9b:1::/48"], "64:ff9b:1:a9fe:a9:fe00::", "metadata"),  # bits 48-63, 72-87
+    (["64:ff9b:1::/48"], "64:ff9b:1:808:8:800::", None),
+    (["64:ff9b:1:abcd::/96"], "64:ff9b:1::a00:1", "private"),  # outside the named prefix
+    (["64:ff9b::/32"], "64:ff9b:1::a00:1", None),  # a wider exemption: the operator's choice
 ]
 
 
@@ -138,9 +165,25 @@ EMBEDDED = [
     ("64:ff9b::a00:1", "10.0.0.1"),
     ("2002:0a00:0001::", "10.0.0.1"),
     ("2002:0808:0808:1::5", "8.8.8.8"),
+    ("::ffff:0:a00:1", "10.0.0.1"),  # IPv4-translated
     ("2606:4700::1111", None),
     ("10.0.0.1", None),
+    ("64:ff9b:1::a00:1", None),  # local-use NAT64: the place depends on the operator's prefix
 ]
+
+
+RFC6052 = [
+    # (address, prefix length, embedded IPv4): RFC 6052 section 2.4's examples, moved into 64:ff9b:1::/48
+    ("64:ff9b:1:c000:2:2100::", 48, "192.0.2.33"),
+    ("64:ff9b:1:abc0:0:221::", 56, "192.0.2.33"),
+    ("64:ff9b:1:abcd:c0:2:2100:0", 64, "192.0.2.33"),
+    ("64:ff9b:1::c000:221", 96, "192.0.2.33"),
+]
+
+
+@pytest.mark.parametrize(("address", "length", "inner"), RFC6052)
+def test_rfc6052_places(address: str, length: int, inner: str) -> None:
+    assert str(rfc6052_ipv4(ipaddress.ip_address(address), length)) == inner
 
 
 @pytest.mark.parametrize(("address", "inner"), EMBEDDED)

@@ -191,6 +191,68 @@ def test_bad_requests(data: bytes, error: type, status: int, limits: dict, bytew
     assert info.value.status == status
 
 
+# Lenient request lines llhttp takes (RFC 9112 2.3, 3): refused with (status, reason). Each
+# case is also fed after a valid request in the same feed (pipelined) and byte by byte.
+STRICT_LINES = [
+    pytest.param(b"GET /\r\n\r\n", 400, "bad_request_line", id="http-0.9-style"),
+    pytest.param(b"GET http://a/\r\nHost: a\r\n\r\n", 400, "bad_request_line", id="no-version-absolute"),
+    pytest.param(b"GET http://a/ HTTP/0.9\r\nHost: a\r\n\r\n", 400, "bad_request_line", id="http-0.9"),
+    pytest.param(b"GET http://a/ HTTP/2.0\r\nHost: a\r\n\r\n", 505, "http_version_not_supported",
+                 id="http-2.0"),
+    pytest.param(b"CONNECT a:443 HTTP/2.0\r\nHost: a:443\r\n\r\n", 505, "http_version_not_supported",
+                 id="connect-http-2.0"),
+    pytest.param(b"GET  http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request_line", id="two-spaces-before"),
+    pytest.param(b"GET http://a/  HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request_line", id="two-spaces-after"),
+    pytest.param(b"GET    http://a/    HTTP/1.0\r\n\r\n", 400, "bad_request_line", id="many-spaces"),
+    pytest.param(b"CONNECT  a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 400, "bad_request_line",
+                 id="connect-two-spaces"),
+    pytest.param(b"GET\thttp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request", id="tab-after-method"),
+    pytest.param(b"GET http://a/\tHTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request", id="tab-before-version"),
+    pytest.param(b"GET http://a/ HTTP/1.1 \r\nHost: a\r\n\r\n", 400, "bad_request", id="space-at-end"),
+    pytest.param(b" GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request", id="space-first"),
+    pytest.param(b"GET http://a/ HTTP/1.1\x0b\r\nHost: a\r\n\r\n", 400, "bad_request", id="vtab-at-end"),
+    pytest.param(b"GET http://a/ HTTP/1.2\r\nHost: a\r\n\r\n", 400, "bad_request", id="http-1.2"),
+    # Transfer-Encoding other than exactly chunked: the body's meaning would change (RFC 9112 6.1)
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                 501, "unsupported_transfer_coding", id="te-gzip-chunked"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked"
+                 b"\r\n\r\n0\r\n\r\n", 501, "unsupported_transfer_coding", id="te-two-fields"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+                 "unsupported_transfer_coding", id="te-gzip-alone"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nContent-Length: 0"
+                 b"\r\n\r\n", 501, "unsupported_transfer_coding", id="te-identity"),
+]
+
+
+@pytest.mark.parametrize(("data", "status", "reason"), STRICT_LINES)
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-feed", "bytewise"])
+@pytest.mark.parametrize("after", [b"", GET_A, b"\r\n", b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"],
+                         ids=["first", "pipelined", "after-empty-line", "after-body"])
+def test_strict_request_lines(data: bytes, status: int, reason: str, bytewise: bool, after: bytes) -> None:
+    with pytest.raises(ClientProtocolError) as info:
+        feed_requests(after + data, bytewise=bytewise)
+    assert (info.value.status, info.value.reason) == (status, reason), info.value.detail
+
+
+WELL_FORMED_LINES = [
+    pytest.param(b"\r\n" + GET_A, id="empty-line-first"),
+    pytest.param(GET_A + GET_A, id="same-line-twice"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz" + GET_A, id="after-body"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n" + GET_A,
+                 id="after-chunked-body"),
+    pytest.param(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding:  Chunked \r\n\r\n0\r\n\r\n", id="te-chunked-case"),
+    pytest.param(b"GET http://a.example/x%20y?q=a+b HTTP/1.0\r\n\r\n", id="http-1.0"),
+    pytest.param(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", id="connect"),
+]
+
+
+@pytest.mark.parametrize("data", WELL_FORMED_LINES)
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-feed", "bytewise"])
+def test_well_formed_request_lines_pass(data: bytes, bytewise: bool) -> None:
+    events, _ = feed_requests(data, bytewise=bytewise)
+    assert events and events[0][0] == "head"
+
+
 def test_limits_are_inclusive_of_exactly_enough() -> None:
     ten = b"GET http://a/ HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(10)) + b"\r\n"
     events, _ = feed_requests(ten, max_headers=10)
@@ -345,6 +407,30 @@ BAD_RESPONSES = [
     pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
                  id="switching-protocols"),
 ]
+
+
+BAD_CODINGS = [
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                 id="gzip-chunked"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc", id="gzip-until-close"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: br\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 id="two-fields"),
+]
+
+
+@pytest.mark.parametrize("wire", BAD_CODINGS)
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-feed", "bytewise"])
+def test_response_transfer_codings_other_than_chunked_are_refused(wire: bytes, bytewise: bool) -> None:
+    """Forwarded as chunked alone, ``gzip, chunked`` would reach the client as a body without
+    its coding: refused before a byte of the head goes to the client (502, RFC 9112 6.1)."""
+    rec = Recorder()
+    parser = ResponseParser(rec, "GET")
+    with pytest.raises(UpstreamProtocolError) as info:
+        for piece in ([wire[i:i + 1] for i in range(len(wire))] if bytewise else [wire]):
+            parser.feed(piece)
+        parser.feed_eof()
+    assert (info.value.status, info.value.reason) == (502, "unsupported_transfer_coding")
+    assert rec.events == []
 
 
 @pytest.mark.parametrize("wire", BAD_RESPONSES)

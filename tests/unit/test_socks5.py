@@ -132,8 +132,13 @@ OK_METHOD = b"\x05\x01\x00"
     (OK_METHOD + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x00", reply_bytes(0x01), "bad_port"),
     (b"\x05\x01\x02\x02\x03job\x00", b"\x01\x01", "socks_auth_version"),
     (b"\x05\x01\x02\x01\x00\x00", b"\x01\x01", "bad_credentials"),
+    # RFC 1928 section 4: RSV is X'00'; anything else is answered (general failure) and closed
+    (OK_METHOD + b"\x05\x01\x01\x01\x7f\x00\x00\x01\x00\x50", reply_bytes(0x01), "socks_reserved"),
+    (OK_METHOD + b"\x05\x01\xff\x03\x01a\x00\x50", reply_bytes(0x01), "socks_reserved"),
+    (OK_METHOD + b"\x05\x01\x80\x01", reply_bytes(0x01), "socks_reserved"),  # before the address comes
 ], ids=["socks4", "http", "no-methods", "bind", "udp", "unknown-command", "address-type", "request-version",
-        "empty-name", "colon-in-name", "non-ascii-name", "numeric-name", "port-0", "auth-version", "empty-user"])
+        "empty-name", "colon-in-name", "non-ascii-name", "numeric-name", "port-0", "auth-version", "empty-user",
+        "rsv-1", "rsv-ff-name", "rsv-head-only"])
 def test_bad_messages(data: bytes, reply: bytes, reason: str) -> None:
     m = ServerNegotiation()
     m.receive(data)

@@ -11,6 +11,14 @@ closes (``feed_eof``).
 Limits: a head over ``max_head_bytes`` raises ``HeadTooLarge`` (431), over ``max_headers``
 header fields likewise; everything llhttp refuses (conflicting Content-Length, Content-Length
 with Transfer-Encoding, bad chunking, bare LF, ...) raises ``ClientProtocolError`` (400).
+
+Strict where llhttp is lenient (RFC 9112): a request line must be ``method SP target SP
+HTTP/1.0`` or ``HTTP/1.1`` with exactly one space between the three (llhttp skips extra
+spaces, takes ``HTTP/2.0`` and reads a line without a version as HTTP/0.9): an HTTP/0.9-style
+line or extra spaces is 400 (``bad_request_line``), another version 505
+(``http_version_not_supported``). A ``Transfer-Encoding`` other than exactly ``chunked`` (say
+``gzip, chunked``) is refused, as the proxy would forward the body as chunked only and so
+change its meaning: 501 for a request (``unsupported_transfer_coding``), 502 for a response.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Protocol
 
 import httptools
 
-from ..errors import ClientProtocolError, HeadTooLarge, UpstreamProtocolError
+from ..errors import ClientProtocolError, GatewayError, HeadTooLarge, UpstreamProtocolError
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
@@ -138,6 +146,10 @@ class _HeadCollector:
         self._stalled += n
         return self._stalled > self._max_bytes + 1024
 
+    def _unsupported_coding(self, value: bytes) -> GatewayError:
+        """The error for a Transfer-Encoding other than exactly ``chunked``."""
+        raise NotImplementedError
+
     def _reset(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -177,6 +189,8 @@ class _HeadCollector:
         elif special == _TRANSFER_ENCODING:
             if value.lower().rstrip().endswith(b"chunked"):
                 self._chunked = True
+            if value.strip().lower() != b"chunked" and self._error is None:  # RFC 9112 6.1
+                self._error = self._unsupported_coding(value)
         elif special == _CONNECTION:
             self._connection = self._connection.union(t.strip().lower() for t in value.split(b","))
         elif special == _PROXY_AUTHORIZATION:
@@ -190,8 +204,11 @@ class _HeadCollector:
             self._profile = value
 
 
+_HTTP_SLASH = b" HTTP/"
+
+
 class RequestParser(_HeadCollector):
-    __slots__ = ("_sink", "_http", "_head", "_pending_close")
+    __slots__ = ("_sink", "_http", "_head", "_pending_close", "_chunk", "_scan", "_carry")
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 65536, max_headers: int = 100) -> None:
         super().__init__(max_head_bytes, max_headers)
@@ -199,6 +216,12 @@ class RequestParser(_HeadCollector):
         self._http = httptools.HttpRequestParser(self)
         self._head: RequestHead | None = None
         self._pending_close = False  # a complete message said Connection: close; ignore the rest
+        # The request line's spaces, which llhttp does not report (see _line_ok): the bytes of
+        # this feed, where in them the last request line checked ended, and the bytes of
+        # earlier feeds while a head is incomplete across feeds.
+        self._chunk = b""
+        self._scan = 0
+        self._carry: bytearray | None = None
 
     @property
     def in_head(self) -> bool:
@@ -210,9 +233,13 @@ class RequestParser(_HeadCollector):
         the garbage collector would otherwise break, keeping the sink and everything it holds
         alive until then). ``feed`` ignores bytes from now on."""
         self._http = None
+        self._chunk = b""
+        self._carry = None
 
     def feed(self, data: bytes) -> bytes | None:
         while not self._pending_close and self._http is not None:  # a loop, not recursion: pipelined Upgrade
+            self._chunk = data
+            self._scan = 0
             try:
                 self._http.feed_data(data)
             except httptools.HttpParserUpgrade as exc:
@@ -236,8 +263,40 @@ class RequestParser(_HeadCollector):
                 raise self._error
             if self._stall_guard(len(data)):
                 raise HeadTooLarge(f"request head, chunk header or trailer section over {self._max_bytes} bytes")
+            if self._in_head:  # a head goes on in the next feed: keep its request line's bytes
+                self._keep_carry(data)
+            self._chunk = b""
             return None
         return None
+
+    def _keep_carry(self, data: bytes) -> None:
+        """The bytes from the end of the last checked request line (or of the carry so far)
+        on: they hold the start of the incomplete head. Bounded: ``_stall_guard`` refuses a
+        head that goes on for more than the head limit."""
+        if self._carry is None:
+            self._carry = bytearray(data[self._scan:])
+        else:
+            self._carry += data
+
+    def _find_line(self, method: bytes) -> bool:
+        """Is the request line exactly ``method SP target SP HTTP/``, when the quick test in
+        ``on_headers_complete`` could not tell (pipelined requests, a head split across reads,
+        empty lines first)? The exact line is looked for after the last one checked. (The
+        same line inside an earlier request's body in the same read would be found instead:
+        a client can only hide its own extra spaces that way, which the proxy drops anyway,
+        as it writes its own request line.)"""
+        carry = self._carry
+        buf = chunk = self._chunk
+        start = self._scan
+        if carry is not None:  # the head began in an earlier feed
+            buf = bytes(carry) + chunk
+            start = 0
+        line = method + b" " + self._url + _HTTP_SLASH
+        i = buf.find(line, start)
+        if i < 0:
+            return False
+        self._scan = max(0, i + len(line) - (len(buf) - len(chunk)))
+        return True
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -257,13 +316,34 @@ class RequestParser(_HeadCollector):
         self._http = httptools.HttpRequestParser(self)
         return data[offset:] or None
 
+    def _unsupported_coding(self, value: bytes) -> GatewayError:
+        return ClientProtocolError(f"Transfer-Encoding {value[:64].decode('latin-1')!r} is not forwarded: "
+                                   "only chunked alone", reason="unsupported_transfer_coding", status=501)
+
     def on_headers_complete(self) -> None:
         http = self._http
         self._in_head = False
         self._progress = True
         if self._error is not None:
             return
-        method = http.get_method().decode("ascii", "replace")
+        raw_method = http.get_method()
+        version = http.get_http_version()
+        if version != "1.1" and version != "1.0":  # RFC 9112 2.3, 3
+            self._error = _version_error(version)
+            return
+        # One space each side of the target: llhttp skips extra ones, so the bytes are looked at.
+        # The quick test: this read starts with the head, whose first CRLF is where a line
+        # with single spaces ends ("HTTP/x.y" is 8 bytes: llhttp takes one digit each side).
+        line_end = len(raw_method) + len(self._url) + 10
+        if self._scan == 0 and self._carry is None and self._chunk.find(b"\r\n", 0, line_end + 2) == line_end:
+            self._scan = line_end
+        elif self._find_line(raw_method):
+            self._carry = None
+        else:
+            self._error = ClientProtocolError("request line with extra whitespace: one space between method, "
+                                              "target and version", reason="bad_request_line")
+            return
+        method = raw_method.decode("ascii", "replace")
         if self._content_length is not None and self._content_length < 0:
             self._error = ClientProtocolError("invalid Content-Length")
             return
@@ -271,7 +351,7 @@ class RequestParser(_HeadCollector):
             self._error = ClientProtocolError("more than one Host header field" if self._hosts > 1
                                               else "invalid Host header field", reason="bad_host")
             return
-        head = RequestHead(method, self._url.decode("latin-1"), http.get_http_version(), self._headers,
+        head = RequestHead(method, self._url.decode("latin-1"), version, self._headers,
                            http.should_keep_alive(), self._content_length, self._chunked, self._size,
                            self._connection, self._proxy_auth or b"", self._profile or b"")
         self._head = head
@@ -294,6 +374,14 @@ class RequestParser(_HeadCollector):
         self._sink.on_request_end()
 
 
+def _version_error(version: str) -> ClientProtocolError:
+    if version == "0.9":  # llhttp's reading of a line with no version
+        return ClientProtocolError("request line without HTTP/1.1 or HTTP/1.0 (HTTP/0.9 is not served)",
+                                   reason="bad_request_line")
+    return ClientProtocolError(f"HTTP/{version} in an HTTP/1 request line: HTTP/1.1 or HTTP/1.0 only",
+                               reason="http_version_not_supported", status=505)
+
+
 class ResponseParser(_HeadCollector):
     __slots__ = ("_sink", "_http", "_no_body", "_until_close", "_done", "_reason")
 
@@ -310,6 +398,10 @@ class ResponseParser(_HeadCollector):
     @property
     def done(self) -> bool:
         return self._done
+
+    def _unsupported_coding(self, value: bytes) -> GatewayError:
+        return UpstreamProtocolError(f"the origin's Transfer-Encoding {value[:64].decode('latin-1')!r} cannot be "
+                                     "forwarded intact (chunked alone only)", reason="unsupported_transfer_coding")
 
     @property
     def reusable(self) -> bool:

@@ -27,11 +27,15 @@ PHRASES = {
     "bad_port": "Bad Destination Port",
     "bad_target": "Bad Request Target",
     "bad_scheme": "Unsupported URL Scheme",
+    "bad_request_line": "Bad Request Line",
     "origin_form": "Absolute URI Required",
     "proxy_protocol": "Bad PROXY Protocol Header",
     "whoami_over_connect": f"Use {WHOAMI_URL}",
     "client_timeout": "Request Timeout",
     "head_too_large": "Request Header Fields Too Large",
+    # 501, 505: the request (501) or the origin's response (502) uses what the proxy does not forward
+    "unsupported_transfer_coding": "Unsupported Transfer Coding",
+    "http_version_not_supported": "HTTP Version Not Supported",
     # 407
     "auth_required": "Proxy Authentication Required",
     "bad_credentials": "Proxy Credentials Rejected",
@@ -89,6 +93,7 @@ PHRASES = {
     "socks_command": "SOCKS Command Not Supported",
     "socks_address_type": "SOCKS Address Type Not Supported",
     "socks_oversized": "SOCKS Negotiation Too Large",
+    "socks_reserved": "SOCKS Reserved Byte Not Zero",
     "socks_protocol_error": "SOCKS Protocol Error",
 }
 

@@ -1,9 +1,14 @@
 """The address guard: which resolved addresses a client may never reach.
 
 Applied to every address a destination resolves to (and to IP literals), after DNS, so a
-public name that resolves to 10.0.0.1 or 169.254.169.254 is refused. IPv4-mapped, NAT64
-(64:ff9b::/96) and 6to4 (2002::/16) IPv6 addresses are judged by the IPv4 address they
-embed. ``allow_private`` CIDRs are exempt (tests, on-premises origins).
+public name that resolves to 10.0.0.1 or 169.254.169.254 is refused. IPv6 addresses that
+embed an IPv4 address are judged by the IPv4 address they embed: IPv4-mapped
+(``::ffff:0:0/96``), IPv4-translated (``::ffff:0:0:0/96``, RFC 2765/6145), the NAT64
+well-known prefix (``64:ff9b::/96``, RFC 6052), 6to4 (``2002::/16``) and the local-use NAT64
+prefix (``64:ff9b:1::/48``, RFC 8215) once the operator names their prefix in
+``allow_private`` (its length says where the IPv4 address sits; unnamed, the local-use
+range is refused whole). ``allow_private`` CIDRs are exempt (tests, on-premises origins);
+an embedded IPv4 address is exempt only when it is itself in one.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ _RANGES: tuple[tuple[str, str], ...] = (
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::/96", "reserved"),  # deprecated IPv4-compatible
-    ("64:ff9b:1::/48", "private"),
     ("100::/64", "reserved"),
     ("2001::/23", "reserved"),  # IETF protocol assignments, Teredo included
     ("2001:db8::/32", "documentation"),
@@ -51,7 +55,9 @@ _RANGES: tuple[tuple[str, str], ...] = (
     ("ff00::/8", "multicast"),
 )
 _NETS = tuple((ipaddress.ip_network(cidr), why) for cidr, why in _RANGES)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 in the last 32 bits
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765/6145 IPv4-translated: likewise
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use: any RFC 6052 prefix length
 _6TO4 = ipaddress.ip_network("2002::/16")
 
 # Names that mean the cloud metadata service whatever a resolver says.
@@ -60,15 +66,37 @@ METADATA_NAMES = frozenset({"metadata.google.internal", "metadata", "metadata.go
 
 
 def embedded_ipv4(ip: IP) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, where the place of it is fixed: mapped,
+    translated, the NAT64 well-known prefix and 6to4 (None otherwise; see ``_local_nat64``)."""
     if isinstance(ip, ipaddress.IPv4Address):
         return None
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip in _NAT64:
+    if ip in _NAT64 or ip in _TRANSLATED:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _6TO4:
         return ip.sixtofour
     return None
+
+
+_RFC6052_LENGTHS = frozenset({48, 56, 64, 96})  # the prefix lengths a /48 can hold
+
+
+def rfc6052_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """RFC 6052 section 2.2: the IPv4 address behind a NAT64 prefix of this length (48, 56,
+    64 or 96 bits). Bits 64-71 (the "u" octet) never carry any of it."""
+    n = int(ip)
+    if prefix_length == 96:
+        v4 = n & 0xFFFFFFFF  # bits 96-127
+    elif prefix_length == 64:
+        v4 = (n >> 24) & 0xFFFFFFFF  # bits 72-103
+    elif prefix_length == 56:
+        v4 = ((n >> 64) & 0xFF) << 24 | (n >> 32) & 0xFFFFFF  # bits 56-63, 72-95
+    elif prefix_length == 48:
+        v4 = ((n >> 64) & 0xFFFF) << 16 | (n >> 40) & 0xFFFF  # bits 48-63, 72-87
+    else:
+        raise ValueError(f"not an RFC 6052 prefix length for 64:ff9b:1::/48: {prefix_length}")
+    return ipaddress.IPv4Address(v4)
 
 
 class AddressGuard:
@@ -92,16 +120,43 @@ class AddressGuard:
         return verdict
 
     def _classify(self, ip: IP) -> str | None:
+        if ip.version == 6 and ip in _NAT64_LOCAL:
+            return self._local_nat64(ip)
         inner = embedded_ipv4(ip)
-        candidates = (ip, inner) if inner is not None else (ip,)
-        for candidate in candidates:
-            if any(candidate.version == net.version and candidate in net for net in self._exempt):
-                return None
-        for candidate in candidates:
-            for net, why in _NETS:
-                if candidate.version == net.version and candidate in net:
-                    return why
-        return None
+        if inner is None:
+            return None if self._exempted(ip) else _special(ip)
+        # An IPv6 form of an IPv4 address is that IPv4 address: exempt when it is (an exempted
+        # IPv6 range does not exempt what its addresses carry).
+        return None if self._exempted(inner) else _special(inner)
+
+    def _local_nat64(self, ip: ipaddress.IPv6Address) -> str | None:
+        """RFC 8215 local-use NAT64 (64:ff9b:1::/48): the operator chooses the prefix and so
+        where the IPv4 address sits. An ``allow_private`` network inside 64:ff9b:1::/48 of an
+        RFC 6052 length (/48, /56, /64, /96) is such a prefix: its addresses are judged by the
+        IPv4 address at that place. Otherwise the address is refused whole ("private": not
+        globally reachable), naming the embedded class when the /96 place holds a special
+        IPv4 address, unless a wider network is exempt."""
+        wide = False
+        for net in self._exempt:
+            if net.version == 6 and ip in net:
+                if net.prefixlen in _RFC6052_LENGTHS and net.subnet_of(_NAT64_LOCAL):
+                    inner = rfc6052_ipv4(ip, net.prefixlen)
+                    return None if self._exempted(inner) else _special(inner)
+                wide = True
+        if wide:
+            return None
+        why = _special(rfc6052_ipv4(ip, 96))
+        return why if why is not None and why != "unspecified" else "private"
+
+    def _exempted(self, ip: IP) -> bool:
+        return any(ip.version == net.version and ip in net for net in self._exempt)
+
+
+def _special(ip: IP) -> str | None:
+    for net, why in _NETS:
+        if ip.version == net.version and ip in net:
+            return why
+    return None
 
 
 def classify(address: str) -> str | None:

@@ -218,6 +218,10 @@ class ServerNegotiation:
             return None
         if buf[0] != VERSION:
             self._version_error(buf[0])
+        if buf[2] != 0:  # RFC 1928 section 4: RSV is X'00'
+            self._fail()
+            raise SocksProtocolError(f"reserved byte of the request is {buf[2]:#04x}, not 0",
+                                     reply_bytes=reply_bytes(GENERAL_FAILURE), reason="socks_reserved")
         cmd, atyp = buf[1], buf[3]
         if atyp == ATYP_IPV4:
             end = 4 + 4
