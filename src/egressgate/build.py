@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .http1.rewrite import Forwarding
 from .model import parse_socket_address
 from .policy.clients import compile_clients
-from .policy.guard import AddressGuard
+from .policy.guard import AddressGuard, NameGuard
 from .policy.protect import compile_protect
 from .policy.tokens import parse_jwks
 from .proxy.runtime import Runtime
@@ -100,6 +100,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
         protect={name: compile_protect(spec.protect) for name, spec in config.egress.items() if spec.protect},
         providers=compile_board(config.egress, config.timeouts.upstream_connect, config.probe.interval),
+        names=NameGuard(config.security.deny_suffixes, config.security.allow_suffixes, config.security.internal_names),
     )
 
 

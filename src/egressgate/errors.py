@@ -80,6 +80,12 @@ class AddressProhibited(PolicyDenied):
     reason = "destination_ip_prohibited"
 
 
+class NameProhibited(AddressProhibited):
+    """A name that stands for an internal address (``policy.guard.NameGuard``)."""
+
+    reason = "destination_name_prohibited"
+
+
 class LimitReached(GatewayError):
     status = 429
     proxy_status = "connection_limit_reached"

@@ -84,7 +84,12 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
                                                 ("max_per_second", rule.max_per_second)) if v is not None]
             limits.append(f"Retry-After holds up to {rule.max_hold:g}s" if rule.max_hold else "no holds")
             lines.append(f"protect:     {rule.name} per egress member, all clients: {', '.join(limits)}")
-    if decision.allow and pool is not None and pool.kind == "upstream":
+    why = rt.names.check(dest.host) if decision.allow and pool is not None and not dest.is_ip and (
+        pool.kind == "upstream" or rt.names.everywhere) else None
+    if why is not None:  # (as proxy.route refuses it)
+        lines.append(f"result:      403 destination_name_prohibited: {dest.host} is {why}")
+        ok = False
+    elif decision.allow and pool is not None and pool.kind == "upstream":
         lines.append("addresses:   resolved by the upstream proxy")
     elif decision.allow:
         addresses = [dest.host] if dest.is_ip else None

@@ -9,7 +9,14 @@ import pytest
 from egressgate.model import HostPort, normalize_host
 from egressgate.policy.clients import ClientPolicy
 from egressgate.policy.decide import decide
-from egressgate.policy.guard import METADATA_NAMES, AddressGuard, classify, embedded_ipv4, rfc6052_ipv4
+from egressgate.policy.guard import (
+    METADATA_NAMES,
+    AddressGuard,
+    NameGuard,
+    classify,
+    embedded_ipv4,
+    rfc6052_ipv4,
+)
 from egressgate.policy.rules import RuleSet
 
 REFUSED = [
@@ -209,3 +216,85 @@ def test_metadata_names_are_normalized() -> None:
     # decide() compares normalized hosts against this set: every entry must already be in that form
     for name in METADATA_NAMES:
         assert normalize_host(name) == name
+
+
+# ------------------------------------------------------------------ the name guard (NameGuard)
+
+NAMES_REFUSED = [
+    # (host as the client spelled it, why): names that stand for internal addresses
+    ("localhost", "a localhost name"),
+    ("LOCALHOST.", "a localhost name"),
+    ("LocalHost..", "a localhost name"),
+    ("foo.localhost", "a localhost name"),
+    ("a.b.LOCALHOST.", "a localhost name"),
+    ("intranet", "a single-label name"),
+    ("kubernetes", "a single-label name"),
+    ("Metadata", "a single-label name"),
+    ("db.internal", "an internal name (*.internal)"),
+    ("metadata.google.internal", "an internal name (*.internal)"),
+    ("printer.local", "an internal name (*.local)"),
+    ("api.default.svc", "an internal name (*.svc)"),
+    ("api.default.svc.cluster.local", "an internal name (*.local)"),
+    ("API.Default.SVC.", "an internal name (*.svc)"),
+    ("nas.home.arpa", "an internal name (*.home.arpa)"),
+    ("router.lan", "an internal name (*.lan)"),
+    ("box.localdomain", "an internal name (*.localdomain)"),
+    ("wiki.corp", "an internal name (*.corp)"),
+    ("wiki.intranet", "an internal name (*.intranet)"),
+    ("x.private", "an internal name (*.private)"),
+    ("nas.home", "an internal name (*.home)"),
+]
+
+
+@pytest.mark.parametrize(("host", "why"), NAMES_REFUSED, ids=[c[0] for c in NAMES_REFUSED])
+def test_internal_names_are_refused(host: str, why: str) -> None:
+    assert NameGuard().check(HostPort.parse_authority(f"{host}:443").host) == why
+
+
+NAMES_ALLOWED = ["api.vendor-x.com", "example.com", "localhost.example.com", "svc.example.com",
+                 "internal.example.org", "local.example", "home.example", "xn--bcher-kva.example", "a.b.c.d.e.f"]
+
+
+@pytest.mark.parametrize("host", NAMES_ALLOWED)
+def test_public_names_pass(host: str) -> None:
+    assert NameGuard().check(HostPort.parse_authority(f"{host}:443").host) is None
+
+
+NAMES_CONFIGURED = [
+    # (deny_suffixes, allow_suffixes, host, verdict)
+    (["corp.example"], [], "wiki.corp.example", "an internal name (*.corp.example)"),
+    (["corp.example"], [], "corp.example", "an internal name (*.corp.example)"),
+    (["corp.example"], [], "notcorp.example", None),
+    (["data-jobs"], [], "results-store.data-jobs", "an internal name (*.data-jobs)"),  # a Kubernetes namespace
+    ([], ["localhost"], "localhost", None),
+    ([], ["localhost"], "api.localhost", None),
+    ([], ["intranet-proxy"], "intranet-proxy", None),
+    ([], ["intranet-proxy"], "other", "a single-label name"),
+    ([], ["wiki.internal"], "wiki.internal", None),
+    ([], ["wiki.internal"], "db.internal", "an internal name (*.internal)"),
+    (["corp.example"], ["public.corp.example"], "public.corp.example", None),
+    (["corp.example"], ["public.corp.example"], "secret.corp.example", "an internal name (*.corp.example)"),
+]
+
+
+@pytest.mark.parametrize(("deny", "allow", "host", "verdict"), NAMES_CONFIGURED,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in NAMES_CONFIGURED])
+def test_operator_suffixes(deny: list[str], allow: list[str], host: str, verdict: str | None) -> None:
+    assert NameGuard(deny, allow).check(host) == verdict
+
+
+def test_name_guard_scope() -> None:
+    assert not NameGuard().everywhere and not NameGuard(scope="upstream").everywhere
+    assert NameGuard(scope="all").everywhere
+
+
+def test_suffixes_in_config_are_normalized() -> None:
+    from egressgate.config.schema import SecurityConfig
+
+    sec = SecurityConfig(deny_suffixes=["*.Corp.Example.", ".data-jobs", "svc.cluster.example"],
+                         allow_suffixes=["LOCALHOST"])
+    assert sec.deny_suffixes == ["corp.example", "data-jobs", "svc.cluster.example"]
+    assert sec.allow_suffixes == ["localhost"]
+    for bad in ["", "*.", "10.0.0.1", "a b", "a..b", "x:80"]:
+        with pytest.raises(ValueError):
+            SecurityConfig(deny_suffixes=[bad])

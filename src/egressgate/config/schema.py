@@ -17,7 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ..model import ScryptHash, ip_or_none, parse_socket_address
+from ..errors import ClientProtocolError
+from ..model import ScryptHash, ip_or_none, normalize_host, parse_socket_address
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -347,9 +348,34 @@ def _default_clients() -> list[ClientConfig]:
     return [ClientConfig(name="local", **{"from": ["127.0.0.0/8", "::1/128"]})]
 
 
+def _name_suffix(value: object) -> str:
+    """A name suffix as ``security.deny_suffixes`` / ``allow_suffixes`` take it: ``corp.example``,
+    ``*.corp.example`` or ``.corp.example`` (the name and every name under it), normalised as
+    destination names are (lower case, no trailing dot, IDNA as ASCII)."""
+    text = str(value).strip()
+    bare = text[2:] if text.startswith("*.") else text[1:] if text.startswith(".") else text
+    try:
+        name = normalize_host(bare)
+    except ClientProtocolError:
+        name = ""
+    if not name or ip_or_none(name) is not None:
+        raise ValueError(f"expected a host name suffix such as corp.example or *.corp.example, got {text!r}")
+    return name
+
+
+NameSuffix = Annotated[str, BeforeValidator(_name_suffix)]
+
+
 class SecurityConfig(_Model):
     connect_ports: list[Port] = [443]
     allow_private: list[Network] = []
+    # Names that stand for internal addresses (localhost, single-label names, *.internal,
+    # *.local, *.svc, ...: policy.guard.NameGuard) are refused before they leave: for chained
+    # profiles, whose proxy resolves them on its side (upstream), or for every profile, before
+    # DNS (all).
+    internal_names: Literal["upstream", "all"] = "upstream"
+    deny_suffixes: list[NameSuffix] = []  # more suffixes refused so (a Kubernetes namespace, corp.example)
+    allow_suffixes: list[NameSuffix] = []  # names (and the names under them) never refused so
 
 
 class ForwardingConfig(_Model):

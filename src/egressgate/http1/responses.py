@@ -58,6 +58,7 @@ PHRASES = {
     "destination_not_allowed": "Destination Not Allowed",
     "destination_denied": "Destination Denied",
     "destination_ip_prohibited": "Destination IP Prohibited",
+    "destination_name_prohibited": "Destination Name Prohibited",
     "connect_port_not_allowed": "Connect Port Not Allowed",
     # 429
     "connection_limit_reached": "Client Limit Reached",

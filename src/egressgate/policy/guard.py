@@ -1,4 +1,5 @@
-"""The address guard: which resolved addresses a client may never reach.
+"""The address guard: which resolved addresses a client may never reach; and the name guard:
+which names stand for such addresses whatever a resolver says.
 
 Applied to every address a destination resolves to (and to IP literals), after DNS, so a
 public name that resolves to 10.0.0.1 or 169.254.169.254 is refused. IPv6 addresses that
@@ -9,6 +10,15 @@ prefix (``64:ff9b:1::/48``, RFC 8215) once the operator names their prefix in
 ``allow_private`` (its length says where the IPv4 address sits; unnamed, the local-use
 range is refused whole). ``allow_private`` CIDRs are exempt (tests, on-premises origins);
 an embedded IPv4 address is exempt only when it is itself in one.
+
+``NameGuard`` refuses by name what the address guard would refuse by address, for
+destinations whose addresses the gateway never sees: a chained (upstream) profile sends the
+name to its proxy, which resolves it on its side (``localhost`` there is that proxy's
+loopback). Refused: ``localhost`` and ``*.localhost`` (RFC 6761), single-label names
+(completed by a search list into the proxy's own domain), and names under suffixes used
+only inside networks (``INTERNAL_SUFFIXES``), plus the operator's ``security.deny_suffixes``;
+``security.allow_suffixes`` exempts names. Names arrive normalised (``model.HostPort``: lower
+case, no trailing dot, IDNA as ASCII), so ``LOCALHOST.`` is ``localhost``.
 """
 
 from __future__ import annotations
@@ -63,6 +73,61 @@ _6TO4 = ipaddress.ip_network("2002::/16")
 # Names that mean the cloud metadata service whatever a resolver says.
 METADATA_NAMES = frozenset({"metadata.google.internal", "metadata", "metadata.goog", "instance-data",
                             "instance-data.ec2.internal"})
+
+
+# Suffixes that name hosts inside a network, never on the public internet: RFC 6761
+# (localhost), RFC 6762 (local, and appendix G's intranet, internal, private, corp, home, lan),
+# RFC 8375 (home.arpa), localdomain, and Kubernetes service names (svc; cluster.local is under
+# local). ICANN reserved .internal for private use (2024).
+INTERNAL_SUFFIXES: tuple[str, ...] = ("localhost", "localdomain", "local", "internal", "intranet", "private",
+                                      "corp", "home", "lan", "home.arpa", "svc")
+
+
+class NameGuard:
+    """``check(host)`` returns None for a name that may be sent on, else why not. ``scope``:
+    ``upstream`` (checked for chained profiles only; direct ones are judged by address after
+    DNS) or ``all`` (every profile, before DNS)."""
+
+    __slots__ = ("_deny", "_allow", "_cache", "everywhere")
+
+    def __init__(self, deny_suffixes: Iterable[str] = (), allow_suffixes: Iterable[str] = (),
+                 scope: str = "upstream") -> None:
+        self._deny = frozenset((*INTERNAL_SUFFIXES, *deny_suffixes))
+        self._allow = frozenset(allow_suffixes)
+        self._cache: dict[str, str | None] = {}
+        self.everywhere = scope == "all"
+
+    def check(self, host: str) -> str | None:
+        try:
+            return self._cache[host]
+        except KeyError:
+            pass
+        verdict = self._judge(host)
+        if len(self._cache) > 8192:
+            self._cache.clear()
+        self._cache[host] = verdict
+        return verdict
+
+    def _judge(self, host: str) -> str | None:
+        suffixes = _suffixes(host)
+        if not self._allow.isdisjoint(suffixes):
+            return None
+        if "." not in host:
+            return "a localhost name" if host == "localhost" else "a single-label name"
+        for suffix in suffixes:
+            if suffix in self._deny:
+                return "a localhost name" if suffix == "localhost" else f"an internal name (*.{suffix})"
+        return None
+
+
+def _suffixes(host: str) -> list[str]:
+    """``a.b.c`` -> ``["a.b.c", "b.c", "c"]``."""
+    out = [host]
+    dot = host.find(".")
+    while dot >= 0:
+        out.append(host[dot + 1:])
+        dot = host.find(".", dot + 1)
+    return out
 
 
 def embedded_ipv4(ip: IP) -> ipaddress.IPv4Address | None:

@@ -12,7 +12,9 @@ refusal (``GatewayError`` with its status and reason). No callbacks, no I/O of i
 
 Through a chained proxy the name is resolved by that proxy (its DNS view may differ from
 ours): the guard applies here to IP-literal destinations; names are judged by the policy
-(metadata names included) and by the chained proxy.
+(metadata names included) and by the name guard (``policy.guard.NameGuard``: localhost,
+single-label and internal names never reach the chained proxy; with
+``security.internal_names: all`` that applies to every profile, before DNS).
 
 The caller's fast path is simply "every step finished without awaiting".
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from ..egress.plan import EgressPlan, ProfilePool
-from ..errors import AddressProhibited, ClientProtocolError, EgressUnverified, PolicyDenied
+from ..errors import AddressProhibited, ClientProtocolError, EgressUnverified, NameProhibited, PolicyDenied
 from ..http1.parse import RequestHead
 from ..http1.rewrite import AbsoluteTarget, parse_absolute_target
 from ..model import HostPort
@@ -92,6 +94,12 @@ def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, lis
         raise kind(f"{decision.reason}: {detail}", reason=decision.reason,
                    profile=clip(decision.profile) if decision.profile else None)
     pool = rt.profiles[decision.profile]
+    if not dest.is_ip and (pool.kind == "upstream" or rt.names.everywhere):
+        why = rt.names.check(dest.host)
+        if why is not None:  # a safety check: report mode does not relax it
+            where = "upstream proxy" if pool.kind == "upstream" else "resolver"
+            raise NameProhibited(f"{dest.host} is {why}: not sent to the {where} (security.allow_suffixes exempts "
+                                 "names)", profile=pool.name)
     if not pool.healthy:  # fail closed: never leave from an IP the config does not promise
         reason, detail = pool.refusal()
         raise EgressUnverified(detail, reason=reason, profile=pool.name)

@@ -11,7 +11,7 @@ from ..egress.plan import ProfilePool
 from ..egress.providers import ProviderBoard
 from ..http1.rewrite import Forwarding
 from ..policy.clients import ClientRegistry
-from ..policy.guard import AddressGuard
+from ..policy.guard import AddressGuard, NameGuard
 from ..policy.protect import ProfileProtect
 
 
@@ -33,3 +33,4 @@ class Runtime:
     # profile -> its shared-IP protection rules; only profiles that have some (policy.protect)
     protect: dict[str, ProfileProtect] = field(default_factory=dict)
     providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results
+    names: NameGuard = field(default_factory=NameGuard)  # internal names, refused before they leave
