@@ -753,40 +753,4 @@ def test_image_host_must_match_the_registry(tf):
         "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}")
 
 
-# --------------------------------------------------------------------------------- terraform fmt
-
-_ATTR = re.compile(r'^(\s*)([A-Za-z_][A-Za-z0-9_-]*|"[^"]*")(\s*)=(?!=)(.*)$')
-
-
-def fmt_alignment_problems(text: str) -> list[str]:
-    """The `=` alignment rule of `terraform fmt` (hclwrite): consecutive attribute lines at one
-    indentation align their `=` one space after the longest name; a blank, comment or block line
-    ends the run. (The rest of fmt - indentation, spacing - is checked by eye; this is the rule the
-    module broke.)"""
-    problems, run = [], []
-
-    def close():
-        if run:
-            width = max(len(m.group(2)) for _, m in run)
-            problems.extend(f"line {i + 1}: {ln.strip()[:60]}" for i, m in run
-                            for ln in [lines[i]] if len(m.group(3)) != width - len(m.group(2)) + 1)
-        run.clear()
-
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        m = _ATTR.match(line)
-        if not m:
-            close()
-            continue
-        if run and len(m.group(1)) != len(run[-1][1].group(1)):
-            close()
-        run.append((i, m))
-        if line.rstrip().endswith(("{", "[", "(", "<<-EOT", "<<EOT")):
-            close()
-    close()
-    return problems
-
-
-@pytest.mark.parametrize("path", sorted(TF.glob("*.tf")), ids=lambda p: p.name)
-def test_terraform_fmt_alignment(path):
-    assert not fmt_alignment_problems(path.read_text()), fmt_alignment_problems(path.read_text())
+# terraform fmt: the real binary, tests/deploy/test_deploy_terraform_real.py::test_fmt_check_is_clean

@@ -37,9 +37,11 @@ locals {
 
   nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
 
-  tls_enabled     = var.tls != null
-  tls_from_secret = local.tls_enabled && try(var.tls.cert_secret, null) != null
-  tls_secrets     = local.tls_from_secret ? toset([var.tls.cert_secret, var.tls.key_secret]) : toset([])
+  # var.tls is sensitive (it may hold a private key). Whether TLS is on, and the Secret Manager
+  # secret ids, are not secrets: unmarked, so they can key for_each and appear in outputs.
+  tls_enabled     = nonsensitive(var.tls != null)
+  tls_from_secret = nonsensitive(var.tls != null && try(var.tls.cert_secret, null) != null)
+  tls_secrets     = local.tls_from_secret ? toset([nonsensitive(var.tls.cert_secret), nonsensitive(var.tls.key_secret)]) : toset([])
 
   # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's bind address is
   # the placeholder "@ALIAS_IN:<secondary cidr>@"; files/render-config.sh replaces it on each VM with
@@ -67,8 +69,8 @@ locals {
     ], [
     for c in var.workload_clients : merge(
       {
-        name       = c.name
-        from       = var.client_cidrs
+        name = c.name
+        from = var.client_cidrs
         kubernetes = {
           issuer           = var.kubernetes_issuer
           audiences        = ["egressgate"]
