@@ -383,12 +383,34 @@ def _raise_fd_limit() -> None:
         pass
 
 
-def run(path: str | None) -> int:
+def _write_pidfile(pidfile: str) -> None:
+    """This process's id in ``pidfile`` (written whole: a temporary file renamed over it)."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+
+
+def _remove_pidfile(pidfile: str) -> None:
+    """Remove ``pidfile`` if it still names this process (a successor may have replaced it)."""
+    try:
+        with open(pidfile) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(pidfile)
+    except OSError:
+        pass
+
+
+def run(path: str | None, pidfile: str | None = None) -> int:
     """Validate the config, start ``workers`` processes sharing the listeners (SO_REUSEPORT),
     keep them running (worker 0 restarts one that dies), and serve until SIGTERM has drained
-    them all. The workers' socket directory is removed on the way out."""
+    them all. The workers' socket directory is removed on the way out. With ``pidfile``, the id of
+    this process (the one that takes SIGHUP, SIGUSR1 and SIGTERM) is written there once the config
+    is valid, and removed on the way out."""
     runtime, text = load_runtime_text(path)
     _raise_fd_limit()
+    if pidfile:
+        _write_pidfile(pidfile)
     workers = runtime.config.workers
     supervisor = None
     sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None
@@ -405,6 +427,8 @@ def run(path: str | None) -> int:
             supervisor.wait_all(drain.grace + drain.timeout + 10.0)
         if sockdir:
             shutil.rmtree(sockdir, ignore_errors=True)
+        if pidfile:
+            _remove_pidfile(pidfile)
     return code
 
 

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
     s.add_argument("--config", "-c", help="YAML config file (default: the embedded safe default)")
     # How worker 0 starts the other workers (``workers: N``); not for people.
+    s.add_argument("--pidfile", metavar="PATH",
+                   help="write the gateway's process id here (for kill -HUP / logrotate's kill -USR1: "
+                        "pidof cannot find a console-script or container install); removed on exit")
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.add_argument("--worker-dir", help=argparse.SUPPRESS)
     s.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.worker_index is not None:
                 return run_worker(args.config, args.worker_index, args.worker_dir, args.worker_parent)
-            return run(args.config)
+            return run(args.config, args.pidfile)
         if args.command == "check-config":
             return _check_config(args.file, args.offline, args.strict)
         if args.command == "hash-password":
