@@ -257,7 +257,8 @@ def _standin(kind: str, rtype: str, name: str, body: str, used_attrs: set[str]) 
     )
     obj = _object(arg_body)
     present = {n for k, n, _, _ in args}
-    extra = [f'{a} = "standin-{rtype}-{a}"' for a in sorted(used_attrs - present)]
+    has = {n for k, n, _, _ in _items(body)}
+    extra = [f"{a} = {_placeholder(rtype, a, has)}" for a in sorted(used_attrs - present)]
     if extra:
         obj = obj[:-1] + "\n".join(extra) + "\n}"
     prefix = "data__" if kind == "data" else ""
@@ -266,6 +267,47 @@ def _standin(kind: str, rtype: str, name: str, body: str, used_attrs: set[str]) 
         + "\n".join(meta)
         + f"\ninput = {obj}\n}}\n"
     )
+
+
+def _placeholder(rtype: str, attr: str, meta: set[str]) -> str:
+    """A computed attribute's stand-in value. IP addresses are documentation addresses
+    (203.0.113.0/24), distinct per instance, so configs rendered from them stay valid."""
+    if attr != "address":
+        return f'"standin-{rtype}-{attr}"'
+    if "for_each" in meta:
+        return 'cidrhost("203.0.113.0/24", parseint(substr(sha1(tostring(each.key)), 0, 4), 16) % 250 + 2)'
+    if "count" in meta:
+        return 'cidrhost("198.51.100.0/24", count.index + 2)'
+    return '"192.0.2.10"'
+
+
+def apply_and_show(mod: Path, env: dict[str, str], plan: str) -> dict[str, dict]:
+    """Apply a saved plan of the stand-in module; {google address: its arguments as applied}, e.g.
+    {"google_compute_router_nat.profile[\"vendor-x\"]": {...}} (data sources as "data.google_...")."""
+    import json
+
+    r = terraform(["apply", "-input=false", "-lock=false", "-auto-approve", plan], mod, env)
+    if r.returncode != 0:
+        raise AssertionError(r.stdout + r.stderr)
+    r = terraform(["show", "-json"], mod, env)
+    state = json.loads(r.stdout)
+    out: dict[str, dict] = {}
+
+    def walk(module: dict) -> None:
+        for res in module.get("resources", []):
+            name = res["name"]
+            if res["type"] != "terraform_data" or "__" not in name:
+                continue
+            kind = "data." if name.startswith("data__") else ""
+            rtype, rname = name.removeprefix("data__").split("__", 1)
+            idx = res.get("index")
+            key = "" if idx is None else (f'["{idx}"]' if isinstance(idx, str) else f"[{idx}]")
+            out[f"{kind}{rtype}.{rname}{key}"] = res["values"]["input"]
+        for child in module.get("child_modules", []):
+            walk(child)
+
+    walk(state["values"]["root_module"])
+    return out
 
 
 def _used_attrs(texts: list[str]) -> dict[tuple[str, str, str], set[str]]:

@@ -33,6 +33,9 @@ locals {
   registry_path     = "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}"
   collector_image   = coalesce(var.metrics_collector_image, "${local.registry_path}/opentelemetry-collector-contrib:0.116.1")
 
+  nat_gateway_name         = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-nat-${name}" }
+  nat_gateway_names_filter = join(", ", [for _, n in local.nat_gateway_name : jsonencode(n)])
+
   secondary_range_name = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-${name}" }
 
   nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
