@@ -84,10 +84,10 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
     jwks = (lambda path: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
-    attest = config.probe.echo_url is not None
+    attest = bool(config.probe.echo_urls)
     profiles = {
         name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,
-                         upstream_password=upstream_secret(spec), attest=attest)
+                         upstream_password=upstream_secret(spec), attest=attest, grace=config.probe.grace)
         for name, spec in config.egress.items()
     }
     return Runtime(

@@ -108,7 +108,7 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
     from .probe import format_table, probe_pools
 
     rt = load_runtime(config_path)
-    url = echo_url or rt.config.probe.echo_url
+    url = echo_url or rt.config.probe.echo_urls
     if not url:
         raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "
                            "set probe.echo_url or pass --echo-url"])

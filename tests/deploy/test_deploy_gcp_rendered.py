@@ -135,3 +135,17 @@ def test_systemd_verify_reports_a_bad_unit(files, tmp_path):
     bad = units["egressgate-metrics.service"].replace("Restart=always", "Restart=sometimes")
     (failure,) = systemd_verify({"egressgate-metrics.service": bad}, tmp_path / "root")
     assert "restart specifier" in failure
+
+
+def test_autohealing_watches_liveness_and_the_lb_readiness(applied):
+    """Defect: autohealing used /readyz, which fails on every VM at once when the IP-echo service is
+    down: the group re-created the whole fleet because of a third party's outage."""
+    mig = applied["google_compute_region_instance_group_manager.gateway"]
+    (policy,) = mig["auto_healing_policies"]
+    autoheal = applied["google_compute_health_check.autoheal"]
+    assert policy["health_check"] == "standin-google_compute_health_check-id"
+    assert autoheal["http_health_check"][0]["request_path"] == "/healthz"
+    ready = applied["google_compute_region_health_check.ready"]
+    assert ready["http_health_check"][0]["request_path"] == "/readyz"
+    backend = applied["google_compute_region_backend_service.gateway"]
+    assert backend["health_checks"] == ["standin-google_compute_region_health_check-id"]

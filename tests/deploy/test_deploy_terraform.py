@@ -232,11 +232,12 @@ def test_load_balancer_and_health_checks(tf):
 def test_mig_autohealing_and_surge_only_updates(tf):
     mig = res(tf, "google_compute_region_instance_group_manager")
     heal = first_block(mig, "auto_healing_policies")
-    # The rollout gate: a MIG update waits for new VMs to be HEALTHY on the autohealing check, so it
-    # must be readiness-aware (defect: it was /healthz, and a config failing /readyz rolled out).
+    # Autohealing on liveness (issue 33, item 11): /readyz depends on outside IP-echo services, and
+    # autohealing on it re-created the whole fleet when they were down. Readiness steers the LB only
+    # (test_deploy_gcp_rendered.py::test_autohealing_watches_liveness_and_the_lb_readiness).
     assert heal["health_check"] == "${google_compute_health_check.autoheal.id}"
     heal_check = res(tf, "google_compute_health_check", "autoheal")
-    assert first_block(heal_check, "http_health_check")["request_path"] == "/readyz"
+    assert first_block(heal_check, "http_health_check")["request_path"] == "/healthz"
     # slow enough that a short echo-service outage does not recreate VMs
     assert heal_check["unhealthy_threshold"] * heal_check["check_interval_sec"] >= 300
     up = first_block(mig, "update_policy")

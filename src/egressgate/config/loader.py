@@ -179,7 +179,7 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                     problems.append((("clients", i, key, j), msg))
     problems += _unreachable_clients(config.clients)
     for name, profile in config.egress.items():
-        if profile.expect_ip and not config.probe.echo_url:
+        if profile.expect_ip and not config.probe.echo_urls:
             problems.append((("egress", name, "expect_ip"),
                              "needs probe.echo_url: without an IP-echo service nothing can check it, and "
                              "the profile would refuse all its traffic"))

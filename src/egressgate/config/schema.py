@@ -392,11 +392,24 @@ class LogConfig(_Model):
 
 
 class ProbeConfig(_Model):
-    echo_url: str | None = None  # an IP-echo service; required for profiles with expect_ip
+    # IP-echo services (one URL or a list, tried in order for each member until one answers);
+    # required for profiles with expect_ip. Several independent ones: one being down changes nothing.
+    echo_url: str | list[str] | None = None
     interval: Duration = 300.0
+    # A member whose check fails for want of an answer (no echo service answered) keeps its last
+    # good attestation for this long after it, so an outage of the echo services does not take every
+    # instance out at once; an answer with a wrong IP is never held (fail closed at once). 0: no hold.
+    grace: Annotated[float, BeforeValidator(_duration), Field(ge=0, le=3600)] = 600.0
     retry: Duration = 10.0  # how soon to check again while a profile is refusing traffic
     required: bool = True  # profiles refusing traffic count against /readyz (see readiness)
     readiness: Literal["any", "all"] = "any"  # ready while any / only while all attested profiles serve
+
+    @property
+    def echo_urls(self) -> tuple[str, ...]:
+        """``echo_url`` as a tuple, in the order they are tried (empty: none configured)."""
+        if self.echo_url is None:
+            return ()
+        return (self.echo_url,) if isinstance(self.echo_url, str) else tuple(self.echo_url)
 
 
 class DnsConfig(_Model):
