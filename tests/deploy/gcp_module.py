@@ -22,6 +22,8 @@ DEFAULTS = {
     "name_prefix": "egressgate",
     "connect_ports": [443],
     "probe_echo_url": "https://api.ipify.org/",
+    "probe_fallback_echo_urls": [],  # (the module's default has one; the terraform-applied tests render it)
+    "probe_grace": 600,
     "load_balancer_scheme": "EXTERNAL",
     "tls": None,
     "enable_metrics_collector": True,
@@ -121,7 +123,10 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         "egress": egress,
         "clients": clients,
         "connect_ports": v["connect_ports"],
-        "probe_echo_url": v["probe_echo_url"],
+        # terraform renders a list; one URL as a plain string means the same to the gateway
+        "probe_echo_url": [v["probe_echo_url"], *v["probe_fallback_echo_urls"]] if v["probe_fallback_echo_urls"]
+        else v["probe_echo_url"],
+        "probe_grace": v["probe_grace"],
     }
     gateway_config = _template("egressgate.yaml.tftpl", tv["gateway_config"])
     admin_sources = list(dict.fromkeys(lb_ranges + lc["autohealing_health_check_ranges"]))

@@ -149,3 +149,9 @@ def test_autohealing_watches_liveness_and_the_lb_readiness(applied):
     assert ready["http_health_check"][0]["request_path"] == "/readyz"
     backend = applied["google_compute_region_backend_service.gateway"]
     assert backend["health_checks"] == ["standin-google_compute_region_health_check-id"]
+
+
+def test_the_rendered_config_has_several_echo_sources_and_a_grace(files):
+    cfg = yaml.safe_load(files["/etc/egressgate/config.yaml.in"])
+    assert cfg["probe"]["echo_url"] == ["https://api.ipify.org/", "https://checkip.amazonaws.com/"]
+    assert cfg["probe"]["grace"] == 600

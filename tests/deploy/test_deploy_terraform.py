@@ -367,7 +367,9 @@ def test_mirror_matches_locals(tf):
     gw = loc["gateway_config"]
     for piece in ("listen = local.gateway_listen", "drain_timeout = local.vm_stop_drain_sec",
                   "egress = local.gateway_egress", "clients = local.gateway_clients",
-                  "connect_ports = var.connect_ports", "probe_echo_url = var.probe_echo_url"):
+                  "connect_ports = var.connect_ports",
+                  "probe_echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)",
+                  "probe_grace = var.probe_grace"):
         assert re.sub(r"\s+", " ", piece) in re.sub(r"\s+", " ", gw), piece
     assert "sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)" in loc["gateway_egress"]
     fw = loc["firewall_script"]

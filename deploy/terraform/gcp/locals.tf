@@ -99,7 +99,8 @@ locals {
     egress         = local.gateway_egress
     clients        = local.gateway_clients
     connect_ports  = var.connect_ports
-    probe_echo_url = var.probe_echo_url
+    probe_echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)
+    probe_grace    = var.probe_grace
   })
 
   # The host firewall of Container-Optimized OS (files/firewall.sh, run before every service start).

@@ -299,6 +299,26 @@ variable "probe_echo_url" {
   }
 }
 
+variable "probe_fallback_echo_urls" {
+  description = "More IP-echo services, asked (in order) for a member when probe_echo_url gives no answer: one echo service being down must not leave every VM unverified. Independent operators, plain-text IP or JSON {\"ip\": ...}."
+  type        = list(string)
+  default     = ["https://checkip.amazonaws.com/"]
+  validation {
+    condition     = alltrue([for u in var.probe_fallback_echo_urls : can(regex("^https?://[^/@\\s]+(/\\S*)?$", u))])
+    error_message = "probe_fallback_echo_urls must be http:// or https:// URLs without credentials."
+  }
+}
+
+variable "probe_grace" {
+  description = "Seconds a VM keeps a member's last good egress-IP check when no echo service answers (probe.grace; a wrong IP is never held). Bounds how long an echo outage goes unnoticed; 0 = no hold."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.probe_grace >= 0 && var.probe_grace <= 3600
+    error_message = "probe_grace must be between 0 and 3600 seconds."
+  }
+}
+
 variable "load_balancer_scheme" {
   description = "EXTERNAL: regional external passthrough NLB with a public static IP (clients from the internet, e.g. a GKE cluster's Cloud NAT IP; use tls, credentials cross the internet). INTERNAL: internal passthrough NLB in the gateway subnet, for GKE in the same or a peered VPC (clients = pod or node ranges); nothing is exposed publicly."
   type        = string
