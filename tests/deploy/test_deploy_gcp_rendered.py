@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import TF
-from test_deploy_terraform_real import HASHES
+from test_deploy_terraform_real import HASH, HASHES
 from tf_standin import TERRAFORM, apply_and_show, standin_module, terraform, tf_env
 
 from tests import required
@@ -23,18 +24,30 @@ NAT_GATEWAY_LABELS = {"project_id", "region", "router_id", "gateway_name"}
 COS_WRITABLE = ("/var/lib/", "/home/", "/run/", "/tmp/", "/mnt/stateful_partition/")
 
 
-@pytest.fixture(scope="module")
-def applied(tmp_path_factory):
+def apply_example(tmp: Path, extra: str = "") -> dict[str, dict]:
+    """terraform.tfvars.example (+ ``extra`` tfvars) applied to the stand-in module."""
     required.tool(TERRAFORM, "install terraform 1.11 (/usr/local/bin/terraform)")
-    tmp = tmp_path_factory.mktemp("tfapply")
+    tmp.mkdir(parents=True, exist_ok=True)
     env = tf_env(tmp)
     mod = standin_module(TF, tmp / "m")
     (mod / "terraform.tfvars").write_text((TF / "terraform.tfvars.example").read_text())
-    (mod / "zz-test.auto.tfvars").write_text(HASHES)
+    (mod / "zz-test.auto.tfvars").write_text(HASHES + extra)
     for args in (["init", "-input=false", "-backend=false"], ["plan", "-input=false", "-lock=false", "-out=p"]):
         r = terraform(args, mod, env)
         assert r.returncode == 0, r.stdout + r.stderr
     return apply_and_show(mod, env, "p")
+
+
+def gateway_config_of(applied: dict[str, dict]) -> str:
+    """The gateway config the VMs get (config.yaml.in of the user-data)."""
+    doc = yaml.safe_load(applied["google_compute_instance_template.gateway"]["metadata"]["user-data"])
+    (text,) = [f["content"] for f in doc["write_files"] if f["path"] == "/etc/egressgate/config.yaml.in"]
+    return text
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    return apply_example(tmp_path_factory.mktemp("tfapply"))
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +168,53 @@ def test_the_rendered_config_has_several_echo_sources_and_a_grace(files):
     cfg = yaml.safe_load(files["/etc/egressgate/config.yaml.in"])
     assert cfg["probe"]["echo_url"] == ["https://api.ipify.org/", "https://checkip.amazonaws.com/"]
     assert cfg["probe"]["grace"] == 600
+
+
+# Everything the gateway can do, through the module (issue 33): no fork of the template.
+GATEWAY_CONFIG = """
+gateway_config = {
+  listen = [{ address = "0.0.0.0:1080", protocol = "socks5", egress = "vendor-y" }]
+  admin  = { token_env = "EGRESSGATE_ADMIN_TOKEN" }
+  egress = {
+    vendor-x = {
+      protect   = [{ name = "vendor-x-api", destinations = ["api.vendor-x.com"], max_concurrent = 20, max_per_second = 5 }]
+      providers = [{ name = "vendor-x", url = "https://api.vendor-x.com/v1/ping", accept = ["200-399", 401], method = "HEAD" }]
+      switch    = "immediate"
+    }
+  }
+  clients = [{
+    name = "report-job", from = ["198.51.100.8/32"], username = "report", password_hash = "{HASH}",
+    egress = ["vendor-y"], deny = ["*.internal.example"], mode = "report", max_connections = 10
+  }]
+  probe   = { interval = "2m" }
+  log     = { format = "squid" }
+  workers = 1 # protect limits are per worker process (check-config --strict says so)
+}
+""".replace("{HASH}", HASH)
+
+
+def _check_config_offline_strict(text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """What render-config.sh does on a VM (each profile's placeholder -> the VM's alias IP), then
+    `egressgate check-config --offline --strict`."""
+    config = text.replace("@ALIAS_IN:10.20.1.0/24@", "127.0.0.2").replace("@ALIAS_IN:10.20.2.0/24@", "127.0.0.3")
+    assert "@ALIAS_IN" not in config
+    path = tmp / "config.yaml"
+    path.write_text(config)
+    return subprocess.run([sys.executable, "-m", "egressgate", "check-config", "--offline", "--strict", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gateway_config_passes_everything_through_and_check_config_accepts_it(tmp_path):
+    applied = apply_example(tmp_path / "tf", GATEWAY_CONFIG)
+    text = gateway_config_of(applied)
+    cfg = yaml.safe_load(text)
+    assert [entry.get("protocol") for entry in cfg["listen"]] == [None, "socks5"]
+    x = cfg["egress"]["vendor-x"]
+    assert x["bind"] == ["@ALIAS_IN:10.20.1.0/24@"] and x["expect_ip"]  # the module's part stays
+    assert x["providers"][0]["name"] == "vendor-x" and x["protect"][0]["max_concurrent"] == 20
+    assert [c["name"] for c in cfg["clients"]][-1] == "report-job"
+    assert cfg["probe"]["interval"] == "2m" and cfg["probe"]["grace"] == 600  # merged key by key
+    assert cfg["log"] == {"format": "squid"} and cfg["admin"]["address"] == "0.0.0.0:9128"
+    assert cfg["workers"] == 1
+    r = _check_config_offline_strict(text, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr

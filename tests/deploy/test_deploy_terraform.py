@@ -365,12 +365,15 @@ def test_mirror_matches_locals(tf):
     """tests/deploy/gcp_module.py mirrors locals.tf; the expressions it mirrors must not drift."""
     loc = tf["locals"]
     gw = loc["gateway_config"]
-    for piece in ("listen = local.gateway_listen", "drain_timeout = local.vm_stop_drain_sec",
-                  "egress = local.gateway_egress", "clients = local.gateway_clients",
-                  "connect_ports = var.connect_ports",
-                  "probe_echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)",
-                  "probe_grace = var.probe_grace"):
-        assert re.sub(r"\s+", " ", piece) in re.sub(r"\s+", " ", gw), piece
+    assert re.sub(r"\s+", " ", gw) == '${templatefile("${path.module}/templates/egressgate.yaml.tftpl", {config = local.gateway_config_object})}'
+    obj = re.sub(r"\s+", " ", loc["gateway_config_object"])
+    for piece in ("listen = concat(local.gateway_listen, try(local.gateway_user.listen, []))",
+                  "drain = merge({timeout = local.vm_stop_drain_sec}, try(local.gateway_user.drain, {}))",
+                  "clients = concat(local.gateway_clients, try(local.gateway_user.clients, []))",
+                  "security = merge({connect_ports = var.connect_ports}, try(local.gateway_user.security, {}))",
+                  "echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)",
+                  "grace = var.probe_grace"):
+        assert re.sub(r"\s+", " ", piece) in obj, (piece, obj)
     assert "sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)" in loc["gateway_egress"]
     fw = loc["firewall_script"]
     assert 'join(" ", var.client_cidrs)' in fw

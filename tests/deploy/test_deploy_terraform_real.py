@@ -19,13 +19,14 @@ from tests import required
 def _terraform_binary():
     required.tool(TERRAFORM, "install terraform 1.11 (/usr/local/bin/terraform)")
 
-# Valid-format hashes: the example's placeholders are refused by the module on purpose.
+# Real hashes (`egressgate hash-password`): the example's placeholders are refused by the module on purpose.
+HASH = "scrypt$16384$8$1$BXw8D1Aev9szKbtM1Zvfwg==$lPHRMxrz8Fihj9iCpdS7wE1jsQZTv2HdzHsKqRDV76c="
 HASHES = """
 clients = [
-  { name = "vendor-x-collector", username = "vendor-x", password_hash = "scrypt$16384$8$1$c2FsdHNhbHQ$ZGlnZXN0ZGlnZXN0", egress = ["vendor-x"], allow = ["*.vendor-x.com", "api.vendor-x.com:8443"] },
-  { name = "vendor-y-collector", username = "vendor-y", password_hash = "scrypt$16384$8$1$c2FsdHNhbHQ$ZGlnZXN0ZGlnZXN0", egress = ["vendor-y"], allow = ["*.vendor-y.net"] },
+  { name = "vendor-x-collector", username = "vendor-x", password_hash = "{HASH}", egress = ["vendor-x"], allow = ["*.vendor-x.com", "api.vendor-x.com:8443"] },
+  { name = "vendor-y-collector", username = "vendor-y", password_hash = "{HASH}", egress = ["vendor-y"], allow = ["*.vendor-y.net"] },
 ]
-"""
+""".replace("{HASH}", HASH)
 
 
 @pytest.fixture(scope="module")

@@ -92,15 +92,35 @@ locals {
     local.tls_enabled ? { tls = { cert = "/etc/egressgate/tls/tls.crt", key = "/etc/egressgate/tls/tls.key" } } : {},
   )]
 
+  # The whole gateway config: what the module derives (listener, admin, drain, probe, profiles with
+  # their bind placeholders and expect_ip, clients, connect ports) with var.gateway_config merged over
+  # it (rules in variables.tf), so any gateway feature is reachable without editing the template.
+  gateway_user        = var.gateway_config
+  gateway_user_egress = try(local.gateway_user.egress, {})
+  gateway_merged_keys = ["listen", "admin", "drain", "workers", "probe", "egress", "clients", "security"]
+  gateway_config_object = merge(
+    { for k, v in local.gateway_user : k => v if !contains(local.gateway_merged_keys, k) },
+    {
+      listen = concat(local.gateway_listen, try(local.gateway_user.listen, []))
+      admin  = merge({ address = "0.0.0.0:${local.admin_port}" }, try(local.gateway_user.admin, {}))
+      drain  = merge({ timeout = local.vm_stop_drain_sec }, try(local.gateway_user.drain, {}))
+      # The VM runs nothing else: one worker process per vCPU, sharing the port (SO_REUSEPORT).
+      workers = try(local.gateway_user.workers, "auto")
+      probe = merge({
+        echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)
+        interval = "60s"
+        grace    = var.probe_grace
+      }, try(local.gateway_user.probe, {}))
+      egress = merge(
+        { for name, p in local.gateway_egress : name => merge(p, try(local.gateway_user_egress[name], {})) },
+        { for name, p in local.gateway_user_egress : name => p if !contains(keys(local.gateway_egress), name) },
+      )
+      clients  = concat(local.gateway_clients, try(local.gateway_user.clients, []))
+      security = merge({ connect_ports = var.connect_ports }, try(local.gateway_user.security, {}))
+    },
+  )
   gateway_config = templatefile("${path.module}/templates/egressgate.yaml.tftpl", {
-    listen         = local.gateway_listen
-    admin_port     = local.admin_port
-    drain_timeout  = local.vm_stop_drain_sec
-    egress         = local.gateway_egress
-    clients        = local.gateway_clients
-    connect_ports  = var.connect_ports
-    probe_echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)
-    probe_grace    = var.probe_grace
+    config = local.gateway_config_object
   })
 
   # The host firewall of Container-Optimized OS (files/firewall.sh, run before every service start).

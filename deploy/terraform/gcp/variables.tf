@@ -299,6 +299,27 @@ variable "probe_echo_url" {
   }
 }
 
+variable "gateway_config" {
+  description = <<-EOT
+    Any part of the gateway's configuration (the README's config reference, written as HCL), merged
+    over what the module renders, so no feature needs a fork of the template: providers, protect,
+    switch and standby of a profile, a socks5 listener, deny rules, report mode, per-client limits,
+    token clients, dns, log, reload ... Rules: `listen` and `clients` entries are APPENDED to the
+    module's; `egress.<profile>` keys are merged into the module's profile of that name (its bind
+    placeholder and expect_ip stay unless you set them), other profiles are added; `admin`, `drain`,
+    `probe` and `security` are merged key by key (yours win); every other key is taken as given.
+    The tests render the example with a full gateway_config and run `egressgate check-config
+    --offline --strict` on it.
+  EOT
+  type        = any
+  default     = {}
+  nullable    = false
+  validation {
+    condition     = can(keys(var.gateway_config))
+    error_message = "gateway_config must be an object (the gateway config's top-level keys)."
+  }
+}
+
 variable "probe_fallback_echo_urls" {
   description = "More IP-echo services, asked (in order) for a member when probe_echo_url gives no answer: one echo service being down must not leave every VM unverified. Independent operators, plain-text IP or JSON {\"ip\": ...}."
   type        = list(string)
