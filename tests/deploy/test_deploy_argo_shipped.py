@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import ARGO, K8S, load_docs
 
-from tests.integration.peers import GatewayProcess, Origin, base_config
+from tests.integration.peers import GatewayProcess, Origin, base_config, wait_for
 
 PASSWORDS = {"vendor-x": "0123456789abcdef0123", "vendor-y": "fedcba98765432100123", "vendor-y-chain": "c0ffee00c0ffee00"}
 
@@ -111,3 +111,29 @@ def test_every_shipped_preflight_fails_on_the_wrong_ip(wft, stack):
     for task in _preflights(wft):
         proc = _run_preflight(wft, task, stack, "198.51.100.99")
         assert proc.returncode == 1 and "PRE-FLIGHT FAILED" in proc.stderr, proc.stderr
+
+
+def test_the_deployments_probes_answer_on_the_shipped_config(stack):
+    """The Deployment's startup/liveness/readiness probes, as shipped, against the gateway running the
+    shipped config: each path answers 200 on the admin port (every profile attested here)."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import k8s_objects
+
+    dep = k8s_objects()[("Deployment", "egressgate")]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    def status(path: str) -> int:
+        try:
+            with opener.open(stack.admin + path, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert ports[get["port"]] == 9128  # the shipped config's admin port
+        # (readiness waits for the first egress checks)
+        wait_for(lambda get=get: status(get["path"]) == 200, f"{probe} {get['path']} answering 200")
