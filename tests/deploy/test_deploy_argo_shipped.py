@@ -137,3 +137,18 @@ def test_the_deployments_probes_answer_on_the_shipped_config(stack):
         assert ports[get["port"]] == 9128  # the shipped config's admin port
         # (readiness waits for the first egress checks)
         wait_for(lambda get=get: status(get["path"]) == 200, f"{probe} {get['path']} answering 200")
+
+
+def test_the_runbooks_config_commands_work_on_the_shipped_config(stack):
+    """docs/operations.md's `egressgate probe --config $CONFIG --profile NAME` and
+    `egressgate check-config $CONFIG`, as written, with CONFIG = the (loopback-adapted) shipped config."""
+    ops = (ARGO.parent.parent / "docs" / "operations.md").read_text()
+    commands = re.findall(r"`(egressgate (?:probe|check-config) [^`]*\$CONFIG[^`]*)`", ops)
+    assert {c.split()[1] for c in commands} == {"probe", "check-config"}, commands
+    env = {**os.environ, "CONFIG": str(stack.config_path), "NAME": "vendor-x"}
+    env = {k: v for k, v in env.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    bindir = os.path.dirname(sys.executable)
+    for cmd in commands:
+        shell = f'PATH="{bindir}:$PATH"; ' + cmd.replace("NAME", "$NAME")
+        proc = subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{cmd}:\n{proc.stdout}{proc.stderr}"
