@@ -143,3 +143,21 @@ def test_harness_reports_what_terraform_reports(workdir, env):
     _ok(terraform(["init", "-input=false", "-backend=false"], mod, env))
     r = terraform(["validate"], mod, env)
     assert r.returncode != 0 and "Invalid for_each argument" in r.stderr, r.stdout + r.stderr
+
+
+def test_every_documented_terraform_output_command_runs(root, env):
+    """Each `terraform output [...] NAME` the docs tell an operator to type, run as written on the
+    applied example (a renamed output would leave the runbook pointing at nothing)."""
+    import re
+
+    docs = [TF.parent.parent.parent / "docs" / "deploy-gcp.md", TF / "README.md", TF.parent.parent.parent / "README.md"]
+    commands = sorted({m for d in docs for m in re.findall(r"terraform output(?: -raw| -json)? [a-z_]+", d.read_text())})
+    assert len(commands) >= 3, commands
+    _ok(_plan(root, env, "\n"))
+    _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
+    try:
+        for cmd in commands:
+            r = terraform(cmd.split()[1:], root, env)
+            assert r.returncode == 0, f"{cmd}: {r.stderr}"
+    finally:
+        (root / "terraform.tfstate").unlink()
