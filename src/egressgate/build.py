@@ -39,16 +39,18 @@ def read_config_file(path: str) -> bytes:
         raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
 
 
-def read_config(path: str | None, text: bytes | None = None) -> tuple[Config, str, bytes]:
+def read_config(path: str | None, text: bytes | None = None, *,
+                echo_url: str | None = None) -> tuple[Config, str, bytes]:
     """(config, hash of its text, the text): the file at ``path`` read once (or ``text``, the
-    copy a worker process is handed), the embedded default when both are None."""
+    copy a worker process is handed), the embedded default when both are None. ``echo_url``
+    stands in for a missing ``probe.echo_url`` (``egressgate probe --echo-url``)."""
     if text is None:
         text = b"" if path is None else read_config_file(path)
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path or EMBEDDED}:0: (file): cannot read: {exc}"]) from None
-    return load_config_text(decoded, path or EMBEDDED), hashlib.sha256(text).hexdigest(), text
+    return load_config_text(decoded, path or EMBEDDED, echo_url=echo_url), hashlib.sha256(text).hexdigest(), text
 
 
 def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
@@ -103,13 +105,14 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     )
 
 
-def load_runtime(path: str | None) -> Runtime:
-    return load_runtime_text(path)[0]
+def load_runtime(path: str | None, *, echo_url: str | None = None) -> Runtime:
+    return load_runtime_text(path, echo_url=echo_url)[0]
 
 
-def load_runtime_text(path: str | None, text: bytes | None = None) -> tuple[Runtime, bytes]:
+def load_runtime_text(path: str | None, text: bytes | None = None, *,
+                      echo_url: str | None = None) -> tuple[Runtime, bytes]:
     """The runtime and the exact config text it was built from (handed to new workers)."""
-    config, digest, text = read_config(path, text)
+    config, digest, text = read_config(path, text, echo_url=echo_url)
     return build_runtime(config, digest, path or EMBEDDED), text
 
 

@@ -41,8 +41,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return load_config_text(text, str(path))
 
 
-def load_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Config:
-    checked = check_config_text(text, filename, offline=offline)
+def load_config_text(text: str, filename: str = "<config>", *, offline: bool = False,
+                     echo_url: str | None = None) -> Config:
+    checked = check_config_text(text, filename, offline=offline, echo_url=echo_url)
     if checked.errors or checked.config is None:
         raise ConfigError(checked.errors)
     return checked.config
@@ -62,9 +63,11 @@ class Checked:
     where_raw: Callable[[Loc, str], str] | None = None
 
 
-def check_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Checked:
+def check_config_text(text: str, filename: str = "<config>", *, offline: bool = False,
+                      echo_url: str | None = None) -> Checked:
     """All errors at once: YAML, schema (continuing past each refused value, see ``repair``) and
-    cross-references. ``offline``: secrets and TLS files must be named, not present here (CI)."""
+    cross-references. ``offline``: secrets and TLS files must be named, not present here (CI).
+    ``echo_url``: ``probe.echo_url`` where the file names none (``egressgate probe --echo-url``)."""
     def nowhere(loc: Loc, what: str) -> str:
         return f"{filename}:0: {_dotted(loc) or '(top level)'}: {what}"
 
@@ -83,6 +86,8 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
                        nowhere)
 
     errors = [f"{filename}:{line}: {_dotted(loc)}: duplicate key" for loc, line in _duplicates(root, ())]
+    if echo_url and isinstance(data.get("probe", {}), dict) and not (data.get("probe") or {}).get("echo_url"):
+        data["probe"] = {**(data.get("probe") or {}), "echo_url": echo_url}
     pruner = Pruner(data)
     reported: list[Loc] = []
 
