@@ -32,6 +32,23 @@ def test_a_valid_entry() -> None:
     assert lint(checked.config) == []  # no 'from': still not an open proxy (a token is required)
 
 
+def test_a_token_entry_before_an_anonymous_one_shadows_nothing() -> None:
+    """Defect (issue 29 item 7): a kubernetes entry before an anonymous entry with the same
+    sources was reported as "can never match ... asks for no credentials" and the reload was
+    refused, while at run time the token entry does demand credentials."""
+    checked = check_config_text(textwrap.dedent(f"""\
+        clients:
+          - name: k
+            from: [10.0.0.0/8]
+            kubernetes:
+              issuer: {ISSUER}
+              service_accounts: [data-jobs/vendor-x-collector]
+          - name: anonymous-batch
+            from: [10.1.0.0/16]
+        """), FILE, offline=True)
+    assert checked.errors == []
+
+
 CASES = {
     "service account not ns/name": (
         f"kubernetes: {{issuer: {ISSUER}, service_accounts: [vendor-x]}}\n",

@@ -231,7 +231,9 @@ def _protect_problems(name: str, profile) -> list[tuple[Loc, str]]:
 def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
     """Client entries that can never match: an earlier entry without credentials admits every
     source they do and so takes each request that carries none (requests with credentials
-    match only entries with credentials, so entries with a username are never shadowed)."""
+    match only entries with credentials, so entries with a username are never shadowed). An
+    entry that demands credentials (a username, or a ``kubernetes`` token) shadows nothing: a
+    request without them passes it by."""
     problems: list[tuple[Loc, str]] = []
     nets = [None if c.from_ is None else [ipaddress.ip_network(n) for n in c.from_] for c in clients]
     for i, client in enumerate(clients):
@@ -239,7 +241,7 @@ def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
             continue
         for j in range(i):
             earlier = clients[j]
-            if earlier.username or nets[j] is None:
+            if earlier.username or earlier.kubernetes or nets[j] is None:
                 continue
             if earlier.cert_subject is not None and earlier.cert_subject != client.cert_subject:
                 continue
