@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .conftest import curl
-from .oidc import Issuer
+from .oidc import Issuer, new_key
 from .peers import ClosedPort, base_config, raw_exchange, wait_for
 
 SA = "data-jobs/vendor-x-collector"
@@ -147,6 +147,36 @@ def test_every_bad_token_is_a_407_with_its_reason(start_gateway, issuer, ca_file
         assert rec["reason"] == reason and rec["status"] == 407, (name, rec)
     rec = gw.wait_log(lambda r: r["reason"] == "service_account_not_allowed")
     assert rec["user"] == "kube-system/default"  # who was refused, in the log only
+
+
+def test_a_refused_token_is_traced_to_its_job_by_what_it_claims(start_gateway, issuer, ca_file):
+    """Defect (issue 29 item 1): records of token_expired, token_wrong_audience,
+    token_unknown_issuer, ... carried client "-" and no pod: behind NAT nobody could tell
+    which job it was. A well-formed token's claims are logged, marked unverified; the token
+    itself never is."""
+    gw = started(start_gateway, k8s_config(issuer, ca_file))
+    issuer.keys["k9"] = new_key("RSA")  # a key the issuer never publishes
+    pod = {"pod": "collector-7d9f", "pod_uid": "9a2e"}
+    cases = {
+        "token_expired": (issuer.mint(issued=-700, lifetime=600), {"serviceaccount": SA, **pod}),
+        "token_wrong_audience": (issuer.mint(aud=["vault"]), {"serviceaccount": SA, **pod}),
+        "token_unknown_issuer": (issuer.mint(iss="https://other.example/cluster"),
+                                 {"serviceaccount": SA, **pod, "issuer": "https://other.example/cluster"}),
+        "token_bad_signature": (_tampered(issuer.mint()), {"serviceaccount": "data-jobs/admin", **pod}),
+        "token_unknown_key": (issuer.mint("k9", ns="batch", sa="nightly", pod=None),
+                              {"serviceaccount": "batch/nightly"}),
+    }
+    for n, (reason, (token, claims)) in enumerate(cases.items()):
+        target = f"traced-{n}.example:443"
+        assert connect(gw, target, f"Bearer {token}").startswith(b"HTTP/1.1 407 ")
+        rec = gw.wait_log(lambda r, t=target: r["target"] == t)
+        assert rec["reason"] == reason, rec
+        assert rec["client_claimed"] == {"issuer": issuer.url, **claims}, (reason, rec)
+        assert rec["claims_verified"] is False and rec["client"] == "-"
+        assert token.split(".")[1][:20] not in json.dumps(rec) and token[-20:] not in json.dumps(rec)
+    assert connect(gw, "garbage.example:443", "Bearer garbage.garbage.garbage").startswith(b"HTTP/1.1 407 ")
+    rec = gw.wait_log(lambda r: r["target"] == "garbage.example:443")
+    assert rec["reason"] == "token_malformed" and "client_claimed" not in rec  # claims nothing
 
 
 def test_unknown_kid_then_rotation_is_picked_up(start_gateway, issuer, ca_file, closed):

@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from ..errors import AuthRequired, PolicyDenied
 from .passwords import verify_password
 from .rules import RuleSet
-from .tokens import KeyProvider, NoKeys, TokenPolicy, TokenSubject, UnknownKey, looks_like_token, peek, verify
+from .tokens import (
+    KeyProvider,
+    NoKeys,
+    TokenPolicy,
+    TokenSubject,
+    UnknownKey,
+    claimed,
+    looks_like_token,
+    peek,
+    verify,
+)
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
@@ -187,7 +197,16 @@ class ClientRegistry:
 
     def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
         """The entry a service-account token identifies (see the module docstring). A token seen
-        before costs a keyed digest and a lookup: nothing is parsed again until it expires."""
+        before costs a keyed digest and a lookup: nothing is parsed again until it expires. A
+        refusal carries what the token claims (``AuthRequired.claimed``, unverified)."""
+        try:
+            return self._token_identity(address, user, token)
+        except AuthRequired as err:
+            if err.claimed is None and err.reason.startswith("token_"):
+                err.claimed = claimed(token)
+            raise
+
+    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
         entries = [c for c in self.candidates(address) if c.token is not None]
         if not entries:
             raise PolicyDenied("no client rule admits service-account tokens from this address",
