@@ -108,6 +108,31 @@ def test_whoami_shows_the_service_account(start_gateway, issuer, ca_file):
     assert doc["kubernetes"]["issuer"] == issuer.url
 
 
+def test_whoami_and_status_name_the_service_account_and_the_pod(start_gateway, issuer, ca_file, origin):
+    """Defect (issue 29 item 2): whoami had no `pod` (the access log's field: the docs named it),
+    and /status listed an open token connection under the client entry's name, without the
+    service account or the pod."""
+    import socket
+
+    gw = started(start_gateway, k8s_config(issuer, ca_file, origin.port))
+    token = issuer.mint()
+    doc = get("http://egressgate.whoami/", f"http://k8s:{token}@{gw.address}").json()
+    assert (doc["client"], doc["pod"]) == (SA, "collector-7d9f")
+    host, port = gw.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        target = f"127.0.0.1:{origin.port}"
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+                  .encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        status = get(gw.admin + "/status").json()
+        rows = [c for c in status["connections"]["open"] if c["target"] == target]
+        assert len(rows) == 1, status["connections"]
+        assert (rows[0]["client"], rows[0]["pod"], rows[0]["entry"]) == (SA, "collector-7d9f", "vendor-x")
+
+
 # name -> (how to make the token, reason); each refused with 407 and the reason named
 REFUSALS = {
     "expired": (lambda i: i.mint(issued=-700, lifetime=600), "token_expired"),

@@ -27,6 +27,7 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
     subject = identity.subject
     return {
         "client": identity.name, "client_addr": peer, "profile": name,
+        "pod": subject.pod if subject else None,  # as the access log's ``pod``
         **({"kubernetes": {"entry": client.name, "namespace": subject.namespace,
                            "service_account": subject.service_account, "pod": subject.pod,
                            "issuer": subject.issuer, "expires": int(subject.expires)}} if subject else {}),
