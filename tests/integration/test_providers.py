@@ -8,6 +8,7 @@ member x provider matrix; the server shows it in /status, /metrics, /readyz, who
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -125,6 +126,8 @@ def test_verify_classifies_each_member_and_provider(tmp_path, origin, tls_origin
     assert r.returncode == 1, r.stdout + r.stderr
     got = {(d["member"], d["provider"]): d for d in map(json.loads, r.stdout.splitlines())}
     assert len(got) == 14
+    for d in got.values():  # times both ways (issue 29 item 5): Unix seconds and ISO 8601 beside
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", d["at_iso"]) and isinstance(d["at"], float)
     for member in ("127.0.0.2", "127.0.0.3"):
         # the origin sees each member's own source address: only 127.0.0.2 is allowlisted
         only = got[(member, "only-2")]
