@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from .config import Config, load_config_text
@@ -23,6 +24,7 @@ from .egress.resolver import Resolver
 from .errors import ConfigError
 from .http1.rewrite import Forwarding
 from .model import parse_socket_address
+from .observe.accesslog import log_event
 from .policy.clients import compile_clients
 from .policy.guard import AddressGuard
 from .policy.protect import compile_protect
@@ -69,12 +71,59 @@ def _offline_secret(path: str | None, env: str | None, key: str = "password_file
     return "(offline)" if path or env else None
 
 
-def _read_jwks(path: str) -> object:
-    """A kubernetes ``jwks_file``: its signing keys (``policy.tokens.parse_jwks``)."""
+def _parse_jwks_file(path: str) -> dict:
+    return parse_jwks(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _read_jwks(path: str, min_refresh: float = 10.0) -> Mapping[str, object]:
+    """A kubernetes ``jwks_file``: its signing keys (``policy.tokens.parse_jwks``), re-read
+    when a token names a key it lacks (``JwksFile``)."""
     try:
-        return parse_jwks(json.loads(Path(path).read_text(encoding="utf-8")))
+        return JwksFile(path, _parse_jwks_file(path), min_refresh)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError([f"{path}:0: kubernetes.jwks_file: {exc}"]) from None
+
+
+class JwksFile(Mapping):
+    """The keys of a local ``jwks_file``. A key id it lacks (a cluster rotated its signing key
+    and the file was replaced) makes it look at the file again -- at most once per
+    ``min_refresh`` seconds -- and re-read it if it changed (size or modification time); a file
+    that cannot be read or parsed then keeps the keys it had (and says so on stderr)."""
+
+    def __init__(self, path: str, keys: dict, min_refresh: float, clock=time.monotonic) -> None:
+        self.path, self._keys, self.min_refresh, self._clock = path, keys, min_refresh, clock
+        self._stamp = self._stat()
+        self._looked = clock()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def __getitem__(self, kid: str) -> object:
+        key = self._keys.get(kid)
+        if key is None and self._clock() - self._looked >= self.min_refresh:
+            self._looked = self._clock()
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    self._keys = _parse_jwks_file(self.path)
+                    self._stamp = stamp
+                    log_event("jwks_file_reread", path=self.path, keys=len(self._keys))
+                except (OSError, UnicodeDecodeError, ValueError) as exc:
+                    log_event("jwks_file_unreadable", path=self.path, error=str(exc)[:200])
+                key = self._keys.get(kid)
+        if key is None:
+            raise KeyError(kid)
+        return key
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def build_runtime(config: Config, config_hash: str, source: str, clock=time.monotonic,
@@ -85,7 +134,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     def upstream_secret(spec) -> str | None:  # a profile's upstream_password_file / _env
         return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
-    jwks = (lambda path: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
+    jwks = (lambda path, min_refresh: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
     attest = config.probe.echo_url is not None
     profiles = {
         name: build_pool(name, spec, addresses_in, config.timeouts.upstream_connect, clock,

@@ -269,6 +269,27 @@ def test_local_jwks_file(start_gateway, issuer, ca_file, tmp_path, closed):
     assert connect(gw, "none.example:443", None).startswith(b"HTTP/1.1 407 Proxy Authentication Required")
 
 
+def test_local_jwks_file_is_re_read_when_a_token_names_an_unknown_key(start_gateway, issuer, ca_file, tmp_path,
+                                                                        closed):
+    """Defect (issue 29 item 10): a rotated key in a local jwks_file needed a manual reload: the
+    file is now looked at again when a token names a key it lacks (at most once per min_refresh)."""
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(issuer.jwks("k1")))
+    cfg = k8s_config(issuer, ca_file, closed=closed, min_refresh=0)
+    del cfg["clients"][0]["kubernetes"]["ca_file"]
+    cfg["clients"][0]["kubernetes"]["jwks_file"] = str(path)
+    gw = start_gateway(cfg)
+    issuer.publish("k2")
+    token = issuer.mint("k2")
+    answer = connect(gw, closed[0], f"Bearer {token}")
+    assert answer.startswith(b"HTTP/1.1 407"), answer[:200]  # the file does not have k2 yet
+    path.write_text(json.dumps(issuer.jwks("k1", "k2")))  # the rotation reaches the file
+    answer = connect(gw, closed[1], f"Bearer {token}")
+    assert answer.startswith(b"HTTP/1.1 502"), answer[:200]  # admitted, without a reload
+    assert gw.wait_log(lambda r: r["target"] == closed[1])["client"] == SA
+    gw.wait_event("jwks_file_reread")
+
+
 def test_check_config_and_explain(issuer, ca_file, tmp_path):
     import yaml
 

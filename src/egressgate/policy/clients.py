@@ -328,13 +328,14 @@ def _basic_credentials(value: bytes) -> tuple[str, str]:
     return user, password
 
 
-def compile_token(spec, jwks_of: Callable[[str], object]) -> TokenPolicy:
-    """A ``KubernetesConfig`` compiled; ``jwks_of`` reads its jwks_file (I/O with the caller)."""
+def compile_token(spec, jwks_of: Callable[[str, float], object]) -> TokenPolicy:
+    """A ``KubernetesConfig`` compiled; ``jwks_of(path, min_refresh)`` reads its jwks_file (I/O
+    with the caller: the mapping it returns may re-read the file when a key is missing)."""
     return TokenPolicy(
         issuer=spec.issuer, audiences=tuple(spec.audiences), accounts=tuple(spec.service_accounts),
         username=spec.username, leeway=spec.leeway, source=spec.jwks_url or spec.issuer, ca_file=spec.ca_file,
         refresh=spec.refresh, min_refresh=spec.min_refresh,
-        static_keys=jwks_of(spec.jwks_file) if spec.jwks_file else None)
+        static_keys=jwks_of(spec.jwks_file, spec.min_refresh) if spec.jwks_file else None)
 
 
 def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str | None],
@@ -351,6 +352,6 @@ def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str |
             allow=None if spec.allow is None else RuleSet(spec.allow), deny=RuleSet(spec.deny),
             report_only=spec.mode == "report", max_connections=spec.max_connections,
             max_new_per_second=spec.max_new_per_second,
-            token=None if k8s is None else compile_token(k8s, jwks_of or (lambda path: {})),
+            token=None if k8s is None else compile_token(k8s, jwks_of or (lambda path, min_refresh: {})),
             allow_patterns=None if spec.allow is None else tuple(spec.allow), deny_patterns=tuple(spec.deny)))
     return ClientRegistry(out)
