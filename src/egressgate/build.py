@@ -144,7 +144,8 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     return Runtime(
         config=config, config_hash=config_hash, loaded_at=time.time(), source=source,
         clients=compile_clients(config.clients, secret, jwks), guard=AddressGuard(config.security.allow_private),
-        profiles=profiles, connect_ports=frozenset(config.security.connect_ports), timeouts=config.timeouts,
+        profiles=profiles, connect_ports=frozenset(config.security.connect_ports),
+        socks_ports=config.security.socks_port_set, timeouts=config.timeouts,
         limits=config.limits, listeners={listener.address: listener for listener in config.listen},
         proxy_protocol={listener.address: tuple(ipaddress.ip_network(n) for n in listener.trusted_proxies)
                         for listener in config.listen if listener.proxy_protocol},
