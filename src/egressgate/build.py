@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import Config, load_config_text
+from .config import Config
 from .config.lint import host_bits, lint
 from .config.loader import check_config_text
 from .egress.localaddr import addresses_in, local_addresses
@@ -52,7 +52,11 @@ def read_config(path: str | None, text: bytes | None = None, *,
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path or EMBEDDED}:0: (file): cannot read: {exc}"]) from None
-    return load_config_text(decoded, path or EMBEDDED, echo_url=echo_url), hashlib.sha256(text).hexdigest(), text
+    checked = check_config_text(decoded, path or EMBEDDED, echo_url=echo_url)
+    errors = checked.errors or (_jwks_problems(checked) if checked.config is not None else [])
+    if errors or checked.config is None:
+        raise ConfigError(errors)
+    return checked.config, hashlib.sha256(text).hexdigest(), text
 
 
 def _read_secret(path: str | None, env: str | None, key: str = "password_file") -> str | None:
@@ -82,6 +86,29 @@ def _read_jwks(path: str, min_refresh: float = 10.0) -> Mapping[str, object]:
         return JwksFile(path, _parse_jwks_file(path), min_refresh)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError([f"{path}:0: kubernetes.jwks_file: {exc}"]) from None
+
+
+def _jwks_problems(checked) -> list[str]:
+    """Each kubernetes ``jwks_file`` that cannot be read or holds no usable key, reported at the
+    config's line of its ``jwks_file`` key (not at the JWKS file's)."""
+    problems = []
+    for i, client in enumerate(checked.config.clients):
+        path = client.kubernetes.jwks_file if client.kubernetes is not None else None
+        if not path:
+            continue
+        try:
+            _parse_jwks_file(path)
+        except OSError as exc:
+            problems.append(checked.where(("clients", i, "kubernetes", "jwks_file"),
+                                          f"cannot read {path}: {exc.strerror or exc}"))
+        except UnicodeDecodeError:
+            problems.append(checked.where(("clients", i, "kubernetes", "jwks_file"), f"{path} is not UTF-8 text"))
+        except ValueError as exc:
+            what = "is not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            problems.append(checked.where(("clients", i, "kubernetes", "jwks_file"),
+                                          f"{path}: {what} (expected the issuer's JWKS document, e.g. from "
+                                          "`kubectl get --raw /openid/v1/jwks`)"))
+    return problems
 
 
 class JwksFile(Mapping):
@@ -177,6 +204,8 @@ def check_file(path: str, offline: bool = False) -> tuple[list[str], list[str]]:
     if checked.config is None:
         return checked.errors, []
     errors = list(checked.errors)
+    if not errors and not offline:
+        errors += _jwks_problems(checked)
     if not errors:
         try:
             build_runtime(checked.config, "", path, read_secret=_offline_secret if offline else _read_secret)
