@@ -151,6 +151,22 @@ def test_the_three_am_questions_from_the_log_and_status_alone(start_gateway, iss
     late = _iso(tunnel_rec["end_ts_unix"] + 60)
     assert ask("2", tmp_path, JOB=SA, HOST="127.0.0.1", T=late) == []
 
+    # the README's and the runbook's "which IPs did job Y use" (over a day): refusals not counted
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    query = re.search(r"Which public IP did a job use .*?: `(jq .*?uniq -c)`", readme, re.S).group(1)
+    assert _run(" ".join(query.split()), tmp_path).split() == ["1", "not", "attested"]
+    text = DOCS.read_text()
+    query = re.search(r"Over a day, which IPs .*?\n`(jq .*?uniq -c)`", text, re.S).group(1)
+    query = " ".join(query.split()).replace("2026-12-01", got["ts"][:10])
+    assert _run(query, tmp_path, JOB="job-y", HOST="127.0.0.1").split() == ["1", "not", "attested"]
+
+
+def _run(command: str, cwd: Path, **env: str) -> str:
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
+                       timeout=30, env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
 
 def _iso(t: float) -> str:
     from datetime import datetime
