@@ -12,6 +12,10 @@ import sys
 from . import __version__
 from .errors import ConfigError
 
+# A password a job presents on every request is a shared secret, not something a person types:
+# anything shorter than this is refused unless --allow-short says it is deliberate.
+MIN_PASSWORD_LENGTH = 12
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egressgate", description="An egress gateway for data-collection jobs.")
@@ -31,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--offline", action="store_true",
                    help="for CI: secrets and TLS files need only be named, not present; bind addresses not checked")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 1)")
-    sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
+    hp = sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
+    hp.add_argument("--allow-short", action="store_true",
+                    help=f"accept a password shorter than {MIN_PASSWORD_LENGTH} characters (tests, throw-away setups)")
     pr = sub.add_parser("probe", help="which IP each egress profile really exits from")
     pr.add_argument("--config", "-c")
     pr.add_argument("--profile", action="append", help="only this profile (repeatable)")
@@ -75,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             if not password:
                 print("egressgate: empty password", file=sys.stderr)
                 return 2
+            if len(password) < MIN_PASSWORD_LENGTH and not args.allow_short:
+                print(f"egressgate: password is {len(password)} characters; use at least {MIN_PASSWORD_LENGTH} "
+                      "(e.g. `openssl rand -base64 18`), or pass --allow-short to accept it anyway",
+                      file=sys.stderr)
+                return 2
             print(hash_password(password))
             return 0
         if args.command == "probe":
@@ -107,7 +118,7 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
     from .build import load_runtime, make_resolver
     from .probe import format_table, probe_pools
 
-    rt = load_runtime(config_path)
+    rt = load_runtime(config_path, echo_url=echo_url)  # --echo-url is what expect_ip needs
     url = echo_url or rt.config.probe.echo_urls
     if not url:
         raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "

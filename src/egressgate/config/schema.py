@@ -348,8 +348,22 @@ def _default_clients() -> list[ClientConfig]:
 
 
 class SecurityConfig(_Model):
+    """Port rules, one per listener protocol: ``connect_ports`` for HTTP ``CONNECT`` (plain HTTP
+    forwarding goes to any port), ``socks_ports`` for SOCKS5 ``CONNECT`` (which carries plain HTTP
+    too: unset, it is ``connect_ports`` plus 80 and 8080)."""
+
     connect_ports: list[Port] = [443]
+    socks_ports: list[Port] | None = None
     allow_private: list[Network] = []
+
+    @property
+    def socks_port_set(self) -> frozenset[int]:
+        if self.socks_ports is not None:
+            return frozenset(self.socks_ports)
+        return frozenset(self.connect_ports) | SOCKS_PLAIN_HTTP_PORTS
+
+
+SOCKS_PLAIN_HTTP_PORTS = frozenset({80, 8080})  # added to connect_ports when socks_ports is unset
 
 
 class ForwardingConfig(_Model):
