@@ -126,7 +126,7 @@ class App:
             exc = RuntimeError(str(context.get("message", "event loop error")))
         self.gateway.internal_error("loop", exc)
 
-    async def start(self, admin: bool = True) -> None:
+    async def start(self, admin: bool = True, signals: bool = True) -> None:
         # Attested profiles serve only once checked: check their members before the listeners
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
@@ -167,6 +167,8 @@ class App:
                 self.watcher, lambda: self.gateway.runtime.config.reload, self._reload_quietly,
                 lambda exc: self.gateway.internal_error("watch", exc)))
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
+        if signals:
+            self.install_signals()  # before "started": a SIGTERM right after it must drain, not kill
         log_event("started", worker=self.worker, listen=self.gateway.listeners.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
                   hash=self.gateway.runtime.config_hash[:12])
@@ -345,7 +347,6 @@ async def serve(path: str | None, runtime: Runtime | None = None, worker: int = 
     runtime = runtime or load_runtime(path)
     app = App(path, runtime, worker, supervisor, sockdir)
     await app.start(admin=worker == 0)
-    app.install_signals()
     if reload_pending():  # a SIGHUP that came while this worker was starting
         app.loop.create_task(app._reload_quietly())
     _tune_gc()
