@@ -24,7 +24,7 @@ class Runtime:
     clients: ClientRegistry
     guard: AddressGuard
     profiles: dict[str, ProfilePool]
-    connect_ports: frozenset[int]
+    connect_ports: frozenset[int]  # HTTP CONNECT (security.connect_ports)
     timeouts: TimeoutsConfig
     limits: LimitsConfig
     listeners: dict[str, ListenConfig]
@@ -33,4 +33,5 @@ class Runtime:
     # profile -> its shared-IP protection rules; only profiles that have some (policy.protect)
     protect: dict[str, ProfileProtect] = field(default_factory=dict)
     providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results
+    socks_ports: frozenset[int] = frozenset({80, 443, 8080})  # SOCKS5 CONNECT (security.socks_ports)
     names: NameGuard = field(default_factory=NameGuard)  # internal names, refused before they leave
