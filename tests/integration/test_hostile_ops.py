@@ -333,27 +333,62 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_admin_connections_over_the_cap_are_closed_at_once(start_gateway, origin):
-    """100 silent connections to an admin listener with ``max_connections: 16``: 84 are closed
-    at once (counted), the gateway holds no more than 16, the proxy keeps serving, and every
-    descriptor is given back."""
-    gw = start_gateway(base_config(admin={"idle_timeout": "60s", "max_connections": 16}))
+    """100 silent connections from one address to an admin listener with ``max_connections:
+    16`` and ``max_connections_per_source: 8``: each new one past 8 closes the oldest silent
+    one of that address (92 counted ``evicted``), the gateway holds no more than 8, the proxy
+    keeps serving, and every descriptor is given back."""
+    gw = start_gateway(base_config(admin={"idle_timeout": "60s", "max_connections": 16,
+                                          "max_connections_per_source": 8}))
     assert admin_get(gw, "/healthz")[0] == 200
     well_behaved_get(gw, origin, "warm")  # (its pooled origin connection is part of the baseline)
     base = Footprint(gw)
     held = [socket.create_connection(admin_address(gw), timeout=5) for _ in range(100)]
     try:
-        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 84, "84 connections over the cap closed")
-        assert sum(closed_by_peer(s) for s in held) == 84
-        assert gw.fd_count() <= base.fds + 16 + 2, f"{gw.fd_count() - base.fds} more descriptors held"
+        wait_for(lambda: sum(closed_by_peer(s) for s in held) >= 92, "92 connections over the share closed")
+        assert sum(closed_by_peer(s) for s in held) == 92
+        assert not any(closed_by_peer(s) for s in held[-8:])  # the newest 8 are kept
+        assert gw.fd_count() <= base.fds + 8 + 2, f"{gw.fd_count() - base.fds} more descriptors held"
         well_behaved_get(gw, origin, "during-admin-flood")
     finally:
         for s in held:
             s.close()
     base.wait_fds_back("after the admin flood")
     text = scrape(gw)
-    assert value(text, "egressgate_admin_connections_closed_total", reason="max_connections") == 84
+    assert value(text, "egressgate_admin_connections_closed_total", reason="evicted") == 92
     assert value(text, "egressgate_admin_connections") == 1  # this scrape
     base.assert_rss_within(8 * MiB, "100 admin connections")
+
+
+def _idle_admin_connections(gw, sources: list[str], each: int) -> list[socket.socket]:
+    held = []
+    for source in sources:
+        for _ in range(each):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.bind((source, 0))
+            s.connect(admin_address(gw))
+            held.append(s)
+    return held
+
+
+def test_idle_admin_connections_never_starve_health_checks(start_gateway, origin):
+    """Issue 25 item 7: 64 idle connections from one address (the default cap) made ``/readyz``
+    fail 48 of 50 times. Now, idle connections from one address, or spread over 16 addresses
+    so that together they fill ``admin.max_connections``, cannot make a probe fail: 50 of 50
+    ``/readyz`` answer 200, each closing one idle connection to make room."""
+    gw = start_gateway(base_config(admin={"idle_timeout": "60s"}))  # defaults: 64 in all, 8 per source
+    assert admin_get(gw, "/readyz")[0] == 200
+    for sources, each in ((["127.0.0.1"], 64), ([f"127.0.0.{i}" for i in range(2, 18)], 4)):
+        held = _idle_admin_connections(gw, sources, each)
+        try:
+            statuses = [admin_get(gw, "/readyz", timeout=5)[0] for _ in range(50)]
+            assert statuses.count(200) == 50, (sources[0], statuses)
+        finally:
+            for s in held:
+                s.close()
+    text = scrape(gw)
+    assert value(text, "egressgate_admin_connections_closed_total", reason="max_connections") == 0
+    assert value(text, "egressgate_admin_connections_closed_total", reason="evicted") > 0
 
 
 def test_silent_and_slow_admin_clients_are_closed_at_the_timeout(start_gateway, origin):
@@ -361,7 +396,8 @@ def test_silent_and_slow_admin_clients_are_closed_at_the_timeout(start_gateway, 
     every 100 ms (never finishing in time), are closed by the gateway and counted; hostile
     but complete requests (an Upgrade, CONNECT, 200 pipelined scrapes) get one answer each
     connection and raise nothing into the event loop."""
-    gw = start_gateway(base_config(admin={"idle_timeout": "1s", "max_connections": 64}))
+    gw = start_gateway(base_config(admin={"idle_timeout": "1s", "max_connections": 64,
+                                          "max_connections_per_source": 64}))
     assert admin_get(gw, "/healthz")[0] == 200
     well_behaved_get(gw, origin, "warm")  # (its pooled origin connection is part of the baseline)
     base = Footprint(gw)

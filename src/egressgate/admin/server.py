@@ -11,10 +11,19 @@
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
 
 Hostile or broken admin clients cost bounded resources: at most ``admin.max_connections``
-connections are open (more are closed at once), each must deliver its request within
-``admin.idle_timeout`` and take its response within it again (or it is closed), bytes after
-the one request of a connection are ignored, and a callback never raises into the event loop
-(a bug is counted as ``internal_errors_total{where="admin"}`` and the connection closed).
+connections are open, at most ``admin.max_connections_per_source`` from one address, each
+must deliver its request within ``admin.idle_timeout`` and take its response within it again
+(or it is closed), bytes after the one request of a connection are ignored, and a callback
+never raises into the event loop (a bug is counted as ``internal_errors_total{where="admin"}``
+and the connection closed).
+
+Room for health checks: a new connection is not turned away while connections that have not
+sent a whole request hold the places (``AdminConnections.admit``): the oldest of them is closed
+instead (``reason="evicted"``), from the new connection's own source when that source is at
+its share, else from the source holding the most. So idle connections, from one source or
+from many, cannot make ``/healthz`` or ``/readyz`` fail: a probe sends its request at once and
+is answered at once. Only connections whose requests are all being answered can fill the
+listener (then a new one is closed: ``max_per_source`` or ``max_connections``).
 """
 
 from __future__ import annotations
@@ -59,10 +68,63 @@ class WorkerView(Protocol):
 
 
 class AdminConnections:
-    """The admin listener's shared state: how many connections are open (for the cap)."""
+    """The admin listener's shared state: the connections open, in all and per source, and
+    those still waiting for their request (oldest first), which may be closed to make room."""
 
     def __init__(self) -> None:
         self.open = 0
+        self.per_source: Counter[str] = Counter()
+        self.waiting: dict[str, dict[AdminProtocol, None]] = {}  # source -> connections, oldest first
+
+    def admit(self, conn: AdminProtocol, source: str | None, max_total: int,
+              max_per_source: int) -> tuple[AdminProtocol | None, str | None]:
+        """Make room for ``conn`` (from ``source``; None: no per-source share, the private
+        socket of workers). Returns (the connection to close to make room, or None; the reason
+        ``conn`` itself is refused, or None). A refused connection is not counted."""
+        victim = None
+        if source is not None and self.per_source[source] >= max_per_source:
+            victim = self._oldest_waiting(source)
+            if victim is None:
+                return None, "max_per_source"
+        elif self.open >= max_total:
+            busiest = max((s for s, conns in self.waiting.items() if conns), key=self.per_source.__getitem__,
+                          default=None)
+            victim = self._oldest_waiting(busiest) if busiest is not None else None
+            if victim is None:
+                return None, "max_connections"
+        if victim is not None:
+            self.release(victim)
+        self.open += 1
+        key = source if source is not None else ""
+        self.per_source[key] += 1
+        self.waiting.setdefault(key, {})[conn] = None
+        conn.source_key = key
+        conn.counted = True
+        return victim, None
+
+    def answered(self, conn: AdminProtocol) -> None:
+        """``conn`` has sent its whole request: it is no longer closed to make room."""
+        conns = self.waiting.get(conn.source_key)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self.waiting[conn.source_key]
+
+    def release(self, conn: AdminProtocol) -> None:
+        """``conn`` is closed, or about to be: its place is free now."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self.answered(conn)
+        self.open -= 1
+        key = conn.source_key
+        self.per_source[key] -= 1
+        if self.per_source[key] <= 0:
+            del self.per_source[key]
+
+    def _oldest_waiting(self, source: str) -> AdminProtocol | None:
+        conns = self.waiting.get(source)
+        return next(iter(conns)) if conns else None
 
 
 def readiness(gw: Gateway) -> list[str]:
@@ -197,7 +259,8 @@ class AdminProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.size = 0
-        self.counted = False  # holds one of admin.max_connections
+        self.counted = False  # holds one of admin.max_connections (see AdminConnections)
+        self.source_key = ""  # the source it counts against
         self.done = False  # the one request is complete: later bytes are ignored
         self.timer: asyncio.TimerHandle | None = None
 
@@ -206,12 +269,22 @@ class AdminProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         try:
             limits = self.gw.runtime.config.admin
-            if self.conns.open >= limits.max_connections:
-                self.gw.metrics.admin_closed.labels("max_connections").inc()
+            source = None
+            if not self.metrics_only:  # (the workers' private socket has one peer: worker 0)
+                peer = transport.get_extra_info("peername")
+                source = peer[0] if isinstance(peer, tuple) and peer else "?"
+            victim, refused = self.conns.admit(self, source, limits.max_connections,
+                                               limits.max_connections_per_source)
+            if refused is not None:
+                self.gw.metrics.admin_closed.labels(refused).inc()
                 transport.abort()
                 return
-            self.conns.open += 1
-            self.counted = True
+            if victim is not None:  # (already uncounted by admit: its connection_lost changes nothing)
+                self.gw.metrics.admin_closed.labels("evicted").inc()
+                self.gw.metrics.admin_connections.dec()
+                victim._disarm()
+                if victim.transport is not None:
+                    victim.transport.abort()
             self.gw.metrics.admin_connections.inc()
             self._arm(limits.idle_timeout)
         except Exception as exc:
@@ -241,8 +314,7 @@ class AdminProtocol(asyncio.Protocol):
         try:
             self._disarm()
             if self.counted:
-                self.counted = False
-                self.conns.open -= 1
+                self.conns.release(self)
                 self.gw.metrics.admin_connections.dec()
         except Exception as err:
             self.gw.internal_error("admin", err)
@@ -282,6 +354,7 @@ class AdminProtocol(asyncio.Protocol):
         if self.done:  # one request per connection: pipelined extras are parsed and ignored
             return
         self.done = True
+        self.conns.answered(self)  # from now on it is never closed to make room
         self._disarm()  # the handler's own time (a reload, a merge) is not the client's
         method = self.parser.get_method().decode()
         path = self.url.split(b"?", 1)[0].decode("latin-1")

@@ -133,7 +133,8 @@ class AdminConfig(_Model):
     # A connection must deliver its request within this, and take its response within this
     # again; otherwise it is closed (counted as egressgate_admin_connections_closed_total).
     idle_timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 10.0
-    max_connections: int = Field(default=64, ge=1)  # open admin connections; beyond: closed at once
+    max_connections: int = Field(default=64, ge=1)  # open admin connections (see admin.server: room for probes)
+    max_connections_per_source: int = Field(default=8, ge=1)  # ... from one client address
 
     @model_validator(mode="after")
     def _one_token(self) -> AdminConfig:
