@@ -68,7 +68,8 @@ class App:
         self.metrics = Metrics()
         cfg = runtime.config
         self._set_names(runtime)
-        self.access_log = AccessLog(cfg.log.access, cfg.log.format, max_queue=cfg.log.max_queue)
+        self.access_log = AccessLog(cfg.log.access, cfg.log.format, max_queue=cfg.log.max_queue,
+                                    full_targets=cfg.log.full_targets)
         self._log_dropped_before: dict[str, int] = {}  # by access logs a reload replaced
         self.metrics.watch_access_log(self._log_stats)
         self.worker_table = WorkerTable(supervisor)
@@ -258,7 +259,8 @@ class App:
             token = _admin_token(new.admin, source)
             if old.log != new.log:
                 try:
-                    access_log = AccessLog(new.log.access, new.log.format, max_queue=new.log.max_queue)
+                    access_log = AccessLog(new.log.access, new.log.format, max_queue=new.log.max_queue,
+                                           full_targets=new.log.full_targets)
                 except OSError as exc:
                     raise ConfigError([f"{source}:0: log.access: cannot open {new.log.access}: "
                                        f"{exc.strerror or exc}"]) from None

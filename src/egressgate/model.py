@@ -129,6 +129,25 @@ def normalize_host(host: str) -> str:
 _HOST_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
+def shown_target(target: str) -> str:
+    """A request target as it may be shown (``/status``, the status page, events, and the access
+    log unless ``log.full_targets``): without its query string or fragment (API keys, signed-URL
+    signatures live there) and without credentials in the authority (``user:password@``).
+    ``http://u:p@host/path?key=1`` -> ``http://host/path?``; the ``?`` left says there was one."""
+    cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        target = target[:cut] + "?"
+    scheme, sep, rest = target.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        if "@" in authority:
+            target = f"{scheme}://{authority.rsplit('@', 1)[1]}{slash}{path}"
+    elif "@" in target.split("/", 1)[0]:  # an authority-form target (CONNECT) with userinfo
+        target = target.split("/", 1)[0].rsplit("@", 1)[1] + (
+            "/" + target.split("/", 1)[1] if "/" in target else "")
+    return target
+
+
 def _is_hex(label: str) -> bool:
     return len(label) > 2 and label[:2] == "0x" and all(c in "0123456789abcdef" for c in label[2:])
 

@@ -298,3 +298,13 @@ def test_suffixes_in_config_are_normalized() -> None:
     for bad in ["", "*.", "10.0.0.1", "a b", "a..b", "x:80"]:
         with pytest.raises(ValueError):
             SecurityConfig(deny_suffixes=[bad])
+
+
+def test_shown_target_drops_query_fragment_and_credentials():
+    from egressgate.model import shown_target
+    assert shown_target("http://u:p@h.example:8080/a/b?key=1#f") == "http://h.example:8080/a/b?"
+    assert shown_target("http://h.example/a#frag") == "http://h.example/a?"
+    assert shown_target("/a?x=1") == "/a?"
+    assert shown_target("u:p@h.example:443") == "h.example:443"
+    assert shown_target("h.example:443") == "h.example:443"
+    assert shown_target("http://h.example/p@q") == "http://h.example/p@q"  # '@' in the path is no userinfo

@@ -10,6 +10,12 @@
 - ``GET /``: a status page that refreshes itself;
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
 
+Every request but those of the workers' private socket must come from a tool, not a web page
+(``foreign_request``: Host an IP, localhost or ``admin.allowed_hosts``; no foreign Origin),
+else 403. So a page in an operator's browser can neither POST a reload nor read ``/status``
+through a rebound name. Targets are shown without query strings or credentials
+(``model.shown_target``).
+
 Hostile or broken admin clients cost bounded resources: at most ``admin.max_connections``
 connections are open, at most ``admin.max_connections_per_source`` from one address, each
 must deliver its request within ``admin.idle_timeout`` and take its response within it again
@@ -45,7 +51,7 @@ from .. import __version__
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
-from ..model import with_iso
+from ..model import ip_or_none, with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
 
@@ -125,6 +131,44 @@ class AdminConnections:
     def _oldest_waiting(self, source: str) -> AdminProtocol | None:
         conns = self.waiting.get(source)
         return next(iter(conns)) if conns else None
+
+
+def foreign_request(headers: dict[bytes, bytes], allowed_hosts: tuple[str, ...]) -> str | None:
+    """Why a request to the admin listener comes from a web page rather than an operator's
+    tool, or None. A browser can be made to send requests here by any page it shows: a name
+    rebound to this address (DNS rebinding) carries that name in ``Host``, a cross-site form or
+    fetch carries the page's ``Origin`` (and ``Sec-Fetch-Site``). So ``Host`` must be an IP
+    literal, ``localhost`` or one of ``admin.allowed_hosts`` (or absent), and ``Origin``, when
+    given, must be this very host; ``Sec-Fetch-Site`` must not say ``cross-site``/``same-site``.
+    Probes, scrapers and curl send an IP or a configured name and no ``Origin``."""
+    host = headers.get(b"host")
+    name = None
+    if host is not None:
+        name = _host_name(host.decode("latin-1"))
+        if name is None or not (name == "localhost" or ip_or_none(name) is not None or name in {h.lower().rstrip(".") for h in allowed_hosts}):
+            return "admin: Host not allowed (an IP address, localhost or admin.allowed_hosts)"
+    origin = headers.get(b"origin")
+    if origin is not None:
+        text = origin.decode("latin-1").strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() != "http" or host is None \
+                or rest.rstrip("/").lower() != host.decode("latin-1").strip().lower():
+            return "admin: cross-origin request refused"
+    if headers.get(b"sec-fetch-site", b"").strip().lower() in (b"cross-site", b"same-site"):
+        return "admin: cross-site request refused"
+    return None
+
+
+def _host_name(host: str) -> str | None:
+    """The name or address of a Host header value without its port; None if malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else None
+    name, _, port = host.rpartition(":") if ":" in host else (host, "", "")
+    if port and not port.isdigit():
+        return None
+    return name.rstrip(".") or None
 
 
 def readiness(gw: Gateway) -> list[str]:
@@ -363,7 +407,12 @@ class AdminProtocol(asyncio.Protocol):
     async def _handle(self, method: str, path: str) -> None:
         gw = self.gw
         try:
-            if self.metrics_only and path != "/metrics":
+            refused = None if self.metrics_only else foreign_request(
+                self.headers, gw.runtime.config.admin.allowed_hosts)
+            if refused is not None:
+                gw.metrics.admin_closed.labels("foreign").inc()
+                self._send(simple_response(403, refused.encode() + b"\n", "text/plain"))
+            elif self.metrics_only and path != "/metrics":
                 self._send(simple_response(404, b"not found\n", "text/plain"))
             elif path == "/healthz":
                 self._send(simple_response(200, b"ok\n", "text/plain"))

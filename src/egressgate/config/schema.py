@@ -135,6 +135,10 @@ class AdminConfig(_Model):
     idle_timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 10.0
     max_connections: int = Field(default=64, ge=1)  # open admin connections (see admin.server: room for probes)
     max_connections_per_source: int = Field(default=8, ge=1)  # ... from one client address
+    # Host names (besides IP addresses and localhost) the admin listener answers to; any other
+    # Host, or a foreign Origin, is refused 403 (a web page reaching it via DNS rebinding or a
+    # cross-site form). E.g. the Service name a scraper uses.
+    allowed_hosts: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _one_token(self) -> AdminConfig:
@@ -430,6 +434,9 @@ class LogConfig(_Model):
     # Bytes of access-log records waiting for a slow destination; beyond: dropped and counted
     # (egressgate_log_dropped_total). Per worker process.
     max_queue: Annotated[int, BeforeValidator(_size), Field(ge=65536)] = 8 << 20
+    # Log request targets whole. Off (the default): without query strings and URL credentials
+    # (``http://u:p@host/p?key=1`` is logged ``http://host/p?``), like /status and the status page.
+    full_targets: bool = False
 
 
 class ProbeConfig(_Model):

@@ -10,6 +10,7 @@ fit is dropped and counted, so a destination that stops reading costs bounded me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..model import AccessRecord, iso8601
+from ..model import AccessRecord, iso8601, shown_target
 
 _PIPE_BUF = 4096
 FIELDS = ("ts", "ts_unix", "end_ts", "end_ts_unix", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
@@ -92,8 +93,9 @@ class AccessLog:
 
     def __init__(self, destination: str = "stdout", fmt: str = "json",
                  clock: Callable[[], float] = time.time, max_queue: int = DEFAULT_MAX_QUEUE,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, full_targets: bool = False) -> None:
         self.enabled = destination != "none"
+        self.full_targets = full_targets  # False: targets without query strings or credentials
         self._destination = destination
         self._format = squid_line if fmt == "squid" else json_line
         self._clock = clock
@@ -126,6 +128,10 @@ class AccessLog:
     def write(self, rec: AccessRecord) -> None:
         if not self.enabled:
             return
+        if not self.full_targets:
+            shown = shown_target(rec.target)
+            if shown != rec.target:
+                rec = dataclasses.replace(rec, target=shown)
         line = self._format(rec, self._clock()).encode("utf-8", "replace")
         # (_queued is read without the lock: a stale value is only ever too high, never too low)
         if self._queued + self._batch_bytes + len(line) > self.max_queue:

@@ -28,7 +28,7 @@ INTERNAL_ERROR_SITES = (
 )
 UNKNOWN = "-"  # the label value of a client or profile name that is not configured
 LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}
-ADMIN_CLOSE_REASONS = ("max_connections", "max_per_source", "evicted", "idle_timeout")  # ..._closed_total{reason}
+ADMIN_CLOSE_REASONS = ("max_connections", "max_per_source", "evicted", "idle_timeout", "foreign")  # ..._closed_total{reason}
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -12,7 +12,7 @@ import time
 from collections import deque
 
 from ..errors import AuthRequired, GatewayError
-from ..model import AccessRecord
+from ..model import AccessRecord, shown_target
 from .accesslog import AccessLog
 from .metrics import Metrics
 
@@ -46,7 +46,7 @@ class Outcomes:
             self.metrics.denied.labels(err.reason).inc()
             self.metrics.denied_by_client.labels(rec.client, err.reason).inc()
             self.recent_denials.append({"ts": time.strftime("%H:%M:%S"), "client": rec.client,
-                                        "target": rec.target[:200], "reason": err.reason})
+                                        "target": shown_target(rec.target)[:200], "reason": err.reason})
         elif err.status >= 500:
             self.metrics.upstream_errors.labels(err.reason).inc()
 

@@ -25,6 +25,7 @@ import time
 
 from ..errors import Unavailable
 from ..http1.responses import CONNECT_OK, error_response
+from ..model import shown_target
 from . import gate
 from .connector import Link
 from .dispatch import Who
@@ -296,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
             "listener": self.listener.name,
             "state": "tunnel" if t is not None else ("request" if rec is not None else "idle"),
             "profile": rec.profile if rec is not None else "-",
-            "target": rec.target[:200] if rec is not None else "-",
+            "target": shown_target(rec.target)[:200] if rec is not None else "-",
             "egress_addr": rec.egress_addr if rec is not None else "-",
             "egress_ip": rec.egress_ip if rec is not None else None,
             "bytes_up": moved[0], "bytes_down": moved[1],
