@@ -392,7 +392,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 def _post(url: str) -> int:
     try:
-        with _DIRECT.open(urllib.request.Request(url, method="POST", data=b""), timeout=10) as resp:
+        with _DIRECT.open(urllib.request.Request(url, method="POST"), timeout=10) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code

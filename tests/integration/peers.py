@@ -327,6 +327,9 @@ def base_config(**overrides) -> dict:
         "listen": [{"address": "127.0.0.1:0"}],
         "admin": {"address": "127.0.0.1:0"},
         "security": {"allow_private": ["127.0.0.0/8", "::1/128"], "connect_ports": [443]},
+        # tests tag their requests with query strings (?t=...) and find them in the access log by
+        # them; the default (off) is tested in test_admin_browser
+        "log": {"full_targets": True},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

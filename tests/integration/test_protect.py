@@ -311,7 +311,7 @@ def test_unconfigured_profile_shows_no_protection(start_gateway, provider):
 
 def _reload(gw, config: dict) -> None:
     gw.write_config(config)
-    req = urllib.request.Request(gw.admin + "/-/reload", method="POST", data=b"")
+    req = urllib.request.Request(gw.admin + "/-/reload", method="POST")
     with _opener.open(req, timeout=10) as resp:
         assert json.loads(resp.read())["reloaded"] is True
 

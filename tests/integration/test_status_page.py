@@ -255,7 +255,7 @@ def scene(tmp_path_factory) -> Scene:
 
         cfg["egress"]["moved"]["expect_ip"] = ["127.0.0.3"]
         gw.write_config(cfg)
-        req = urllib.request.Request(gw.admin + "/-/reload", method="POST", data=b"")
+        req = urllib.request.Request(gw.admin + "/-/reload", method="POST")
         with _DIRECT.open(req, timeout=10) as resp:
             assert resp.status == 200
         _wait(lambda: _status(gw)["ready"], "readiness after fixing expect_ip")

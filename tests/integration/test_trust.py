@@ -45,7 +45,7 @@ def admin_get(gw: GatewayProcess, path: str) -> tuple[int, bytes]:
 
 
 def admin_post(gw: GatewayProcess, path: str, token: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(gw.admin + path, method="POST", data=b"")
+    req = urllib.request.Request(gw.admin + path, method="POST")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -261,7 +261,7 @@ def test_reload_applies_admin_token_and_log_format_or_refuses_by_name(start_gate
     cfg["listen"] = [{"address": gw.address}]
     admin = gw.admin.removeprefix("http://")
     cfg["admin"] = {"address": admin, "token": "t0ken"}
-    cfg["log"] = {"format": "squid", "access": str(tmp_path / "access.log")}
+    cfg["log"] = {**cfg["log"], "format": "squid", "access": str(tmp_path / "access.log")}
     gw.write_config(cfg)
     assert admin_post(gw, "/-/reload")[0] == 200  # no token was needed before this reload
     assert admin_post(gw, "/-/reload")[0] == 401  # ... and is now

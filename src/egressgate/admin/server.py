@@ -12,7 +12,9 @@
 
 Every request but those of the workers' private socket must come from a tool, not a web page
 (``foreign_request``: Host an IP, localhost or ``admin.allowed_hosts``; no foreign Origin),
-else 403. So a page in an operator's browser can neither POST a reload nor read ``/status``
+else 403; without ``admin.token``, ``POST /-/reload`` must not carry a form or text/plain
+Content-Type (a request a page can send without a preflight). So a page in an operator's
+browser can neither POST a reload nor read ``/status``
 through a rebound name. Targets are shown without query strings or credentials
 (``model.shown_target``).
 
@@ -157,6 +159,14 @@ def foreign_request(headers: dict[bytes, bytes], allowed_hosts: tuple[str, ...])
     if headers.get(b"sec-fetch-site", b"").strip().lower() in (b"cross-site", b"same-site"):
         return "admin: cross-site request refused"
     return None
+
+
+SIMPLE_CONTENT_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain")
+
+
+def _simple_content_type(value: bytes | None) -> bool:
+    """A Content-Type a browser sends cross-site without a preflight (the CORS-safelisted ones)."""
+    return value is not None and value.split(b";", 1)[0].strip().lower() in SIMPLE_CONTENT_TYPES
 
 
 def _host_name(host: str) -> str | None:
@@ -450,6 +460,13 @@ class AdminProtocol(asyncio.Protocol):
             self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
             return
         token = self.token()
+        if not token and _simple_content_type(self.headers.get(b"content-type")):
+            # without a token, a state-changing call must be one a web page cannot send without a
+            # CORS preflight (which this listener never answers): no form or text/plain body
+            self.gw.metrics.admin_closed.labels("foreign").inc()
+            self._send(simple_response(403, b"admin: a form or text/plain POST is refused (send no "
+                                       b"Content-Type, e.g. curl -X POST, or set admin.token)\n", "text/plain"))
+            return
         if token:
             given = self.headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
