@@ -223,7 +223,7 @@ timeouts: {{client_head: 5s, client_idle: {60 + self.generation % 2}s, upstream_
     def reload(self) -> bool:
         self.generation += 1
         self.write_config()
-        req = urllib.request.Request(self.admin + "/-/reload", method="POST", data=b"")
+        req = urllib.request.Request(self.admin + "/-/reload", method="POST")  # (no form body: see README "Admin endpoints")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(req, timeout=10) as r:
