@@ -142,6 +142,10 @@ class AdminConfig(_Model):
         return self
 
 
+MAX_HOLDS = 4096  # protect[].max_holds default
+MAX_HOLDS_PER_CLIENT = 64  # protect[].max_holds_per_client default
+
+
 class ProtectConfig(_Model):
     """Shared-IP protection: limits per (egress member x these destinations), across all
     clients of the profile (see ``policy.protect``)."""
@@ -150,9 +154,13 @@ class ProtectConfig(_Model):
     destinations: list[str] = Field(min_length=1)  # patterns as in clients' allow: host, *.domain, CIDR, :PORT
     max_concurrent: int | None = Field(default=None, gt=0)  # open tunnels + requests in flight per member
     max_per_second: float | None = Field(default=None, gt=0)  # new tunnels + requests per second per member
-    # An origin's 429/503 with Retry-After holds (member x host) for that long, at most this
-    # (0: never hold).
+    # An origin's 429/503 with Retry-After holds (member x host, member x its address) for
+    # that long, at most this (0: never hold).
     max_hold: Duration = 300.0
+    # Holds kept per profile for this rule, and of those caused by any one client's requests
+    # (a client whose share is full replaces its own; nobody evicts another client's hold).
+    max_holds: int = Field(default=MAX_HOLDS, ge=1)
+    max_holds_per_client: int = Field(default=MAX_HOLDS_PER_CLIENT, ge=1)
 
     @property
     def label(self) -> str:

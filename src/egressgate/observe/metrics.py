@@ -100,6 +100,10 @@ class _ProtectCounters:
                                       "429/503 with Retry-After", labels=labels)
         held = GaugeMetricFamily(PREFIX + "protect_held_hosts", "Hosts currently held (an origin's Retry-After), "
                                  "per egress member and protected destination", labels=labels)
+        dropped = CounterMetricFamily(PREFIX + "protect_holds_dropped", "Holds not kept for their bound: a client's "
+                                      "own hold replaced when its max_holds_per_client share is full (client_share), "
+                                      "or a new hold not recorded because the rule's max_holds are other clients' "
+                                      "(rule_full)", labels=[*labels, "why"])
         for key, n in stats.get("admitted", {}).items():
             admitted.add_metric(list(key), n)
         for key, n in stats.get("refused", {}).items():
@@ -110,7 +114,9 @@ class _ProtectCounters:
             started.add_metric(list(key), n)
         for key, n in stats.get("held", {}).items():
             held.add_metric(list(key), n)
-        return [admitted, refused, in_flight, started, held]
+        for key, n in stats.get("holds_dropped", {}).items():
+            dropped.add_metric(list(key), n)
+        return [admitted, refused, in_flight, started, held, dropped]
 
 
 class _KnownNames:

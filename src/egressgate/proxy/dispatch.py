@@ -89,10 +89,10 @@ class Dispatcher:
         if isinstance(r, Whoami):
             return r
         if cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own):
-            self._judged(ex.record, r)
+            self._judged(ex.record, r, rt)
             link = self.connector.idle(r, ex.connect)
             if link is not None:
-                return link
+                return self._counted(ex, link)
         return Pending(identity, r)
 
     async def rest(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str, pending: Pending) -> Link | Whoami:
@@ -106,9 +106,11 @@ class Dispatcher:
             r = self._route(who, ex, rt, identity, default_profile)
             if isinstance(r, Whoami):
                 return r
+            if r.ready:  # (an IP literal, or through a chained proxy: judged by the route step)
+                self._judged(ex.record, r, rt)
         if not r.ready:
             await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
-            self._judged(ex.record, r)
+            self._judged(ex.record, r, rt)
         return self._counted(ex, await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect))
 
     async def again(self, ex: Exchange) -> Link:
@@ -118,9 +120,10 @@ class Dispatcher:
 
     @staticmethod
     def _counted(ex: Exchange, link: Link) -> Link:
-        """A shared-IP admission follows the member the connector really used (failover)."""
+        """A shared-IP admission follows the member the connector really used (failover) and
+        learns the origin's address (a hold its answer starts covers that address too)."""
         if ex.record.protect is not None:
-            ex.record.protect.moved(link.plan.label)
+            ex.record.protect.moved(link.plan.label, None if link.chained is not None else link.upstream.remote)
         return link
 
     # --- identify ---------------------------------------------------------------------------
@@ -187,12 +190,15 @@ class Dispatcher:
         rec.profile = r.pool.name
         ex.route = r
         ex.target = r.target
-        if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)
-            admit_route(self.protect, rt.protect, r, rec)
         if r.would_deny:
             self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
         return r
 
-    def _judged(self, rec: AccessRecord, r: Route) -> None:
+    def _judged(self, rec: AccessRecord, r: Route, rt: Runtime) -> None:
+        """The route's addresses are judged (or a chained proxy will resolve it): report-mode
+        denials on them, then shared-IP admission -- on the name and every address it may be
+        dialed to, so a hold cannot be bypassed by another spelling of the same origin."""
         if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)
+        if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)
+            admit_route(self.protect, rt.protect, r, rec)
