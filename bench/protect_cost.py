@@ -49,7 +49,7 @@ def per_request(rt, host: str, n: int) -> float:
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(n):
-            if rt.protect:  # dispatch._route
+            if rt.protect:  # dispatch._judged
                 admit_route(guard, rt.protect, r, rec)
             if status in BACKOFF and rec.protect is not None:  # forward.on_response_head
                 rec.protect.answered(status, [])
