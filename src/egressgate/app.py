@@ -17,6 +17,9 @@ from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
 from .errors import ConfigError
+from .fleet.ledger import Ledger
+from .fleet.member import Member
+from .fleet.owner import Owner
 from .keysource import KeySources
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
@@ -105,6 +108,23 @@ class App:
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
+        self.fleet = self._fleet()
+
+    def _fleet(self) -> Owner | Member | None:
+        """``workers: N``: worker 0 owns the instance's shared-IP budgets and holds, the other
+        workers lease from it (``fleet``); the guard of each admits from its slices."""
+        if self.sockdir is None:
+            return None
+        guard = self.gateway.protect
+        path = f"{self.sockdir}/owner.sock"
+        on_error = self.gateway.internal_error
+        if self.worker == 0:
+            fleet: Owner | Member = Owner(path, Ledger(self.loop.time), guard.reclaim, guard.apply_hold,
+                                          guard.stale_tokens, on_error)
+        else:
+            fleet = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
+        guard.budget = fleet
+        return fleet
 
     def _set_names(self, runtime: Runtime) -> None:
         """The only client and profile names metrics may carry as labels (others: ``-``)."""
@@ -132,6 +152,10 @@ class App:
         rt = self.gateway.runtime
         await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
         self.keys.prefetch([c.token for c in rt.clients.clients if c.token is not None])
+        if isinstance(self.fleet, Owner):
+            await self.fleet.start()  # (before the listeners: a worker's first lease finds it)
+        elif self.fleet is not None:
+            self.fleet.start()
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -336,6 +360,8 @@ class App:
                 task.cancel()
         self.keys.close()
         await self.gateway.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.admin_server is not None:
             self.admin_server.close()
         self.access_log.close()

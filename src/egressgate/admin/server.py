@@ -6,7 +6,9 @@
 - ``GET /metrics``: Prometheus exposition;
 - ``GET /status``: JSON status (version, uptime, config, listeners, profiles, live connections
   and what each is doing (``connections.open``: the ``OPEN_LIMIT`` oldest), sources refused at
-  the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent));
+  the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent)); with ``workers: N``,
+  every worker's connections and shared-IP counts (``parts``: each worker's private socket
+  answers ``GET /status-part``);
 - ``GET /``: a status page that refreshes itself;
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
 
@@ -39,6 +41,7 @@ from ..http1.responses import simple_response
 from ..model import with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
+from . import parts
 
 Reloader = Callable[[], Awaitable[None]]
 OPEN_LIMIT = 200  # open connections listed in /status, oldest first
@@ -290,7 +293,10 @@ class AdminProtocol(asyncio.Protocol):
     async def _handle(self, method: str, path: str) -> None:
         gw = self.gw
         try:
-            if self.metrics_only and path != "/metrics":
+            if self.metrics_only and path == "/status-part":  # (a worker's share of /status)
+                body = json.dumps(parts.part(gw, OPEN_LIMIT)).encode()
+                self._send(simple_response(200, body))
+            elif self.metrics_only and path != "/metrics":
                 self._send(simple_response(404, b"not found\n", "text/plain"))
             elif path == "/healthz":
                 self._send(simple_response(200, b"ok\n", "text/plain"))
@@ -310,7 +316,12 @@ class AdminProtocol(asyncio.Protocol):
                 extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
                 self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                doc = with_iso(status(gw, self.workers))  # (times both ways: model.TIME_FIELDS)
+                doc = status(gw, self.workers)
+                sockets = self.workers.sockets() if self.workers is not None else []
+                if sockets:  # every worker's connections and counts (admin.parts)
+                    others = await asyncio.gather(*(parts.fetch(i, w) for i, w in sockets))
+                    doc = parts.merge(doc, 0, len(gw.protect.holds), others, OPEN_LIMIT)
+                doc = with_iso(doc)  # (times both ways: model.TIME_FIELDS)
                 self._send(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):
                 page = resources.files("egressgate.admin").joinpath("status.html").read_bytes()

@@ -24,7 +24,7 @@ INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
     "upstream_connection_made", "upstream_data_received", "upstream_eof_received", "upstream_connection_lost",
     "upstream_pause_writing", "upstream_resume_writing", "splice", "tick", "serve", "exchange_failed",
-    "teardown", "admin", "probe", "providers", "loop", "workers", "other",
+    "teardown", "admin", "probe", "providers", "loop", "workers", "fleet", "other",
 )
 UNKNOWN = "-"  # the label value of a client or profile name that is not configured
 LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}

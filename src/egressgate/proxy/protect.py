@@ -28,8 +28,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import LimitReached
+from ..fleet.ledger import TOKEN_TTL
 from ..model import AccessRecord
 from ..observe.accesslog import log_event
 from ..policy.protect import ProfileProtect, ProtectRule, header, hold_seconds
@@ -40,6 +42,31 @@ HOLDS_SHOWN = 100  # in /status and whoami, soonest to end first
 LIMITS = ("concurrency", "rate", "hold")  # egressgate_protect_refused_total{limit}
 
 Key = tuple[str, str, str]  # (profile, member label, rule name)
+
+
+class Budget(Protocol):
+    """Where a guard's budgets come from when they are shared (``workers: N``, a fleet store:
+    ``fleet``): slices leased from an owner. The ``try_`` calls answer at once (0: ask, and
+    await); the others may wait for the owner (0: nothing is free anywhere)."""
+
+    def try_slots(self, key: Key, limit: int) -> int: ...
+    async def slots(self, key: Key, limit: int) -> int: ...
+    def try_tokens(self, key: Key, rate: float) -> int: ...
+    async def tokens(self, key: Key, rate: float) -> tuple[int, float]: ...
+    def give_back(self, key: Key, slots: int, tokens: int, rate: float | None) -> None: ...
+    def hold_learned(self, doc: dict) -> None: ...
+
+
+class LeaseNeeded(Exception):  # noqa: N818 (a signal to the dispatcher, not an error)
+    """Admission needs a slice of a shared budget from the owner first: await
+    ``SharedIpGuard.acquire(this)``, then admit again."""
+
+    def __init__(self, key: Key, rule: ProtectRule, slots: bool, tokens: bool) -> None:
+        super().__init__(key)
+        self.key = key
+        self.rule = rule
+        self.slots = slots
+        self.tokens = tokens
 
 
 class Ticket:
@@ -86,9 +113,16 @@ class Ticket:
 
 
 class SharedIpGuard:
-    def __init__(self, clock: Callable[[], float], wall: Callable[[], float] = time.time) -> None:
+    """``budget`` None: this process alone holds the budgets (exact, no leases). Else the
+    guard admits from the slices it leased (``slots``, ``tokens``) and asks for more."""
+
+    def __init__(self, clock: Callable[[], float], wall: Callable[[], float] = time.time,
+                 budget: Budget | None = None) -> None:
         self._clock = clock
         self._wall = wall
+        self.budget = budget
+        self.slots: dict[Key, int] = {}  # concurrency slots leased (idle ones too)
+        self.tokens: dict[Key, list] = {}  # [tokens leased, when they go back, rate]
         self.in_flight: dict[Key, int] = {}
         self.admitted: dict[Key, int] = {}
         self.refused: dict[tuple[str, str, str, str], int] = {}  # key + limit
@@ -112,7 +146,24 @@ class SharedIpGuard:
                          f"protect {rule.name} (profile {profile}, egress {member}): max_concurrent {limit} "
                          f"reached", "egress_concurrency_limit")
         rate = rule.max_per_second
-        if rate is not None:
+        budget = self.budget
+        if budget is not None:  # shared: admit from the slices leased, or ask for more
+            if limit is not None and in_flight >= self.slots.get(key, 0):
+                n = budget.try_slots(key, limit)
+                if n:
+                    self.slots[key] = self.slots.get(key, 0) + n
+            lease = self.tokens.get(key) if rate is not None else None
+            if rate is not None and (lease is None or lease[0] < 1 or lease[1] <= now):
+                n = budget.try_tokens(key, rate)
+                if n:
+                    lease = self._leased_tokens(key, n, rate, now)
+            need_slots = limit is not None and in_flight >= self.slots.get(key, 0)
+            need_tokens = rate is not None and (lease is None or lease[0] < 1 or lease[1] <= now)
+            if need_slots or need_tokens:
+                raise LeaseNeeded(key, rule, need_slots, need_tokens)
+            if lease is not None:
+                lease[0] -= 1
+        elif rate is not None:  # this process alone: one token bucket per key
             bucket = self._buckets.get(key)
             if bucket is None:
                 tokens = rate if rate > 1.0 else 1.0  # (a full bucket: burst max(1, rate))
@@ -129,6 +180,62 @@ class SharedIpGuard:
         self.in_flight[key] = in_flight + 1
         self.admitted[key] = self.admitted.get(key, 0) + 1
         return Ticket(self, key, rule, host, client)
+
+    def _leased_tokens(self, key: Key, n: int, rate: float, now: float) -> list:
+        lease = self.tokens.get(key)
+        if lease is not None and lease[1] <= now and lease[0] >= 1:  # (stale: they go back first)
+            self.budget.give_back(key, 0, int(lease[0]), lease[2])
+            lease = None
+        if lease is None or lease[1] <= now:
+            lease = self.tokens[key] = [0.0, now + TOKEN_TTL, rate]
+        lease[0] += n
+        return lease
+
+    async def acquire(self, need: LeaseNeeded) -> None:
+        """Lease what ``need`` lacks from the budget's owner, or raise ``LimitReached`` when
+        the instance (or fleet) has none: every slot in use, no token left."""
+        key, rule = need.key, need.rule
+        profile, member = key[0], key[1]
+        if need.slots and rule.max_concurrent is not None:
+            n = await self.budget.slots(key, rule.max_concurrent)
+            if n <= 0:
+                self._refuse(key, "concurrency", 1.0,
+                             f"protect {rule.name} (profile {profile}, egress {member}): max_concurrent "
+                             f"{rule.max_concurrent} reached", "egress_concurrency_limit")
+            self.slots[key] = self.slots.get(key, 0) + n
+        rate = rule.max_per_second
+        if need.tokens and rate is not None:
+            n, wait = await self.budget.tokens(key, rate)
+            if n <= 0:
+                self._refuse(key, "rate", wait,
+                             f"protect {rule.name} (profile {profile}, egress {member}): max_per_second {rate:g} "
+                             f"reached", "egress_rate_limit")
+            self._leased_tokens(key, n, rate, self._clock())
+
+    def starved(self, need: LeaseNeeded) -> None:
+        """Refuse a request whose slices other requests kept taking first (raises)."""
+        key, rule = need.key, need.rule
+        limit, what = ("concurrency", f"max_concurrent {rule.max_concurrent}") if need.slots else \
+            ("rate", f"max_per_second {rule.max_per_second:g}")
+        self._refuse(key, limit, 1.0, f"protect {rule.name} (profile {key[0]}, egress {key[1]}): {what} reached",
+                     "egress_concurrency_limit" if need.slots else "egress_rate_limit")
+
+    def reclaim(self, key: Key) -> int:
+        """The owner needs slots of ``key`` back: give up the idle ones (how many)."""
+        leased = self.slots.get(key, 0)
+        idle = leased - self.in_flight.get(key, 0)
+        if idle <= 0:
+            return 0
+        self.slots[key] = leased - idle
+        return idle
+
+    def stale_tokens(self) -> list[tuple[Key, int, float]]:
+        """Token slices kept past ``TOKEN_TTL``: taken back here, to be returned (key, n, rate)."""
+        now = self._clock()
+        stale = [(key, lease) for key, lease in self.tokens.items() if lease[1] <= now]
+        for key, _ in stale:
+            del self.tokens[key]
+        return [(key, int(lease[0]), lease[2]) for key, lease in stale if lease[0] >= 1]
 
     def _check_holds(self, key: Key, rule: ProtectRule, host: str, addresses, now: float) -> None:
         holds = self.holds
@@ -179,6 +286,27 @@ class SharedIpGuard:
         log_event("protect_hold", profile=profile, member=member, host=ticket.host[:255],
                   address=ticket.address, rule=rule.name, client=ticket.client, status=status,
                   seconds=round(seconds, 3))
+        if self.budget is not None:  # every other worker (and instance) holds it too
+            self.budget.hold_learned({
+                "profile": profile, "member": member, "rule": rule.name, "client": ticket.client,
+                "host": ticket.host, "address": ticket.address, "status": status, "seconds": seconds,
+                "max_holds": rule.max_holds, "max_holds_per_client": rule.max_holds_per_client})
+
+    def apply_hold(self, doc: dict) -> bool:
+        """A hold learned elsewhere (another worker or instance: ``hold_learned`` there), with
+        the seconds it had left when sent. False if it is not well-formed."""
+        try:
+            texts = [doc[k] for k in ("profile", "member", "rule", "client", "host")]
+            address, status, seconds = doc.get("address"), int(doc["status"]), float(doc["seconds"])
+            bounds = int(doc["max_holds"]), int(doc["max_holds_per_client"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not all(isinstance(t, str) for t in texts) or not (address is None or isinstance(address, str)) \
+                or not 0 < seconds < 1e7 or min(bounds) < 1:
+            return False
+        profile, member, rule, client, host = texts
+        self.holds.add(profile, member, rule, client, host[:255], address, status, seconds, *bounds)
+        return True
 
     # --- what status, whoami and metrics show --------------------------------------------------
     def current_holds(self, profile: str | None = None) -> list[dict]:
