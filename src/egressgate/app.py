@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from .errors import ConfigError
 from .fleet.ledger import Ledger
 from .fleet.member import Member
 from .fleet.owner import Owner
+from .fleet.source import RATE_SLACK, Fleet
 from .keysource import KeySources
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
@@ -34,7 +37,7 @@ from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_w
 
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
-RESTART_KEYS = ("workers",)
+RESTART_KEYS = ("workers", "fleet")
 LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "forwarding", "timeouts", "limits", "drain", "log",
              "probe", "dns", "reload")
 
@@ -112,19 +115,30 @@ class App:
 
     def _fleet(self) -> Owner | Member | None:
         """``workers: N``: worker 0 owns the instance's shared-IP budgets and holds, the other
-        workers lease from it (``fleet``); the guard of each admits from its slices."""
-        if self.sockdir is None:
+        workers lease from it (``fleet``); the guard of each admits from its slices. With a
+        fleet store (``fleet.redis``) worker 0 holds the instance's share of the fleet's."""
+        cfg = self.gateway.runtime.config.fleet
+        if self.sockdir is None and cfg.redis is None:
             return None
         guard = self.gateway.protect
-        path = f"{self.sockdir}/owner.sock"
+        path = f"{self.sockdir}/owner.sock" if self.sockdir is not None else None
         on_error = self.gateway.internal_error
-        if self.worker == 0:
-            fleet: Owner | Member = Owner(path, Ledger(self.loop.time), guard.reclaim, guard.apply_hold,
-                                          guard.stale_tokens, on_error)
-        else:
-            fleet = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
-        guard.budget = fleet
-        return fleet
+        if self.worker != 0:
+            member = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
+            guard.budget = member
+            return member
+        ledger = Ledger(self.loop.time)
+        owner = Owner(path, ledger, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
+        if cfg.redis is not None:
+            from .fleet.redisstore import RedisStore  # (redis is imported only when configured)
+
+            instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+            owner.source = Fleet(RedisStore(cfg.redis, instance), ledger, self.loop.time, cfg.fallback,
+                                 cfg.fallback_instances, cfg.redis.lease_ttl, owner.fleet_hold, owner.give_back_idle,
+                                 self.metrics, on_error)
+            self.metrics.fleet_rate_slack.set(RATE_SLACK)
+        guard.budget = owner
+        return owner
 
     def _set_names(self, runtime: Runtime) -> None:
         """The only client and profile names metrics may carry as labels (others: ``-``)."""

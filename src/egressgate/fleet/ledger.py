@@ -44,6 +44,10 @@ class Ledger:
         held = self._slots.get(key)
         return sum(held.values()) if held else 0
 
+    def keys(self) -> list[Key]:
+        """Keys with slots leased to someone."""
+        return list(self._slots)
+
     def slots_of(self, holder: int, key: Key) -> int:
         held = self._slots.get(key)
         return held.get(holder, 0) if held else 0

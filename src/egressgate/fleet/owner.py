@@ -1,6 +1,8 @@
 """Worker 0's side of one instance's shared budgets: the ``Ledger`` it owns, served to the
-other workers over a Unix socket, and the ``Budget`` of worker 0's own guard (in process:
-no round trip).
+other workers over a Unix socket (``workers: N``), and the ``Budget`` of worker 0's own guard
+(in process: no round trip). What the instance may lease out comes from its ``source``
+(``source.Alone``: the configured figures; ``source.Fleet``: slots and tokens held in the
+fleet store, holds shared with every instance).
 
 Messages (``wire``; a worker first says ``{"op": "hello", "worker": i}``):
 
@@ -25,17 +27,23 @@ import os
 from collections.abc import Callable
 
 from . import wire
-from .ledger import Key, Ledger, slice_of
+from .ledger import TOKEN_TTL, Key, Ledger
+from .source import Alone
 
 RECLAIM_WAIT = 0.2  # seconds a lease waits for other workers to give back idle slots
+HOLDS_KEPT = 10000  # holds in force the owner replays to a worker that connects (or reconnects) later
 OWNER = 0  # worker 0's holder number
 
 
 class Owner:
-    def __init__(self, path: str, ledger: Ledger, reclaim: Callable[[Key], int], apply_hold: Callable[[dict], bool],
-                 stale_tokens: Callable[[], list], on_error: Callable[[str, BaseException], None]) -> None:
+    """``path`` None: no other workers to serve (one worker, with a fleet store)."""
+
+    def __init__(self, path: str | None, ledger: Ledger, reclaim: Callable[[Key], int],
+                 apply_hold: Callable[[dict], bool], stale_tokens: Callable[[], list],
+                 on_error: Callable[[str, BaseException], None]) -> None:
         self.path = path
         self.ledger = ledger
+        self.source = Alone(ledger)  # (app.py puts a source.Fleet here when a store is configured)
         self._reclaim_own = reclaim  # worker 0's guard gives back its idle slots of a key
         self._apply_hold = apply_hold
         self._stale_tokens = stale_tokens
@@ -45,11 +53,15 @@ class Owner:
         self._reclaiming: dict[Key, asyncio.Future] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        # holds in force, for a worker that says hello after they were learned: doc, when it ends
+        self._holds: dict[tuple, tuple[dict, float]] = {}
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=wire.MAX_LINE)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=wire.MAX_LINE)
+        await self.source.start()
         self._spawn(self._sweep())
 
     async def close(self) -> None:
@@ -59,6 +71,7 @@ class Owner:
             task.cancel()
         for writer in list(self.members.values()):
             writer.close()
+        await self.source.close()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -67,44 +80,78 @@ class Owner:
 
     async def _sweep(self) -> None:
         """Worker 0's own token slices past their TTL go back to the bucket."""
-        from .ledger import TOKEN_TTL
-
         while True:
             await asyncio.sleep(TOKEN_TTL / 2)
             try:
                 for key, n, rate in self._stale_tokens():
-                    self.ledger.return_tokens(key, rate, n)
+                    self.source.return_tokens(key, rate, n)
             except Exception as exc:
                 self._on_error("fleet", exc)
 
     # --- the Budget of worker 0's guard ---------------------------------------------------------
     def try_slots(self, key: Key, limit: int) -> int:
-        return self.ledger.grant_slots(OWNER, key, limit, 1)
+        return self.ledger.grant_slots(OWNER, key, self.source.cap(key, limit), 1)
 
     async def slots(self, key: Key, limit: int) -> int:
         return await self._grant_slots(OWNER, key, limit)
 
     def try_tokens(self, key: Key, rate: float) -> int:
-        return self.ledger.grant_tokens(key, rate, slice_of(rate))[0]
+        return self.source.try_tokens(key, rate)
 
     async def tokens(self, key: Key, rate: float) -> tuple[int, float]:
-        return self.ledger.grant_tokens(key, rate, slice_of(rate))
+        return await self.source.tokens(key, rate)
 
     def give_back(self, key: Key, slots: int, tokens: int, rate: float | None) -> None:
         self.ledger.return_slots(OWNER, key, slots)
         if tokens and rate:
-            self.ledger.return_tokens(key, rate, tokens)
+            self.source.return_tokens(key, rate, tokens)
 
     def hold_learned(self, doc: dict) -> None:
+        self._keep_hold(doc)
         self._broadcast({"op": "hold", "hold": doc}, besides=OWNER)
+        self.source.hold_learned(doc)
+
+    def fleet_hold(self, doc: dict) -> None:
+        """A hold another instance learned: worker 0's guard and every worker hold it too."""
+        if self._apply_hold(doc):
+            self._keep_hold(doc)
+            self._broadcast({"op": "hold", "hold": doc}, besides=OWNER)
+
+    def _keep_hold(self, doc: dict) -> None:
+        """Remember a (well-formed) hold until it ends, to replay it to workers that connect later."""
+        now = asyncio.get_running_loop().time()
+        key = tuple(str(doc.get(k)) for k in ("profile", "member", "rule", "client", "host", "address"))
+        self._holds.pop(key, None)
+        self._holds[key] = (doc, now + float(doc["seconds"]))
+        if len(self._holds) > HOLDS_KEPT:
+            for k in [k for k, (_, until) in self._holds.items() if until <= now] or [next(iter(self._holds))]:
+                del self._holds[k]
+
+    def _replay_holds(self, writer: asyncio.StreamWriter) -> None:
+        now = asyncio.get_running_loop().time()
+        for key, (doc, until) in list(self._holds.items()):
+            if until <= now:
+                del self._holds[key]
+            else:
+                self._send(writer, {"op": "hold", "hold": {**doc, "seconds": until - now}})
+
+    async def give_back_idle(self, key: Key) -> None:
+        """Every worker's idle slots of ``key`` come back (another instance is short)."""
+        await self._reclaim(key, besides=-1)
 
     # --- leasing --------------------------------------------------------------------------------
     async def _grant_slots(self, holder: int, key: Key, limit: int) -> int:
-        n = self.ledger.grant_slots(holder, key, limit, 1)
+        """A slot for ``holder``: free in the instance's share, else reclaimed from the other
+        workers' idle ones, else one more for the instance from its source (the fleet)."""
+        n = self.ledger.grant_slots(holder, key, self.source.cap(key, limit), 1)
         if n:
             return n
         await self._reclaim(key, holder)
-        return self.ledger.grant_slots(holder, key, limit, 1)
+        n = self.ledger.grant_slots(holder, key, self.source.cap(key, limit), 1)
+        if n:
+            return n
+        await self.source.more_slots(key, limit)
+        return self.ledger.grant_slots(holder, key, self.source.cap(key, limit), 1)
 
     async def _reclaim(self, key: Key, besides: int) -> None:
         """Ask every other holder of ``key`` for its idle slots (one reclaim per key at a time)."""
@@ -146,6 +193,7 @@ class Owner:
                 self._forget(holder)
                 old.close()
             self.members[holder] = writer
+            self._replay_holds(writer)
             while True:
                 line = await reader.readline()
                 if not line:
@@ -181,14 +229,13 @@ class Owner:
         elif op == "tokens" and key is not None:
             rate = wire.number(msg.get("rate"))
             if rate:
-                n, wait = self.ledger.grant_tokens(key, rate, slice_of(rate))
-                self._send(writer, {"id": msg.get("id"), "n": n, "wait": wait})
+                self._spawn(self._answer_tokens(writer, msg.get("id"), key, rate))
         elif op == "back" and key is not None:
             slots, tokens, rate = wire.count(msg.get("slots")), wire.count(msg.get("tokens")), wire.number(msg.get("rate"))
             if slots:
                 self.ledger.return_slots(holder, key, slots)
             if tokens and rate:
-                self.ledger.return_tokens(key, rate, tokens)
+                self.source.return_tokens(key, rate, tokens)
         elif op == "returned" and key is not None:
             n = wire.count(msg.get("n"))
             if n:
@@ -197,7 +244,9 @@ class Owner:
             if fut is not None and not fut.done():
                 fut.set_result(n or 0)
         elif op == "hold" and isinstance(msg.get("hold"), dict) and self._apply_hold(msg["hold"]):
+            self._keep_hold(msg["hold"])
             self._broadcast({"op": "hold", "hold": msg["hold"]}, besides=holder)
+            self.source.hold_learned(msg["hold"])
 
     async def _answer_slots(self, holder: int, writer: asyncio.StreamWriter, ident, key: Key, limit: int) -> None:
         try:
@@ -209,6 +258,14 @@ class Owner:
             self._send(writer, {"id": ident, "n": n})
         else:  # (the worker went away meanwhile: what it was granted comes back)
             self.ledger.return_slots(holder, key, n)
+
+    async def _answer_tokens(self, writer: asyncio.StreamWriter, ident, key: Key, rate: float) -> None:
+        try:
+            n, wait = await self.source.tokens(key, rate)
+        except Exception as exc:
+            self._on_error("fleet", exc)
+            n, wait = 0, 1.0
+        self._send(writer, {"id": ident, "n": n, "wait": wait})
 
     def _broadcast(self, msg: dict, besides: int) -> None:
         for holder, writer in list(self.members.items()):

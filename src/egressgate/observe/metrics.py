@@ -238,6 +238,15 @@ class Metrics:
         self.worker_restarts = Counter(PREFIX + "worker_restarts_total",
                                        "Worker processes that exited unexpectedly and were started again",
                                        registry=r)
+        # the fleet store (fleet.redis): worker 0 alone talks to it
+        self.fleet_store_up = Gauge(PREFIX + "fleet_store_up", "1 while the fleet store (Redis) answers in time; 0: "
+                                    "the fallback (fleet.fallback) decides shared-IP limits", registry=r)
+        self.fleet_store_errors = Counter(PREFIX + "fleet_store_errors_total", "Fleet store operations that failed "
+                                          "or were not answered within fleet.redis.timeout", ["op"], registry=r)
+        self.fleet_instances = Gauge(PREFIX + "fleet_instances", "Instances with a live heartbeat in the fleet "
+                                     "store, as last seen", registry=r)
+        self.fleet_rate_slack = Gauge(PREFIX + "fleet_rate_slack_seconds", "The S of the shared-IP rate bound: over "
+                                      "any W seconds at most max(1, rate) + rate * (W + S) are admitted", registry=r)
 
     def set_names(self, clients: Iterable[str], profiles: Iterable[str]) -> None:
         """The client and profile names of a configuration coming into force. Names stay known
