@@ -1,11 +1,14 @@
 """A real ``redis-server`` (Debian package ``redis-server``) for tests: started on a free
-loopback port with a temporary directory and no persistence, killed by its pid."""
+loopback port with a temporary directory and no persistence, killed by its pid. With ``tls``
+(certificate file, key file) it speaks TLS only (``rediss://``), with ``password`` it asks
+for AUTH."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -20,9 +23,11 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, tmp: Path, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, tmp: Path, port: int | None = None, password: str | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.tmp = tmp
         self.password = password
+        self.tls = tls
         self.program = required.tool("redis-server")
         self.proc: subprocess.Popen | None = None
         for _ in range(5):  # a port taken between choosing it and binding it: choose again
@@ -35,10 +40,14 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def _start(self) -> bool:
-        args = [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.tmp),
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
+                     "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
+        args = [self.program, *ports, "--bind", "127.0.0.1", "--dir", str(self.tmp),
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
@@ -55,17 +64,25 @@ class RedisServer:
 
     def command(self, *words: str) -> bytes:
         """One command in RESP, its raw answer (enough for PING and small replies)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        try:
+            if self.tls:  # (the test's own look: the server's certificate is not what is tested here)
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                s = ctx.wrap_socket(s)
             if self.password:
                 s.sendall(_resp(["AUTH", self.password]))
                 s.recv(64)
             s.sendall(_resp(list(words)))
             return s.recv(65536)
+        finally:
+            s.close()
 
     def ping(self) -> bool:
         try:
             return self.command("PING").startswith(b"+PONG")
-        except OSError:
+        except (OSError, ssl.SSLError):
             return False
 
     def kill(self) -> None:

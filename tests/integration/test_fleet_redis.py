@@ -46,11 +46,13 @@ def _config(port: str, redis_url: str, protect: list[dict], **fleet) -> dict:
 
 
 def _instances(start_gateway, redis: RedisServer, protect: list[dict], n: int = 2, fleet_size: int | None = None,
-               **fleet) -> list:
+               redis_extra: dict | None = None, **fleet) -> list:
     gws = []
     for _ in range(n):
         with ReservedPort() as port:  # workers need a fixed port: held until they listen on it
-            gw = start_gateway(_config(port.address, redis.url, protect, **fleet))
+            cfg = _config(port.address, redis.url, protect, **fleet)
+            cfg["fleet"]["redis"].update(redis_extra or {})
+            gw = start_gateway(cfg)
             wait_for(lambda g=gw: len([e for e in g.events if e.get("event") == "started"]) >= WORKERS,
                      "every worker started")
         gws.append(gw)
@@ -209,8 +211,14 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
     keeps 4 // 2 = 2 slots -- at once, logged once, shown by egressgate_fleet_store_up --
     requests never hang, descriptors do not grow; Redis back, the fleet's limit applies again."""
     gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 4}])
-    statuses, threads = _burst(gws, origin.url("/x"), n=8)
+    # the first instance's workers hold all 4 slots, idle, when Redis goes: they give back
+    # what is beyond its share of 2 (else the two instances would admit 4 + 2)
+    statuses, threads = _burst([gws[0]], origin.url("/hold"), n=4)
+    wait_for(lambda: len(statuses) + origin.in_flight >= 4, "every request admitted or refused", timeout=20)
+    assert origin.in_flight == 4, statuses
+    origin.release.set()
     _join(threads)
+    wait_for(lambda: origin.in_flight == 0, "the origin idle")
     before = [_fds(gw) for gw in gws]
     redis.kill()
     for gw in gws:
@@ -262,3 +270,39 @@ def test_a_killed_instances_slots_come_back_within_lease_ttl(start_gateway, redi
     assert came_back <= LEASE_TTL + 2, came_back
     origin.release.set()
     _join(threads)
+
+
+def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin):
+    """A redis-server that speaks TLS only and asks for AUTH (as Memorystore with in-transit
+    encryption and AUTH): two instances reach it with ``rediss://``, the CA and a
+    password_file, and share one token bucket through it. An instance with a wrong password
+    does not reach it: the fallback applies, logged as fleet_store_down."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "redis.pem", tmp_path / "redis.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    password = "s3cret-fleet"
+    (tmp_path / "pw").write_text(password + "\n")
+    (tmp_path / "bad").write_text("wrong\n")
+    server = RedisServer(tmp_path, password=password, tls=(str(cert_file), str(key_file)))
+    try:
+        protect = [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}]
+        tls = {"password_file": str(tmp_path / "pw"), "tls": {"ca": str(ca_file)}}
+        gws = _instances(start_gateway, server, protect, redis_extra=tls)
+        statuses, threads = _burst(gws, origin.url("/x"))
+        _join(threads)
+        assert sorted(statuses) == [200] + [429] * (N - 1), statuses
+        assert origin.seen("/x") == 1
+        with ReservedPort() as port:
+            bad = start_gateway(_config(port.address, server.url, protect)
+                                | {"fleet": {"redis": {"url": server.url, "password_file": str(tmp_path / "bad"),
+                                                       "tls": {"ca": str(ca_file)}, "timeout": "250ms"}}})
+            down = bad.wait_event("fleet_store_down", timeout=10)
+        assert "auth" in down["error"].lower() or "password" in down["error"].lower(), down
+    finally:
+        server.kill()
+

@@ -44,7 +44,7 @@ class Ledger:
         held = self._slots.get(key)
         return sum(held.values()) if held else 0
 
-    def keys(self) -> list[Key]:
+    def leased_keys(self) -> list[Key]:
         """Keys with slots leased to someone."""
         return list(self._slots)
 

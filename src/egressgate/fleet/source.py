@@ -107,10 +107,24 @@ class Fleet:
         self.metrics.fleet_store_errors.labels(op).inc()
         if self.up or self._down_since is None:
             self._down_since = self._clock()
-            log_event("fleet_store_down", op=op, error=str(err)[:300], fallback=self.fallback,
-                      instances=self._divisor())
+            self._spawn(self._went_down(op, str(err)[:300], was_up=self.up))
         self.up = False
         self.metrics.fleet_store_up.set(0)
+
+    async def _went_down(self, op: str, error: str, was_up: bool) -> None:
+        """Into the fallback: the workers' idle slots come back first, so what they hold fits
+        the instance's share (slots in use finish; none is leased past the share), then it is
+        logged."""
+        try:
+            if was_up:
+                for key in self.ledger.leased_keys():
+                    await self._give_back_idle(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._on_error("fleet", exc)
+        finally:
+            log_event("fleet_store_down", op=op, error=error, fallback=self.fallback, instances=self._divisor())
 
     def _healthy(self, instances: int) -> None:
         self.instances = instances
@@ -284,7 +298,7 @@ class Fleet:
         Coming back from the fallback, the slots the workers hold now are the instance's."""
         async with self._lock:
             was_up = self.up
-            for key in set(self.caps) | set(self.ledger.keys()):
+            for key in set(self.caps) | set(self.ledger.leased_keys()):
                 used = self.ledger.leased(key)
                 if not was_up:
                     self.caps[key] = used
