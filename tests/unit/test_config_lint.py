@@ -73,7 +73,13 @@ LINT_CASES = [
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
           py: {bind: [10.0.0.2], protect: [{destinations: [b.test]}]}
-        """, [(("egress", "px", "protect"), "divide them by 3")]),
+        """, [(("egress", "px", "protect"), "set fleet.redis")]),
+    ("protect-limits-with-workers-and-a-fleet-store", """\
+        workers: 3
+        fleet: {redis: {url: "redis://10.0.0.9:6379"}}
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
+        """, []),
     ("protect-limits-one-worker", """\
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 5}]}

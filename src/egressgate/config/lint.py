@@ -133,13 +133,15 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
 
 
 def protect_per_worker(config: Config) -> list[Finding]:
-    """Shared-IP limits are counted per process: with several workers a provider sees up to
-    ``workers`` times each figure."""
-    if config.workers <= 1:
+    """Shared-IP limits are exact across one instance's workers, but without a fleet store
+    (``fleet.redis``) each instance counts its own: a deployment that runs several workers
+    (an autoscaled group, a Deployment with replicas) is warned."""
+    if config.workers <= 1 or config.fleet.redis is not None:
         return []
     return [Finding(("egress", name, "protect"),
-                    f"limits are counted per worker process: with workers: {config.workers} the provider can see "
-                    f"up to {config.workers}x max_concurrent / max_per_second; divide them by {config.workers}")
+                    f"limits are shared by this instance's {config.workers} workers but counted per instance: "
+                    "with several instances behind one egress IP the provider sees each figure once per instance; "
+                    "set fleet.redis to share them (docs/operations.md#fleet-store-redis)")
             for name, profile in config.egress.items()
             if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
 
