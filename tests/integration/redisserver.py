@@ -48,7 +48,8 @@ class RedisServer:
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
                      "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
         args = [self.program, *ports, "--bind", "127.0.0.1", "--dir", str(self.tmp),
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+                "--enable-debug-command", "local"]  # (DEBUG SLEEP: a store that stops answering)
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -62,9 +63,9 @@ class RedisServer:
         self.kill()
         return False
 
-    def command(self, *words: str) -> bytes:
+    def command(self, *words: str, timeout: float = 2) -> bytes:
         """One command in RESP, its raw answer (enough for PING and small replies)."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         try:
             if self.tls:  # (the test's own look: the server's certificate is not what is tested here)
                 ctx = ssl.create_default_context()

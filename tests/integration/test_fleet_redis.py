@@ -253,6 +253,35 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
     _join(threads)
 
 
+def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
+    """Redis stops answering (DEBUG SLEEP): every request is answered (admitted or refused)
+    while Redis still sleeps -- request latency does not follow the store's -- the fallback
+    is logged, and when Redis answers again the instances say so."""
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 4,
+                                             "max_per_second": 1000}])
+    asleep = threading.Event()
+    woke: list[bytes] = []
+
+    def sleep() -> None:
+        asleep.set()
+        woke.append(redis.command("DEBUG", "SLEEP", "6", timeout=30))
+
+    sleeper = threading.Thread(target=sleep, daemon=True)
+    sleeper.start()
+    asleep.wait(5)
+    wait_for(lambda: not redis.ping(), "redis asleep")  # (PING times out while it sleeps)
+    statuses, threads = _burst(gws, origin.url("/x"), n=12)
+    _join(threads)
+    assert not woke, "requests waited for Redis"
+    assert set(statuses) <= {200, 429} and len(statuses) == 12, statuses
+    for gw in gws:
+        gw.wait_event("fleet_store_down", timeout=10)
+    sleeper.join(30)
+    assert woke and woke[0].startswith(b"+OK"), woke
+    for gw in gws:
+        gw.wait_event("fleet_store_up", timeout=10)
+
+
 def test_a_killed_instances_slots_come_back_within_lease_ttl(start_gateway, redis, origin):
     a, b = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 2}])
     statuses, threads = _burst([a], origin.url("/hold"), n=2)
