@@ -73,6 +73,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/protect_cost.py   # shared-IP protection's cost per request, with and without a fleet store
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
