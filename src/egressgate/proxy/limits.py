@@ -79,8 +79,8 @@ class AuthThrottle:
     the loop's default executor (config reloads use that one, so a flood never delays a
     reload). What waits is bounded per source address (``per_source``, waiting and running)
     and in total (``total``); over either the request gets 429 at once. Waiting checks are
-    started round-robin over source addresses, so one source's queue never delays another's
-    first check by more than one turn. A waiting check whose every requester left (the
+    started round-robin over source addresses, a source with no recent failure first, so a
+    flood never delays a known client's first check by more than the checks already running. A waiting check whose every requester left (the
     connection closed, its task cancelled) is dropped before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
@@ -140,6 +140,8 @@ class AuthThrottle:
         job = self._jobs[pending.key] = _Job(peer, pending, self._loop.create_future())
         self._by_source[peer] = self._by_source.get(peer, 0) + 1
         self._queues.setdefault(peer, deque()).append(job)
+        if peer not in self._failures:  # a source with no wrong password lately goes first
+            self._queues.move_to_end(peer, last=False)
         self._pump()
         return job
 
