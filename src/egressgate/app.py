@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
@@ -256,6 +258,8 @@ class App:
                     text = text if text is not None else await self.loop.run_in_executor(None, self.watcher.read)
                     self.watcher.note(text)
                 runtime, text = await self.loop.run_in_executor(None, load_runtime_text, self.path, text)
+                _refuse_empty(text, self.path or EMBEDDED)
+                self._refuse_dropping_every_listener(runtime)
                 await self._apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
@@ -268,6 +272,20 @@ class App:
                 self.supervisor.config_text = text  # a restarted worker starts with what is in force
             log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
             self._tell_children(signal.SIGHUP)
+
+    def _refuse_dropping_every_listener(self, runtime: Runtime) -> None:
+        """A reload keeps at least one listener in force (its configured or bound address): a
+        file that would replace every one of them (a truncated file, another host's config) is
+        refused, so a bad write never leaves the proxy port refusing connections. Moving every
+        listener at once needs a restart."""
+        old = {item.address for item in self.gateway.runtime.config.listen}
+        old |= set(self.gateway.listeners.bound_addresses())
+        new = [item.address for item in runtime.config.listen]
+        if old and not old.intersection(new):
+            source = self.path or EMBEDDED
+            raise ConfigError([f"{source}:0: listen: the new config keeps none of the listeners in force "
+                               f"({', '.join(sorted(old))}); moving every listener at once needs a restart "
+                               "(the running config stays in force)"])
 
     async def _apply(self, runtime: Runtime) -> None:
         old, new = self.gateway.runtime.config, runtime.config
@@ -493,3 +511,15 @@ def run_worker(path: str | None, index: int, sockdir: str, parent: int) -> int:
     runtime, _ = load_runtime_text(path, text)
     _raise_fd_limit()
     return _run_loop(serve(path, runtime, index, None, sockdir, reload_pending=lambda: bool(pending)))
+
+
+def _refuse_empty(text: bytes, source: str) -> None:
+    """A reload never applies an empty file (or one of only comments): it would replace every
+    listener, profile and client with the built-in defaults. A truncated write looks like this."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # (the loader reports it with its line)
+    if doc is None or doc == {}:
+        raise ConfigError([f"{source}:1: (file): the config is empty: a reload needs a complete config "
+                           "(the running config stays in force)"])
