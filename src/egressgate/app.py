@@ -16,6 +16,7 @@ from pathlib import Path
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
+from .egress.plan import refusing
 from .errors import ConfigError
 from .keysource import KeySources
 from .model import parse_socket_address
@@ -228,7 +229,10 @@ class App:
             self.metrics.reload_ok.set(1)
             if self.supervisor is not None:
                 self.supervisor.config_text = text  # a restarted worker starts with what is in force
-            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+            # a reload whose result leaves a profile refusing all its traffic says so
+            dark = refusing(self.gateway.runtime.profiles)
+            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12],
+                      **({"refusing": dark} if dark else {}))
             self._tell_children(signal.SIGHUP)
 
     async def _apply(self, runtime: Runtime) -> None:

@@ -10,7 +10,8 @@ names it (see ``egress.providers``) and whose ``detail`` keeps the evidence.
 
 ``Verifier`` is the server's side: every member x provider at start, after each reload and
 every ``interval``; ``gate_switches`` holds back a ``switch: verified`` reload's new members
-until they pass (``PendingSwitch``), and the loop promotes a pending switch once they do.
+until they pass every provider AND (with ``expect_ip``) the egress-IP attestation
+(``PendingSwitch``), and the loop promotes a pending switch once they do.
 ``egressgate verify`` uses ``check_pools`` directly.
 """
 
@@ -23,7 +24,14 @@ from collections.abc import Awaitable, Callable
 
 from .egress.dialer import Dialer, SourceUnavailable
 from .egress.plan import EgressPlan, ProfilePool
-from .egress.providers import PendingSwitch, ProviderBoard, ProviderResult, ProviderSpec, new_members
+from .egress.providers import (
+    PendingSwitch,
+    ProviderBoard,
+    ProviderResult,
+    ProviderSpec,
+    attestation_failures,
+    new_members,
+)
 from .egress.resolver import Resolver
 from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
 from .observe.accesslog import log_event
@@ -218,13 +226,13 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
 class Verifier:
     """The server's provider checks (every worker checks for itself, as for egress IPs: each
     decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
-    export a runtime's results; ``attest(rt, members)``: the egress-IP check of a promoted
-    switch's members not checked yet; ``log``: this process logs ``provider_check`` events;
+    export a runtime's results; ``attest(rt, members, pools=None)``: the egress-IP check of
+    ``members`` (of ``pools``, default ``rt.profiles``: a pending switch's candidate is not in it); ``log``: this process logs ``provider_check`` events;
     ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
-                 attest: Callable[[Runtime, set], Awaitable[None]], log: bool,
+                 attest: Callable[..., Awaitable[None]], log: bool,
                  on_error: Callable[[str, BaseException], None]) -> None:
         self.on_error = on_error
         self.current = current
@@ -281,7 +289,8 @@ class Verifier:
             if not added:
                 continue
             results = await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())])
-            failures = [r for r in results if not r.ok]
+            # (attested before this gate, while the new pool was in ``new``)
+            failures = attestation_failures(pool, added, time.time()) + [r for r in results if not r.ok]
             if failures:
                 new.profiles[name] = previous  # the old members stay in force, with their results
                 board.adopt(old.providers, {name: previous})
@@ -290,7 +299,9 @@ class Verifier:
                           new_members=[m.label for m in pool.members], reason=held[name].describe())
             else:
                 log_event("provider_switch", profile=name, state="done", old_members=[m.label for m in previous.members],
-                          new_members=[m.label for m in pool.members], reason="every new member passed every provider")
+                          new_members=[m.label for m in pool.members],
+                          reason="every new member passed every provider" + (" and the egress-IP check"
+                                                                             if pool.attest else ""))
         for name, was in old.providers.pending.items():  # a reload ends every switch pending before it
             members = [m.label for m in was.candidate.members]
             now = held.get(name)
@@ -308,9 +319,12 @@ class Verifier:
         return held
 
     async def _retry_switch(self, rt: Runtime, pending: PendingSwitch) -> None:
-        added = new_members(rt.profiles.get(pending.profile), pending.candidate)
+        candidate = pending.candidate
+        added = new_members(rt.profiles.get(pending.profile), candidate)
+        if candidate.attest:  # the candidate is not in the runtime: the prober does not check it by itself
+            await self.attest(rt, set(added), {pending.profile: candidate})
         results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())])
-        failures = [r for r in results if not r.ok]
+        failures = attestation_failures(candidate, added, time.time()) + [r for r in results if not r.ok]
         if failures:
             pending.failures = failures
             return
@@ -322,7 +336,8 @@ class Verifier:
         await self.attest(rt, set(pending.candidate.unchecked()) if pending.candidate.attest else set())
         log_event("provider_switch", profile=pending.profile, state="done",
                   old_members=[m.label for m in old.members], new_members=[m.label for m in pending.candidate.members],
-                  reason="every new member now passes every provider")
+                  reason="every new member now passes every provider" + (" and the egress-IP check"
+                                                                         if candidate.attest else ""))
 
     async def run(self) -> None:
         while True:

@@ -451,3 +451,61 @@ def test_two_workers_each_check_and_the_instance_reports_once(start_gateway, all
     assert metric.endswith(" 1.0"), metric
     wait_for(lambda: [e for e in gw.events if e.get("event") == "provider_check"], "worker 0's provider_check event")
     assert len([e for e in gw.events if e.get("event") == "provider_check"]) == 1
+
+
+def _slip_config(allowlist, echo_port: int, origin, bind: str, expect: list[str], **profile) -> dict:
+    cfg = _cutover_config(allowlist, echo_port, bind, expect_ip=expect, **profile)
+    cfg["probe"] = {"echo_url": origin.url("/ip"), "interval": "0.3s", "retry": "0.3s"}
+    return cfg
+
+
+def test_verified_switch_waits_for_the_egress_ip_attestation_too(start_gateway, allowlist, echo, origin):
+    """Defect (issue 26 item 1): a profile moved to bind [B] with expect_ip [A] (a slip) and a
+    provider accepting B: the reload answered reloaded with no pending switch, the
+    provider_switch event said done and every job got 503 Egress IP Mismatch, while the old
+    member was attested and accepted. A verified switch needs the attestation AND every provider."""
+    allowlist.allowed.update({"127.0.0.2", "127.0.0.3"})
+    gw = start_gateway(_slip_config(allowlist, echo.port, origin, "127.0.0.2", ["127.0.0.2"]))
+    assert _ip(gw, origin) == b"127.0.0.2"
+    s = _tunnel(gw, echo.port)
+    _roundtrip(s, b"before" * 1000)
+    status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.2"]))
+    assert status == 200 and doc["reloaded"] is True
+    why = doc["pending_switches"]["vendor"]
+    assert "127.0.0.3" in why and "egress_ip_mismatch" in why, why
+    event = gw.wait_event("provider_switch")
+    assert event["state"] == "pending" and event["new_members"] == ["127.0.0.3"], event
+    assert "egress_ip_mismatch" in event["reason"], event
+    assert _ip(gw, origin) == b"127.0.0.2"  # the old, attested and accepted member keeps serving
+    profile = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]
+    assert profile["serving"] is True and profile["members"] == ["127.0.0.2"], profile
+    _roundtrip(s, b"during" * 1000)
+    # the slip is not fixed by itself: the switch stays pending over later checks
+    def refused_at() -> float:
+        pending = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]["providers"]["pending_switch"]
+        return pending["refused_by"][0]["at"]
+
+    first = refused_at()
+    wait_for(lambda: refused_at() > first, "a later check of the pending member")
+    assert _ip(gw, origin) == b"127.0.0.2"
+    # the config is corrected: the switch happens, attested and accepted
+    status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.3"]))
+    assert status == 200 and "pending_switches" not in doc and "refusing" not in doc, doc
+    assert _ip(gw, origin) == b"127.0.0.3"
+    _roundtrip(s, b"after" * 1000)
+    s.close()
+
+
+def test_a_reload_that_leaves_a_profile_refusing_all_traffic_says_so(start_gateway, allowlist, echo, origin):
+    """Defect (issue 26 item 1): a reload whose result made a profile refuse all its traffic
+    answered a plain ``reloaded: true`` and its event said nothing."""
+    allowlist.allowed.update({"127.0.0.2", "127.0.0.3"})
+    gw = start_gateway(_slip_config(allowlist, echo.port, origin, "127.0.0.2", ["127.0.0.2"], switch="immediate"))
+    assert _ip(gw, origin) == b"127.0.0.2"
+    after = len(gw.events)
+    status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.2"],
+                                              switch="immediate"))
+    assert status == 200 and doc["reloaded"] is True
+    assert "egress IP 127.0.0.3" in doc["refusing"]["vendor"], doc
+    event = gw.wait_event("reloaded", after=after)
+    assert "127.0.0.3" in event["refusing"]["vendor"], event

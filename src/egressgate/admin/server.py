@@ -33,6 +33,7 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..egress.plan import refusing
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
@@ -341,8 +342,10 @@ class AdminProtocol(asyncio.Protocol):
             self._send(simple_response(400, body))
             return
         pending = {name: p.describe() for name, p in self.gw.runtime.providers.pending.items()}
+        dark = refusing(self.gw.runtime.profiles)  # profiles the reloaded config leaves refusing all traffic
         body = json.dumps({"reloaded": True, "hash": self.gw.runtime.config_hash,
-                           **({"pending_switches": pending} if pending else {})}).encode() + b"\n"
+                           **({"pending_switches": pending} if pending else {}),
+                           **({"refusing": dark} if dark else {})}).encode() + b"\n"
         self._send(simple_response(200, body))
 
     def _send(self, data: bytes) -> None:

@@ -203,6 +203,11 @@ class ProfilePool:
         return self._down.get(plan, 0.0) > self._clock()
 
 
+def refusing(pools: dict[str, ProfilePool]) -> dict[str, str]:
+    """The profiles that refuse all their traffic (no attested member), each with why."""
+    return {name: why[1] for name, pool in pools.items() if (why := pool.refusal()) is not None}
+
+
 def upstream_with_password(url: str, password: str | None) -> UpstreamProxy:
     """The upstream proxy of ``url``; with ``password`` (read from a file or the environment),
     the user named in the URL authenticates with it instead of a password in the URL."""

@@ -15,6 +15,8 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 - ``closed``: the provider closed the connection before answering;
 - ``connect_refused`` / ``connect_timeout`` / ``connect_failed``: no TCP connection;
 - ``no_response``: connected, but no response head within the timeout;
+- ``egress_ip_mismatch`` / ``egress_ip_unverified``: not a provider's answer but the member's
+  egress-IP attestation (pseudo-provider ``egress-ip``), which a verified switch needs too;
 - ``dns_error``, ``address_prohibited`` (the address guard), ``source_unavailable`` (the
   member's bind address is not on this host), ``upstream_refused`` (the chained proxy
   refused the CONNECT), ``bad_response``, ``error``.
@@ -96,9 +98,36 @@ class ProviderResult:
                 "remote_addr": self.remote_addr, "at": self.at, "duration_ms": self.duration_ms}
 
 
+ATTESTATION = "egress-ip"  # the pseudo-provider a verified switch's attestation failures are reported as
+
+
+def attestation_failures(pool: ProfilePool, members: list[EgressPlan], now: float) -> list[ProviderResult]:
+    """``members`` of ``pool`` that its egress-IP attestation does not (yet) let carry traffic,
+    as results of the pseudo-provider ``egress-ip``: ``egress_ip_mismatch`` (the echo service saw
+    another IP) or ``egress_ip_unverified`` (no answer, or not checked). Empty without ``attest``."""
+    if not pool.attest:
+        return []
+    out = []
+    expected = ", ".join(pool.expect_ip)
+    for m in members:
+        if pool.verified(m):
+            continue
+        check = pool.checks.get(m)
+        if check is not None and check.error is None:
+            out.append(ProviderResult(pool.name, m.label, ATTESTATION, "egress_ip_mismatch",
+                                      f"egress IP {check.observed} is not one of [{expected}]", check.at))
+        else:
+            why = check.error if check is not None else "not checked yet"
+            out.append(ProviderResult(pool.name, m.label, ATTESTATION, "egress_ip_unverified",
+                                      f"egress IP not verified against [{expected}]: {why}",
+                                      check.at if check is not None else now))
+    return out
+
+
 @dataclass(slots=True)
 class PendingSwitch:
-    """A ``switch: verified`` reload whose new members did not (yet) pass every provider: the
+    """A ``switch: verified`` reload whose new members did not (yet) pass every provider (and,
+    with ``expect_ip``, the egress-IP attestation): the
     profile keeps ``old`` members; ``candidate`` takes over once all its checks pass."""
 
     profile: str
