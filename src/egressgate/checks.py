@@ -30,6 +30,7 @@ from .egress.providers import (
     ProviderResult,
     ProviderSpec,
     attestation_failures,
+    judge_answer,
     new_members,
 )
 from .egress.resolver import Resolver
@@ -71,12 +72,12 @@ class _HeadReader(chain.HeadReader):
         return _Failed("error", f"internal error in {where}: {type(exc).__name__}")
 
 
-def _status(head: bytes) -> tuple[int, str]:
+def _status(head: bytes) -> tuple[int, bytes]:
     line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
     status = chain.reply_status(head)
     if not status:
         raise _Failed("bad_response", f"not an HTTP response: {line!r}")
-    return status, line
+    return status, head
 
 
 def _tls_detail(exc: ssl.SSLError) -> str:
@@ -90,6 +91,7 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
     """One member x one provider; never raises (bar cancellation)."""
     at, started = time.time(), time.monotonic()
     where: dict[str, str | None] = {"egress": None, "remote": None}
+    wait = None
     try:
         async with asyncio.timeout(spec.timeout):
             status, line = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
@@ -104,16 +106,16 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
     except (OSError, ValueError, ssl.SSLError) as exc:
         outcome, detail, status = "error", f"{type(exc).__name__}: {exc}", None
     else:
-        if status is None or spec.accepts(status):
+        if status is None:
             outcome, detail = "accepted", line
         else:
-            outcome, detail = "http_status", f"{line} (accepted: {spec.expects})"
+            outcome, detail, wait = judge_answer(status, line, spec.accepts, spec.expects, time.time())
     return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, where["egress"],
-                          where["remote"], round((time.monotonic() - started) * 1000, 1))
+                          where["remote"], round((time.monotonic() - started) * 1000, 1), wait)
 
 
 async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
-                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str]:
+                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str | bytes]:
     dest = spec.dest
     loop = asyncio.get_running_loop()
     rest = b""

@@ -509,3 +509,76 @@ def test_a_reload_that_leaves_a_profile_refusing_all_traffic_says_so(start_gatew
     assert "egress IP 127.0.0.3" in doc["refusing"]["vendor"], doc
     event = gw.wait_event("reloaded", after=after)
     assert "127.0.0.3" in event["refusing"]["vendor"], event
+
+
+class Throttler:
+    """A provider that rate-limits: 429 with Retry-After (seconds), 503 with an HTTP-date
+    Retry-After, 503 without one (an outage, not a throttle), by path."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                if self.path == "/429":
+                    self.send_response(429)
+                    self.send_header("Retry-After", "120")
+                elif self.path == "/503-date":
+                    self.send_response(503)
+                    self.send_header("Retry-After", "Fri, 31 Dec 2100 23:59:59 GMT")
+                else:
+                    self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def throttler():
+    t = Throttler()
+    yield t
+    t.close()
+
+
+def test_throttling_is_not_a_block(tmp_path, start_gateway, throttler):
+    """Defect (issue 26 item 3): a 429 (or 503 with Retry-After) was reported as http_status like
+    a 403 allowlist refusal: it failed a required check (readiness) and the pre-flight as
+    "refuses member". Now: outcome throttled, with the Retry-After, never a refusal."""
+    cfg = base_config(egress={"vendor": {"bind": ["127.0.0.2"], "providers": [
+        {"name": "limited", "url": throttler.url("/429"), "required": True},
+        {"name": "limited-until", "url": throttler.url("/503-date"), "required": True}]}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = _verify(path, "--json")
+    got = {d["provider"]: d for d in map(json.loads, r.stdout.splitlines())}
+    assert got["limited"]["outcome"] == "throttled" and got["limited"]["retry_after"] == 120, got
+    assert got["limited-until"]["outcome"] == "throttled" and got["limited-until"]["retry_after"] > 86000, got
+    assert r.returncode == 3, r.stdout + r.stderr  # no verdict: neither pass (0) nor refusal (1)
+    gw = start_gateway(cfg)
+    wait_for(lambda: all(c["outcome"] == "throttled" for c in json.loads(_get(gw.admin + "/status")[1])
+                         ["profiles"]["vendor"]["providers"]["checks"]) and len(json.loads(
+                             _get(gw.admin + "/status")[1])["profiles"]["vendor"]["providers"]["checks"]) == 2,
+             "both checks made")
+    status, body = _get(gw.admin + "/readyz")
+    assert status == 200, body
+    # a 503 without Retry-After is an outage answer, judged as before
+    cfg["egress"]["vendor"]["providers"] = [{"name": "down", "url": throttler.url("/503")}]
+    path.write_text(yaml.safe_dump(cfg))
+    r = _verify(path, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["outcome"] == "http_status", r.stdout

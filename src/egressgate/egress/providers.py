@@ -10,6 +10,10 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 
 - ``accepted``: the handshake (``accept: tls``) or the HTTP status was acceptable;
 - ``http_status``: the provider answered, with a status outside ``accept`` (say 403: blocked);
+- ``throttled``: the provider rate-limits the check (``429``, or ``503`` with ``Retry-After``):
+  no verdict on the member either way, so not a refusal (``ProviderResult.refused`` is False,
+  ``retry_after`` carries the provider's wait). ``judge_answer`` decides it, for every caller
+  that judges a provider's answer (checks here, block detection from live traffic);
 - ``tls_error``: the TLS handshake failed (an alert, or the certificate did not verify);
 - ``reset``: the connection was reset (at connect, in the handshake or before the answer);
 - ``closed``: the provider closed the connection before answering;
@@ -25,6 +29,8 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from ..model import HostPort
@@ -87,15 +93,65 @@ class ProviderResult:
     egress_addr: str | None = None  # the local address the check left from (bind / direct)
     remote_addr: str | None = None  # the provider address connected to (or the chained proxy)
     duration_ms: float = 0.0
+    retry_after: float | None = None  # throttled: the seconds the provider asked to wait (Retry-After)
 
     @property
     def ok(self) -> bool:
         return self.outcome == "accepted"
 
+    @property
+    def refused(self) -> bool:
+        """Failed, and not merely throttled (a rate limit says nothing about the member)."""
+        return not self.ok and self.outcome != "throttled"
+
     def view(self) -> dict:
         return {"member": self.member, "provider": self.provider, "ok": self.ok, "outcome": self.outcome,
                 "detail": self.detail, "status": self.status, "egress_addr": self.egress_addr,
-                "remote_addr": self.remote_addr, "at": self.at, "duration_ms": self.duration_ms}
+                "remote_addr": self.remote_addr, "at": self.at, "duration_ms": self.duration_ms,
+                **({"retry_after": self.retry_after} if self.retry_after is not None else {})}
+
+
+MAX_RETRY_AFTER = 86400.0  # a Retry-After beyond a day is read as a day
+
+
+def header(head: bytes, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case) in a response ``head``, stripped."""
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return None
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP-date; None if absent or
+    unreadable; clamped to [0, ``MAX_RETRY_AFTER``]."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
+
+
+def judge_answer(status: int, head: bytes, accepts, expects: str, now: float) -> tuple[str, str, float | None]:
+    """(outcome, detail, retry_after) of a provider's answer ``head`` with ``status``:
+    ``accepted`` when ``accepts(status)``; ``throttled`` for 429, or 503 with a Retry-After;
+    else ``http_status``. Pure, shared by every judge of a provider's answer."""
+    line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
+    if accepts(status):
+        return "accepted", line, None
+    raw = header(head, b"retry-after")
+    wait = parse_retry_after(raw, now)
+    if status == 429 or (status == 503 and raw is not None):
+        return "throttled", line + (f" (retry after {wait:g}s)" if wait is not None else ""), wait
+    return "http_status", f"{line} (accepted: {expects})", None
 
 
 ATTESTATION = "egress-ip"  # the pseudo-provider a verified switch's attestation failures are reported as
@@ -257,7 +313,7 @@ def not_ready(board: ProviderBoard, pool: ProfilePool) -> list[str]:
             r = board.result(pool.name, plan.label, spec.name)
             if r is None:
                 problems.append(f"profile {pool.name}: provider {spec.name} not checked yet through {plan.label}")
-            elif not r.ok:
+            elif r.refused:  # (throttled is no verdict: it never counts as a refusal)
                 problems.append(f"profile {pool.name}: provider {spec.name} refuses {plan.label}: "
                                 f"{r.outcome}: {r.detail}")
     return problems
