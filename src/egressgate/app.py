@@ -102,7 +102,8 @@ class App:
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
-                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error)
+                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
+                                 held=gateway.protect.hold_on)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)

@@ -230,13 +230,17 @@ class Verifier:
     decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
     export a runtime's results; ``attest(rt, members, pools=None)``: the egress-IP check of
     ``members`` (of ``pools``, default ``rt.profiles``: a pending switch's candidate is not in it); ``log``: this process logs ``provider_check`` events;
-    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running)."""
+    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running);
+    ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
+    that member for that host -- the check does not go out then, and is ``throttled``."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
                  attest: Callable[..., Awaitable[None]], log: bool,
-                 on_error: Callable[[str, BaseException], None]) -> None:
+                 on_error: Callable[[str, BaseException], None],
+                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None) -> None:
         self.on_error = on_error
+        self.held = held
         self.current = current
         self.dialer = dialer
         self.resolver = resolver
@@ -258,8 +262,20 @@ class Verifier:
                 log_event("provider_check", profile=r.profile, member=r.member, provider=r.provider, ok=r.ok,
                           outcome=r.outcome, detail=r.detail, status=r.status, egress_addr=r.egress_addr,
                           remote_addr=r.remote_addr, duration_ms=r.duration_ms)
-        return await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
-                                 only=pairs, each=each)
+        go, held = [], []
+        for plan, spec in pairs:
+            hold = self.held(plan.profile, plan.label, spec.dest.host) if self.held is not None else None
+            if hold is None:
+                go.append((plan, spec))
+                continue
+            left, why = hold
+            r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                               f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
+                               f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
+            each(r)
+            held.append(r)
+        return held + await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
+                                        only=go, each=each)
 
     async def check_due(self, rt: Runtime, force: bool = False) -> None:
         board = rt.providers

@@ -516,6 +516,9 @@ class Throttler:
     Retry-After, 503 without one (an outage, not a throttle), by path."""
 
     def __init__(self) -> None:
+        self.ok_hits = 0
+        owner = self
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -523,7 +526,10 @@ class Throttler:
                 pass
 
             def do_HEAD(self) -> None:
-                if self.path == "/429":
+                if self.path == "/ok":
+                    owner.ok_hits += 1
+                    self.send_response(200)
+                elif self.path == "/429":
                     self.send_response(429)
                     self.send_header("Retry-After", "120")
                 elif self.path == "/503-date":
@@ -582,3 +588,33 @@ def test_throttling_is_not_a_block(tmp_path, start_gateway, throttler):
     path.write_text(yaml.safe_dump(cfg))
     r = _verify(path, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["outcome"] == "http_status", r.stdout
+
+
+def test_checks_respect_the_gateways_own_protect_holds(start_gateway, throttler):
+    """Defect (issue 26 item 3): a provider check went out through a member the gateway was
+    holding for that host (the origin had answered a job 429 with Retry-After)."""
+    cfg = base_config(
+        egress={"vendor": {"bind": ["127.0.0.2"],
+                           "protect": [{"name": "api", "destinations": ["127.0.0.1"], "max_hold": "300s"}],
+                           "providers": [{"name": "api", "url": throttler.url("/ok"), "interval": "0.3s"}]}},
+        clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["vendor"]}],
+        security={"allow_private": ["127.0.0.0/8"]})
+    gw = start_gateway(cfg)
+
+    def check() -> dict:
+        return json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]["providers"]["checks"][0]
+
+    wait_for(lambda: check()["outcome"] == "accepted", "the first check")
+    r = curl("-x", gw.url, "-w", "%{http_code}", throttler.url("/429"))  # the origin asks a job to wait 120 s
+    assert r.stdout.endswith(b"429"), r
+    wait_for(lambda: json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]["protect"]["holds"],
+             "the gateway's hold")
+    wait_for(lambda: check()["outcome"] == "throttled", "a check that respects the hold")
+    hits = throttler.ok_hits
+    got = check()
+    assert "holds 127.0.0.2 for 127.0.0.1" in got["detail"] and 100 < got["retry_after"] <= 120, got
+    first = got["at"]
+    wait_for(lambda: check()["at"] > first, "a later check")
+    assert throttler.ok_hits == hits  # nothing went out through the held member
+    status, body = _get(gw.admin + "/readyz")
+    assert status == 200, body

@@ -29,11 +29,10 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from ..model import HostPort
+from ..policy.protect import retry_after_seconds
 from .plan import EgressPlan, ProfilePool
 
 
@@ -124,20 +123,10 @@ def header(head: bytes, name: bytes) -> str | None:
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP-date; None if absent or
-    unreadable; clamped to [0, ``MAX_RETRY_AFTER``]."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
+    """``Retry-After`` as seconds from ``now`` (``policy.protect.retry_after_seconds``: delta-seconds
+    or an HTTP-date; None if absent, unreadable or past), at most ``MAX_RETRY_AFTER``."""
+    seconds = retry_after_seconds(value.encode("latin-1"), now) if value is not None else None
+    return min(seconds, MAX_RETRY_AFTER) if seconds is not None else None
 
 
 def judge_answer(status: int, head: bytes, accepts, expects: str, now: float) -> tuple[str, str, float | None]:
