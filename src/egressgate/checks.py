@@ -32,6 +32,7 @@ from .egress.providers import (
     attestation_failures,
     judge_answer,
     new_members,
+    refused_members,
 )
 from .egress.resolver import Resolver
 from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
@@ -225,6 +226,13 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
                     metrics.provider_checked.labels(name, plan.label, spec.name).set(r.at)
 
 
+def steer(rt: Runtime) -> None:
+    """Every profile of ``rt`` steers new connections away from members a required provider
+    refuses (``ProfilePool.avoid``)."""
+    for pool in rt.profiles.values():
+        pool.avoid = refused_members(rt.providers, pool)
+
+
 class Verifier:
     """The server's provider checks (every worker checks for itself, as for egress IPs: each
     decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
@@ -286,10 +294,12 @@ class Verifier:
                       else board.due(pool, now))
         if pairs:
             await self._check(rt, pairs)
+        steer(rt)
         for pending in list(board.pending.values()):
             every = min((s.interval for s in board.specs.get(pending.profile, ())), default=0.0)
             if force or now - max((f.at for f in pending.failures), default=0.0) >= every:
                 await self._retry_switch(rt, pending)
+        steer(rt)  # (again: a promoted switch's members)
         self.publish(rt)
 
     async def gate_switches(self, old: Runtime, new: Runtime) -> dict[str, PendingSwitch]:
@@ -298,6 +308,7 @@ class Verifier:
         not all pass keeps its old pool in ``new`` (so new connections stay on the old members)
         and gets a ``PendingSwitch``; returned, by profile."""
         board = new.providers
+        steer(new)
         held: dict[str, PendingSwitch] = {}
         for name, pool in list(new.profiles.items()):
             previous = old.profiles.get(name)

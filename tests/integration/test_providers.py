@@ -201,9 +201,10 @@ def test_server_shows_the_matrix(start_gateway, origin, faulty, tls_origin, untr
     assert 'egressgate_provider_reachable{member="127.0.0.3",profile="vendor",provider="only-2"} 0.0' in metrics
     assert 'egressgate_provider_last_check_timestamp_seconds{member="127.0.0.3",profile="vendor",provider="only-2"}' \
         in metrics
-    # only-2 is required and refuses 127.0.0.3: not ready, and the reason names both
+    # only-2 is required and refuses 127.0.0.3: the profile's readiness names both (the
+    # instance stays ready: see test_a_required_provider_never_evicts_the_instance)
     status, body = _get(gw.admin + "/readyz")
-    assert status == 503 and b"provider only-2 refuses 127.0.0.3" in body, body
+    assert status == 200 and b"provider only-2 refuses 127.0.0.3" in body, body
     # the job's own pre-flight: whoami shows its profile's providers and their results
     resp = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\nX-Egressgate-Profile: vendor\r\n\r\n",
                         read_until_close=False)
@@ -618,3 +619,23 @@ def test_checks_respect_the_gateways_own_protect_holds(start_gateway, throttler)
     assert throttler.ok_hits == hits  # nothing went out through the held member
     status, body = _get(gw.admin + "/readyz")
     assert status == 200, body
+
+
+def test_a_required_provider_never_evicts_the_instance(start_gateway, origin):
+    """Defect (issue 26 item 2): a required provider refusing one member of one profile took the
+    whole instance out of readiness -- every replica shares the egress IPs, so one block emptied
+    the Service. Now the profile steers new connections to the members it accepts, and the
+    instance stays ready; /readyz names the refusal under the profile."""
+    cfg = base_config(egress={"vendor": {"bind": ["127.0.0.2", "127.0.0.3"], "pick": "round_robin", "providers": [
+        {"name": "only-2", "url": origin.url("/only-from?addr=127.0.0.2"), "required": True, "interval": "0.3s"}]}},
+        clients=[{"name": "job", "from": ["127.0.0.0/8"], "egress": ["vendor"]}],
+        security={"allow_private": ["127.0.0.0/8"]})
+    gw = start_gateway(cfg)
+
+    def profile() -> dict:
+        return json.loads(_get(gw.admin + "/readyz")[1])["profiles"]["vendor"]
+
+    wait_for(lambda: any("only-2 refuses 127.0.0.3" in p for p in profile()["providers"]), "the refusal")
+    status, body = _get(gw.admin + "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True, body
+    assert {_ip(gw, origin) for _ in range(6)} == {b"127.0.0.2"}  # round robin skips the refused member

@@ -86,8 +86,8 @@ def readiness(gw: Gateway) -> list[str]:
         refusing = [pool for pool in attested if not pool.healthy]
         if refusing and (probe.readiness == "all" or len(refusing) == len(attested)):
             problems += [pool.refusal()[1] for pool in refusing]
-    for pool in rt.profiles.values():  # providers marked required (egress.*.providers)
-        problems += not_ready(rt.providers, pool)
+    # (providers marked required never count here: their refusal is shared by every replica;
+    # the profile steers away from the refused member and /readyz shows it per profile)
     return problems
 
 
@@ -97,7 +97,8 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     for name, pool in gw.runtime.profiles.items():
         refusal = pool.refusal()
         out[name] = {"ready": refusal is None, "attested": pool.attest, "expect_ip": list(pool.expect_ip),
-                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None}
+                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None,
+                     "providers": not_ready(gw.runtime.providers, pool)}
     return out
 
 

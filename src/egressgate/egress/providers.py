@@ -291,9 +291,21 @@ def format_matrix(results: list[ProviderResult]) -> str:
                      for row in rows)
 
 
+def refused_members(board: ProviderBoard, pool: ProfilePool) -> frozenset[EgressPlan]:
+    """The members of ``pool`` whose last check of a ``required`` provider refused them
+    (``throttled`` is no verdict): the profile steers new connections away from them."""
+    required = [s.name for s in board.specs.get(pool.name, ()) if s.required]
+    if not required:
+        return frozenset()
+    return frozenset(m for m in pool.members
+                     if any((r := board.result(pool.name, m.label, name)) is not None and r.refused for name in required))
+
+
 def not_ready(board: ProviderBoard, pool: ProfilePool) -> list[str]:
-    """``/readyz`` reasons from ``required`` providers: a member in use whose last check of a
-    required provider failed, or that was not checked yet (fail closed, as for ``expect_ip``)."""
+    """The profile's problems with ``required`` providers: a member in use whose last check of
+    a required provider refused it, or that was not checked yet. Shown per profile in
+    ``/readyz``; never the instance's readiness (every replica shares the egress IPs: a
+    provider's block is shared, and evicting instances would only add an outage)."""
     problems = []
     for spec in board.specs.get(pool.name, ()):
         if not spec.required:
