@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from .egress.dialer import Dialer, SourceUnavailable
 from .egress.plan import EgressPlan, ProfilePool
 from .egress.providers import (
+    MAX_BODY,
     PendingSwitch,
     ProviderBoard,
     ProviderResult,
@@ -34,6 +35,7 @@ from .egress.providers import (
     new_members,
     refused_members,
 )
+from .egress.providers import header as providers_header
 from .egress.resolver import Resolver
 from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
 from .observe.accesslog import log_event
@@ -73,6 +75,45 @@ class _HeadReader(chain.HeadReader):
         return _Failed("error", f"internal error in {where}: {type(exc).__name__}")
 
 
+class _BodyReader:
+    """The start of a provider's body (for ``BodyRules``): up to ``want`` bytes, or what came
+    before the provider closed."""
+
+    __slots__ = ("done", "buf", "want")
+
+    def __init__(self, first: bytes, want: int) -> None:
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.buf = first
+        self.want = want
+        if len(first) >= want:
+            self.done.set_result(first[:want])
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.buf += data
+        if len(self.buf) >= self.want:
+            self.done.set_result(self.buf[:self.want])
+
+    def upstream_eof(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(self.buf)
+        return False
+
+    def upstream_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        self.upstream_eof()
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(_Failed("error", f"internal error in {where}: {type(exc).__name__}"))
+
+
 def _status(head: bytes) -> tuple[int, bytes]:
     line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
     status = chain.reply_status(head)
@@ -95,7 +136,7 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
     wait = None
     try:
         async with asyncio.timeout(spec.timeout):
-            status, line = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
+            status, line, body = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
     except _Failed as f:
         outcome, detail, status = f.outcome, f.detail, None
     except TimeoutError:
@@ -111,12 +152,15 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
             outcome, detail = "accepted", line
         else:
             outcome, detail, wait = judge_answer(status, line, spec.accepts, spec.expects, time.time())
+            why = spec.body.judge(body) if outcome == "accepted" and spec.body is not None else None
+            if why is not None:  # a block page or CAPTCHA served with an acceptable status
+                outcome, detail = "body_refused", f"{detail}: {why}"
     return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, where["egress"],
                           where["remote"], round((time.monotonic() - started) * 1000, 1), wait)
 
 
 async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
-                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str | bytes]:
+                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str | bytes, bytes]:
     dest = spec.dest
     loop = asyncio.get_running_loop()
     rest = b""
@@ -169,15 +213,23 @@ async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolv
                 raise _Failed("closed", f"the connection ended during the TLS handshake: {exc}") from None
             if spec.accept is None:
                 ssl_object = up.transport.get_extra_info("ssl_object")
-                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})"
+                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})", b""
         reader = _HeadReader(MAX_HEAD)
         up.attach(reader)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in spec.headers)
         up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
-                           f"Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
+                           f"Accept: */*\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
         if rest:
             reader.upstream_data(rest)
-        head, _ = await reader.done
-        return _status(head)
+        head, after = await reader.done
+        status, head = _status(head)
+        if spec.body is None or not spec.accepts(status):
+            return status, head, b""
+        length = providers_header(head, b"content-length")
+        want = min(int(length), MAX_BODY) if length is not None and length.isdigit() else MAX_BODY
+        body = _BodyReader(after, want)
+        up.attach(body)
+        return status, head, await body.done
     finally:
         up.detach()
         up.transport.abort() if spec.tls else up.transport.close()

@@ -639,3 +639,73 @@ def test_a_required_provider_never_evicts_the_instance(start_gateway, origin):
     status, body = _get(gw.admin + "/readyz")
     assert status == 200 and json.loads(body)["ready"] is True, body
     assert {_ip(gw, origin) for _ in range(6)} == {b"127.0.0.2"}  # round robin skips the refused member
+
+
+class KeyedProvider:
+    """A provider that wants an API key (401 without it) and serves a CAPTCHA page with 200 to
+    one source address (127.0.0.3), a real answer to the others."""
+
+    def __init__(self) -> None:
+        self.keys: list[str | None] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                owner.keys.append(self.headers.get("X-Api-Key"))
+                if self.headers.get("X-Api-Key") != "k3y":
+                    status, body = 401, b"no key"
+                elif self.client_address[0] == "127.0.0.3":
+                    status, body = 200, b"<html><title>Attention Required! | Cloudflare</title>captcha</html>"
+                else:
+                    status, body = 200, b'{"pong": true}'
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_checks_send_api_keys_and_recognise_a_block_page(tmp_path):
+    """Issue 26 item 4: request headers from a file or env (API keys), and a body match, so a
+    200 block page or CAPTCHA is recognised as a refusal (before: 200 = accepted)."""
+    provider = KeyedProvider()
+    try:
+        (tmp_path / "headers").write_text("# the vendor's key\nX-Api-Key: k3y\n")
+        cfg = base_config(egress={"vendor": {"bind": ["127.0.0.2", "127.0.0.3"], "providers": [
+            {"name": "from-file", "url": provider.url, "method": "GET", "headers_file": str(tmp_path / "headers"),
+             "refuse_body": ["Attention Required"]},
+            {"name": "from-env", "url": provider.url, "method": "GET", "headers_env": "VENDOR_HEADERS",
+             "expect_body": '"pong"'},
+            {"name": "no-key", "url": provider.url, "method": "GET"}]}})
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = _verify(path, "--json", env={"VENDOR_HEADERS": "X-Api-Key: k3y"})
+        got = {(d["member"], d["provider"]): d for d in map(json.loads, r.stdout.splitlines())}
+        assert r.returncode == 1 and len(got) == 6, r.stdout + r.stderr
+        for provider_name in ("from-file", "from-env"):
+            assert got[("127.0.0.2", provider_name)]["outcome"] == "accepted", got
+            blocked = got[("127.0.0.3", provider_name)]
+            assert blocked["outcome"] == "body_refused" and blocked["status"] == 200, blocked
+        assert "Attention Required" in got[("127.0.0.3", "from-file")]["detail"]
+        assert got[("127.0.0.2", "no-key")]["status"] == 401
+        assert "k3y" not in r.stdout + r.stderr  # the key is never shown
+        # a headers file that is not headers: a config error naming the line, not the value
+        (tmp_path / "headers").write_text("k3y\n")
+        bad = _verify(path, "--json", env={"VENDOR_HEADERS": "X-Api-Key: k3y"})
+        assert bad.returncode == 1 and not bad.stdout and "line 1: expected 'Name: value'" in bad.stderr and "k3y" not in bad.stderr, \
+            bad.stderr
+    finally:
+        provider.close()

@@ -10,6 +10,8 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 
 - ``accepted``: the handshake (``accept: tls``) or the HTTP status was acceptable;
 - ``http_status``: the provider answered, with a status outside ``accept`` (say 403: blocked);
+- ``body_refused``: an acceptable status whose body matches ``refuse_body`` (or not
+  ``expect_body``): a block page or CAPTCHA served as ``200`` (``BodyRules``);
 - ``throttled``: the provider rate-limits the check (``429``, or ``503`` with ``Retry-After``):
   no verdict on the member either way, so not a refusal (``ProviderResult.refused`` is False,
   ``retry_after`` carries the provider's wait). ``judge_answer`` decides it, for every caller
@@ -28,12 +30,60 @@ Outcomes (``ProviderResult.outcome``), each a distinct failure an operator acts 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ..model import HostPort
 from ..policy.protect import retry_after_seconds
 from .plan import EgressPlan, ProfilePool
+
+MAX_BODY = 64 * 1024  # the part of a provider's body the body rules read
+
+
+def parse_headers(text: str) -> tuple[tuple[str, str], ...]:
+    """"Name: value" lines (blank lines and ``#`` comments skipped); raises ValueError naming
+    the line number of one that is not a header (never its value: it may be a key)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not name or not all(c.isalnum() or c in "-_" for c in name) or "\r" in value or "\n" in value:
+            raise ValueError(f"line {n}: expected 'Name: value'")
+        if name.lower() in ("host", "connection", "content-length", "transfer-encoding"):
+            raise ValueError(f"line {n}: {name} is set by the check itself")
+        out.append((name, value.strip()))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRules:
+    """What a provider's body must not (``refuse``) or must (``expect``) contain, as regexes over
+    its first ``MAX_BODY`` bytes: a ``200`` block page or CAPTCHA is a refusal. ``judge`` is
+    shared by every judge of a provider's answer."""
+
+    refuse: tuple[re.Pattern, ...]
+    expect: re.Pattern | None
+
+    @classmethod
+    def compile(cls, refuse, expect: str | None) -> BodyRules | None:
+        if not refuse and not expect:
+            return None
+        return cls(tuple(re.compile(p) for p in refuse or ()), re.compile(expect) if expect else None)
+
+    def judge(self, body: bytes) -> str | None:
+        """None: the body is fine; else why it is a refusal (outcome ``body_refused``)."""
+        text = body[:MAX_BODY].decode("utf-8", "replace")
+        for pattern in self.refuse:
+            m = pattern.search(text)
+            if m:
+                return f"the body matches refuse_body {pattern.pattern!r} ({m.group(0)[:80]!r})"
+        if self.expect is not None and not self.expect.search(text):
+            return f"the body does not match expect_body {self.expect.pattern!r}"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +100,21 @@ class ProviderSpec:
     timeout: float
     interval: float
     required: bool
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers (headers_file / headers_env)
+    body: BodyRules | None = None  # refuse_body / expect_body
 
     @classmethod
-    def compile(cls, spec: object, default_timeout: float, default_interval: float) -> ProviderSpec:
+    def compile(cls, spec: object, default_timeout: float, default_interval: float,
+                headers: str | None = None) -> ProviderSpec:
+        """``headers``: the text of ``headers_file`` / ``headers_env`` ("Name: value" lines)."""
         parts = urlsplit(spec.url)
         tls = parts.scheme == "https"
         dest = HostPort(parts.hostname, parts.port or (443 if tls else 80))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         accept = None if spec.accept == "tls" else tuple((lo, hi) for lo, hi in spec.accept)
+        body = BodyRules.compile(getattr(spec, "refuse_body", ()), getattr(spec, "expect_body", None))
         return cls(spec.name, spec.url, dest, tls, path, spec.method, accept, spec.timeout or default_timeout,
-                   spec.interval or default_interval, spec.required)
+                   spec.interval or default_interval, spec.required, parse_headers(headers or ""), body)
 
     @property
     def host_header(self) -> str:
@@ -264,10 +319,13 @@ class ProviderBoard:
         return min(waits) if waits else None
 
 
-def compile_board(egress: dict, default_timeout: float, default_interval: float) -> ProviderBoard:
-    """``egress``: the config's profiles (name -> ``ProfileConfig``)."""
+def compile_board(egress: dict, default_timeout: float, default_interval: float,
+                  headers=lambda provider: None) -> ProviderBoard:
+    """``egress``: the config's profiles (name -> ``ProfileConfig``); ``headers(provider)``: the
+    text of its ``headers_file`` / ``headers_env`` (read by the caller)."""
     return ProviderBoard(
-        specs={name: tuple(ProviderSpec.compile(p, default_timeout, default_interval) for p in spec.providers)
+        specs={name: tuple(ProviderSpec.compile(p, default_timeout, default_interval, headers(p))
+                           for p in spec.providers)
                for name, spec in egress.items() if spec.providers},
         switch={name: spec.switch for name, spec in egress.items()},
     )
