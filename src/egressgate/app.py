@@ -20,6 +20,7 @@ import yaml
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
+from .egress.plan import refusing
 from .errors import ConfigError
 from .fleet.ledger import Ledger
 from .fleet.member import Member
@@ -109,7 +110,8 @@ class App:
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
-                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error)
+                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
+                                 held=gateway.protect.hold_on)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
@@ -270,7 +272,10 @@ class App:
             self.metrics.reload_ok.set(1)
             if self.supervisor is not None:
                 self.supervisor.config_text = text  # a restarted worker starts with what is in force
-            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+            # a reload whose result leaves a profile refusing all its traffic says so
+            dark = refusing(self.gateway.runtime.profiles)
+            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12],
+                      **({"refusing": dark} if dark else {}))
             self._tell_children(signal.SIGHUP)
 
     def _refuse_dropping_every_listener(self, runtime: Runtime) -> None:

@@ -35,6 +35,7 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..egress.plan import refusing
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
@@ -88,8 +89,8 @@ def readiness(gw: Gateway) -> list[str]:
         refusing = [pool for pool in attested if not pool.healthy]
         if refusing and (probe.readiness == "all" or len(refusing) == len(attested)):
             problems += [pool.refusal()[1] for pool in refusing]
-    for pool in rt.profiles.values():  # providers marked required (egress.*.providers)
-        problems += not_ready(rt.providers, pool)
+    # (providers marked required never count here: their refusal is shared by every replica;
+    # the profile steers away from the refused member and /readyz shows it per profile)
     return problems
 
 
@@ -99,7 +100,8 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     for name, pool in gw.runtime.profiles.items():
         refusal = pool.refusal()
         out[name] = {"ready": refusal is None, "attested": pool.attest, "expect_ip": list(pool.expect_ip),
-                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None}
+                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None,
+                     "providers": not_ready(gw.runtime.providers, pool)}
     return out
 
 
@@ -352,8 +354,10 @@ class AdminProtocol(asyncio.Protocol):
             self._send(simple_response(400, body))
             return
         pending = {name: p.describe() for name, p in self.gw.runtime.providers.pending.items()}
+        dark = refusing(self.gw.runtime.profiles)  # profiles the reloaded config leaves refusing all traffic
         body = json.dumps({"reloaded": True, "hash": self.gw.runtime.config_hash,
-                           **({"pending_switches": pending} if pending else {})}).encode() + b"\n"
+                           **({"pending_switches": pending} if pending else {}),
+                           **({"refusing": dark} if dark else {})}).encode() + b"\n"
         self._send(simple_response(200, body))
 
     def _send(self, data: bytes) -> None:

@@ -146,6 +146,19 @@ def protect_per_worker(config: Config) -> list[Finding]:
             if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
 
 
+def readiness_evicts_every_replica(config: Config) -> list[Finding]:
+    """``probe.readiness: all`` makes one profile's wrong or unverified egress IP take the
+    instance out of the load balancer; every replica shares the egress IPs, so every instance
+    goes at once (a shared, external condition must refuse per profile, never evict)."""
+    attested = [name for name, p in config.egress.items() if p.expect_ip]
+    if config.probe.readiness != "all" or not config.probe.required or len(attested) < 2:
+        return []
+    return [Finding(("probe", "readiness"),
+                    f"readiness: all takes every replica out of the load balancer at once when one profile's "
+                    f"egress IP fails its check (the replicas share the IPs), so {', '.join(attested)} all go dark "
+                    f"with it; use any (the default): the profile alone refuses its traffic")]
+
+
 def socks_without_clients(config: Config) -> list[Finding]:
     """A SOCKS5 listener no client entry can use: entries identified by a TLS client
     certificate (``cert_subject``) never match a SOCKS5 connection."""
@@ -158,7 +171,7 @@ def socks_without_clients(config: Config) -> list[Finding]:
 
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
     open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker,
-    socks_without_clients, weak_token_keys)
+    socks_without_clients, weak_token_keys, readiness_evicts_every_replica)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (

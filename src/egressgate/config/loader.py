@@ -207,6 +207,10 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                                  "name the user in the URL (http://USER@host:port); the password comes from "
                                  "upstream_password_file / upstream_password_env"))
         problems += _protect_problems(name, profile)
+        for j, provider in enumerate(profile.providers):
+            if not offline:
+                problems += _secret_problems(("egress", name, "providers", j), "headers_file", provider.headers_file,
+                                             "headers_env", provider.headers_env)
         if not offline:
             problems += _secret_problems(("egress", name), "upstream_password_file",
                                          profile.upstream_password_file, "upstream_password_env",

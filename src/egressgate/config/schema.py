@@ -197,7 +197,25 @@ class ProviderConfig(_Model):
     method: Literal["HEAD", "GET"] = "HEAD"
     timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: timeouts.upstream_connect
     interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: probe.interval
-    required: bool = False  # a failed check makes /readyz fail
+    required: bool = False  # new connections avoid a member it refuses; /readyz names it per profile
+    # request headers (API keys): "Name: value" lines, from a file or an environment variable
+    headers_file: str | None = None
+    headers_env: str | None = None
+    # a 200 block page or CAPTCHA is a refusal: regexes over the first 64 KiB of the body (GET)
+    refuse_body: list[str] = []  # any match: outcome body_refused
+    expect_body: str | None = None  # no match: outcome body_refused
+
+    @field_validator("refuse_body", "expect_body")
+    @classmethod
+    def _regex(cls, value):
+        import re
+
+        for pattern in [value] if isinstance(value, str) else value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r}: {exc}") from None
+        return value
 
     @field_validator("url")
     @classmethod
@@ -219,6 +237,10 @@ class ProviderConfig(_Model):
     def _tls_needs_https(self) -> ProviderConfig:
         if self.accept == "tls" and not self.url.startswith("https://"):
             raise ValueError("accept: tls needs an https:// URL")
+        if (self.refuse_body or self.expect_body) and (self.method != "GET" or self.accept == "tls"):
+            raise ValueError("refuse_body / expect_body need method: GET and HTTP statuses in accept (a body to read)")
+        if self.headers_file and self.headers_env:
+            raise ValueError("headers_file and headers_env: name one")
         return self
 
 

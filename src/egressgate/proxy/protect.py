@@ -268,6 +268,17 @@ class SharedIpGuard:
         self.in_flight[key] = n - 1 if n > 0 else 0  # (kept at 0: the gauge stays exported)
 
     # --- holds --------------------------------------------------------------------------------
+    def hold_on(self, profile: str, member: str, host: str) -> tuple[float, str] | None:
+        """(seconds left, why) while the gateway holds ``member`` of ``profile`` for ``host``
+        (an origin's Retry-After), else None. Read only: provider checks ask before going out."""
+        hold = self.holds.get((profile, member, host)) if self.holds else None
+        if hold is None:
+            return None
+        left = hold.until - self._clock()
+        if left <= 0:
+            return None
+        return left, f"protect {hold.rule}: {host} answered {hold.status} with Retry-After"
+
     def backoff(self, ticket: Ticket, status: int, retry_after: bytes | None) -> None:
         rule = ticket.rule
         seconds = hold_seconds(rule, status, retry_after, self._wall())
