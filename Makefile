@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.run-$(HASH)
 STAMP   := $(VENV)/.test-$(HASH)
 CONFIG  ?=
 PYTEST_ARGS ?=
-APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq
+APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq redis-server
 
 .PHONY: run test test-unit lint fuzz bench bench-quick demo check-config clean deb-packages
 
@@ -73,6 +73,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/protect_cost.py   # shared-IP protection's cost per request, with and without a fleet store
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick

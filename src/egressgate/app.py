@@ -6,17 +6,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .checks import Verifier, publish
+from .egress.plan import refusing
 from .errors import ConfigError
+from .fleet.ledger import Ledger
+from .fleet.member import Member
+from .fleet.owner import Owner
+from .fleet.source import RATE_SLACK, Fleet
 from .keysource import KeySources
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
@@ -31,7 +40,7 @@ from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_w
 
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
-RESTART_KEYS = ("workers",)
+RESTART_KEYS = ("workers", "fleet")
 LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "forwarding", "timeouts", "limits", "drain", "log",
              "probe", "dns", "reload")
 
@@ -102,10 +111,39 @@ class App:
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
-                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error)
+                                 self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
+                                 held=gateway.protect.hold_on)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
+        self.fleet = self._fleet()
+
+    def _fleet(self) -> Owner | Member | None:
+        """``workers: N``: worker 0 owns the instance's shared-IP budgets and holds, the other
+        workers lease from it (``fleet``); the guard of each admits from its slices. With a
+        fleet store (``fleet.redis``) worker 0 holds the instance's share of the fleet's."""
+        cfg = self.gateway.runtime.config.fleet
+        if self.sockdir is None and cfg.redis is None:
+            return None
+        guard = self.gateway.protect
+        path = f"{self.sockdir}/owner.sock" if self.sockdir is not None else None
+        on_error = self.gateway.internal_error
+        if self.worker != 0:
+            member = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
+            guard.budget = member
+            return member
+        ledger = Ledger(self.loop.time)
+        owner = Owner(path, ledger, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
+        if cfg.redis is not None:
+            from .fleet.redisstore import RedisStore  # (redis is imported only when configured)
+
+            instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+            owner.source = Fleet(RedisStore(cfg.redis, instance), ledger, self.loop.time, cfg.fallback,
+                                 cfg.fallback_instances, cfg.redis.lease_ttl, owner.fleet_hold, owner.give_back_idle,
+                                 self.metrics, on_error)
+            self.metrics.fleet_rate_slack.set(RATE_SLACK)
+        guard.budget = owner
+        return owner
 
     def _set_names(self, runtime: Runtime) -> None:
         """The only client and profile names metrics may carry as labels (others: ``-``)."""
@@ -133,6 +171,10 @@ class App:
         rt = self.gateway.runtime
         await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
         self.keys.prefetch([c.token for c in rt.clients.clients if c.token is not None])
+        if isinstance(self.fleet, Owner):
+            await self.fleet.start()  # (before the listeners: a worker's first lease finds it)
+        elif self.fleet is not None:
+            self.fleet.start()
         await self.gateway.start()
         admin_cfg = self.gateway.runtime.config.admin
         if admin and admin_cfg.address:
@@ -219,6 +261,8 @@ class App:
                     text = text if text is not None else await self.loop.run_in_executor(None, self.watcher.read)
                     self.watcher.note(text)
                 runtime, text = await self.loop.run_in_executor(None, load_runtime_text, self.path, text)
+                _refuse_empty(text, self.path or EMBEDDED)
+                self._refuse_dropping_every_listener(runtime)
                 await self._apply(runtime)
             except ConfigError as err:
                 self.metrics.reloads.labels("failure").inc()
@@ -229,8 +273,25 @@ class App:
             self.metrics.reload_ok.set(1)
             if self.supervisor is not None:
                 self.supervisor.config_text = text  # a restarted worker starts with what is in force
-            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12])
+            # a reload whose result leaves a profile refusing all its traffic says so
+            dark = refusing(self.gateway.runtime.profiles)
+            log_event("reloaded", worker=self.worker, config=self.path or EMBEDDED, hash=runtime.config_hash[:12],
+                      **({"refusing": dark} if dark else {}))
             self._tell_children(signal.SIGHUP)
+
+    def _refuse_dropping_every_listener(self, runtime: Runtime) -> None:
+        """A reload keeps at least one listener in force (its configured or bound address): a
+        file that would replace every one of them (a truncated file, another host's config) is
+        refused, so a bad write never leaves the proxy port refusing connections. Moving every
+        listener at once needs a restart."""
+        old = {item.address for item in self.gateway.runtime.config.listen}
+        old |= set(self.gateway.listeners.bound_addresses())
+        new = [item.address for item in runtime.config.listen]
+        if old and not old.intersection(new):
+            source = self.path or EMBEDDED
+            raise ConfigError([f"{source}:0: listen: the new config keeps none of the listeners in force "
+                               f"({', '.join(sorted(old))}); moving every listener at once needs a restart "
+                               "(the running config stays in force)"])
 
     async def _apply(self, runtime: Runtime) -> None:
         old, new = self.gateway.runtime.config, runtime.config
@@ -338,6 +399,8 @@ class App:
                 task.cancel()
         self.keys.close()
         await self.gateway.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.admin_server is not None:
             self.admin_server.close()
         self.access_log.close()
@@ -455,3 +518,15 @@ def run_worker(path: str | None, index: int, sockdir: str, parent: int) -> int:
     runtime, _ = load_runtime_text(path, text)
     _raise_fd_limit()
     return _run_loop(serve(path, runtime, index, None, sockdir, reload_pending=lambda: bool(pending)))
+
+
+def _refuse_empty(text: bytes, source: str) -> None:
+    """A reload never applies an empty file (or one of only comments): it would replace every
+    listener, profile and client with the built-in defaults. A truncated write looks like this."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # (the loader reports it with its line)
+    if doc is None or doc == {}:
+        raise ConfigError([f"{source}:1: (file): the config is empty: a reload needs a complete config "
+                           "(the running config stays in force)"])

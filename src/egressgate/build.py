@@ -19,7 +19,7 @@ from .config.lint import host_bits, lint
 from .config.loader import check_config_text
 from .egress.localaddr import addresses_in, local_addresses
 from .egress.plan import build_pool
-from .egress.providers import compile_board
+from .egress.providers import compile_board, parse_headers
 from .egress.resolver import Resolver
 from .errors import ConfigError
 from .http1.rewrite import Forwarding
@@ -161,6 +161,16 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
     def upstream_secret(spec) -> str | None:  # a profile's upstream_password_file / _env
         return read_secret(spec.upstream_password_file, spec.upstream_password_env, "upstream_password_file")
 
+    def headers(provider) -> str | None:  # a provider's headers_file / headers_env
+        text = read_secret(provider.headers_file, provider.headers_env, "headers_file")
+        if text is None or text == "(offline)":
+            return None
+        try:
+            parse_headers(text)
+        except ValueError as exc:
+            raise ConfigError([f"{provider.headers_file or provider.headers_env}:0: headers: {exc}"]) from None
+        return text
+
     jwks = (lambda path, min_refresh: {}) if read_secret is _offline_secret else _read_jwks  # a kubernetes jwks_file
     attest = bool(config.probe.echo_urls)
     profiles = {
@@ -178,7 +188,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
                         for listener in config.listen if listener.proxy_protocol},
         forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
         protect={name: compile_protect(spec.protect) for name, spec in config.egress.items() if spec.protect},
-        providers=compile_board(config.egress, config.timeouts.upstream_connect, config.probe.interval),
+        providers=compile_board(config.egress, config.timeouts.upstream_connect, config.probe.interval, headers),
         names=NameGuard(config.security.deny_suffixes, config.security.allow_suffixes, config.security.internal_names),
     )
 

@@ -10,7 +10,8 @@ names it (see ``egress.providers``) and whose ``detail`` keeps the evidence.
 
 ``Verifier`` is the server's side: every member x provider at start, after each reload and
 every ``interval``; ``gate_switches`` holds back a ``switch: verified`` reload's new members
-until they pass (``PendingSwitch``), and the loop promotes a pending switch once they do.
+until they pass every provider AND (with ``expect_ip``) the egress-IP attestation
+(``PendingSwitch``), and the loop promotes a pending switch once they do.
 ``egressgate verify`` uses ``check_pools`` directly.
 """
 
@@ -23,7 +24,18 @@ from collections.abc import Awaitable, Callable
 
 from .egress.dialer import Dialer, SourceUnavailable
 from .egress.plan import EgressPlan, ProfilePool
-from .egress.providers import PendingSwitch, ProviderBoard, ProviderResult, ProviderSpec, new_members
+from .egress.providers import (
+    MAX_BODY,
+    PendingSwitch,
+    ProviderBoard,
+    ProviderResult,
+    ProviderSpec,
+    attestation_failures,
+    judge_answer,
+    new_members,
+    refused_members,
+)
+from .egress.providers import header as providers_header
 from .egress.resolver import Resolver
 from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
 from .observe.accesslog import log_event
@@ -63,12 +75,51 @@ class _HeadReader(chain.HeadReader):
         return _Failed("error", f"internal error in {where}: {type(exc).__name__}")
 
 
-def _status(head: bytes) -> tuple[int, str]:
+class _BodyReader:
+    """The start of a provider's body (for ``BodyRules``): up to ``want`` bytes, or what came
+    before the provider closed."""
+
+    __slots__ = ("done", "buf", "want")
+
+    def __init__(self, first: bytes, want: int) -> None:
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.buf = first
+        self.want = want
+        if len(first) >= want:
+            self.done.set_result(first[:want])
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.buf += data
+        if len(self.buf) >= self.want:
+            self.done.set_result(self.buf[:self.want])
+
+    def upstream_eof(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(self.buf)
+        return False
+
+    def upstream_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        self.upstream_eof()
+
+    def upstream_pause_writing(self) -> None:
+        pass
+
+    def upstream_resume_writing(self) -> None:
+        pass
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(_Failed("error", f"internal error in {where}: {type(exc).__name__}"))
+
+
+def _status(head: bytes) -> tuple[int, bytes]:
     line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
     status = chain.reply_status(head)
     if not status:
         raise _Failed("bad_response", f"not an HTTP response: {line!r}")
-    return status, line
+    return status, head
 
 
 def _tls_detail(exc: ssl.SSLError) -> str:
@@ -82,9 +133,10 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
     """One member x one provider; never raises (bar cancellation)."""
     at, started = time.time(), time.monotonic()
     where: dict[str, str | None] = {"egress": None, "remote": None}
+    wait = None
     try:
         async with asyncio.timeout(spec.timeout):
-            status, line = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
+            status, line, body = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
     except _Failed as f:
         outcome, detail, status = f.outcome, f.detail, None
     except TimeoutError:
@@ -96,16 +148,19 @@ async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: 
     except (OSError, ValueError, ssl.SSLError) as exc:
         outcome, detail, status = "error", f"{type(exc).__name__}: {exc}", None
     else:
-        if status is None or spec.accepts(status):
+        if status is None:
             outcome, detail = "accepted", line
         else:
-            outcome, detail = "http_status", f"{line} (accepted: {spec.expects})"
+            outcome, detail, wait = judge_answer(status, line, spec.accepts, spec.expects, time.time())
+            why = spec.body.judge(body) if outcome == "accepted" and spec.body is not None else None
+            if why is not None:  # a block page or CAPTCHA served with an acceptable status
+                outcome, detail = "body_refused", f"{detail}: {why}"
     return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, where["egress"],
-                          where["remote"], round((time.monotonic() - started) * 1000, 1))
+                          where["remote"], round((time.monotonic() - started) * 1000, 1), wait)
 
 
 async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
-                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str]:
+                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str | bytes, bytes]:
     dest = spec.dest
     loop = asyncio.get_running_loop()
     rest = b""
@@ -158,15 +213,23 @@ async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolv
                 raise _Failed("closed", f"the connection ended during the TLS handshake: {exc}") from None
             if spec.accept is None:
                 ssl_object = up.transport.get_extra_info("ssl_object")
-                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})"
+                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})", b""
         reader = _HeadReader(MAX_HEAD)
         up.attach(reader)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in spec.headers)
         up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
-                           f"Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
+                           f"Accept: */*\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
         if rest:
             reader.upstream_data(rest)
-        head, _ = await reader.done
-        return _status(head)
+        head, after = await reader.done
+        status, head = _status(head)
+        if spec.body is None or not spec.accepts(status):
+            return status, head, b""
+        length = providers_header(head, b"content-length")
+        want = min(int(length), MAX_BODY) if length is not None and length.isdigit() else MAX_BODY
+        body = _BodyReader(after, want)
+        up.attach(body)
+        return status, head, await body.done
     finally:
         up.detach()
         up.transport.abort() if spec.tls else up.transport.close()
@@ -215,18 +278,29 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
                     metrics.provider_checked.labels(name, plan.label, spec.name).set(r.at)
 
 
+def steer(rt: Runtime) -> None:
+    """Every profile of ``rt`` steers new connections away from members a required provider
+    refuses (``ProfilePool.avoid``)."""
+    for pool in rt.profiles.values():
+        pool.avoid = refused_members(rt.providers, pool)
+
+
 class Verifier:
     """The server's provider checks (every worker checks for itself, as for egress IPs: each
     decides alone about a verified switch). ``current()``: the runtime in force; ``publish``:
-    export a runtime's results; ``attest(rt, members)``: the egress-IP check of a promoted
-    switch's members not checked yet; ``log``: this process logs ``provider_check`` events;
-    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running)."""
+    export a runtime's results; ``attest(rt, members, pools=None)``: the egress-IP check of
+    ``members`` (of ``pools``, default ``rt.profiles``: a pending switch's candidate is not in it); ``log``: this process logs ``provider_check`` events;
+    ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running);
+    ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
+    that member for that host -- the check does not go out then, and is ``throttled``."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
-                 attest: Callable[[Runtime, set], Awaitable[None]], log: bool,
-                 on_error: Callable[[str, BaseException], None]) -> None:
+                 attest: Callable[..., Awaitable[None]], log: bool,
+                 on_error: Callable[[str, BaseException], None],
+                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None) -> None:
         self.on_error = on_error
+        self.held = held
         self.current = current
         self.dialer = dialer
         self.resolver = resolver
@@ -248,8 +322,20 @@ class Verifier:
                 log_event("provider_check", profile=r.profile, member=r.member, provider=r.provider, ok=r.ok,
                           outcome=r.outcome, detail=r.detail, status=r.status, egress_addr=r.egress_addr,
                           remote_addr=r.remote_addr, duration_ms=r.duration_ms)
-        return await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
-                                 only=pairs, each=each)
+        go, held = [], []
+        for plan, spec in pairs:
+            hold = self.held(plan.profile, plan.label, spec.dest.host) if self.held is not None else None
+            if hold is None:
+                go.append((plan, spec))
+                continue
+            left, why = hold
+            r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                               f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
+                               f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
+            each(r)
+            held.append(r)
+        return held + await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
+                                        only=go, each=each)
 
     async def check_due(self, rt: Runtime, force: bool = False) -> None:
         board = rt.providers
@@ -260,10 +346,12 @@ class Verifier:
                       else board.due(pool, now))
         if pairs:
             await self._check(rt, pairs)
+        steer(rt)
         for pending in list(board.pending.values()):
             every = min((s.interval for s in board.specs.get(pending.profile, ())), default=0.0)
             if force or now - max((f.at for f in pending.failures), default=0.0) >= every:
                 await self._retry_switch(rt, pending)
+        steer(rt)  # (again: a promoted switch's members)
         self.publish(rt)
 
     async def gate_switches(self, old: Runtime, new: Runtime) -> dict[str, PendingSwitch]:
@@ -272,6 +360,7 @@ class Verifier:
         not all pass keeps its old pool in ``new`` (so new connections stay on the old members)
         and gets a ``PendingSwitch``; returned, by profile."""
         board = new.providers
+        steer(new)
         held: dict[str, PendingSwitch] = {}
         for name, pool in list(new.profiles.items()):
             previous = old.profiles.get(name)
@@ -281,7 +370,8 @@ class Verifier:
             if not added:
                 continue
             results = await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())])
-            failures = [r for r in results if not r.ok]
+            # (attested before this gate, while the new pool was in ``new``)
+            failures = attestation_failures(pool, added, time.time()) + [r for r in results if not r.ok]
             if failures:
                 new.profiles[name] = previous  # the old members stay in force, with their results
                 board.adopt(old.providers, {name: previous})
@@ -290,7 +380,9 @@ class Verifier:
                           new_members=[m.label for m in pool.members], reason=held[name].describe())
             else:
                 log_event("provider_switch", profile=name, state="done", old_members=[m.label for m in previous.members],
-                          new_members=[m.label for m in pool.members], reason="every new member passed every provider")
+                          new_members=[m.label for m in pool.members],
+                          reason="every new member passed every provider" + (" and the egress-IP check"
+                                                                             if pool.attest else ""))
         for name, was in old.providers.pending.items():  # a reload ends every switch pending before it
             members = [m.label for m in was.candidate.members]
             now = held.get(name)
@@ -308,9 +400,12 @@ class Verifier:
         return held
 
     async def _retry_switch(self, rt: Runtime, pending: PendingSwitch) -> None:
-        added = new_members(rt.profiles.get(pending.profile), pending.candidate)
+        candidate = pending.candidate
+        added = new_members(rt.profiles.get(pending.profile), candidate)
+        if candidate.attest:  # the candidate is not in the runtime: the prober does not check it by itself
+            await self.attest(rt, set(added), {pending.profile: candidate})
         results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())])
-        failures = [r for r in results if not r.ok]
+        failures = attestation_failures(candidate, added, time.time()) + [r for r in results if not r.ok]
         if failures:
             pending.failures = failures
             return
@@ -322,7 +417,8 @@ class Verifier:
         await self.attest(rt, set(pending.candidate.unchecked()) if pending.candidate.attest else set())
         log_event("provider_switch", profile=pending.profile, state="done",
                   old_members=[m.label for m in old.members], new_members=[m.label for m in pending.candidate.members],
-                  reason="every new member now passes every provider")
+                  reason="every new member now passes every provider" + (" and the egress-IP check"
+                                                                         if candidate.attest else ""))
 
     async def run(self) -> None:
         while True:

@@ -259,20 +259,23 @@ class Attestor:
             except TimeoutError:
                 pass
 
-    async def attest(self, rt: Runtime, only: set | None = None) -> None:
-        """Probe ``rt``'s profiles (or only the members in ``only``) and record the results."""
+    async def attest(self, rt: Runtime, only: set | None = None, pools: dict[str, ProfilePool] | None = None) -> None:
+        """Probe ``rt``'s profiles (or ``pools``: a pending switch's candidate, not in ``rt``),
+        or only the members in ``only``, and record the results."""
         cfg = rt.config.probe
         if not cfg.echo_urls or only == set():
             return
         gw = self.gateway
+        own = pools is None
+        pools = rt.profiles if pools is None else pools
 
         def each(o: Observation) -> None:  # recorded as it comes: a slow member does not hold back the others
-            record(rt.profiles, [o], time.time())
-            if rt is gw.runtime:
+            record(pools, [o], time.time())
+            if own and rt is gw.runtime:
                 gw.publish_egress(rt)
 
         try:
-            observations = await probe_pools(rt.profiles, cfg.echo_urls, rt.timeouts.upstream_connect,
+            observations = await probe_pools(pools, cfg.echo_urls, rt.timeouts.upstream_connect,
                                              gw.connector.dialer, gw.connector.resolver, only=only, each=each)
         except asyncio.CancelledError as exc:
             if asyncio.current_task().cancelling():

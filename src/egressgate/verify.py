@@ -50,4 +50,5 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
             print(json.dumps(with_iso({"profile": r.profile, **r.view()})))
     else:
         print(format_matrix(results))
-    return 0 if all(r.ok for r in results) else 1
+    # 1: a provider refuses a member; 3: none refuses, but one throttled the check (no verdict: retry later)
+    return 0 if all(r.ok for r in results) else 1 if any(r.refused for r in results) else 3

@@ -9,7 +9,10 @@ itself, but ``os.stat`` follows links and the file it resolves to is a new one. 
 
 - a stamp that differs from the last one is only noted: the file must keep it for one more
   poll (debounce: a writer still writing, several updates in a row);
-- then the content is read and hashed, and reloaded only when the hash differs from the
+- then the content is read through one open descriptor whose stamp must still be the settled
+  one before and after the read (a writer that truncated or rewrote the file in between makes
+  it a new change, looked at again on the next poll: never half a file);
+- the content read is hashed, and reloaded only when the hash differs from the
   last content loaded *or refused*, whichever reload read it (this watcher, SIGHUP, POST
   /-/reload). So a reload by hand is not repeated, and a broken file is reported once
   (``reload_failed``, ``egressgate_config_reloads_total{result="failure"}``), not every poll;
@@ -31,7 +34,6 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from .build import read_config_file
 from .config.schema import ReloadConfig
@@ -46,6 +48,11 @@ def stamp_of(path: str) -> Stamp:
         st = os.stat(path)  # follows symlinks: the file ..data points at now
     except OSError:
         return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _fstamp(fd: int) -> Stamp:
+    st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
@@ -100,9 +107,18 @@ class ConfigWatcher:
         if not self.settle.poll(stamp_of(self.path)):
             return False, None
         try:
-            return True, Path(self.path).read_bytes()
+            with open(self.path, "rb") as f:
+                before = _fstamp(f.fileno())
+                text = f.read()
+                after = _fstamp(f.fileno())
         except OSError:
             return True, None
+        if before != self.settle.stamp or after != before:
+            # A writer changed the file between the stat and the read (or during it): what was
+            # read may be half of it. Not settled: look again on the next poll.
+            self.settle.stamp, self.settle.pending = after, True
+            return False, None
+        return True, text
 
 
 async def watch(watcher: ConfigWatcher, settings: Callable[[], ReloadConfig],

@@ -255,6 +255,11 @@ def test_preflight_checks_the_provider_through_whoami(templates, fake_gateway):
     refused = run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": _refused()})
     assert refused.returncode == 1
     assert "provider vendor-x refuses member 10.0.1.6 (http_status: HTTP/1.1 403 Forbidden)" in refused.stderr
+    # a throttled check (429 / 503 + Retry-After) is no refusal (issue 26 item 3)
+    throttled = {**PROVIDERS, "checks": [{**PROVIDERS["checks"][0], "ok": False, "outcome": "throttled",
+                                          "detail": "HTTP/1.1 429 Too Many Requests (retry after 120s)"}]}
+    proc = run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": throttled})
+    assert proc.returncode == 0 and "throttled the check of 10.0.1.5" in proc.stdout, proc.stderr
     unchecked = {**PROVIDERS, "checks": [{**PROVIDERS["checks"][0], "ok": None, "outcome": "unchecked"}]}
     assert run_preflight(templates, fake_gateway.server_port, {**GOOD, "providers": unchecked}).returncode == 1
     # a provider the step requires but the gateway does not check fails too (EXPECTED_PROVIDER)

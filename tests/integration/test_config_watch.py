@@ -164,3 +164,60 @@ def test_every_worker_takes_the_update(start_gateway, tmp_path, echo, origin):
     assert {e["hash"] for e in gw.events[n:] if e.get("event") == "reloaded"} == {moved[:12]}
     for _ in range(12):  # new connections land on either worker: all leave from the new address
         assert _source(gw, origin) == b"127.0.0.3"
+
+
+def _proxy_answers(gw) -> bool:
+    """The proxy port still accepts and answers a request (a whoami through the proxy)."""
+    host, port = gw.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET http://egressgate.whoami/ HTTP/1.1\r\nHost: egressgate.whoami\r\nConnection: close\r\n\r\n")
+        return s.recv(12).startswith(b"HTTP/1.1 200")
+
+
+def test_an_empty_file_is_refused_by_a_reload_and_by_the_watcher(start_gateway, tmp_path, echo):
+    """Defect (issue 25 item 2): an empty (truncated) file is valid YAML, so a reload (SIGHUP or
+    the watcher) replaced every listener, profile and client with the built-in defaults and the
+    proxy port refused connections. Now it is refused, the running config stays in force."""
+    import signal
+
+    cfg = _config(echo.port, "127.0.0.2")
+    gw = start_gateway(cfg)
+    n = len(gw.events)
+    cfg = _pinned(cfg, gw)
+    gw.write_config(cfg)
+    gw.wait_event("reloaded", after=n)
+    for text in ("", "# nothing but a comment\n"):
+        n = len(gw.events)
+        gw.write_config(text)  # left empty: the watcher sees it settle
+        failed = gw.wait_event("reload_failed", after=n)
+        assert "empty" in failed["errors"][0], failed
+        assert _proxy_answers(gw)
+        n = len(gw.events)
+        gw.signal(signal.SIGHUP)
+        failed = gw.wait_event("reload_failed", after=n)
+        assert "empty" in failed["errors"][0], failed
+        assert _proxy_answers(gw)
+        assert not any(e.get("event") == "reloaded" for e in gw.events[n:])
+        gw.write_config(cfg)
+        gw.wait_event("reloaded", after=n)
+
+
+def test_a_reload_that_drops_every_listener_is_refused(start_gateway, echo):
+    """Defect (issue 25 item 2): a config keeping none of the listeners in force (a truncated file
+    that lost its ``listen``, another host's file) moved the proxy port away; now refused."""
+    import signal
+
+    cfg = _config(echo.port, "127.0.0.2")
+    cfg["reload"] = {"watch": False}
+    gw = start_gateway(cfg)
+    n = len(gw.events)
+    gw.write_config({k: v for k, v in cfg.items() if k != "listen"})  # the default listener instead
+    gw.signal(signal.SIGHUP)
+    failed = gw.wait_event("reload_failed", after=n)
+    assert "listen" in failed["errors"][0] and "keeps none" in failed["errors"][0], failed
+    assert _proxy_answers(gw)
+    n = len(gw.events)
+    gw.write_config(cfg)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n)
+    assert _proxy_answers(gw)

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
+from .dnsserver import DnsServer
 from .peers import EchoServer, base_config, wait_for
 
 MEMBER = "127.0.0.2"  # the egress source address both jobs share
@@ -26,7 +27,7 @@ class Provider:
     flight), ``/answer?code=N&retry_after=V`` answers N with that Retry-After, anything else
     200. Every request is remembered (path, source address)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.seen: list[tuple[str, str]] = []
         self.arrived = threading.Event()
         self.release = threading.Event()
@@ -34,6 +35,7 @@ class Provider:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            wbufsize = 65536  # one write per answer (no delayed-ACK stall between head and body)
 
             def log_message(self, *args) -> None:
                 pass
@@ -58,7 +60,7 @@ class Provider:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
@@ -83,8 +85,9 @@ def echo_server():
     e.close()
 
 
-def _config(protect: list[dict], connect_ports: list[int] = ()) -> dict:
+def _config(protect: list[dict], connect_ports: list[int] = (), **extra) -> dict:
     return base_config(
+        **extra,
         security={"allow_private": ["127.0.0.0/8"], "connect_ports": list(connect_ports) or [443]},
         egress={"default": {"direct": {}}, "shared": {"bind": [MEMBER], "protect": protect}},
         clients=[{"name": "job-a", "from": [f"{JOB_A}/32"], "egress": ["shared"]},
@@ -257,7 +260,7 @@ def test_a_protect_refusal_names_the_member_and_the_rule_in_its_record(start_gat
 def test_retry_after_hold(start_gateway, provider, echo_server):
     """An origin's 429 with Retry-After holds (member x host), capped by max_hold: other jobs'
     requests and tunnels to that host are answered locally with 429 and the remaining
-    Retry-After, never reaching the provider; another host is not held; /status, whoami,
+    Retry-After, never reaching the provider, nor by its address; /status, whoami,
     the metrics and a protect_hold event show the hold."""
     gw = start_gateway(_config([{"name": "vendor", "destinations": ["localhost", "127.0.0.1"], "max_hold": "30s"}],
                                [echo_server.port]))
@@ -273,14 +276,17 @@ def test_retry_after_hold(start_gateway, provider, echo_server):
     dest = f"localhost:{echo_server.port}"
     assert _status(_exchange(JOB_B, gw, f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())) == 429
     assert len(provider.seen) == seen
-    other = requests.get(f"http://127.0.0.1:{provider.port}/fine", timeout=10,
-                         proxies={"http": gw.url})  # (from 127.0.0.1: the ops client)
-    assert other.status_code == 200
+    same = requests.get(f"http://127.0.0.1:{provider.port}/fine", timeout=10,
+                        proxies={"http": gw.url})  # (from 127.0.0.1: the ops client)
+    assert same.status_code == 429  # the same origin by its address: held too
+    assert "127.0.0.1 (as localhost) answered 429" in same.headers["Proxy-Status"]
+    assert len(provider.seen) == seen
     holds = _admin(gw, "/status")["profiles"]["shared"]["protect"]["holds"]
-    assert [(h["host"], h["member"], h["rule"], h["status"]) for h in holds] == [("localhost", MEMBER, "vendor", 429)]
+    assert [(h["host"], h["address"], h["member"], h["rule"], h["status"]) for h in holds] == [
+        ("localhost", "127.0.0.1", MEMBER, "vendor", 429)]
     doc = requests.get("http://egressgate.whoami/", proxies={"http": gw.url}, timeout=10).json()
     assert doc["protect"]["holds"][0]["host"] == "localhost"
-    assert doc["protect"]["rules"][0]["members"][MEMBER]["refused"]["hold"] == 2
+    assert doc["protect"]["rules"][0]["members"][MEMBER]["refused"]["hold"] == 3
     assert _metric(gw, "egressgate_protect_held_hosts", profile="shared", member=MEMBER, destination="vendor") == 1
     assert _metric(gw, "egressgate_protect_holds_started_total", profile="shared", member=MEMBER,
                    destination="vendor") == 1
@@ -355,3 +361,134 @@ def test_a_failover_to_another_member_counts_there(start_gateway, echo_server):
     refused = _exchange(JOB_B, gw, f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
     assert _status(refused) == 429 and f"egress {MEMBER})" in _header(refused, "Proxy-Status")
     tunnel.close()
+
+
+# --- holds no client can lift (issue 25, items 4 and 5) ---------------------------------------
+
+def _get(session: requests.Session, gw, url: str) -> requests.Response:
+    return session.get(url, proxies={"http": gw.url}, timeout=10)
+
+
+def _session_from(source: str) -> requests.Session:
+    """A keep-alive session whose connections to the gateway leave from ``source``."""
+    from requests.adapters import HTTPAdapter
+
+    class Bound(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["source_address"] = (source, 0)
+            super().init_poolmanager(*args, **kwargs)
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            kwargs["source_address"] = (source, 0)
+            return super().proxy_manager_for(proxy, **kwargs)
+
+    s = requests.Session()
+    s.trust_env = False
+    s.mount("http://", Bound())
+    return s
+
+
+FLOOD = 4200  # more holds than a process kept in all (4,096) before holds were bounded per client
+
+
+def test_a_flood_of_holds_from_hosts_one_client_controls_does_not_lift_anothers(start_gateway, provider):
+    """Job A's provider answered 429 Retry-After: 120 (a hold). Job B makes FLOOD names it
+    controls answer 429 Retry-After: 300, with the default bounds. Job A's provider stays held:
+    nobody reaches it until the hold ends. (Before: the table's 4,096 places filled up and the
+    hold ending soonest -- job A's -- was dropped.)"""
+    evil = Provider("127.0.0.3")
+    names = {f"h{i}.evil.test": ["127.0.0.3"] for i in range(FLOOD)}
+    try:
+        with DnsServer({"real.test": ["127.0.0.1"], **names}) as dns:
+            gw = start_gateway(_config([{"name": "vendors", "destinations": ["*.test"], "max_hold": "10m"}],
+                                       dns={"servers": [dns.address]}))
+            victim, attacker = _session_from(JOB_A), _session_from(JOB_B)
+            held = f"http://real.test:{provider.port}"
+            assert _get(victim, gw, f"{held}/answer?code=429&retry_after=120").status_code == 429
+            gw.wait_event("protect_hold")
+            assert _get(victim, gw, f"{held}/again").status_code == 429  # held locally
+            seen = len(provider.seen)
+            statuses = {}
+            for name in names:
+                r = _get(attacker, gw, f"http://{name}:{evil.port}/answer?code=429&retry_after=300")
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert statuses == {429: FLOOD}
+            again = _get(victim, gw, f"{held}/after-the-flood")
+            assert again.status_code == 429 and "real.test answered 429" in again.headers["Proxy-Status"]
+            assert len(provider.seen) == seen  # the provider saw nothing while held
+            holds = _admin(gw, "/status")["profiles"]["shared"]["protect"]["holds"]
+            assert len(holds) <= 1 + 64 and any(h["host"] == "real.test" for h in holds)
+    finally:
+        evil.close()
+
+
+def test_holds_are_bounded_per_client_and_per_rule_and_never_evicted_by_another_client(start_gateway, provider):
+    """max_holds_per_client 3, max_holds 4. Job B's origins at ten addresses answer 429: it
+    keeps its 3 newest holds (its own replaced), job A's hold stays; the rule's table is then
+    full (1 + 3): a third client's new hold is not recorded -- nobody's is evicted for it --
+    and both drops are counted."""
+    attackers = [Provider(f"127.0.1.{i}") for i in range(1, 11)]
+    try:
+        gw = start_gateway(_config([{"name": "vendors", "destinations": ["127.0.0.0/8"], "max_hold": "10m",
+                                     "max_holds": 4, "max_holds_per_client": 3}]))
+        victim, attacker, ops = _session_from(JOB_A), _session_from(JOB_B), _session_from("127.0.0.1")
+        held = f"http://127.0.0.1:{provider.port}"
+        assert _get(victim, gw, f"{held}/answer?code=429&retry_after=60").status_code == 429
+        for a in attackers:
+            assert _get(attacker, gw, f"http://{a.server.server_address[0]}:{a.port}/answer?code=429"
+                                      f"&retry_after=300").status_code == 429
+        seen = len(provider.seen)
+        assert _get(victim, gw, f"{held}/x").status_code == 429
+        assert _get(ops, gw, f"{held}/x").status_code == 429
+        assert len(provider.seen) == seen
+        holds = _admin(gw, "/status")["profiles"]["shared"]["protect"]["holds"]
+        assert sorted(h["host"] for h in holds) == ["127.0.0.1", "127.0.1.10", "127.0.1.8", "127.0.1.9"]
+        # the table is full: ops's hold is not recorded, and evicts nothing
+        other = Provider("127.0.0.4")
+        try:
+            url = f"http://127.0.0.4:{other.port}"
+            assert _get(ops, gw, f"{url}/answer?code=429&retry_after=300").status_code == 429
+            gw.wait_event("protect_hold_dropped")
+            assert _get(ops, gw, f"{url}/answer?code=200").status_code == 200  # not held
+        finally:
+            other.close()
+        assert _get(victim, gw, f"{held}/x").status_code == 429
+        assert len(_admin(gw, "/status")["profiles"]["shared"]["protect"]["holds"]) == 4
+        assert _metric(gw, "egressgate_protect_holds_dropped_total", profile="shared", member=MEMBER,
+                       destination="vendors", why="client_share") == 7
+        assert _metric(gw, "egressgate_protect_holds_dropped_total", profile="shared", member=MEMBER,
+                       destination="vendors", why="rule_full") == 1
+    finally:
+        for a in attackers:
+            a.close()
+
+
+def test_a_hold_learned_by_name_holds_the_address_and_its_other_names(start_gateway, provider):
+    """a.test answered 429 Retry-After: job B reaching the same origin by its IP literal or by
+    b.test (same address), as a forwarded request or a CONNECT, is held too; a name at
+    another address is not."""
+    other = Provider("127.0.0.4")
+    try:
+        with DnsServer({"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"], "c.test": ["127.0.0.4"]}) as dns:
+            gw = start_gateway(_config([{"name": "vendor", "destinations": ["*.test", "127.0.0.1"],
+                                         "max_hold": "60s"}], [provider.port], dns={"servers": [dns.address]}))
+            url = f"http://a.test:{provider.port}/answer?code=429&retry_after=120"
+            assert _status(_exchange(JOB_A, gw, f"GET {url} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())) == 429
+            event = gw.wait_event("protect_hold")
+            seen = len(provider.seen)
+            for host in ("127.0.0.1", "b.test", "a.test"):
+                target = f"{host}:{provider.port}"
+                plain = _exchange(JOB_B, gw, f"GET http://{target}/x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert _status(plain) == 429, (host, plain)
+                assert "answered 429 with Retry-After" in _header(plain, "Proxy-Status")
+                assert 0 < int(_header(plain, "Retry-After")) <= 60
+                tunnel = _exchange(JOB_B, gw, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+                assert _status(tunnel) == 429, (host, tunnel)
+            assert len(provider.seen) == seen  # the origin saw none of them
+            assert (event["host"], event.get("address")) == ("a.test", "127.0.0.1")
+            ok = _exchange(JOB_B, gw, f"GET http://c.test:{other.port}/x HTTP/1.1\r\nHost: c.test\r\n\r\n".encode())
+            assert _status(ok) == 200
+            holds = _admin(gw, "/status")["profiles"]["shared"]["protect"]["holds"]
+            assert [(h["host"], h["address"]) for h in holds] == [("a.test", "127.0.0.1")]
+    finally:
+        other.close()

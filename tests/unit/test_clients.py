@@ -214,3 +214,20 @@ def test_anonymous_rule_listed_first_never_captures_credentialed_requests() -> N
         assert info.value.status == 407 and info.value.reason == reason
     anonymous = reg.identify("127.0.0.1", None)  # no credentials: the anonymous rule still matches
     assert isinstance(anonymous, Identity) and anonymous.client.name == "local"
+
+
+def test_wrong_passwords_never_evict_a_known_good_one_and_eviction_is_one_at_a_time():
+    """Defect (issue 25 item 1): the cache of checked credentials was dropped whole when it
+    filled, so a flood of wrong passwords made every known client pay a scrypt check again
+    (behind the flood). Good and wrong verdicts are now kept apart, the oldest evicted alone."""
+    from egressgate.policy.clients import MAX_REMEMBERED_PASSWORDS
+
+    reg = ClientRegistry([ClientPolicy("c", None, username="u", password_hash=hash_password("good"))])
+    auth = b"Basic " + base64.b64encode(b"u:good")
+    pending = reg.identify("10.0.0.1", auth)
+    assert isinstance(pending, PendingCheck) and pending.run()
+    for i in range(MAX_REMEMBERED_PASSWORDS + 10):  # (the verdicts, without running scrypt)
+        reg._remember(f"wrong-{i}".encode(), False)
+    assert isinstance(reg.identify("10.0.0.1", auth), Identity)  # still known: no check again
+    assert len(reg._refused) == MAX_REMEMBERED_PASSWORDS
+    assert b"wrong-9" not in reg._refused and b"wrong-10" in reg._refused  # only the oldest went

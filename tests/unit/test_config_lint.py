@@ -14,6 +14,19 @@ from egressgate.config.lint import Finding, host_bits, lint
 LINT_CASES = [
     # (id, config text, [(loc, a phrase of the message)])
     ("default-is-quiet", "", []),
+    # issue 26 item 2: a shared, external condition must not evict every replica at once
+    ("readiness-all-evicts-every-replica", """\
+        probe: {echo_url: "http://127.0.0.1:9/ip", readiness: all}
+        egress:
+          a: {bind: [127.0.0.2], expect_ip: [127.0.0.2]}
+          b: {bind: [127.0.0.3], expect_ip: [127.0.0.3]}
+        """, [(("probe", "readiness"), "every replica")]),
+    ("readiness-any-is-quiet", """\
+        probe: {echo_url: "http://127.0.0.1:9/ip"}
+        egress:
+          a: {bind: [127.0.0.2], expect_ip: [127.0.0.2]}
+          b: {bind: [127.0.0.3], expect_ip: [127.0.0.3]}
+        """, []),
     ("socks5-with-certificate-clients-only", """\
         listen:
           - {address: "127.0.0.1:3128", tls: {cert: a.crt, key: a.key, client_ca: ca.crt}}
@@ -73,7 +86,13 @@ LINT_CASES = [
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
           py: {bind: [10.0.0.2], protect: [{destinations: [b.test]}]}
-        """, [(("egress", "px", "protect"), "divide them by 3")]),
+        """, [(("egress", "px", "protect"), "set fleet.redis")]),
+    ("protect-limits-with-workers-and-a-fleet-store", """\
+        workers: 3
+        fleet: {redis: {url: "redis://10.0.0.9:6379"}}
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
+        """, []),
     ("protect-limits-one-worker", """\
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 5}]}

@@ -16,7 +16,7 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, socks5, egress.plan, observe
-  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, checks, verify, demo) -> cli
+  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin, fleet -> app (probe, checks, verify, demo) -> cli
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ LAYER_OF: dict[str, int] = {
     "egressgate.egress.resolver": 3,
     "egressgate.egress.dialer": 3,
     "egressgate.egress.localaddr": 3,
+    "egressgate.fleet.ledger": 2,  # pure: the owner's accounts of shared budgets
+    "egressgate.fleet.wire": 2,  # pure: the messages between workers and their owner
     "egressgate.proxy": 4,
+    "egressgate.fleet": 4,  # I/O: a worker's link to its owner, the owner's server, the fleet store
     "egressgate.admin": 4,
     "egressgate.app": 5,
     "egressgate.build": 5,

@@ -166,20 +166,79 @@ def test_a_hold_refuses_that_member_and_host_until_it_ends() -> None:
     assert g.current_holds("p")[0]["remaining_seconds"] == pytest.approx(0.8)
     clock.now += 1.0
     g.admit("p", "m1", r, "api.vendor-x.com")
-    assert g.holds == {} and g.current_holds() == []
+    assert len(g.holds) == 0 and not g.holds and g.current_holds() == []
     assert g.holds_started[("p", "m1", "vx")] == 1 and g.refused[("p", "m1", "vx", "hold")] == 2
 
 
-def test_holds_are_bounded_the_soonest_to_end_dropped_first() -> None:
-    clock, r = Clock(), rule()
-    g = guard(clock, max_holds=3)
-    for i in range(5):
-        g.admit("p", "m", r, f"h{i}.vendor-x.com").answered(429, [(b"retry-after", str(100 + i).encode())])
-    assert len(g.holds) == 3
-    assert sorted(w[2] for w in g.holds) == ["h2.vendor-x.com", "h3.vendor-x.com", "h4.vendor-x.com"]
-    clock.now += 1000  # all ended: room is made from expired ones first
-    g.admit("p", "m", r, "x.vendor-x.com").answered(503, [(b"retry-after", b"10")])
-    assert [w[2] for w in g.holds] == ["x.vendor-x.com"]
+def _held(g: SharedIpGuard) -> list[str]:
+    return sorted(h.host for h in g.holds.live())
+
+
+def _answer(g: SharedIpGuard, r: ProtectRule, host: str, client: str, seconds: int = 100,
+            address: str | None = None, member: str = "m") -> None:
+    t = g.admit("p", member, r, host, client)
+    t.moved(member, address)
+    t.answered(429, [(b"retry-after", str(seconds).encode())])
+
+
+def test_a_client_whose_share_is_full_replaces_only_its_own_hold_ending_soonest() -> None:
+    clock = Clock()
+    r = ProtectRule("vx", ("*.vendor-x.com",), None, None, 300.0, max_holds=100, max_holds_per_client=3)
+    g = guard(clock)
+    _answer(g, r, "real.vendor-x.com", "victim", seconds=10)  # ends soonest of all
+    for i in range(10):
+        _answer(g, r, f"h{i}.vendor-x.com", "attacker", seconds=100 + i)
+    assert _held(g) == ["h7.vendor-x.com", "h8.vendor-x.com", "h9.vendor-x.com", "real.vendor-x.com"]
+    assert refused(g, r, member="m", host="real.vendor-x.com").reason == "origin_backoff"
+    assert g.holds.dropped == {("p", "m", "vx", "client_share"): 7}
+    clock.now += 1000  # the attacker's own expired holds make room first
+    _answer(g, r, "x.vendor-x.com", "attacker")
+    assert _held(g) == ["x.vendor-x.com"]
+    assert g.holds.dropped == {("p", "m", "vx", "client_share"): 7}
+
+
+def test_a_full_rule_never_evicts_a_hold_its_client_did_not_cause() -> None:
+    """max_holds 4, two attackers of 2 each fill it: a third client's new hold is not recorded
+    (counted), the victim's hold already there stays; an attacker replaces only its own."""
+    clock = Clock()
+    r = ProtectRule("vx", ("*.vendor-x.com",), None, None, 300.0, max_holds=4, max_holds_per_client=2)
+    g = guard(clock)
+    _answer(g, r, "real.vendor-x.com", "victim", seconds=5)
+    for who in ("a1", "a2"):
+        for i in range(5):
+            _answer(g, r, f"{who}-{i}.vendor-x.com", who, seconds=100 + i)
+    assert "real.vendor-x.com" in _held(g) and len(g.holds) == 4
+    assert refused(g, r, member="m", host="real.vendor-x.com").reason == "origin_backoff"
+    _answer(g, r, "late.vendor-x.com", "third")
+    assert "late.vendor-x.com" not in _held(g)
+    assert g.holds.dropped[("p", "m", "vx", "rule_full")] >= 1
+    stats = g.stats()
+    assert stats["holds_dropped"][("p", "m", "vx", "rule_full")] >= 1
+    other = ProtectRule("vy", ("*.vendor-y.com",), None, None, 300.0, max_holds=4, max_holds_per_client=2)
+    _answer(g, other, "a.vendor-y.com", "third")  # another rule has its own table
+    assert "a.vendor-y.com" in _held(g)
+
+
+def test_a_hold_covers_the_name_and_the_address_it_was_connected_to() -> None:
+    clock, r = Clock(), rule(hold=60.0)
+    g = guard(clock)
+    _answer(g, r, "api.vendor-x.com", "job", seconds=30, address="203.0.113.7")
+    err = refused(g, r, member="m", host="203.0.113.7")  # its IP literal
+    assert "203.0.113.7 (as api.vendor-x.com) answered 429" in err.detail
+    with pytest.raises(LimitReached):  # another name, resolved to the same address
+        g.admit("p", "m", r, "www.vendor-x.com", "other", ["198.51.100.1", "203.0.113.7"])
+    g.admit("p", "m", r, "www.vendor-x.com", "other", ["198.51.100.1"])
+    g.admit("p", "m2", r, "203.0.113.7")  # another member: not held
+    # an answer (to a request admitted before the hold) for an address already held: the
+    # address stays with the longer hold, never shortened; the new hold adds only its name
+    _answer(g, r, "x.vendor-x.com", "job", seconds=5, address="203.0.113.7")
+    refused(g, r, member="m", host="x.vendor-x.com")
+    clock.now += 10
+    refused(g, r, member="m", host="203.0.113.7")
+    assert [(h["host"], h["remaining_seconds"]) for h in g.current_holds("p")] == [("api.vendor-x.com", 20.0)]
+    clock.now += 25
+    g.admit("p", "m", r, "203.0.113.7")
+    g.admit("p", "m", r, "api.vendor-x.com")
 
 
 def test_a_ticket_moves_with_failover() -> None:

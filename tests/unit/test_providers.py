@@ -217,3 +217,38 @@ def test_a_bug_in_one_check_cancels_the_rest_of_the_round(monkeypatch) -> None:
         assert len(started) == 3 and all(t.done() for t in started)
 
     asyncio.run(go())
+
+
+# --- judging a provider's answer (shared with block detection from live traffic) -------------
+from egressgate.egress.providers import BodyRules, judge_answer, parse_headers  # noqa: E402
+
+
+@pytest.mark.parametrize(("head", "outcome", "wait"), [
+    (b"HTTP/1.1 200 OK", "accepted", None),
+    (b"HTTP/1.1 403 Forbidden", "http_status", None),
+    (b"HTTP/1.1 429 Too Many Requests", "throttled", None),
+    (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30", "throttled", 30.0),
+    (b"HTTP/1.1 503 Service Unavailable\r\nretry-after:  7 ", "throttled", 7.0),
+    (b"HTTP/1.1 503 Service Unavailable", "http_status", None),
+    (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 99999999", "throttled", 86400.0),
+    (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: soon", "throttled", None),
+])
+def test_judge_answer(head: bytes, outcome: str, wait: float | None) -> None:
+    status = int(head.split()[1])
+    got = judge_answer(status, head, lambda s: 200 <= s < 400, "200-399", 1000.0)
+    assert (got[0], got[2]) == (outcome, wait), got
+
+
+def test_parse_headers_and_body_rules() -> None:
+    assert parse_headers("# key\n\nX-Api-Key: a:b \nAuthorization: Bearer t\n") == (
+        ("X-Api-Key", "a:b"), ("Authorization", "Bearer t"))
+    for bad, why in [("secret", "line 1: expected"), ("Host: x", "set by the check"), ("a b: c", "expected")]:
+        with pytest.raises(ValueError, match=why) as err:
+            parse_headers(bad)
+        assert "secret" not in str(err.value)
+    assert BodyRules.compile([], None) is None
+    rules = BodyRules.compile(["captcha", "Access denied"], r'"ok"')
+    assert rules.judge(b'{"ok": true}') is None
+    assert "refuse_body 'captcha'" in rules.judge(b"<p>solve this captcha</p> \"ok\"")
+    assert "expect_body" in rules.judge(b"{}")
+    assert BodyRules.compile(["captcha"], None).judge(b"x" * 70000 + b"captcha") is None  # beyond 64 KiB: not read

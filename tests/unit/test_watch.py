@@ -127,3 +127,34 @@ def test_watch_loop_reloads_settled_new_content_and_follows_its_settings(tmp_pat
     # the change of round 5 is not looked at while watching is off, and is taken once it is on again
     assert reloaded == [(4, b"workers: 2\n"), (9, b"workers: 3\n")]
     assert slept == [2.0] * 5 + [5.0] * 3 + [2.0] * 2
+
+
+class _WriterLandsAfterTheStat(Settle):
+    """A writer that truncates and rewrites the file right after the poll that saw it settle:
+    between the watcher's ``stat`` and its read (the race behind issue 25 item 10)."""
+
+    def __init__(self, path: Path, partial: bytes) -> None:
+        super().__init__()
+        self.path, self.partial = path, partial
+
+    def poll(self, stamp):
+        settled = super().poll(stamp)
+        if settled and self.partial is not None:
+            self.path.write_bytes(self.partial)  # (truncate, then the first half of the new file)
+            self.partial = None  # (once)
+        return settled
+
+
+def test_the_watcher_never_reads_a_file_rewritten_after_it_settled(tmp_path):
+    """Defect (issue 25 items 2 and 10): the watcher took the stamp, then read the file by name:
+    a writer (``Path.write_text`` truncates first) landing in between handed it half a file
+    -- or an empty one, which loaded as the built-in defaults. The content is read through one
+    descriptor whose stamp must be the settled one; otherwise it is a new change."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"listen:\n  - address: 127.0.0.1:3128\nclients:\n  - name: a\n    from: [10.0.0.0/8]\n")
+    w = ConfigWatcher(str(path), digest(b"in force"))
+    w.settle = _WriterLandsAfterTheStat(path, b"listen:\n")
+    assert w.look() == (False, None)  # a new stamp: noted
+    changed, text = w.look()  # settled, but rewritten before the read
+    assert (changed, text) == (False, None), text
+    assert w.look() == (True, b"listen:\n")  # the new content, once it held still for a poll

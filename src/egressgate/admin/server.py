@@ -6,7 +6,9 @@
 - ``GET /metrics``: Prometheus exposition;
 - ``GET /status``: JSON status (version, uptime, config, listeners, profiles, live connections
   and what each is doing (``connections.open``: the ``OPEN_LIMIT`` oldest), sources refused at
-  the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent));
+  the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent)); with ``workers: N``,
+  every worker's connections and shared-IP counts (``parts``: each worker's private socket
+  answers ``GET /status-part``);
 - ``GET /``: a status page that refreshes itself;
 - ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
 
@@ -50,12 +52,14 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..egress.plan import refusing
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
 from ..model import ip_or_none, with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
+from . import parts
 
 Reloader = Callable[[], Awaitable[None]]
 OPEN_LIMIT = 200  # open connections listed in /status, oldest first
@@ -201,8 +205,8 @@ def readiness(gw: Gateway) -> list[str]:
         refusing = [pool for pool in attested if not pool.healthy]
         if refusing and (probe.readiness == "all" or len(refusing) == len(attested)):
             problems += [pool.refusal()[1] for pool in refusing]
-    for pool in rt.profiles.values():  # providers marked required (egress.*.providers)
-        problems += not_ready(rt.providers, pool)
+    # (providers marked required never count here: their refusal is shared by every replica;
+    # the profile steers away from the refused member and /readyz shows it per profile)
     return problems
 
 
@@ -212,7 +216,8 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     for name, pool in gw.runtime.profiles.items():
         refusal = pool.refusal()
         out[name] = {"ready": refusal is None, "attested": pool.attest, "expect_ip": list(pool.expect_ip),
-                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None}
+                     "observed_ip": pool.observed_ip, "reason": refusal[1] if refusal else None,
+                     "providers": not_ready(gw.runtime.providers, pool)}
     return out
 
 
@@ -422,6 +427,9 @@ class AdminProtocol(asyncio.Protocol):
             if refused is not None:
                 gw.metrics.admin_closed.labels("foreign").inc()
                 self._send(simple_response(403, refused.encode() + b"\n", "text/plain"))
+            elif self.metrics_only and path == "/status-part":  # (a worker's share of /status)
+                body = json.dumps(parts.part(gw, OPEN_LIMIT)).encode()
+                self._send(simple_response(200, body))
             elif self.metrics_only and path != "/metrics":
                 self._send(simple_response(404, b"not found\n", "text/plain"))
             elif path == "/healthz":
@@ -442,7 +450,12 @@ class AdminProtocol(asyncio.Protocol):
                 extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
                 self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                doc = with_iso(status(gw, self.workers))  # (times both ways: model.TIME_FIELDS)
+                doc = status(gw, self.workers)
+                sockets = self.workers.sockets() if self.workers is not None else []
+                if sockets:  # every worker's connections and counts (admin.parts)
+                    others = await asyncio.gather(*(parts.fetch(i, w) for i, w in sockets))
+                    doc = parts.merge(doc, 0, len(gw.protect.holds), others, OPEN_LIMIT)
+                doc = with_iso(doc)  # (times both ways: model.TIME_FIELDS)
                 self._send(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):
                 page = resources.files("egressgate.admin").joinpath("status.html").read_bytes()
@@ -480,8 +493,10 @@ class AdminProtocol(asyncio.Protocol):
             self._send(simple_response(400, body))
             return
         pending = {name: p.describe() for name, p in self.gw.runtime.providers.pending.items()}
+        dark = refusing(self.gw.runtime.profiles)  # profiles the reloaded config leaves refusing all traffic
         body = json.dumps({"reloaded": True, "hash": self.gw.runtime.config_hash,
-                           **({"pending_switches": pending} if pending else {})}).encode() + b"\n"
+                           **({"pending_switches": pending} if pending else {}),
+                           **({"refusing": dark} if dark else {})}).encode() + b"\n"
         self._send(simple_response(200, body))
 
     def _send(self, data: bytes) -> None:

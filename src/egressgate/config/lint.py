@@ -133,15 +133,30 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
 
 
 def protect_per_worker(config: Config) -> list[Finding]:
-    """Shared-IP limits are counted per process: with several workers a provider sees up to
-    ``workers`` times each figure."""
-    if config.workers <= 1:
+    """Shared-IP limits are exact across one instance's workers, but without a fleet store
+    (``fleet.redis``) each instance counts its own: a deployment that runs several workers
+    (an autoscaled group, a Deployment with replicas) is warned."""
+    if config.workers <= 1 or config.fleet.redis is not None:
         return []
     return [Finding(("egress", name, "protect"),
-                    f"limits are counted per worker process: with workers: {config.workers} the provider can see "
-                    f"up to {config.workers}x max_concurrent / max_per_second; divide them by {config.workers}")
+                    f"limits are shared by this instance's {config.workers} workers but counted per instance: "
+                    "with several instances behind one egress IP the provider sees each figure once per instance; "
+                    "set fleet.redis to share them (docs/operations.md#fleet-store-redis)")
             for name, profile in config.egress.items()
             if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
+
+
+def readiness_evicts_every_replica(config: Config) -> list[Finding]:
+    """``probe.readiness: all`` makes one profile's wrong or unverified egress IP take the
+    instance out of the load balancer; every replica shares the egress IPs, so every instance
+    goes at once (a shared, external condition must refuse per profile, never evict)."""
+    attested = [name for name, p in config.egress.items() if p.expect_ip]
+    if config.probe.readiness != "all" or not config.probe.required or len(attested) < 2:
+        return []
+    return [Finding(("probe", "readiness"),
+                    f"readiness: all takes every replica out of the load balancer at once when one profile's "
+                    f"egress IP fails its check (the replicas share the IPs), so {', '.join(attested)} all go dark "
+                    f"with it; use any (the default): the profile alone refuses its traffic")]
 
 
 def socks_without_clients(config: Config) -> list[Finding]:
@@ -156,7 +171,7 @@ def socks_without_clients(config: Config) -> list[Finding]:
 
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
     open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker,
-    socks_without_clients, weak_token_keys)
+    socks_without_clients, weak_token_keys, readiness_evicts_every_replica)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
 _CIDR_LISTS: tuple[tuple[str, ...], ...] = (

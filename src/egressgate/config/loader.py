@@ -207,10 +207,22 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                                  "name the user in the URL (http://USER@host:port); the password comes from "
                                  "upstream_password_file / upstream_password_env"))
         problems += _protect_problems(name, profile)
+        for j, provider in enumerate(profile.providers):
+            if not offline:
+                problems += _secret_problems(("egress", name, "providers", j), "headers_file", provider.headers_file,
+                                             "headers_env", provider.headers_env)
         if not offline:
             problems += _secret_problems(("egress", name), "upstream_password_file",
                                          profile.upstream_password_file, "upstream_password_env",
                                          profile.upstream_password_env)
+    redis = config.fleet.redis
+    if redis is not None and not offline:
+        problems += _secret_problems(("fleet", "redis"), "password_file", redis.password_file,
+                                     "password_env", redis.password_env)
+        for key in ("ca", "cert", "key"):
+            path = getattr(redis.tls, key) if redis.tls is not None else None
+            if path and not os.path.isfile(path):
+                problems.append((("fleet", "redis", "tls", key), f"file not found: {path}"))
     if config.admin.token_env and not offline and config.admin.token_env not in os.environ:
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
     if config.admin.token_file and not offline:

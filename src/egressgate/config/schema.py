@@ -148,6 +148,10 @@ class AdminConfig(_Model):
         return self
 
 
+MAX_HOLDS = 4096  # protect[].max_holds default
+MAX_HOLDS_PER_CLIENT = 64  # protect[].max_holds_per_client default
+
+
 class ProtectConfig(_Model):
     """Shared-IP protection: limits per (egress member x these destinations), across all
     clients of the profile (see ``policy.protect``)."""
@@ -156,9 +160,13 @@ class ProtectConfig(_Model):
     destinations: list[str] = Field(min_length=1)  # patterns as in clients' allow: host, *.domain, CIDR, :PORT
     max_concurrent: int | None = Field(default=None, gt=0)  # open tunnels + requests in flight per member
     max_per_second: float | None = Field(default=None, gt=0)  # new tunnels + requests per second per member
-    # An origin's 429/503 with Retry-After holds (member x host) for that long, at most this
-    # (0: never hold).
+    # An origin's 429/503 with Retry-After holds (member x host, member x its address) for
+    # that long, at most this (0: never hold).
     max_hold: Duration = 300.0
+    # Holds kept per profile for this rule, and of those caused by any one client's requests
+    # (a client whose share is full replaces its own; nobody evicts another client's hold).
+    max_holds: int = Field(default=MAX_HOLDS, ge=1)
+    max_holds_per_client: int = Field(default=MAX_HOLDS_PER_CLIENT, ge=1)
 
     @property
     def label(self) -> str:
@@ -195,7 +203,25 @@ class ProviderConfig(_Model):
     method: Literal["HEAD", "GET"] = "HEAD"
     timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: timeouts.upstream_connect
     interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] | None = None  # default: probe.interval
-    required: bool = False  # a failed check makes /readyz fail
+    required: bool = False  # new connections avoid a member it refuses; /readyz names it per profile
+    # request headers (API keys): "Name: value" lines, from a file or an environment variable
+    headers_file: str | None = None
+    headers_env: str | None = None
+    # a 200 block page or CAPTCHA is a refusal: regexes over the first 64 KiB of the body (GET)
+    refuse_body: list[str] = []  # any match: outcome body_refused
+    expect_body: str | None = None  # no match: outcome body_refused
+
+    @field_validator("refuse_body", "expect_body")
+    @classmethod
+    def _regex(cls, value):
+        import re
+
+        for pattern in [value] if isinstance(value, str) else value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r}: {exc}") from None
+        return value
 
     @field_validator("url")
     @classmethod
@@ -217,7 +243,82 @@ class ProviderConfig(_Model):
     def _tls_needs_https(self) -> ProviderConfig:
         if self.accept == "tls" and not self.url.startswith("https://"):
             raise ValueError("accept: tls needs an https:// URL")
+        if (self.refuse_body or self.expect_body) and (self.method != "GET" or self.accept == "tls"):
+            raise ValueError("refuse_body / expect_body need method: GET and HTTP statuses in accept (a body to read)")
+        if self.headers_file and self.headers_env:
+            raise ValueError("headers_file and headers_env: name one")
         return self
+
+
+class FleetTlsConfig(_Model):
+    """TLS to the fleet store (``rediss://``): the CA that signed its certificate (Memorystore's
+    server CA), and a client certificate if the store asks for one."""
+
+    ca: str | None = None  # PEM file; default: the system's CA store
+    cert: str | None = None
+    key: str | None = None
+    # Check that the certificate names the host of the URL (off for a store reached by an IP
+    # its certificate does not carry; the CA is still verified).
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> FleetTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+        return self
+
+
+class RedisConfig(_Model):
+    """The fleet store: a Redis (e.g. GCP Memorystore) every instance of the gateway shares."""
+
+    url: str  # redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB] (TLS)
+    username: str | None = None  # Redis 6 ACL user (AUTH USER PASSWORD); else AUTH PASSWORD
+    password_file: str | None = None  # the AUTH password, from a file (a mounted Secret) ...
+    password_env: str | None = None  # ... or from an environment variable
+    tls: FleetTlsConfig | None = None  # rediss:// only
+    # A store operation on the request path waits at most this; then the fallback applies.
+    timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0, le=10)] = 0.25
+    # A dead instance's concurrency slots come back within this (its heartbeat stops).
+    lease_ttl: Annotated[float, BeforeValidator(_duration), Field(ge=1, le=300)] = 3.0
+    prefix: str = Field(default="egressgate", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (a port out of range or not a number raises here)
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"expected redis://HOST:PORT or rediss://HOST:PORT (TLS), got {value!r}")
+        if parts.password:
+            raise ValueError("put the password in password_file or password_env, not in the URL")
+        if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+            raise ValueError(f"the path names a database number, e.g. /0, not {parts.path!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _checks(self) -> RedisConfig:
+        if self.password_file and self.password_env:
+            raise ValueError("give one of password_file, password_env, not both")
+        if self.tls is not None and not self.url.startswith("rediss://"):
+            raise ValueError("tls needs a rediss:// URL")
+        return self
+
+
+class FleetConfig(_Model):
+    """What instances of the gateway share (``fleet``): shared-IP limits and holds, in Redis."""
+
+    redis: RedisConfig | None = None
+    # Redis down or slow: share -- each instance keeps limit / (instances last seen), rounded
+    # down; local -- each instance the whole limit; refuse -- protected destinations get 429.
+    fallback: Literal["share", "local", "refuse"] = "share"
+    # The number of instances "share" divides by (default: as last seen in the store; an
+    # instance that never reached it counts itself alone). Set it to the most instances you run.
+    fallback_instances: int | None = Field(default=None, ge=1)
 
 
 class ProfileConfig(_Model):
@@ -488,6 +589,7 @@ class Config(_Model):
     dns: DnsConfig = DnsConfig()
     reload: ReloadConfig = ReloadConfig()
     workers: Workers = 1  # processes sharing the listeners; "auto" = one per CPU
+    fleet: FleetConfig = FleetConfig()  # shared-IP limits and holds across instances (Redis)
 
     @field_validator("egress", mode="after")
     @classmethod

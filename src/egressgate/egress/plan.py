@@ -64,7 +64,7 @@ class ProfilePool:
     """
 
     __slots__ = ("name", "kind", "members", "expect_ip", "pick", "connect_timeout", "_down", "_next",
-                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace")
+                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace", "avoid")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
                  pick: str | bool, connect_timeout: float, clock: Callable[[], float],
@@ -86,6 +86,8 @@ class ProfilePool:
         self.checks: dict[EgressPlan, Attestation] = {}  # filled by the egress probe
         self._usable: list[EgressPlan] = [] if self.attest else members
         self.observed_at: float | None = None
+        # members a required provider refuses (``checks``): new connections go to the others first
+        self.avoid: frozenset[EgressPlan] = frozenset()
 
     # --- attestation ---------------------------------------------------------------------
     def record(self, plan: EgressPlan, observed: str | None, error: str | None, now: float) -> None:
@@ -186,6 +188,8 @@ class ProfilePool:
         else:  # failover: always the listed order
             start = 0
         ordered = members[start:] + members[:start] if start else list(members)
+        if self.avoid:  # refused by a required provider: tried only after every other member
+            ordered = [m for m in ordered if m not in self.avoid] + [m for m in ordered if m in self.avoid]
         if not self._down:
             return ordered
         now = self._clock()
@@ -201,6 +205,11 @@ class ProfilePool:
 
     def is_down(self, plan: EgressPlan) -> bool:
         return self._down.get(plan, 0.0) > self._clock()
+
+
+def refusing(pools: dict[str, ProfilePool]) -> dict[str, str]:
+    """The profiles that refuse all their traffic (no attested member), each with why."""
+    return {name: why[1] for name, pool in pools.items() if (why := pool.refusal()) is not None}
 
 
 def upstream_with_password(url: str, password: str | None) -> UpstreamProxy:

@@ -64,6 +64,7 @@ PHRASES = {
     # 429
     "connection_limit_reached": "Client Limit Reached",
     "rate_limited": "Client Rate Limited",
+    "auth_checks_busy": "Too Many Password Checks",
     # 500, 503
     "internal_error": "Internal Proxy Error",
     "unavailable": "Service Unavailable",

@@ -29,6 +29,9 @@ FROM_FIRST = frozenset({
     "egressgate_provider_reachable", "egressgate_provider_last_check_timestamp_seconds",
     "egressgate_provider_switch_pending",
     "egressgate_listener_info",
+    # holds: every worker keeps every hold of the instance (fleet); worker 0's table is the owner's
+    "egressgate_protect_held_hosts",
+    "egressgate_fleet_store_up", "egressgate_fleet_instances", "egressgate_fleet_rate_slack_seconds",
 })
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 

@@ -24,7 +24,7 @@ INTERNAL_ERROR_SITES = (
     "connection_made", "data_received", "eof_received", "connection_lost", "pause_writing", "resume_writing",
     "upstream_connection_made", "upstream_data_received", "upstream_eof_received", "upstream_connection_lost",
     "upstream_pause_writing", "upstream_resume_writing", "splice", "tick", "serve", "exchange_failed",
-    "teardown", "admin", "probe", "providers", "loop", "workers", "other",
+    "teardown", "admin", "probe", "providers", "loop", "workers", "fleet", "other",
 )
 UNKNOWN = "-"  # the label value of a client or profile name that is not configured
 LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}
@@ -100,6 +100,10 @@ class _ProtectCounters:
                                       "429/503 with Retry-After", labels=labels)
         held = GaugeMetricFamily(PREFIX + "protect_held_hosts", "Hosts currently held (an origin's Retry-After), "
                                  "per egress member and protected destination", labels=labels)
+        dropped = CounterMetricFamily(PREFIX + "protect_holds_dropped", "Holds not kept for their bound: a client's "
+                                      "own hold replaced when its max_holds_per_client share is full (client_share), "
+                                      "or a new hold not recorded because the rule's max_holds are other clients' "
+                                      "(rule_full)", labels=[*labels, "why"])
         for key, n in stats.get("admitted", {}).items():
             admitted.add_metric(list(key), n)
         for key, n in stats.get("refused", {}).items():
@@ -110,7 +114,9 @@ class _ProtectCounters:
             started.add_metric(list(key), n)
         for key, n in stats.get("held", {}).items():
             held.add_metric(list(key), n)
-        return [admitted, refused, in_flight, started, held]
+        for key, n in stats.get("holds_dropped", {}).items():
+            dropped.add_metric(list(key), n)
+        return [admitted, refused, in_flight, started, held, dropped]
 
 
 class _KnownNames:
@@ -233,6 +239,15 @@ class Metrics:
         self.worker_restarts = Counter(PREFIX + "worker_restarts_total",
                                        "Worker processes that exited unexpectedly and were started again",
                                        registry=r)
+        # the fleet store (fleet.redis): worker 0 alone talks to it
+        self.fleet_store_up = Gauge(PREFIX + "fleet_store_up", "1 while the fleet store (Redis) answers in time; 0: "
+                                    "the fallback (fleet.fallback) decides shared-IP limits", registry=r)
+        self.fleet_store_errors = Counter(PREFIX + "fleet_store_errors_total", "Fleet store operations that failed "
+                                          "or were not answered within fleet.redis.timeout", ["op"], registry=r)
+        self.fleet_instances = Gauge(PREFIX + "fleet_instances", "Instances with a live heartbeat in the fleet "
+                                     "store, as last seen", registry=r)
+        self.fleet_rate_slack = Gauge(PREFIX + "fleet_rate_slack_seconds", "The S of the shared-IP rate bound: over "
+                                      "any W seconds at most max(1, rate) + rate * (W + S) are admitted", registry=r)
 
     def set_names(self, clients: Iterable[str], profiles: Iterable[str]) -> None:
         """The client and profile names of a configuration coming into force. Names stay known

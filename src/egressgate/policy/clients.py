@@ -52,6 +52,7 @@ from .tokens import (
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
 USER_LIMIT = 64  # characters of a tried user name kept for the access record
+MAX_REMEMBERED_PASSWORDS = 4096  # good (and, apart, wrong) password verdicts remembered
 MAX_REMEMBERED_TOKENS = 4096  # tokens seen (and their verified subjects) remembered until they expire
 # refusals no later look can change (not: unknown key / keys unavailable, not yet valid)
 FINAL_TOKEN_REFUSALS = frozenset({"token_expired", "token_wrong_audience", "token_unknown_issuer",
@@ -132,7 +133,8 @@ class ClientRegistry:
         self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
-        self._verified: dict[bytes, bool] = {}
+        self._verified: dict[bytes, bool] = {}  # credentials checked good
+        self._refused: dict[bytes, bool] = {}  # ... and wrong
         self._key = os.urandom(32)
         self.by_name = {c.name: c for c in self.clients}
 
@@ -216,7 +218,7 @@ class ClientRegistry:
         if known is None:
             known = (peek(token)[1], {})
             if len(self._tokens) >= MAX_REMEMBERED_TOKENS:
-                self._tokens.clear()
+                self._tokens.pop(next(iter(self._tokens)), None)  # the oldest: one at a time
             self._tokens[digest] = known
         issuer, verified = known
         base, _, profile = (user or "").partition("+")
@@ -272,15 +274,18 @@ class ClientRegistry:
         if client.password_plain is not None:
             return hmac.compare_digest(password.encode(), client.password_plain.encode())
         key = hmac.new(self._key, f"{client.name}\0{user}\0{password}".encode(), hashlib.sha256).digest()
-        known = self._verified.get(key)
+        known = self._verified.get(key, self._refused.get(key))
         if known is not None:
             return known
         return PendingCheck(key, password, client.password_hash or "", self, user)
 
     def _remember(self, key: bytes, ok: bool) -> None:
-        if len(self._verified) > 4096:
-            self._verified.clear()
-        self._verified[key] = ok
+        """Good and bad verdicts are kept apart, each bounded, the oldest evicted one at a time:
+        a flood of wrong passwords never evicts credentials known to be good."""
+        kept = self._verified if ok else self._refused
+        if len(kept) >= MAX_REMEMBERED_PASSWORDS:
+            kept.pop(next(iter(kept)), None)
+        kept[key] = ok
 
 
 def rejected(user: str, reason: str) -> AuthRequired:

@@ -9,7 +9,10 @@ A rule names destinations (the patterns of a client's ``allow``: ``api.example.c
 - ``max_per_second``: new tunnels plus forwarded requests (a token bucket, burst
   ``max(1, rate)``);
 - ``max_hold``: the longest an origin's ``429``/``503`` with ``Retry-After`` holds the
-  (member x host) it answered (0: never).
+  (member x host) it answered, and the address it answered from (0: never);
+- ``max_holds``, ``max_holds_per_client``: how many holds the rule keeps per profile, and of
+  those how many one client's requests may have caused (``proxy.holds``: no client can
+  evict a hold it did not cause).
 
 A destination matched by several rules falls under the most specific pattern (exact name,
 then the longest ``*.suffix``, then a CIDR). The stateful limiter is ``proxy.protect``.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Iterable
 
+from ..config.schema import MAX_HOLDS, MAX_HOLDS_PER_CLIENT
 from ..model import HostPort
 from .rules import RuleSet
 
@@ -31,19 +35,24 @@ MAX_RETRY_AFTER_DIGITS = 10  # a delta-seconds value longer than this is nonsens
 class ProtectRule:
     """One compiled ``protect`` entry; ``name`` is its label in metrics, status and answers."""
 
-    __slots__ = ("name", "destinations", "max_concurrent", "max_per_second", "max_hold")
+    __slots__ = ("name", "destinations", "max_concurrent", "max_per_second", "max_hold", "max_holds",
+                 "max_holds_per_client")
 
     def __init__(self, name: str, destinations: tuple[str, ...], max_concurrent: int | None,
-                 max_per_second: float | None, max_hold: float) -> None:
+                 max_per_second: float | None, max_hold: float, max_holds: int = MAX_HOLDS,
+                 max_holds_per_client: int = MAX_HOLDS_PER_CLIENT) -> None:
         self.name = name
         self.destinations = destinations
         self.max_concurrent = max_concurrent
         self.max_per_second = max_per_second
         self.max_hold = max_hold
+        self.max_holds = max_holds
+        self.max_holds_per_client = max_holds_per_client
 
     def describe(self) -> dict:
         return {"name": self.name, "destinations": list(self.destinations), "max_concurrent": self.max_concurrent,
-                "max_per_second": self.max_per_second, "max_hold": self.max_hold}
+                "max_per_second": self.max_per_second, "max_hold": self.max_hold, "max_holds": self.max_holds,
+                "max_holds_per_client": self.max_holds_per_client}
 
 
 class ProfileProtect:
@@ -80,8 +89,8 @@ class ProfileProtect:
 
 def compile_protect(specs: Iterable) -> ProfileProtect | None:
     """``specs`` are ``ProtectConfig``s; None when there are none (the profile pays nothing)."""
-    rules = [ProtectRule(s.label, tuple(s.destinations), s.max_concurrent, s.max_per_second, s.max_hold)
-             for s in specs]
+    rules = [ProtectRule(s.label, tuple(s.destinations), s.max_concurrent, s.max_per_second, s.max_hold,
+                         s.max_holds, s.max_holds_per_client) for s in specs]
     return ProfileProtect(rules) if rules else None
 
 

@@ -29,9 +29,11 @@ from .connector import Connector, Link
 from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
-from .protect import SharedIpGuard, admit_route
+from .protect import LeaseNeeded, SharedIpGuard, admit_route
 from .route import Route, cached_addresses, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
+
+LEASE_TRIES = 3  # leases a request waits for before it is refused as over the limit
 
 
 class Who:
@@ -61,14 +63,16 @@ class Whoami:
 
 
 class Pending:
-    """What ``now`` could not finish: the identity (or the password check it needs) and the
-    route, if it got that far."""
+    """What ``now`` could not finish: the identity (or the password check it needs), the
+    route if it got that far, and the shared-IP budget slice its admission waits for."""
 
-    __slots__ = ("identity", "route")
+    __slots__ = ("identity", "route", "lease")
 
-    def __init__(self, identity: Identity | PendingCheck | PendingKeys, r: Route | None) -> None:
+    def __init__(self, identity: Identity | PendingCheck | PendingKeys, r: Route | None,
+                 lease: LeaseNeeded | None = None) -> None:
         self.identity = identity
         self.route = r
+        self.lease = lease
 
 
 class Dispatcher:
@@ -89,14 +93,16 @@ class Dispatcher:
         if isinstance(r, Whoami):
             return r
         if cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own):
-            self._judged(ex.record, r)
+            lease = self._judged(ex.record, r, rt)
+            if lease is not None:
+                return Pending(identity, r, lease)
             link = self.connector.idle(r, ex.connect)
             if link is not None:
-                return link
+                return self._counted(ex, link)
         return Pending(identity, r)
 
     async def rest(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str, pending: Pending) -> Link | Whoami:
-        r = pending.route
+        r, lease = pending.route, pending.lease
         if r is None:
             identity = pending.identity
             if isinstance(identity, PendingCheck):
@@ -106,9 +112,13 @@ class Dispatcher:
             r = self._route(who, ex, rt, identity, default_profile)
             if isinstance(r, Whoami):
                 return r
+            if r.ready:  # (an IP literal, or through a chained proxy: judged by the route step)
+                lease = self._judged(ex.record, r, rt)
         if not r.ready:
             await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
-            self._judged(ex.record, r)
+            lease = self._judged(ex.record, r, rt)
+        if lease is not None:
+            await self._leased(ex.record, r, rt, lease)
         return self._counted(ex, await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect))
 
     async def again(self, ex: Exchange) -> Link:
@@ -118,9 +128,10 @@ class Dispatcher:
 
     @staticmethod
     def _counted(ex: Exchange, link: Link) -> Link:
-        """A shared-IP admission follows the member the connector really used (failover)."""
+        """A shared-IP admission follows the member the connector really used (failover) and
+        learns the origin's address (a hold its answer starts covers that address too)."""
         if ex.record.protect is not None:
-            ex.record.protect.moved(link.plan.label)
+            ex.record.protect.moved(link.plan.label, None if link.chained is not None else link.upstream.remote)
         return link
 
     # --- identify ---------------------------------------------------------------------------
@@ -187,12 +198,32 @@ class Dispatcher:
         rec.profile = r.pool.name
         ex.route = r
         ex.target = r.target
-        if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)
-            admit_route(self.protect, rt.protect, r, rec)
         if r.would_deny:
             self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
         return r
 
-    def _judged(self, rec: AccessRecord, r: Route) -> None:
+    def _judged(self, rec: AccessRecord, r: Route, rt: Runtime) -> LeaseNeeded | None:
+        """The route's addresses are judged (or a chained proxy will resolve it): report-mode
+        denials on them, then shared-IP admission -- on the name and every address it may be
+        dialed to, so a hold cannot be bypassed by another spelling of the same origin.
+        Returns the budget slice admission must lease first (``workers: N``, a fleet store)."""
         if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)
+        if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)
+            try:
+                admit_route(self.protect, rt.protect, r, rec)
+            except LeaseNeeded as lease:
+                return lease
+        return None
+
+    async def _leased(self, rec: AccessRecord, r: Route, rt: Runtime, lease: LeaseNeeded) -> None:
+        """Lease the slice admission lacks, then admit (raises ``LimitReached`` when none is
+        left, or when other requests of this worker took each slice first ``LEASE_TRIES`` times)."""
+        for _ in range(LEASE_TRIES):
+            await self.protect.acquire(lease)
+            try:
+                admit_route(self.protect, rt.protect, r, rec)
+                return
+            except LeaseNeeded as again:
+                lease = again
+        self.protect.starved(lease)

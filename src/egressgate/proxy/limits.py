@@ -4,16 +4,19 @@ worker's connections share.
 - ``ClientLimits``: concurrent connections per client (``max_connections``) and new
   connections per second (``max_new_per_second``, a token bucket); over either, ``admit``
   raises ``LimitReached`` (429). A connection counts against one client at a time.
-- ``AuthThrottle``: slow password checks (scrypt) run off the event loop; many connections
-  presenting the same new credentials share one check; an address that keeps failing waits
-  longer before each further check.
+- ``AuthThrottle``: slow password checks (scrypt) run off the event loop on their own
+  threads, bounded per source and in total, round-robin over sources, dropped when every
+  requester left; many connections presenting the same new credentials share one check; an
+  address that keeps failing waits longer before each further check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import LimitReached
 from ..policy.clients import ClientPolicy, PendingCheck
@@ -22,6 +25,9 @@ FAILURES_BEFORE_DELAY = 5
 FAILURE_DELAY_STEP, FAILURE_DELAY_MAX = 0.2, 3.0  # seconds added per failure past the fourth, at most
 FAILURE_MEMORY = 60.0  # seconds after which an address's failures are forgotten
 MAX_TRACKED_ADDRESSES = 10_000
+AUTH_WORKERS = 2  # threads running password checks (their own: never the loop's default executor)
+MAX_CHECKS_PER_SOURCE = 4  # password checks waiting or running for one source address
+MAX_CHECKS = 256  # ... and for all sources together
 
 
 class ClientLimits:
@@ -59,11 +65,43 @@ class ClientLimits:
             self.per_client.pop(name, None)
 
 
+class _Job:
+    __slots__ = ("key", "peer", "pending", "done", "waiters", "started")
+
+    def __init__(self, peer: str, pending: PendingCheck, done: asyncio.Future[bool]) -> None:
+        self.key, self.peer, self.pending, self.done = pending.key, peer, pending, done
+        self.waiters = 0
+        self.started = False
+
+
 class AuthThrottle:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    """Password checks, bounded and fair. They run on their own threads (``workers``), never
+    the loop's default executor (config reloads use that one, so a flood never delays a
+    reload). What waits is bounded per source address (``per_source``, waiting and running)
+    and in total (``total``); over either the request gets 429 at once. Waiting checks are
+    started round-robin over source addresses, a source with no recent failure first, so a
+    flood never delays a known client's first check by more than the checks already running. A waiting check whose every requester left (the
+    connection closed, its task cancelled) is dropped before it runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
+                 per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS) -> None:
         self._loop = loop
         self._failures: dict[str, tuple[int, float]] = {}
-        self._checks: dict[bytes, asyncio.Future[bool]] = {}
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="egressgate-auth")
+        self._free = workers
+        self.per_source_limit, self.total_limit = per_source, total
+        self._jobs: dict[bytes, _Job] = {}  # waiting or running, by credentials
+        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # waiting, by source (round-robin)
+        self._by_source: dict[str, int] = {}  # waiting or running, by source
+        self.dropped = 0  # waiting checks dropped because every requester left
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
 
     async def check(self, peer: str, pending: PendingCheck) -> bool:
         """Run a slow password check off the loop; addresses that keep failing wait longer."""
@@ -73,15 +111,82 @@ class AuthThrottle:
             count = 0
         if count >= FAILURES_BEFORE_DELAY:
             await asyncio.sleep(min(FAILURE_DELAY_STEP * (count - FAILURES_BEFORE_DELAY + 1), FAILURE_DELAY_MAX))
-        running = self._checks.get(pending.key)
-        if running is None:
-            running = self._checks[pending.key] = self._loop.run_in_executor(None, pending.run)
-            running.add_done_callback(lambda _f, key=pending.key: self._checks.pop(key, None))
-        ok = await asyncio.shield(running)
+        job = self._jobs.get(pending.key)
+        if job is None:
+            job = self._enqueue(peer, pending)
+        job.waiters += 1
+        try:
+            ok = await asyncio.shield(job.done)
+        except asyncio.CancelledError:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.started:
+                self._drop(job)
+            raise
         if ok:
             self._failures.pop(peer, None)
         else:
             if len(self._failures) > MAX_TRACKED_ADDRESSES:
-                self._failures.clear()
+                self._failures.pop(next(iter(self._failures)))
             self._failures[peer] = (count + 1, since if count else now)
         return ok
+
+    def _enqueue(self, peer: str, pending: PendingCheck) -> _Job:
+        if self._by_source.get(peer, 0) >= self.per_source_limit:
+            raise LimitReached(f"too many password checks from {peer} at once (at most {self.per_source_limit})",
+                               reason="auth_checks_busy", headers=(("Retry-After", "1"),))
+        if len(self._jobs) >= self.total_limit:
+            raise LimitReached(f"too many password checks at once (at most {self.total_limit})",
+                               reason="auth_checks_busy", headers=(("Retry-After", "1"),))
+        job = self._jobs[pending.key] = _Job(peer, pending, self._loop.create_future())
+        self._by_source[peer] = self._by_source.get(peer, 0) + 1
+        self._queues.setdefault(peer, deque()).append(job)
+        if peer not in self._failures:  # a source with no wrong password lately goes first
+            self._queues.move_to_end(peer, last=False)
+        self._pump()
+        return job
+
+    def _pump(self) -> None:
+        while self._free > 0 and self._queues:
+            peer, queue = next(iter(self._queues.items()))
+            job = queue.popleft()
+            self._queues.pop(peer)
+            if queue:
+                self._queues[peer] = queue  # to the back: the next source goes first
+            job.started = True
+            self._free -= 1
+            running = self._loop.run_in_executor(self._pool, job.pending.run)
+            running.add_done_callback(lambda f, job=job: self._finished(job, f))
+
+    def _finished(self, job: _Job, running: asyncio.Future[bool]) -> None:
+        self._free += 1
+        self._forget(job)
+        if not job.done.done():
+            if running.cancelled():
+                job.done.cancel()
+            elif running.exception() is not None:
+                job.done.set_exception(running.exception())
+            else:
+                job.done.set_result(running.result())
+        self._pump()
+
+    def _drop(self, job: _Job) -> None:
+        queue = self._queues.get(job.peer)
+        if queue is not None and job in queue:
+            queue.remove(job)
+            if not queue:
+                del self._queues[job.peer]
+        self._forget(job)
+        self.dropped += 1
+        job.done.cancel()
+
+    def _forget(self, job: _Job) -> None:
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+        n = self._by_source.get(job.peer, 0) - 1
+        if n > 0:
+            self._by_source[job.peer] = n
+        else:
+            self._by_source.pop(job.peer, None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

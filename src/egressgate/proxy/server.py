@@ -167,6 +167,7 @@ class Gateway:
             conn.teardown("shutdown", abort=True)
         self.connector.pool.close_all()
         self.listeners.forget()
+        self.auth.close()
 
 
 def adopt_checks(old: Runtime, new: Runtime) -> None:

@@ -1,0 +1,204 @@
+"""Block-aware egress, the pure half (issue 30): signals from live traffic and the state per
+(member x provider). No I/O, no clock of its own (callers pass ``now``), nothing logged: every
+state change is returned as a ``Transition`` value for the caller to log, count and act on.
+
+Signals (``Signal`` names), each observed at the end of one exchange or from one active check:
+
+- ``ok``: a plain-HTTP answer outside the block/throttle classes, a tunnel that carried data;
+- ``block_status``: 401, 403, 451 (``BLOCK_STATUSES``);
+- ``throttle``: 429, or 503 with ``Retry-After`` (a hold: ``retry_after`` parses it);
+- ``marker``: a provider's block-page / CAPTCHA marker in a header or the first KiB of the body
+  (``Matcher.marker_in``; the caller hands over at most ``MARKER_WINDOW`` bytes it already has);
+- ``early_close``: a tunnel the server reset or closed right after the client's first flight;
+- ``tls_alert``: a TLS alert record before encryption (``tls_alert`` reads it from the server's
+  first bytes);
+- ``tiny_tunnel``: a tunnel that ended with almost no bytes back (< ``TINY_BYTES``);
+- ``connect_fail``: connection refused or timed out;
+- ``check_ok`` / ``check_fail`` / ``check_throttled``: the active checks' results.
+
+States, in order: ``healthy`` -> ``throttled`` -> ``suspected`` -> ``blocked`` -> ``reverified``.
+Counts run over a sliding window (``Thresholds.window`` seconds). ``throttled``: at least
+``throttle_after`` throttle signals; ``suspected``: at least ``suspect_after`` block signals;
+``blocked``: at least ``block_after`` block signals making at least ``block_ratio`` of the
+window's traffic. ``blocked`` is left only by a passing active check (``reverified``, which
+clears the window), never by live traffic alone; ``reverified`` becomes ``healthy`` on the next
+signal when the window holds no block signal.
+The cost per signal is O(1) amortised (one deque append, expired entries popped).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+STATES = ("healthy", "throttled", "suspected", "blocked", "reverified")
+BLOCK_STATUSES = frozenset({401, 403, 451})
+BLOCK_SIGNALS = frozenset({"block_status", "marker", "early_close", "tls_alert", "tiny_tunnel",
+                           "connect_fail", "check_fail"})
+THROTTLE_SIGNALS = frozenset({"throttle", "check_throttled"})
+MARKER_WINDOW = 1024
+TINY_BYTES = 64
+HEADER = "Egress-Block-State"  # on the CONNECT 200 and plain-HTTP responses: "<provider>=<state>"
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    window: float = 300.0
+    throttle_after: int = 3
+    suspect_after: int = 3
+    block_after: int = 10
+    block_ratio: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    member: str
+    provider: str
+    before: str
+    after: str
+    at: float
+    evidence: str
+
+
+class Matcher:
+    """A provider's destinations (``match:`` host patterns) and markers, compiled once."""
+
+    def __init__(self, provider: str, patterns: tuple[str, ...], markers: tuple[str, ...] = ()) -> None:
+        self.provider = provider
+        self.exact = frozenset(p.lower() for p in patterns if not any(c in p for c in "*?["))
+        self.suffixes = tuple(p[1:].lower() for p in patterns if p.startswith("*.") and not any(c in p[2:] for c in "*?["))
+        self.globs = tuple(p.lower() for p in patterns
+                           if any(c in p for c in "*?[") and p[1:].lower() not in self.suffixes)
+        self.markers = tuple(m.lower().encode() for m in markers)
+
+    def matches(self, host: str) -> bool:
+        h = host.lower().rstrip(".")
+        return h in self.exact or h.endswith(self.suffixes) or any(fnmatch.fnmatchcase(h, g) for g in self.globs)
+
+    def marker_in(self, head: bytes) -> str | None:
+        """The first marker found in ``head`` (the caller's response head plus at most
+        ``MARKER_WINDOW`` body bytes it already holds), or None."""
+        low = head[: MARKER_WINDOW * 8].lower()
+        for m in self.markers:
+            if m in low:
+                return m.decode()
+        return None
+
+
+def classify_http(status: int, retry_after_present: bool, marker: str | None) -> str:
+    """The signal of one plain-HTTP answer."""
+    if marker is not None:
+        return "marker"
+    if status in BLOCK_STATUSES:
+        return "block_status"
+    if status == 429 or (status == 503 and retry_after_present):
+        return "throttle"
+    return "ok"
+
+
+def classify_tunnel(*, bytes_up: int, bytes_down: int, reset: bool, closed_after_first_flight: bool,
+                    alert: tuple[int, int] | None) -> str:
+    """The signal of one ended tunnel."""
+    if alert is not None:
+        return "tls_alert"
+    if (reset or closed_after_first_flight) and bytes_up > 0 and bytes_down < TINY_BYTES:
+        return "early_close"
+    if bytes_up > 0 and bytes_down < TINY_BYTES:
+        return "tiny_tunnel"
+    return "ok"
+
+
+def tls_alert(first: bytes) -> tuple[int, int] | None:
+    """(level, description) when the server's first bytes are a TLS alert record, else None."""
+    if len(first) >= 7 and first[0] == 0x15 and first[1] == 0x03 and int.from_bytes(first[3:5], "big") == 2:
+        return first[5], first[6]
+    return None
+
+
+def retry_after(value: str, now: float) -> float | None:
+    """The absolute time a ``Retry-After`` value holds until, or None when unreadable."""
+    v = value.strip()
+    if v.isdigit():
+        return now + min(int(v), 86400)
+    try:
+        return parsedate_to_datetime(v).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class _Pair:
+    __slots__ = ("state", "events", "blocks", "throttles", "hold_until", "last")
+
+    def __init__(self) -> None:
+        self.state = "healthy"
+        self.events: deque[tuple[float, str]] = deque()
+        self.blocks = 0
+        self.throttles = 0
+        self.hold_until = 0.0
+        self.last = ""
+
+
+class BlockWatch:
+    """The state of every (member x provider) seen, fed one signal at a time."""
+
+    def __init__(self, thresholds: Thresholds = Thresholds(), cap: int = 4096) -> None:
+        self.t = thresholds
+        self.cap = cap  # bound on events kept per pair
+        self.pairs: dict[tuple[str, str], _Pair] = {}
+
+    def state(self, member: str, provider: str) -> str:
+        p = self.pairs.get((member, provider))
+        return p.state if p else "healthy"
+
+    def held(self, member: str, provider: str, now: float) -> bool:
+        p = self.pairs.get((member, provider))
+        return bool(p and p.hold_until > now)
+
+    def hold(self, member: str, provider: str, until: float) -> None:
+        p = self.pairs.setdefault((member, provider), _Pair())
+        p.hold_until = max(p.hold_until, until)
+
+    def observe(self, member: str, provider: str, signal: str, now: float, evidence: str = "") -> Transition | None:
+        p = self.pairs.get((member, provider))
+        if p is None:
+            p = self.pairs[(member, provider)] = _Pair()
+        ev = p.events
+        ev.append((now, signal))
+        p.blocks += signal in BLOCK_SIGNALS
+        p.throttles += signal in THROTTLE_SIGNALS
+        if evidence and signal != "ok":
+            p.last = evidence
+        horizon = now - self.t.window
+        while ev and (ev[0][0] < horizon or len(ev) > self.cap):
+            _, old = ev.popleft()
+            p.blocks -= old in BLOCK_SIGNALS
+            p.throttles -= old in THROTTLE_SIGNALS
+        after = self._next(p, signal)
+        if after == p.state:
+            return None
+        before, p.state = p.state, after
+        if after == "reverified":  # the passing check wipes the slate: old evidence is not re-counted
+            ev.clear()
+            p.blocks = p.throttles = 0
+        return Transition(member, provider, before, after, now, p.last)
+
+    def _next(self, p: _Pair, signal: str) -> str:
+        t, s = self.t, p.state
+        if signal == "check_ok" and s in ("blocked", "suspected"):
+            return "reverified"
+        if s == "blocked":
+            return s
+        if p.blocks >= t.block_after and p.blocks >= t.block_ratio * len(p.events):
+            return "blocked"
+        if p.blocks >= t.suspect_after:
+            return "suspected"
+        if s == "reverified":
+            return "healthy" if p.blocks == 0 else s
+        if p.throttles >= t.throttle_after:
+            return "throttled"
+        return "healthy"
+
+    def header_value(self, member: str, provider: str) -> str:
+        return f"{provider}={self.state(member, provider)}"

@@ -1,0 +1,337 @@
+"""Across instances (issue 28, item 2): two gateway instances x two workers share shared-IP
+limits and holds through a real ``redis-server`` (started here, killed by pid). The provider is
+a counting loopback origin: it never sees more than ``max_concurrent``; one token bucket serves
+the fleet; a hold learned by one instance refuses on the other within a second; with Redis
+killed the documented fallback applies at once (no hang, no descriptor growth) and the fleet
+comes back when Redis does; a killed instance's slots come back within ``lease_ttl``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from .counting import CountingOrigin
+from .peers import ReservedPort, base_config, wait_for
+from .redisserver import RedisServer
+
+WORKERS = 2
+N = 24  # requests sent at once, each on its own connection, spread over both instances
+LEASE_TTL = 2.0
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = RedisServer(tmp_path)
+    yield r
+    r.kill()
+
+
+@pytest.fixture
+def origin():
+    o = CountingOrigin()
+    yield o
+    o.close()
+
+
+def _config(port: str, redis_url: str, protect: list[dict], **fleet) -> dict:
+    return base_config(listen=[{"address": port}], workers=WORKERS,
+                       egress={"default": {"direct": {}, "protect": protect}},
+                       fleet={"redis": {"url": redis_url, "lease_ttl": LEASE_TTL, "timeout": "250ms"}, **fleet})
+
+
+def _instances(start_gateway, redis: RedisServer, protect: list[dict], n: int = 2, fleet_size: int | None = None,
+               redis_extra: dict | None = None, **fleet) -> list:
+    gws = []
+    for _ in range(n):
+        with ReservedPort() as port:  # workers need a fixed port: held until they listen on it
+            cfg = _config(port.address, redis.url, protect, **fleet)
+            cfg["fleet"]["redis"].update(redis_extra or {})
+            gw = start_gateway(cfg)
+            wait_for(lambda g=gw: len([e for e in g.events if e.get("event") == "started"]) >= WORKERS,
+                     "every worker started")
+        gws.append(gw)
+    for gw in gws:  # every instance has seen every other in the store
+        wait_for(lambda g=gw: _metric(g, "egressgate_fleet_instances") == (fleet_size or n), "the fleet's heartbeats",
+                 timeout=10)
+    return gws
+
+
+def _request(gw, url: str, out: list) -> None:
+    try:
+        s = socket.create_connection((gw.host, gw.port), timeout=30)
+    except OSError:
+        out.append(-1)
+        return
+    try:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        out.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
+    except OSError:
+        out.append(-1)
+    finally:
+        s.close()
+
+
+def _burst(gws: list, url: str, n: int = N) -> tuple[list[int], list[threading.Thread]]:
+    statuses: list[int] = []
+    threads = [threading.Thread(target=_request, args=(gws[i % len(gws)], url, statuses), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    return statuses, threads
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a request hung"
+
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get(gw, path: str) -> str:
+    with _opener.open(gw.admin + path, timeout=10) as r:
+        return r.read().decode()
+
+
+def _metric(gw, name: str, **labels) -> float | None:
+    for line in _get(gw, "/metrics").splitlines():
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and \
+                all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _fds(gw) -> int:
+    """Descriptors of the instance's worker processes together."""
+    pids = [gw.pid] + [w["pid"] for w in json.loads(_get(gw, "/status"))["workers"]["workers"][1:]]
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
+def test_two_instances_never_exceed_max_concurrent(start_gateway, redis, origin):
+    """max_concurrent 3 across 2 instances x 2 workers: the origin never sees more than 3 at
+    once; the rest are refused. Released, the slots serve a burst sent to the other instance
+    alone (it gets them back from the first: `want`)."""
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 3}])
+    statuses, threads = _burst(gws, origin.url("/hold"))
+    wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
+    assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most, statuses)
+    origin.release.set()
+    _join(threads)
+    assert statuses.count(200) == 3 and statuses.count(429) == N - 3, statuses
+    wait_for(lambda: origin.in_flight == 0, "the origin idle")
+    # the other instance alone: it has to get the slots the first one holds
+    for gw in gws:
+        origin.release.clear()
+        admitted: list[int] = []
+        deadline = time.monotonic() + 20
+        threads = []
+        while origin.in_flight < 3 and time.monotonic() < deadline:  # (a 429 while the slots move: try again)
+            t = threading.Thread(target=_request, args=(gw, origin.url("/hold"), admitted), daemon=True)
+            t.start()
+            threads.append(t)
+            sent = len(threads)
+            wait_for(lambda a=admitted, n=sent: len(a) + origin.in_flight >= n, "answered or in flight")
+        assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most)
+        origin.release.set()
+        _join(threads)
+        wait_for(lambda: origin.in_flight == 0, "the origin idle")
+
+
+def test_one_token_bucket_for_the_fleet(start_gateway, redis, origin):
+    """max_per_second 0.01 (one token): of N requests to two instances, exactly one reaches
+    the origin."""
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}])
+    statuses, threads = _burst(gws, origin.url("/x"))
+    _join(threads)
+    assert sorted(statuses) == [200] + [429] * (N - 1), statuses
+    assert origin.seen("/x") == 1
+
+
+def test_the_rate_stays_within_the_published_bound(start_gateway, redis, origin):
+    """max_per_second 4 over both instances, requests sent as fast as 8 threads can for a
+    while: what reaches the origin in the window stays within max(1, r) + r * (W + S)
+    (S: egressgate_fleet_rate_slack_seconds), and is well above a single instance's share."""
+    rate = 4.0
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": rate}])
+    slack = _metric(gws[0], "egressgate_fleet_rate_slack_seconds")
+    assert slack is not None and slack > 0
+    stop = time.monotonic() + 3.0
+    statuses: list[int] = []
+
+    def hammer(i: int) -> None:
+        while time.monotonic() < stop and len(statuses) < 2000:
+            _request(gws[i % 2], origin.url("/r"), statuses)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    _join(threads)
+    window = time.monotonic() - start
+    admitted = origin.seen("/r")
+    bound = max(1.0, rate) + rate * (window + slack)
+    assert statuses.count(200) == admitted and admitted <= bound, (admitted, bound, window)
+    assert admitted >= rate, admitted  # (the fleet did admit: the test tests something)
+
+
+def test_a_hold_learned_by_one_instance_refuses_on_the_other_within_a_second(start_gateway, redis, origin):
+    a, b = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}])
+    first: list[int] = []
+    _request(a, origin.url("/answer?code=429&retry_after=30"), first)
+    assert first == [429]
+    learned = time.monotonic()
+    a.wait_event("protect_hold")
+    wait_for(lambda: json.loads(_get(b, "/status"))["profiles"]["default"]["protect"]["holds"], "B holds it",
+             timeout=1.0)
+    assert time.monotonic() - learned < 1.5
+    statuses, threads = _burst([b], origin.url("/after"), n=8)
+    _join(threads)
+    assert statuses == [429] * 8 and origin.seen("/after") == 0
+    # an instance that starts later learns the holds in force from the store
+    late = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}], n=1,
+                      fleet_size=3)
+    assert json.loads(_get(late[0], "/status"))["profiles"]["default"]["protect"]["holds"]
+
+
+def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gateway, redis, origin):
+    """fallback: share with max_concurrent 4 and two instances: Redis killed, each instance
+    keeps 4 // 2 = 2 slots -- at once, logged once, shown by egressgate_fleet_store_up --
+    requests never hang, descriptors do not grow; Redis back, the fleet's limit applies again."""
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 4}])
+    # the first instance's workers hold all 4 slots, idle, when Redis goes: they give back
+    # what is beyond its share of 2 (else the two instances would admit 4 + 2)
+    statuses, threads = _burst([gws[0]], origin.url("/hold"), n=4)
+    wait_for(lambda: len(statuses) + origin.in_flight >= 4, "every request admitted or refused", timeout=20)
+    assert origin.in_flight == 4, statuses
+    origin.release.set()
+    _join(threads)
+    wait_for(lambda: origin.in_flight == 0, "the origin idle")
+    before = [_fds(gw) for gw in gws]
+    redis.kill()
+    for gw in gws:
+        gw.wait_event("fleet_store_down", timeout=10)
+    for _ in range(3):  # held requests: each instance admits its share, refuses the rest, all answered
+        origin.release.clear()
+        statuses, threads = _burst(gws, origin.url("/hold"), n=12)
+        wait_for(lambda s=statuses: len(s) + origin.in_flight >= 12, "every request admitted or refused",
+                 timeout=20)
+        assert origin.in_flight <= 4, (origin.in_flight, statuses)
+        origin.release.set()
+        _join(threads)
+        assert set(statuses) <= {200, 429}, statuses
+        wait_for(lambda: origin.in_flight == 0, "the origin idle")
+    for gw in gws:
+        assert _metric(gw, "egressgate_fleet_store_up") == 0
+        errors = [line for line in _get(gw, "/metrics").splitlines()
+                  if line.startswith("egressgate_fleet_store_errors_total{")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in errors) >= 1, errors
+        assert len([e for e in gw.events if e.get("event") == "fleet_store_down"]) == 1  # logged once
+    after = [_fds(gw) for gw in gws]
+    assert all(x <= y + 4 for x, y in zip(after, before, strict=True)), (before, after)
+    redis.restart()
+    for gw in gws:
+        gw.wait_event("fleet_store_up", timeout=10)
+        wait_for(lambda g=gw: _metric(g, "egressgate_fleet_store_up") == 1, "store up again")
+    origin.release.clear()
+    statuses, threads = _burst(gws, origin.url("/hold"))
+    wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
+    assert origin.in_flight <= 4
+    origin.release.set()
+    _join(threads)
+
+
+def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
+    """Redis stops answering (DEBUG SLEEP): every request is answered (admitted or refused)
+    while Redis still sleeps -- request latency does not follow the store's -- the fallback
+    is logged, and when Redis answers again the instances say so."""
+    gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 4,
+                                             "max_per_second": 1000}])
+    asleep = threading.Event()
+    woke: list[bytes] = []
+
+    def sleep() -> None:
+        asleep.set()
+        woke.append(redis.command("DEBUG", "SLEEP", "6", timeout=30))
+
+    sleeper = threading.Thread(target=sleep, daemon=True)
+    sleeper.start()
+    asleep.wait(5)
+    wait_for(lambda: not redis.ping(), "redis asleep")  # (PING times out while it sleeps)
+    statuses, threads = _burst(gws, origin.url("/x"), n=12)
+    _join(threads)
+    assert not woke, "requests waited for Redis"
+    assert set(statuses) <= {200, 429} and len(statuses) == 12, statuses
+    for gw in gws:
+        gw.wait_event("fleet_store_down", timeout=10)
+    sleeper.join(30)
+    assert woke and woke[0].startswith(b"+OK"), woke
+    for gw in gws:
+        gw.wait_event("fleet_store_up", timeout=10)
+
+
+def test_a_killed_instances_slots_come_back_within_lease_ttl(start_gateway, redis, origin):
+    a, b = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 2}])
+    statuses, threads = _burst([a], origin.url("/hold"), n=2)
+    wait_for(lambda: origin.in_flight == 2, "A holds both slots")
+    refused: list[int] = []
+    _request(b, origin.url("/x"), refused)
+    assert refused == [429]
+    a.proc.kill()  # SIGKILL: no goodbye to the store (its workers follow: PR_SET_PDEATHSIG)
+    a.proc.wait(10)
+    killed = time.monotonic()
+    answers: list[int] = []
+    wait_for(lambda: (_request(b, origin.url("/x"), answers), answers[-1] == 200)[1],
+             "B admitted once A's lease lapsed", timeout=LEASE_TTL + 5, interval=0.1)
+    came_back = time.monotonic() - killed
+    assert came_back <= LEASE_TTL + 2, came_back
+    origin.release.set()
+    _join(threads)
+
+
+def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin):
+    """A redis-server that speaks TLS only and asks for AUTH (as Memorystore with in-transit
+    encryption and AUTH): two instances reach it with ``rediss://``, the CA and a
+    password_file, and share one token bucket through it. An instance with a wrong password
+    does not reach it: the fallback applies, logged as fleet_store_down."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "redis.pem", tmp_path / "redis.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    password = "s3cret-fleet"
+    (tmp_path / "pw").write_text(password + "\n")
+    (tmp_path / "bad").write_text("wrong\n")
+    server = RedisServer(tmp_path, password=password, tls=(str(cert_file), str(key_file)))
+    try:
+        protect = [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}]
+        tls = {"password_file": str(tmp_path / "pw"), "tls": {"ca": str(ca_file)}}
+        gws = _instances(start_gateway, server, protect, redis_extra=tls)
+        statuses, threads = _burst(gws, origin.url("/x"))
+        _join(threads)
+        assert sorted(statuses) == [200] + [429] * (N - 1), statuses
+        assert origin.seen("/x") == 1
+        with ReservedPort() as port:
+            bad = start_gateway(_config(port.address, server.url, protect)
+                                | {"fleet": {"redis": {"url": server.url, "password_file": str(tmp_path / "bad"),
+                                                       "tls": {"ca": str(ca_file)}, "timeout": "250ms"}}})
+            down = bad.wait_event("fleet_store_down", timeout=10)
+        assert "auth" in down["error"].lower() or "password" in down["error"].lower(), down
+    finally:
+        server.kill()
+
