@@ -271,13 +271,14 @@ class SharedIpGuard:
     def hold_on(self, profile: str, member: str, host: str) -> tuple[float, str] | None:
         """(seconds left, why) while the gateway holds ``member`` of ``profile`` for ``host``
         (an origin's Retry-After), else None. Read only: provider checks ask before going out."""
-        hold = self.holds.get((profile, member, host)) if self.holds else None
+        if not self.holds:
+            return None
+        now = self._clock()
+        hold = next((h for h in self.holds.live(profile) if h.member == member and host in (h.host, h.address)),
+                    None)
         if hold is None:
             return None
-        left = hold.until - self._clock()
-        if left <= 0:
-            return None
-        return left, f"protect {hold.rule}: {host} answered {hold.status} with Retry-After"
+        return hold.until - now, f"protect {hold.rule}: {host} answered {hold.status} with Retry-After"
 
     def backoff(self, ticket: Ticket, status: int, retry_after: bytes | None) -> None:
         rule = ticket.rule
