@@ -71,7 +71,7 @@ PASSWORD = "secret"
 def policy_config() -> tuple[str, bytes]:
     """Auth + a 1,000-rule allowlist + a bound profile, as run.py's "+ policy" peer."""
     h = subprocess.run(
-        [sys.executable, "-m", "egressgate", "hash-password"],
+        [sys.executable, "-m", "egressgate", "hash-password", "--allow-short"],
         input=PASSWORD,
         capture_output=True,
         text=True,

@@ -365,7 +365,7 @@ class Egressgate(Peer):
     def _password_hash(self) -> str:
         if self._hash is None:
             r = subprocess.run(
-                [str(EGRESSGATE), "hash-password"],
+                [str(EGRESSGATE), "hash-password", "--allow-short"],
                 input=self.PASSWORD,
                 capture_output=True,
                 text=True,

@@ -126,7 +126,7 @@ class App:
             exc = RuntimeError(str(context.get("message", "event loop error")))
         self.gateway.internal_error("loop", exc)
 
-    async def start(self, admin: bool = True) -> None:
+    async def start(self, admin: bool = True, signals: bool = True) -> None:
         # Attested profiles serve only once checked: check their members before the listeners
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
@@ -167,6 +167,8 @@ class App:
                 self.watcher, lambda: self.gateway.runtime.config.reload, self._reload_quietly,
                 lambda exc: self.gateway.internal_error("watch", exc)))
         extra = {"admin_socket": admin_socket} if admin_socket is not None else {}
+        if signals:
+            self.install_signals()  # before "started": a SIGTERM right after it must drain, not kill
         log_event("started", worker=self.worker, listen=self.gateway.listeners.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
                   hash=self.gateway.runtime.config_hash[:12])
@@ -345,7 +347,6 @@ async def serve(path: str | None, runtime: Runtime | None = None, worker: int = 
     runtime = runtime or load_runtime(path)
     app = App(path, runtime, worker, supervisor, sockdir)
     await app.start(admin=worker == 0)
-    app.install_signals()
     if reload_pending():  # a SIGHUP that came while this worker was starting
         app.loop.create_task(app._reload_quietly())
     _tune_gc()
@@ -383,12 +384,34 @@ def _raise_fd_limit() -> None:
         pass
 
 
-def run(path: str | None) -> int:
+def _write_pidfile(pidfile: str) -> None:
+    """This process's id in ``pidfile`` (written whole: a temporary file renamed over it)."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+
+
+def _remove_pidfile(pidfile: str) -> None:
+    """Remove ``pidfile`` if it still names this process (a successor may have replaced it)."""
+    try:
+        with open(pidfile) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(pidfile)
+    except OSError:
+        pass
+
+
+def run(path: str | None, pidfile: str | None = None) -> int:
     """Validate the config, start ``workers`` processes sharing the listeners (SO_REUSEPORT),
     keep them running (worker 0 restarts one that dies), and serve until SIGTERM has drained
-    them all. The workers' socket directory is removed on the way out."""
+    them all. The workers' socket directory is removed on the way out. With ``pidfile``, the id of
+    this process (the one that takes SIGHUP, SIGUSR1 and SIGTERM) is written there once the config
+    is valid, and removed on the way out."""
     runtime, text = load_runtime_text(path)
     _raise_fd_limit()
+    if pidfile:
+        _write_pidfile(pidfile)
     workers = runtime.config.workers
     supervisor = None
     sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None
@@ -405,6 +428,8 @@ def run(path: str | None) -> int:
             supervisor.wait_all(drain.grace + drain.timeout + 10.0)
         if sockdir:
             shutil.rmtree(sockdir, ignore_errors=True)
+        if pidfile:
+            _remove_pidfile(pidfile)
     return code
 
 

@@ -291,6 +291,20 @@ class Verifier:
             else:
                 log_event("provider_switch", profile=name, state="done", old_members=[m.label for m in previous.members],
                           new_members=[m.label for m in pool.members], reason="every new member passed every provider")
+        for name, was in old.providers.pending.items():  # a reload ends every switch pending before it
+            members = [m.label for m in was.candidate.members]
+            now = held.get(name)
+            if now is not None and [m.label for m in now.candidate.members] == members:
+                continue  # the same switch, still pending
+            current = new.profiles.get(name)
+            reason = ("the profile is gone from the config" if current is None else
+                      f"replaced by a pending switch to {', '.join(m.label for m in now.candidate.members)}"
+                      if now is not None else
+                      "reverted: the reloaded config keeps the current members"
+                      if current is old.profiles.get(name) or not new_members(old.profiles.get(name), current)
+                      else "the reloaded config's members took over")
+            log_event("provider_switch", profile=name, state="cancelled",
+                      old_members=[m.label for m in old.profiles[name].members], new_members=members, reason=reason)
         return held
 
     async def _retry_switch(self, rt: Runtime, pending: PendingSwitch) -> None:

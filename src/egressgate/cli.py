@@ -12,6 +12,10 @@ import sys
 from . import __version__
 from .errors import ConfigError
 
+# A password a job presents on every request is a shared secret, not something a person types:
+# anything shorter than this is refused unless --allow-short says it is deliberate.
+MIN_PASSWORD_LENGTH = 12
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egressgate", description="An egress gateway for data-collection jobs.")
@@ -20,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
     s.add_argument("--config", "-c", help="YAML config file (default: the embedded safe default)")
     # How worker 0 starts the other workers (``workers: N``); not for people.
+    s.add_argument("--pidfile", metavar="PATH",
+                   help="write the gateway's process id here (for kill -HUP / logrotate's kill -USR1: "
+                        "pidof cannot find a console-script or container install); removed on exit")
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.add_argument("--worker-dir", help=argparse.SUPPRESS)
     s.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
@@ -28,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--offline", action="store_true",
                    help="for CI: secrets and TLS files need only be named, not present; bind addresses not checked")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 1)")
-    sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
+    hp = sub.add_parser("hash-password", help="read a password on stdin, print a password_hash")
+    hp.add_argument("--allow-short", action="store_true",
+                    help=f"accept a password shorter than {MIN_PASSWORD_LENGTH} characters (tests, throw-away setups)")
     pr = sub.add_parser("probe", help="which IP each egress profile really exits from")
     pr.add_argument("--config", "-c")
     pr.add_argument("--profile", action="append", help="only this profile (repeatable)")
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.worker_index is not None:
                 return run_worker(args.config, args.worker_index, args.worker_dir, args.worker_parent)
-            return run(args.config)
+            return run(args.config, args.pidfile)
         if args.command == "check-config":
             return _check_config(args.file, args.offline, args.strict)
         if args.command == "hash-password":
@@ -71,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 password = sys.stdin.read().rstrip("\r\n")
             if not password:
                 print("egressgate: empty password", file=sys.stderr)
+                return 2
+            if len(password) < MIN_PASSWORD_LENGTH and not args.allow_short:
+                print(f"egressgate: password is {len(password)} characters; use at least {MIN_PASSWORD_LENGTH} "
+                      "(e.g. `openssl rand -base64 18`), or pass --allow-short to accept it anyway",
+                      file=sys.stderr)
                 return 2
             print(hash_password(password))
             return 0
@@ -104,8 +118,8 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
     from .build import load_runtime, make_resolver
     from .probe import format_table, probe_pools
 
-    rt = load_runtime(config_path)
-    url = echo_url or rt.config.probe.echo_url
+    rt = load_runtime(config_path, echo_url=echo_url)  # --echo-url is what expect_ip needs
+    url = echo_url or rt.config.probe.echo_urls
     if not url:
         raise ConfigError([f"{config_path or '(embedded default)'}:0: probe.echo_url: no IP-echo URL; "
                            "set probe.echo_url or pass --echo-url"])

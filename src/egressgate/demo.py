@@ -104,7 +104,7 @@ async def _demo() -> int:
         path = Path(tmp) / "egressgate.yaml"
         path.write_text(yaml.safe_dump(_config(echo_port, "127.0.0.3"), sort_keys=False))
         app = App(str(path), load_runtime(str(path)))
-        await app.start(admin=False)
+        await app.start(admin=False, signals=False)
         port = int(app.gateway.listeners.bound_addresses()[0].rsplit(":", 1)[1])
         try:
             print("egressgate demo: two jobs, two egress profiles, one provider that allowlists 127.0.0.2\n")

@@ -56,12 +56,15 @@ class ClientTimeout(ClientProtocolError):
 
 
 class AuthRequired(GatewayError):
-    """``user``: the user name that was tried, if any (for the access record, never the answer)."""
+    """``user``: the user name that was tried, if any (for the access record, never the answer).
+    ``claimed``: what a refused service-account token says about its job (service account, pod),
+    unverified (for the access record, never the answer; never the token itself)."""
 
     status = 407
     proxy_status = "http_request_denied"
     reason = "auth_required"
     user: str | None = None
+    claimed: dict[str, str] | None = None
 
     def __init__(self, detail: str, *, user: str | None = None, **kwargs) -> None:
         super().__init__(detail, **kwargs)

@@ -18,11 +18,19 @@ from .proxy.runtime import Runtime
 
 
 def parse_target(text: str) -> tuple[HostPort, bool, str]:
-    """(destination, is CONNECT, method shown) from a URL or HOST:PORT."""
+    """(destination, is CONNECT, method shown) from a URL, HOST:PORT, or socks5://HOST:PORT
+    (method ``SOCKS5``: decided under ``security.socks_ports``)."""
+    if text.startswith("socks5://"):
+        parts = urlsplit(text)
+        if not parts.hostname or not parts.port:
+            raise ValueError(f"expected socks5://HOST:PORT, got {text!r}")
+        host = parts.hostname
+        return (HostPort.parse_authority(f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}"),
+                True, "SOCKS5")
     if "://" in text:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+            raise ValueError(f"expected an http://, https:// or socks5:// URL, got {text!r}")
         default = 443 if parts.scheme == "https" else 80
         host = parts.hostname
         authority = f"[{host}]:{parts.port or default}" if ":" in host else f"{host}:{parts.port or default}"
@@ -67,7 +75,12 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     if profile is not None:
         lines.append(f"asks for:    profile {profile}" + (f" (as {client.username}+{profile})" if client.username else "")
                      + (f" (as {client.token.username}+{profile})" if client.token else ""))
-    decision = decide(client, dest, connect, profile, listener_default, rt.connect_ports)
+    socks = method == "SOCKS5"
+    decision = decide(client, dest, connect, profile, listener_default, rt.socks_ports if socks else rt.connect_ports,
+                      socks)
+    if connect:
+        lines.append(f"port rule:   {'security.socks_ports' if socks else 'security.connect_ports'}: "
+                     f"{', '.join(map(str, sorted(rt.socks_ports if socks else rt.connect_ports)))}")
     verdict = "ALLOW" if decision.allow else "DENY"
     if decision.report_only:
         verdict = "ALLOW (report mode: would be denied)"

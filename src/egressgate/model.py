@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -315,3 +316,32 @@ class ScryptHash:
             except (ValueError, UnicodeEncodeError):
                 raise ValueError(f"the {name} is not valid base64") from None
         return cls(numbers[0], numbers[1], numbers[2], raw[0], raw[1])
+
+
+# --- timestamps ----------------------------------------------------------------------------
+# One convention everywhere (access log, /status, whoami, verify --json): a moment is given
+# both ways, Unix seconds (a float) and ISO 8601 in UTC with milliseconds, ``...Z``. Documents
+# keep their Unix fields under their names and gain ``NAME_iso`` beside each; the access log,
+# which has ISO ``ts``, carries ``ts_unix`` (and ``end_ts`` / ``end_ts_unix``) beside it.
+TIME_FIELDS = frozenset({"at", "since", "observed_at", "loaded_at", "started_at", "last_seen", "expires", "until"})
+
+
+def iso8601(t: float) -> str:
+    """``2026-12-05T05:40:01.123Z`` (UTC, milliseconds): sorts as text in time order."""
+    seconds, ms = divmod(round(t * 1000), 1000)  # (iso8601(round(t, 3)) names the same millisecond)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def with_iso(doc: object) -> object:
+    """``doc`` (JSON-like) with ``NAME_iso`` beside every Unix-seconds field named in
+    ``TIME_FIELDS`` (a new document; ``doc`` is not changed)."""
+    if isinstance(doc, dict):
+        out: dict = {}
+        for key, value in doc.items():
+            out[key] = with_iso(value)
+            if key in TIME_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{key}_iso"] = iso8601(value)
+        return out
+    if isinstance(doc, list):
+        return [with_iso(v) for v in doc]
+    return doc

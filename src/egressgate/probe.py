@@ -1,9 +1,9 @@
 """Which IP does each egress profile really exit from?
 
 For every member of a profile (each source address of a ``bind`` pool, each chained proxy
-of an ``upstream`` pool, or the direct route), fetch an IP-echo URL through exactly that
-member and compare the answer (plain-text IP, or JSON with an ``ip`` or ``origin`` field)
-with the profile's ``expect_ip``. Used by ``egressgate probe`` and by the server, which
+of an ``upstream`` pool, or the direct route), fetch an IP-echo URL (the first of
+``probe.echo_url`` that answers) through exactly that member and compare the answer (plain-text
+IP, or JSON with an ``ip`` or ``origin`` field) with the profile's ``expect_ip``. Used by ``egressgate probe`` and by the server, which
 repeats it every ``probe.interval`` and exposes the result in ``/readyz`` and metrics.
 
 The echo URL is operator-configured, so the address guard does not apply to it (as for
@@ -163,7 +163,25 @@ async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver
     return parse_echo(fetch.body)
 
 
-async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
+async def observe_any(plan: EgressPlan, urls: str | tuple[str, ...] | list[str], dialer: Dialer,
+                      resolver: Resolver, timeout: float) -> str:
+    """``observe`` through the first of ``urls`` that answers (several independent echo
+    services: one being down does not leave the member unverified). An answer is final, even a
+    wrong IP: the next service is asked only when one gave no usable answer."""
+    urls = (urls,) if isinstance(urls, str) else tuple(urls)
+    failures = []
+    for url in urls:
+        try:
+            return await observe(plan, url, dialer, resolver, timeout)
+        except TimeoutError:
+            failures.append(f"{url}: timed out after {timeout:g}s")
+        except (GatewayError, OSError, ValueError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            detail = exc.detail if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
+            failures.append(f"{url}: {detail}" if len(urls) > 1 else detail)
+    raise GatewayError("; ".join(failures) if len(urls) > 1 else failures[0])
+
+
+async def probe_pools(pools: dict[str, ProfilePool], url: str | tuple[str, ...] | list[str], timeout: float,
                       dialer: Dialer | None = None, resolver: Resolver | None = None,
                       only: set[EgressPlan] | None = None,
                       each: Callable[[Observation], None] | None = None) -> list[Observation]:
@@ -181,7 +199,7 @@ async def probe_pools(pools: dict[str, ProfilePool], url: str, timeout: float,
 
     async def attempt(pool: ProfilePool, plan: EgressPlan) -> Observation:
         try:
-            ip = await observe(plan, url, dialer, resolver, timeout)
+            ip = await observe_any(plan, url, dialer, resolver, timeout)
             return Observation(pool.name, member_label(plan), ip, pool.expect_ip)
         except TimeoutError:
             return Observation(pool.name, member_label(plan), None, pool.expect_ip, f"timed out after {timeout:g}s")
@@ -233,7 +251,8 @@ class Attestor:
             self._now.clear()  # (before: a reload during this check asks for another)
             await self.attest(rt)
             wait = cfg.interval
-            if any(pool.attest and not all(pool.verified(m) for m in pool.members) for pool in rt.profiles.values()):
+            # held members (an echo outage within probe.grace) are re-checked every probe.retry too
+            if any(pool.attest and not all(pool.settled(m) for m in pool.members) for pool in rt.profiles.values()):
                 wait = min(cfg.interval, cfg.retry)
             try:
                 await asyncio.wait_for(self._now.wait(), wait)
@@ -243,7 +262,7 @@ class Attestor:
     async def attest(self, rt: Runtime, only: set | None = None) -> None:
         """Probe ``rt``'s profiles (or only the members in ``only``) and record the results."""
         cfg = rt.config.probe
-        if not cfg.echo_url or only == set():
+        if not cfg.echo_urls or only == set():
             return
         gw = self.gateway
 
@@ -253,7 +272,7 @@ class Attestor:
                 gw.publish_egress(rt)
 
         try:
-            observations = await probe_pools(rt.profiles, cfg.echo_url, rt.timeouts.upstream_connect,
+            observations = await probe_pools(rt.profiles, cfg.echo_urls, rt.timeouts.upstream_connect,
                                              gw.connector.dialer, gw.connector.resolver, only=only, each=each)
         except asyncio.CancelledError as exc:
             if asyncio.current_task().cancelling():

@@ -14,6 +14,7 @@ from .build import load_runtime, make_resolver
 from .checks import check_pools
 from .egress.dialer import Dialer
 from .egress.providers import format_matrix, new_members
+from .model import with_iso
 
 
 def main(config: str | None, profiles: list[str] | None, providers: list[str] | None, since: str | None,
@@ -46,7 +47,7 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
     results = asyncio.run(run())
     if as_json:
         for r in results:
-            print(json.dumps({"profile": r.profile, **r.view()}))
+            print(json.dumps(with_iso({"profile": r.profile, **r.view()})))
     else:
         print(format_matrix(results))
     return 0 if all(r.ok for r in results) else 1

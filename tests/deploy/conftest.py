@@ -123,7 +123,7 @@ _INTERP = re.compile(r"\$\{([^}]*)\}")
 
 def render_tftpl(text: str, variables: dict[str, Any]) -> str:
     """Render the small subset of Terraform's template language the module's templates use:
-    ${name}, ${jsonencode(name)}, ${indent(N, name)} and the escape $${ (a literal ${). Anything
+    ${name}, ${jsonencode(name)}, ${yamlencode(name)}, ${indent(N, name)} and the escape $${ (a literal ${). Anything
     else (directives, other functions) raises, so a template that grows beyond what this test can
     check fails loudly."""
     if "%{" in text.replace("%%{", ""):
@@ -146,6 +146,9 @@ def render_tftpl(text: str, variables: dict[str, Any]) -> str:
         m = re.fullmatch(r"jsonencode\(([a-z_][a-z0-9_]*)\)", expr)
         if m:
             return tf_json(variables[m.group(1)])
+        m = re.fullmatch(r"yamlencode\(([a-z_][a-z0-9_]*)\)", expr)
+        if m:
+            return yaml.safe_dump(variables[m.group(1)], sort_keys=True, default_flow_style=False)
         m = re.fullmatch(r"indent\((\d+),\s*([a-z_][a-z0-9_]*)\)", expr)
         if m:
             pad = " " * int(m.group(1))
@@ -161,7 +164,7 @@ def template_variables(text: str) -> set[str]:
     """Names a template reads."""
     names = set()
     for expr in _INTERP.findall(text.replace("$${", "")):
-        names.update(n for n in re.findall(r"[a-z_][a-z0-9_]*", expr) if n not in {"jsonencode", "indent"})
+        names.update(n for n in re.findall(r"[a-z_][a-z0-9_]*", expr) if n not in {"jsonencode", "yamlencode", "indent"})
     return names
 
 

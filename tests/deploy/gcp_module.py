@@ -22,6 +22,10 @@ DEFAULTS = {
     "name_prefix": "egressgate",
     "connect_ports": [443],
     "probe_echo_url": "https://api.ipify.org/",
+    # (the module's default has one fallback; the terraform-applied tests render that)
+    "probe_fallback_echo_urls": [],
+    "gateway_config": {},
+    "probe_grace": 600,
     "load_balancer_scheme": "EXTERNAL",
     "tls": None,
     "enable_metrics_collector": True,
@@ -114,15 +118,25 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         listen["tls"] = {"cert": "/etc/egressgate/tls/tls.crt", "key": "/etc/egressgate/tls/tls.key"}
 
     tv: dict[str, dict[str, Any]] = {}
-    tv["gateway_config"] = {
-        "listen": [listen],
-        "admin_port": lc["admin_port"],
-        "drain_timeout": lc["vm_stop_drain_sec"],
-        "egress": egress,
-        "clients": clients,
-        "connect_ports": v["connect_ports"],
-        "probe_echo_url": v["probe_echo_url"],
-    }
+    user = v.get("gateway_config") or {}
+    user_egress = user.get("egress", {})
+    merged = ("listen", "admin", "drain", "workers", "probe", "egress", "clients", "security")
+    config = {k: val for k, val in user.items() if k not in merged}
+    config.update(
+        listen=[listen, *user.get("listen", [])],
+        admin={"address": f"0.0.0.0:{lc['admin_port']}", **user.get("admin", {})},
+        drain={"timeout": lc["vm_stop_drain_sec"], **user.get("drain", {})},
+        workers=user.get("workers", "auto"),
+        # terraform renders a list; without fallbacks one URL as a plain string means the same
+        probe={"echo_url": [v["probe_echo_url"], *v["probe_fallback_echo_urls"]] if v["probe_fallback_echo_urls"]
+               else v["probe_echo_url"], "interval": "60s",
+               "grace": v["probe_grace"], **user.get("probe", {})},
+        egress={**{n: {**p, **user_egress.get(n, {})} for n, p in egress.items()},
+                **{n: p for n, p in user_egress.items() if n not in egress}},
+        clients=[*clients, *user.get("clients", [])],
+        security={"connect_ports": v["connect_ports"], **user.get("security", {})},
+    )
+    tv["gateway_config"] = {"config": config}
     gateway_config = _template("egressgate.yaml.tftpl", tv["gateway_config"])
     admin_sources = list(dict.fromkeys(lb_ranges + lc["autohealing_health_check_ranges"]))
     tv["firewall_script"] = {

@@ -14,6 +14,7 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from conftest import ARGO, load_docs
 
 from tests import required
@@ -321,20 +322,51 @@ def test_every_step_is_hardened_for_restricted_pod_security(wft, templates):
     assert wft["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-def test_executor_rbac_for_workflowtaskresults(wft):
-    """Defect: Argo 3.4+ executors create/patch workflowtaskresults; the job SA had no Role."""
+def test_executor_rbac_for_workflowtaskresults():
+    """Defects: Argo 3.4+ executors create/patch workflowtaskresults (the job SA had no Role); the
+    token workflow ran as a service account nothing created or bound. Every shipped template's
+    service account is created in its namespace and bound to the executor Role."""
     docs = load_docs(ARGO / "rbac.yaml")
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "ServiceAccount"}
     (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
     role = roles[binding["roleRef"]["name"]]
     assert binding["roleRef"]["kind"] == "Role"
     (rule,) = role["rules"]
     assert rule["apiGroups"] == ["argoproj.io"] and rule["resources"] == ["workflowtaskresults"]
     assert set(rule["verbs"]) == {"create", "patch"}
-    (subject,) = binding["subjects"]
-    assert subject == {"kind": "ServiceAccount", "name": wft["spec"]["serviceAccountName"],
-                       "namespace": wft["metadata"]["namespace"]}
-    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == wft["metadata"]["namespace"]
+    bound = {(s["namespace"], s["name"]) for s in binding["subjects"] if s["kind"] == "ServiceAccount"}
+    templates = sorted(ARGO.glob("workflowtemplate*.yaml"))
+    assert len(templates) >= 2
+    for path in templates:
+        (t,) = load_docs(path)
+        sa = (t["metadata"]["namespace"], t["spec"]["serviceAccountName"])
+        assert sa in accounts, f"{path.name}: service account {sa} is not created"
+        assert sa in bound, f"{path.name}: service account {sa} is not bound to the executor Role"
+        assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == sa[0]
     kv = pytest.importorskip("kubernetes_validate")
     for doc in docs:
         kv.validate(doc, "1.33.0", strict=True)
+
+
+def _shipped_providers() -> set[str]:
+    """Provider names the shipped gateway configs define (egress.*.providers[].name)."""
+    from conftest import K8S
+
+    (cm,) = [d for d in load_docs(K8S / "configmap.yaml") if d["kind"] == "ConfigMap"]
+    configs = [yaml.safe_load(cm["data"]["config.yaml"]), yaml.safe_load((ARGO.parent / "container-config.yaml").read_text())]
+    return {p["name"] if isinstance(p, dict) else p
+            for c in configs for prof in (c.get("egress") or {}).values() for p in (prof or {}).get("providers") or []}
+
+
+def test_preflight_requires_only_providers_a_shipped_config_defines(templates):
+    """Defect: the pre-flight asked for provider vendor-x, which no shipped config defines: it failed
+    out of the box ("the gateway does not check provider 'vendor-x'")."""
+    defined = _shipped_providers()
+    for task in templates["main"]["dag"]["tasks"]:
+        if task["template"] != "preflight":
+            continue
+        for p in task["arguments"]["parameters"]:
+            if p["name"] == "provider":
+                for name in filter(None, (x.strip() for x in p["value"].split(","))):
+                    assert name in defined, f"{task['name']}: provider {name!r} is in no shipped config"

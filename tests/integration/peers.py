@@ -211,10 +211,10 @@ class GatewayProcess:
     """``egressgate serve`` in a subprocess; access-log lines and events collected."""
 
     def __init__(self, config: dict, tmp: Path, env: dict | None = None, ready_timeout: float = 20.0,
-                 read_stdout: bool = True, config_path: Path | None = None) -> None:
+                 read_stdout: bool = True, config_path: Path | None = None, args: tuple[str, ...] = ()) -> None:
         """``read_stdout=False``: nobody reads the gateway's stdout pipe (a stalled log reader);
         ``proc.stdout`` is left to the test. ``config_path``: serve the file the test laid out
-        there (``config`` is then not written)."""
+        there (``config`` is then not written). ``args``: more ``serve`` options (e.g. --pidfile)."""
         if config_path is None:
             self.config_path = tmp / f"egressgate-{time.monotonic_ns()}.yaml"
             self.write_config(config)
@@ -225,7 +225,7 @@ class GatewayProcess:
         self.events: list[dict] = []
         self.stderr_lines: list[str] = []
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "egressgate", "serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "egressgate", "serve", "--config", str(self.config_path), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
         self._started = threading.Event()
         if read_stdout:

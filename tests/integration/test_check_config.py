@@ -55,9 +55,9 @@ def test_check_config_reports_every_mistake_in_one_run(tmp_path):
     assert lines == [
         f"{path}:7: egress.vendor-x.expected_ip: unknown key; did you mean `expect_ip`?",
         f"{path}:10: clients[0].from[1]: not an IP address or CIDR: '10.0.0.300/16'",
-        f"{path}:17: timeouts.dns: expected a duration such as 30, '30s', '500ms' or '5m'",
         f"{path}:11: clients[0].egress[0]: unknown egress profile 'vendor-z'",
         f"{path}:15: clients[1].password_file: file not found: /nonexistent/egressgate/b",
+        f"{path}:17: timeouts.dns: expected a duration such as 30, '30s', '500ms' or '5m'",  # (source order)
     ], r.stderr
     assert all(LINE.match(line) for line in lines)
 

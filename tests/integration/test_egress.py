@@ -25,7 +25,7 @@ SECRET = "s3cret"
 
 
 def _hash(password: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password"], input=password, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password", "--allow-short"], input=password, capture_output=True,
                        text=True, timeout=30, check=True)
     return r.stdout.strip()
 
@@ -330,6 +330,34 @@ def test_probe_reports_mismatch(tmp_path, origin):
     assert "127.0.0.3" in lines["bad"] and "MISMATCH" in lines["bad"]
     r = subprocess.run([*cmd, "--profile", "good"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_probe_echo_url_stands_in_for_a_missing_probe_echo_url(tmp_path, origin):
+    """Defect (issue 29 item 8): a config with expect_ip and no probe.echo_url was refused by
+    `probe --echo-url`, though the flag supplies exactly what is missing."""
+    import yaml
+
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump({"egress": {"good": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"]}}}))
+    cmd = [sys.executable, "-m", "egressgate", "probe", "--config", str(path)]
+    r = subprocess.run([*cmd, "--echo-url", origin.url("/ip")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "127.0.0.2" in r.stdout and r.stdout.rstrip().endswith("OK")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # without the flag: still refused
+    assert r.returncode == 1 and "probe.echo_url" in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("password, extra, ok", [("short", [], False), ("elevenchars", [], False),
+                                                 ("short", ["--allow-short"], True),
+                                                 ("twelve-chars", [], True)])
+def test_hash_password_refuses_short_passwords(password, extra, ok):
+    """Defect (issue 29 item 11): hash-password accepted a one-character password."""
+    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password", *extra], input=password,
+                       capture_output=True, text=True, timeout=60)
+    if ok:
+        assert r.returncode == 0 and r.stdout.startswith("scrypt$"), r.stderr
+    else:
+        assert r.returncode == 2 and not r.stdout and "at least 12" in r.stderr and "--allow-short" in r.stderr
 
 
 def test_readyz_fails_on_egress_mismatch(start_gateway, origin):

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .conftest import curl
-from .oidc import Issuer
+from .oidc import Issuer, new_key
 from .peers import ClosedPort, base_config, raw_exchange, wait_for
 
 SA = "data-jobs/vendor-x-collector"
@@ -108,6 +108,31 @@ def test_whoami_shows_the_service_account(start_gateway, issuer, ca_file):
     assert doc["kubernetes"]["issuer"] == issuer.url
 
 
+def test_whoami_and_status_name_the_service_account_and_the_pod(start_gateway, issuer, ca_file, origin):
+    """Defect (issue 29 item 2): whoami had no `pod` (the access log's field: the docs named it),
+    and /status listed an open token connection under the client entry's name, without the
+    service account or the pod."""
+    import socket
+
+    gw = started(start_gateway, k8s_config(issuer, ca_file, origin.port))
+    token = issuer.mint()
+    doc = get("http://egressgate.whoami/", f"http://k8s:{token}@{gw.address}").json()
+    assert (doc["client"], doc["pod"]) == (SA, "collector-7d9f")
+    host, port = gw.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        target = f"127.0.0.1:{origin.port}"
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+                  .encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        status = get(gw.admin + "/status").json()
+        rows = [c for c in status["connections"]["open"] if c["target"] == target]
+        assert len(rows) == 1, status["connections"]
+        assert (rows[0]["client"], rows[0]["pod"], rows[0]["entry"]) == (SA, "collector-7d9f", "vendor-x")
+
+
 # name -> (how to make the token, reason); each refused with 407 and the reason named
 REFUSALS = {
     "expired": (lambda i: i.mint(issued=-700, lifetime=600), "token_expired"),
@@ -147,6 +172,36 @@ def test_every_bad_token_is_a_407_with_its_reason(start_gateway, issuer, ca_file
         assert rec["reason"] == reason and rec["status"] == 407, (name, rec)
     rec = gw.wait_log(lambda r: r["reason"] == "service_account_not_allowed")
     assert rec["user"] == "kube-system/default"  # who was refused, in the log only
+
+
+def test_a_refused_token_is_traced_to_its_job_by_what_it_claims(start_gateway, issuer, ca_file):
+    """Defect (issue 29 item 1): records of token_expired, token_wrong_audience,
+    token_unknown_issuer, ... carried client "-" and no pod: behind NAT nobody could tell
+    which job it was. A well-formed token's claims are logged, marked unverified; the token
+    itself never is."""
+    gw = started(start_gateway, k8s_config(issuer, ca_file))
+    issuer.keys["k9"] = new_key("RSA")  # a key the issuer never publishes
+    pod = {"pod": "collector-7d9f", "pod_uid": "9a2e"}
+    cases = {
+        "token_expired": (issuer.mint(issued=-700, lifetime=600), {"serviceaccount": SA, **pod}),
+        "token_wrong_audience": (issuer.mint(aud=["vault"]), {"serviceaccount": SA, **pod}),
+        "token_unknown_issuer": (issuer.mint(iss="https://other.example/cluster"),
+                                 {"serviceaccount": SA, **pod, "issuer": "https://other.example/cluster"}),
+        "token_bad_signature": (_tampered(issuer.mint()), {"serviceaccount": "data-jobs/admin", **pod}),
+        "token_unknown_key": (issuer.mint("k9", ns="batch", sa="nightly", pod=None),
+                              {"serviceaccount": "batch/nightly"}),
+    }
+    for n, (reason, (token, claims)) in enumerate(cases.items()):
+        target = f"traced-{n}.example:443"
+        assert connect(gw, target, f"Bearer {token}").startswith(b"HTTP/1.1 407 ")
+        rec = gw.wait_log(lambda r, t=target: r["target"] == t)
+        assert rec["reason"] == reason, rec
+        assert rec["client_claimed"] == {"issuer": issuer.url, **claims}, (reason, rec)
+        assert rec["claims_verified"] is False and rec["client"] == "-"
+        assert token.split(".")[1][:20] not in json.dumps(rec) and token[-20:] not in json.dumps(rec)
+    assert connect(gw, "garbage.example:443", "Bearer garbage.garbage.garbage").startswith(b"HTTP/1.1 407 ")
+    rec = gw.wait_log(lambda r: r["target"] == "garbage.example:443")
+    assert rec["reason"] == "token_malformed" and "client_claimed" not in rec  # claims nothing
 
 
 def test_unknown_kid_then_rotation_is_picked_up(start_gateway, issuer, ca_file, closed):
@@ -212,6 +267,27 @@ def test_local_jwks_file(start_gateway, issuer, ca_file, tmp_path, closed):
     issuer.close()  # never asked
     assert connect(gw, closed[0], f"Bearer {issuer.mint()}").startswith(b"HTTP/1.1 502")
     assert connect(gw, "none.example:443", None).startswith(b"HTTP/1.1 407 Proxy Authentication Required")
+
+
+def test_local_jwks_file_is_re_read_when_a_token_names_an_unknown_key(start_gateway, issuer, ca_file, tmp_path,
+                                                                        closed):
+    """Defect (issue 29 item 10): a rotated key in a local jwks_file needed a manual reload: the
+    file is now looked at again when a token names a key it lacks (at most once per min_refresh)."""
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(issuer.jwks("k1")))
+    cfg = k8s_config(issuer, ca_file, closed=closed, min_refresh=0)
+    del cfg["clients"][0]["kubernetes"]["ca_file"]
+    cfg["clients"][0]["kubernetes"]["jwks_file"] = str(path)
+    gw = start_gateway(cfg)
+    issuer.publish("k2")
+    token = issuer.mint("k2")
+    answer = connect(gw, closed[0], f"Bearer {token}")
+    assert answer.startswith(b"HTTP/1.1 407"), answer[:200]  # the file does not have k2 yet
+    path.write_text(json.dumps(issuer.jwks("k1", "k2")))  # the rotation reaches the file
+    answer = connect(gw, closed[1], f"Bearer {token}")
+    assert answer.startswith(b"HTTP/1.1 502"), answer[:200]  # admitted, without a reload
+    assert gw.wait_log(lambda r: r["target"] == closed[1])["client"] == SA
+    gw.wait_event("jwks_file_reread")
 
 
 def test_check_config_and_explain(issuer, ca_file, tmp_path):

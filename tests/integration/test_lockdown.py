@@ -25,7 +25,7 @@ REFUSED_BUT_REACHABLE = "127.0.0.3"
 
 @pytest.fixture(scope="module")
 def password_hash() -> str:
-    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password"], input=PASSWORD, text=True,
+    r = subprocess.run([sys.executable, "-m", "egressgate", "hash-password", "--allow-short"], input=PASSWORD, text=True,
                        capture_output=True, check=True, timeout=30)
     return r.stdout.strip()
 

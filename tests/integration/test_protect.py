@@ -240,6 +240,20 @@ def test_rate_limit_across_two_clients_plain_http_and_connect(start_gateway, pro
                    destination="slow-provider") == 1
 
 
+def test_a_protect_refusal_names_the_member_and_the_rule_in_its_record(start_gateway, provider, echo_server):
+    """Defect (issue 29 item 3): a protect refusal's record carried egress_addr "-" and neither
+    the rule nor the member, so for a multi-member profile nobody could say which IP hit its
+    limit."""
+    gw = start_gateway(_config([{"name": "slow-provider", "destinations": ["127.0.0.1"], "max_per_second": 0.01}],
+                               [echo_server.port]))
+    url = f"http://127.0.0.1:{provider.port}/x"
+    assert _status(_exchange(JOB_A, gw, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())) == 200
+    assert _status(_exchange(JOB_B, gw, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())) == 429
+    rec = gw.wait_log(lambda r: r["status"] == 429)
+    assert (rec["client"], rec["profile"], rec["egress_addr"], rec["protect_rule"], rec["reason"]) == \
+        ("job-b", "shared", MEMBER, "slow-provider", "egress_rate_limit")
+
+
 def test_retry_after_hold(start_gateway, provider, echo_server):
     """An origin's 429 with Retry-After holds (member x host), capped by max_hold: other jobs'
     requests and tunnels to that host are answered locally with 429 and the remaining

@@ -8,6 +8,7 @@ member x provider matrix; the server shows it in /status, /metrics, /readyz, who
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -125,6 +126,8 @@ def test_verify_classifies_each_member_and_provider(tmp_path, origin, tls_origin
     assert r.returncode == 1, r.stdout + r.stderr
     got = {(d["member"], d["provider"]): d for d in map(json.loads, r.stdout.splitlines())}
     assert len(got) == 14
+    for d in got.values():  # times both ways (issue 29 item 5): Unix seconds and ISO 8601 beside
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", d["at_iso"]) and isinstance(d["at"], float)
     for member in ("127.0.0.2", "127.0.0.3"):
         # the origin sees each member's own source address: only 127.0.0.2 is allowlisted
         only = got[(member, "only-2")]
@@ -307,6 +310,47 @@ def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, al
     s.close()
     wait_for(lambda: 'egressgate_provider_switch_pending{profile="vendor"} 0.0'
              in _get(gw.admin + "/metrics")[1].decode(), "the pending gauge cleared")
+
+
+def test_a_pending_switch_cancelled_by_a_reload_says_so(start_gateway, allowlist, echo, origin):
+    """Defect (issue 29 item 6): a reload that reverted (or replaced) a pending verified switch
+    left no event: the switch just vanished."""
+    gw = start_gateway(_cutover_config(allowlist, echo.port, "127.0.0.2"))
+    status, doc = _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.3"))
+    assert status == 200 and "vendor" in doc["pending_switches"], doc
+    gw.wait_event("provider_switch")
+    after = len(gw.events)
+    status, doc = _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.2"))  # revert
+    assert status == 200 and "pending_switches" not in doc, doc
+    event = gw.wait_event("provider_switch", after=after)
+    assert (event["state"], event["new_members"], event["old_members"]) == ("cancelled", ["127.0.0.3"], ["127.0.0.2"])
+    assert event["reason"].startswith("reverted"), event
+    profile = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]
+    assert profile["providers"]["pending_switch"] is None
+    # pending again, then replaced by a switch to yet another refused member
+    _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.3"))
+    after = len(gw.events)
+    _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.4"))
+    wait_for(lambda: len([e for e in gw.events[after:] if e.get("event") == "provider_switch"]) >= 2,
+             "the pending and the cancelled events")
+    events = [e for e in gw.events[after:] if e.get("event") == "provider_switch"]
+    cancelled = next(e for e in events if e["state"] == "cancelled")
+    assert cancelled["new_members"] == ["127.0.0.3"] and "127.0.0.4" in cancelled["reason"], cancelled
+
+
+def test_the_status_page_lists_the_pending_member_in_the_providers_table(start_gateway, allowlist, echo, tmp_path):
+    """Defect (issue 29 item 6): the member a verified switch waits for appeared only in the
+    banner, not in the providers table."""
+    from .test_status_page import parse_dom, render
+
+    gw = start_gateway(_cutover_config(allowlist, echo.port, "127.0.0.2"))
+    status, doc = _reload_to(gw, _cutover_config(allowlist, echo.port, "127.0.0.3"))
+    assert status == 200 and "vendor" in doc["pending_switches"], doc
+    rows = parse_dom(render(gw.admin + "/", tmp_path)).tables["providers"]
+    cells = {row[1].text: row for row in rows}
+    assert cells["127.0.0.2"][3].text == "OK"
+    pending = cells["127.0.0.3 (pending)"]
+    assert pending[3].text.startswith("FAIL") and pending[3].cls == "bad", [c.text for c in pending]
 
 
 def test_verified_cutover_succeeds_when_the_provider_accepts(start_gateway, allowlist, echo, origin):

@@ -10,6 +10,8 @@ import hashlib
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -26,13 +28,13 @@ SECRET = "s3cret-socks"
 ENV = {"JOB_SECRET": SECRET}
 
 
-def _socks_gw(start_gateway, origin_port: int, clients=None, egress=None, **extra):
+def _socks_gw(start_gateway, origin_port: int, clients=None, egress=None, security=None, **extra):
     cfg = base_config(listen=[{"address": "127.0.0.1:0", "protocol": "socks5"}],
                       egress={"default": {"direct": {}}, "ip-b": {"bind": ["127.0.0.2"]}, **(egress or {})},
                       clients=clients if clients is not None else [
                           {"name": "job", "from": ["127.0.0.0/8"], "username": "job", "password_env": "JOB_SECRET",
                            "egress": ["default", "ip-b"]}],
-                      security={"connect_ports": [origin_port]}, **extra)
+                      security=security or {"connect_ports": [origin_port]}, **extra)
     return start_gateway(cfg, env=ENV)
 
 
@@ -198,8 +200,9 @@ def test_refusals_map_onto_reply_codes(start_gateway, origin, blackhole):
     # not in the client's allow rules
     rec = _refused(gw, _domain("example.com", origin.port), 0x02, "destination_not_allowed")
     assert rec["status"] == 403 and rec["client"] == "job" and rec["socks_reply"] == "not_allowed"
-    # a port neither in security.connect_ports nor in the matching rule
-    _refused(gw, _domain("localhost", 22), 0x02, "connect_port_not_allowed")
+    # a port neither in security.socks_ports (unset: connect_ports + 80, 8080) nor in the matching rule
+    rec = _refused(gw, _domain("localhost", 22), 0x02, "socks_port_not_allowed")
+    assert rec["status"] == 403
     # an explicit deny rule
     _refused(gw, _ipv4("127.0.0.1", origin.port), 0x02, "destination_denied")
     # nothing listens: connection refused
@@ -211,6 +214,38 @@ def test_refusals_map_onto_reply_codes(start_gateway, origin, blackhole):
     gw3 = _socks_gw(start_gateway, blackhole.port, egress={"default": {"direct": {}, "connect_timeout": "0.5s"}})
     rec = _refused(gw3, _ipv4("127.0.0.1", blackhole.port), 0x06, "connect_timeout")
     assert rec["status"] == 504
+
+
+def test_socks5_has_its_own_port_rule(start_gateway, origin, tmp_path):
+    """Defect (issue 29 item 12): SOCKS5 clients reaching plain HTTP on 80/8080 were refused by
+    connect_ports (an HTTP-CONNECT notion), logged as connect_port_not_allowed. SOCKS5 now has
+    security.socks_ports (unset: connect_ports plus 80 and 8080), its refusal says so, and
+    explain names the rule."""
+    gw = _socks_gw(start_gateway, 443)  # connect_ports: [443] only
+    s, code = _socks(gw, _ipv4("127.0.0.1", 8080))  # the default SOCKS5 ports include 8080
+    s.close()
+    rec = gw.wait_log(lambda r: r["method"] == "SOCKS5" and r["target"].endswith(":8080"))
+    assert rec["reason"] != "socks_port_not_allowed" and rec["status"] != 403, rec
+    rec = _refused(gw, _ipv4("127.0.0.1", origin.port), 0x02, "socks_port_not_allowed")
+    assert rec["socks_reply"] == "not_allowed"
+    # explicit: socks_ports names exactly the SOCKS5 ports; HTTP CONNECT keeps connect_ports
+    gw = _socks_gw(start_gateway, 443, security={"connect_ports": [443], "socks_ports": [origin.port]})
+    s, code = _socks(gw, _ipv4("127.0.0.1", origin.port))
+    assert code == 0
+    s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert _recv_exact(s, 12) == b"HTTP/1.1 200"
+    s.close()
+    import yaml
+
+    path = tmp_path / "socks.yaml"
+    path.write_text(yaml.safe_dump(base_config(security={"connect_ports": [443], "socks_ports": [1080, 8443]})))
+    r = subprocess.run([sys.executable, "-m", "egressgate", "explain", "--config", str(path), "--client", "local",
+                        "socks5://127.0.0.1:80"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "port rule:   security.socks_ports: 1080, 8443" in r.stdout, r.stdout + r.stderr
+    assert "socks_port_not_allowed" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "egressgate", "explain", "--config", str(path), "--client", "local",
+                        "127.0.0.1:8443"], capture_output=True, text=True, timeout=60)
+    assert "port rule:   security.connect_ports: 443" in r.stdout and "connect_port_not_allowed" in r.stdout, r.stdout
 
 
 def test_address_guard_after_the_gateways_own_resolution(start_gateway, origin):

@@ -234,7 +234,7 @@ ERRORS = [
             - 443
             - 0
         """,
-        [f"{FILE}:4: security.connect_ports[1]: Input should be greater than 0"], id="block-list-item"),
+        [f"{FILE}:4: security.connect_ports[1]: must be greater than 0, got 0"], id="block-list-item"),
     pytest.param(
         """\
         clients:
@@ -441,13 +441,15 @@ ERRORS = [
         """\
         listen: [
         """,
-        [f"{FILE}:2: (yaml): expected the node content, but found '<stream end>'"], id="yaml-unclosed-flow"),
+        [f"{FILE}:2: (yaml): not valid YAML (expected the node content, but found '<stream end>'): the file ends "
+         "inside a value: a [list], {mapping} or quote is not closed"], id="yaml-unclosed-flow"),
     pytest.param(
         """\
         workers: 1
         admin: b: c
         """,
-        [f"{FILE}:2: (yaml): mapping values are not allowed here"], id="yaml-mapping-values"),
+        [f"{FILE}:2: (yaml): not valid YAML (mapping values are not allowed here): a value holding ': ' must be "
+         "quoted (\"a: b\"), or a key is indented under a value"], id="yaml-mapping-values"),
     pytest.param(
         """\
         workers: 1
@@ -479,8 +481,8 @@ def test_all_errors_of_one_pass_are_collected() -> None:
     """)
     assert sorted(errors) == sorted([
         f"{FILE}:1: workers: workers is a number from 1 to 64, or 'auto' (one per CPU)",
-        f"{FILE}:3: log.format: Input should be 'json' or 'squid'",
-        f"{FILE}:5: security.connect_ports[1]: Input should be less than 65536",
+        f"{FILE}:3: log.format: write 'json' or 'squid', not text 'xml'",
+        f"{FILE}:5: security.connect_ports[1]: must be less than 65536, got 70000",
     ])
 
 

@@ -32,6 +32,23 @@ def test_a_valid_entry() -> None:
     assert lint(checked.config) == []  # no 'from': still not an open proxy (a token is required)
 
 
+def test_a_token_entry_before_an_anonymous_one_shadows_nothing() -> None:
+    """Defect (issue 29 item 7): a kubernetes entry before an anonymous entry with the same
+    sources was reported as "can never match ... asks for no credentials" and the reload was
+    refused, while at run time the token entry does demand credentials."""
+    checked = check_config_text(textwrap.dedent(f"""\
+        clients:
+          - name: k
+            from: [10.0.0.0/8]
+            kubernetes:
+              issuer: {ISSUER}
+              service_accounts: [data-jobs/vendor-x-collector]
+          - name: anonymous-batch
+            from: [10.1.0.0/16]
+        """), FILE, offline=True)
+    assert checked.errors == []
+
+
 CASES = {
     "service account not ns/name": (
         f"kubernetes: {{issuer: {ISSUER}, service_accounts: [vendor-x]}}\n",
@@ -39,8 +56,7 @@ CASES = {
         "or 'namespace/*', got 'vendor-x'"),
     "no service accounts": (
         f"kubernetes: {{issuer: {ISSUER}, service_accounts: []}}\n",
-        f"{FILE}:4: clients[0].kubernetes.service_accounts: List should have at least 1 item after validation, "
-        "not 0"),
+        f"{FILE}:4: clients[0].kubernetes.service_accounts: give at least 1 item (the list is empty)"),
     "issuer not a URL": (
         "kubernetes: {issuer: my-cluster, service_accounts: [a/b]}\n",
         f"{FILE}:4: clients[0].kubernetes.issuer: expected an http:// or https:// URL without "
@@ -57,7 +73,7 @@ CASES = {
         f"{FILE}:4: clients[0].kubernetes: give one of jwks_file, jwks_url"),
     "leeway too large": (
         f"kubernetes: {{issuer: {ISSUER}, service_accounts: [a/b], leeway: 1h}}\n",
-        f"{FILE}:4: clients[0].kubernetes.leeway: Input should be less than or equal to 300"),
+        f"{FILE}:4: clients[0].kubernetes.leeway: must be at most 300, got 1h"),
 }
 
 
@@ -112,9 +128,11 @@ def test_check_file_reads_the_jwks_file(tmp_path) -> None:
     config = tmp_path / "gw.yaml"
     config.write_text(f"clients:\n  - name: k\n    kubernetes: {{issuer: {ISSUER}, service_accounts: [a/b], "
                       f"jwks_file: {jwks}}}\n")
+    # (issue 29 item 9: reported at the config's line of the jwks_file key, not FILE:0 of the JWKS file)
     for content, what in (('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "no usable RSA or EC signing key"),
-                          ("not json", "Expecting value")):
+                          ("not json", "is not JSON")):
         jwks.write_text(content)
         errors, _ = check_file(str(config))
-        assert len(errors) == 1 and errors[0].startswith(f"{jwks}:0: kubernetes.jwks_file: ") and what in errors[0]
+        assert len(errors) == 1 and errors[0].startswith(f"{config}:3: clients[0].kubernetes.jwks_file: {jwks}: "), errors
+        assert what in errors[0], errors
     assert check_file(str(config), offline=True) == ([], [])  # offline: named, not read

@@ -262,7 +262,7 @@ def test_protect_config_errors_name_file_line_key() -> None:
                 destinations: [a.test]
     """)
     errors = check_config_text(text, "c.yaml").errors
-    assert "c.yaml:7: egress.px.protect[0].max_concurrent: Input should be greater than 0" in errors
+    assert "c.yaml:7: egress.px.protect[0].max_concurrent: must be greater than 0, got 0" in errors
     assert any(e.startswith("c.yaml:6: egress.px.protect[0].destinations[1]: bad destination pattern") for e in errors)
     assert any(e.startswith("c.yaml:9: egress.px.protect[1].destinations:") for e in errors)
     assert "c.yaml:10: egress.px.protect[1].max_hold: a duration cannot be negative" in errors

@@ -51,15 +51,15 @@ def errors_of(providers: str, extra: str = "") -> list[str]:
     ("providers: [{name: v, url: 'http://v.test/', accept: tls}]",
      f"{FILE}:4: egress.x.providers[0]: accept: tls needs an https:// URL"),
     ("providers: [{name: v, url: 'https://v.test/', method: POST}]",
-     f"{FILE}:4: egress.x.providers[0].method: Input should be 'HEAD' or 'GET'"),
+     f"{FILE}:4: egress.x.providers[0].method: write 'HEAD' or 'GET', not text 'POST'"),
     ("providers: [{name: 'a b', url: 'https://v.test/'}]",
-     f"{FILE}:4: egress.x.providers[0].name: String should match pattern '^[A-Za-z0-9_.-]+$'"),
+     f"{FILE}:4: egress.x.providers[0].name: 'a b': use only letters, digits, '_', '.' and '-'"),
     ("providers: [{name: v, url: 'https://v.test/'}, {name: v, url: 'https://w.test/'}]",
      f"{FILE}:2: egress.x: provider names must be unique in a profile: v, v"),
     ("switch: verified",
      f"{FILE}:2: egress.x: switch: verified needs providers to verify new members against"),
     ("switch: sometimes",
-     f"{FILE}:4: egress.x.switch: Input should be 'immediate' or 'verified'"),
+     f"{FILE}:4: egress.x.switch: write 'immediate' or 'verified', not text 'sometimes'"),
 ])
 def test_bad_keys_name_file_line_and_key(providers: str, expected: str) -> None:
     assert errors_of(providers) == [expected]

@@ -71,8 +71,8 @@ def test_watcher_reports_an_unreadable_file_once(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "error"), [
-    ("reload: {interval: 0}\n", "<t>:1: reload.interval: Input should be greater than or equal to 0.1"),
-    ("reload:\n  watch: maybe\n", "<t>:2: reload.watch: Input should be a valid boolean"),
+    ("reload: {interval: 0}\n", "<t>:1: reload.interval: must be at least 0.1, got 0"),
+    ("reload:\n  watch: maybe\n", "<t>:2: reload.watch: expected true or false, got text 'maybe'"),
     ("reload: {intervall: 2s}\n", "<t>:1: reload.intervall: unknown key"),
 ])
 def test_reload_settings_are_validated(text, error):

@@ -97,13 +97,10 @@ resource "google_compute_instance_template" "gateway" {
   }
 }
 
-# Autohealing AND the rollout gate: /readyz. A MIG update replaces an old VM only once the new one
-# is HEALTHY on this check, so a release or config that fails /readyz stops the rollout (surge-only:
-# max_unavailable 0, the old VMs keep serving). /readyz is readiness-aware but does not flap on one
-# bad profile: with `probe.readiness: any` (the default) it fails only when the VM can serve no
-# profile at all (every profile's egress IP wrong or unverified, no listener, draining) - a VM that
-# is useless as it is, so recreating it costs nothing. The thresholds are slow on purpose (10 failed
-# checks 30 s apart): a short echo-service outage does not recreate VMs.
+# Autohealing (and the rollout gate) on LIVENESS, /healthz: a VM is re-created only when its gateway
+# is dead or hung - a fault of that VM. Readiness (/readyz, which depends on the egress-IP check and
+# so on outside IP-echo services) steers only the load balancer (lb.tf): an outage shared by every VM
+# must never re-create the fleet. Design: docs/deploy-gcp.md, "Health checks".
 resource "google_compute_health_check" "autoheal" {
   project             = var.project_id
   name                = "${var.name_prefix}-autoheal"
@@ -113,7 +110,7 @@ resource "google_compute_health_check" "autoheal" {
   unhealthy_threshold = 10
   http_health_check {
     port         = local.admin_port
-    request_path = "/readyz"
+    request_path = "/healthz" # liveness only: see docs/deploy-gcp.md, "Health checks"
   }
   log_config {
     enable = true

@@ -33,13 +33,18 @@ locals {
   registry_path     = "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}"
   collector_image   = coalesce(var.metrics_collector_image, "${local.registry_path}/opentelemetry-collector-contrib:0.116.1")
 
+  nat_gateway_name         = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-nat-${name}" }
+  nat_gateway_names_filter = join(", ", [for _, n in local.nat_gateway_name : jsonencode(n)])
+
   secondary_range_name = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-${name}" }
 
   nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
 
-  tls_enabled     = var.tls != null
-  tls_from_secret = local.tls_enabled && try(var.tls.cert_secret, null) != null
-  tls_secrets     = local.tls_from_secret ? toset([var.tls.cert_secret, var.tls.key_secret]) : toset([])
+  # var.tls is sensitive (it may hold a private key). Whether TLS is on, and the Secret Manager
+  # secret ids, are not secrets: unmarked, so they can key for_each and appear in outputs.
+  tls_enabled     = nonsensitive(var.tls != null)
+  tls_from_secret = nonsensitive(var.tls != null && try(var.tls.cert_secret, null) != null)
+  tls_secrets     = local.tls_from_secret ? toset([nonsensitive(var.tls.cert_secret), nonsensitive(var.tls.key_secret)]) : toset([])
 
   # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's bind address is
   # the placeholder "@ALIAS_IN:<secondary cidr>@"; files/render-config.sh replaces it on each VM with
@@ -67,8 +72,8 @@ locals {
     ], [
     for c in var.workload_clients : merge(
       {
-        name       = c.name
-        from       = var.client_cidrs
+        name = c.name
+        from = var.client_cidrs
         kubernetes = {
           issuer           = var.kubernetes_issuer
           audiences        = ["egressgate"]
@@ -87,14 +92,35 @@ locals {
     local.tls_enabled ? { tls = { cert = "/etc/egressgate/tls/tls.crt", key = "/etc/egressgate/tls/tls.key" } } : {},
   )]
 
+  # The whole gateway config: what the module derives (listener, admin, drain, probe, profiles with
+  # their bind placeholders and expect_ip, clients, connect ports) with var.gateway_config merged over
+  # it (rules in variables.tf), so any gateway feature is reachable without editing the template.
+  gateway_user        = var.gateway_config
+  gateway_user_egress = try(local.gateway_user.egress, {})
+  gateway_merged_keys = ["listen", "admin", "drain", "workers", "probe", "egress", "clients", "security"]
+  gateway_config_object = merge(
+    { for k, v in local.gateway_user : k => v if !contains(local.gateway_merged_keys, k) },
+    {
+      listen = concat(local.gateway_listen, try(local.gateway_user.listen, []))
+      admin  = merge({ address = "0.0.0.0:${local.admin_port}" }, try(local.gateway_user.admin, {}))
+      drain  = merge({ timeout = local.vm_stop_drain_sec }, try(local.gateway_user.drain, {}))
+      # The VM runs nothing else: one worker process per vCPU, sharing the port (SO_REUSEPORT).
+      workers = try(local.gateway_user.workers, "auto")
+      probe = merge({
+        echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)
+        interval = "60s"
+        grace    = var.probe_grace
+      }, try(local.gateway_user.probe, {}))
+      egress = merge(
+        { for name, p in local.gateway_egress : name => merge(p, try(local.gateway_user_egress[name], {})) },
+        { for name, p in local.gateway_user_egress : name => p if !contains(keys(local.gateway_egress), name) },
+      )
+      clients  = concat(local.gateway_clients, try(local.gateway_user.clients, []))
+      security = merge({ connect_ports = var.connect_ports }, try(local.gateway_user.security, {}))
+    },
+  )
   gateway_config = templatefile("${path.module}/templates/egressgate.yaml.tftpl", {
-    listen         = local.gateway_listen
-    admin_port     = local.admin_port
-    drain_timeout  = local.vm_stop_drain_sec
-    egress         = local.gateway_egress
-    clients        = local.gateway_clients
-    connect_ports  = var.connect_ports
-    probe_echo_url = var.probe_echo_url
+    config = local.gateway_config_object
   })
 
   # The host firewall of Container-Optimized OS (files/firewall.sh, run before every service start).

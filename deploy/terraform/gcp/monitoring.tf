@@ -3,6 +3,9 @@
 # sees only as slow or failed connects. The gateway's own metrics reach Managed Service for
 # Prometheus through the collector on each VM (cloud-init); deploy/monitoring/alerts.yaml has the
 # rules for them.
+# Cloud NAT metrics (monitored resource nat_gateway) carry the labels project_id, region, router_id
+# (the router's NUMERIC id, not its name) and gateway_name: the policies select this module's NAT
+# gateways by region and gateway name.
 resource "google_monitoring_alert_policy" "nat_dropped_out_of_resources" {
   project      = var.project_id
   display_name = "${var.name_prefix}: Cloud NAT drops packets (OUT_OF_RESOURCES)"
@@ -10,7 +13,7 @@ resource "google_monitoring_alert_policy" "nat_dropped_out_of_resources" {
   conditions {
     display_name = "NAT dropped sent packets, reason OUT_OF_RESOURCES"
     condition_threshold {
-      filter          = "resource.type = \"nat_gateway\" AND resource.labels.router_id = \"${google_compute_router.gateway.name}\" AND metric.type = \"router.googleapis.com/nat/dropped_sent_packets_count\" AND metric.labels.reason = \"OUT_OF_RESOURCES\""
+      filter          = "resource.type = \"nat_gateway\" AND resource.labels.region = \"${var.region}\" AND resource.labels.gateway_name = one_of(${local.nat_gateway_names_filter}) AND metric.type = \"router.googleapis.com/nat/dropped_sent_packets_count\" AND metric.labels.reason = \"OUT_OF_RESOURCES\""
       comparison      = "COMPARISON_GT"
       threshold_value = 0
       duration        = "300s"
@@ -37,7 +40,7 @@ resource "google_monitoring_alert_policy" "nat_allocation_failed" {
   conditions {
     display_name = "NAT allocation failed"
     condition_threshold {
-      filter          = "resource.type = \"nat_gateway\" AND resource.labels.router_id = \"${google_compute_router.gateway.name}\" AND metric.type = \"router.googleapis.com/nat/nat_allocation_failed\""
+      filter          = "resource.type = \"nat_gateway\" AND resource.labels.region = \"${var.region}\" AND resource.labels.gateway_name = one_of(${local.nat_gateway_names_filter}) AND metric.type = \"router.googleapis.com/nat/nat_allocation_failed\""
       comparison      = "COMPARISON_GT"
       threshold_value = 0
       duration        = "0s"

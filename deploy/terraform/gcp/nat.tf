@@ -27,7 +27,7 @@ resource "google_compute_router" "gateway" {
 resource "google_compute_router_nat" "profile" {
   for_each = var.egress_profiles
   project  = var.project_id
-  name     = "${var.name_prefix}-nat-${each.key}"
+  name     = local.nat_gateway_name[each.key]
   router   = google_compute_router.gateway.name
   region   = var.region
 

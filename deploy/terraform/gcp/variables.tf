@@ -54,12 +54,16 @@ variable "egress_profiles" {
     draining_nat_ip_names the ones being retired (established connections only),
     reserved_nat_ip_names ones created but not yet used (to be allow-listed before a switch). Names
     are the address resource names (without prefix) and must be unique across profiles.
+    nat_ip_names_before: the profile's nat_ip_names as of the last apply; required when draining,
+    because Cloud NAT can only drain an IP that is active on an existing NAT (the provider refuses
+    draining on a new NAT or an IP that was never active). Every draining name must be in it.
   EOT
   type = map(object({
     secondary_cidr        = string
     nat_ip_names          = list(string)
     draining_nat_ip_names = optional(list(string), [])
     reserved_nat_ip_names = optional(list(string), [])
+    nat_ip_names_before   = optional(list(string), [])
   }))
   validation {
     condition     = length(var.egress_profiles) > 0
@@ -85,6 +89,16 @@ variable "egress_profiles" {
   validation {
     condition     = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])))
     error_message = "A NAT IP name may appear only once across all profiles (active, draining and reserved)."
+  }
+  validation {
+    # Cloud NAT drains only IPs assigned to an existing NAT: a new profile (no nat_ip_names_before)
+    # cannot drain, and a draining IP must have been active (listed in nat_ip_names_before).
+    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in p.draining_nat_ip_names : contains(p.nat_ip_names_before, n)]]))
+    error_message = "draining_nat_ip_names: Cloud NAT can only drain an IP that was active on the existing NAT; list the profile's previous nat_ip_names in nat_ip_names_before (a new profile, or an IP that was never active, cannot be drained - just leave it out)."
+  }
+  validation {
+    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in p.nat_ip_names_before : !contains(p.reserved_nat_ip_names, n)]]))
+    error_message = "nat_ip_names_before lists a reserved IP: reserved IPs were never active."
   }
   validation {
     condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : can(regex("^[a-z][a-z0-9-]{0,29}$", n))]]))
@@ -118,7 +132,7 @@ variable "allow_broad_client_cidrs" {
 
 variable "clients" {
   description = "Gateway clients (jobs). password_hash comes from `egressgate hash-password`; allow = null means any public host."
-  type        = list(object({
+  type = list(object({
     name          = string
     username      = string
     password_hash = string
@@ -160,7 +174,7 @@ variable "kubernetes_issuer" {
 
 variable "workload_clients" {
   description = "Gateway clients identified by Kubernetes service-account tokens instead of passwords (pods with a projected token, audience egressgate): service_accounts as namespace/name or namespace/*. Needs kubernetes_issuer."
-  type        = list(object({
+  type = list(object({
     name             = string
     service_accounts = list(string)
     egress           = list(string)
@@ -285,6 +299,47 @@ variable "probe_echo_url" {
   }
 }
 
+variable "gateway_config" {
+  description = <<-EOT
+    Any part of the gateway's configuration (the README's config reference, written as HCL), merged
+    over what the module renders, so no feature needs a fork of the template: providers, protect,
+    switch and standby of a profile, a socks5 listener, deny rules, report mode, per-client limits,
+    token clients, dns, log, reload ... Rules: `listen` and `clients` entries are APPENDED to the
+    module's; `egress.<profile>` keys are merged into the module's profile of that name (its bind
+    placeholder and expect_ip stay unless you set them), other profiles are added; `admin`, `drain`,
+    `probe` and `security` are merged key by key (yours win); every other key is taken as given.
+    The tests render the example with a full gateway_config and run `egressgate check-config
+    --offline --strict` on it.
+  EOT
+  type        = any
+  default     = {}
+  nullable    = false
+  validation {
+    condition     = can(keys(var.gateway_config))
+    error_message = "gateway_config must be an object (the gateway config's top-level keys)."
+  }
+}
+
+variable "probe_fallback_echo_urls" {
+  description = "More IP-echo services, asked (in order) for a member when probe_echo_url gives no answer: one echo service being down must not leave every VM unverified. Independent operators, plain-text IP or JSON {\"ip\": ...}."
+  type        = list(string)
+  default     = ["https://checkip.amazonaws.com/"]
+  validation {
+    condition     = alltrue([for u in var.probe_fallback_echo_urls : can(regex("^https?://[^/@\\s]+(/\\S*)?$", u))])
+    error_message = "probe_fallback_echo_urls must be http:// or https:// URLs without credentials."
+  }
+}
+
+variable "probe_grace" {
+  description = "Seconds a VM keeps a member's last good egress-IP check when no echo service answers (probe.grace; a wrong IP is never held). Bounds how long an echo outage goes unnoticed; 0 = no hold."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.probe_grace >= 0 && var.probe_grace <= 3600
+    error_message = "probe_grace must be between 0 and 3600 seconds."
+  }
+}
+
 variable "load_balancer_scheme" {
   description = "EXTERNAL: regional external passthrough NLB with a public static IP (clients from the internet, e.g. a GKE cluster's Cloud NAT IP; use tls, credentials cross the internet). INTERNAL: internal passthrough NLB in the gateway subnet, for GKE in the same or a peered VPC (clients = pod or node ranges); nothing is exposed publicly."
   type        = string
@@ -328,7 +383,7 @@ variable "tls" {
 
 variable "autoscaling" {
   description = "Autoscale the MIG on CPU between min_replicas and max_replicas (null: a fixed instance_count). Scale-in removes at most one VM per 10 minutes; each removed VM drains for drain_timeout_sec. NAT ports are reserved for max_replicas."
-  type        = object({
+  type = object({
     min_replicas    = number
     max_replicas    = number
     cpu_target      = optional(number, 0.6)
@@ -352,7 +407,7 @@ variable "metrics_collector_image" {
   type        = string
   default     = null
   validation {
-    condition     = var.metrics_collector_image == null || can(regex("^[a-z0-9-]+-docker\.pkg\.dev/[^/]+/[^/]+/[^@:]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_.-]+)$", var.metrics_collector_image))
+    condition     = var.metrics_collector_image == null || can(regex("^[a-z0-9-]+-docker\\.pkg\\.dev/[^/]+/[^/]+/[^@:]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_.-]+)$", var.metrics_collector_image))
     error_message = "metrics_collector_image must be an Artifact Registry image (LOCATION-docker.pkg.dev/PROJECT/REPO/NAME) with a :tag or @sha256 digest."
   }
 }

@@ -36,6 +36,7 @@ from .. import __version__
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
+from ..model import with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
 
@@ -309,7 +310,7 @@ class AdminProtocol(asyncio.Protocol):
                 extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
                 self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                doc = status(gw, self.workers)
+                doc = with_iso(status(gw, self.workers))  # (times both ways: model.TIME_FIELDS)
                 self._send(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):
                 page = resources.files("egressgate.admin").joinpath("status.html").read_bytes()

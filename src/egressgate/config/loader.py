@@ -41,8 +41,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return load_config_text(text, str(path))
 
 
-def load_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Config:
-    checked = check_config_text(text, filename, offline=offline)
+def load_config_text(text: str, filename: str = "<config>", *, offline: bool = False,
+                     echo_url: str | None = None) -> Config:
+    checked = check_config_text(text, filename, offline=offline, echo_url=echo_url)
     if checked.errors or checked.config is None:
         raise ConfigError(checked.errors)
     return checked.config
@@ -62,9 +63,11 @@ class Checked:
     where_raw: Callable[[Loc, str], str] | None = None
 
 
-def check_config_text(text: str, filename: str = "<config>", *, offline: bool = False) -> Checked:
+def check_config_text(text: str, filename: str = "<config>", *, offline: bool = False,
+                      echo_url: str | None = None) -> Checked:
     """All errors at once: YAML, schema (continuing past each refused value, see ``repair``) and
-    cross-references. ``offline``: secrets and TLS files must be named, not present here (CI)."""
+    cross-references. ``offline``: secrets and TLS files must be named, not present here (CI).
+    ``echo_url``: ``probe.echo_url`` where the file names none (``egressgate probe --echo-url``)."""
     def nowhere(loc: Loc, what: str) -> str:
         return f"{filename}:0: {_dotted(loc) or '(top level)'}: {what}"
 
@@ -75,7 +78,7 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc)
-        return Checked(None, [f"{filename}:{line}: (yaml): {problem}"], nowhere)
+        return Checked(None, [f"{filename}:{line}: (yaml): {_yaml_hint(problem)}"], nowhere)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -83,6 +86,8 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
                        nowhere)
 
     errors = [f"{filename}:{line}: {_dotted(loc)}: duplicate key" for loc, line in _duplicates(root, ())]
+    if echo_url and isinstance(data.get("probe", {}), dict) and not (data.get("probe") or {}).get("echo_url"):
+        data["probe"] = {**(data.get("probe") or {}), "echo_url": echo_url}
     pruner = Pruner(data)
     reported: list[Loc] = []
 
@@ -115,7 +120,15 @@ def check_config_text(text: str, filename: str = "<config>", *, offline: bool = 
         for loc, msg in _cross_checks(config, offline):
             if not any(related(pruner.original(loc), r) for r in reported):
                 errors.append(where(loc, msg))
-    return Checked(config, errors, where, data, where_raw)
+    return Checked(config, _in_source_order(errors, filename), where, data, where_raw)
+
+
+def _in_source_order(errors: list[str], filename: str) -> list[str]:
+    """``FILE:LINE: ...`` lines by LINE (stable: one line's errors keep their order)."""
+    def line(text: str) -> int:
+        number = text[len(filename) + 1:].split(":", 1)[0]
+        return int(number) if number.isdigit() else 0
+    return sorted(errors, key=line)
 
 
 def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]]:
@@ -179,7 +192,7 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                     problems.append((("clients", i, key, j), msg))
     problems += _unreachable_clients(config.clients)
     for name, profile in config.egress.items():
-        if profile.expect_ip and not config.probe.echo_url:
+        if profile.expect_ip and not config.probe.echo_urls:
             problems.append((("egress", name, "expect_ip"),
                              "needs probe.echo_url: without an IP-echo service nothing can check it, and "
                              "the profile would refuse all its traffic"))
@@ -226,7 +239,9 @@ def _protect_problems(name: str, profile) -> list[tuple[Loc, str]]:
 def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
     """Client entries that can never match: an earlier entry without credentials admits every
     source they do and so takes each request that carries none (requests with credentials
-    match only entries with credentials, so entries with a username are never shadowed)."""
+    match only entries with credentials, so entries with a username are never shadowed). An
+    entry that demands credentials (a username, or a ``kubernetes`` token) shadows nothing: a
+    request without them passes it by."""
     problems: list[tuple[Loc, str]] = []
     nets = [None if c.from_ is None else [ipaddress.ip_network(n) for n in c.from_] for c in clients]
     for i, client in enumerate(clients):
@@ -234,7 +249,7 @@ def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:
             continue
         for j in range(i):
             earlier = clients[j]
-            if earlier.username or nets[j] is None:
+            if earlier.username or earlier.kubernetes or nets[j] is None:
                 continue
             if earlier.cert_subject is not None and earlier.cert_subject != client.cert_subject:
                 continue
@@ -283,6 +298,35 @@ def _upstream_problem(url: str) -> str | None:
     return None
 
 
+# A YAML parser's complaint -> what usually causes it, said as what to do.
+_YAML_HINTS = (
+    ("found character '\\t'", "indent with spaces: YAML does not allow tabs"),
+    ("expected <block end>", "this line's indentation does not fit the lines above: keys of one mapping "
+     "start in the same column, and so do the '- ' items of one list"),
+    ("mapping values are not allowed", "a value holding ': ' must be quoted (\"a: b\"), or a key is "
+     "indented under a value"),
+    ("could not find expected ':'", "a key needs ':' after it (key: value)"),
+    ("found unexpected end of stream", "a quote or bracket is not closed"),
+    ("found '<stream end>'", "the file ends inside a value: a [list], {mapping} or quote is not closed"),
+    ("found unexpected ':'", "a value holding ':' must be quoted"),
+    ("expected ',' or ']'", "a [list] is not closed, or an item holding ',' or ':' needs quotes"),
+    ("expected ',' or '}'", "a {mapping} is not closed, or a value holding ',' or ':' needs quotes"),
+    ("found undefined alias", "'*' starts a YAML alias: quote a value that starts with '*' (\"*.example.com\")"),
+    ("expected alphabetic or numeric character", "'*' or '&' starts a YAML alias or anchor: quote the value "
+     "(\"*.example.com\")"),
+    ("found character '@'", "'@' and '`' cannot start a value: quote it"),
+    ("found character '`'", "'@' and '`' cannot start a value: quote it"),
+)
+
+
+def _yaml_hint(problem: str) -> str:
+    """``problem`` (PyYAML's words) with what to do about it."""
+    for needle, hint in _YAML_HINTS:
+        if needle in problem:
+            return f"not valid YAML ({problem}): {hint}"
+    return f"not valid YAML: {problem}"
+
+
 def _internal(part: Any) -> bool:
     # pydantic inserts validator names such as 'function-after[...]' into locations
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
@@ -294,11 +338,69 @@ def _message(err: dict[str, Any], loc: Loc) -> str:
         return f"unknown key; did you mean `{near}`?" if near else "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
+    plain = _plain(err)
+    if plain is not None:
+        return plain
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
     return msg
+
+
+# What a pattern in the schema admits, said as what to write (never the regular expression).
+_PATTERNS = {
+    r"^[A-Za-z0-9_.-]+$": "use only letters, digits, '_', '.' and '-'",
+    r"^[A-Za-z0-9_.*:-]+$": "use only letters, digits, '_', '.', '*', ':' and '-'",
+    r"^[^:+]+$": "no ':' or '+' (they separate the user name from the profile and the password)",
+}
+_KIND = {"list": "a list", "dict": "a mapping", "str": "text", "int": "a whole number", "float": "a number",
+         "bool": "true or false", "NoneType": "nothing (an empty value)"}
+
+
+def _got(value: Any) -> str:
+    kind = _KIND.get(type(value).__name__, type(value).__name__)
+    if isinstance(value, (dict, list)) or value is None:
+        return kind
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _plain(err: dict[str, Any]) -> str | None:
+    """A validation error in this project's words: what is wrong and what to write instead
+    (None: the schema's own message, already ours, is used)."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "list_type":
+        return f"expected a list: [a, b] or one '- item' per line (got {_got(value)})"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping of keys ('key: value' lines, indented under this key), got {_got(value)}"
+    if kind == "string_type":
+        return f"expected text, got {_got(value)}" + (" (quote it)" if isinstance(value, (int, float, bool)) else "")
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected a whole number, got {_got(value)}"
+    if kind in ("float_type", "float_parsing"):
+        return f"expected a number, got {_got(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {_got(value)}"
+    if kind == "string_pattern_mismatch":
+        return f"{value!r}: " + _PATTERNS.get(str(ctx.get("pattern")), "contains a character not allowed here")
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else f"at least {ctx.get('min_length')} characters"
+    if kind == "string_too_long":
+        return f"at most {ctx.get('max_length')} characters, got {len(value) if isinstance(value, str) else '?'}"
+    if kind == "too_short":
+        n = ctx.get("min_length")
+        return f"give at least {n} item{'s' if n != 1 else ''}" + (" (the list is empty)" if not value else "")
+    if kind == "too_long":
+        return f"give at most {ctx.get('max_length')} items"
+    if kind == "literal_error":
+        return f"write {ctx.get('expected')}, not {_got(value)}"
+    for bound, words in (("greater_than_equal", "at least"), ("greater_than", "greater than"),
+                         ("less_than_equal", "at most"), ("less_than", "less than")):
+        if kind == bound:
+            key = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}[bound]
+            return f"must be {words} {ctx.get(key)}, got {value}"
+    return None
 
 
 def _dotted(loc: Loc) -> str:

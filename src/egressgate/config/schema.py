@@ -348,8 +348,22 @@ def _default_clients() -> list[ClientConfig]:
 
 
 class SecurityConfig(_Model):
+    """Port rules, one per listener protocol: ``connect_ports`` for HTTP ``CONNECT`` (plain HTTP
+    forwarding goes to any port), ``socks_ports`` for SOCKS5 ``CONNECT`` (which carries plain HTTP
+    too: unset, it is ``connect_ports`` plus 80 and 8080)."""
+
     connect_ports: list[Port] = [443]
+    socks_ports: list[Port] | None = None
     allow_private: list[Network] = []
+
+    @property
+    def socks_port_set(self) -> frozenset[int]:
+        if self.socks_ports is not None:
+            return frozenset(self.socks_ports)
+        return frozenset(self.connect_ports) | SOCKS_PLAIN_HTTP_PORTS
+
+
+SOCKS_PLAIN_HTTP_PORTS = frozenset({80, 8080})  # added to connect_ports when socks_ports is unset
 
 
 class ForwardingConfig(_Model):
@@ -392,11 +406,24 @@ class LogConfig(_Model):
 
 
 class ProbeConfig(_Model):
-    echo_url: str | None = None  # an IP-echo service; required for profiles with expect_ip
+    # IP-echo services (one URL or a list, tried in order for each member until one answers);
+    # required for profiles with expect_ip. Several independent ones: one being down changes nothing.
+    echo_url: str | list[str] | None = None
     interval: Duration = 300.0
+    # A member whose check fails for want of an answer (no echo service answered) keeps its last
+    # good attestation for this long after it, so an outage of the echo services does not take every
+    # instance out at once; an answer with a wrong IP is never held (fail closed at once). 0: no hold.
+    grace: Annotated[float, BeforeValidator(_duration), Field(ge=0, le=3600)] = 600.0
     retry: Duration = 10.0  # how soon to check again while a profile is refusing traffic
     required: bool = True  # profiles refusing traffic count against /readyz (see readiness)
     readiness: Literal["any", "all"] = "any"  # ready while any / only while all attested profiles serve
+
+    @property
+    def echo_urls(self) -> tuple[str, ...]:
+        """``echo_url`` as a tuple, in the order they are tried (empty: none configured)."""
+        if self.echo_url is None:
+            return ()
+        return (self.echo_url,) if isinstance(self.echo_url, str) else tuple(self.echo_url)
 
 
 class DnsConfig(_Model):

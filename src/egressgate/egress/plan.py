@@ -48,6 +48,10 @@ class Attestation:
     observed: str | None
     error: str | None
     at: float
+    # The check failed (no echo service answered) but the member keeps its last good attestation
+    # (``observed``, checked at ``good_at``) within ``probe.grace``.
+    held: bool = False
+    good_at: float | None = None
 
 
 class ProfilePool:
@@ -60,12 +64,13 @@ class ProfilePool:
     """
 
     __slots__ = ("name", "kind", "members", "expect_ip", "pick", "connect_timeout", "_down", "_next",
-                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at")
+                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
                  pick: str | bool, connect_timeout: float, clock: Callable[[], float],
-                 retry_after: float = 30.0, attest: bool = False) -> None:
+                 retry_after: float = 30.0, attest: bool = False, grace: float = 0.0) -> None:
         self.name = name
+        self.grace = grace
         self.kind = kind
         self.members = members
         self.expect_ip = expect_ip
@@ -87,7 +92,13 @@ class ProfilePool:
         """Store one member's probe result and recompute which members may carry traffic."""
         if plan not in self.members:
             return
-        self.checks[plan] = Attestation(observed, error, now)
+        prev = self.checks.get(plan)
+        good_at = now if error is None and observed in self.expect_ip else (prev.good_at if prev else None)
+        if error is not None and prev is not None and good_at is not None and now - good_at <= self.grace:
+            # no answer at all: keep the last good attestation for probe.grace (never a wrong IP)
+            self.checks[plan] = Attestation(prev.observed, error, now, held=True, good_at=good_at)
+        else:
+            self.checks[plan] = Attestation(observed, error, now, good_at=good_at)
         self.observed_at = now
         if self.attest:
             self._usable = [m for m in self.members if self.verified(m)]
@@ -96,7 +107,9 @@ class ProfilePool:
         """After a reload: keep the results for members that did not change."""
         for plan, check in previous.checks.items():
             if plan in self.members:
-                self.record(plan, check.observed, check.error, check.at)
+                self.checks[plan] = check
+        if self.attest:
+            self._usable = [m for m in self.members if self.verified(m)]
 
     def attested_ip(self, plan: EgressPlan) -> str | None:
         """The public IP the last check of this member saw (None: never checked, or it failed).
@@ -108,7 +121,12 @@ class ProfilePool:
 
     def verified(self, plan: EgressPlan) -> bool:
         check = self.checks.get(plan)
-        return check is not None and check.error is None and check.observed in self.expect_ip
+        return check is not None and (check.error is None or check.held) and check.observed in self.expect_ip
+
+    def settled(self, plan: EgressPlan) -> bool:
+        """Verified by its last check itself (not held over an echo-service outage)."""
+        check = self.checks.get(plan)
+        return self.verified(plan) and not check.held
 
     def unchecked(self) -> list[EgressPlan]:
         return [m for m in self.members if m not in self.checks]
@@ -198,7 +216,7 @@ def upstream_with_password(url: str, password: str | None) -> UpstreamProxy:
 
 def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[str]],
                default_timeout: float, clock: Callable[[], float],
-               upstream_password: str | None = None, attest: bool = False) -> ProfilePool:
+               upstream_password: str | None = None, attest: bool = False, grace: float = 0.0) -> ProfilePool:
     """``spec`` is a ``ProfileConfig``; ``local_addresses(cidr)`` lists this host's addresses in
     a range (for ``bind`` entries written as CIDRs); ``upstream_password`` is the secret of the
     user in the profile's upstream URLs (``upstream_password_file`` / ``_env``), if any."""
@@ -217,4 +235,4 @@ def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[st
         members = [EgressPlan(name, "direct")]
     pick = spec.pick or ("failover" if kind == "upstream" else "sticky")
     return ProfilePool(name, kind, members, tuple(spec.expect_ip), pick,
-                       spec.connect_timeout or default_timeout, clock, attest=attest)
+                       spec.connect_timeout or default_timeout, clock, attest=attest, grace=grace)

@@ -55,6 +55,7 @@ PHRASES = {
     "destination_denied": "Destination Denied",
     "destination_ip_prohibited": "Destination IP Prohibited",
     "connect_port_not_allowed": "Connect Port Not Allowed",
+    "socks_port_not_allowed": "SOCKS Port Not Allowed",
     # 429
     "connection_limit_reached": "Client Limit Reached",
     "rate_limited": "Client Rate Limited",

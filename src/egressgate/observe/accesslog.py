@@ -18,19 +18,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..model import AccessRecord
+from ..model import AccessRecord, iso8601
 
 _PIPE_BUF = 4096
-FIELDS = ("ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
+FIELDS = ("ts", "ts_unix", "end_ts", "end_ts_unix", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
           "egress_ip", "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason")
 # Only on some records: ``user`` (the user name a 407 tried), ``would_deny`` (report mode).
 OPTIONAL_FIELDS = ("user", "would_deny")
 
 
 def json_line(rec: AccessRecord, now: float) -> str:
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.start)) + f".{int(rec.start * 1000) % 1000:03d}Z"
+    # ``ts``: when the request or tunnel started; the record is written when it ends (``end_ts``),
+    # so a log file is in order of ending, not of ``ts``.
     doc = {
-        "ts": ts, "client_addr": rec.client_addr, "client": rec.client, "listener": rec.listener,
+        "ts": iso8601(rec.start), "ts_unix": round(rec.start, 3), "end_ts": iso8601(now),
+        "end_ts_unix": round(now, 3), "client_addr": rec.client_addr, "client": rec.client, "listener": rec.listener,
         "method": rec.method, "target": rec.target, "status": rec.status, "profile": rec.profile,
         "egress_addr": rec.egress_addr, "egress_ip": rec.egress_ip, "upstream_addr": rec.upstream_addr,
         "bytes_up": rec.bytes_up, "bytes_down": rec.bytes_down, "duration_ms": round((now - rec.start) * 1000, 3),

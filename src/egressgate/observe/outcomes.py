@@ -41,6 +41,8 @@ class Outcomes:
         if err.status in DENIAL_STATUSES:
             if isinstance(err, AuthRequired) and err.user is not None:
                 rec.user = err.user  # who a 407 was for (the answer itself does not say why)
+            if isinstance(err, AuthRequired) and err.claimed:  # a refused token's job, as it claims
+                rec.extra = {**(rec.extra or {}), "client_claimed": err.claimed, "claims_verified": False}
             self.metrics.denied.labels(err.reason).inc()
             self.metrics.denied_by_client.labels(rec.client, err.reason).inc()
             self.recent_denials.append({"ts": time.strftime("%H:%M:%S"), "client": rec.client,

@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from ..errors import AuthRequired, PolicyDenied
 from .passwords import verify_password
 from .rules import RuleSet
-from .tokens import KeyProvider, NoKeys, TokenPolicy, TokenSubject, UnknownKey, looks_like_token, peek, verify
+from .tokens import (
+    KeyProvider,
+    NoKeys,
+    TokenPolicy,
+    TokenSubject,
+    UnknownKey,
+    claimed,
+    looks_like_token,
+    peek,
+    verify,
+)
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECTED = "wrong proxy user name or password"  # the one answer to an unknown user or a wrong password
@@ -187,7 +197,16 @@ class ClientRegistry:
 
     def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
         """The entry a service-account token identifies (see the module docstring). A token seen
-        before costs a keyed digest and a lookup: nothing is parsed again until it expires."""
+        before costs a keyed digest and a lookup: nothing is parsed again until it expires. A
+        refusal carries what the token claims (``AuthRequired.claimed``, unverified)."""
+        try:
+            return self._token_identity(address, user, token)
+        except AuthRequired as err:
+            if err.claimed is None and err.reason.startswith("token_"):
+                err.claimed = claimed(token)
+            raise
+
+    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
         entries = [c for c in self.candidates(address) if c.token is not None]
         if not entries:
             raise PolicyDenied("no client rule admits service-account tokens from this address",
@@ -309,13 +328,14 @@ def _basic_credentials(value: bytes) -> tuple[str, str]:
     return user, password
 
 
-def compile_token(spec, jwks_of: Callable[[str], object]) -> TokenPolicy:
-    """A ``KubernetesConfig`` compiled; ``jwks_of`` reads its jwks_file (I/O with the caller)."""
+def compile_token(spec, jwks_of: Callable[[str, float], object]) -> TokenPolicy:
+    """A ``KubernetesConfig`` compiled; ``jwks_of(path, min_refresh)`` reads its jwks_file (I/O
+    with the caller: the mapping it returns may re-read the file when a key is missing)."""
     return TokenPolicy(
         issuer=spec.issuer, audiences=tuple(spec.audiences), accounts=tuple(spec.service_accounts),
         username=spec.username, leeway=spec.leeway, source=spec.jwks_url or spec.issuer, ca_file=spec.ca_file,
         refresh=spec.refresh, min_refresh=spec.min_refresh,
-        static_keys=jwks_of(spec.jwks_file) if spec.jwks_file else None)
+        static_keys=jwks_of(spec.jwks_file, spec.min_refresh) if spec.jwks_file else None)
 
 
 def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str | None],
@@ -332,6 +352,6 @@ def compile_clients(specs: Sequence[object], secret_of: Callable[[object], str |
             allow=None if spec.allow is None else RuleSet(spec.allow), deny=RuleSet(spec.deny),
             report_only=spec.mode == "report", max_connections=spec.max_connections,
             max_new_per_second=spec.max_new_per_second,
-            token=None if k8s is None else compile_token(k8s, jwks_of or (lambda path: {})),
+            token=None if k8s is None else compile_token(k8s, jwks_of or (lambda path, min_refresh: {})),
             allow_patterns=None if spec.allow is None else tuple(spec.allow), deny_patterns=tuple(spec.deny)))
     return ClientRegistry(out)

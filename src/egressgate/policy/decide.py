@@ -23,7 +23,9 @@ def choose_profile(client: ClientPolicy, requested: str | None, listener_default
 
 
 def decide(client: ClientPolicy, dest: HostPort, connect: bool, requested_profile: str | None,
-           listener_default: str, connect_ports: frozenset[int]) -> Decision:
+           listener_default: str, connect_ports: frozenset[int], socks: bool = False) -> Decision:
+    """``connect_ports``: the ports a tunnel may reach -- ``security.connect_ports`` for HTTP
+    CONNECT, ``security.socks_ports`` for SOCKS5 (``socks``), each refusal naming its own."""
     profile = choose_profile(client, requested_profile, listener_default)
     if profile is None:
         return Decision(False, "profile_not_allowed", f"profiles: {', '.join(client.profiles or (listener_default,))}",
@@ -34,6 +36,8 @@ def decide(client: ClientPolicy, dest: HostPort, connect: bool, requested_profil
         return Decision(False, "destination_ip_prohibited", "metadata host name", profile)
     allowed = client.allow.match_rule(host, port, is_ip) if client.allow is not None else None
     if connect and port not in connect_ports and not (allowed and allowed[1]):
+        if socks:
+            return Decision(False, "socks_port_not_allowed", f"socks_ports: {sorted(connect_ports)}", profile)
         return Decision(False, "connect_port_not_allowed", f"connect_ports: {sorted(connect_ports)}", profile)
     # The client's own rules: report mode logs these and lets the request through.
     denial = _rule_denial(client, dest, allowed)

@@ -159,6 +159,38 @@ def peek(token: str) -> tuple[str, str]:
     return kid, iss
 
 
+CLAIM_LIMIT = 253  # the longest Kubernetes name; a claimed value is cut there
+
+
+def claimed(token: str) -> dict[str, str] | None:
+    """What a token *claims* about its job, read without verifying anything: the service
+    account (``namespace/name``), the pod's name and uid, the issuer. For the access record of a
+    refused token, marked there as unverified, so an expired or misaddressed token can still be
+    traced to a job; never the token itself. None when it claims none of these."""
+    parts = token.split(".")
+    if len(token) > MAX_TOKEN_BYTES or len(parts) != 3:
+        return None
+    try:
+        claims = _segment(parts[1])
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        return None
+
+    def text(value: object) -> str | None:
+        if not isinstance(value, str) or not value:
+            return None
+        return "".join(c if c.isprintable() else "?" for c in value[:CLAIM_LIMIT])
+
+    k8s = claims.get("kubernetes.io")
+    k8s = k8s if isinstance(k8s, dict) else {}
+    sa = k8s.get("serviceaccount") if isinstance(k8s.get("serviceaccount"), dict) else {}
+    pod = k8s.get("pod") if isinstance(k8s.get("pod"), dict) else {}
+    ns, name = text(k8s.get("namespace")), text(sa.get("name"))
+    found = {"serviceaccount": f"{ns}/{name}" if ns and name else None, "pod": text(pod.get("name")),
+             "pod_uid": text(pod.get("uid")), "issuer": text(claims.get("iss"))}
+    found = {k: v for k, v in found.items() if v is not None}
+    return found if set(found) - {"issuer"} else None
+
+
 _ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
     (jwt.ExpiredSignatureError, "token_expired", "token expired"),
     (jwt.ImmatureSignatureError, "token_not_yet_valid", "token not yet valid (nbf or iat in the future)"),
@@ -175,7 +207,9 @@ def verify(token: str, policy: TokenPolicy, keys: Mapping[str, Any]) -> TokenSub
     kid, _ = peek(token)
     key = keys.get(kid)
     if key is None:
-        raise UnknownKey("token signed with a key the issuer does not publish", reason="token_unknown_key")
+        err = UnknownKey("token signed with a key the issuer does not publish", reason="token_unknown_key")
+        err.claimed = claimed(token)  # (the error may be raised later, once fetched keys still lack it)
+        raise err
     try:
         claims = jwt.decode(token, key=key, algorithms=list(ALGORITHMS), audience=list(policy.audiences),
                             issuer=policy.issuer, leeway=policy.leeway,

@@ -175,7 +175,8 @@ class Dispatcher:
         if identity.subject is not None and identity.subject.pod:
             rec.extra = {"pod": identity.subject.pod}
         try:
-            r = route(ex.head, ex.connect, identity, rt, default_profile, self.listeners.own)
+            r = route(ex.head, ex.connect, identity, rt, default_profile, self.listeners.own,
+                      getattr(ex, "socks", False))
         except GatewayError as err:
             if err.profile is not None:
                 rec.profile = err.profile

@@ -215,4 +215,10 @@ def admit_route(guard: SharedIpGuard, protect: dict[str, ProfileProtect], r: Rou
         return
     rule = rules.match(r.dest)
     if rule is not None:
-        rec.protect = guard.admit(r.pool.name, r.plans[0].label, rule, r.dest.host)
+        member = r.plans[0].label
+        try:
+            rec.protect = guard.admit(r.pool.name, member, rule, r.dest.host)
+        except LimitReached:  # the record says which member hit which rule's limit
+            rec.egress_addr = member
+            rec.extra = {**(rec.extra or {}), "protect_rule": rule.name}
+            raise

@@ -65,7 +65,7 @@ class Route:
 
 
 def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, listener_default: str,
-          own: OwnListeners) -> Route:
+          own: OwnListeners, socks: bool = False) -> Route:
     """Steps 1 (and 3 for IP literals). Raises ``PolicyDenied`` / ``AddressProhibited`` (403),
     ``EgressUnverified`` (503), or a ``ClientProtocolError`` (400) for a bad target or a
     CONNECT to ``egressgate.whoami`` (answered only as plain HTTP)."""
@@ -82,7 +82,8 @@ def route(head: RequestHead, connect: bool, identity: Identity, rt: Runtime, lis
                                       reason="whoami_over_connect")
         return Route(client, dest, target, None, [], None, whoami=True)
     requested = requested_profile(identity, head)
-    decision = decide(client, dest, connect, requested, listener_default, rt.connect_ports)
+    decision = decide(client, dest, connect, requested, listener_default,
+                      rt.socks_ports if socks else rt.connect_ports, socks)
     if not decision.allow:
         kind = AddressProhibited if decision.reason == "destination_ip_prohibited" else PolicyDenied
         if decision.reason == "profile_not_allowed":

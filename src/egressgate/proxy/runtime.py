@@ -24,7 +24,7 @@ class Runtime:
     clients: ClientRegistry
     guard: AddressGuard
     profiles: dict[str, ProfilePool]
-    connect_ports: frozenset[int]
+    connect_ports: frozenset[int]  # HTTP CONNECT (security.connect_ports)
     timeouts: TimeoutsConfig
     limits: LimitsConfig
     listeners: dict[str, ListenConfig]
@@ -32,4 +32,5 @@ class Runtime:
     forwarding: Forwarding  # Via and client-address fields of forwarded requests
     # profile -> its shared-IP protection rules; only profiles that have some (policy.protect)
     protect: dict[str, ProfileProtect] = field(default_factory=dict)
-    providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results
+    providers: ProviderBoard = field(default_factory=ProviderBoard)
+    socks_ports: frozenset[int] = frozenset({80, 443, 8080})  # SOCKS5 CONNECT (security.socks_ports)  # provider checks and their results

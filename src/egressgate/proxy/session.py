@@ -284,8 +284,16 @@ class ClientConnection(asyncio.Protocol):
         rec = t.record if t is not None else (self.http.current() if self.http is not None else None)
         moved = (t.bytes_up, t.bytes_down) if t is not None else (
             (rec.bytes_up, rec.bytes_down) if rec is not None else (0, 0))
+        who = self.who
+        # the client as the access log names it: namespace/serviceaccount (and pod) for a token
+        subject = who.identity.subject if who.identity is not None else None
+        client = rec.client if rec is not None and rec.client != "-" else (
+            who.identity.name if who.identity is not None else who.counted or "-")
+        pod = (rec.extra or {}).get("pod") if rec is not None and rec.client != "-" else (
+            subject.pod if subject is not None else None)
         return {
-            "client_addr": self.who.peer, "client": self.who.counted or "-", "listener": self.listener.name,
+            "client_addr": who.peer, "client": client, "entry": who.counted, "pod": pod,
+            "listener": self.listener.name,
             "state": "tunnel" if t is not None else ("request" if rec is not None else "idle"),
             "profile": rec.profile if rec is not None else "-",
             "target": rec.target[:200] if rec is not None else "-",

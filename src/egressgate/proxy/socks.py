@@ -80,12 +80,13 @@ class SocksRequest:
     ``Proxy-Authorization`` made from the RFC 1929 credentials), its record, the bytes the
     client sent after the request (``body``) and, once routed, its route."""
 
-    __slots__ = ("head", "record", "connect", "route", "target", "body", "ended", "runtime")
+    __slots__ = ("head", "record", "connect", "socks", "route", "target", "body", "ended", "runtime")
 
     def __init__(self, head: RequestHead, record: AccessRecord) -> None:
         self.head = head
         self.record = record
         self.connect = True
+        self.socks = True  # (the port rule is security.socks_ports)
         self.route: Route | None = None
         self.target = None
         self.body: list[bytes] = []

@@ -11,6 +11,7 @@ import json
 from ..egress.plan import ProfilePool
 from ..egress.providers import profile_view
 from ..http1.responses import simple_response
+from ..model import with_iso
 from ..policy.clients import Identity
 from ..policy.decide import choose_profile, decide
 from .protect import SharedIpGuard
@@ -27,6 +28,7 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
     subject = identity.subject
     return {
         "client": identity.name, "client_addr": peer, "profile": name,
+        "pod": subject.pod if subject else None,  # as the access log's ``pod``
         **({"kubernetes": {"entry": client.name, "namespace": subject.namespace,
                            "service_account": subject.service_account, "pod": subject.pod,
                            "issuer": subject.issuer, "expires": int(subject.expires)}} if subject else {}),
@@ -62,7 +64,7 @@ def _providers(identity: Identity, rt: Runtime, profile: str, listener_default: 
 
 
 def response(doc: dict, keep_alive: bool) -> bytes:
-    return simple_response(200, json.dumps(doc, indent=1).encode() + b"\n", keep_alive=keep_alive)
+    return simple_response(200, json.dumps(with_iso(doc), indent=1).encode() + b"\n", keep_alive=keep_alive)
 
 
 def describe(pool: ProfilePool) -> dict:

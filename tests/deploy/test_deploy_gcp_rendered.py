@@ -1,0 +1,220 @@
+"""What the GCP module really renders: terraform (the real binary, tf_standin.py) applies
+terraform.tfvars.example, and the tests read the applied arguments - the alert policies' filters,
+the instance template's user-data (cloud-init), its scripts and systemd units - and check them with
+the real tools: YAML, `bash -n`, `shellcheck`, `systemd-analyze verify`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TF
+from test_deploy_terraform_real import HASH, HASHES
+from tf_standin import TERRAFORM, apply_and_show, standin_module, terraform, tf_env
+
+from tests import required
+
+# Labels of the monitored resource nat_gateway (Cloud Monitoring, "router.googleapis.com/nat/*").
+NAT_GATEWAY_LABELS = {"project_id", "region", "router_id", "gateway_name"}
+# Writable on Container-Optimized OS (the root file system is read-only).
+COS_WRITABLE = ("/var/lib/", "/home/", "/run/", "/tmp/", "/mnt/stateful_partition/")
+
+
+def apply_example(tmp: Path, extra: str = "") -> dict[str, dict]:
+    """terraform.tfvars.example (+ ``extra`` tfvars) applied to the stand-in module."""
+    required.tool(TERRAFORM, "install terraform 1.11 (/usr/local/bin/terraform)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = tf_env(tmp)
+    mod = standin_module(TF, tmp / "m")
+    (mod / "terraform.tfvars").write_text((TF / "terraform.tfvars.example").read_text())
+    (mod / "zz-test.auto.tfvars").write_text(HASHES + extra)
+    for args in (["init", "-input=false", "-backend=false"], ["plan", "-input=false", "-lock=false", "-out=p"]):
+        r = terraform(args, mod, env)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return apply_and_show(mod, env, "p")
+
+
+def gateway_config_of(applied: dict[str, dict]) -> str:
+    """The gateway config the VMs get (config.yaml.in of the user-data)."""
+    doc = yaml.safe_load(applied["google_compute_instance_template.gateway"]["metadata"]["user-data"])
+    (text,) = [f["content"] for f in doc["write_files"] if f["path"] == "/etc/egressgate/config.yaml.in"]
+    return text
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    return apply_example(tmp_path_factory.mktemp("tfapply"))
+
+
+@pytest.fixture(scope="module")
+def cloud_init(applied):
+    return applied["google_compute_instance_template.gateway"]["metadata"]["user-data"]
+
+
+@pytest.fixture(scope="module")
+def files(cloud_init):
+    doc = yaml.safe_load(cloud_init)
+    return {f["path"]: f["content"] for f in doc["write_files"]}
+
+
+def test_nat_alerts_filter_on_labels_that_exist(applied):
+    nat_names = {v["name"] for k, v in applied.items() if k.startswith("google_compute_router_nat.")}
+    assert len(nat_names) == 2
+    policies = [v for k, v in applied.items() if k.startswith("google_monitoring_alert_policy.")]
+    assert len(policies) == 2
+    for p in policies:
+        (f,) = [c["condition_threshold"][0]["filter"] for c in p["conditions"]]
+        labels = set(re.findall(r"resource\.labels\.([a-z_]+)", f))
+        assert labels <= NAT_GATEWAY_LABELS, f
+        # router_id is the router's numeric id: the router's NAME there never matches anything.
+        assert "router_id" not in labels, f
+        m = re.search(r'resource\.labels\.gateway_name = one_of\(([^)]*)\)', f)
+        assert m and set(re.findall(r'"([^"]+)"', m.group(1))) == nat_names, f
+        assert 'resource.labels.region = "europe-west1"' in f
+
+
+def test_cloud_init_is_valid_yaml(cloud_init):
+    assert cloud_init.startswith("#cloud-config\n")
+    doc = yaml.safe_load(cloud_init)
+    assert set(doc) == {"write_files", "runcmd"}
+
+
+def _units(files):
+    return {Path(p).name: c for p, c in files.items() if p.startswith("/etc/systemd/system/")}
+
+
+def test_every_unit_that_runs_docker_has_a_writable_home(files):
+    """docker-credential-gcr writes $HOME/.docker/config.json; docker pulls with it."""
+    units = _units(files)
+    assert {"egressgate.service", "egressgate-metrics.service"} <= set(units)
+    for name, text in units.items():
+        if "docker" not in text:
+            continue
+        home = re.findall(r"^Environment=HOME=(\S+)$", text, re.M)
+        assert home and home[0].startswith(COS_WRITABLE), f"{name}: no writable HOME"
+        assert re.search(rf"^ExecStartPre=/bin/mkdir -p .*{re.escape(home[0])}", text, re.M), f"{name}: HOME not created"
+
+
+def _scripts(files):
+    return {p: c for p, c in files.items() if p.endswith(".sh")}
+
+
+def test_scripts_pass_bash_n_and_shellcheck(files, tmp_path):
+    shellcheck = required.tool("shellcheck", "apt-get install shellcheck (make test does)")
+    scripts = _scripts(files)
+    assert len(scripts) >= 3
+    for path, text in scripts.items():
+        f = tmp_path / Path(path).name
+        f.write_text(text)
+        r = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{path}: {r.stderr}"
+        r = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{path}:\n{r.stdout}"
+
+
+def systemd_verify(units: dict[str, str], root: Path) -> list[str]:
+    """`systemd-analyze verify` of each unit, with the programs it names present under ``root`` as
+    stand-in executables (docker and docker-credential-gcr are COS's, not this machine's)."""
+    analyze = required.tool("systemd-analyze", "apt-get install systemd")
+    d = root / "etc" / "systemd" / "system"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in units.items():
+        (d / name).write_text(text)
+        for exe in re.findall(r"^Exec\w+=[-@:+!]*(/\S+)", text, re.M):
+            target = root / exe.lstrip("/")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("#!/bin/sh\nexit 0\n")
+                target.chmod(0o755)
+    failures = []
+    for name in units:
+        r = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--recursive-errors=no", str(d / name)],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or name in r.stdout + r.stderr:
+            failures.append(f"{name}:\n{r.stdout}{r.stderr}")
+    return failures
+
+
+def test_systemd_units_pass_systemd_analyze_verify(files, tmp_path):
+    assert not systemd_verify(_units(files), tmp_path / "root")
+
+
+def test_systemd_verify_reports_a_bad_unit(files, tmp_path):
+    units = _units(files)
+    bad = units["egressgate-metrics.service"].replace("Restart=always", "Restart=sometimes")
+    (failure,) = systemd_verify({"egressgate-metrics.service": bad}, tmp_path / "root")
+    assert "restart specifier" in failure
+
+
+def test_autohealing_watches_liveness_and_the_lb_readiness(applied):
+    """Defect: autohealing used /readyz, which fails on every VM at once when the IP-echo service is
+    down: the group re-created the whole fleet because of a third party's outage."""
+    mig = applied["google_compute_region_instance_group_manager.gateway"]
+    (policy,) = mig["auto_healing_policies"]
+    autoheal = applied["google_compute_health_check.autoheal"]
+    assert policy["health_check"] == "standin-google_compute_health_check-id"
+    assert autoheal["http_health_check"][0]["request_path"] == "/healthz"
+    ready = applied["google_compute_region_health_check.ready"]
+    assert ready["http_health_check"][0]["request_path"] == "/readyz"
+    backend = applied["google_compute_region_backend_service.gateway"]
+    assert backend["health_checks"] == ["standin-google_compute_region_health_check-id"]
+
+
+def test_the_rendered_config_has_several_echo_sources_and_a_grace(files):
+    cfg = yaml.safe_load(files["/etc/egressgate/config.yaml.in"])
+    assert cfg["probe"]["echo_url"] == ["https://api.ipify.org/", "https://checkip.amazonaws.com/"]
+    assert cfg["probe"]["grace"] == 600
+
+
+# Everything the gateway can do, through the module (issue 33): no fork of the template.
+GATEWAY_CONFIG = """
+gateway_config = {
+  listen = [{ address = "0.0.0.0:1080", protocol = "socks5", egress = "vendor-y" }]
+  admin  = { token_env = "EGRESSGATE_ADMIN_TOKEN" }
+  egress = {
+    vendor-x = {
+      protect   = [{ name = "vendor-x-api", destinations = ["api.vendor-x.com"], max_concurrent = 20, max_per_second = 5 }]
+      providers = [{ name = "vendor-x", url = "https://api.vendor-x.com/v1/ping", accept = ["200-399", 401], method = "HEAD" }]
+      switch    = "immediate"
+    }
+  }
+  clients = [{
+    name = "report-job", from = ["198.51.100.8/32"], username = "report", password_hash = "{HASH}",
+    egress = ["vendor-y"], deny = ["*.internal.example"], mode = "report", max_connections = 10
+  }]
+  probe   = { interval = "2m" }
+  log     = { format = "squid" }
+  workers = 1 # protect limits are per worker process (check-config --strict says so)
+}
+""".replace("{HASH}", HASH)
+
+
+def _check_config_offline_strict(text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """What render-config.sh does on a VM (each profile's placeholder -> the VM's alias IP), then
+    `egressgate check-config --offline --strict`."""
+    config = text.replace("@ALIAS_IN:10.20.1.0/24@", "127.0.0.2").replace("@ALIAS_IN:10.20.2.0/24@", "127.0.0.3")
+    assert "@ALIAS_IN" not in config
+    path = tmp / "config.yaml"
+    path.write_text(config)
+    return subprocess.run([sys.executable, "-m", "egressgate", "check-config", "--offline", "--strict", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gateway_config_passes_everything_through_and_check_config_accepts_it(tmp_path):
+    applied = apply_example(tmp_path / "tf", GATEWAY_CONFIG)
+    text = gateway_config_of(applied)
+    cfg = yaml.safe_load(text)
+    assert [entry.get("protocol") for entry in cfg["listen"]] == [None, "socks5"]
+    x = cfg["egress"]["vendor-x"]
+    assert x["bind"] == ["@ALIAS_IN:10.20.1.0/24@"] and x["expect_ip"]  # the module's part stays
+    assert x["providers"][0]["name"] == "vendor-x" and x["protect"][0]["max_concurrent"] == 20
+    assert [c["name"] for c in cfg["clients"]][-1] == "report-job"
+    assert cfg["probe"]["interval"] == "2m" and cfg["probe"]["grace"] == 600  # merged key by key
+    assert cfg["log"] == {"format": "squid"} and cfg["admin"]["address"] == "0.0.0.0:9128"
+    assert cfg["workers"] == 1
+    r = _check_config_offline_strict(text, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
