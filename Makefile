@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.run-$(HASH)
 STAMP   := $(VENV)/.test-$(HASH)
 CONFIG  ?=
 PYTEST_ARGS ?=
-APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq
+APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq valgrind
 
 .PHONY: run test test-unit lint fuzz bench bench-quick demo check-config clean deb-packages
 
