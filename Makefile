@@ -72,6 +72,9 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_request_head.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS)
 
 bench: $(STAMP)
+	$(BIN)/python bench/instructions.py --kinds request,tunnel,socks \
+		--peers egressgate,egressgate-policy,egressgate-protect,squid,tinyproxy,trafficserver \
+		--out bench/results/instructions
 	$(BIN)/python bench/run.py
 
 bench-quick: $(STAMP)
