@@ -217,11 +217,21 @@ def do_requests(port: int, n: int, origin_port: int, auth: str | None) -> int:
     sock, rd, conns = None, None, 0
     try:
         for _ in range(n):
-            if sock is None:
+            fresh = sock is None
+            if fresh:
                 sock = _connect(port)
                 rd, conns = Reader(sock), conns + 1
-            sock.sendall(req)
-            head = rd.until(b"\r\n\r\n")
+            try:
+                sock.sendall(req)
+                head = rd.until(b"\r\n\r\n")
+            except (ConnectionError, BrokenPipeError):
+                if fresh or rd.buf:  # a proxy that closes an idle keep-alive connection without
+                    raise  # "Connection: close" (tinyproxy): the request goes on a new one
+                sock.close()
+                sock = _connect(port)
+                rd, conns = Reader(sock), conns + 1
+                sock.sendall(req)
+                head = rd.until(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
                 raise RuntimeError(f"request refused: {head[:200]!r}")
             m = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.I)
