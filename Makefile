@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.run-$(HASH)
 STAMP   := $(VENV)/.test-$(HASH)
 CONFIG  ?=
 PYTEST_ARGS ?=
-APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq redis-server
+APT_TEST_PACKAGES := curl tinyproxy chromium iproute2 util-linux iptables shellcheck logrotate systemd jq redis-server valgrind
 
 .PHONY: run test test-unit lint fuzz bench bench-quick demo check-config clean deb-packages
 
@@ -72,6 +72,9 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_request_head.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS)
 
 bench: $(STAMP)
+	$(BIN)/python bench/instructions.py --kinds request,tunnel,socks \
+		--peers egressgate,egressgate-policy,egressgate-protect,squid,tinyproxy,trafficserver \
+		--out bench/results/instructions
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/protect_cost.py   # shared-IP protection's cost per request, with and without a fleet store
 

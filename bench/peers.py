@@ -27,6 +27,8 @@ PACKAGES = [  # (binary, [packages to try, first with a candidate wins])
     ("wrk", ["wrk"]),
     ("nginx", ["nginx-light", "nginx"]),
     ("danted", ["dante-server"]),  # the SOCKS5 peer (bench/socks_figure.py)
+    ("traffic_server", ["trafficserver"]),  # Apache Traffic Server
+    ("valgrind", ["valgrind"]),  # instruction counts (bench/instructions.py)
 ]
 
 
@@ -147,6 +149,17 @@ class Peer:
     proc: Proc | None = None
     version: str = "?"
     notes: list[str] = field(default_factory=list)
+    # how the peer's server process is launched: a command in front of its argv (valgrind, for
+    # bench/instructions.py), extra environment, and how long its port may take to open
+    wrap: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    start_timeout: float = 30.0
+
+    def launch(self, reg: Registry, name: str, argv: list[str], role: str = "proxy", capacity: float = 1.0,
+               log: str | None = None) -> Proc:
+        """Start the peer's server process (through ``wrap``, with ``env`` added)."""
+        env = dict(os.environ, **self.env) if self.env else None
+        return reg.start(name, [*self.wrap, *argv], role=role, capacity=capacity, log=log, env=env)
 
     def unavailable(self) -> str | None:
         return None
@@ -175,10 +188,10 @@ class Squid(Peer):
         return None if which("squid") else "squid is not installed"
 
     def start(self, reg, env):
-        d = env.tmp / "squid"
+        self.port = free_ports(1)[0]
+        d = env.tmp / f"squid-{self.port}"  # (two instances may run at once: bench/instructions.py)
         d.mkdir(exist_ok=True)
         os.chmod(d, 0o777)  # squid drops to the 'proxy' user
-        self.port = free_ports(1)[0]
         conf = d / "squid.conf"
         conf.write_text(f"""
 http_port 127.0.0.1:{self.port}
@@ -196,14 +209,8 @@ shutdown_lifetime 0 seconds
 pinger_enable off
 logfile_rotate 0
 """)
-        self.proc = reg.start(
-            "squid",
-            [which("squid"), "-N", "-f", str(conf)],
-            role="proxy",
-            capacity=1,
-            log=str(d / "stdout.log"),
-        )
-        if not wait_port(self.port, timeout=30, proc=self.proc):
+        self.proc = self.launch(reg, "squid", [which("squid"), "-N", "-f", str(conf)], log=str(d / "stdout.log"))
+        if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
             raise RuntimeError(f"squid did not start; see {d}/cache.log")
         return self.proc
 
@@ -218,10 +225,10 @@ class Tinyproxy(Peer):
         return None if which("tinyproxy") else "tinyproxy is not installed"
 
     def start(self, reg, env):
-        d = env.tmp / "tinyproxy"
+        self.port = free_ports(1)[0]
+        d = env.tmp / f"tinyproxy-{self.port}"
         d.mkdir(exist_ok=True)
         os.chmod(d, 0o777)
-        self.port = free_ports(1)[0]
         conf = d / "tinyproxy.conf"
         ports = "\n".join(f"ConnectPort {p}" for p in env.connect_ports)
         conf.write_text(f"""
@@ -237,15 +244,96 @@ LogLevel Critical
 LogFile "{d}/tinyproxy.log"
 PidFile "{d}/tinyproxy.pid"
 """)
-        self.proc = reg.start(
-            "tinyproxy",
-            [which("tinyproxy"), "-d", "-c", str(conf)],
-            role="proxy",
-            capacity=NCPU,
-            log=str(d / "stdout.log"),
-        )
-        if not wait_port(self.port, proc=self.proc):
+        self.proc = self.launch(reg, "tinyproxy", [which("tinyproxy"), "-d", "-c", str(conf)], capacity=NCPU,
+                                log=str(d / "stdout.log"))
+        if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
             raise RuntimeError(f"tinyproxy did not start; see {d}/stdout.log")
+        return self.proc
+
+
+class TrafficServer(Peer):
+    """Apache Traffic Server as a forward proxy: remapping not required, no reverse proxy, cache
+    off, CONNECT to the bench's ports; everything else as packaged (threads: autoconfig). Its
+    own run root in the temp dir (config copied from /etc/trafficserver), run as the current user."""
+
+    def __init__(self):
+        super().__init__("trafficserver", "Traffic Server", capacity=NCPU)
+        self.version = version_of(["traffic_server", "--version"], r"Traffic Server (\S+)") \
+            if which("traffic_server") else "?"
+        self.label = f"Traffic Server {self.version}"
+        self.start_timeout = 60.0
+
+    def unavailable(self):
+        return None if which("traffic_server") else "traffic_server is not installed (apt-get install trafficserver)"
+
+    def start(self, reg, env):
+        self.port = free_ports(1)[0]
+        d = env.tmp / f"trafficserver-{self.port}"
+        etc = d / "etc"
+        for sub in ("run", "log", "cache"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        if not etc.exists():
+            shutil.copytree("/etc/trafficserver", etc, symlinks=True)
+        (d / "runroot.yaml").write_text("".join(f"{k}: {v}\n" for k, v in {
+            "prefix": d, "exec_prefix": "/usr", "bindir": "/usr/bin", "sbindir": "/usr/sbin",
+            "sysconfdir": etc, "datadir": d / "cache", "includedir": "/usr/include",
+            "libdir": "/usr/lib/trafficserver", "libexecdir": "/usr/lib/trafficserver/modules",
+            "localstatedir": d / "run", "runtimedir": d / "run", "logdir": d / "log",
+            "cachedir": d / "cache"}.items()))
+        ports = " ".join(str(p) for p in env.connect_ports)
+        (etc / "records.config").write_text(f"""\
+CONFIG proxy.config.http.server_ports STRING {self.port}:ipv4:ip-in=127.0.0.1
+CONFIG proxy.config.url_remap.remap_required INT 0
+CONFIG proxy.config.reverse_proxy.enabled INT 0
+CONFIG proxy.config.http.connect_ports STRING {ports}
+CONFIG proxy.config.http.cache.http INT 0
+CONFIG proxy.config.log.logging_enabled INT 0
+CONFIG proxy.config.admin.user_id STRING #-1
+CONFIG proxy.config.diags.debug.enabled INT 0
+CONFIG proxy.config.net.connections_throttle INT 30000
+""")
+        (etc / "storage.config").write_text("")  # no cache disks: the cache is off
+        self.proc = self.launch(reg, "trafficserver", [which("traffic_server"), f"--run-root={d}"],
+                                capacity=NCPU, log=str(d / "stdout.log"))
+        if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
+            raise RuntimeError(f"traffic_server did not start; see {d}/log/diags.log")
+        return self.proc
+
+
+def dante_config(d: Path, port: int) -> str:
+    """Dante (danted) as a SOCKS5 server with no authentication, CONNECT to 127.0.0.0/8."""
+    return (
+        f"logoutput: {d / 'danted.log'}\n"
+        f"internal: 127.0.0.1 port = {port}\n"
+        "external: 127.0.0.1\n"
+        "clientmethod: none\nsocksmethod: none\n"
+        "user.privileged: root\nuser.unprivileged: nobody\n"
+        "client pass {\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}\n"
+        "socks pass {\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n  command: connect\n  log: error\n}\n")
+
+
+class Dante(Peer):
+    """Dante's SOCKS5 server (several processes: the mother and its negotiate/request/io children)."""
+
+    def __init__(self):
+        super().__init__("dante", "Dante", capacity=NCPU)
+        self.version = version_of(["dpkg-query", "-W", "-f", "${Version}", "dante-server"], r"(\S+)")
+        self.label = f"Dante {self.version}"
+        self.socks_port = 0
+
+    def unavailable(self):
+        return None if which("danted") else "danted is not installed (apt-get install dante-server)"
+
+    def start(self, reg, env):
+        self.port = self.socks_port = free_ports(1)[0]
+        d = env.tmp / f"dante-{self.port}"
+        d.mkdir(exist_ok=True)
+        conf = d / "danted.conf"
+        conf.write_text(dante_config(d, self.port))
+        self.proc = self.launch(reg, "dante", [which("danted"), "-f", str(conf), "-p", str(d / "danted.pid")],
+                                capacity=NCPU, log=str(d / "stderr.log"))
+        if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
+            raise RuntimeError(f"danted did not start; see {d}")
         return self.proc
 
 
@@ -266,6 +354,8 @@ class Egressgate(Peer):
         if self.policy:
             self.auth = "bench:" + self.PASSWORD
         self._hash: str | None = None
+        self.socks = False  # also a ``protocol: socks5`` listener, on ``socks_port``
+        self.socks_port = 0
 
     def unavailable(self):
         if not EGRESSGATE.exists():
@@ -288,8 +378,9 @@ class Egressgate(Peer):
 
     def config_text(self, env: Env, admin_port: int, with_log: bool = True) -> str:
         ports = ", ".join(str(p) for p in [*env.connect_ports, env.origin_port])
+        socks = f', {{address: "127.0.0.1:{self.socks_port}", protocol: socks5}}' if self.socks_port else ""
         lines = [
-            f'listen: [{{address: "127.0.0.1:{self.port}"}}]',
+            f'listen: [{{address: "127.0.0.1:{self.port}"}}{socks}]',
             f'admin: {{address: "127.0.0.1:{admin_port}"}}',
         ]
         if self.workers:
@@ -318,9 +409,10 @@ class Egressgate(Peer):
         return "\n".join(lines) + "\n"
 
     def start(self, reg, env):
-        d = env.tmp / self.name
+        self.port, admin_port, socks_port = free_ports(3)
+        self.socks_port = socks_port if self.socks else 0
+        d = env.tmp / f"{self.name}-{self.port}"  # (two instances may run at once: bench/instructions.py)
         d.mkdir(exist_ok=True)
-        self.port, admin_port = free_ports(2)
         conf = d / "egressgate.yaml"
         conf.write_text(self.config_text(env, admin_port))
         chk = subprocess.run(
@@ -342,14 +434,10 @@ class Egressgate(Peer):
                 )
             if chk.returncode != 0:
                 raise RuntimeError(f"egressgate check-config failed:\n{(chk.stdout + chk.stderr).strip()}")
-        self.proc = reg.start(
-            self.name,
-            [str(EGRESSGATE), "serve", "--config", str(conf)],
-            role="proxy",
-            capacity=self.capacity,
-            log=str(d / "stdout.log"),
-        )
-        if not wait_port(self.port, timeout=30, proc=self.proc):
+        # (the venv's interpreter named directly: under valgrind the process counted is Python's)
+        self.proc = self.launch(reg, self.name, [str(VENV_BIN / "python"), "-m", "egressgate", "serve", "--config",
+                                                 str(conf)], capacity=self.capacity, log=str(d / "stdout.log"))
+        if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
             raise RuntimeError(f"egressgate did not start; see {d}/stdout.log")
         time.sleep(0.3 if not self.workers else 1.0)  # let SO_REUSEPORT workers come up
         if self.version == "?":
@@ -366,6 +454,10 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
             out.append(Squid())
         elif n == "tinyproxy":
             out.append(Tinyproxy())
+        elif n == "trafficserver":
+            out.append(TrafficServer())
+        elif n == "dante":
+            out.append(Dante())
         elif n == "egressgate":
             out.append(Egressgate(False, egressgate_workers))
         elif n == "egressgate-policy":
@@ -373,6 +465,6 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
         elif n == "egressgate-protect":
             out.append(Egressgate(True, egressgate_workers, protect=True))
         else:
-            raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, egressgate, egressgate-policy, "
-                             "egressgate-protect)")
+            raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, trafficserver, dante, egressgate, "
+                             "egressgate-policy, egressgate-protect)")
     return out

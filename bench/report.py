@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-ORDER = ["none", "squid", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect"]
+ORDER = ["none", "squid", "trafficserver", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect"]
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -209,6 +209,11 @@ def targets_for(rows: dict, name: str) -> list[dict]:
     add("req/s >= 2.0 x Squid", x, 2.0, ok, spread=ratio_spread("rps", sq))
     x, ok = ge(r.get("tunnels"), sq.get("tunnels"), 1.4)
     add("tunnels/s >= 1.4 x Squid", x, 1.4, ok, spread=ratio_spread("tunnels", sq))
+    ts = rows.get("trafficserver", {})  # issue 27: ahead of Apache Traffic Server on both
+    x, ok = ge(r.get("rps"), ts.get("rps"), 1.0)
+    add("req/s > Traffic Server's", x, 1.0, ok, spread=ratio_spread("rps", ts))
+    x, ok = ge(r.get("tunnels"), ts.get("tunnels"), 1.0)
+    add("tunnels/s > Traffic Server's", x, 1.0, ok, spread=ratio_spread("tunnels", ts))
     for d in ("up", "down"):
         x, ok = ge(r.get(d), no.get(d), 0.6)
         add(f"CONNECT {d} >= 0.6 x no proxy", x, 0.6, ok, spread=ratio_spread(d, no))

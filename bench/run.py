@@ -619,7 +619,7 @@ def parse_args(argv=None):
     )
     ap.add_argument(
         "--peers",
-        default="squid,tinyproxy,egressgate,egressgate-policy",
+        default="squid,tinyproxy,trafficserver,egressgate,egressgate-policy",
         help="peers besides the no-proxy baseline (always run)",
     )
     ap.add_argument(

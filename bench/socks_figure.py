@@ -28,6 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # (run alone)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import dante_config  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
@@ -201,14 +205,7 @@ def start_dante(tmp: Path, port: int) -> subprocess.Popen:
     if exe is None:
         raise RuntimeError("danted not found (apt-get install dante-server)")
     conf = tmp / "danted.conf"
-    conf.write_text(
-        f"logoutput: {tmp / 'danted.log'}\n"
-        f"internal: 127.0.0.1 port = {port}\n"
-        "external: 127.0.0.1\n"
-        "clientmethod: none\nsocksmethod: none\n"
-        "user.privileged: root\nuser.unprivileged: nobody\n"
-        "client pass {\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}\n"
-        "socks pass {\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n  command: connect\n  log: error\n}\n")
+    conf.write_text(dante_config(tmp, port))
     with open(tmp / "danted.stderr", "wb") as err:
         p = subprocess.Popen([exe, "-f", str(conf), "-p", str(tmp / "danted.pid")], stdout=subprocess.DEVNULL,
                              stderr=err)
