@@ -180,6 +180,10 @@ class AccessRecord:
     egress_ip: str | None = None  # the public IP the egress member used was last attested to leave from
     user: str | None = None  # the proxy user name a refused (407) request tried (never the password)
     protect: Releasable | None = None  # a shared-IP admission (proxy.protect), released when finished
+    # What ``egressgate replay`` needs to decide the request again (observe.accesslog: AUTH, ...):
+    auth: str | None = None  # how the client identified: none | basic | token | cert (None: it did not)
+    requested_profile: str | None = None  # the profile the client asked for (user+profile or the header)
+    addresses: list[str] | tuple[str, ...] | None = None  # a name's resolved addresses, as judged
 
 
 @dataclass(frozen=True, slots=True)

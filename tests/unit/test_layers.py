@@ -16,7 +16,8 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, socks5, egress.plan, observe
-  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, checks, verify, demo) -> cli
+  -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin -> app (probe, checks, verify, demo,
+  replay) -> cli, commands
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ LAYER_OF: dict[str, int] = {
     "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.watch": 5,
+    "egressgate.replay": 5,  # decides recorded traffic again with proxy.route, proxy.protect
+    "egressgate.commands": 6,  # the CLI verbs: replay, receipt
     "egressgate.cli": 6,
     "egressgate.__main__": 6,
 }

@@ -30,7 +30,7 @@ from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
 from .protect import SharedIpGuard, admit_route
-from .route import Route, cached_addresses, requested_profile, resolve_and_judge, route
+from .route import Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
 
 
@@ -88,7 +88,12 @@ class Dispatcher:
         r = self._route(who, ex, rt, identity, default_profile)
         if isinstance(r, Whoami):
             return r
-        if cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own):
+        try:
+            ready = cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own)
+        except GatewayError:
+            ex.record.addresses = r.resolved  # (the addresses refused, for the record)
+            raise
+        if ready:
             self._judged(ex.record, r)
             link = self.connector.idle(r, ex.connect)
             if link is not None:
@@ -107,7 +112,11 @@ class Dispatcher:
             if isinstance(r, Whoami):
                 return r
         if not r.ready:
-            await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
+            try:
+                await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
+            except GatewayError:
+                ex.record.addresses = r.resolved
+                raise
             self._judged(ex.record, r)
         return self._counted(ex, await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect))
 
@@ -172,6 +181,10 @@ class Dispatcher:
     def _route(self, who: Who, ex: Exchange, rt: Runtime, identity: Identity, default_profile: str) -> Route | Whoami:
         rec = ex.record
         rec.client = identity.name
+        rec.auth = identity.client.auth
+        if identity.requested_profile is not None or ex.head.profile:
+            asked = requested_profile(identity, ex.head)
+            rec.requested_profile = clip(asked) if asked is not None else None
         if identity.subject is not None and identity.subject.pod:
             rec.extra = {"pod": identity.subject.pod}
         try:
@@ -194,5 +207,6 @@ class Dispatcher:
         return r
 
     def _judged(self, rec: AccessRecord, r: Route) -> None:
+        rec.addresses = r.resolved
         if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)
