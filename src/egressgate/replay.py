@@ -48,7 +48,7 @@ from .http1.parse import RequestHead
 from .model import HostPort
 from .observe.accesslog import ADDRESSES, AUTH, REQUESTED_PROFILE
 from .observe.logread import Line
-from .policy.clients import Identity, rejected
+from .policy.clients import ClientPolicy, Identity, rejected
 from .policy.guard import OwnListeners
 from .proxy.protect import SharedIpGuard
 from .proxy.route import WHOAMI_HOST, judged, route
@@ -158,6 +158,7 @@ class Replayer:
         self.report = Report()
         self._listener_default = {name: spec.egress for name, spec in rt.listeners.items()}
         self._own = _own_listeners(rt)
+        self._identities: dict[tuple, ClientPolicy | Outcome] = {}
         self._decisions: dict[tuple, tuple[Outcome, object]] = {}
         # protect: records waiting for their turn (start order), tickets waiting for their end
         self._now = 0.0
@@ -216,21 +217,33 @@ class Replayer:
     # --- deciding again -----------------------------------------------------------------------
     def decide(self, doc: dict) -> tuple[Outcome, str, object]:
         """(the candidate's outcome, the destination as ``host:port``, the protect rule it falls
-        under or None). Memoised: everything it depends on is in the key."""
+        under or None). Memoised in two steps, each keyed by everything it depends on: the
+        identity (how the record identified, as whom, from where), then the route (who, the
+        listener, the request, the addresses)."""
         method = doc["method"]
         target = doc["target"]
         connect = method == "CONNECT" or method == SOCKS_METHOD
         authority = target if connect else _authority(target)
-        addresses = doc.get(ADDRESSES)
         auth = doc.get(AUTH)
-        if doc.get("status") == 407 or doc.get("reason") == "client_not_allowed":
+        if doc["status"] == 407 or doc.get("reason") == "client_not_allowed":
             auth = "none"  # (only replayable refusals get here: no credentials were presented)
-        key = (auth, doc["client"], doc["client_addr"], doc.get("listener"), method, authority,
-               doc.get(REQUESTED_PROFILE), tuple(addresses) if isinstance(addresses, list) else None,
+        requested = doc.get(REQUESTED_PROFILE)
+        who_key = (auth, doc["client"], doc["client_addr"])
+        who = self._identities.get(who_key)
+        if who is None:
+            who = self._identify(auth, doc)
+            if len(self._identities) >= DECISIONS_CACHED:
+                self._identities.clear()
+            self._identities[who_key] = who
+        if isinstance(who, Outcome):
+            return who, authority, None
+        addresses = doc.get(ADDRESSES)
+        key = (who, requested, doc.get("listener"), method, authority,
+               tuple(addresses) if isinstance(addresses, list) else None,
                None if addresses else doc.get("upstream_addr"))
         found = self._decisions.get(key)
         if found is None:
-            found = self._decide(doc, auth, method, connect, authority, addresses)
+            found = self._decide(doc, Identity(who, requested), method, connect, authority, addresses)
             if len(self._decisions) >= DECISIONS_CACHED:
                 self._decisions.clear()
             self._decisions[key] = found
@@ -240,15 +253,19 @@ class Replayer:
         dest, rule = rest
         return outcome, dest, rule
 
-    def _decide(self, doc: dict, auth: str | None, method: str, connect: bool, authority: str,
+    def _identify(self, auth: str | None, doc: dict) -> ClientPolicy | Outcome:
+        try:
+            return identify(self.rt, auth, str(doc["client"]), str(doc["client_addr"]))
+        except GatewayError as err:
+            return refusal(err)
+
+    def _decide(self, doc: dict, identity: Identity, method: str, connect: bool, authority: str,
                 addresses: object) -> tuple[Outcome, tuple[str, object] | None]:
         rt = self.rt
         listener = doc.get("listener")
         if listener not in self._listener_default:
             return Outcome("deny", "listener_removed", 0, detail=f"the candidate does not listen on {listener}"), None
         try:
-            identity = identify(rt, auth, str(doc["client"]), str(doc["client_addr"]),
-                                doc.get(REQUESTED_PROFILE))
             head = RequestHead(method if method != SOCKS_METHOD else "CONNECT",
                                authority if connect else f"http://{authority}/", "HTTP/1.1", [], True, None, False, 0,
                                frozenset())
@@ -413,21 +430,19 @@ def _rule_of(detail: str) -> str:
 
 # --- identity ---------------------------------------------------------------------------------------
 
-def identify(rt: Runtime, auth: str | None, client: str, address: str, requested: str | None) -> Identity:
-    """The candidate's identity for a recorded client (see the module docstring); raises the
+def identify(rt: Runtime, auth: str | None, client: str, address: str) -> ClientPolicy:
+    """The candidate's client entry for a recorded client (see the module docstring); raises the
     refusal the candidate would give (407 / 403)."""
     reg = rt.clients
     if auth is None:  # a log written before ``auth``: as the candidate's entry of that name identifies
         entry = reg.by_name.get(client)
         auth = "token" if "/" in client else entry.auth if entry is not None else "basic"
     if auth == "none":
-        found = reg.identify(address, None, None)
-        return Identity(found.client, requested)
-    candidates = reg.candidates(address)
+        return reg.identify(address, None, None).client
     if auth == "cert":
         entry = reg.by_name.get(client)
-        found = reg.identify(address, None, entry.cert_subject if entry is not None else None)
-        return Identity(found.client, requested)
+        return reg.identify(address, None, entry.cert_subject if entry is not None else None).client
+    candidates = reg.candidates(address)
     if not candidates:
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
     if auth == "token":
@@ -438,13 +453,13 @@ def identify(rt: Runtime, auth: str | None, client: str, address: str, requested
         entry = next((c for c in tokens if c.token.admits_name(client)), None)
         if entry is None:
             raise AuthRequired("service account not allowed", reason="service_account_not_allowed", user=client)
-        return Identity(entry, requested)
+        return entry
     entry = reg.by_name.get(client)  # basic: the same user name as the entry of the recorded name
     user = entry.username if entry is not None else None
     match = next((c for c in candidates if c.token is None and user is not None and c.username == user), None)
     if match is None:
         raise rejected(client, "unknown_user")
-    return Identity(match, requested)
+    return match
 
 
 # --- small helpers ------------------------------------------------------------------------------------
