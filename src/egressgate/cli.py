@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="the report as one JSON document")
     rp.add_argument("--window", type=float, default=None, metavar="SECONDS",
                     help="protect: how far out of start order records may come (default 120)")
+    rc = sub.add_parser("receipt", help="job receipts: check one's signature, print the gateway's public key")
+    rsub = rc.add_subparsers(dest="receipt_command", required=True)
+    rv = rsub.add_parser("verify", help="check a receipt's signature (exit 0 valid, 1 invalid)")
+    rv.add_argument("file", help="the receipt (JSON, as /receipt answered it; - for stdin)")
+    rv.add_argument("--public-key", metavar="KEY",
+                    help="the gateway's public key (base64 as /status shows it, PEM, or a file holding either); "
+                         "without it only the key inside the receipt is used")
+    rk = rsub.add_parser("public-key", help="the gateway's receipt public key (base64)")
+    rk.add_argument("--config", "-c", help="the gateway's config: its receipts.key_file, or its admin address")
+    rk.add_argument("--admin", metavar="URL", help="ask the running gateway's admin endpoint (/status)")
     return p
 
 
@@ -114,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return replay_main(args.config, args.log, args.since, args.json,
                                args.window if args.window is not None else DEFAULT_WINDOW)
+        if args.command == "receipt":
+            from .commands import receipt
+
+            if args.receipt_command == "verify":
+                return receipt.verify_main(args.file, args.public_key)
+            return receipt.public_key_main(args.config, args.admin)
         if args.command == "demo":
             from .demo import main as demo_main
 

@@ -336,6 +336,27 @@ def iso8601(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
+def parse_iso8601(text: str) -> float:
+    """``2026-12-05T05:40:01.123Z`` (as ``iso8601`` writes it; the fraction optional) -> Unix
+    seconds; ValueError for anything else."""
+    import calendar
+
+    body = text[:-1] if text.endswith("Z") else text
+    main, _, frac = body.partition(".")
+    if frac and not frac.isdigit():
+        raise ValueError(f"bad fraction of a second in {text!r}")
+    seconds = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+    return seconds + (float("0." + frac) if frac else 0.0)
+
+
+def parse_moment(text: str) -> float:
+    """A moment given by a person: Unix seconds or ISO 8601 UTC (``2026-12-01T09:00:00Z``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_iso8601(text)
+
+
 def with_iso(doc: object) -> object:
     """``doc`` (JSON-like) with ``NAME_iso`` beside every Unix-seconds field named in
     ``TIME_FIELDS`` (a new document; ``doc`` is not changed)."""

@@ -63,6 +63,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.demo": 5,
     "egressgate.watch": 5,
     "egressgate.replay": 5,  # decides recorded traffic again with proxy.route, proxy.protect
+    "egressgate.receiptdesk": 5,  # job receipts: the key, the tallies, every worker's added up
     "egressgate.commands": 6,  # the CLI verbs: replay, receipt
     "egressgate.cli": 6,
     "egressgate.__main__": 6,

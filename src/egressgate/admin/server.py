@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Protocol
+from urllib.parse import parse_qs
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,14 +37,16 @@ from .. import __version__
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
-from ..model import with_iso
+from ..model import parse_moment, with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
+from ..proxy.whoami import ReceiptQuery
 
 Reloader = Callable[[], Awaitable[None]]
 OPEN_LIMIT = 200  # open connections listed in /status, oldest first
 REFUSED_LIMIT = 100  # sources refused at the gate listed in /status, most recent first
 PID_HEADER = "X-Egressgate-Pid"  # which process answered a worker's private /metrics
+TALLIES_PATH = "/-/tallies"  # a worker's own receipt tallies, on its private socket
 
 
 class WorkerView(Protocol):
@@ -55,6 +58,22 @@ class WorkerView(Protocol):
 
     def snapshot(self) -> dict:
         """{"expected": N, "live": M, "workers": [{"index", "pid", "alive", "restarts", ...}]}."""
+        ...
+
+
+class ReceiptDeskView(Protocol):
+    """What the admin endpoints need of job receipts (``receiptdesk.ReceiptDesk``)."""
+
+    async def issue(self, query: ReceiptQuery) -> dict:
+        """The signed receipt, every worker's tallies added up."""
+        ...
+
+    def local(self, query: ReceiptQuery) -> dict:
+        """This worker's own tallies for the query (``observe.tally`` export)."""
+        ...
+
+    def describe(self) -> dict:
+        """The public key and where it comes from (for /status)."""
         ...
 
 
@@ -100,7 +119,7 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     return out
 
 
-def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
+def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDeskView | None = None) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
@@ -145,17 +164,18 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
                             "recent": gw.gate.refused_sources(REFUSED_LIMIT)},
         "recent_denials": list(gw.outcomes.recent_denials)[::-1],
         **({"workers": workers.snapshot()} if workers is not None else {}),
+        "receipts": receipts.describe() if receipts is not None else {"enabled": False},
     }
 
 
-async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
-    """(index, pid, exposition) of another worker, from its private admin socket (exposition
-    None if it does not answer)."""
+async def worker_get(index: int, path: str, target: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
+    """(index, pid, body) of ``GET target`` asked of another worker on its private admin socket
+    (body None if it does not answer 200 within ``timeout``)."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
             data = await reader.read()
     except (OSError, TimeoutError):
         return index, None, None
@@ -176,6 +196,12 @@ async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[i
         return index, None, None
 
 
+async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
+    """(index, pid, exposition) of another worker, from its private admin socket (exposition
+    None if it does not answer)."""
+    return await worker_get(index, path, "/metrics", timeout)
+
+
 class AdminProtocol(asyncio.Protocol):
     """One admin connection, one request. ``conns``: the listener's shared connection count.
     ``workers``: the other worker processes (their metrics are merged into this one's by
@@ -184,8 +210,9 @@ class AdminProtocol(asyncio.Protocol):
 
     def __init__(self, gw: Gateway, reload: Reloader | None, token: Callable[[], str | None],
                  conns: AdminConnections, workers: WorkerView | None = None, merger: Merger | None = None,
-                 metrics_only: bool = False) -> None:
+                 metrics_only: bool = False, receipts: ReceiptDeskView | None = None) -> None:
         self.gw = gw
+        self.receipts = receipts  # job receipts (None when they are off)
         self.reload = reload
         self.token = token  # the bearer token in force (a reload may change it)
         self.conns = conns
@@ -290,8 +317,12 @@ class AdminProtocol(asyncio.Protocol):
     async def _handle(self, method: str, path: str) -> None:
         gw = self.gw
         try:
-            if self.metrics_only and path != "/metrics":
+            if self.metrics_only and path not in ("/metrics", TALLIES_PATH):
                 self._send(simple_response(404, b"not found\n", "text/plain"))
+            elif path == TALLIES_PATH and self.metrics_only:  # another worker gathering a receipt
+                query = _receipt_query(self.url)
+                body = json.dumps(self.receipts.local(query) if self.receipts is not None and query else None)
+                self._send(simple_response(200, body.encode(), extra=((PID_HEADER, str(os.getpid())),)))
             elif path == "/healthz":
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
@@ -310,30 +341,67 @@ class AdminProtocol(asyncio.Protocol):
                 extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
                 self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                doc = with_iso(status(gw, self.workers))  # (times both ways: model.TIME_FIELDS)
+                doc = with_iso(status(gw, self.workers, self.receipts))  # (times both ways: model.TIME_FIELDS)
                 self._send(simple_response(200, json.dumps(doc, indent=1).encode() + b"\n"))
             elif path in ("/", "/index.html"):
                 page = resources.files("egressgate.admin").joinpath("status.html").read_bytes()
                 self._send(simple_response(200, page, "text/html; charset=utf-8"))
             elif path == "/-/reload":
                 await self._reload(method)
+            elif path == "/receipt":
+                await self._receipt(method)
             else:
                 self._send(simple_response(404, b"not found\n", "text/plain"))
         except Exception as exc:  # the admin listener must never take the gateway down
             gw.internal_error("admin", exc)
             self._send(simple_response(500, b"internal error\n", "text/plain"))
 
-    async def _reload(self, method: str) -> None:
-        if method != "POST":
-            self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
-            return
+    def _authorized(self) -> bool:
+        """The bearer token, when one is configured (else True); a 401 has been sent when False."""
         token = self.token()
         if token:
             given = self.headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 self._send(simple_response(401, b"bearer token required\n", "text/plain",
                                            extra=(("WWW-Authenticate", 'Bearer realm="egressgate"'),)))
-                return
+                return False
+        return True
+
+    async def _receipt(self, method: str) -> None:
+        """``GET /receipt?client=NAME[&pod=POD][&since=T]`` (or ``?pod=POD``): the signed receipt
+        of that client (every pod of it, unless one is named), every worker's traffic."""
+        if method != "GET":
+            self._send(simple_response(405, b"use GET\n", "text/plain", extra=(("Allow", "GET"),)))
+            return
+        if not self._authorized():
+            return
+        if self.receipts is None:
+            self._send(simple_response(404, b"receipts are off (receipts.enabled: false)\n", "text/plain"))
+            return
+        try:
+            query = _receipt_query(self.url, "admin")
+        except ValueError:
+            self._send(simple_response(400, b"since: expected Unix seconds or ISO 8601 UTC (2026-12-01T09:00:00Z)\n",
+                                       "text/plain"))
+            return
+        if query is None:
+            self._send(simple_response(400, b"name the job: /receipt?client=NAME or /receipt?pod=POD "
+                                            b"(and &since=T)\n", "text/plain"))
+            return
+        doc = await self.receipts.issue(query)
+        if not doc["receipt"]["identities"]:
+            body = {"error": "no traffic recorded for this client/pod on this instance (or it expired)",
+                    "client": query.client, "pod": query.pod}
+            self._send(simple_response(404, json.dumps(body).encode() + b"\n"))
+            return
+        self._send(simple_response(200, json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n"))
+
+    async def _reload(self, method: str) -> None:
+        if method != "POST":
+            self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
+            return
+        if not self._authorized():
+            return
         try:
             await self.reload()
         except ConfigError as err:
@@ -352,3 +420,13 @@ class AdminProtocol(asyncio.Protocol):
             self.transport.close()
             # the client has admin.idle_timeout to take the response, then it is cut off
             self._arm(self.gw.runtime.config.admin.idle_timeout)
+
+
+def _receipt_query(url: bytes, asked_by: str = "job") -> ReceiptQuery | None:
+    """``client``, ``pod``, ``since`` from a /receipt (or /-/tallies) URL; None when it names
+    neither a client nor a pod; ValueError for a bad ``since``."""
+    q = parse_qs(url.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+    client, pod, since = (q.get(k, [None])[0] for k in ("client", "pod", "since"))
+    if client is None and pod is None:
+        return None
+    return ReceiptQuery(client, pod, parse_moment(since) if since else None, asked_by)

@@ -11,15 +11,15 @@ A ``Line`` carries the record as parsed plus where it came from (``where``: ``FI
 
 from __future__ import annotations
 
-import calendar
 import gzip
 import heapq
 import io
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+
+from ..model import parse_iso8601
 
 GZIP_MAGIC = b"\x1f\x8b"
 STDIN = "-"
@@ -55,10 +55,7 @@ class Line:
 
 def parse_time(text: str) -> float:
     """``2026-12-01T00:02:07.296Z`` (the log's ``ts``; seconds fraction optional) -> Unix seconds."""
-    body = text[:-1] if text.endswith("Z") else text
-    main, _, frac = body.partition(".")
-    t = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
-    return t + (float("0." + frac) if frac else 0.0)
+    return parse_iso8601(text)
 
 
 def open_binary(path: str) -> io.BufferedIOBase:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import GatewayError
+from ..errors import ClientProtocolError, GatewayError
 from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
 from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
@@ -30,7 +30,7 @@ from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
 from .protect import SharedIpGuard, admit_route
-from .route import Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
+from .route import WHOAMI_HOST, Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
 
 
@@ -54,10 +54,14 @@ class Who:
 
 
 class Whoami:
-    __slots__ = ("doc",)
+    """The gateway's own answer: the ``doc`` of ``egressgate.whoami``, or (``receipt``) the job's
+    receipt, to be awaited from the receipts service."""
 
-    def __init__(self, doc: dict) -> None:
+    __slots__ = ("doc", "receipt")
+
+    def __init__(self, doc: dict, receipt: whoami.ReceiptQuery | None = None) -> None:
         self.doc = doc
+        self.receipt = receipt
 
 
 class Pending:
@@ -80,6 +84,7 @@ class Dispatcher:
         self.auth = auth
         self.outcomes = outcomes
         self.listeners = listeners
+        self.receipts: whoami.Receipts | None = None  # job receipts (set by the app when they are on)
 
     def now(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str) -> Link | Whoami | Pending:
         identity = self._identify(who, rt, ex.head.proxy_authorization, ex.record)
@@ -195,6 +200,8 @@ class Dispatcher:
                 rec.profile = err.profile
             raise
         if r.whoami:
+            if r.target is not None and r.target.origin_form.startswith(whoami.RECEIPT_PATH):
+                return self._receipt(identity, r)
             return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect,
                                           requested_profile(identity, ex.head)))
         rec.profile = r.pool.name
@@ -205,6 +212,21 @@ class Dispatcher:
         if r.would_deny:
             self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
         return r
+
+    def _receipt(self, identity: Identity, r: Route) -> Whoami:
+        """``egressgate.whoami/receipt``: this client's own receipt (404 when receipts are off)."""
+        try:
+            query = whoami.receipt_query(identity, r.target.origin_form)
+        except ValueError:
+            raise ClientProtocolError("since: expected Unix seconds or ISO 8601 UTC (2026-12-01T09:00:00Z)",
+                                      reason="bad_target") from None
+        if query is None:
+            raise GatewayError(f"no such page: http://{WHOAMI_HOST}{r.target.origin_form.decode('latin-1')}",
+                               status=404, reason="whoami_not_found", proxy_status="destination_not_found")
+        if self.receipts is None:
+            raise GatewayError("receipts are off on this gateway (receipts.enabled: false)", status=404,
+                               reason="receipts_off", proxy_status="destination_not_found")
+        return Whoami({}, query)
 
     def _judged(self, rec: AccessRecord, r: Route) -> None:
         rec.addresses = r.resolved
