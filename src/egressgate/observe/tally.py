@@ -102,7 +102,8 @@ class Tallies:
 
         self.clock = clock or time.time
         self.configure(max_identities, max_hosts, idle_expiry, resolution)
-        self.ids: OrderedDict[tuple[str, str], IdentityTally] = OrderedDict()  # least recently active first
+        # client (or (client, pod)) -> its tallies, least recently active first
+        self.ids: OrderedDict[str | tuple[str, str], IdentityTally] = OrderedDict()
         self.expired = 0
         self.evicted = 0
         self._next_sweep = 0.0
@@ -126,11 +127,12 @@ class Tallies:
             return  # neither sent anywhere nor refused: the gateway's own answer (egressgate.whoami)
         now = self.clock()
         extra = rec.extra
-        key = (client, (extra.get("pod") or "") if extra else "")
+        pod = extra.get("pod") if extra else None
+        key = (client, pod) if pod else client  # (a tuple only for a pod)
         ids = self.ids
         t = ids.get(key)
         if t is None:
-            t = self._new(key, now)
+            t = self._new(key, client, pod or "", now)
         else:
             ids.move_to_end(key)
         t.last = now
@@ -167,12 +169,12 @@ class Tallies:
         if now >= self._next_sweep:
             self.sweep(now)
 
-    def _new(self, key: tuple[str, str], now: float) -> IdentityTally:
+    def _new(self, key: str | tuple[str, str], client: str, pod: str, now: float) -> IdentityTally:
         ids = self.ids
         while len(ids) >= self.max_identities:
             ids.popitem(last=False)  # the one idle longest
             self.evicted += 1
-        t = ids[key] = IdentityTally(key[0], key[1], now)
+        t = ids[key] = IdentityTally(client, pod, now)
         return t
 
     def _bucket(self, t: IdentityTally, now: float) -> Bucket:
@@ -307,5 +309,7 @@ def _merge_oldest(t: IdentityTally) -> None:
 def _authority(target: str) -> str:
     """The ``host[:port]`` of an absolute URI (``http://host:port/path``), the target itself otherwise."""
     if target.startswith("http://"):
-        return target[7:].split("/", 1)[0].split("?", 1)[0]
+        end = target.find("/", 7)
+        authority = target[7:end] if end > 0 else target[7:]
+        return authority.partition("?")[0] if "?" in authority else authority
     return target
