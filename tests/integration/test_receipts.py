@@ -210,3 +210,71 @@ def test_a_jobs_receipt_across_two_workers(start_gateway, origin, echo, tmp_path
     pk = subprocess.run([sys.executable, "-m", "egressgate", "receipt", "public-key", "--admin", gw.admin],
                         capture_output=True, text=True, timeout=30)
     assert pk.returncode == 0 and pk.stdout.strip() == public_key, pk.stdout + pk.stderr
+
+
+def _key(path) -> str:
+    """A fresh Ed25519 key in PEM at ``path``; its public key (base64) returned."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from egressgate.observe.receipt import private_to_pem, public_text
+
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(private_to_pem(key))
+    return public_text(key.public_key())
+
+
+def test_the_key_file_is_used_checked_and_reloaded(start_gateway, origin, tmp_path):
+    first, second = tmp_path / "first.pem", tmp_path / "second.pem"
+    first_public, second_public = _key(first), _key(second)
+    cfg = base_config(receipts={"key_file": str(first)})
+    gw = start_gateway(cfg)
+    assert _admin(gw, "/status", token=None)[1]["receipts"]["public_key"] == first_public
+    pk = subprocess.run([sys.executable, "-m", "egressgate", "receipt", "public-key", "--config", str(gw.config_path)],
+                        capture_output=True, text=True, timeout=30)
+    assert pk.returncode == 0 and pk.stdout.strip() == first_public, pk.stderr
+    proxies = {"http": f"http://{gw.address}"}
+    assert requests.get(origin.url("/x"), proxies=proxies, timeout=10).status_code == 200
+    r = requests.get("http://egressgate.whoami/receipt", proxies=proxies, timeout=10)
+    saved = tmp_path / "r1.json"
+    saved.write_text(r.text)
+    assert r.json()["receipt"]["totals"]["requests"] == 1
+    assert _verify(saved, "--public-key", str(first.with_suffix(".pub"))).returncode == 2  # (no such file: not a key)
+    assert _verify(saved, "--public-key", first_public).returncode == 0
+    # a reload with another key_file: new receipts are signed with it, the old one still verifies with the old key
+    gw.write_config(base_config(receipts={"key_file": str(second)}, listen=[{"address": gw.address}],
+                                admin={"address": gw.admin.removeprefix("http://")}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(gw.admin + "/-/reload", method="POST"), timeout=20) as resp:
+        assert json.loads(resp.read())["reloaded"] is True
+    r2 = requests.get("http://egressgate.whoami/receipt", proxies=proxies, timeout=10)
+    assert r2.json()["signature"]["public_key"] == second_public
+    assert r2.json()["receipt"]["totals"]["requests"] == 1  # the tallies survive the reload
+    assert _verify(saved, "--public-key", first_public).returncode == 0
+    # a key file that is not an Ed25519 key: the reload is refused by name, the old key stays
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n")
+    gw.write_config(base_config(receipts={"key_file": str(bad)}, listen=[{"address": gw.address}],
+                                admin={"address": gw.admin.removeprefix("http://")}))
+    try:
+        opener.open(urllib.request.Request(gw.admin + "/-/reload", method="POST"), timeout=20)
+        raise AssertionError("the reload was not refused")
+    except urllib.error.HTTPError as err:
+        errors = json.loads(err.read())["errors"]
+    assert errors and f"receipts.key_file: {bad}: not an unencrypted PEM private key" in errors[0], errors
+    assert _admin(gw, "/status", token=None)[1]["receipts"]["public_key"] == second_public
+    # check-config names a missing key file at its line
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("receipts:\n  key_file: /nonexistent/key.pem\n")
+    out = subprocess.run([sys.executable, "-m", "egressgate", "check-config", str(missing)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1 and f"{missing}:2: receipts.key_file: file not found: /nonexistent/key.pem" in out.stderr
+
+
+def test_receipts_off(start_gateway, origin):
+    gw = start_gateway(base_config(receipts={"enabled": False}))
+    proxies = {"http": f"http://{gw.address}"}
+    r = requests.get("http://egressgate.whoami/receipt", proxies=proxies, timeout=10)
+    assert r.status_code == 404 and "receipts are off" in r.text
+    assert requests.get("http://egressgate.whoami/", proxies=proxies, timeout=10).json()["client"] == "local"
+    assert _admin(gw, "/receipt?client=local", token=None)[0] == 404
+    assert _admin(gw, "/status", token=None)[1]["receipts"] == {"enabled": False}
