@@ -79,6 +79,8 @@ def test_the_jobs_own_query_names_its_pod():
     token_client = Identity(ClientPolicy("k8s", None), None, subject)
     q = receipt_query(token_client, b"/receipt?since=2026-12-01T00:00:00Z")
     assert (q.client, q.pod, q.since, q.asked_by) == ("batch/sa", "job-1-abc", 1796083200.0, "job")
+    q = receipt_query(token_client, b"/receipt?since=1796083200&pods=all")  # every pod of the service account
+    assert (q.client, q.pod, q.since) == ("batch/sa", None, 1796083200.0)
     q = receipt_query(Identity(ClientPolicy("job", None), None), b"/receipt")
     assert (q.client, q.pod, q.since) == ("job", "", None)
     assert receipt_query(Identity(ClientPolicy("job", None), None), b"/other") is None
@@ -95,19 +97,26 @@ def test_hosts_beyond_max_hosts_are_counted_as_other():
     assert t.export("job")["identities"][0]["folded"] == 7
 
 
-def test_buckets_are_merged_oldest_first_and_since_counts_from_a_bucket():
+def test_buckets_merge_coarser_further_back_and_since_counts_from_a_bucket():
     clock = Clock(0.0)
     t = Tallies(resolution=10.0, clock=clock)
-    for i in range(MAX_BUCKETS + 10):
+    n = 1000
+    for i in range(n):
         clock.t = i * 10.0 + 1
         t.note(rec(start=clock.t))
     (ident,) = t.ids.values()
     assert len(ident.buckets) == MAX_BUCKETS  # bounded; nothing lost
-    assert sum(d["tunnels"] for d in t.export("job")["destinations"]) == MAX_BUCKETS + 10
-    recent = t.export("job", since=clock.t - 16)  # 395: the last three buckets (the one holding since included)
-    assert sum(d["tunnels"] for d in recent["destinations"]) == 3 and recent["counted_from"] == 390.0
-    old = t.export("job", since=5.0)  # inside merged buckets: counted from where the merged bucket starts
-    assert old["counted_from"] == 0.0
+    assert sum(d["tunnels"] for d in t.export("job")["destinations"]) == n
+    spans = [b.end - b.start for b in ident.buckets]
+    assert spans[-1] == 10.0 and spans == sorted(spans, reverse=True)  # fine recently, coarser back in time
+    assert max(spans) <= n * 10.0 / 4  # (no single bucket swallows the past)
+    end = clock.t - 1 + 10
+    recent = t.export("job", since=end - 15)  # the bucket holding since is counted whole
+    assert sum(d["tunnels"] for d in recent["destinations"]) == 2 and recent["counted_from"] == end - 20
+    back = t.export("job", since=end - 3600)  # an hour back: counted from the start of the bucket holding it
+    assert end - 3600 - 2 * 3600 <= back["counted_from"] <= end - 3600
+    count = sum(d["tunnels"] for d in back["destinations"])
+    assert count == (end - back["counted_from"]) / 10
 
 
 def test_destination_entries_are_bounded_across_buckets():

@@ -12,8 +12,9 @@ Bounded, whatever the clients do:
 - at most ``max_hosts`` destinations per identity; later ones are counted under ``(other)``;
 - time in buckets of ``resolution`` seconds (so a receipt can start at ``since``); an identity
   keeps at most ``MAX_BUCKETS`` buckets and ``ENTRIES_PER_HOST`` x ``max_hosts`` destination
-  entries across them -- beyond, its two oldest buckets are merged (older time is then coarser;
-  a receipt says where its count really starts: ``counted_from``);
+  entries across them -- beyond, the two neighbouring buckets spanning the least time are merged
+  (older time is then coarser, roughly doubling per step back; a receipt says where its count
+  really starts: ``counted_from``, the start of the bucket holding ``since``);
 - at most ``max_identities`` identities: the one idle longest is dropped to make room (counted
   in ``evicted``); an identity idle for ``idle_expiry`` seconds is dropped (``expired``).
 
@@ -28,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 OTHER = "(other)"
-MAX_BUCKETS = 32
+MAX_BUCKETS = 48
 ENTRIES_PER_HOST = 4  # destination entries (across buckets) per allowed destination, before buckets merge
 SWEEP_EVERY = 30.0  # seconds between looks for idle identities
 TUNNEL_METHODS = frozenset({"CONNECT", "SOCKS5"})
@@ -182,7 +183,7 @@ class Tallies:
         b = Bucket(start, start + self.resolution)
         t.buckets.append(b)
         if len(t.buckets) > MAX_BUCKETS:
-            _merge_oldest(t)
+            _merge_buckets(t)
         return b
 
     def _host(self, t: IdentityTally, b: Bucket, hk: tuple[str, str], start: float) -> tuple[HostTally, tuple]:
@@ -198,7 +199,7 @@ class Tallies:
         h = b.hosts[hk] = HostTally(start)
         t.entries += 1
         while t.entries > ENTRIES_PER_HOST * self.max_hosts and len(t.buckets) > 1:
-            _merge_oldest(t)
+            _merge_buckets(t)
         return h, hk
 
     def sweep(self, now: float) -> None:
@@ -290,9 +291,17 @@ def merge(exports: Iterable[dict]) -> dict:
     }
 
 
-def _merge_oldest(t: IdentityTally) -> None:
-    """Fold the oldest bucket into the next one (older time gets coarser, nothing is lost)."""
-    old, into = t.buckets[0], t.buckets[1]
+def _merge_buckets(t: IdentityTally) -> None:
+    """Fold two neighbouring buckets into one: the pair spanning the least time for how long
+    ago it was (the current bucket aside), so time gets coarser the further back it is and the
+    recent past stays fine. Nothing is lost; O(MAX_BUCKETS), once per new bucket at most."""
+    buckets = t.buckets
+    last = len(buckets) - 2  # (the current bucket keeps taking records: not merged)
+    now = buckets[-1].end
+    # the pair whose merged span is smallest against how long ago it ended
+    i = min(range(max(last, 1)),
+            key=lambda j: (buckets[j + 1].end - buckets[j].start) / (now - buckets[j + 1].end + 1.0))
+    old, into = buckets[i], buckets[i + 1]
     for hk, h in old.hosts.items():
         mine = into.hosts.get(hk)
         if mine is None:
@@ -303,7 +312,7 @@ def _merge_oldest(t: IdentityTally) -> None:
     for ek, n in old.egress.items():
         into.egress[ek] = into.egress.get(ek, 0) + n
     into.start = old.start
-    del t.buckets[0]
+    del buckets[i]
 
 
 def _authority(target: str) -> str:

@@ -103,13 +103,17 @@ class Receipts(Protocol):
 
 
 def receipt_query(identity: Identity, origin_form: bytes) -> ReceiptQuery | None:
-    """The job's own receipt query for ``/receipt[?since=T]``, None for any other path; raises
-    ValueError for a bad ``since``."""
+    """The job's own receipt query for ``/receipt[?since=T][&pods=all]``, None for any other
+    path; raises ValueError for a bad ``since``. A token client's receipt is its own pod's;
+    ``pods=all``: every pod of its service account (an exit handler runs in a pod of its own)."""
     path, _, query = origin_form.partition(b"?")
     if path.rstrip(b"/") != RECEIPT_PATH:
         return None
-    since = parse_qs(query.decode("latin-1")).get("since", [None])[0]
+    q = parse_qs(query.decode("latin-1"))
+    since = q.get("since", [None])[0]
     pod = identity.subject.pod if identity.subject is not None and identity.subject.pod else ""
+    if q.get("pods", [""])[0] == "all":
+        pod = None
     return ReceiptQuery(identity.name, pod, parse_moment(since) if since is not None else None)
 
 
