@@ -8,7 +8,10 @@
   and what each is doing (``connections.open``: the ``OPEN_LIMIT`` oldest), sources refused at
   the gate (``refused_sources``: the ``REFUSED_LIMIT`` most recent));
 - ``GET /``: a status page that refreshes itself;
-- ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
+- ``POST /-/reload``: validate and apply the config file again (bearer token if configured);
+- ``GET /receipt?client=NAME|pod=POD[&since=T]``: a job's signed receipt, every worker's traffic
+  (bearer token if configured); on a worker's private socket, ``/-/tallies`` answers that
+  worker's own tallies to the worker making a receipt.
 
 Hostile or broken admin clients cost bounded resources: at most ``admin.max_connections``
 connections are open (more are closed at once), each must deliver its request within
