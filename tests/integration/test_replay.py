@@ -199,3 +199,38 @@ def test_replay_usage_errors(tmp_path):
     empty.write_text("")
     out = _replay("--config", str(good), "--log", str(empty), "--since", "yesterday")
     assert out.returncode == 2 and "--since 'yesterday'" in out.stderr
+
+
+def test_progress_line_on_a_terminal_only(tmp_path):
+    """stderr a terminal: a progress line redrawn in place (and a last one with the total);
+    stderr a pipe (CI): nothing but the report on stdout."""
+    import os
+    import pty
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    rec = {"ts_unix": 1.0, "end_ts_unix": 1.5, "client_addr": "127.0.0.1", "client": "local",
+           "listener": "127.0.0.1:3128", "method": "CONNECT", "target": "example.com:443", "status": 200,
+           "profile": "default", "egress_addr": "127.0.0.1", "upstream_addr": "93.184.216.34", "reason": "",
+           "auth": "none", "addresses": ["93.184.216.34"]}
+    log = tmp_path / "a.log"
+    log.write_text((json.dumps(rec) + "\n") * 5000)
+    piped = _replay("--config", str(cfg), "--log", str(log))
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "egressgate", "replay", "--config", str(cfg), "--log", str(log)],
+                            stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    out, _ = proc.communicate(timeout=120)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # (EIO: the terminal's other end is closed and everything was read)
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(controller)
+    assert proc.returncode == 0 and b"result: no change" in out
+    assert b"\rreplay: 4,096 records" in seen and b"\rreplay: 5,000 records in " in seen, seen
