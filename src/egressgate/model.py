@@ -352,9 +352,12 @@ def parse_iso8601(text: str) -> float:
 def parse_moment(text: str) -> float:
     """A moment given by a person: Unix seconds or ISO 8601 UTC (``2026-12-01T09:00:00Z``)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return parse_iso8601(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"not a moment: {text!r}")
+    return value
 
 
 def with_iso(doc: object) -> object:

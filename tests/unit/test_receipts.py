@@ -84,8 +84,9 @@ def test_the_jobs_own_query_names_its_pod():
     q = receipt_query(Identity(ClientPolicy("job", None), None), b"/receipt")
     assert (q.client, q.pod, q.since) == ("job", "", None)
     assert receipt_query(Identity(ClientPolicy("job", None), None), b"/other") is None
-    with pytest.raises(ValueError):
-        receipt_query(Identity(ClientPolicy("job", None), None), b"/receipt?since=yesterday")
+    for bad in (b"yesterday", b"nan", b"inf", b"2026-13-01T00:00:00Z"):
+        with pytest.raises(ValueError):
+            receipt_query(Identity(ClientPolicy("job", None), None), b"/receipt?since=" + bad)
 
 
 def test_hosts_beyond_max_hosts_are_counted_as_other():

@@ -20,8 +20,8 @@ from typing import TextIO
 
 from ..build import load_candidate
 from ..errors import ConfigError
-from ..model import iso8601
-from ..observe.logread import STDIN, Line, merged, parse_time
+from ..model import iso8601, parse_moment
+from ..observe.logread import STDIN, Line, merged
 from ..replay import (
     DEFAULT_WINDOW,
     KINDS,
@@ -103,11 +103,7 @@ def parse_since(text: str, now: float) -> float:
     if m:
         return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return parse_time(text if "T" in text else text + "T00:00:00Z")
+        return parse_moment(text if "T" in text or "-" not in text else text + "T00:00:00Z")
     except ValueError:
         raise UsageError(f"--since {text!r}: expected ISO 8601 UTC (2026-12-01T09:00:00Z), Unix seconds, "
                          "or a time ago (30m, 2h, 7d)") from None
