@@ -177,6 +177,12 @@ class Replayer:
     def feed(self, line: Line) -> None:
         if self.since is not None and line.start < self.since:
             return
+        if line.end > self._watermark:  # (every record moves the protect timeline on)
+            self._watermark = line.end
+            pending = self._pending
+            cutoff = line.end - self.window
+            while pending and pending[0][0] <= cutoff:
+                self._admit(*heapq.heappop(pending))
         rep = self.report
         rep.records += 1
         if rep.first is None or line.start < rep.first:
@@ -197,14 +203,9 @@ class Replayer:
         if rule is None:
             self._compare(line, before, after, client, dest)
             return
-        # under a protect rule: admitted in order of start, within the reorder window
+        # under a protect rule: admitted in order of start, once the reorder window has passed it
         self._seq += 1
         heapq.heappush(self._pending, (line.start, self._seq, line, before, after, client, dest, rule))
-        if line.end > self._watermark:
-            self._watermark = line.end
-        cutoff = self._watermark - self.window
-        while self._pending and self._pending[0][0] <= cutoff:
-            self._admit(*heapq.heappop(self._pending))
 
     def finish(self) -> Report:
         while self._pending:

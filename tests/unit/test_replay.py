@@ -184,3 +184,16 @@ def test_outcome_words():
     assert Outcome("allow", profile="vx", member="10.0.1.5").describe(member=True) == "allowed via vx (10.0.1.5)"
     assert Outcome("deny", "destination_not_allowed", 403, detail="rule: allow").describe() == \
         "403 destination_not_allowed (rule: allow)"
+
+
+def test_a_record_longer_than_the_window_is_admitted_late(rt):
+    """window 1 s: the short ones are admitted as the log moves on; the tunnel that started first
+    but ended 10 s later comes after them and is admitted when it comes (counted as late)."""
+    r = Replayer(rt, window=1.0)
+    member = r.decide(rec(**API))[0].member
+    for ln in (line(2, 101.0, 101.1, egress_addr=member, **API), line(3, 102.0, 102.0, egress_addr=member, **API),
+               line(1, 100.0, 110.0, egress_addr=member, **API), line(4, 112.0, 112.1, egress_addr=member, **API)):
+        r.feed(ln)
+    rep = r.finish()
+    # admitted at 102 (the simulated clock then), holding the one place until 110: nothing else overlaps
+    assert rep.late == 1 and rep.counts["newly_limited"] == 0
