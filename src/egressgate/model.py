@@ -332,7 +332,8 @@ TIME_FIELDS = frozenset({"at", "since", "observed_at", "loaded_at", "started_at"
 
 def iso8601(t: float) -> str:
     """``2026-12-05T05:40:01.123Z`` (UTC, milliseconds): sorts as text in time order."""
-    seconds, ms = divmod(round(t * 1000), 1000)  # (iso8601(round(t, 3)) names the same millisecond)
+    # the millisecond round(t, 3) names (the access log's ts_unix), not round(t * 1000), which can differ
+    seconds, ms = divmod(round(round(t, 3) * 1000), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
@@ -346,7 +347,8 @@ def parse_iso8601(text: str) -> float:
     if frac and not frac.isdigit():
         raise ValueError(f"bad fraction of a second in {text!r}")
     seconds = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
-    return seconds + (float("0." + frac) if frac else 0.0)
+    # one decimal parse, so "...T05:40:01.123Z" is the very float round(t, 3) gives (ts_unix)
+    return float(f"{seconds}.{frac}") if frac else float(seconds)
 
 
 def parse_moment(text: str) -> float:

@@ -197,3 +197,16 @@ def test_a_record_longer_than_the_window_is_admitted_late(rt):
     rep = r.finish()
     # admitted at 102 (the simulated clock then), holding the one place until 110: nothing else overlaps
     assert rep.late == 1 and rep.counts["newly_limited"] == 0
+
+
+def test_since_from_a_records_iso_ts_is_that_records_ts_unix():
+    """--since copied from a record's ``ts`` must include that record: the ISO text parses to the
+    very float the access log wrote as ``ts_unix`` (round(start, 3)), not one ulp above it."""
+    from egressgate.model import iso8601, parse_iso8601
+
+    import random
+
+    draw = random.Random(31)
+    for _ in range(100_000):
+        start = 1796450000.0 + draw.random() * 86400
+        assert parse_iso8601(iso8601(start)) == round(start, 3), iso8601(start)
