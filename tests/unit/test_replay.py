@@ -202,9 +202,9 @@ def test_a_record_longer_than_the_window_is_admitted_late(rt):
 def test_since_from_a_records_iso_ts_is_that_records_ts_unix():
     """--since copied from a record's ``ts`` must include that record: the ISO text parses to the
     very float the access log wrote as ``ts_unix`` (round(start, 3)), not one ulp above it."""
-    from egressgate.model import iso8601, parse_iso8601
-
     import random
+
+    from egressgate.model import iso8601, parse_iso8601
 
     draw = random.Random(31)
     for _ in range(100_000):
