@@ -35,6 +35,7 @@ from .probe import Attestor
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
 from .proxy.session import ClientConnection
+from .receiptdesk import ReceiptDesk, write_shared_key
 from .watch import ConfigWatcher, watch
 from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
 
@@ -42,7 +43,7 @@ from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_w
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).
 RESTART_KEYS = ("workers", "fleet")
 LIVE_KEYS = ("listen", "admin", "egress", "clients", "security", "forwarding", "timeouts", "limits", "drain", "log",
-             "probe", "dns", "reload")
+             "probe", "dns", "reload", "receipts")
 
 
 def _admin_token(admin, source: str) -> str | None:
@@ -108,6 +109,13 @@ class App:
         self._watching: asyncio.Task | None = None
         self.attestor = Attestor(self.gateway, worker)
         self.gateway.on_reload.append(lambda old, new: self.attestor.wake())
+        self.desk: ReceiptDesk | None = None  # job receipts (receiptdesk), when receipts are on
+        if cfg.receipts.enabled:
+            self.desk = ReceiptDesk(cfg.receipts, path or EMBEDDED, worker, sockdir, self._peers,
+                                    lambda: gateway.runtime)
+            gateway.outcomes.tallies = self.desk.tallies
+            gateway.dispatcher.receipts = self.desk
+        self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
@@ -144,6 +152,15 @@ class App:
             self.metrics.fleet_rate_slack.set(RATE_SLACK)
         guard.budget = owner
         return owner
+
+    def _peers(self) -> list[tuple[int, str]]:
+        """(index, private admin socket) of every other worker of this gateway."""
+        if self.sockdir is None:
+            return []
+        if self.worker == 0:
+            return self.worker_table.sockets()
+        count = self.gateway.runtime.config.workers
+        return [(i, f"{self.sockdir}/w{i}.sock") for i in range(count) if i != self.worker]
 
     def _set_names(self, runtime: Runtime) -> None:
         """The only client and profile names metrics may carry as labels (others: ``-``)."""
@@ -183,13 +200,9 @@ class App:
             self.admin_address = admin_cfg.address
             await self.admin_server.start_serving()
         elif self.worker and self.sockdir:
-            path = f"{self.sockdir}/w{self.worker}.sock"
-            try:
-                os.unlink(path)  # left by a worker that died in this slot
-            except FileNotFoundError:
-                pass
-            self.admin_server = await self.loop.create_unix_server(
-                lambda: AdminProtocol(self.gateway, None, lambda: None, self.admin_conns, metrics_only=True), path)
+            self.admin_server = await self._private_socket()
+        if self.worker == 0 and self.sockdir:  # (the other workers ask worker 0 for its receipt tallies)
+            self.private_server = await self._private_socket()
         # What this process really listens on: worker 0 the admin TCP address, a worker > 0
         # only its private Unix socket (a path, not a host and port).
         admin_bound = admin_socket = None
@@ -216,6 +229,17 @@ class App:
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
                   hash=self.gateway.runtime.config_hash[:12])
 
+    async def _private_socket(self) -> asyncio.base_events.Server:
+        """This worker's private admin socket: its /metrics and receipt tallies, for the others."""
+        path = f"{self.sockdir}/w{self.worker}.sock"
+        try:
+            os.unlink(path)  # left by a worker that died in this slot
+        except FileNotFoundError:
+            pass
+        return await self.loop.create_unix_server(
+            lambda: AdminProtocol(self.gateway, None, lambda: None, self.admin_conns, metrics_only=True,
+                                  receipts=self.desk), path)
+
     def _note_admin(self) -> None:
         """Tell the gateway where the admin listener is: it is never a destination."""
         sockets = self.admin_server.sockets if self.admin_server is not None else ()
@@ -235,7 +259,7 @@ class App:
         host, port = parse_socket_address(address)
         return await self.loop.create_server(
             lambda: AdminProtocol(self.gateway, self.reload, lambda: self.admin_token, self.admin_conns,
-                                  self.worker_table, self.merger), host, port,
+                                  self.worker_table, self.merger, receipts=self.desk), host, port,
             start_serving=False)
 
     async def _supervise(self) -> None:
@@ -318,6 +342,10 @@ class App:
                     and old.admin.address is None:
                 raise ConfigError([f"{source}:0: admin.address: turning the admin listener on needs a restart"])
             token = _admin_token(new.admin, source)
+            if old.receipts.enabled != new.receipts.enabled:
+                raise ConfigError([f"{source}:0: receipts.enabled: turning receipts "
+                                   f"{'on' if new.receipts.enabled else 'off'} needs a restart"])
+            receipt_key = self.desk.prepare(new.receipts, source) if self.desk is not None else None
             if old.log != new.log:
                 try:
                     access_log = AccessLog(new.log.access, new.log.format, max_queue=new.log.max_queue,
@@ -347,6 +375,8 @@ class App:
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):
             self.gateway.connector.resolver = make_resolver(new)
         self.admin_token = token
+        if self.desk is not None:
+            self.desk.commit(new.receipts, receipt_key)
         if admin_server is not None:
             self.admin_server.close()
             self.admin_server, self.admin_address = admin_server, new.admin.address
@@ -403,6 +433,8 @@ class App:
             await self.fleet.close()
         if self.admin_server is not None:
             self.admin_server.close()
+        if self.private_server is not None:
+            self.private_server.close()
         self.access_log.close()
 
 
@@ -482,6 +514,8 @@ def run(path: str | None, pidfile: str | None = None) -> int:
     sockdir = tempfile.mkdtemp(prefix="egressgate-workers-") if workers > 1 else None
     try:
         if sockdir is not None:
+            if runtime.config.receipts.enabled:
+                write_shared_key(sockdir)  # one receipt key for every worker (unless key_file names one)
             supervisor = Supervisor(path, workers, sockdir, text)
             supervisor.start_all()
         code = _run_loop(serve(path, runtime, 0, supervisor, sockdir))

@@ -204,6 +204,22 @@ def load_runtime_text(path: str | None, text: bytes | None = None, *,
     return build_runtime(config, digest, path or EMBEDDED), text
 
 
+def load_candidate(path: str) -> Runtime:
+    """A config compiled for deciding, not serving (``egressgate replay``): checked as
+    ``check-config --offline`` does (secrets and TLS files need only be named), and with no egress
+    attestation (every member may carry traffic: what its decisions are, not whether its IPs
+    are verified now). Raises ``ConfigError``."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}:0: (file): cannot read: {exc}"]) from None
+    checked = check_config_text(text, path, offline=True)
+    if checked.errors or checked.config is None:
+        raise ConfigError(checked.errors)
+    config = checked.config.model_copy(update={"probe": checked.config.probe.model_copy(update={"echo_url": None})})
+    return build_runtime(config, hashlib.sha256(text.encode()).hexdigest(), path, read_secret=_offline_secret)
+
+
 def check_file(path: str, offline: bool = False) -> tuple[list[str], list[str]]:
     """``check-config``: (every error, every warning), each ``FILE:LINE: key: what``. The config
     is compiled as the server would (with ``offline``: without reading secrets or TLS files)."""

@@ -1,4 +1,5 @@
-"""Command line: ``egressgate serve | check-config | hash-password | probe | verify | explain | demo``.
+"""Command line: ``egressgate serve | check-config | hash-password | probe | verify | explain | replay |
+receipt | demo``.
 
 Library code raises; only ``main`` turns errors into messages and exit codes.
 """
@@ -57,6 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="source", help="the client's source address, to check 'from'")
     ex.add_argument("--profile", help="the egress profile the client asks for (as USER+PROFILE would)")
     ex.add_argument("target", help="a URL (http:// forwards, https:// tunnels) or HOST:PORT (CONNECT)")
+    rp = sub.add_parser("replay", help="what a candidate config would change for the recorded traffic "
+                                       "(exit 1 if traffic allowed today would be refused)")
+    rp.add_argument("--config", "-c", required=True, help="the candidate config")
+    rp.add_argument("--log", action="append", metavar="FILE",
+                    help="a JSON access log, plain or gzipped (repeatable: rotated files, several instances; "
+                         "- for stdin); default: the candidate's log.access and its rotated files")
+    rp.add_argument("--since", metavar="T", help="only records that started at or after T (ISO 8601 UTC, "
+                                                 "Unix seconds, or a time ago: 30m, 2h, 7d)")
+    rp.add_argument("--json", action="store_true", help="the report as one JSON document")
+    rp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="protect: how far out of start order records may come (default 120)")
+    rc = sub.add_parser("receipt", help="job receipts: check one's signature, print the gateway's public key")
+    rsub = rc.add_subparsers(dest="receipt_command", required=True)
+    rv = rsub.add_parser("verify", help="check a receipt's signature (exit 0 valid, 1 invalid)")
+    rv.add_argument("file", help="the receipt (JSON, as /receipt answered it; - for stdin)")
+    rv.add_argument("--public-key", metavar="KEY",
+                    help="the gateway's public key (base64 as /status shows it, PEM, or a file holding either); "
+                         "without it only the key inside the receipt is used")
+    rk = rsub.add_parser("public-key", help="the gateway's receipt public key (base64)")
+    rk.add_argument("--config", "-c", help="the gateway's config: its receipts.key_file, or its admin address")
+    rk.add_argument("--admin", metavar="URL", help="ask the running gateway's admin endpoint (/status)")
     return p
 
 
@@ -96,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             return verify_main(args.config, args.profile, args.provider, args.since, args.json)
         if args.command == "explain":
             return _explain(args.config, args.client, args.target, args.source, args.profile)
+        if args.command == "replay":
+            from .commands.replay import DEFAULT_WINDOW
+            from .commands.replay import main as replay_main
+
+            return replay_main(args.config, args.log, args.since, args.json,
+                               args.window if args.window is not None else DEFAULT_WINDOW)
+        if args.command == "receipt":
+            from .commands import receipt
+
+            if args.receipt_command == "verify":
+                return receipt.verify_main(args.file, args.public_key)
+            return receipt.public_key_main(args.config, args.admin)
         if args.command == "demo":
             from .demo import main as demo_main
 

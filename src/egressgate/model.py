@@ -199,6 +199,10 @@ class AccessRecord:
     egress_ip: str | None = None  # the public IP the egress member used was last attested to leave from
     user: str | None = None  # the proxy user name a refused (407) request tried (never the password)
     protect: Releasable | None = None  # a shared-IP admission (proxy.protect), released when finished
+    # What ``egressgate replay`` needs to decide the request again (observe.accesslog: AUTH, ...):
+    auth: str | None = None  # how the client identified: none | basic | token | cert (None: it did not)
+    requested_profile: str | None = None  # the profile the client asked for (user+profile or the header)
+    addresses: list[str] | tuple[str, ...] | None = None  # a name's resolved addresses, as judged
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,8 +351,34 @@ TIME_FIELDS = frozenset({"at", "since", "observed_at", "loaded_at", "started_at"
 
 def iso8601(t: float) -> str:
     """``2026-12-05T05:40:01.123Z`` (UTC, milliseconds): sorts as text in time order."""
-    seconds, ms = divmod(round(t * 1000), 1000)  # (iso8601(round(t, 3)) names the same millisecond)
+    # the millisecond round(t, 3) names (the access log's ts_unix), not round(t * 1000), which can differ
+    seconds, ms = divmod(round(round(t, 3) * 1000), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def parse_iso8601(text: str) -> float:
+    """``2026-12-05T05:40:01.123Z`` (as ``iso8601`` writes it; the fraction optional) -> Unix
+    seconds; ValueError for anything else."""
+    import calendar
+
+    body = text[:-1] if text.endswith("Z") else text
+    main, _, frac = body.partition(".")
+    if frac and not frac.isdigit():
+        raise ValueError(f"bad fraction of a second in {text!r}")
+    seconds = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+    # one decimal parse, so "...T05:40:01.123Z" is the very float round(t, 3) gives (ts_unix)
+    return float(f"{seconds}.{frac}") if frac else float(seconds)
+
+
+def parse_moment(text: str) -> float:
+    """A moment given by a person: Unix seconds or ISO 8601 UTC (``2026-12-01T09:00:00Z``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return parse_iso8601(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"not a moment: {text!r}")
+    return value
 
 
 def with_iso(doc: object) -> object:

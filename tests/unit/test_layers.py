@@ -16,7 +16,8 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, socks5, egress.plan, observe
-  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin, fleet -> app (probe, checks, verify, demo) -> cli
+  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer (egress.localaddr) -> proxy, admin, fleet
+  -> app (probe, checks, verify, demo, replay) -> cli, commands
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ LAYER_OF: dict[str, int] = {
     "egressgate.explain": 5,
     "egressgate.demo": 5,
     "egressgate.watch": 5,
+    "egressgate.replay": 5,  # decides recorded traffic again with proxy.route, proxy.protect
+    "egressgate.receiptdesk": 5,  # job receipts: the key, the tallies, every worker's added up
+    "egressgate.commands": 6,  # the CLI verbs: replay, receipt
     "egressgate.cli": 6,
     "egressgate.__main__": 6,
 }

@@ -10,7 +10,10 @@
   every worker's connections and shared-IP counts (``parts``: each worker's private socket
   answers ``GET /status-part``);
 - ``GET /``: a status page that refreshes itself;
-- ``POST /-/reload``: validate and apply the config file again (bearer token if configured).
+- ``POST /-/reload``: validate and apply the config file again (bearer token if configured);
+- ``GET /receipt?client=NAME|pod=POD[&since=T]``: a job's signed receipt, every worker's traffic
+  (bearer token if configured); on a worker's private socket, ``/-/tallies`` answers that
+  worker's own tallies to the worker making a receipt.
 
 Every request but those of the workers' private socket must come from a tool, not a web page
 (``foreign_request``: Host an IP, localhost or ``admin.allowed_hosts``; no foreign Origin),
@@ -47,6 +50,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Protocol
+from urllib.parse import parse_qs
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,15 +60,17 @@ from ..egress.plan import refusing
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
 from ..http1.responses import simple_response
-from ..model import ip_or_none, with_iso
+from ..model import ip_or_none, parse_moment, with_iso
 from ..observe.merge import Merger
 from ..proxy.server import Gateway
+from ..proxy.whoami import ReceiptQuery
 from . import parts
 
 Reloader = Callable[[], Awaitable[None]]
 OPEN_LIMIT = 200  # open connections listed in /status, oldest first
 REFUSED_LIMIT = 100  # sources refused at the gate listed in /status, most recent first
 PID_HEADER = "X-Egressgate-Pid"  # which process answered a worker's private /metrics
+TALLIES_PATH = "/-/tallies"  # a worker's own receipt tallies, on its private socket
 
 
 class WorkerView(Protocol):
@@ -76,6 +82,22 @@ class WorkerView(Protocol):
 
     def snapshot(self) -> dict:
         """{"expected": N, "live": M, "workers": [{"index", "pid", "alive", "restarts", ...}]}."""
+        ...
+
+
+class ReceiptDeskView(Protocol):
+    """What the admin endpoints need of job receipts (``receiptdesk.ReceiptDesk``)."""
+
+    async def issue(self, query: ReceiptQuery) -> dict:
+        """The signed receipt, every worker's tallies added up."""
+        ...
+
+    def local(self, query: ReceiptQuery) -> dict:
+        """This worker's own tallies for the query (``observe.tally`` export)."""
+        ...
+
+    def describe(self) -> dict:
+        """The public key and where it comes from (for /status)."""
         ...
 
 
@@ -221,7 +243,7 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     return out
 
 
-def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
+def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDeskView | None = None) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
@@ -266,17 +288,18 @@ def status(gw: Gateway, workers: WorkerView | None = None) -> dict:
                             "recent": gw.gate.refused_sources(REFUSED_LIMIT)},
         "recent_denials": list(gw.outcomes.recent_denials)[::-1],
         **({"workers": workers.snapshot()} if workers is not None else {}),
+        "receipts": receipts.describe() if receipts is not None else {"enabled": False},
     }
 
 
-async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
-    """(index, pid, exposition) of another worker, from its private admin socket (exposition
-    None if it does not answer)."""
+async def worker_get(index: int, path: str, target: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
+    """(index, pid, body) of ``GET target`` asked of another worker on its private admin socket
+    (body None if it does not answer 200 within ``timeout``)."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
             data = await reader.read()
     except (OSError, TimeoutError):
         return index, None, None
@@ -297,6 +320,12 @@ async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[i
         return index, None, None
 
 
+async def worker_metrics(index: int, path: str, timeout: float = 2.0) -> tuple[int, int | None, str | None]:
+    """(index, pid, exposition) of another worker, from its private admin socket (exposition
+    None if it does not answer)."""
+    return await worker_get(index, path, "/metrics", timeout)
+
+
 class AdminProtocol(asyncio.Protocol):
     """One admin connection, one request. ``conns``: the listener's shared connection count.
     ``workers``: the other worker processes (their metrics are merged into this one's by
@@ -305,8 +334,9 @@ class AdminProtocol(asyncio.Protocol):
 
     def __init__(self, gw: Gateway, reload: Reloader | None, token: Callable[[], str | None],
                  conns: AdminConnections, workers: WorkerView | None = None, merger: Merger | None = None,
-                 metrics_only: bool = False) -> None:
+                 metrics_only: bool = False, receipts: ReceiptDeskView | None = None) -> None:
         self.gw = gw
+        self.receipts = receipts  # job receipts (None when they are off)
         self.reload = reload
         self.token = token  # the bearer token in force (a reload may change it)
         self.conns = conns
@@ -430,8 +460,12 @@ class AdminProtocol(asyncio.Protocol):
             elif self.metrics_only and path == "/status-part":  # (a worker's share of /status)
                 body = json.dumps(parts.part(gw, OPEN_LIMIT)).encode()
                 self._send(simple_response(200, body))
-            elif self.metrics_only and path != "/metrics":
+            elif self.metrics_only and path not in ("/metrics", TALLIES_PATH):
                 self._send(simple_response(404, b"not found\n", "text/plain"))
+            elif path == TALLIES_PATH and self.metrics_only:  # another worker gathering a receipt
+                query = _receipt_query(self.url)
+                body = json.dumps(self.receipts.local(query) if self.receipts is not None and query else None)
+                self._send(simple_response(200, body.encode(), extra=((PID_HEADER, str(os.getpid())),)))
             elif path == "/healthz":
                 self._send(simple_response(200, b"ok\n", "text/plain"))
             elif path == "/readyz":
@@ -450,7 +484,7 @@ class AdminProtocol(asyncio.Protocol):
                 extra = ((PID_HEADER, str(os.getpid())),) if self.metrics_only else ()
                 self._send(simple_response(200, own, CONTENT_TYPE_LATEST, extra=extra))
             elif path == "/status":
-                doc = status(gw, self.workers)
+                doc = status(gw, self.workers, self.receipts)
                 sockets = self.workers.sockets() if self.workers is not None else []
                 if sockets:  # every worker's connections and counts (admin.parts)
                     others = await asyncio.gather(*(parts.fetch(i, w) for i, w in sockets))
@@ -462,16 +496,16 @@ class AdminProtocol(asyncio.Protocol):
                 self._send(simple_response(200, page, "text/html; charset=utf-8"))
             elif path == "/-/reload":
                 await self._reload(method)
+            elif path == "/receipt":
+                await self._receipt(method)
             else:
                 self._send(simple_response(404, b"not found\n", "text/plain"))
         except Exception as exc:  # the admin listener must never take the gateway down
             gw.internal_error("admin", exc)
             self._send(simple_response(500, b"internal error\n", "text/plain"))
 
-    async def _reload(self, method: str) -> None:
-        if method != "POST":
-            self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
-            return
+    def _authorized(self) -> bool:
+        """The bearer token, when one is configured (else True); a 401 has been sent when False."""
         token = self.token()
         if not token and _simple_content_type(self.headers.get(b"content-type")):
             # without a token, a state-changing call must be one a web page cannot send without a
@@ -479,13 +513,50 @@ class AdminProtocol(asyncio.Protocol):
             self.gw.metrics.admin_closed.labels("foreign").inc()
             self._send(simple_response(403, b"admin: a form or text/plain POST is refused (send no "
                                        b"Content-Type, e.g. curl -X POST, or set admin.token)\n", "text/plain"))
-            return
+            return False
         if token:
             given = self.headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 self._send(simple_response(401, b"bearer token required\n", "text/plain",
                                            extra=(("WWW-Authenticate", 'Bearer realm="egressgate"'),)))
-                return
+                return False
+        return True
+
+    async def _receipt(self, method: str) -> None:
+        """``GET /receipt?client=NAME[&pod=POD][&since=T]`` (or ``?pod=POD``): the signed receipt
+        of that client (every pod of it, unless one is named), every worker's traffic."""
+        if method != "GET":
+            self._send(simple_response(405, b"use GET\n", "text/plain", extra=(("Allow", "GET"),)))
+            return
+        if not self._authorized():
+            return
+        if self.receipts is None:
+            self._send(simple_response(404, b"receipts are off (receipts.enabled: false)\n", "text/plain"))
+            return
+        try:
+            query = _receipt_query(self.url, "admin")
+        except ValueError:
+            self._send(simple_response(400, b"since: expected Unix seconds or ISO 8601 UTC (2026-12-01T09:00:00Z)\n",
+                                       "text/plain"))
+            return
+        if query is None:
+            self._send(simple_response(400, b"name the job: /receipt?client=NAME or /receipt?pod=POD "
+                                            b"(and &since=T)\n", "text/plain"))
+            return
+        doc = await self.receipts.issue(query)
+        if not doc["receipt"]["identities"]:
+            body = {"error": "no traffic recorded for this client/pod on this instance (or it expired)",
+                    "client": query.client, "pod": query.pod}
+            self._send(simple_response(404, json.dumps(body).encode() + b"\n"))
+            return
+        self._send(simple_response(200, json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n"))
+
+    async def _reload(self, method: str) -> None:
+        if method != "POST":
+            self._send(simple_response(405, b"use POST\n", "text/plain", extra=(("Allow", "POST"),)))
+            return
+        if not self._authorized():
+            return
         try:
             await self.reload()
         except ConfigError as err:
@@ -506,3 +577,13 @@ class AdminProtocol(asyncio.Protocol):
             self.transport.close()
             # the client has admin.idle_timeout to take the response, then it is cut off
             self._arm(self.gw.runtime.config.admin.idle_timeout)
+
+
+def _receipt_query(url: bytes, asked_by: str = "job") -> ReceiptQuery | None:
+    """``client``, ``pod``, ``since`` from a /receipt (or /-/tallies) URL; None when it names
+    neither a client nor a pod; ValueError for a bad ``since``."""
+    q = parse_qs(url.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+    client, pod, since = (q.get(k, [None])[0] for k in ("client", "pod", "since"))
+    if client is None and pod is None:
+        return None
+    return ReceiptQuery(client, pod, parse_moment(since) if since else None, asked_by)

@@ -227,6 +227,8 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
         problems.append((("admin", "token_env"), f"environment variable {config.admin.token_env} is not set"))
     if config.admin.token_file and not offline:
         problems += _secret_problems(("admin",), "token_file", config.admin.token_file, "token_env", None)
+    if config.receipts.key_file and not offline and not os.path.isfile(config.receipts.key_file):
+        problems.append((("receipts", "key_file"), f"file not found: {config.receipts.key_file}"))
     return problems
 
 

@@ -574,6 +574,18 @@ class ReloadConfig(_Model):
     interval: Annotated[float, BeforeValidator(_duration), Field(ge=0.1, le=3600)] = 2.0  # between polls
 
 
+class ReceiptsConfig(_Model):
+    """Job receipts (``http://egressgate.whoami/receipt``, admin ``GET /receipt``): what each
+    client (each pod, for a token client) did, signed with an Ed25519 key."""
+
+    enabled: bool = True
+    key_file: str | None = None  # PEM Ed25519 private key (openssl genpkey -algorithm ed25519); unset: made at start
+    max_identities: int = Field(default=10000, ge=1)  # clients/pods tallied per worker; beyond: the idlest dropped
+    max_hosts: int = Field(default=32, ge=1, le=4096)  # destinations per identity; beyond: counted as "(other)"
+    idle_expiry: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 86400.0  # an idle identity is dropped
+    resolution: Annotated[float, BeforeValidator(_duration), Field(ge=1, le=86400)] = 60.0  # ``since`` granularity
+
+
 class Config(_Model):
     listen: list[ListenConfig] = Field(default_factory=lambda: [ListenConfig()])
     admin: AdminConfig = AdminConfig()
@@ -588,6 +600,7 @@ class Config(_Model):
     probe: ProbeConfig = ProbeConfig()
     dns: DnsConfig = DnsConfig()
     reload: ReloadConfig = ReloadConfig()
+    receipts: ReceiptsConfig = ReceiptsConfig()
     workers: Workers = 1  # processes sharing the listeners; "auto" = one per CPU
     fleet: FleetConfig = FleetConfig()  # shared-IP limits and holds across instances (Redis)
 

@@ -31,6 +31,8 @@ PHRASES = {
     "origin_form": "Absolute URI Required",
     "proxy_protocol": "Bad PROXY Protocol Header",
     "whoami_over_connect": f"Use {WHOAMI_URL}",
+    "whoami_not_found": "No Such Whoami Page",
+    "receipts_off": "Receipts Are Off",
     "client_timeout": "Request Timeout",
     "head_too_large": "Request Header Fields Too Large",
     # 501, 505: the request (501) or the origin's response (502) uses what the proxy does not forward

@@ -24,8 +24,15 @@ from ..model import AccessRecord, iso8601, shown_target
 _PIPE_BUF = 4096
 FIELDS = ("ts", "ts_unix", "end_ts", "end_ts_unix", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr",
           "egress_ip", "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason")
-# Only on some records: ``user`` (the user name a 407 tried), ``would_deny`` (report mode).
-OPTIONAL_FIELDS = ("user", "would_deny")
+# Only on some records: ``user`` (the user name a 407 tried), ``would_deny`` (report mode), and
+# what ``egressgate replay`` needs to decide a request again: ``auth`` (how an identified client
+# identified: none, basic, token or cert), ``requested_profile`` (only when the client asked for
+# one) and ``addresses`` (the addresses a host name resolved to, as the address guard judged them;
+# absent for an IP literal, a chained proxy, or a refusal before the lookup).
+AUTH = "auth"
+REQUESTED_PROFILE = "requested_profile"
+ADDRESSES = "addresses"
+OPTIONAL_FIELDS = ("user", "would_deny", AUTH, REQUESTED_PROFILE, ADDRESSES)
 
 
 def json_line(rec: AccessRecord, now: float) -> str:
@@ -41,6 +48,12 @@ def json_line(rec: AccessRecord, now: float) -> str:
     }
     if rec.user is not None:
         doc["user"] = rec.user
+    if rec.auth is not None:
+        doc[AUTH] = rec.auth
+        if rec.requested_profile is not None:
+            doc[REQUESTED_PROFILE] = rec.requested_profile
+        if rec.addresses is not None:
+            doc[ADDRESSES] = rec.addresses
     if rec.extra:
         doc.update(rec.extra)
     return json.dumps(doc, separators=(",", ":")) + "\n"

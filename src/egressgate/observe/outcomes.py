@@ -4,6 +4,7 @@ A finished request or tunnel is one access-log record and its metrics (``finishe
 refusal or failure is also counted by reason (a denial also per configured client), and a
 denial remembered among the recent ones the admin status shows (``refused``); a report-mode
 denial let through is counted per client (``would_deny``). The access log is swapped on reload (``access_log``).
+Each finished record is also counted for its client's job receipt (``tallies``, when receipts are on).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..errors import AuthRequired, GatewayError
 from ..model import AccessRecord, shown_target
 from .accesslog import AccessLog
 from .metrics import Metrics
+from .tally import Tallies
 
 RECENT_DENIALS = 50
 DENIAL_STATUSES = (403, 407, 429)
@@ -25,6 +27,7 @@ class Outcomes:
         self.metrics = metrics
         self.access_log = access_log
         self.recent_denials: deque[dict] = deque(maxlen=RECENT_DENIALS)
+        self.tallies: Tallies | None = None  # job receipts (observe.tally), when receipts are on
 
     def finished(self, rec: AccessRecord, status: int) -> None:
         rec.status = status
@@ -33,6 +36,8 @@ class Outcomes:
         m = self.metrics
         m.count_request(rec.client, rec.profile, rec.method, status)
         m.count_bytes(rec.profile, rec.bytes_up, rec.bytes_down)
+        if self.tallies is not None:
+            self.tallies.note(rec)
         self.access_log.write(rec)
 
     def refused(self, rec: AccessRecord, err: GatewayError) -> None:

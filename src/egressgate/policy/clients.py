@@ -32,7 +32,7 @@ import ipaddress
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import AuthRequired, PolicyDenied
 from .passwords import verify_password
@@ -76,6 +76,12 @@ class ClientPolicy:
     allow_patterns: tuple[str, ...] | None = None
     deny_patterns: tuple[str, ...] = ()
     token: TokenPolicy | None = None  # identified by a Kubernetes service-account token
+    # how a request identifies as this client (the access log's ``auth``): token, basic, cert or none
+    auth: str = field(init=False, default="none")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "auth", "token" if self.token is not None else "basic" if self.username is not None
+                           else "cert" if self.cert_subject is not None else "none")
 
     def admits_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if self.nets is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import GatewayError
+from ..errors import ClientProtocolError, GatewayError
 from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
 from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
@@ -30,7 +30,7 @@ from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
 from .listeners import Listeners
 from .protect import LeaseNeeded, SharedIpGuard, admit_route
-from .route import Route, cached_addresses, requested_profile, resolve_and_judge, route
+from .route import WHOAMI_HOST, Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
 
 LEASE_TRIES = 3  # leases a request waits for before it is refused as over the limit
@@ -56,10 +56,14 @@ class Who:
 
 
 class Whoami:
-    __slots__ = ("doc",)
+    """The gateway's own answer: the ``doc`` of ``egressgate.whoami``, or (``receipt``) the job's
+    receipt, to be awaited from the receipts service."""
 
-    def __init__(self, doc: dict) -> None:
+    __slots__ = ("doc", "receipt")
+
+    def __init__(self, doc: dict, receipt: whoami.ReceiptQuery | None = None) -> None:
         self.doc = doc
+        self.receipt = receipt
 
 
 class Pending:
@@ -84,6 +88,7 @@ class Dispatcher:
         self.auth = auth
         self.outcomes = outcomes
         self.listeners = listeners
+        self.receipts: whoami.Receipts | None = None  # job receipts (set by the app when they are on)
 
     def now(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str) -> Link | Whoami | Pending:
         identity = self._identify(who, rt, ex.head.proxy_authorization, ex.record)
@@ -92,7 +97,12 @@ class Dispatcher:
         r = self._route(who, ex, rt, identity, default_profile)
         if isinstance(r, Whoami):
             return r
-        if cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own):
+        try:
+            ready = cached_addresses(r, self.connector.resolver.cached, rt, self.listeners.own)
+        except GatewayError:
+            ex.record.addresses = r.resolved  # (the addresses refused, for the record)
+            raise
+        if ready:
             lease = self._judged(ex.record, r, rt)
             if lease is not None:
                 return Pending(identity, r, lease)
@@ -115,7 +125,11 @@ class Dispatcher:
             if r.ready:  # (an IP literal, or through a chained proxy: judged by the route step)
                 lease = self._judged(ex.record, r, rt)
         if not r.ready:
-            await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
+            try:
+                await resolve_and_judge(r, self.connector.resolve, rt, self.listeners.own)
+            except GatewayError:
+                ex.record.addresses = r.resolved
+                raise
             lease = self._judged(ex.record, r, rt)
         if lease is not None:
             await self._leased(ex.record, r, rt, lease)
@@ -183,6 +197,10 @@ class Dispatcher:
     def _route(self, who: Who, ex: Exchange, rt: Runtime, identity: Identity, default_profile: str) -> Route | Whoami:
         rec = ex.record
         rec.client = identity.name
+        rec.auth = identity.client.auth
+        if identity.requested_profile is not None or ex.head.profile:
+            asked = requested_profile(identity, ex.head)
+            rec.requested_profile = clip(asked) if asked is not None else None
         if identity.subject is not None and identity.subject.pod:
             rec.extra = {"pod": identity.subject.pod}
         try:
@@ -193,6 +211,8 @@ class Dispatcher:
                 rec.profile = err.profile
             raise
         if r.whoami:
+            if r.target is not None and r.target.origin_form.startswith(whoami.RECEIPT_PATH):
+                return self._receipt(identity, r)
             return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect,
                                           requested_profile(identity, ex.head)))
         rec.profile = r.pool.name
@@ -202,11 +222,27 @@ class Dispatcher:
             self.outcomes.would_deny(rec, identity.client.name, r.would_deny)
         return r
 
+    def _receipt(self, identity: Identity, r: Route) -> Whoami:
+        """``egressgate.whoami/receipt``: this client's own receipt (404 when receipts are off)."""
+        try:
+            query = whoami.receipt_query(identity, r.target.origin_form)
+        except ValueError:
+            raise ClientProtocolError("since: expected Unix seconds or ISO 8601 UTC (2026-12-01T09:00:00Z)",
+                                      reason="bad_target") from None
+        if query is None:
+            raise GatewayError(f"no such page: http://{WHOAMI_HOST}{r.target.origin_form.decode('latin-1')}",
+                               status=404, reason="whoami_not_found", proxy_status="destination_not_found")
+        if self.receipts is None:
+            raise GatewayError("receipts are off on this gateway (receipts.enabled: false)", status=404,
+                               reason="receipts_off", proxy_status="destination_not_found")
+        return Whoami({}, query)
+
     def _judged(self, rec: AccessRecord, r: Route, rt: Runtime) -> LeaseNeeded | None:
         """The route's addresses are judged (or a chained proxy will resolve it): report-mode
         denials on them, then shared-IP admission -- on the name and every address it may be
         dialed to, so a hold cannot be bypassed by another spelling of the same origin.
         Returns the budget slice admission must lease first (``workers: N``, a fleet store)."""
+        rec.addresses = r.resolved
         if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)
         if rt.protect:  # shared-IP protection (proxy.protect); raises LimitReached (429)

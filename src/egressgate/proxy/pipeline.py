@@ -201,6 +201,9 @@ class RequestPipeline:
 
     def _ready(self, ex: Exchange, step: Link | Whoami) -> None:
         if isinstance(step, Whoami):
+            if step.receipt is not None:  # the job's receipt: gathered from every worker, then signed
+                ex.task = self.gw.loop.create_task(self._answer_receipt(ex, step))
+                return
             self._answer_whoami(ex, step.doc)
             return
         up = step.upstream
@@ -224,12 +227,24 @@ class RequestPipeline:
         if self.flow.write_paused:  # the client is not reading: neither do we, from its origin
             up.transport.pause_reading()
 
-    def _answer_whoami(self, ex: Exchange, doc: dict) -> None:
+    async def _answer_receipt(self, ex: Exchange, step: Whoami) -> None:
+        try:
+            doc = await self.gw.dispatcher.receipts.issue(step.receipt)
+            if not self.conn.closed:
+                self._answer_whoami(ex, doc, receipt=True)
+        except GatewayError as err:
+            self.exchange_failed(ex, err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: answer 500 and keep serving others
+            self._internal_failure(ex, "serve", exc)
+
+    def _answer_whoami(self, ex: Exchange, doc: dict, receipt: bool = False) -> None:
         """The gateway's own answer (possibly from inside the parser's head callback: a
         request with no body to come is as good as complete)."""
         keep = ex.head.keep_alive and self.may_keep_alive() and (ex.request_done or not ex.head.has_body)
-        response = whoami.response(doc, keep)
-        ex.record.profile = doc["profile"] or "-"
+        response = whoami.receipt_response(doc, keep) if receipt else whoami.response(doc, keep)
+        ex.record.profile = doc.get("profile") or "-"
         ex.record.bytes_down = len(response)
         self.transport.write(response)
         ex.state = DONE

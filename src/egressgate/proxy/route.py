@@ -42,7 +42,7 @@ class Route:
     """Where one request goes. ``addresses`` is None until the destination's addresses are
     judged (and stays None through a chained proxy, which resolves names itself)."""
 
-    __slots__ = ("client", "dest", "target", "pool", "plans", "would_deny", "addresses", "whoami")
+    __slots__ = ("client", "dest", "target", "pool", "plans", "would_deny", "addresses", "whoami", "resolved")
 
     def __init__(self, client: ClientPolicy, dest: HostPort, target: AbsoluteTarget | None,
                  pool: ProfilePool | None, plans: list[EgressPlan], would_deny: str | None,
@@ -55,6 +55,7 @@ class Route:
         self.would_deny = would_deny
         self.addresses: tuple[str, ...] | None = None
         self.whoami = whoami
+        self.resolved: list[str] | None = None  # a name's addresses as looked up (before judging)
 
     @property
     def chained(self) -> bool:
@@ -125,6 +126,7 @@ def cached_addresses(r: Route, cached: Callable[[str], list[str] | None], rt: Ru
     addresses = cached(r.dest.host)
     if addresses is None:
         return False
+    r.resolved = addresses
     judged(r, addresses, rt, own)
     return True
 
@@ -133,7 +135,8 @@ async def resolve_and_judge(r: Route, resolve: Callable[[str], Awaitable[list[st
                             own: OwnListeners) -> None:
     """Steps 2 and 3 with a lookup (raises ``DnsError`` and friends, or the refusal)."""
     if not r.ready:
-        judged(r, await resolve(r.dest.host), rt, own)
+        r.resolved = addresses = await resolve(r.dest.host)
+        judged(r, addresses, rt, own)
 
 
 def judged(r: Route, addresses, rt: Runtime, own: OwnListeners) -> None:

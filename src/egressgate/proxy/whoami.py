@@ -2,16 +2,23 @@
 knows about the asking client: its name and address, the profile it would leave through and
 that profile's egress (members, expected and observed IP, whether it serves traffic), and the
 client's destination rules. Nothing is sent anywhere.
+
+``http://egressgate.whoami/receipt[?since=T]``: the job's receipt -- what this very client (its
+pod, for a token client) did through the gateway, signed (``observe.receipt``). The answering
+worker gathers every worker's tallies (``Receipts``, provided by the app), so it awaits.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import parse_qs
 
 from ..egress.plan import ProfilePool
 from ..egress.providers import profile_view
 from ..http1.responses import simple_response
-from ..model import with_iso
+from ..model import parse_moment, with_iso
 from ..policy.clients import Identity
 from ..policy.decide import choose_profile, decide
 from .protect import SharedIpGuard
@@ -73,3 +80,44 @@ def describe(pool: ProfilePool) -> dict:
     if pool.kind == "upstream":
         return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members]}
     return {"kind": "direct"}
+
+
+RECEIPT_PATH = b"/receipt"
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptQuery:
+    """Whose receipt: ``client`` (None: any), ``pod`` (None: any; "" only records without one),
+    from ``since`` (Unix seconds, None: since the identity was first seen)."""
+
+    client: str | None
+    pod: str | None
+    since: float | None = None
+    asked_by: str = "job"  # "job" (egressgate.whoami/receipt) or "admin"
+
+
+class Receipts(Protocol):
+    """What the gateway answers receipts with (``receiptdesk.ReceiptDesk``)."""
+
+    async def issue(self, query: ReceiptQuery) -> dict: ...
+
+
+def receipt_query(identity: Identity, origin_form: bytes) -> ReceiptQuery | None:
+    """The job's own receipt query for ``/receipt[?since=T][&pods=all]``, None for any other
+    path; raises ValueError for a bad ``since``. A token client's receipt is its own pod's;
+    ``pods=all``: every pod of its service account (an exit handler runs in a pod of its own)."""
+    path, _, query = origin_form.partition(b"?")
+    if path.rstrip(b"/") != RECEIPT_PATH:
+        return None
+    q = parse_qs(query.decode("latin-1"))
+    since = q.get("since", [None])[0]
+    pod = identity.subject.pod if identity.subject is not None and identity.subject.pod else ""
+    if q.get("pods", [""])[0] == "all":
+        pod = None
+    return ReceiptQuery(identity.name, pod, parse_moment(since) if since is not None else None)
+
+
+def receipt_response(doc: dict, keep_alive: bool, status: int = 200) -> bytes:
+    """A signed receipt as it was signed (no fields added: ``with_iso`` would break the signature)."""
+    return simple_response(status, json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n",
+                           keep_alive=keep_alive)
