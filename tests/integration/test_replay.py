@@ -14,6 +14,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -84,6 +85,10 @@ def _record(start_gateway, origin, echo, tmp_path: Path) -> tuple[Path, Path, Pa
                    origin.url(f"/alt{i}", host="localhost"))
         assert out.stdout == b"200", out
     tunnels = [_tunnel(gw, f"127.0.0.1:{echo.port}") for _ in range(3)]  # 3 at once (protect: 1)
+    # The log keeps times to the millisecond: the third tunnel's start and the first one's end must
+    # fall in different milliseconds for the record to show the three overlapping (not a wait for
+    # anything: the clock's resolution in the log).
+    time.sleep(0.01)
     for s in tunnels:
         s.close()
     for i in range(4):  # job-b (anonymous): 4 requests through profile default (alt in the candidate)
@@ -179,7 +184,9 @@ def test_replay_of_a_real_run(start_gateway, origin, echo, tmp_path):
     assert {k: v["records"] for k, v in json.loads(both.stdout)["changes"].items()} == counts
 
     # --since: only what started at or after the first tunnel (the 5 denied requests are older)
-    since = next(r for r in records if r["target"] == echo_dest)["ts"]
+    # (the log is in end order: three tunnels closed at once may be written in any order, so the
+    # first to start is found by its start time, not by its place in the file)
+    since = min((r for r in records if r["target"] == echo_dest), key=lambda r: r["ts_unix"])["ts"]
     later = json.loads(_replay("--config", str(candidate), "--since", since, "--json").stdout)
     assert later["changes"]["newly_denied"]["records"] == 0 and later["changes"]["newly_limited"]["records"] == 2
 

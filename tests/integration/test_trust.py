@@ -243,12 +243,13 @@ def test_reload_to_a_busy_port_keeps_the_old_listener(start_gateway, faulty):
     try:
         gw = start_gateway(base_config())
         cfg = base_config()
-        cfg["listen"] = [{"address": f"127.0.0.1:{busy.getsockname()[1]}"}]
+        # (the listener in force is kept: a config that drops every listener is refused before any bind)
+        cfg["listen"] = [{"address": gw.address}, {"address": f"127.0.0.1:{busy.getsockname()[1]}"}]
         cfg["admin"] = {"address": gw.admin.removeprefix("http://")}
         gw.write_config(cfg)
         status, doc = admin_post(gw, "/-/reload")
         assert status == 400 and not doc["reloaded"]
-        assert any("listen[0].address: cannot listen on" in e for e in doc["errors"]), doc
+        assert any("listen[1].address: cannot listen on" in e for e in doc["errors"]), doc
         assert serves(gw, faulty.url("/ok")), "the old listener was closed by a failed reload"
         assert admin_get(gw, "/readyz")[0] == 200
     finally:
