@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -194,6 +195,17 @@ def _accept(value: object) -> object:
     return ranges
 
 
+def split_url(value: str) -> SplitResult:
+    """A configured URL's parts, or a ValueError saying why it is not one (a port out of range or
+    not a number included)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (a port out of range or not a number raises here)
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    return parts
+
+
 class ProviderConfig(_Model):
     """A provider that must accept a profile's egress (see ``egressgate.checks``)."""
 
@@ -226,13 +238,7 @@ class ProviderConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 (a port out of range or not a number raises here)
-        except ValueError as exc:
-            raise ValueError(f"not a URL: {exc}") from None
+        parts = split_url(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
         if parts.username or parts.password:
@@ -285,13 +291,7 @@ class RedisConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 (a port out of range or not a number raises here)
-        except ValueError as exc:
-            raise ValueError(f"not a URL: {exc}") from None
+        parts = split_url(value)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
             raise ValueError(f"expected redis://HOST:PORT or rediss://HOST:PORT (TLS), got {value!r}")
         if parts.password:
