@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from egressgate.build import build_runtime  # noqa: E402
 from egressgate.config import load_config_text  # noqa: E402
 from egressgate.config.schema import RedisConfig  # noqa: E402
 from egressgate.fleet.ledger import Ledger  # noqa: E402
@@ -42,6 +41,7 @@ from egressgate.fleet.owner import Owner  # noqa: E402
 from egressgate.fleet.source import Fleet  # noqa: E402
 from egressgate.model import AccessRecord, HostPort  # noqa: E402
 from egressgate.observe.metrics import Metrics  # noqa: E402
+from egressgate.proxy.build import build_runtime  # noqa: E402
 from egressgate.proxy.protect import LeaseNeeded, SharedIpGuard, admit_route  # noqa: E402
 from egressgate.proxy.route import Route  # noqa: E402
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from egressgate.build import load_candidate  # noqa: E402
+from egressgate.commands.replay_core import Replayer, replay  # noqa: E402
 from egressgate.model import iso8601  # noqa: E402
 from egressgate.observe.logread import merged  # noqa: E402
-from egressgate.replay import Replayer, replay  # noqa: E402
+from egressgate.proxy.build import load_candidate  # noqa: E402
 
 LISTENER = "0.0.0.0:3128"
 CANDIDATE = f"""

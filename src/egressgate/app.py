@@ -18,26 +18,26 @@ from pathlib import Path
 import yaml
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
-from .build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
-from .checks import Verifier, publish
 from .egress.plan import refusing
 from .errors import ConfigError
 from .fleet.ledger import Ledger
 from .fleet.member import Member
 from .fleet.owner import Owner
 from .fleet.source import RATE_SLACK, Fleet
-from .keysource import KeySources
 from .model import parse_socket_address
 from .observe.accesslog import AccessLog, log_event
 from .observe.merge import Merger
 from .observe.metrics import Metrics
-from .probe import Attestor
+from .proxy.build import EMBEDDED, load_runtime, load_runtime_text, make_resolver
 from .proxy.runtime import Runtime
 from .proxy.server import Gateway, adopt_checks
 from .proxy.session import ClientConnection
-from .receiptdesk import ReceiptDesk, write_shared_key
-from .watch import ConfigWatcher, watch
-from .workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
+from .services.checks import Verifier, publish
+from .services.keysource import KeySources
+from .services.probe import Attestor
+from .services.receiptdesk import ReceiptDesk, write_shared_key
+from .services.watch import ConfigWatcher, watch
+from .services.workers import REAP_EVERY, STARTUP_BLOCKED, Supervisor, WorkerTable, die_with_parent
 
 # Every top-level config key is applied by a reload except these, which a reload refuses by
 # name when they change (tests/unit/test_reload_keys.py keeps this list complete).

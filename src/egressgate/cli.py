@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "probe":
             return _probe(args.config, args.profile, args.echo_url, args.timeout)
         if args.command == "verify":
-            from .verify import main as verify_main
+            from .commands.verify import main as verify_main
 
             return verify_main(args.config, args.profile, args.provider, args.since, args.json)
         if args.command == "explain":
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 return receipt.verify_main(args.file, args.public_key)
             return receipt.public_key_main(args.config, args.admin)
         if args.command == "demo":
-            from .demo import main as demo_main
+            from .commands.demo import main as demo_main
 
             return demo_main()
     except ConfigError as err:
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
     import asyncio
 
-    from .build import load_runtime, make_resolver
-    from .probe import format_table, probe_pools
+    from .proxy.build import load_runtime, make_resolver
+    from .services.probe import format_table, probe_pools
 
     rt = load_runtime(config_path, echo_url=echo_url)  # --echo-url is what expect_ip needs
     url = echo_url or rt.config.probe.echo_urls
@@ -171,7 +171,7 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
 
 
 def _check_config(path: str, offline: bool, strict: bool) -> int:
-    from .build import check_file
+    from .proxy.build import check_file
 
     errors, warnings = check_file(path, offline)
     for line in errors + warnings:
@@ -183,8 +183,8 @@ def _check_config(path: str, offline: bool, strict: bool) -> int:
 
 
 def _explain(config: str | None, client: str, target: str, source: str | None, profile: str | None) -> int:
-    from .build import load_runtime, make_resolver
-    from .explain import explain
+    from .commands.explain import explain
+    from .proxy.build import load_runtime, make_resolver
 
     rt = load_runtime(config)
     try:

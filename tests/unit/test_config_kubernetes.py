@@ -122,7 +122,7 @@ def test_lint_warns_of_keys_over_plain_http_and_no_rate_limit() -> None:
 
 
 def test_check_file_reads_the_jwks_file(tmp_path) -> None:
-    from egressgate.build import check_file
+    from egressgate.proxy.build import check_file
 
     jwks = tmp_path / "jwks.json"
     config = tmp_path / "gw.yaml"

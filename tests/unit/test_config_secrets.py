@@ -85,7 +85,7 @@ def test_upstream_password_from_a_file(tmp_path):
 
 
 def test_upstream_password_from_the_environment_through_the_runtime(monkeypatch):
-    from egressgate.build import build_runtime
+    from egressgate.proxy.build import build_runtime
 
     monkeypatch.setenv("CHAIN_PW", "env-s3cret")
     cfg = load_config_text(textwrap.dedent(UPSTREAM.format(key="upstream_password_env", value="CHAIN_PW")), FILE)

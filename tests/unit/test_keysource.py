@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from egressgate.keysource import DISCOVERY, KeySources
 from egressgate.observe.metrics import Metrics
 from egressgate.policy.tokens import TokenPolicy
+from egressgate.services.keysource import DISCOVERY, KeySources
 
 from ..integration.oidc import Signer
 

@@ -9,7 +9,6 @@ import textwrap
 import pytest
 from prometheus_client import generate_latest
 
-from egressgate.build import build_runtime
 from egressgate.config.loader import check_config_text, load_config_text
 from egressgate.config.schema import ProtectConfig
 from egressgate.errors import LimitReached
@@ -26,6 +25,7 @@ from egressgate.policy.protect import (
     hold_seconds,
     retry_after_seconds,
 )
+from egressgate.proxy.build import build_runtime
 from egressgate.proxy.protect import SharedIpGuard
 
 WALL = 1_800_000_000.0

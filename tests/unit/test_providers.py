@@ -197,7 +197,7 @@ def test_a_bug_in_one_check_cancels_the_rest_of_the_round(monkeypatch) -> None:
     other checks of the round are cancelled, not left running with nobody to read them."""
     import asyncio
 
-    from egressgate import checks
+    from egressgate.services import checks
 
     started: list[asyncio.Task] = []
 

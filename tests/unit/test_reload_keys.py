@@ -18,7 +18,7 @@ def test_a_jwks_file_is_looked_at_again_at_most_once_per_min_refresh(tmp_path) -
     import json
     import os
 
-    from egressgate.build import JwksFile, _parse_jwks_file
+    from egressgate.proxy.build import JwksFile, _parse_jwks_file
     from tests.integration.oidc import Signer
 
     signer = Signer()

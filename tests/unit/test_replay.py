@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from egressgate.build import load_candidate
 from egressgate.commands.replay import UsageError, parse_since
+from egressgate.commands.replay_core import Outcome, Replayer, recorded
 from egressgate.observe.logread import Line, Malformed, merged, parse_time
-from egressgate.replay import Outcome, Replayer, recorded
+from egressgate.proxy.build import load_candidate
 
 CONFIG = """
 listen: [{address: "127.0.0.1:3128"}]

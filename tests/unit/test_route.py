@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 
-from egressgate.build import build_runtime
 from egressgate.config.loader import load_config_text
 from egressgate.errors import AddressProhibited, ClientProtocolError, EgressUnverified, PolicyDenied
 from egressgate.http1.parse import RequestHead
 from egressgate.policy.clients import Identity
 from egressgate.policy.guard import OwnListeners
+from egressgate.proxy.build import build_runtime
 from egressgate.proxy.route import cached_addresses, clip, route
 
 CONFIG = textwrap.dedent("""\

@@ -1,4 +1,4 @@
-"""The config watcher's decisions (egressgate.watch): when a change has settled, and which
+"""The config watcher's decisions (egressgate.services.watch): when a change has settled, and which
 content is new, on a directory laid out as Kubernetes lays out a ConfigMap volume."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from egressgate.config import load_config_text
 from egressgate.errors import ConfigError
-from egressgate.watch import ConfigWatcher, Settle, digest, watch
+from egressgate.services.watch import ConfigWatcher, Settle, digest, watch
 
 A, B, C = (1, 10, 100, 5), (1, 11, 200, 5), (1, 11, 300, 6)
 

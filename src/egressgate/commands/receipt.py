@@ -18,10 +18,10 @@ import sys
 import urllib.request
 from typing import TextIO
 
-from ..build import load_candidate
 from ..errors import ConfigError
 from ..model import parse_socket_address
 from ..observe.receipt import key_id, private_from_pem, public_from_text, public_text, verify
+from ..proxy.build import load_candidate
 
 TIMEOUT = 10.0
 

@@ -1,5 +1,5 @@
 """``egressgate replay --config CANDIDATE.yaml [--log FILE ...] [--since T] [--json]``: what a
-candidate config would change for the traffic in the access logs (``egressgate.replay``).
+candidate config would change for the traffic in the access logs (``egressgate.commands.replay_core``).
 
 Exit 0 when no traffic allowed today would be refused (newly denied or newly limited by
 ``protect``), 1 when some would, 2 for a usage or config error -- so it can gate a config pull
@@ -18,11 +18,11 @@ import sys
 import time
 from typing import TextIO
 
-from ..build import load_candidate
 from ..errors import ConfigError
 from ..model import iso8601, parse_moment
 from ..observe.logread import STDIN, Line, merged
-from ..replay import (
+from ..proxy.build import load_candidate
+from .replay_core import (
     DEFAULT_WINDOW,
     KINDS,
     MOVED_MEMBER,

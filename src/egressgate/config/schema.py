@@ -207,7 +207,7 @@ def split_url(value: str) -> SplitResult:
 
 
 class ProviderConfig(_Model):
-    """A provider that must accept a profile's egress (see ``egressgate.checks``)."""
+    """A provider that must accept a profile's egress (see ``egressgate.services.checks``)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str  # https://host[:port]/path (TLS with SNI and verification) or http://
@@ -569,7 +569,7 @@ class DnsConfig(_Model):
 
 class ReloadConfig(_Model):
     # Reload by itself when the config file's content changes (worker 0 polls it; see
-    # egressgate.watch). Only with ``serve --config FILE``; SIGHUP and POST /-/reload work either way.
+    # egressgate.services.watch). Only with ``serve --config FILE``; SIGHUP and POST /-/reload work either way.
     watch: bool = True
     interval: Annotated[float, BeforeValidator(_duration), Field(ge=0.1, le=3600)] = 2.0  # between polls
 

@@ -1,4 +1,4 @@
-"""Provider checks compiled for use, and what they found. No I/O (``egressgate.checks`` does it).
+"""Provider checks compiled for use, and what they found. No I/O (``egressgate.services.checks`` does it).
 
 A profile may name providers that must accept its egress (``providers:``). Each (member x
 provider) pair is checked through that member exactly as a job's request leaves; the result,

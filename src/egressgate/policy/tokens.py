@@ -1,5 +1,5 @@
 """Kubernetes service-account tokens (projected, audience-bound JWTs), verified offline. Pure:
-the key set is passed in; fetching it is ``egressgate.keysource``'s job.
+the key set is passed in; fetching it is ``egressgate.services.keysource``'s job.
 
 JWS and the registered claims are PyJWT's (``jwt.decode``), never hand-rolled: the signature
 with a key bound to its algorithm (a ``PyJWK`` from the issuer's JWKS; the token's ``alg``

@@ -18,7 +18,7 @@ How one connection flows, file by file
 4. identify — ``dispatch.py``: the client from its source address, ``Proxy-Authorization``
    or TLS certificate (``policy.clients``), a new password checked off the loop and throttled
    (``limits.AuthThrottle``), a Kubernetes service-account token verified (``policy.tokens``)
-   once its issuer's keys are in hand (``egressgate.keysource`` fetches them), the connection counted against the client's limits
+   once its issuer's keys are in hand (``egressgate.services.keysource`` fetches them), the connection counted against the client's limits
    (``limits.ClientLimits``).
 5. route — ``route.py``: decide (``policy.decide``: destination rules, CONNECT ports,
    profile) -> resolve (``egress.resolver``, cache first) -> judge (``policy.judge``: the

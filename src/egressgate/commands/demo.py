@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .app import App
-from .build import load_runtime
+from ..app import App
+from ..proxy.build import load_runtime
 
 ALLOWED = "127.0.0.2"
 

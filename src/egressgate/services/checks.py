@@ -22,9 +22,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-from .egress.dialer import Dialer, SourceUnavailable
-from .egress.plan import EgressPlan, ProfilePool
-from .egress.providers import (
+from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.providers import (
     MAX_BODY,
     PendingSwitch,
     ProviderBoard,
@@ -35,15 +35,15 @@ from .egress.providers import (
     new_members,
     refused_members,
 )
-from .egress.providers import header as providers_header
-from .egress.resolver import Resolver
-from .errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
-from .observe.accesslog import log_event
-from .observe.metrics import Metrics
-from .policy.guard import AddressGuard
-from .proxy import chain
-from .proxy.runtime import Runtime
-from .proxy.upstream import Upstream
+from ..egress.providers import header as providers_header
+from ..egress.resolver import Resolver
+from ..errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
+from ..observe.accesslog import log_event
+from ..observe.metrics import Metrics
+from ..policy.guard import AddressGuard
+from ..proxy import chain
+from ..proxy.runtime import Runtime
+from ..proxy.upstream import Upstream
 
 MAX_HEAD = 64 * 1024
 CONCURRENCY = 16  # checks in flight at once

@@ -14,22 +14,22 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import Config
-from .config.lint import host_bits, lint
-from .config.loader import check_config_text
-from .egress.localaddr import addresses_in, local_addresses
-from .egress.plan import build_pool
-from .egress.providers import compile_board, parse_headers
-from .egress.resolver import Resolver
-from .errors import ConfigError
-from .http1.rewrite import Forwarding
-from .model import parse_socket_address
-from .observe.accesslog import log_event
-from .policy.clients import compile_clients
-from .policy.guard import AddressGuard, NameGuard
-from .policy.protect import compile_protect
-from .policy.tokens import parse_jwks
-from .proxy.runtime import Runtime
+from ..config import Config
+from ..config.lint import host_bits, lint
+from ..config.loader import check_config_text
+from ..egress.localaddr import addresses_in, local_addresses
+from ..egress.plan import build_pool
+from ..egress.providers import compile_board, parse_headers
+from ..egress.resolver import Resolver
+from ..errors import ConfigError
+from ..http1.rewrite import Forwarding
+from ..model import parse_socket_address
+from ..observe.accesslog import log_event
+from ..policy.clients import compile_clients
+from ..policy.guard import AddressGuard, NameGuard
+from ..policy.protect import compile_protect
+from ..policy.tokens import parse_jwks
+from .runtime import Runtime
 
 EMBEDDED = "(embedded default)"
 

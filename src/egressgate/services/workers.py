@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .observe.accesslog import log_event
+from ..observe.accesslog import log_event
 
 RESTART_FIRST = 0.5  # the delay before restarting a worker that died ...
 RESTART_MAX = 30.0  # ... doubling on each further death, up to this

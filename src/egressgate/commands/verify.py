@@ -10,11 +10,11 @@ import asyncio
 import json
 import sys
 
-from .build import load_runtime, make_resolver
-from .checks import check_pools
-from .egress.dialer import Dialer
-from .egress.providers import format_matrix, new_members
-from .model import with_iso
+from ..egress.dialer import Dialer
+from ..egress.providers import format_matrix, new_members
+from ..model import with_iso
+from ..proxy.build import load_runtime, make_resolver
+from ..services.checks import check_pools
 
 
 def main(config: str | None, profiles: list[str] | None, providers: list[str] | None, since: str | None,

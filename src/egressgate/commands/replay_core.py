@@ -43,17 +43,17 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import AuthRequired, GatewayError, LimitReached, PolicyDenied
-from .http1.parse import RequestHead
-from .model import HostPort
-from .observe.accesslog import ADDRESSES, AUTH, REQUESTED_PROFILE
-from .observe.logread import Line
-from .policy.clients import ClientPolicy, Identity, rejected
-from .policy.guard import OwnListeners
-from .proxy.protect import SharedIpGuard
-from .proxy.route import WHOAMI_HOST, judged, route
-from .proxy.runtime import Runtime
-from .proxy.socks import METHOD as SOCKS_METHOD
+from ..errors import AuthRequired, GatewayError, LimitReached, PolicyDenied
+from ..http1.parse import RequestHead
+from ..model import HostPort
+from ..observe.accesslog import ADDRESSES, AUTH, REQUESTED_PROFILE
+from ..observe.logread import Line
+from ..policy.clients import ClientPolicy, Identity, rejected
+from ..policy.guard import OwnListeners
+from ..proxy.protect import SharedIpGuard
+from ..proxy.route import WHOAMI_HOST, judged, route
+from ..proxy.runtime import Runtime
+from ..proxy.socks import METHOD as SOCKS_METHOD
 
 # kinds of change, in the order they are reported
 NEWLY_DENIED = "newly_denied"

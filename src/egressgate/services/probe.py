@@ -21,17 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .egress.dialer import Dialer
-from .egress.plan import EgressPlan, ProfilePool
-from .egress.resolver import Resolver
-from .errors import GatewayError
-from .http1.parse import ResponseHead, ResponseParser
-from .model import HostPort
-from .observe.accesslog import log_event
-from .proxy import chain
-from .proxy.runtime import Runtime
-from .proxy.server import Gateway
-from .proxy.upstream import Upstream
+from ..egress.dialer import Dialer
+from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.resolver import Resolver
+from ..errors import GatewayError
+from ..http1.parse import ResponseHead, ResponseParser
+from ..model import HostPort
+from ..observe.accesslog import log_event
+from ..proxy import chain
+from ..proxy.runtime import Runtime
+from ..proxy.server import Gateway
+from ..proxy.upstream import Upstream
 
 
 @dataclass(frozen=True, slots=True)

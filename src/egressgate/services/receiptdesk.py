@@ -34,15 +34,15 @@ from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import __version__
-from .admin.server import TALLIES_PATH, worker_get
-from .config.schema import ReceiptsConfig
-from .errors import ConfigError, GatewayError
-from .model import HostPort
-from .observe import receipt as signing
-from .observe.tally import Tallies, merge
-from .proxy.runtime import Runtime
-from .proxy.whoami import ReceiptQuery
+from .. import __version__
+from ..admin.server import TALLIES_PATH, worker_get
+from ..config.schema import ReceiptsConfig
+from ..errors import ConfigError, GatewayError
+from ..model import HostPort
+from ..observe import receipt as signing
+from ..observe.tally import Tallies, merge
+from ..proxy.runtime import Runtime
+from ..proxy.whoami import ReceiptQuery
 
 KEY_NAME = "receipt-key.pem"  # the generated key, in the workers' private socket directory
 WORKER_TIMEOUT = 2.0

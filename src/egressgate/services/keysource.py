@@ -27,16 +27,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .egress.dialer import Dialer
-from .egress.plan import EgressPlan
-from .egress.resolver import Resolver
-from .errors import GatewayError
-from .model import ip_or_none
-from .observe.accesslog import log_event
-from .observe.metrics import Metrics
-from .policy.tokens import TokenPolicy, parse_jwks
+from ..egress.dialer import Dialer
+from ..egress.plan import EgressPlan
+from ..egress.resolver import Resolver
+from ..errors import GatewayError
+from ..model import ip_or_none
+from ..observe.accesslog import log_event
+from ..observe.metrics import Metrics
+from ..policy.tokens import TokenPolicy, parse_jwks
+from ..proxy.upstream import Upstream
 from .probe import Fetch
-from .proxy.upstream import Upstream
 
 MAX_DOCUMENT = 1 << 20  # bytes of a discovery or JWKS document
 DISCOVERY = "/.well-known/openid-configuration"

@@ -8,13 +8,13 @@ import asyncio
 import ipaddress
 from urllib.parse import urlsplit
 
-from .egress.resolver import Resolver
-from .errors import GatewayError
-from .model import HostPort
-from .policy.decide import decide
-from .policy.guard import OwnListeners
-from .policy.judge import judge
-from .proxy.runtime import Runtime
+from ..egress.resolver import Resolver
+from ..errors import GatewayError
+from ..model import HostPort
+from ..policy.decide import decide
+from ..policy.guard import OwnListeners
+from ..policy.judge import judge
+from ..proxy.runtime import Runtime
 
 
 def parse_target(text: str) -> tuple[HostPort, bool, str]:

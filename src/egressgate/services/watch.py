@@ -35,9 +35,9 @@ import hashlib
 import os
 from collections.abc import Awaitable, Callable
 
-from .build import read_config_file
-from .config.schema import ReloadConfig
-from .errors import ConfigError
+from ..config.schema import ReloadConfig
+from ..errors import ConfigError
+from ..proxy.build import read_config_file
 
 Stamp = tuple[int, int, int, int] | None  # (st_dev, st_ino, st_mtime_ns, st_size); None: cannot stat
 _NEVER = (-1, -1, -1, -1)  # no stamp taken yet: the first poll is a change
