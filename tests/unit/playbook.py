@@ -235,8 +235,7 @@ class Play:
             return real_connect(r, connect, chain_timeout, fresh)
 
         self.gw.connector.connect = connect
-        self.listener = ListenerInfo(LISTENER, False, self.metrics.active_connections.labels(LISTENER),
-                                     self.metrics.active_tunnels.labels(LISTENER))
+        self.listener = ListenerInfo(LISTENER, False, self.metrics.listener(LISTENER))
 
     def client(self, peer: tuple = CLIENT_PEER) -> tuple[ClientConnection, FakeTransport]:
         """A new client connection, accepted."""

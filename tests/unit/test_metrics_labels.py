@@ -42,7 +42,7 @@ def test_a_flood_of_names_adds_no_series():
     m.count_request("job", "bogus-0", "GET", 403)
     m.count_bytes("bogus-0", 1, 1)
     m.would_deny.labels("bogus-0", "destination_not_allowed").inc()
-    m.connect_seconds.labels("bogus-0").observe(0.1)
+    m.connected("bogus-0", 0.1)
     m.egress_source_up.labels("bogus-0", "direct").set(1)
     before = series(m)
     for i in range(1, 500):
@@ -51,7 +51,7 @@ def test_a_flood_of_names_adds_no_series():
         m.count_request("job", name, "GET", 403)
         m.count_bytes(name, 1, 1)
         m.would_deny.labels(name, "destination_not_allowed").inc()
-        m.connect_seconds.labels(name).observe(0.1)
+        m.connected(name, 0.1)
         m.egress_source_up.labels(name, "direct").set(1)
     after = series(m)
     assert after - before == {'egressgate_requests_total{client="-",method="OTHER",profile="-",status="403"}'}

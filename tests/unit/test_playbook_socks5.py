@@ -34,8 +34,7 @@ SUCCEEDED = reply(0, EGRESS_ADDR, 40000)  # BND: the egress address and port of 
 
 def socks_play(config: str = CONFIG) -> Play:
     p = Play(config)
-    p.listener = ListenerInfo(LISTENER, False, p.metrics.active_connections.labels(LISTENER),
-                              p.metrics.active_tunnels.labels(LISTENER), protocol="socks5")
+    p.listener = ListenerInfo(LISTENER, False, p.metrics.listener(LISTENER), protocol="socks5")
     return p
 
 

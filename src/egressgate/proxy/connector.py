@@ -150,7 +150,7 @@ class Connector:
             self.source_state(pool, plan, False)
             log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
             raise
-        self.metrics.connect_seconds.labels(pool.name).observe(time.perf_counter() - t0)
+        self.metrics.connected(pool.name, time.perf_counter() - t0)
         if plan.source is not None and pool.is_down(plan):
             pool.mark_up(plan)
             self.source_state(pool, plan, True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..egress.localaddr import local_addresses
 from ..errors import ConfigError
 from ..model import parse_socket_address
-from ..observe.metrics import Metrics
+from ..observe.metrics import ListenerCounts, Metrics
 from ..policy.guard import OwnListeners
 from .runtime import Runtime
 
@@ -29,8 +29,7 @@ from .runtime import Runtime
 class ListenerInfo:
     name: str  # the configured address, e.g. "127.0.0.1:3128"
     tls: bool
-    connections: object = None  # this listener's gauge children, looked up once
-    tunnels: object = None
+    counts: ListenerCounts | None = None  # its open connections and tunnels (observe.metrics, plain ints)
     protocol: str = "http"  # "http" or "socks5" (a reload may change it for new connections)
 
     def default_profile(self, rt: Runtime) -> str:
@@ -98,8 +97,7 @@ class Listeners:
             if name in self._servers or name in renamed.values():
                 continue
             host, port = parse_socket_address(name)
-            info = ListenerInfo(name, spec.tls is not None, self.metrics.active_connections.labels(name),
-                                self.metrics.active_tunnels.labels(name), spec.protocol)
+            info = ListenerInfo(name, spec.tls is not None, self.metrics.listener(name), spec.protocol)
             ctx = contexts.get(name)
             if ctx is not None:
                 ctx.sni_callback = functools.partial(self._pick_tls, info)

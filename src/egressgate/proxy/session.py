@@ -90,7 +90,7 @@ class ClientConnection(asyncio.Protocol):
         if verdict is Admission.READ_PROXY_HEADER:
             self.pp_buf = b""
         gw.connections.add(self)
-        self.listener.connections.inc()
+        self.listener.counts.connections += 1
         # (a socks5 listener's phase stands in for the pipeline until its tunnel is up)
         self.http = (SocksHandshake if self.listener.protocol == "socks5" else RequestPipeline)(self, gw.loop.time())
         if self.listener.tls:
@@ -191,7 +191,7 @@ class ClientConnection(asyncio.Protocol):
             self.flow.unbuffered(early)
         ex.body = []
         ex.ended = True
-        self.listener.tunnels.inc()
+        self.listener.counts.tunnels += 1
         if self.flow.write_paused:  # the client is not reading yet
             t.client_pause_writing()
         if self.eof:
@@ -202,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
 
     def tunnel_ended(self, t: Tunnel, reason: str) -> None:
         self.closed = True
-        self.listener.tunnels.dec()
+        self.listener.counts.tunnels -= 1
         rec = t.record
         rec.bytes_up = t.bytes_up
         rec.bytes_down = t.bytes_down
@@ -241,7 +241,7 @@ class ClientConnection(asyncio.Protocol):
             self.who.counted = None
         if self in self.gw.connections:
             self.gw.connections.discard(self)
-            self.listener.connections.dec()
+            self.listener.counts.connections -= 1
 
     def crashed(self, where: str, exc: BaseException) -> None:
         """A bug surfaced in one of this connection's callbacks (or in its tunnel's, its
