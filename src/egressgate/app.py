@@ -120,7 +120,7 @@ class App:
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
-                                 held=gateway.protect.hold_on)
+                                 held=gateway.protect.hold_on, observed=gateway.blocks.checked)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)

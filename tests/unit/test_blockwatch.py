@@ -18,6 +18,7 @@ from egressgate.egress.blockwatch import (
     Thresholds,
     classify_http,
     classify_tunnel,
+    header_value,
     retry_after,
     tls_alert,
 )
@@ -52,7 +53,7 @@ def test_other_provider_and_member_are_untouched():
     assert w.state("a", "x") == "blocked"
     assert w.state("a", "y") == "healthy"
     assert w.state("b", "x") == "healthy"
-    assert w.header_value("a", "y") == "y=healthy"
+    assert header_value(w.state("a", "y"), "y", "a") == "healthy; provider=y; member=a"
 
 
 def test_sliding_window_forgets_old_blocks():

@@ -292,14 +292,17 @@ class Verifier:
     ``members`` (of ``pools``, default ``rt.profiles``: a pending switch's candidate is not in it); ``log``: this process logs ``provider_check`` events;
     ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running);
     ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
-    that member for that host -- the check does not go out then, and is ``throttled``."""
+    that member for that host -- the check does not go out then, and is ``throttled``;
+    ``observed(result)``: every result, as it is made (block-aware egress: ``proxy.blocks``)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
                  attest: Callable[..., Awaitable[None]], log: bool,
                  on_error: Callable[[str, BaseException], None],
-                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None) -> None:
+                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None,
+                 observed: Callable[[ProviderResult], None] | None = None) -> None:
         self.on_error = on_error
+        self.observed = observed
         self.held = held
         self.current = current
         self.dialer = dialer
@@ -318,6 +321,8 @@ class Verifier:
     async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
         def each(r: ProviderResult) -> None:
             rt.providers.record(r)
+            if self.observed is not None:  # block-aware egress: a check moves the member's block state
+                self.observed(r)
             if self.log:
                 log_event("provider_check", profile=r.profile, member=r.member, provider=r.provider, ok=r.ok,
                           outcome=r.outcome, detail=r.detail, status=r.status, egress_addr=r.egress_addr,
