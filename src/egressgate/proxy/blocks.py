@@ -38,7 +38,7 @@ from ..egress.plan import EgressPlan
 from ..egress.providers import ProviderResult, parse_retry_after
 from ..errors import EgressBlocked
 from ..http1.parse import ResponseHead
-from ..model import AccessRecord
+from ..model import AccessRecord, shown_target
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
 from .forward import Exchange
@@ -183,7 +183,7 @@ class Watch:
     """One request or tunnel to a watched provider's destination (see the module docstring)."""
 
     __slots__ = ("desk", "w", "member", "rerouted", "status", "retry_after", "marker", "body", "first",
-                 "server_first", "head_seen")
+                 "server_first", "head_seen", "counted")
 
     def __init__(self, desk: BlockDesk, w: ProviderWatch, member: str, rerouted: str | None) -> None:
         self.desk = desk
@@ -197,6 +197,7 @@ class Watch:
         self.first: bytes | None = None  # a tunnel's first server bytes (at most 8)
         self.server_first = False  # a tunnel's server ended its side before the client did
         self.head_seen = False
+        self.counted: tuple[str, str, Transition | None] | None = None  # (signal, evidence, change) once counted
 
     def chosen(self, plan: EgressPlan) -> None:
         """The member the connector really used (failover)."""
@@ -227,42 +228,44 @@ class Watch:
         return reply if line is None else reply[:-2] + line + b"\r\n"
 
     # --- the end ------------------------------------------------------------------------------
-    def finished(self, rec: AccessRecord, status: int) -> None:
+    def count(self, rec: AccessRecord, signal: str, evidence: str) -> None:
+        """Count the signal once (at the response head when the status or a header tells it, so
+        the header on that very answer already reflects it; else when the record is finished)."""
+        if signal == "throttle" and self.retry_after is not None:
+            wait = parse_retry_after(self.retry_after.decode("latin-1"), self.desk.clock())
+            if wait:
+                self.desk.watch.hold(self.member, self.w.name, self.desk.clock() + wait)
+        self.counted = (signal, evidence, self.desk.observe(self.w, self.member, signal, evidence))
+
+    def http_signal(self, rec: AccessRecord) -> tuple[str, str]:
         w = self.w
-        signal, evidence, first = None, "", None
-        if rec.method in TUNNEL_METHODS and status == 200:
-            alert = tls_alert(self.first) if self.first else None
-            reset = rec.reason in ("upstream_reset", "reset")
-            signal = classify_tunnel(bytes_up=rec.bytes_up, bytes_down=rec.bytes_down, reset=reset,
-                                     closed_after_first_flight=self.server_first, alert=alert)
-            first = _first_class(self.first)
-            if alert is not None:
-                level = "fatal" if alert[0] == 2 else "warning"
-                evidence = f"TLS alert {level} {ALERTS.get(alert[1], alert[1])} ({alert[1]}) from {rec.upstream_addr}"
-            elif signal != "ok":
-                how = "reset" if reset else "closed" if self.server_first else "ended"
-                evidence = (f"tunnel to {rec.target} {how} by the server after {rec.bytes_up} bytes up, "
-                            f"{rec.bytes_down} down")
-        elif self.head_seen:
-            if self.marker is None and self.body:
-                self.marker = w.body_marker(self.body)
-            signal = w.classify(self.status, self.retry_after is not None, self.marker)
-            evidence = f"HTTP {self.status} for {rec.method} {rec.target[:200]}"
-            if self.marker is not None:
-                evidence += f": {self.marker}"
-            if self.retry_after is not None:
-                evidence += f" (Retry-After: {self.retry_after[:40].decode('latin-1')})"
-                if signal == "throttle":
-                    wait = parse_retry_after(self.retry_after.decode("latin-1"), time.time())
-                    if wait:
-                        self.desk.watch.hold(self.member, w.name, self.desk.clock() + wait)
-        elif status in (502, 504) and rec.reason in CONNECT_FAILURES:
-            signal, evidence = "connect_fail", f"{rec.reason} to {rec.target[:200]}"
-        if signal is None:
-            return
-        tr = self.desk.observe(w, self.member, signal, evidence)
-        extra = rec.extra or {}
-        extra = {**extra, "provider": w.name, "member": self.member, "signal": signal,
+        if self.marker is None and self.body:
+            self.marker = w.body_marker(self.body)
+        signal = w.classify(self.status, self.retry_after is not None, self.marker)
+        evidence = f"HTTP {self.status} for {rec.method} {shown_target(rec.target)[:200]}"
+        if self.marker is not None:
+            evidence += f": {self.marker}"
+        if self.retry_after is not None:
+            evidence += f" (Retry-After: {self.retry_after[:40].decode('latin-1')})"
+        return signal, evidence
+
+    def finished(self, rec: AccessRecord, status: int) -> None:
+        first = None
+        if self.counted is None:
+            signal, evidence = None, ""
+            if rec.method in TUNNEL_METHODS and status == 200:
+                signal, evidence = self._tunnel_signal(rec)
+                first = _first_class(self.first)
+            elif self.head_seen:
+                signal, evidence = self.http_signal(rec)
+            elif status in (502, 504) and rec.reason in CONNECT_FAILURES:
+                signal, evidence = "connect_fail", f"{rec.reason} to {shown_target(rec.target)[:200]}"
+            if signal is None:
+                return
+            self.count(rec, signal, evidence)
+        signal, evidence, tr = self.counted
+        w = self.w
+        extra = {**(rec.extra or {}), "provider": w.name, "member": self.member, "signal": signal,
                  "block_state": tr.after if tr is not None else self.desk.state(self.member, w.name)}
         if evidence and signal != "ok":
             extra["evidence"] = evidence
@@ -271,6 +274,20 @@ class Watch:
         if self.rerouted is not None:
             extra["rerouted_from"] = self.rerouted
         rec.extra = extra
+
+    def _tunnel_signal(self, rec: AccessRecord) -> tuple[str, str]:
+        alert = tls_alert(self.first) if self.first else None
+        reset = rec.reason in ("upstream_reset", "reset")
+        signal = classify_tunnel(bytes_up=rec.bytes_up, bytes_down=rec.bytes_down, reset=reset,
+                                 closed_after_first_flight=self.server_first, alert=alert)
+        if alert is not None:
+            level = "fatal" if alert[0] == 2 else "warning"
+            return signal, f"TLS alert {level} {ALERTS.get(alert[1], alert[1])} ({alert[1]}) from {rec.upstream_addr}"
+        if signal == "ok":
+            return signal, ""
+        how = "reset by the server" if reset else "closed by the server" if self.server_first else "ended"
+        return signal, (f"tunnel to {shown_target(rec.target)[:200]} {how} after {rec.bytes_up} bytes up, "
+                        f"{rec.bytes_down} down")
 
 
 def _first_class(first: bytes | None) -> str:
@@ -309,6 +326,10 @@ class _Sink:
                     break
         if watch.w.headers:
             watch.marker = watch.w.header_marker(head.headers)
+        rec = ex.record
+        signal, evidence = watch.http_signal(rec)
+        if signal != "ok" or not watch.w.body:  # (else a body marker may still turn up: at the end)
+            watch.count(rec, signal, evidence)
         line = watch.header()
         if line is not None and ex.out:  # (the head is the last thing the exchange queued)
             ex.out[-1] = ex.out[-1][:-2] + line + b"\r\n"
