@@ -225,9 +225,6 @@ class Metrics:
                                                     "summed over workers: how many see that state",
                                                     ["profile", "member", "provider", "state"], registry=r),
                                               (0,), profiles)
-        self.egress_block_changes = Counter(PREFIX + "egress_block_changes_total",
-                                            "Changes of a (member x provider) block state, by the state entered",
-                                            ["state"], registry=r)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
         self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
                                "1 if the last reload attempt succeeded (or none was made)", registry=r)

@@ -107,7 +107,6 @@ class BlockDesk:
 
     def _changed(self, profile: str, tr: Transition, signal: str) -> None:
         self._export(profile, tr.member, tr.provider, tr.after)
-        self.metrics.egress_block_changes.labels(tr.after).inc()
         if self.log:
             log_event("egress_block_state", profile=profile, member=tr.member, provider=tr.provider,
                       before=tr.before, after=tr.after, signal=signal, evidence=tr.evidence,
