@@ -183,6 +183,8 @@ class BlockWatch:
             _, old = ev.popleft()
             p.blocks -= old in BLOCK_SIGNALS
             p.throttles -= old in THROTTLE_SIGNALS
+        if not p.blocks and not p.throttles and p.state == "healthy":
+            return None  # (the common case: nothing to move)
         after = self._next(p, signal, t)
         if after == p.state:
             return None

@@ -204,7 +204,7 @@ class Watch:
 
     def header(self) -> bytes | None:
         """The ``Egress-Block-State`` line for the member used, or None while it is healthy."""
-        state = self.desk.state(self.member, self.w.name)
+        state = self.desk.watch.state(self.member, self.w.name)
         if state == "healthy" and self.rerouted is None:
             return None
         extra = ""
@@ -241,6 +241,8 @@ class Watch:
         if self.marker is None and self.body:
             self.marker = w.body_marker(self.body)
         signal = w.classify(self.status, self.retry_after is not None, self.marker)
+        if signal == "ok":
+            return signal, ""
         evidence = f"HTTP {self.status} for {rec.method} {shown_target(rec.target)[:200]}"
         if self.marker is not None:
             evidence += f": {self.marker}"
@@ -264,9 +266,11 @@ class Watch:
             self.count(rec, signal, evidence)
         signal, evidence, tr = self.counted
         w = self.w
-        extra = {**(rec.extra or {}), "provider": w.name, "member": self.member, "signal": signal,
-                 "block_state": tr.after if tr is not None else self.desk.state(self.member, w.name)}
-        if evidence and signal != "ok":
+        extra = {"provider": w.name, "member": self.member, "signal": signal,
+                 "block_state": tr.after if tr is not None else self.desk.watch.state(self.member, w.name)}
+        if rec.extra:
+            extra = {**rec.extra, **extra}
+        if evidence:
             extra["evidence"] = evidence
         if first is not None:
             extra["first_bytes"] = first
@@ -356,14 +360,14 @@ class WatchedTunnel(Tunnel):
     def upstream_data(self, data: bytes) -> None:
         if self.watch.first is None:
             self.watch.first = bytes(data[:8])
-        super().upstream_data(data)
+        Tunnel.upstream_data(self, data)
 
     def upstream_eof(self) -> bool:
         if not self.up_done:
             self.watch.server_first = True
-        return super().upstream_eof()
+        return Tunnel.upstream_eof(self)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if not self.up_done:
             self.watch.server_first = True
-        super().upstream_lost(exc)
+        Tunnel.upstream_lost(self, exc)
