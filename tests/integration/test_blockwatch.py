@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trustme
 
-from .peers import base_config, wait_for
+from .peers import ClosedPort, base_config, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 FAST = {"window": "60s", "throttle_after": 3, "suspect_after": 2, "block_after": 4, "block_ratio": 0.5}
@@ -80,9 +80,11 @@ class Turncoat:
 
 class ResettingTls:
     """A TLS provider: a real handshake and a tiny HTTP answer for everyone until ``block``;
-    then, for that source, it reads the ClientHello and resets the connection (RST)."""
+    then, for that source, it reads the ClientHello and resets the connection (RST), or
+    (``alert=True``) answers it with a fatal handshake_failure alert record and closes."""
 
-    def __init__(self, ca: trustme.CA) -> None:
+    def __init__(self, ca: trustme.CA, alert: bool = False) -> None:
+        self.alert = alert
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("localhost", "127.0.0.1").configure_cert(self.ctx)
         self.blocked: set[str] = set()
@@ -106,6 +108,10 @@ class ResettingTls:
         try:
             if src in self.blocked:
                 conn.recv(4096)  # the ClientHello
+                if self.alert:
+                    conn.sendall(b"\x15\x03\x03\x00\x02\x02\x28")  # TLS alert: fatal, handshake_failure
+                    conn.close()
+                    return
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()  # RST
                 return
@@ -368,3 +374,52 @@ def test_tls_reset_after_the_client_hello_moves_the_state_and_the_connect_200_sa
     assert tls_provider.seen[-1] == "127.0.0.2"
     # a member with no trouble (127.0.0.3) never appears unhealthy
     assert 'member="127.0.0.3",profile="vendor",provider="vendor-t",state="healthy"} 1.0' in _metrics(gw)
+
+
+@pytest.fixture
+def alerting_tls(ca):
+    p = ResettingTls(ca, alert=True)
+    yield p
+    p.close()
+
+
+def test_tls_alert_before_encryption_is_its_own_signal_and_the_evidence_lists_it(
+        start_gateway, alerting_tls, ca, ca_file, tmp_path):
+    log = tmp_path / "access.log"
+    cfg = base_config(egress={"vendor": _profile(["127.0.0.2", "127.0.0.3"], [
+        {"name": "vendor-t", "url": f"https://localhost:{alerting_tls.port}/", "accept": "tls", "interval": "1h",
+         "match": [f"localhost:{alerting_tls.port}"], "thresholds": FAST}])},
+        clients=_job(alerting_tls.port))
+    cfg["log"] = {**cfg["log"], "access": str(log)}
+    gw = start_gateway(cfg, env={"SSL_CERT_FILE": ca_file})
+    _checked(gw, "vendor-t", ["127.0.0.2", "127.0.0.3"])
+    alerting_tls.blocked.add("127.0.0.2")
+    for _ in range(2):
+        head, how = _tunnel(gw, alerting_tls.port, ca)
+        assert how != "ok"
+    rec = wait_for(lambda: [r for r in _records(log) if r.get("signal") == "tls_alert"], "a tls_alert record")[0]
+    assert rec["first_bytes"] == "tls_alert" and rec["member"] == "127.0.0.2"
+    assert rec["evidence"].startswith("TLS alert fatal handshake_failure (40)"), rec
+    wait_for(lambda: _status_blocks(gw, "vendor")[("127.0.0.2", "vendor-t")]["state"] == "suspected", "suspected")
+    r = _evidence("--log", str(log), "--profile", "vendor", "--provider", "vendor-t", "--json")
+    doc = json.loads(r.stdout)
+    alerts = doc["members"]["127.0.0.2"]["tls_alerts"]
+    assert len(alerts) == 2 and all("handshake_failure" in a["evidence"] and a["ts"] for a in alerts)
+    assert "127.0.0.3" not in doc["members"]  # it carried none of vendor-t's traffic
+
+
+def test_connect_refusals_count_against_the_member(start_gateway):
+    with ClosedPort() as closed:
+        cfg = base_config(egress={"vendor": _profile(["127.0.0.2", "127.0.0.3"], [
+            {"name": "vendor-c", "url": f"http://{closed.address}/", "interval": "1h",
+             "match": [closed.address], "thresholds": FAST}])}, clients=_job(closed.port))
+        gw = start_gateway(cfg)
+        for n in range(2):
+            status, _, _ = _via(gw, f"http://{closed.address}/x?n={n}")
+            assert status == 502
+        rec = gw.wait_log(lambda r: r.get("signal") == "connect_fail")
+        assert rec["member"] == "127.0.0.2" and rec["evidence"].startswith("connection_refused to")
+        # (the start-up checks were refused too: check_fail)
+        row = wait_for(lambda: (r := _status_blocks(gw, "vendor")[("127.0.0.2", "vendor-c")])["signals"]
+                       .get("connect_fail") == 2 and r, "two connect_fail signals")
+        assert row["state"] == "suspected" and row["signals"]["check_fail"] == 1, row
