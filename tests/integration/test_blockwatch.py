@@ -15,6 +15,7 @@ and ``egressgate evidence`` on the access log and events those runs produced.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import struct
@@ -54,13 +55,18 @@ class Turncoat:
             def do_GET(self) -> None:
                 src = self.client_address[0]
                 owner.seen.append(src)
+                extra = {}
                 if src in owner.blocked and owner.kind == "403":
                     status, body = 403, b"<html>Access denied: your IP is banned</html>"
+                elif src in owner.blocked and owner.kind == "429":
+                    status, body, extra = 429, b"slow down", {"Retry-After": "30"}
                 elif src in owner.blocked:
                     status, body = 200, b"<html><title>Just a moment</title><div id=captcha-wall></div></html>"
                 else:
                     status, body = 200, b'{"data": "the real thing"}' + b" " * 2000
                 self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -423,3 +429,30 @@ def test_connect_refusals_count_against_the_member(start_gateway):
         row = wait_for(lambda: (r := _status_blocks(gw, "vendor")[("127.0.0.2", "vendor-c")])["signals"]
                        .get("connect_fail") == 2 and r, "two connect_fail signals")
         assert row["state"] == "suspected" and row["signals"]["check_fail"] == 1, row
+
+
+@pytest.fixture
+def throttler():
+    p = Turncoat("429")
+    yield p
+    p.close()
+
+
+def test_429_with_retry_after_throttles_and_the_header_carries_the_wait(start_gateway, throttler):
+    cfg = base_config(egress={"vendor": _profile(["127.0.0.2", "127.0.0.3"], [
+        _provider("vendor-x", throttler, on_block="reroute")])}, clients=_job(throttler.port))
+    gw = start_gateway(cfg)
+    _checked(gw, "vendor-x", ["127.0.0.2", "127.0.0.3"])
+    throttler.blocked.add("127.0.0.2")
+    got = []
+    for n in range(3):
+        status, headers, _ = _via(gw, throttler.url(f"/data?n={n}"))
+        assert status == 429 and headers["Retry-After"] == "30"  # the provider's answer reaches the job
+        got.append(headers.get("Egress-Block-State"))
+    assert got[:2] == [None, None]
+    assert re.fullmatch(r"throttled; provider=vendor-x; member=127\.0\.0\.2; retry_after=(30|31)", got[2]), got
+    row = _status_blocks(gw, "vendor")[("127.0.0.2", "vendor-x")]
+    assert row["state"] == "throttled" and row["signals"]["throttle"] == 3 and 28 <= row["held_for"] <= 30
+    # throttling is no block: reroute leaves the member in use
+    _via(gw, throttler.url("/data?n=9"))
+    assert throttler.seen[-1] == "127.0.0.2"
