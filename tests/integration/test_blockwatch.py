@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trustme
 
-from .peers import ClosedPort, base_config, wait_for
+from .peers import ClosedPort, ReservedPort, base_config, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 FAST = {"window": "60s", "throttle_after": 3, "suspect_after": 2, "block_after": 4, "block_ratio": 0.5}
@@ -456,3 +456,31 @@ def test_429_with_retry_after_throttles_and_the_header_carries_the_wait(start_ga
     # throttling is no block: reroute leaves the member in use
     _via(gw, throttler.url("/data?n=9"))
     assert throttler.seen[-1] == "127.0.0.2"
+
+
+def _blocked_workers(gw, member: str) -> float:
+    """How many workers see ``member`` blocked for vendor-x (the merged metric sums them)."""
+    want = f'egressgate_egress_block_state{{member="{member}",profile="vendor",provider="vendor-x",state="blocked"}} '
+    return next((float(ln.rsplit(" ", 1)[1]) for ln in _metrics(gw).splitlines() if ln.startswith(want)), 0.0)
+
+
+def test_workers_share_a_blocked_state_so_every_worker_reroutes(start_gateway, x403):
+    cfg = base_config(egress={"vendor": _profile(["127.0.0.2", "127.0.0.3"], [
+        _provider("vendor-x", x403, on_block="reroute")])}, clients=_job(x403.port), workers=2)
+    with ReservedPort() as port:  # workers need a fixed port: held until they listen on it
+        cfg["listen"] = [{"address": port.address}]
+        gw = start_gateway(cfg)
+        wait_for(lambda: len([e for e in gw.events if e.get("event") == "started"]) >= 2, "both workers")
+    x403.blocked.add("127.0.0.2")
+    for n in range(40):  # each connection lands on either worker; stop at the first that sees blocked
+        status, headers, _ = _via(gw, x403.url(f"/data?n={n}"))
+        if headers.get("Egress-Block-State", "").startswith("blocked"):
+            break
+    else:
+        raise AssertionError("no worker ever saw 127.0.0.2 blocked")
+    # the other worker has seen at most 3 of the 403s (block_after is 4): it is blocked only
+    # because the one that saw 4 told it (through worker 0)
+    wait_for(lambda: _blocked_workers(gw, "127.0.0.2") == 2, "both workers see 127.0.0.2 blocked")
+    for n in range(8):  # every worker reroutes vendor-x's new connections
+        status, _, _ = _via(gw, x403.url(f"/after?n={n}"))
+        assert status == 200 and x403.seen[-1] == "127.0.0.3"

@@ -210,6 +210,22 @@ class BlockWatch:
             return "throttled"
         return "healthy"
 
+    def force(self, member: str, provider: str, state: str, now: float, evidence: str = "") -> Transition | None:
+        """Take a state another worker found (``blocked`` or ``reverified``; anything else is
+        ignored): as if its signals had been seen here."""
+        if state not in ("blocked", "reverified"):
+            return None
+        p = self.pairs.setdefault((member, provider), _Pair())
+        if p.state == state:
+            return None
+        before, p.state = p.state, state
+        if evidence:
+            p.last = evidence
+        if state == "reverified":
+            p.events.clear()
+            p.blocks = p.throttles = 0
+        return Transition(member, provider, before, state, now, p.last)
+
     def counts(self, member: str, provider: str) -> dict[str, int]:
         """The signals in the pair's window, by name (for ``/status``)."""
         p = self.pairs.get((member, provider))

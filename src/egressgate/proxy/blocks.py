@@ -68,6 +68,8 @@ class BlockDesk:
         self.clock = clock
         self.log = log
         self.rules: BlockRules | None = None
+        # tell the other workers a blocked / reverified state (set by the app: fleet.Owner / Member)
+        self.share: Callable[[dict], None] | None = None
         self.profile_of: dict[tuple[str, str], str] = {}  # (member, provider) -> the profile it was seen under
 
     def adopt(self, rules: BlockRules | None, members: dict[str, list[str]]) -> None:
@@ -107,10 +109,24 @@ class BlockDesk:
 
     def _changed(self, profile: str, tr: Transition, signal: str) -> None:
         self._export(profile, tr.member, tr.provider, tr.after)
+        if self.share is not None and tr.after in ("blocked", "reverified"):
+            self.share({"profile": profile, "member": tr.member, "provider": tr.provider, "state": tr.after,
+                        "evidence": tr.evidence[:300]})
         if self.log:
             log_event("egress_block_state", profile=profile, member=tr.member, provider=tr.provider,
                       before=tr.before, after=tr.after, signal=signal, evidence=tr.evidence,
                       counts=self.watch.counts(tr.member, tr.provider))
+
+    def shared(self, doc: dict) -> None:
+        """A state another worker of this instance found (``blocked`` or ``reverified``), taken
+        as if seen here: routing and the header agree across workers. Logged by the finder only."""
+        w = self.rules.get(str(doc.get("profile")), str(doc.get("provider"))) if self.rules is not None else None
+        if w is None:
+            return
+        tr = self.watch.force(str(doc.get("member")), w.name, str(doc.get("state")), self.clock(),
+                              str(doc.get("evidence", ""))[:300])
+        if tr is not None:
+            self._export(w.profile, tr.member, tr.provider, tr.after)
 
     def checked(self, r: ProviderResult) -> None:
         """An active check's result: ``accepted`` re-verifies a blocked or suspected member,
