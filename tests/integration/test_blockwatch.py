@@ -292,7 +292,7 @@ def captcha():
     p.close()
 
 
-def test_200_captcha_page_with_a_body_marker_blocks_and_with_nowhere_to_go_503(start_gateway, captcha):
+def test_200_captcha_page_with_a_body_marker_blocks_and_with_nowhere_to_go_503(start_gateway, captcha, tmp_path):
     cfg = base_config(egress={"vendor": _profile(["127.0.0.2"], [
         _provider("vendor-x", captcha, on_block="reroute", markers={"body": ["captcha-wall"]})])},
         clients=_job(captcha.port))
@@ -321,6 +321,13 @@ def test_200_captcha_page_with_a_body_marker_blocks_and_with_nowhere_to_go_503(s
     assert len(captcha.seen) == 5 + 1  # (the start-up check) and nothing left for the refused request
     rec = gw.wait_log(lambda r: "n=9" in r["target"])
     assert rec["status"] == 503 and rec["reason"] == "egress_blocked"
+    # the status page: the blocked row, red, with its evidence
+    from .test_status_page import parse_dom, render
+
+    rows = {(r[1].text, r[2].text): r for r in parse_dom(render(gw.admin + "/", tmp_path)).tables["blocks"]}
+    row = rows[("127.0.0.2", "vendor-x")]
+    assert row[3].text == "blocked" and row[3].cls == "bad" and "marker 4" in row[4].text, [c.text for c in row]
+    assert "captcha-wall" in row[5].text and row[6].text == "reroute"
 
 
 @pytest.fixture
