@@ -65,6 +65,7 @@ class Turncoat:
                 else:
                     status, body = 200, b'{"data": "the real thing"}' + b" " * 2000
                 self.send_response(status)
+                self.send_header("Egress-Block-State", "healthy; provider=spoofed")  # never reaches a job
                 for name, value in extra.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
