@@ -70,7 +70,6 @@ class BlockDesk:
         self.rules: BlockRules | None = None
         # tell the other workers a blocked / reverified state (set by the app: fleet.Owner / Member)
         self.share: Callable[[dict], None] | None = None
-        self.profile_of: dict[tuple[str, str], str] = {}  # (member, provider) -> the profile it was seen under
 
     def adopt(self, rules: BlockRules | None, members: dict[str, list[str]]) -> None:
         """A runtime comes into force: its rules; the states of pairs it still watches are kept,
@@ -79,12 +78,10 @@ class BlockDesk:
         self.rules = rules
         keep: set[tuple[str, str]] = set()
         self.metrics.egress_block_state.clear()
-        self.profile_of = {}
         for profile, watches in (rules.by_profile.items() if rules else ()):
             for w in watches:
                 for member in members.get(profile, ()):
                     keep.add((member, w.name))
-                    self.profile_of[(member, w.name)] = profile
                     self._export(profile, member, w.name, self.watch.state(member, w.name))
         self.watch.keep_only(keep)
 
