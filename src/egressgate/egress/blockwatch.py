@@ -45,7 +45,6 @@ THROTTLE_SIGNALS = frozenset({"throttle", "check_throttled"})
 MARKER_WINDOW = 1024
 TINY_BYTES = 64
 HEADER = "Egress-Block-State"  # on the CONNECT 200 and plain-HTTP responses (``header_line``)
-SEVERITY = {"healthy": 0, "reverified": 0, "throttled": 1, "suspected": 2, "blocked": 3}
 
 
 @dataclass(frozen=True, slots=True)
