@@ -24,6 +24,12 @@ window's traffic. ``blocked`` is left only by a passing active check (``reverifi
 clears the window), never by live traffic alone; ``reverified`` becomes ``healthy`` on the next
 signal when the window holds no block signal.
 The cost per signal is O(1) amortised (one deque append, expired entries popped).
+
+Compiled config: ``ProviderWatch`` is one provider's ``match`` patterns (a ``policy.rules.RuleSet``,
+as clients' ``allow``), markers (statuses, header and first-KiB body regexes), thresholds and
+``on_block``; ``BlockRules.lookup(profile, dest)`` finds the provider a destination belongs to;
+``compile_rules`` is None when no provider names ``match`` (nothing is watched, nothing paid).
+``header_value`` / ``header_line`` render the ``Egress-Block-State`` field.
 """
 
 from __future__ import annotations
