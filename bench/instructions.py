@@ -5,7 +5,8 @@ forwarded request, per CONNECT tunnel and per SOCKS5 tunnel, counted by valgrind
 every optimisation and guard against regressions (``tests/perf/test_instruction_budget.py``).
 
     .venv/bin/python bench/instructions.py [--ops N] [--kinds request,tunnel,socks]
-        [--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,squid,tinyproxy,trafficserver,dante]
+        [--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,squid,tinyproxy,trafficserver,
+                 dante,egressgate-blocks,egressgate-blocks-idle]
         [--out PATH] [--profile]
 
 How it counts (every peer alike):
@@ -29,7 +30,9 @@ How it counts (every peer alike):
 - egressgate with ``log: {access: none}`` (as Squid's ``access_log none``); the policy variant
   is bench/peers.py's (Basic auth, 1,000 allow rules, a bound egress profile), the protect
   variant adds a ``protect`` rule on the target whose limits are never reached, the fleet
-  variant leases that rule's budgets from a fleet store (a ``redis-server`` started for it).
+  variant leases that rule's budgets from a fleet store (a ``redis-server`` started for it); the
+  blocks variants (not run unless named) add a provider with ``match``: on the target (``blocks``:
+  every request and tunnel watched) or elsewhere (``blocks-idle``: the destination lookup alone).
 
 ``--profile`` keeps the callgrind files (with ``--dump-instr=yes``) and prints, per operation,
 the functions' inclusive and own instructions, start-up cancelled the same way (5N - N).

@@ -341,19 +341,25 @@ class Egressgate(Peer):
     PASSWORD = "secret"
     RULES = 1000
 
-    def __init__(self, policy: bool, workers: int | None, protect: bool = False, fleet: bool = False):
-        super().__init__("egressgate-fleet" if fleet else "egressgate-protect" if protect else
-                         "egressgate-policy" if policy else "egressgate")
-        self.policy = policy or protect or fleet
+    def __init__(self, policy: bool, workers: int | None, protect: bool = False, fleet: bool = False,
+                 blocks: str = ""):
+        super().__init__("egressgate-fleet" if fleet else f"egressgate-{blocks}" if blocks else
+                         "egressgate-protect" if protect else "egressgate-policy" if policy else "egressgate")
+        self.policy = policy or protect or fleet or bool(blocks)
         self.protect = protect or fleet  # policy, plus shared-IP protection of the target (limits never reached)
         self.fleet = fleet  # protect, with its budgets leased from a fleet store (a redis-server started here)
         self.redis: Proc | None = None
         self.redis_port = 0
+        # block-aware egress (issue 30), with policy: "blocks": the target is a provider's
+        # destination (every request and tunnel watched); "blocks-idle": providers with match
+        # are configured, the target is none of theirs (the lookup alone)
+        self.blocks = blocks
         self.workers = workers
         self.capacity = 0  # 0: as many cores as it has processes (workers), up to the machine's
         self.label = (
             "egressgate" + (" + policy" if self.policy else "") + (" + protect" if self.protect else "")
-            + (" + fleet store" if fleet else "") + (f" ({workers} workers)" if workers else "")
+            + (" + fleet store" if fleet else "") + (f" + {blocks}" if blocks else "")
+            + (f" ({workers} workers)" if workers else "")
         )
         if self.policy:
             self.auth = "bench:" + self.PASSWORD
@@ -409,6 +415,11 @@ class Egressgate(Peer):
             if self.protect:  # the target is protected; the limits are far above what the load reaches
                 lines.append('    protect: [{name: bench, destinations: ["127.0.0.1"], max_concurrent: 1000000, '
                              "max_per_second: 1000000000}]")
+            if self.blocks:  # (one check at start-up, in both copies: it cancels out)
+                match = "127.0.0.1" if self.blocks == "blocks" else "*.vendor-x.example"
+                lines.append(f'    providers: [{{name: vendor-x, url: "http://127.0.0.1:{env.origin_port}/", '
+                             f'interval: 1h, match: ["{match}", "*.vendor-x.test"], '
+                             '  markers: {body: ["captcha"]}}]')
             lines += [
                 "clients:",
                 "  - name: bench",
@@ -487,7 +498,10 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
             out.append(Egressgate(True, egressgate_workers, protect=True))
         elif n == "egressgate-fleet":
             out.append(Egressgate(True, egressgate_workers, fleet=True))
+        elif n in ("egressgate-blocks", "egressgate-blocks-idle"):
+            out.append(Egressgate(True, egressgate_workers, blocks=n.removeprefix("egressgate-")))
         else:
             raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, trafficserver, dante, egressgate, "
-                             "egressgate-policy, egressgate-protect, egressgate-fleet)")
+                             "egressgate-policy, egressgate-protect, egressgate-fleet, egressgate-blocks, "
+                             "egressgate-blocks-idle)")
     return out

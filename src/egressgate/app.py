@@ -122,7 +122,7 @@ class App:
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
-                                 held=gateway.protect.hold_on,
+                                 held=gateway.protect.hold_on, observed=gateway.blocks.checked,
                                  shared=SharedChecks(self.check_store) if self.check_store is not None else None)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
@@ -149,9 +149,11 @@ class App:
         guard = self.gateway.protect
         path = f"{self.sockdir}/owner.sock" if self.sockdir is not None else None
         on_error = self.gateway.internal_error
+        blocks = self.gateway.blocks
         if self.worker != 0:
             member = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
             guard.budget = member
+            member.on_block, blocks.share = blocks.shared, member.block_learned  # block states, every worker alike
             return member
         ledger = Ledger(self.loop.time)
         owner = Owner(path, ledger, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
@@ -164,6 +166,7 @@ class App:
                                  self.metrics, on_error)
             self.metrics.fleet_rate_slack.set(RATE_SLACK)
         guard.budget = owner
+        owner.on_block, blocks.share = blocks.shared, owner.block_learned
         return owner
 
     def _peers(self) -> list[tuple[int, str]]:

@@ -1,5 +1,5 @@
 """Command line: ``egressgate serve | check-config | hash-password | probe | verify | explain | replay |
-receipt | demo``.
+evidence | receipt | demo``.
 
 Library code raises; only ``main`` turns errors into messages and exit codes.
 """
@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="the report as one JSON document")
     rp.add_argument("--window", type=float, default=None, metavar="SECONDS",
                     help="protect: how far out of start order records may come (default 120)")
+    ev = sub.add_parser("evidence", help="what a provider's support desk needs about a block of our egress IP: "
+                                         "counts by signal, sample answers, TLS alerts, state changes, checks")
+    ev.add_argument("--profile", required=True, help="the egress profile")
+    ev.add_argument("--provider", required=True, help="the provider (a providers[] name with match)")
+    ev.add_argument("--log", action="append", metavar="FILE",
+                    help="a JSON access log, plain or gzipped (repeatable; - for stdin); default: --config's "
+                         "log.access and its rotated files")
+    ev.add_argument("--events", action="append", metavar="FILE",
+                    help="the gateway's events (its stderr, JSON lines; repeatable): state changes and checks")
+    ev.add_argument("--config", "-c", help="the gateway's config (for the default --log)")
+    ev.add_argument("--since", metavar="T", help="only from T on (ISO 8601 UTC, Unix seconds, or 30m, 2h, 7d ago)")
+    ev.add_argument("--json", action="store_true", help="one JSON document")
     rc = sub.add_parser("receipt", help="job receipts: check one's signature, print the gateway's public key")
     rsub = rc.add_subparsers(dest="receipt_command", required=True)
     rv = rsub.add_parser("verify", help="check a receipt's signature (exit 0 valid, 1 invalid)")
@@ -124,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return replay_main(args.config, args.log, args.since, args.json,
                                args.window if args.window is not None else DEFAULT_WINDOW)
+        if args.command == "evidence":
+            from .commands.evidence import main as evidence_main
+
+            return evidence_main(args.profile, args.provider, args.log, args.events, args.config, args.since,
+                                 args.json)
         if args.command == "receipt":
             from .commands import receipt
 

@@ -111,6 +111,15 @@ class EgressUnverified(Unavailable):
     reason = "egress_ip_unverified"
 
 
+class EgressBlocked(Unavailable):
+    """Every member of the profile is blocked by the provider the destination belongs to, and
+    the provider says ``on_block: reroute``: nowhere to go (the detail names provider, member
+    and evidence)."""
+
+    proxy_status = "destination_unavailable"
+    reason = "egress_blocked"
+
+
 # --- the upstream's fault ---------------------------------------------------------------
 
 class UpstreamError(GatewayError):

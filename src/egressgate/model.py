@@ -178,6 +178,13 @@ class Releasable(Protocol):
     def release(self) -> None: ...
 
 
+class Watched(Protocol):
+    """A request or tunnel to a provider watched for blocks (``proxy.blocks.Watch``): told how
+    it ended, before its record is written."""
+
+    def finished(self, rec: AccessRecord, status: int) -> None: ...
+
+
 @dataclass(slots=True)
 class AccessRecord:
     """The one access-log record of a request or tunnel, filled in as it proceeds."""
@@ -203,6 +210,7 @@ class AccessRecord:
     auth: str | None = None  # how the client identified: none | basic | token | cert (None: it did not)
     requested_profile: str | None = None  # the profile the client asked for (user+profile or the header)
     addresses: list[str] | tuple[str, ...] | None = None  # a name's resolved addresses, as judged
+    watch: Watched | None = None  # a provider's destination watched for blocks (issue 30), else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ ALERTED_METRICS = {
     "egressgate_egress_ip_match", "egressgate_denied_total", "egressgate_upstream_errors_total",
     "egressgate_requests_total", "egressgate_ready", "up", "egressgate_egress_source_up",
     "egressgate_config_reloads_total", "egressgate_provider_reachable", "egressgate_provider_switch_pending",
+    "egressgate_egress_block_state",
 }
 DASHBOARD_METRICS = {
     "egressgate_requests_total", "egressgate_bytes_total", "egressgate_active_connections",
@@ -431,7 +432,8 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
                 "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"],
                            "protect": [{"name": "origin", "destinations": ["127.0.0.1"], "max_concurrent": 1},
                                        {"name": "origin-by-name", "destinations": ["localhost"]}],
-                           "providers": [{"name": "vendor", "url": origin.url("/only-from?addr=127.0.0.2")}]}},
+                           "providers": [{"name": "vendor", "url": origin.url("/only-from?addr=127.0.0.2"),
+                                          "match": ["*.vendor.example"]}]}},
         clients=[
             {"name": "auditor", "from": ["127.0.0.1/32"], "username": "auditor", "password_env": "EG_AUDITOR_PW",
              "egress": ["pinned"], "deny": ["localhost"], "mode": "report"},

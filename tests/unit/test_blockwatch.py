@@ -18,6 +18,7 @@ from egressgate.egress.blockwatch import (
     Thresholds,
     classify_http,
     classify_tunnel,
+    header_value,
     retry_after,
     tls_alert,
 )
@@ -52,7 +53,7 @@ def test_other_provider_and_member_are_untouched():
     assert w.state("a", "x") == "blocked"
     assert w.state("a", "y") == "healthy"
     assert w.state("b", "x") == "healthy"
-    assert w.header_value("a", "y") == "y=healthy"
+    assert header_value(w.state("a", "y"), "y", "a") == "healthy; provider=y; member=a"
 
 
 def test_sliding_window_forgets_old_blocks():
@@ -191,3 +192,68 @@ def test_tunnel_with_data_back_is_ok():
                            alert=None) == "ok"
     assert classify_tunnel(bytes_up=500, bytes_down=10, reset=False, closed_after_first_flight=False,
                            alert=None) == "tiny_tunnel"
+
+
+# --- the providers[] keys of block-aware egress, compiled -------------------------------------
+
+FILE = "gw.yaml"
+
+
+def _checked(providers: str):
+    import textwrap
+
+    from egressgate.config.loader import check_config_text
+
+    text = "egress:\n  x:\n    bind: [127.0.0.2]\n" + textwrap.indent(textwrap.dedent(providers), "    ")
+    return check_config_text(text, FILE)
+
+
+@pytest.mark.parametrize(("providers", "expected"), [
+    ("providers: [{name: v, url: 'http://v.test/', match: ['bad:port:x']}]",
+     f"{FILE}:4: egress.x.providers[0].match: bad destination pattern 'bad:port:x': invalid host name 'bad:port:x'"),
+    ("providers: [{name: v, url: 'http://v.test/', match: [v.test], markers: {body: ['(x']}}]",
+     f"{FILE}:4: egress.x.providers[0].markers.body: not a regular expression: '(x': missing ), unterminated "
+     "subpattern at position 0"),
+    ("providers: [{name: v, url: 'http://v.test/', match: [v.test], markers: {header: ['no colon']}}]",
+     f"{FILE}:4: egress.x.providers[0].markers.header: expected 'Name: regex', got 'no colon'"),
+    ("providers: [{name: v, url: 'http://v.test/', match: [v.test], markers: {status: [99]}}]",
+     f"{FILE}:4: egress.x.providers[0].markers.status: not HTTP statuses (100-599): [99]"),
+    ("providers: [{name: v, url: 'http://v.test/', match: [v.test], thresholds: {block_after: 1, suspect_after: 3}}]",
+     f"{FILE}:4: egress.x.providers[0].thresholds: block_after must be at least suspect_after"),
+    ("providers: [{name: v, url: 'http://v.test/', match: [v.test], on_block: sometimes}]",
+     f"{FILE}:4: egress.x.providers[0].on_block: write 'report' or 'reroute', not text 'sometimes'"),
+    ("providers: [{name: v, url: 'http://v.test/', on_block: reroute}]",
+     f"{FILE}:4: egress.x.providers[0]: on_block: reroute needs match: the destinations that are this provider's"),
+])
+def test_block_keys_refused_with_file_line_key(providers, expected):
+    assert _checked(providers).errors == [expected]
+
+
+def test_compiled_rules_find_the_provider_of_a_destination_and_none_without_match():
+    from egressgate.egress.blockwatch import compile_rules
+    from egressgate.model import HostPort
+
+    none = _checked("providers: [{name: v, url: 'http://v.test/'}]")
+    assert none.errors == [] and compile_rules(none.config.egress) is None  # unconfigured: nothing to pay
+    c = _checked("""\
+        providers:
+          - {name: v, url: 'http://v.test/', match: ['*.vendor-x.com', 'api.vendor-x.io:8443', '198.51.100.0/24'],
+             markers: {status: [403, 418], body: [captcha], header: ['Server: ^cloud.*wall']},
+             thresholds: {window: 2m, block_after: 5}, on_block: reroute}
+          - {name: w, url: 'http://w.test/', match: [w.test]}
+        """)
+    assert c.errors == []
+    rules = compile_rules(c.config.egress)
+    v = rules.lookup("x", HostPort("www.vendor-x.com", 443))
+    assert v is not None and v.name == "v" and v.reroute and v.thresholds.window == 120 and v.thresholds.block_after == 5
+    assert rules.lookup("x", HostPort("vendor-x.com", 443)) is None  # *.domain: subdomains only, as in allow
+    assert rules.lookup("x", HostPort("api.vendor-x.io", 8443)) is v
+    assert rules.lookup("x", HostPort("api.vendor-x.io", 443)) is None
+    assert rules.lookup("x", HostPort("198.51.100.7", 443)) is v
+    assert rules.lookup("x", HostPort("w.test", 80)).name == "w"
+    assert rules.lookup("other", HostPort("w.test", 80)) is None
+    assert v.classify(418, False, None) == "block_status" and v.classify(401, False, None) == "ok"
+    assert v.header_marker([(b"Server", b"cloudwall/2")]) == "header Server: cloudwall/2"
+    assert v.header_marker([(b"Server", b"nginx")]) is None
+    assert v.body_marker(b"x" * 10 + b"<div class=CAPTCHA>") is not None
+    assert v.body_marker(b"x" * 1024 + b"captcha") is None  # the first KiB only

@@ -271,6 +271,8 @@ def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDesk
             "refusal": (pool.refusal() or (None, None))[1],
             "protect": gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.members]),
             "providers": profile_view(rt.providers, pool),
+            # block-aware egress: each (member x provider with match) state, signals, evidence (this worker)
+            "blocks": gw.blocks.view(name, [m.label for m in pool.members]),
         }
     problems = readiness(gw)
     return {

@@ -19,7 +19,7 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ClientProtocolError
-from ..model import ScryptHash, ip_or_none, normalize_host, parse_socket_address
+from ..model import DestPattern, ScryptHash, ip_or_none, normalize_host, parse_socket_address
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -224,6 +224,63 @@ def split_url(value: str) -> SplitResult:
     return parts
 
 
+class MarkersConfig(_Model):
+    """What marks a provider's answer to a job's plain-HTTP request as a block (issue 30): the
+    statuses, regexes over the first KiB of the body, and ``"Name: regex"`` header markers."""
+
+    status: list[int] = [401, 403, 451]
+    body: list[str] = Field(default=[], max_length=32)
+    header: list[str] = Field(default=[], max_length=32)
+
+    @field_validator("status")
+    @classmethod
+    def _statuses(cls, value: list[int]) -> list[int]:
+        bad = [s for s in value if not 100 <= s <= 599]
+        if bad:
+            raise ValueError(f"not HTTP statuses (100-599): {bad}")
+        return value
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern.encode("utf-8"))
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r}: {exc}") from None
+        return value
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, pattern = item.partition(":")
+            if not sep or not name.strip() or not all(c.isalnum() or c in "-_" for c in name.strip()):
+                raise ValueError(f"expected 'Name: regex', got {item!r}")
+            try:
+                re.compile(pattern.strip().encode("utf-8"))
+            except re.error as exc:
+                raise ValueError(f"not a regular expression in {item!r}: {exc}") from None
+        return value
+
+
+class BlockThresholdsConfig(_Model):
+    """When live signals move a (member x provider) pair's state (``egress.blockwatch``): counts
+    within a sliding ``window``."""
+
+    window: Annotated[float, BeforeValidator(_duration), Field(gt=0, le=86400)] = 300.0
+    throttle_after: int = Field(default=3, ge=1)  # throttle signals (429, 503 + Retry-After) -> throttled
+    suspect_after: int = Field(default=3, ge=1)  # block signals -> suspected
+    block_after: int = Field(default=10, ge=1)  # block signals -> blocked ...
+    block_ratio: float = Field(default=0.5, gt=0, le=1)  # ... making at least this share of the window
+
+    @model_validator(mode="after")
+    def _order(self) -> BlockThresholdsConfig:
+        if self.block_after < self.suspect_after:
+            raise ValueError("block_after must be at least suspect_after")
+        return self
+
+
 class ProviderConfig(_Model):
     """A provider that must accept a profile's egress (see ``egressgate.services.checks``)."""
 
@@ -240,6 +297,19 @@ class ProviderConfig(_Model):
     # a 200 block page or CAPTCHA is a refusal: regexes over the first 64 KiB of the body (GET)
     refuse_body: list[str] = []  # any match: outcome body_refused
     expect_body: str | None = None  # no match: outcome body_refused
+    # Block-aware egress (issue 30): the destinations that are this provider's (patterns as in
+    # clients' allow); the jobs' own traffic to them moves a state per (member x provider).
+    match: list[str] = Field(default=[], max_length=256)
+    markers: MarkersConfig = MarkersConfig()
+    thresholds: BlockThresholdsConfig = BlockThresholdsConfig()
+    on_block: Literal["report", "reroute"] = "report"  # reroute: new connections avoid a blocked member
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            DestPattern.parse(pattern)  # (raises ValueError naming the pattern)
+        return value
 
     @field_validator("refuse_body", "expect_body")
     @classmethod
@@ -271,6 +341,8 @@ class ProviderConfig(_Model):
             raise ValueError("refuse_body / expect_body need method: GET and HTTP statuses in accept (a body to read)")
         if self.headers_file and self.headers_env:
             raise ValueError("headers_file and headers_env: name one")
+        if self.on_block == "reroute" and not self.match:
+            raise ValueError("on_block: reroute needs match: the destinations that are this provider's")
         return self
 
 

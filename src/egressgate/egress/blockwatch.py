@@ -24,14 +24,24 @@ window's traffic. ``blocked`` is left only by a passing active check (``reverifi
 clears the window), never by live traffic alone; ``reverified`` becomes ``healthy`` on the next
 signal when the window holds no block signal.
 The cost per signal is O(1) amortised (one deque append, expired entries popped).
+
+Compiled config: ``ProviderWatch`` is one provider's ``match`` patterns (a ``policy.rules.RuleSet``,
+as clients' ``allow``), markers (statuses, header and first-KiB body regexes), thresholds and
+``on_block``; ``BlockRules.lookup(profile, dest)`` finds the provider a destination belongs to;
+``compile_rules`` is None when no provider names ``match`` (nothing is watched, nothing paid).
+``header_value`` / ``header_line`` render the ``Egress-Block-State`` field.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+
+from ..model import HostPort
+from ..policy.rules import RuleSet
 
 STATES = ("healthy", "throttled", "suspected", "blocked", "reverified")
 BLOCK_STATUSES = frozenset({401, 403, 451})
@@ -40,7 +50,7 @@ BLOCK_SIGNALS = frozenset({"block_status", "marker", "early_close", "tls_alert",
 THROTTLE_SIGNALS = frozenset({"throttle", "check_throttled"})
 MARKER_WINDOW = 1024
 TINY_BYTES = 64
-HEADER = "Egress-Block-State"  # on the CONNECT 200 and plain-HTTP responses: "<provider>=<state>"
+HEADER = "Egress-Block-State"  # on the CONNECT 200 and plain-HTTP responses (``header_line``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +170,10 @@ class BlockWatch:
         p = self.pairs.setdefault((member, provider), _Pair())
         p.hold_until = max(p.hold_until, until)
 
-    def observe(self, member: str, provider: str, signal: str, now: float, evidence: str = "") -> Transition | None:
+    def observe(self, member: str, provider: str, signal: str, now: float, evidence: str = "",
+                thresholds: Thresholds | None = None) -> Transition | None:
+        """Count one signal (``thresholds``: the provider's own, else the watch's default)."""
+        t = thresholds or self.t
         p = self.pairs.get((member, provider))
         if p is None:
             p = self.pairs[(member, provider)] = _Pair()
@@ -170,12 +183,14 @@ class BlockWatch:
         p.throttles += signal in THROTTLE_SIGNALS
         if evidence and signal != "ok":
             p.last = evidence
-        horizon = now - self.t.window
+        horizon = now - t.window
         while ev and (ev[0][0] < horizon or len(ev) > self.cap):
             _, old = ev.popleft()
             p.blocks -= old in BLOCK_SIGNALS
             p.throttles -= old in THROTTLE_SIGNALS
-        after = self._next(p, signal)
+        if not p.blocks and not p.throttles and p.state == "healthy":
+            return None  # (the common case: nothing to move)
+        after = self._next(p, signal, t)
         if after == p.state:
             return None
         before, p.state = p.state, after
@@ -184,8 +199,8 @@ class BlockWatch:
             p.blocks = p.throttles = 0
         return Transition(member, provider, before, after, now, p.last)
 
-    def _next(self, p: _Pair, signal: str) -> str:
-        t, s = self.t, p.state
+    def _next(self, p: _Pair, signal: str, t: Thresholds) -> str:
+        s = p.state
         if signal == "check_ok" and s in ("blocked", "suspected"):
             return "reverified"
         if s == "blocked":
@@ -200,5 +215,135 @@ class BlockWatch:
             return "throttled"
         return "healthy"
 
-    def header_value(self, member: str, provider: str) -> str:
-        return f"{provider}={self.state(member, provider)}"
+    def force(self, member: str, provider: str, state: str, now: float, evidence: str = "") -> Transition | None:
+        """Take a state another worker found (``blocked`` or ``reverified``; anything else is
+        ignored): as if its signals had been seen here."""
+        if state not in ("blocked", "reverified"):
+            return None
+        p = self.pairs.setdefault((member, provider), _Pair())
+        if p.state == state:
+            return None
+        before, p.state = p.state, state
+        if evidence:
+            p.last = evidence
+        if state == "reverified":
+            p.events.clear()
+            p.blocks = p.throttles = 0
+        return Transition(member, provider, before, state, now, p.last)
+
+    def counts(self, member: str, provider: str) -> dict[str, int]:
+        """The signals in the pair's window, by name (for ``/status``)."""
+        p = self.pairs.get((member, provider))
+        out: dict[str, int] = {}
+        for _, signal in p.events if p else ():
+            out[signal] = out.get(signal, 0) + 1
+        return out
+
+    def evidence(self, member: str, provider: str) -> str:
+        p = self.pairs.get((member, provider))
+        return p.last if p else ""
+
+    def hold_until(self, member: str, provider: str) -> float:
+        p = self.pairs.get((member, provider))
+        return p.hold_until if p else 0.0
+
+    def keep_only(self, pairs: set[tuple[str, str]]) -> None:
+        """After a reload: forget the pairs no profile watches any more (the table stays bounded)."""
+        for key in [k for k in self.pairs if k not in pairs]:
+            del self.pairs[key]
+
+
+def header_value(state: str, provider: str, member: str, extra: str = "") -> str:
+    """``blocked; provider=vendor-x; member=203.0.113.10`` (the ``Egress-Block-State`` value)."""
+    return f"{state}; provider={provider}; member={member}{extra}"
+
+
+def header_line(state: str, provider: str, member: str, extra: str = "") -> bytes:
+    """The whole ``Egress-Block-State`` header line, CRLF-terminated."""
+    return f"{HEADER}: {header_value(state, provider, member, extra)}\r\n".encode("latin-1", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderWatch:
+    """One provider of one profile as live traffic is judged against it (compiled from a
+    ``ProviderConfig`` with ``match``)."""
+
+    profile: str
+    name: str
+    rules: RuleSet
+    statuses: frozenset[int]
+    body: tuple[re.Pattern[bytes], ...]
+    headers: tuple[tuple[bytes, re.Pattern[bytes]], ...]  # (lower-case name, regex over its value)
+    thresholds: Thresholds
+    reroute: bool
+
+    @classmethod
+    def compile(cls, profile: str, spec: object) -> ProviderWatch:
+        m, t = spec.markers, spec.thresholds
+        headers = []
+        for item in m.header:
+            name, _, pattern = item.partition(":")
+            headers.append((name.strip().lower().encode("latin-1"), re.compile(pattern.strip().encode(), re.I)))
+        return cls(profile, spec.name, RuleSet(spec.match), frozenset(m.status),
+                   tuple(re.compile(b.encode(), re.I) for b in m.body), tuple(headers),
+                   Thresholds(t.window, t.throttle_after, t.suspect_after, t.block_after, t.block_ratio),
+                   spec.on_block == "reroute")
+
+    @property
+    def peeks(self) -> bool:
+        """Whether the first KiB of a plain-HTTP body is worth keeping (body markers configured)."""
+        return bool(self.body)
+
+    def header_marker(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        for name, value in headers:
+            low = name.lower()
+            for want, pattern in self.headers:
+                if low == want and pattern.search(value):
+                    return f"header {name.decode('latin-1')}: {value[:80].decode('latin-1')}"
+        return None
+
+    def body_marker(self, first: bytes) -> str | None:
+        for pattern in self.body:
+            found = pattern.search(first, 0, MARKER_WINDOW)
+            if found:
+                return f"body matches {pattern.pattern.decode('utf-8', 'replace')!r} ({found.group(0)[:60]!r})"
+        return None
+
+    def classify(self, status: int, retry_after_present: bool, marker: str | None) -> str:
+        """``classify_http`` with this provider's block statuses."""
+        if marker is not None:
+            return "marker"
+        if status in self.statuses:
+            return "block_status"
+        if status == 429 or (status == 503 and retry_after_present):
+            return "throttle"
+        return "ok"
+
+
+class BlockRules:
+    """Every watched provider of a runtime, by profile: ``lookup`` finds the provider a
+    destination belongs to. Compiled once per config; ``compile_rules`` returns None when no
+    provider names ``match`` (an unconfigured gateway pays one ``is None`` per request)."""
+
+    __slots__ = ("by_profile", "names")
+
+    def __init__(self, by_profile: dict[str, tuple[ProviderWatch, ...]]) -> None:
+        self.by_profile = by_profile
+        self.names = {(w.profile, w.name): w for ws in by_profile.values() for w in ws}
+
+    def lookup(self, profile: str, dest: HostPort) -> ProviderWatch | None:
+        for w in self.by_profile.get(profile, ()):
+            if w.rules.match_rule(dest.host, dest.port, dest.is_ip) is not None:
+                return w
+        return None
+
+    def get(self, profile: str, provider: str) -> ProviderWatch | None:
+        return self.names.get((profile, provider))
+
+
+def compile_rules(egress: dict) -> BlockRules | None:
+    """``egress``: the config's profiles (name -> ``ProfileConfig``)."""
+    by_profile = {name: tuple(ProviderWatch.compile(name, p) for p in spec.providers if p.match)
+                  for name, spec in egress.items()}
+    by_profile = {name: ws for name, ws in by_profile.items() if ws}
+    return BlockRules(by_profile) if by_profile else None

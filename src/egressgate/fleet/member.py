@@ -4,7 +4,8 @@ guard, leased from worker 0 (``owner.Owner``) over the Unix socket.
 The connection is made at start and again whenever it drops (every ``RETRY`` seconds). A
 lease that cannot be asked (no connection) or is not answered within ``ASK_TIMEOUT`` counts
 as nothing granted: the request is refused (429), never admitted past the limit. The owner's
-``reclaim`` is answered at once with the idle slots; holds come and go both ways. Token
+``reclaim`` is answered at once with the idle slots; holds and block states (``block``: a
+(member x provider) found ``blocked`` or ``reverified``, ``proxy.blocks``) come and go both ways. Token
 slices past their TTL go back every ``TOKEN_TTL / 2``.
 """
 
@@ -35,6 +36,7 @@ class Member:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
+        self.on_block: Callable[[dict], None] | None = None  # a block state another worker found
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -67,6 +69,9 @@ class Member:
 
     def hold_learned(self, doc: dict) -> None:
         self._tell({"op": "hold", "hold": doc})
+
+    def block_learned(self, doc: dict) -> None:
+        self._tell({"op": "block", "block": doc})
 
     # --- the connection ------------------------------------------------------------------------
     async def _ask(self, msg: dict) -> dict:
@@ -133,6 +138,8 @@ class Member:
                 self._tell({"op": "returned", "key": list(key), "n": self._reclaim(key)})
         elif op == "hold" and isinstance(msg.get("hold"), dict):
             self._apply_hold(msg["hold"])
+        elif op == "block" and isinstance(msg.get("block"), dict) and self.on_block is not None:
+            self.on_block(msg["block"])
 
     async def _sweep(self) -> None:
         while True:

@@ -13,6 +13,8 @@ Messages (``wire``; a worker first says ``{"op": "hello", "worker": i}``):
 - ``back``: slots and tokens a worker gives back (idle after a reclaim, tokens past their TTL).
 - ``hold``: a hold a worker learned: applied to worker 0's guard and passed to every other
   worker; one worker 0 learned goes to all of them.
+- ``block``: a (member x provider) a worker found ``blocked`` or ``reverified`` (block-aware
+  egress, ``proxy.blocks``): passed on the same way (``on_block``), so every worker routes alike.
 
 A worker's connection closing gives back every slot it held (``Ledger.drop``): a worker
 that dies takes its connections, and their slots, with it. Requests are handled in tasks,
@@ -55,6 +57,7 @@ class Owner:
         self._tasks: set[asyncio.Task] = set()
         # holds in force, for a worker that says hello after they were learned: doc, when it ends
         self._holds: dict[tuple, tuple[dict, float]] = {}
+        self.on_block: Callable[[dict], None] | None = None  # a block state another worker found
 
     async def start(self) -> None:
         if self.path is not None:
@@ -110,6 +113,10 @@ class Owner:
         self._keep_hold(doc)
         self._broadcast({"op": "hold", "hold": doc}, besides=OWNER)
         self.source.hold_learned(doc)
+
+    def block_learned(self, doc: dict) -> None:
+        """A block state worker 0 found: every other worker takes it."""
+        self._broadcast({"op": "block", "block": doc}, besides=OWNER)
 
     def fleet_hold(self, doc: dict) -> None:
         """A hold another instance learned: worker 0's guard and every worker hold it too."""
@@ -243,6 +250,10 @@ class Owner:
             fut = self._returned.pop((holder, key), None)
             if fut is not None and not fut.done():
                 fut.set_result(n or 0)
+        elif op == "block" and isinstance(msg.get("block"), dict):
+            if self.on_block is not None:
+                self.on_block(msg["block"])
+            self._broadcast({"op": "block", "block": msg["block"]}, besides=holder)
         elif op == "hold" and isinstance(msg.get("hold"), dict) and self._apply_hold(msg["hold"]):
             self._keep_hold(msg["hold"])
             self._broadcast({"op": "hold", "hold": msg["hold"]}, besides=holder)

@@ -73,6 +73,7 @@ PHRASES = {
     "max_connections": "Gateway At Connection Limit",
     "egress_ip_unverified": "Egress IP Unverified",
     "egress_ip_mismatch": "Egress IP Mismatch",
+    "egress_blocked": "Egress Blocked",
     # 502
     "upstream_error": "Bad Gateway",
     "dns_error": "DNS Lookup Failed",

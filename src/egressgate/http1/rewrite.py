@@ -25,6 +25,10 @@ HOP_BY_HOP = frozenset({
     b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
 })
 PROFILE_HEADER = b"x-egressgate-profile"
+# Response fields only the gateway sets (block-aware egress, ``proxy.blocks``): an origin's own
+# is dropped, so a job never takes a provider's word for its egress state. (The same one set
+# lookup per field as the hop-by-hop ones: no extra cost.)
+_REMOVED_ON_RESPONSE = HOP_BY_HOP | {b"egress-block-state"}
 _REMOVED_ON_REQUEST = HOP_BY_HOP | {b"host", PROFILE_HEADER}
 # Request fields that carry client addresses or internal host names; removed unless the
 # config says ``forwarding.x_forwarded_for: keep``.
@@ -149,7 +153,7 @@ def response_head_bytes(head: ResponseHead, via: bytes | None, framing: str, kee
     named = head.connection
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n"]
-    _end_to_end(out, head.headers, HOP_BY_HOP, named, via)
+    _end_to_end(out, head.headers, _REMOVED_ON_RESPONSE, named, via)
     if head.content_length is not None and framing in ("length", "none") and keeps_length(head):
         out += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
     elif framing == "chunked":

@@ -275,6 +275,13 @@ class Metrics:
                                                          "1 while a switch: verified reload's new members wait for "
                                                          "every provider to accept them (the old members serve)",
                                                          ["profile"], registry=r), (0,), profiles)
+        self.egress_block_state = _KnownNames(Gauge(PREFIX + "egress_block_state",
+                                                    "1 for the state a provider's live traffic and checks put a "
+                                                    "member in (healthy, throttled, suspected, blocked, "
+                                                    "reverified), 0 for the others (egress.*.providers[].match); "
+                                                    "summed over workers: how many see that state",
+                                                    ["profile", "member", "provider", "state"], registry=r),
+                                              (0,), profiles)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
         self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
                                "1 if the last reload attempt succeeded (or none was made)", registry=r)

@@ -4,7 +4,8 @@ A finished request or tunnel is one access-log record and its metrics (``finishe
 refusal or failure is also counted by reason (a denial also per configured client), and a
 denial remembered among the recent ones the admin status shows (``refused``); a report-mode
 denial let through is counted per client (``would_deny``). The access log is swapped on reload (``access_log``).
-Each finished record is also counted for its client's job receipt (``tallies``, when receipts are on).
+Each finished record is also counted for its client's job receipt (``tallies``, when receipts are on),
+and one to a provider's watched destination tells its watch how it ended (``AccessRecord.watch``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Outcomes:
 
     def finished(self, rec: AccessRecord, status: int) -> None:
         rec.status = status
+        if rec.watch is not None:  # a provider's destination: its signal, before the record is written
+            rec.watch.finished(rec, status)
         if rec.protect is not None:  # (a shared-IP admission: released once, here, however it ended)
             rec.protect.release()
         m = self.metrics

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..config.lint import host_bits, lint
 from ..config.loader import check_config_text
+from ..egress.blockwatch import compile_rules
 from ..egress.localaddr import addresses_in, local_addresses
 from ..egress.plan import build_pool
 from ..egress.providers import compile_board, parse_headers
@@ -189,6 +190,7 @@ def build_runtime(config: Config, config_hash: str, source: str, clock=time.mono
         forwarding=Forwarding.compile(config.forwarding.via, config.forwarding.x_forwarded_for),
         protect={name: compile_protect(spec.protect) for name, spec in config.egress.items() if spec.protect},
         providers=compile_board(config.egress, config.timeouts.upstream_connect, config.probe.interval, headers),
+        blocks=compile_rules(config.egress),
         names=NameGuard(config.security.deny_suffixes, config.security.allow_suffixes, config.security.internal_names),
     )
 

@@ -25,6 +25,7 @@ from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
 from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
 from . import whoami
+from .blocks import BlockDesk
 from .connector import Connector, Link
 from .forward import Exchange
 from .limits import AuthThrottle, ClientLimits
@@ -89,6 +90,7 @@ class Dispatcher:
         self.outcomes = outcomes
         self.listeners = listeners
         self.receipts: whoami.Receipts | None = None  # job receipts (set by the app when they are on)
+        self.blocks: BlockDesk | None = None  # block-aware egress (set by the gateway)
 
     def now(self, who: Who, ex: Exchange, rt: Runtime, default_profile: str) -> Link | Whoami | Pending:
         identity = self._identify(who, rt, ex.head.proxy_authorization, ex.record)
@@ -148,8 +150,11 @@ class Dispatcher:
     def _counted(ex: Exchange, link: Link) -> Link:
         """A shared-IP admission follows the member the connector really used (failover) and
         learns the origin's address (a hold its answer starts covers that address too)."""
-        if ex.record.protect is not None:
-            ex.record.protect.moved(link.plan.label, None if link.chained is not None else link.upstream.remote)
+        rec = ex.record
+        if rec.protect is not None:
+            rec.protect.moved(link.plan.label, None if link.chained is not None else link.upstream.remote)
+        if rec.watch is not None:
+            rec.watch.chosen(link.plan)
         return link
 
     # --- identify ---------------------------------------------------------------------------
@@ -218,8 +223,13 @@ class Dispatcher:
             if r.target is not None and r.target.origin_form.startswith(whoami.RECEIPT_PATH):
                 return self._receipt(identity, r)
             return Whoami(whoami.document(identity, who.peer, rt, default_profile, self.protect,
-                                          requested_profile(identity, ex.head)))
+                                          requested_profile(identity, ex.head), self.blocks))
         rec.profile = r.pool.name
+        blocks = rt.blocks
+        if blocks is not None and self.blocks is not None:  # block-aware egress: a provider's destination?
+            w = blocks.lookup(r.pool.name, r.dest)
+            if w is not None:
+                self.blocks.begin(r, w, rec)  # (raises EgressBlocked: rerouting has nowhere to go)
         ex.route = r
         ex.target = r.target
         if r.would_deny:

@@ -220,6 +220,8 @@ class RequestPipeline:
             if up.key is not None:
                 ex.pool_key = up.key
             ex.start(up, step.reused, step.chained, self.gw.loop.time())
+            if ex.record.watch is not None:  # a provider's destination: its answer is looked at
+                ex.record.watch.forwarding(ex)
         except BaseException:
             if up.owner is None:  # a bug before the hand-over: the connection is nobody's, close it
                 up.transport.abort()

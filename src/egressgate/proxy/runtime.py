@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config.schema import Config, LimitsConfig, ListenConfig, TimeoutsConfig
+from ..egress.blockwatch import BlockRules
 from ..egress.plan import ProfilePool
 from ..egress.providers import ProviderBoard
 from ..http1.rewrite import Forwarding
@@ -35,3 +36,4 @@ class Runtime:
     providers: ProviderBoard = field(default_factory=ProviderBoard)  # provider checks and their results
     socks_ports: frozenset[int] = frozenset({80, 443, 8080})  # SOCKS5 CONNECT (security.socks_ports)
     names: NameGuard = field(default_factory=NameGuard)  # internal names, refused before they leave
+    blocks: BlockRules | None = None  # providers' destinations watched for blocks (None: none has match)

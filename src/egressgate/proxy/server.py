@@ -8,6 +8,7 @@ global): the runtime in force, and the pieces the connections use —
 - ``connector`` (``connector.Connector``): resolve, dial, pooled upstream connections;
 - ``dispatcher`` (``dispatch.Dispatcher``): identify -> route -> connect, for each request;
 - ``outcomes`` (``observe.outcomes``): records, metrics, recent denials;
+- ``blocks`` (``blocks.BlockDesk``): each (member x provider)'s block state from live traffic;
 
 and the lifecycle: the registry of open connections, the sweep that enforces timeouts,
 reload (swap the whole ``Runtime``), drain and close. The admin server reads
@@ -34,6 +35,7 @@ from ..egress.resolver import Resolver
 from ..observe.accesslog import AccessLog, log_event
 from ..observe.metrics import INTERNAL_ERROR_SITES, Metrics
 from ..observe.outcomes import Outcomes
+from .blocks import BlockDesk
 from .connector import Connector
 from .dispatch import Dispatcher
 from .gate import Gate
@@ -69,6 +71,8 @@ class Gateway:
         metrics.watch_protect(self.protect.stats)
         self.dispatcher = Dispatcher(self.connector, self.limits, self.auth, self.outcomes, self.listeners,
                                      self.protect)
+        self.blocks = BlockDesk(metrics)  # block states per (member x provider), across reloads (issue 30)
+        self.dispatcher.blocks = self.blocks
         self.connections: set[OpenConnection] = set()
         self.draining = False
         self.started = time.time()
@@ -131,6 +135,7 @@ class Gateway:
         m.config_info.labels(rt.config_hash).set(1)
         m.config_loaded.set(rt.loaded_at)
         m.egress_source_up.clear()
+        self.blocks.adopt(rt.blocks, {name: [p.label for p in pool.members] for name, pool in rt.profiles.items()})
         for pool in rt.profiles.values():
             for plan in pool.members:
                 self.connector.source_state(pool, plan, not pool.is_down(plan))

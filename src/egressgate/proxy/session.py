@@ -27,6 +27,7 @@ from ..errors import Unavailable
 from ..http1.responses import CONNECT_OK, error_response
 from ..model import shown_target
 from . import gate
+from .blocks import WatchedTunnel
 from .connector import Link
 from .dispatch import Who
 from .flow import FlowControl
@@ -181,8 +182,12 @@ class ClientConnection(asyncio.Protocol):
         rec.status = 200
         rec.upstream_addr = up.remote
         rec.egress_addr = up.local
-        self.transport.write(reply)
-        t = Tunnel(self, up, rec, self.gw.loop.time(), self.listener.tls)
+        if rec.watch is None:
+            self.transport.write(reply)
+            t = Tunnel(self, up, rec, self.gw.loop.time(), self.listener.tls)
+        else:  # a provider's destination: the reply tells the job its member's state; the tunnel looks
+            self.transport.write(rec.watch.connect_reply(reply))
+            t = WatchedTunnel(self, up, rec, self.gw.loop.time(), self.listener.tls)
         self.tunnel = t
         self.http = None  # the tunnel keeps only its record: an idle tunnel stays small
         self.who.forget()

@@ -1,7 +1,8 @@
 """``http://egressgate.whoami/``: a job's pre-flight. The gateway answers it itself with what it
 knows about the asking client: its name and address, the profile it would leave through and
 that profile's egress (members, expected and observed IP, whether it serves traffic), and the
-client's destination rules. Nothing is sent anywhere.
+client's destination rules, and (``egress_blocks``) the members a watched provider does not treat
+as healthy (block-aware egress). Nothing is sent anywhere.
 
 ``http://egressgate.whoami/receipt[?since=T]``: the job's receipt -- what this very client (its
 pod, for a token client) did through the gateway, signed (``observe.receipt``). The answering
@@ -21,12 +22,14 @@ from ..http1.responses import simple_response
 from ..model import parse_moment, with_iso
 from ..policy.clients import Identity
 from ..policy.decide import choose_profile, decide
+from .blocks import BlockDesk
 from .protect import SharedIpGuard
 from .runtime import Runtime
 
 
 def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
-             protect: SharedIpGuard | None = None, requested: str | None = None) -> dict:
+             protect: SharedIpGuard | None = None, requested: str | None = None,
+             blocks: BlockDesk | None = None) -> dict:
     """``requested``: the profile the request asked for (``user+profile`` or the
     ``X-Egressgate-Profile`` header), as the job's own requests would."""
     client = identity.client
@@ -52,6 +55,10 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
         # shared-IP protection of the profile: its rules, what is in flight per member, the holds
         "protect": protect.view(rt.protect.get(name), name, [m.label for m in pool.members])
         if protect is not None and pool is not None else None,
+        # block-aware egress: the profile's (member x provider) pairs that are not healthy, with
+        # their evidence (empty: none; None: no provider of the profile names match)
+        "egress_blocks": blocks.not_healthy(name, [m.label for m in pool.members])
+        if blocks is not None and pool is not None and blocks.watched(name) else None,
     }
 
 

@@ -294,15 +294,18 @@ class Verifier:
     ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running);
     ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
     that member for that host -- the check does not go out then, and is ``throttled``;
-    ``shared``: with a fleet store, the checks other processes of the fleet made (``fleet.checks``)."""
+    ``shared``: with a fleet store, the checks other processes of the fleet made (``fleet.checks``);
+    ``observed(result)``: every result, as it is made (block-aware egress: ``proxy.blocks``)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
                  attest: Callable[..., Awaitable[None]], log: bool,
                  on_error: Callable[[str, BaseException], None],
                  held: Callable[[str, str, str], tuple[float, str] | None] | None = None,
-                 shared: SharedChecks | None = None) -> None:
+                 shared: SharedChecks | None = None,
+                 observed: Callable[[ProviderResult], None] | None = None) -> None:
         self.on_error = on_error
+        self.observed = observed
         self.held = held
         self.shared = shared  # with a fleet store: one process of the fleet checks each pair per interval
         self.current = current
@@ -322,6 +325,8 @@ class Verifier:
     async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
         def each(r: ProviderResult) -> None:
             rt.providers.record(r)
+            if self.observed is not None:  # block-aware egress: a check moves the member's block state
+                self.observed(r)
             if self.log:
                 log_event("provider_check", profile=r.profile, member=r.member, provider=r.provider, ok=r.ok,
                           outcome=r.outcome, detail=r.detail, status=r.status, egress_addr=r.egress_addr,
