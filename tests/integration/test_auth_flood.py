@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import selectors
 import signal
 import socket
 
@@ -57,3 +58,65 @@ def test_password_checks_are_bounded_per_source_and_reloads_do_not_wait(start_ga
     rec = gw.wait_log(lambda r: r.get("status") == 429)
     assert rec["reason"] == "auth_checks_busy", rec
     gw.wait_event("reloaded", after=n)
+
+
+def _open(host: str, port: int, source: str, user: str, password: str) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=60, source_address=(source, 0))
+    creds = base64.b64encode(f"{user}:{password}".encode()).decode()
+    s.sendall((f"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n"
+               f"Proxy-Authorization: Basic {creds}\r\n\r\n").encode())
+    return s
+
+
+def _answers_in_order(socks: list[socket.socket], until: socket.socket) -> list[socket.socket]:
+    """The sockets in the order their first answer arrives, up to and including ``until``."""
+    order: list[socket.socket] = []
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while until not in order:
+            ready = sel.select(timeout=60)
+            assert ready, "no answer within 60 s"
+            for key, _ in ready:
+                order.append(key.fileobj)
+                sel.unregister(key.fileobj)
+    return order
+
+
+def test_a_clean_sources_check_never_waits_behind_a_failing_sources(start_gateway):
+    """Defect: with both password threads busy on checks from an address that keeps sending
+    wrong passwords, a new client's first check waited for one of them to finish (and shared
+    the CPU with both). Now checks from a source that failed lately (or already has one
+    outstanding) hold at most one of the two threads, and none starts while a clean check
+    waits or runs: of the four checks the attacker has queued, at most the one already
+    running answers before the bystander."""
+    cfg = base_config(clients=[
+        {"name": "bystander", "username": "by", "from": ["127.0.0.201/32"], "password_hash": slow_hash("right")},
+        {"name": "job", "username": "job", "password_hash": slow_hash("right")}])
+    gw = start_gateway(cfg)
+    host, port = gw.address.rsplit(":", 1)
+    port = int(port)
+    attacker = "127.0.0.10"
+    with _open(host, port, attacker, "job", "wrong-first") as s:  # one failure: the source is suspect
+        assert s.recv(200).startswith(b"HTTP/1.1 407")
+    socks = [_open(host, port, attacker, "job", f"wrong-{i}") for i in range(5)]
+    try:
+        # one of the five is over the per-source bound: then the other four are queued or running
+        with selectors.DefaultSelector() as sel:
+            for s in socks:
+                sel.register(s, selectors.EVENT_READ)
+            ready = sel.select(timeout=60)
+            assert ready, "no 429 within 60 s"
+            busy = ready[0][0].fileobj
+        assert busy.recv(200).startswith(b"HTTP/1.1 429"), "the fifth check was not refused"
+        queued = [s for s in socks if s is not busy]
+        bystander = _open(host, port, "127.0.0.201", "by", "right")
+        order = _answers_in_order([*queued, bystander], until=bystander)
+        answer = bystander.recv(200)
+        assert not answer.startswith((b"HTTP/1.1 407", b"HTTP/1.1 429")), answer
+        ahead = [s for s in order if s is not bystander]
+        assert len(ahead) <= 1, f"{len(ahead)} of the attacker's checks answered before the bystander's"
+        bystander.close()
+    finally:
+        for s in socks:
+            s.close()

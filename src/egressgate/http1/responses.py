@@ -120,7 +120,8 @@ def reason_phrase(err: GatewayError) -> str:
 
 
 def _quoted(text: str) -> str:
-    clean = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
+    clean = text if text.isascii() and text.isprintable() else "".join(
+        c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
     return clean.replace("\\", "\\\\").replace('"', '\\"')
 
 

@@ -66,22 +66,29 @@ class ClientLimits:
 
 
 class _Job:
-    __slots__ = ("key", "peer", "pending", "done", "waiters", "started")
+    __slots__ = ("key", "peer", "pending", "done", "waiters", "started", "suspect")
 
-    def __init__(self, peer: str, pending: PendingCheck, done: asyncio.Future[bool]) -> None:
+    def __init__(self, peer: str, pending: PendingCheck, done: asyncio.Future[bool], suspect: bool) -> None:
         self.key, self.peer, self.pending, self.done = pending.key, peer, pending, done
         self.waiters = 0
         self.started = False
+        self.suspect = suspect  # its source sent a wrong password lately
 
 
 class AuthThrottle:
     """Password checks, bounded and fair. They run on their own threads (``workers``), never
     the loop's default executor (config reloads use that one, so a flood never delays a
     reload). What waits is bounded per source address (``per_source``, waiting and running)
-    and in total (``total``); over either the request gets 429 at once. Waiting checks are
-    started round-robin over source addresses, a source with no recent failure first, so a
-    flood never delays a known client's first check by more than the checks already running. A waiting check whose every requester left (the
-    connection closed, its task cancelled) is dropped before it runs."""
+    and in total (``total``); over either the request gets 429 at once, before any hashing.
+
+    Two lanes. The one outstanding check of a source with no recent wrong password is *clean*:
+    clean checks start first, a source new to the queue first, on any free thread. Every other check
+    (a source that failed lately, or one that already has a check waiting or running) is
+    *suspect*: suspect checks (round-robin over sources) hold at most ``workers - 1`` threads
+    (one when there is one), and one starts only while no clean check waits or runs. So a known client's first check never waits behind a flood's, and
+    while it runs it shares the CPU with at most the one suspect check already under way.
+    A waiting check whose every requester left (the connection closed, its task cancelled)
+    is dropped before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
                  per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS) -> None:
@@ -89,31 +96,39 @@ class AuthThrottle:
         self._failures: dict[str, tuple[int, float]] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="egressgate-auth")
         self._free = workers
+        self._suspect_slots = max(1, workers - 1)
         self.per_source_limit, self.total_limit = per_source, total
         self._jobs: dict[bytes, _Job] = {}  # waiting or running, by credentials
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # waiting, by source (round-robin)
+        # waiting, by source, round-robin: clean sources, and sources with recent failures
+        self._clean: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._suspect: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._running = {False: 0, True: 0}  # checks running, clean and suspect
         self._by_source: dict[str, int] = {}  # waiting or running, by source
         self.dropped = 0  # waiting checks dropped because every requester left
+        self.busy = 0  # checks refused (429) over the per-source or total bound
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in self._clean.values()) + sum(len(q) for q in self._suspect.values())
 
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
 
+    def _failed_lately(self, peer: str, now: float) -> int:
+        count, since = self._failures.get(peer, (0, 0.0))
+        return 0 if count and now - since > FAILURE_MEMORY else count
+
     async def check(self, peer: str, pending: PendingCheck) -> bool:
         """Run a slow password check off the loop; addresses that keep failing wait longer."""
-        count, since = self._failures.get(peer, (0, 0.0))
         now = self._loop.time()
-        if count and now - since > FAILURE_MEMORY:
-            count = 0
+        count = self._failed_lately(peer, now)
+        since = self._failures.get(peer, (0, now))[1] if count else now
         if count >= FAILURES_BEFORE_DELAY:
             await asyncio.sleep(min(FAILURE_DELAY_STEP * (count - FAILURES_BEFORE_DELAY + 1), FAILURE_DELAY_MAX))
         job = self._jobs.get(pending.key)
         if job is None:
-            job = self._enqueue(peer, pending)
+            job = self._enqueue(peer, pending, count > 0)
         job.waiters += 1
         try:
             ok = await asyncio.shield(job.done)
@@ -127,38 +142,51 @@ class AuthThrottle:
         else:
             if len(self._failures) > MAX_TRACKED_ADDRESSES:
                 self._failures.pop(next(iter(self._failures)))
-            self._failures[peer] = (count + 1, since if count else now)
+            self._failures[peer] = (count + 1, since)
         return ok
 
-    def _enqueue(self, peer: str, pending: PendingCheck) -> _Job:
+    def _enqueue(self, peer: str, pending: PendingCheck, suspect: bool) -> _Job:
         if self._by_source.get(peer, 0) >= self.per_source_limit:
+            self.busy += 1
             raise LimitReached(f"too many password checks from {peer} at once (at most {self.per_source_limit})",
                                reason="auth_checks_busy", headers=(("Retry-After", "1"),))
         if len(self._jobs) >= self.total_limit:
+            self.busy += 1
             raise LimitReached(f"too many password checks at once (at most {self.total_limit})",
                                reason="auth_checks_busy", headers=(("Retry-After", "1"),))
-        job = self._jobs[pending.key] = _Job(peer, pending, self._loop.create_future())
+        # a source's one outstanding check is clean unless it failed lately; a second at once is not
+        suspect = suspect or peer in self._by_source
+        queues = self._suspect if suspect else self._clean  # (a source may have checks waiting in both)
+        job = self._jobs[pending.key] = _Job(peer, pending, self._loop.create_future(), suspect)
         self._by_source[peer] = self._by_source.get(peer, 0) + 1
-        self._queues.setdefault(peer, deque()).append(job)
-        if peer not in self._failures:  # a source with no wrong password lately goes first
-            self._queues.move_to_end(peer, last=False)
+        queues.setdefault(peer, deque()).append(job)
+        if not suspect:
+            queues.move_to_end(peer, last=False)  # a source new to the queue is not behind a flood's
         self._pump()
         return job
 
     def _pump(self) -> None:
-        while self._free > 0 and self._queues:
-            peer, queue = next(iter(self._queues.items()))
+        while self._free > 0:
+            if self._clean:
+                queues = self._clean
+            elif self._suspect and self._running[False] == 0 and self._running[True] < self._suspect_slots:
+                queues = self._suspect
+            else:
+                return
+            peer, queue = next(iter(queues.items()))
             job = queue.popleft()
-            self._queues.pop(peer)
+            queues.pop(peer)
             if queue:
-                self._queues[peer] = queue  # to the back: the next source goes first
+                queues[peer] = queue  # to the back: the next source goes first
             job.started = True
             self._free -= 1
+            self._running[job.suspect] += 1
             running = self._loop.run_in_executor(self._pool, job.pending.run)
             running.add_done_callback(lambda f, job=job: self._finished(job, f))
 
     def _finished(self, job: _Job, running: asyncio.Future[bool]) -> None:
         self._free += 1
+        self._running[job.suspect] -= 1
         self._forget(job)
         if not job.done.done():
             if running.cancelled():
@@ -170,11 +198,12 @@ class AuthThrottle:
         self._pump()
 
     def _drop(self, job: _Job) -> None:
-        queue = self._queues.get(job.peer)
+        queues = self._suspect if job.suspect else self._clean
+        queue = queues.get(job.peer)
         if queue is not None and job in queue:
             queue.remove(job)
             if not queue:
-                del self._queues[job.peer]
+                del queues[job.peer]
         self._forget(job)
         self.dropped += 1
         job.done.cancel()
