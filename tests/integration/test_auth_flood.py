@@ -120,3 +120,63 @@ def test_a_clean_sources_check_never_waits_behind_a_failing_sources(start_gatewa
     finally:
         for s in socks:
             s.close()
+
+
+def _fill_source(host: str, port: int, source: str) -> list[socket.socket]:
+    """Wrong passwords from ``source`` until one is refused 429: then its four checks are queued
+    or running (the per-source bound). Returns the four sockets waiting for their verdicts."""
+    socks = [_open(host, port, source, "job", f"wrong-{source}-{i}") for i in range(5)]
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        ready = sel.select(timeout=60)
+    assert ready, "no answer within 60 s"
+    busy = ready[0][0].fileobj
+    answer = busy.recv(200)
+    busy.close()
+    assert answer.startswith(b"HTTP/1.1 429"), answer
+    return [s for s in socks if s is not busy]
+
+
+def _status(s: socket.socket) -> bytes:
+    with s:
+        return s.recv(200).split(b"\r\n", 1)[0]
+
+
+def test_known_credentials_never_wait_behind_unknown_ones_across_a_reload(start_gateway):
+    """Defect: the accepted-credentials cache lived in the config generation, so after any
+    reload a known client's next login was a new scrypt check, queued behind an attack's (here:
+    refused 429 with its source's checks all taken). Now a verdict is keyed by the stored hash
+    and the password, and outlives a reload for an entry that kept its hash; an entry whose hash
+    changed is checked again."""
+    cfg = base_config(clients=[{"name": "job", "username": "job", "password_hash": slow_hash("right")}],
+                      reload={"watch": False})
+    gw = start_gateway(cfg)
+    host, port = gw.address.rsplit(":", 1)
+    port = int(port)
+    source = "127.0.0.50"
+    first = _status(_open(host, port, source, "job", "right"))
+    assert not first.startswith((b"HTTP/1.1 407", b"HTTP/1.1 429")), first
+
+    # a reload that changes something else: the entry keeps its hash
+    cfg["clients"].append({"name": "other", "username": "other", "password_hash": slow_hash("x")})
+    gw.write_config(cfg)
+    n = len(gw.events)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n, timeout=30)
+    waiting = _fill_source(host, port, source)
+    try:
+        again = _status(_open(host, port, source, "job", "right"))
+        assert not again.startswith((b"HTTP/1.1 407", b"HTTP/1.1 429")), again  # 429 before: a new check
+    finally:
+        answers = [_status(s) for s in waiting]
+    assert all(a.startswith(b"HTTP/1.1 407") for a in answers), answers
+
+    # the entry's hash changes (to another password): the old password is checked again, and wrong
+    cfg["clients"][0]["password_hash"] = slow_hash("changed")
+    gw.write_config(cfg)
+    n = len(gw.events)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", after=n, timeout=30)
+    assert _status(_open(host, port, source, "job", "right")).startswith(b"HTTP/1.1 407")
+    assert not _status(_open(host, port, source, "job", "changed")).startswith((b"HTTP/1.1 407", b"HTTP/1.1 429"))

@@ -5,8 +5,11 @@ a 407, never a fall-through to an anonymous rule listed earlier or later.
 
 Password checks against a scrypt hash are slow on purpose; ``identify`` never runs one on
 the caller's thread. When a check is needed it returns a ``PendingCheck`` whose ``run()`` the
-caller executes off the event loop; the result is remembered (keyed by a keyed digest of the
-credentials, never the password itself) so the next ``identify`` answers at once.
+caller executes off the event loop; the result is remembered (``PasswordVerdicts``: keyed by a
+keyed digest of the stored hash and the password, never the password itself) so the next
+``identify`` answers at once. A verdict depends on nothing else, so a reload's registry adopts
+the old one's verdicts (``adopt``): credentials whose entry kept its hash are known at once
+after a reload, and an entry whose hash changed is checked again.
 
 No user enumeration: an unknown user and a wrong password get the same answer
 (``REJECTED``); only the reason, which goes to the access record and not to the client,
@@ -113,6 +116,31 @@ class PendingKeys:
     error: AuthRequired
 
 
+class PasswordVerdicts:
+    """Password verdicts remembered: good and wrong apart, each bounded, the oldest evicted one
+    at a time, so a flood of wrong passwords never evicts credentials known to be good. Keyed
+    by a keyed digest of (stored hash, password): a verdict is a function of those two alone,
+    so it outlives the config generation it was reached under (``ClientRegistry.adopt``)."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_PASSWORDS) -> None:
+        self._key = os.urandom(32)
+        self.limit = limit
+        self.good: dict[bytes, bool] = {}
+        self.wrong: dict[bytes, bool] = {}
+
+    def key(self, encoded: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{encoded}\0{password}".encode(), hashlib.sha256).digest()
+
+    def get(self, key: bytes) -> bool | None:
+        return self.good.get(key, self.wrong.get(key))
+
+    def remember(self, key: bytes, ok: bool) -> None:
+        kept = self.good if ok else self.wrong
+        if len(kept) >= self.limit:
+            kept.pop(next(iter(kept)), None)
+        kept[key] = ok
+
+
 @dataclass(slots=True)
 class PendingCheck:
     """A password check to run off the event loop; then call ``identify`` again."""
@@ -120,12 +148,12 @@ class PendingCheck:
     key: bytes
     password: str
     encoded: str
-    registry: ClientRegistry
+    verdicts: PasswordVerdicts
     user: str = ""  # the user name tried (for the record of a refusal)
 
     def run(self) -> bool:
         ok = verify_password(self.password, self.encoded)
-        self.registry._remember(self.key, ok)
+        self.verdicts.remember(self.key, ok)
         return ok
 
 
@@ -139,10 +167,15 @@ class ClientRegistry:
         self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
-        self._verified: dict[bytes, bool] = {}  # credentials checked good
-        self._refused: dict[bytes, bool] = {}  # ... and wrong
+        self.verdicts = PasswordVerdicts()
         self._key = os.urandom(32)
         self.by_name = {c.name: c for c in self.clients}
+
+    def adopt(self, old: ClientRegistry) -> None:
+        """Keep ``old``'s password verdicts (a reload): credentials whose entry kept its stored
+        hash are known at once, so known clients never queue behind unknown ones after a
+        reload. Checks still running under ``old`` land here too (the same object)."""
+        self.verdicts = old.verdicts
 
     def candidates(self, address: str) -> tuple[ClientPolicy, ...]:
         """The rules whose source CIDRs admit this address, in order (cached)."""
@@ -279,19 +312,12 @@ class ClientRegistry:
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
         if client.password_plain is not None:
             return hmac.compare_digest(password.encode(), client.password_plain.encode())
-        key = hmac.new(self._key, f"{client.name}\0{user}\0{password}".encode(), hashlib.sha256).digest()
-        known = self._verified.get(key, self._refused.get(key))
+        encoded = client.password_hash or ""
+        key = self.verdicts.key(encoded, password)
+        known = self.verdicts.get(key)
         if known is not None:
             return known
-        return PendingCheck(key, password, client.password_hash or "", self, user)
-
-    def _remember(self, key: bytes, ok: bool) -> None:
-        """Good and bad verdicts are kept apart, each bounded, the oldest evicted one at a time:
-        a flood of wrong passwords never evicts credentials known to be good."""
-        kept = self._verified if ok else self._refused
-        if len(kept) >= MAX_REMEMBERED_PASSWORDS:
-            kept.pop(next(iter(kept)), None)
-        kept[key] = ok
+        return PendingCheck(key, password, encoded, self.verdicts, user)
 
 
 def rejected(user: str, reason: str) -> AuthRequired:
