@@ -67,6 +67,7 @@ PHRASES = {
     "connection_limit_reached": "Client Limit Reached",
     "rate_limited": "Client Rate Limited",
     "auth_checks_busy": "Too Many Password Checks",
+    "token_checks_busy": "Too Many Token Checks",
     # 500, 503
     "internal_error": "Internal Proxy Error",
     "unavailable": "Service Unavailable",

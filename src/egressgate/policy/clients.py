@@ -22,7 +22,10 @@ the password and the entry's ``username`` (``k8s``, or ``k8s+PROFILE``) as the u
 first such entry admitting the source address whose issuer signed the token and whose list
 names the service account wins; the identity carries the ``TokenSubject``. A verified token is
 remembered (bounded) until it expires; when the keys lack the token's ``kid`` (or were never
-fetched) ``identify`` returns a ``PendingKeys`` to await before asking again.
+fetched) ``identify`` returns a ``PendingKeys`` to await before asking again. The cheap checks
+(shape, algorithm, issuer, audience, times, key id) run in ``identify``; the signature check
+does not: ``identify`` returns a ``PendingTokenCheck`` whose ``run()`` the caller executes off
+the event loop, bounded as password checks are, then asks again.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from .tokens import (
     claimed,
     looks_like_token,
     peek,
-    verify,
+    precheck,
+    signing_key,
+    verify_signature,
 )
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -157,6 +162,31 @@ class PendingCheck:
         return ok
 
 
+@dataclass(slots=True, eq=False)
+class PendingTokenCheck:
+    """A token's signature check for one entry's policy, to run off the event loop; then call
+    ``identify`` again (the verdict is remembered). ``error``: the refusal if it fails and the
+    refusal is not one to remember (then ``identify`` would ask for the check again)."""
+
+    key: bytes  # the token's digest and the policy's: many requests with one token share a check
+    token: str
+    policy: TokenPolicy
+    signing_key: object
+    verified: dict  # the token's remembered verdicts, by policy
+    error: AuthRequired | None = None
+
+    def run(self) -> bool:
+        try:
+            self.verified[self.policy] = verify_signature(self.token, self.policy, self.signing_key)
+        except AuthRequired as err:
+            refusal = AuthRequired(err.detail, reason=err.reason)  # (no traceback kept: see below)
+            if err.reason in FINAL_TOKEN_REFUSALS:
+                self.verified[self.policy] = refusal
+            self.error = refusal
+            return False
+        return True
+
+
 class ClientRegistry:
     def __init__(self, clients: Sequence[ClientPolicy], clock: Callable[[], float] = time.time) -> None:
         self.clients = tuple(clients)
@@ -195,8 +225,20 @@ class ClientRegistry:
     def admits(self, address: str) -> bool:
         return bool(self.candidates(address))
 
+    def identify_now(self, address: str, authorization: bytes | None,
+                     cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys:
+        """``identify`` with token signature checks run at once, on the caller's thread (for
+        callers outside the event loop: commands, tests)."""
+        for _ in range(len(self.clients) + 1):
+            result = self.identify(address, authorization, cert_subject)
+            if not isinstance(result, PendingTokenCheck):
+                return result
+            if not result.run() and result.policy not in result.verified:
+                raise result.error
+        raise AuthRequired("token not verified", reason="token_malformed")
+
     def identify(self, address: str, authorization: bytes | None,
-                 cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys:
+                 cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys | PendingTokenCheck:
         if authorization and self.token_users:
             token = _token_credentials(authorization, self.token_users)
             if token is not None:
@@ -236,7 +278,7 @@ class ClientRegistry:
             raise AuthRequired("proxy credentials required", reason="auth_required")
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
 
-    def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
+    def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys | PendingTokenCheck:
         """The entry a service-account token identifies (see the module docstring). A token seen
         before costs a keyed digest and a lookup: nothing is parsed again until it expires. A
         refusal carries what the token claims (``AuthRequired.claimed``, unverified)."""
@@ -247,7 +289,7 @@ class ClientRegistry:
                 err.claimed = claimed(token)
             raise
 
-    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
+    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys | PendingTokenCheck:
         entries = [c for c in self.candidates(address) if c.token is not None]
         if not entries:
             raise PolicyDenied("no client rule admits service-account tokens from this address",
@@ -274,16 +316,14 @@ class ClientRegistry:
                 continue
             if subject is None or subject.expires + client.token.leeway <= self._clock():
                 try:
-                    subject = self._token_subject(client.token, token)
+                    subject = self._token_subject(client.token, token, digest, verified)
                 except AuthRequired as err:
                     if err.reason in FINAL_TOKEN_REFUSALS:  # (a copy: the raised one carries a traceback,
                         # and with it every frame's locals up to the handler: connections, heads)
                         verified[client.token] = AuthRequired(err.detail, reason=err.reason)
                     refused = refused or err
                     continue
-                if isinstance(subject, PendingKeys):
-                    return subject
-                verified[client.token] = subject
+                return subject  # (keys to fetch, or the signature to check: then asked again)
             if client.token.admits(subject):
                 return Identity(client, profile or None, subject)
             seen = subject
@@ -292,8 +332,12 @@ class ClientRegistry:
         raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
                            user=seen.name[:USER_LIMIT] if seen is not None else None)
 
-    def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
-        """Verify ``token`` for ``policy`` with the keys in hand, or say they must be fetched."""
+    def _token_subject(self, policy: TokenPolicy, token: str, digest: bytes,
+                       verified: dict) -> PendingTokenCheck | PendingKeys:
+        """The signature check of ``token`` for ``policy`` once the cheap checks pass with the
+        keys in hand, or the keys to fetch first; raises the cheap checks' 407 (before any key
+        is looked up or fetched: an expired token never makes the gateway fetch keys)."""
+        precheck(token, policy, self._clock())
         keys = policy.static_keys if policy.static_keys is not None else self.keys.keys(policy)
         if keys is None:
             error = AuthRequired("the issuer's keys are not available", reason="token_keys_unavailable")
@@ -302,12 +346,13 @@ class ClientRegistry:
                 raise error
             return PendingKeys(wait, error)
         try:
-            return verify(token, policy, keys)
+            key = signing_key(token, keys)
         except UnknownKey as err:
             wait = None if policy.static_keys is not None else self.keys.refresh(policy)
             if wait is None:
                 raise
             return PendingKeys(wait, err)
+        return PendingTokenCheck(digest + id(policy).to_bytes(8, "little"), token, policy, key, verified)
 
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
         if client.password_plain is not None:

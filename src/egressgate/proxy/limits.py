@@ -1,5 +1,5 @@
-"""Per-client limits and the password-check throttle: the state about clients that all of a
-worker's connections share.
+"""Per-client limits and the authentication-check throttles: the state about clients that all
+of a worker's connections share.
 
 - ``ClientLimits``: concurrent connections per client (``max_connections``) and new
   connections per second (``max_new_per_second``, a token bucket); over either, ``admit``
@@ -7,7 +7,10 @@ worker's connections share.
 - ``AuthThrottle``: slow password checks (scrypt) run off the event loop on their own
   threads, bounded per source and in total, round-robin over sources, dropped when every
   requester left; many connections presenting the same new credentials share one check; an
-  address that keeps failing waits longer before each further check.
+  address that keeps failing waits longer before each further check. One for password checks
+  (scrypt), one for token signature checks (``AuthChecks`` holds both).
+- ``AuthChecks.settle``: what an identification still needs (a password check, the issuer's
+  keys, a token's signature check), done in order until the client is known or refused.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import LimitReached
-from ..policy.clients import ClientPolicy, PendingCheck
+from ..errors import AuthRequired, LimitReached
+from ..policy.clients import ClientPolicy, Identity, PendingCheck, PendingKeys, PendingTokenCheck, rejected
 
 FAILURES_BEFORE_DELAY = 5
 FAILURE_DELAY_STEP, FAILURE_DELAY_MAX = 0.2, 3.0  # seconds added per failure past the fourth, at most
@@ -28,6 +31,10 @@ MAX_TRACKED_ADDRESSES = 10_000
 AUTH_WORKERS = 2  # threads running password checks (their own: never the loop's default executor)
 MAX_CHECKS_PER_SOURCE = 4  # password checks waiting or running for one source address
 MAX_CHECKS = 256  # ... and for all sources together
+TOKEN_WORKERS = 1  # threads running token signature checks (a check is well under a millisecond)
+MAX_TOKEN_CHECKS_PER_SOURCE = 16  # token signature checks waiting or running for one source address
+MAX_TOKEN_CHECKS = 256  # ... and for all sources together
+SETTLE_STEPS = 8  # pending steps one identification may take (keys fetched, a check per entry)
 
 
 class ClientLimits:
@@ -68,7 +75,7 @@ class ClientLimits:
 class _Job:
     __slots__ = ("key", "peer", "pending", "done", "waiters", "started", "suspect")
 
-    def __init__(self, peer: str, pending: PendingCheck, done: asyncio.Future[bool], suspect: bool) -> None:
+    def __init__(self, peer: str, pending: PendingCheck | PendingTokenCheck, done: asyncio.Future[bool], suspect: bool) -> None:
         self.key, self.peer, self.pending, self.done = pending.key, peer, pending, done
         self.waiters = 0
         self.started = False
@@ -76,7 +83,7 @@ class _Job:
 
 
 class AuthThrottle:
-    """Password checks, bounded and fair. They run on their own threads (``workers``), never
+    """Slow authentication checks (``kind``: password or token), bounded and fair. They run on their own threads (``workers``), never
     the loop's default executor (config reloads use that one, so a flood never delays a
     reload). What waits is bounded per source address (``per_source``, waiting and running)
     and in total (``total``); over either the request gets 429 at once, before any hashing.
@@ -91,10 +98,12 @@ class AuthThrottle:
     is dropped before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
-                 per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS) -> None:
+                 per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS, kind: str = "password",
+                 busy_reason: str = "auth_checks_busy") -> None:
         self._loop = loop
+        self.kind, self.busy_reason = kind, busy_reason
         self._failures: dict[str, tuple[int, float]] = {}
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="egressgate-auth")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"egressgate-{kind}")
         self._free = workers
         self._suspect_slots = max(1, workers - 1)
         self.per_source_limit, self.total_limit = per_source, total
@@ -119,8 +128,8 @@ class AuthThrottle:
         count, since = self._failures.get(peer, (0, 0.0))
         return 0 if count and now - since > FAILURE_MEMORY else count
 
-    async def check(self, peer: str, pending: PendingCheck) -> bool:
-        """Run a slow password check off the loop; addresses that keep failing wait longer."""
+    async def check(self, peer: str, pending: PendingCheck | PendingTokenCheck) -> bool:
+        """Run a slow check off the loop; addresses that keep failing wait longer."""
         now = self._loop.time()
         count = self._failed_lately(peer, now)
         since = self._failures.get(peer, (0, now))[1] if count else now
@@ -145,15 +154,15 @@ class AuthThrottle:
             self._failures[peer] = (count + 1, since)
         return ok
 
-    def _enqueue(self, peer: str, pending: PendingCheck, suspect: bool) -> _Job:
+    def _enqueue(self, peer: str, pending: PendingCheck | PendingTokenCheck, suspect: bool) -> _Job:
         if self._by_source.get(peer, 0) >= self.per_source_limit:
             self.busy += 1
-            raise LimitReached(f"too many password checks from {peer} at once (at most {self.per_source_limit})",
-                               reason="auth_checks_busy", headers=(("Retry-After", "1"),))
+            raise LimitReached(f"too many {self.kind} checks from {peer} at once (at most {self.per_source_limit})",
+                               reason=self.busy_reason, headers=(("Retry-After", "1"),))
         if len(self._jobs) >= self.total_limit:
             self.busy += 1
-            raise LimitReached(f"too many password checks at once (at most {self.total_limit})",
-                               reason="auth_checks_busy", headers=(("Retry-After", "1"),))
+            raise LimitReached(f"too many {self.kind} checks at once (at most {self.total_limit})",
+                               reason=self.busy_reason, headers=(("Retry-After", "1"),))
         # a source's one outstanding check is clean unless it failed lately; a second at once is not
         suspect = suspect or peer in self._by_source
         queues = self._suspect if suspect else self._clean  # (a source may have checks waiting in both)
@@ -219,3 +228,44 @@ class AuthThrottle:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+PendingAuth = PendingCheck | PendingKeys | PendingTokenCheck  # what an identification may still need
+
+
+class AuthChecks:
+    """The worker's two check throttles (passwords, token signatures) and the loop that takes
+    an identification from pending to known."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.passwords = AuthThrottle(loop)
+        self.tokens = AuthThrottle(loop, TOKEN_WORKERS, MAX_TOKEN_CHECKS_PER_SOURCE, MAX_TOKEN_CHECKS,
+                                   kind="token", busy_reason="token_checks_busy")
+        self.throttles = (self.passwords, self.tokens)
+
+    async def settle(self, identify: Callable[[], Identity | PendingAuth], peer: str, pending: PendingAuth) -> Identity:
+        """Do what ``pending`` needs, ask ``identify`` again, until it answers an ``Identity``;
+        raises the refusal (407), or 429 over a throttle's bounds."""
+        for _ in range(SETTLE_STEPS):
+            if isinstance(pending, PendingCheck):
+                result = identify() if await self.passwords.check(peer, pending) else None
+                if not isinstance(result, Identity):
+                    raise rejected(pending.user, "bad_credentials")
+            elif isinstance(pending, PendingKeys):
+                await pending.wait()
+                result = identify()
+                if isinstance(result, PendingKeys):
+                    raise pending.error  # the keys fetched (or kept) still lack the token's key
+            else:
+                ok = await self.tokens.check(peer, pending)
+                result = identify()
+                if not ok and isinstance(result, PendingTokenCheck) and result.key == pending.key:
+                    raise pending.error  # a refusal not remembered (the same check asked for again)
+            if isinstance(result, Identity):
+                return result
+            pending = result
+        raise AuthRequired("credentials could not be verified", reason="bad_credentials")
+
+    def close(self) -> None:
+        for throttle in self.throttles:
+            throttle.close()
