@@ -12,7 +12,7 @@ import selectors
 import signal
 import socket
 
-from .peers import base_config
+from .peers import base_config, wait_for
 
 SLOW_N = 2**16  # 64 MiB, a few hundred ms a check: many in flight at once
 
@@ -180,3 +180,31 @@ def test_known_credentials_never_wait_behind_unknown_ones_across_a_reload(start_
     gw.wait_event("reloaded", after=n, timeout=30)
     assert _status(_open(host, port, source, "job", "right")).startswith(b"HTTP/1.1 407")
     assert not _status(_open(host, port, source, "job", "changed")).startswith((b"HTTP/1.1 407", b"HTTP/1.1 429"))
+
+
+def test_waiting_and_dropped_checks_are_counted(start_gateway):
+    """Issue 25 item 1 (metrics): checks refused over the bound are counted as dropped (busy),
+    checks whose clients all left before they ran as dropped (client_gone), and the checks
+    waiting for a thread are a gauge, for passwords and tokens alike."""
+    from .test_hostile_ops import scrape, value
+
+    cfg = base_config(clients=[{"name": "job", "username": "job", "password_hash": slow_hash("right")}])
+    gw = start_gateway(cfg)
+    host, port = gw.address.rsplit(":", 1)
+    text = scrape(gw)
+    for kind in ("password", "token"):
+        assert f'egressgate_auth_checks_waiting{{kind="{kind}"}} 0.0' in text
+        for reason in ("client_gone", "busy"):
+            assert f'egressgate_auth_checks_dropped_total{{kind="{kind}",reason="{reason}"}} 0.0' in text
+    waiting = _fill_source(host, int(port), "127.0.0.60")  # four in flight, the fifth refused 429
+    text = scrape(gw)
+    assert value(text, "egressgate_auth_checks_dropped_total", kind="password", reason="busy") == 1
+    # one runs (a source's first check), the others wait: one suspect check at most, and
+    # none while a clean one runs
+    assert value(text, "egressgate_auth_checks_waiting", kind="password") >= 2
+    for s in waiting:
+        s.close()
+    wait_for(lambda: value(scrape(gw), "egressgate_auth_checks_dropped_total", kind="password",
+                           reason="client_gone") >= 1, "a waiting check dropped when its client left", timeout=30)
+    wait_for(lambda: value(scrape(gw), "egressgate_auth_checks_waiting", kind="password") == 0,
+             "no check waiting", timeout=30)

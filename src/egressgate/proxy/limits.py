@@ -124,6 +124,13 @@ class AuthThrottle:
     def in_flight(self) -> int:
         return len(self._jobs)
 
+    def stats(self) -> dict[str, int]:
+        """Plain counters for the metrics: checks waiting and running now; dropped because every
+        requester left (client_gone) and refused over a bound (busy) since start."""
+        running = self._running[False] + self._running[True]
+        return {"waiting": len(self._jobs) - running, "running": running, "client_gone": self.dropped,
+                "busy": self.busy}
+
     def _failed_lately(self, peer: str, now: float) -> int:
         count, since = self._failures.get(peer, (0, 0.0))
         return 0 if count and now - since > FAILURE_MEMORY else count
@@ -265,6 +272,9 @@ class AuthChecks:
                 return result
             pending = result
         raise AuthRequired("credentials could not be verified", reason="bad_credentials")
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {throttle.kind: throttle.stats() for throttle in self.throttles}
 
     def close(self) -> None:
         for throttle in self.throttles:

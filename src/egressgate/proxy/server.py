@@ -63,6 +63,7 @@ class Gateway:
         self.gate = Gate(metrics, loop.time)
         self.limits = ClientLimits(loop.time)
         self.auth = AuthChecks(loop)
+        metrics.watch_auth(self.auth.stats)
         self.connector = Connector(loop, resolver, metrics, self.internal_error)
         self.listeners = Listeners(loop, metrics, lambda info: connection(self, info), reuse_port)
         self.protect = SharedIpGuard(loop.time)  # shared-IP limits and holds, across reloads
