@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ MAX_TRACKED_ADDRESSES = 10_000
 AUTH_WORKERS = 2  # threads running password checks (their own: never the loop's default executor)
 MAX_CHECKS_PER_SOURCE = 4  # password checks waiting or running for one source address
 MAX_CHECKS = 256  # ... and for all sources together
+BUSY_ANSWER_DELAY = 1.0  # seconds (at most; at least half) a source that failed lately waits for its 429
+SUSPECT_SPACING = 0.1  # seconds between the starts of two suspect password checks (at most 10/s)
 TOKEN_WORKERS = 1  # threads running token signature checks (a check is well under a millisecond)
 MAX_TOKEN_CHECKS_PER_SOURCE = 16  # token signature checks waiting or running for one source address
 MAX_TOKEN_CHECKS = 256  # ... and for all sources together
@@ -86,26 +89,33 @@ class AuthThrottle:
     """Slow authentication checks (``kind``: password or token), bounded and fair. They run on their own threads (``workers``), never
     the loop's default executor (config reloads use that one, so a flood never delays a
     reload). What waits is bounded per source address (``per_source``, waiting and running)
-    and in total (``total``); over either the request gets 429 at once, before any hashing.
+    and in total (``total``); over either the request gets 429 before any hashing: at once, or
+    after up to ``BUSY_ANSWER_DELAY`` (its Retry-After; spread, so they never come back together) for a source that failed lately, so a closed-loop
+    flood's refusals cost the event loop a bounded rate, not as many as it can send.
 
     Two lanes. The one outstanding check of a source with no recent wrong password is *clean*:
     clean checks start first, a source new to the queue first, on any free thread. Every other check
     (a source that failed lately, or one that already has a check waiting or running) is
     *suspect*: suspect checks (round-robin over sources) hold at most ``workers - 1`` threads
-    (one when there is one), and one starts only while no clean check waits or runs. So a known client's first check never waits behind a flood's, and
+    (one when there is one), one starts only while no clean check waits or runs, and two start
+    at least ``suspect_spacing`` apart (passwords: 0.1 s, so a flood's scrypt work takes at most
+    about half a core, and guesses are capped at 10 a second per process). So a known client's first check never waits behind a flood's, and
     while it runs it shares the CPU with at most the one suspect check already under way.
     A waiting check whose every requester left (the connection closed, its task cancelled)
     is dropped before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
                  per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS, kind: str = "password",
-                 busy_reason: str = "auth_checks_busy") -> None:
+                 busy_reason: str = "auth_checks_busy", suspect_spacing: float = SUSPECT_SPACING) -> None:
         self._loop = loop
         self.kind, self.busy_reason = kind, busy_reason
         self._failures: dict[str, tuple[int, float]] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"egressgate-{kind}")
         self._free = workers
         self._suspect_slots = max(1, workers - 1)
+        self._suspect_spacing = suspect_spacing
+        self._suspect_next = 0.0  # (loop time) when the next suspect check may start
+        self._timer: asyncio.TimerHandle | None = None
         self.per_source_limit, self.total_limit = per_source, total
         self._jobs: dict[bytes, _Job] = {}  # waiting or running, by credentials
         # waiting, by source, round-robin: clean sources, and sources with recent failures
@@ -144,7 +154,13 @@ class AuthThrottle:
             await asyncio.sleep(min(FAILURE_DELAY_STEP * (count - FAILURES_BEFORE_DELAY + 1), FAILURE_DELAY_MAX))
         job = self._jobs.get(pending.key)
         if job is None:
-            job = self._enqueue(peer, pending, count > 0)
+            try:
+                job = self._enqueue(peer, pending, count > 0)
+            except LimitReached:
+                if count:  # a source that failed lately hears 429 when it may retry (Retry-After: 1), so
+                    # a flood's retries come no faster than that and its refusals cost the loop little
+                    await asyncio.sleep(BUSY_ANSWER_DELAY * (0.5 + random.random() / 2))  # (spread: no herd)
+                raise
         job.waiters += 1
         try:
             ok = await asyncio.shield(job.done)
@@ -186,6 +202,12 @@ class AuthThrottle:
             if self._clean:
                 queues = self._clean
             elif self._suspect and self._running[False] == 0 and self._running[True] < self._suspect_slots:
+                now = self._loop.time()
+                if now < self._suspect_next:  # spaced: a flood's checks take a bounded share of the CPU
+                    if self._timer is None:
+                        self._timer = self._loop.call_at(self._suspect_next, self._spaced)
+                    return
+                self._suspect_next = now + self._suspect_spacing
                 queues = self._suspect
             else:
                 return
@@ -199,6 +221,10 @@ class AuthThrottle:
             self._running[job.suspect] += 1
             running = self._loop.run_in_executor(self._pool, job.pending.run)
             running.add_done_callback(lambda f, job=job: self._finished(job, f))
+
+    def _spaced(self) -> None:
+        self._timer = None
+        self._pump()
 
     def _finished(self, job: _Job, running: asyncio.Future[bool]) -> None:
         self._free += 1
@@ -234,6 +260,8 @@ class AuthThrottle:
             self._by_source.pop(job.peer, None)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -247,7 +275,7 @@ class AuthChecks:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.passwords = AuthThrottle(loop)
         self.tokens = AuthThrottle(loop, TOKEN_WORKERS, MAX_TOKEN_CHECKS_PER_SOURCE, MAX_TOKEN_CHECKS,
-                                   kind="token", busy_reason="token_checks_busy")
+                                   kind="token", busy_reason="token_checks_busy", suspect_spacing=0.0)
         self.throttles = (self.passwords, self.tokens)
 
     async def settle(self, identify: Callable[[], Identity | PendingAuth], peer: str, pending: PendingAuth) -> Identity:
