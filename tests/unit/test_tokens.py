@@ -242,3 +242,38 @@ def test_a_remembered_refusal_holds_no_traceback() -> None:
         reg.identify_now("10.1.2.3", bearer(token))
     kept = [v for _, verified in reg._tokens.values() for v in verified.values() if isinstance(v, AuthRequired)]
     assert kept and all(e.__traceback__ is None and e.__context__ is None for e in kept)
+
+
+# name -> (token, reason): refused from the unverified claims, before any key or signature work
+PRECHECKED = {
+    "expired": (lambda: S.mint(issued=-700, lifetime=600), "token_expired"),
+    "not yet valid": (lambda: S.mint(issued=120), "token_not_yet_valid"),
+    "wrong audience": (lambda: S.mint(aud=["vault"]), "token_wrong_audience"),
+    "wrong issuer": (lambda: S.mint(iss="https://other.example"), "token_unknown_issuer"),
+    "no exp": (lambda: S.mint(exp=None), "token_malformed"),
+    "exp not a number": (lambda: S.mint(exp="soon"), "token_malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRECHECKED))
+def test_what_no_signature_can_cure_is_refused_with_no_key_and_no_signature_check(name: str) -> None:
+    """Issue 25 item 1: an empty key set would make any signature check fail (or ask for keys):
+    the refusal comes first, from the claims, and identify never asks for a check."""
+    make, reason = PRECHECKED[name]
+    reg = registry()
+    reg.keys.current = {}
+    with pytest.raises(AuthRequired) as info:
+        reg.identify("10.1.2.3", bearer(make()))
+    assert info.value.reason == reason
+
+
+def test_a_token_passing_the_cheap_checks_leaves_its_signature_to_a_pending_check() -> None:
+    from egressgate.policy.clients import PendingTokenCheck
+
+    reg = registry()
+    token = tampered()
+    pending = reg.identify("10.1.2.3", bearer(token))
+    assert isinstance(pending, PendingTokenCheck) and pending.run() is False
+    with pytest.raises(AuthRequired) as info:  # remembered: no check again
+        reg.identify("10.1.2.3", bearer(token))
+    assert info.value.reason == "token_bad_signature"
