@@ -274,6 +274,9 @@ def test_a_token_passing_the_cheap_checks_leaves_its_signature_to_a_pending_chec
     token = tampered()
     pending = reg.identify("10.1.2.3", bearer(token))
     assert isinstance(pending, PendingTokenCheck) and pending.run() is False
-    with pytest.raises(AuthRequired) as info:  # remembered: no check again
+    with pytest.raises(AuthRequired) as info:  # (the issuer's other entry: its own check)
+        reg.identify_now("10.1.2.3", bearer(token))
+    assert info.value.reason == "token_bad_signature"
+    with pytest.raises(AuthRequired) as info:  # every entry's refusal remembered: no check again
         reg.identify("10.1.2.3", bearer(token))
     assert info.value.reason == "token_bad_signature"
