@@ -78,31 +78,34 @@ class ClientLimits:
 class _Job:
     __slots__ = ("key", "peer", "pending", "done", "waiters", "started", "suspect")
 
-    def __init__(self, peer: str, pending: PendingCheck | PendingTokenCheck, done: asyncio.Future[bool], suspect: bool) -> None:
+    def __init__(self, peer: str, pending: PendingCheck | PendingTokenCheck, done: asyncio.Future[bool],
+                 suspect: bool) -> None:
         self.key, self.peer, self.pending, self.done = pending.key, peer, pending, done
         self.waiters = 0
         self.started = False
-        self.suspect = suspect  # its source sent a wrong password lately
+        self.suspect = suspect  # its source failed lately, or had a check outstanding already
 
 
 class AuthThrottle:
-    """Slow authentication checks (``kind``: password or token), bounded and fair. They run on their own threads (``workers``), never
-    the loop's default executor (config reloads use that one, so a flood never delays a
-    reload). What waits is bounded per source address (``per_source``, waiting and running)
-    and in total (``total``); over either the request gets 429 before any hashing: at once, or
-    after up to ``BUSY_ANSWER_DELAY`` (its Retry-After; spread, so they never come back together) for a source that failed lately, so a closed-loop
-    flood's refusals cost the event loop a bounded rate, not as many as it can send.
+    """Slow authentication checks (``kind``: password or token), bounded and fair. They run
+    on their own threads (``workers``), never the loop's default executor (config reloads use
+    that one, so a flood never delays a reload). What waits is bounded per source address
+    (``per_source``, waiting and running) and in total (``total``); over either the request
+    gets 429 before any hashing: at once, or, for a source that failed lately, after up to
+    ``BUSY_ANSWER_DELAY`` (its Retry-After; spread, so the refused never come back together),
+    so a closed-loop flood's refusals cost the event loop a bounded rate, not as many as it
+    can send.
 
-    Two lanes. The one outstanding check of a source with no recent wrong password is *clean*:
-    clean checks start first, a source new to the queue first, on any free thread. Every other check
+    Two lanes. The one outstanding check of a source with no recent failure is *clean*: clean
+    checks start first, a source new to the queue first, on any free thread. Every other check
     (a source that failed lately, or one that already has a check waiting or running) is
     *suspect*: suspect checks (round-robin over sources) hold at most ``workers - 1`` threads
     (one when there is one), one starts only while no clean check waits or runs, and two start
-    at least ``suspect_spacing`` apart (passwords: 0.1 s, so a flood's scrypt work takes at most
-    about half a core, and guesses are capped at 10 a second per process). So a known client's first check never waits behind a flood's, and
-    while it runs it shares the CPU with at most the one suspect check already under way.
-    A waiting check whose every requester left (the connection closed, its task cancelled)
-    is dropped before it runs."""
+    at least ``suspect_spacing`` apart (passwords: 0.1 s, so a flood's scrypt work takes at
+    most about half a core, and guesses are capped at 10 a second per process). So a known
+    client's first check never waits behind a flood's, and while it runs it shares the CPU with
+    at most the one suspect check already under way. A waiting check whose every requester
+    left (the connection closed, its task cancelled) is dropped before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int = AUTH_WORKERS,
                  per_source: int = MAX_CHECKS_PER_SOURCE, total: int = MAX_CHECKS, kind: str = "password",
