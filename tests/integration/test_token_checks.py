@@ -53,7 +53,7 @@ POLICY = TokenPolicy(issuer=SIGNER.url, audiences=("egressgate",), accounts=("ba
 
 def test_token_signature_checks_are_bounded_per_source_and_in_total_and_dropped_when_left():
     """Defect: every distinct token cost a signature check at once, on the event loop, without
-    bound. Now they run on the token throttle's thread: at most 16 waiting or running per
+    bound. Now they run on the token throttle's thread: at most 64 waiting or running per
     source and 256 in all (429 ``token_checks_busy`` beyond, before any signature work), and a
     waiting check whose client left is dropped."""
     from egressgate.policy.clients import PendingTokenCheck

@@ -280,3 +280,24 @@ def test_a_token_passing_the_cheap_checks_leaves_its_signature_to_a_pending_chec
     with pytest.raises(AuthRequired) as info:  # every entry's refusal remembered: no check again
         reg.identify("10.1.2.3", bearer(token))
     assert info.value.reason == "token_bad_signature"
+
+
+def test_a_reloaded_registry_keeps_token_verdicts_while_what_they_depend_on_is_unchanged() -> None:
+    """Issue 25 item 1: after a reload every keep-alive connection identifies again; a token
+    verified under the old config is known at once (no signature check to queue) while the
+    issuer, audiences, leeway and key source are unchanged, and checked again when they change."""
+    from egressgate.policy.clients import PendingTokenCheck
+
+    old = registry()
+    token = S.mint()
+    assert isinstance(old.identify("10.1.2.3", bearer(token)), PendingTokenCheck)
+    assert old.identify_now("10.1.2.3", bearer(token)).client.name == "vendor-x"
+    new = registry()  # the same config compiled again: new policy objects
+    new.adopt(old)
+    assert new.identify("10.1.2.3", bearer(token)).client.name == "vendor-x"
+    net = (ipaddress.ip_network("10.0.0.0/8"),)
+    changed = ClientRegistry([ClientPolicy("vendor-x", net, token=TokenPolicy(
+        issuer=S.url, audiences=("egressgate", "other"), accounts=POLICY.accounts, leeway=5.0, source=S.url))])
+    changed.keys = Keys(KEYS)
+    changed.adopt(new)
+    assert isinstance(changed.identify("10.1.2.3", bearer(token)), PendingTokenCheck)

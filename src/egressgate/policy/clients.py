@@ -177,11 +177,11 @@ class PendingTokenCheck:
 
     def run(self) -> bool:
         try:
-            self.verified[self.policy] = verify_signature(self.token, self.policy, self.signing_key)
+            self.verified[self.policy.verdict_key] = verify_signature(self.token, self.policy, self.signing_key)
         except AuthRequired as err:
             refusal = AuthRequired(err.detail, reason=err.reason)  # (no traceback kept: see below)
             if err.reason in FINAL_TOKEN_REFUSALS:
-                self.verified[self.policy] = refusal
+                self.verified[self.policy.verdict_key] = refusal
             self.error = refusal
             return False
         return True
@@ -192,9 +192,9 @@ class ClientRegistry:
         self.clients = tuple(clients)
         self.keys: KeyProvider = NoKeys()  # set by the running gateway (keysource.KeySources)
         self._clock = clock
-        # keyed digest of a token -> (its issuer, for each entry's policy the subject verified or
-        # the final refusal)
-        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
+        # keyed digest of a token -> (its issuer, by an entry policy's verdict_key the subject
+        # verified or the final refusal)
+        self._tokens: dict[bytes, tuple[str, dict[tuple, TokenSubject | AuthRequired]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
         self.verdicts = PasswordVerdicts()
@@ -204,8 +204,12 @@ class ClientRegistry:
     def adopt(self, old: ClientRegistry) -> None:
         """Keep ``old``'s password verdicts (a reload): credentials whose entry kept its stored
         hash are known at once, so known clients never queue behind unknown ones after a
-        reload. Checks still running under ``old`` land here too (the same object)."""
+        reload. Checks still running under ``old`` land here too (the same object). The same
+        for tokens: a verdict is kept by what it depends on (``TokenPolicy.verdict_key``), so
+        after a reload known tokens are not checked again (every keep-alive connection
+        identifies again under the new config)."""
         self.verdicts = old.verdicts
+        self._tokens, self._key = old._tokens, old._key
 
     def candidates(self, address: str) -> tuple[ClientPolicy, ...]:
         """The rules whose source CIDRs admit this address, in order (cached)."""
@@ -233,7 +237,7 @@ class ClientRegistry:
             result = self.identify(address, authorization, cert_subject)
             if not isinstance(result, PendingTokenCheck):
                 return result
-            if not result.run() and result.policy not in result.verified:
+            if not result.run() and result.policy.verdict_key not in result.verified:
                 raise result.error
         raise AuthRequired("token not verified", reason="token_malformed")
 
@@ -309,7 +313,7 @@ class ClientRegistry:
         refused: AuthRequired | None = None  # the first entry's refusal, if no entry verifies it
         seen: TokenSubject | None = None  # a verified subject no entry admits
         for client in entries:  # the first entry that verifies the token and lists its account wins
-            subject = verified.get(client.token)
+            subject = verified.get(client.token.verdict_key)
             if isinstance(subject, AuthRequired):  # refused before for good: a job retrying an expired
                 # token costs a lookup (and a new error: re-raising the kept one would grow its traceback)
                 refused = refused or AuthRequired(subject.detail, reason=subject.reason)
@@ -320,7 +324,7 @@ class ClientRegistry:
                 except AuthRequired as err:
                     if err.reason in FINAL_TOKEN_REFUSALS:  # (a copy: the raised one carries a traceback,
                         # and with it every frame's locals up to the handler: connections, heads)
-                        verified[client.token] = AuthRequired(err.detail, reason=err.reason)
+                        verified[client.token.verdict_key] = AuthRequired(err.detail, reason=err.reason)
                     refused = refused or err
                     continue
                 return subject  # (keys to fetch, or the signature to check: then asked again)

@@ -77,6 +77,13 @@ class TokenPolicy:
     min_refresh: float = 10.0
     static_keys: Mapping[str, Any] | None = None  # from jwks_file: never fetched
 
+    @property
+    def verdict_key(self) -> tuple:
+        """What a token's verdict for this policy depends on (the accounts list does not: it is
+        judged on every use): equal across reloads while these are unchanged, so a reloaded
+        registry keeps the verdicts (a re-read ``jwks_file`` is a new key set: checked again)."""
+        return (self.issuer, self.audiences, self.leeway, self.source, id(self.static_keys))
+
     def admits(self, subject: TokenSubject) -> bool:
         return self.admits_name(subject.name)
 

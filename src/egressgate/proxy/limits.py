@@ -35,7 +35,8 @@ MAX_CHECKS = 256  # ... and for all sources together
 BUSY_ANSWER_DELAY = 1.0  # seconds (at most; at least half) a source that failed lately waits for its 429
 SUSPECT_SPACING = 0.1  # seconds between the starts of two suspect password checks (at most 10/s)
 TOKEN_WORKERS = 1  # threads running token signature checks (a check is well under a millisecond)
-MAX_TOKEN_CHECKS_PER_SOURCE = 16  # token signature checks waiting or running for one source address
+MAX_TOKEN_CHECKS_PER_SOURCE = 64  # token signature checks waiting or running for one source address
+# (a fleet of pods behind one NAT address presents many new tokens at once; a check is quick)
 MAX_TOKEN_CHECKS = 256  # ... and for all sources together
 SETTLE_STEPS = 8  # pending steps one identification may take (keys fetched, a check per entry)
 
