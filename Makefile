@@ -73,7 +73,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/instructions.py --kinds request,tunnel,socks \
-		--peers egressgate,egressgate-policy,egressgate-protect,squid,tinyproxy,trafficserver \
+		--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,squid,tinyproxy,trafficserver \
 		--out bench/results/instructions
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/protect_cost.py   # shared-IP protection's cost per request, with and without a fleet store

@@ -5,7 +5,7 @@ forwarded request, per CONNECT tunnel and per SOCKS5 tunnel, counted by valgrind
 every optimisation and guard against regressions (``tests/perf/test_instruction_budget.py``).
 
     .venv/bin/python bench/instructions.py [--ops N] [--kinds request,tunnel,socks]
-        [--peers egressgate,egressgate-policy,egressgate-protect,squid,tinyproxy,trafficserver,dante]
+        [--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,squid,tinyproxy,trafficserver,dante]
         [--out PATH] [--profile]
 
 How it counts (every peer alike):
@@ -28,7 +28,8 @@ How it counts (every peer alike):
   counts per byte (Squid clears a 64 KiB buffer per request);
 - egressgate with ``log: {access: none}`` (as Squid's ``access_log none``); the policy variant
   is bench/peers.py's (Basic auth, 1,000 allow rules, a bound egress profile), the protect
-  variant adds a ``protect`` rule on the target whose limits are never reached.
+  variant adds a ``protect`` rule on the target whose limits are never reached, the fleet
+  variant leases that rule's budgets from a fleet store (a ``redis-server`` started for it).
 
 ``--profile`` keeps the callgrind files (with ``--dump-instr=yes``) and prints, per operation,
 the functions' inclusive and own instructions, start-up cancelled the same way (5N - N).
@@ -59,7 +60,8 @@ from peers import Env, Peer, ensure_packages, make_peers, which  # noqa: E402
 from procs import Registry  # noqa: E402
 
 KINDS = ["request", "tunnel", "socks"]
-PEERS = ["egressgate", "egressgate-policy", "egressgate-protect", "squid", "tinyproxy", "trafficserver", "dante"]
+PEERS = ["egressgate", "egressgate-policy", "egressgate-protect", "egressgate-fleet", "squid", "tinyproxy",
+         "trafficserver", "dante"]
 KIND_LABEL = {
     "request": "forwarded plain-HTTP request (100-byte body, keep-alive)",
     "tunnel": "CONNECT tunnel: connect, CONNECT, 200, 16-byte echo, close",
@@ -517,6 +519,9 @@ def targets(results: dict) -> list[dict]:
         for variant, k in (("policy", 1.10), ("protect", 1.15)):
             x = ratio(per_op(results, f"egressgate-{variant}", kind), off)
             add(f"{variant} on: instructions per {kind} <= {k:.2f} x off", x, k, None if x is None else x <= k)
+        # (no goal: what leasing budgets from a fleet store adds to protect, stated beside it)
+        x = ratio(per_op(results, "egressgate-fleet", kind), per_op(results, "egressgate-protect", kind))
+        add(f"fleet store on (fleet.redis): instructions per {kind} vs protect alone", x, None, None)
     return out
 
 

@@ -341,15 +341,19 @@ class Egressgate(Peer):
     PASSWORD = "secret"
     RULES = 1000
 
-    def __init__(self, policy: bool, workers: int | None, protect: bool = False):
-        super().__init__("egressgate-protect" if protect else "egressgate-policy" if policy else "egressgate")
-        self.policy = policy or protect
-        self.protect = protect  # policy, plus shared-IP protection of the target (limits never reached)
+    def __init__(self, policy: bool, workers: int | None, protect: bool = False, fleet: bool = False):
+        super().__init__("egressgate-fleet" if fleet else "egressgate-protect" if protect else
+                         "egressgate-policy" if policy else "egressgate")
+        self.policy = policy or protect or fleet
+        self.protect = protect or fleet  # policy, plus shared-IP protection of the target (limits never reached)
+        self.fleet = fleet  # protect, with its budgets leased from a fleet store (a redis-server started here)
+        self.redis: Proc | None = None
+        self.redis_port = 0
         self.workers = workers
         self.capacity = 0  # 0: as many cores as it has processes (workers), up to the machine's
         self.label = (
-            "egressgate" + (" + policy" if policy else "") + (" + protect" if protect else "")
-            + (f" ({workers} workers)" if workers else "")
+            "egressgate" + (" + policy" if self.policy else "") + (" + protect" if self.protect else "")
+            + (" + fleet store" if fleet else "") + (f" ({workers} workers)" if workers else "")
         )
         if self.policy:
             self.auth = "bench:" + self.PASSWORD
@@ -360,7 +364,15 @@ class Egressgate(Peer):
     def unavailable(self):
         if not EGRESSGATE.exists():
             return f"{EGRESSGATE} does not exist yet"
+        if self.fleet and shutil.which("redis-server") is None:
+            return "redis-server is not installed (Debian package redis-server)"
         return None
+
+    def stop(self, reg):
+        super().stop(reg)
+        if self.redis is not None:
+            reg.stop(self.redis, grace=5.0)
+            self.redis = None
 
     def _password_hash(self) -> str:
         if self._hash is None:
@@ -388,6 +400,8 @@ class Egressgate(Peer):
         if with_log:
             lines.append("log: {access: none}")
         lines.append(f"security: {{allow_private: [127.0.0.0/8], connect_ports: [{ports}]}}")
+        if self.redis_port:
+            lines.append(f'fleet: {{redis: {{url: "redis://127.0.0.1:{self.redis_port}"}}}}')
         if not self.policy:
             lines.append("clients: [{name: bench, from: [127.0.0.0/8]}]")
         else:
@@ -409,10 +423,17 @@ class Egressgate(Peer):
         return "\n".join(lines) + "\n"
 
     def start(self, reg, env):
-        self.port, admin_port, socks_port = free_ports(3)
+        self.port, admin_port, socks_port, redis_port = free_ports(4)
         self.socks_port = socks_port if self.socks else 0
         d = env.tmp / f"{self.name}-{self.port}"  # (two instances may run at once: bench/instructions.py)
         d.mkdir(exist_ok=True)
+        if self.fleet:  # (not under the wrap: only the gateway's instructions are counted)
+            self.redis_port = redis_port
+            self.redis = reg.start("redis", [which("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
+                                             "--save", "", "--appendonly", "no", "--dir", str(d)],
+                                   role="store", log=str(d / "redis.log"))
+            if not wait_port(redis_port, timeout=10, proc=self.redis):
+                raise RuntimeError(f"redis-server did not start; see {d}/redis.log")
         conf = d / "egressgate.yaml"
         conf.write_text(self.config_text(env, admin_port))
         chk = subprocess.run(
@@ -464,7 +485,9 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
             out.append(Egressgate(True, egressgate_workers))
         elif n == "egressgate-protect":
             out.append(Egressgate(True, egressgate_workers, protect=True))
+        elif n == "egressgate-fleet":
+            out.append(Egressgate(True, egressgate_workers, fleet=True))
         else:
             raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, trafficserver, dante, egressgate, "
-                             "egressgate-policy, egressgate-protect)")
+                             "egressgate-policy, egressgate-protect, egressgate-fleet)")
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-ORDER = ["none", "squid", "trafficserver", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect"]
+ORDER = ["none", "squid", "trafficserver", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect",
+         "egressgate-fleet"]
 
 
 # ---------------------------------------------------------------------------- parsing

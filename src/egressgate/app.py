@@ -20,6 +20,7 @@ import yaml
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .egress.plan import refusing
 from .errors import ConfigError
+from .fleet.checks import SharedChecks
 from .fleet.ledger import Ledger
 from .fleet.member import Member
 from .fleet.owner import Owner
@@ -116,15 +117,27 @@ class App:
             gateway.outcomes.tallies = self.desk.tallies
             gateway.dispatcher.receipts = self.desk
         self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
+        self.check_store = self._check_store()
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
                                  lambda: gateway.connector.resolver,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
-                                 held=gateway.protect.hold_on)
+                                 held=gateway.protect.hold_on,
+                                 shared=SharedChecks(self.check_store) if self.check_store is not None else None)
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
         self.fleet = self._fleet()
+
+    def _check_store(self):
+        """With a fleet store, every process of the fleet shares provider checks through it
+        (``fleet.checks``): this process's own connection, used about once per interval."""
+        cfg = self.gateway.runtime.config.fleet
+        if cfg.redis is None:
+            return None
+        from .fleet.redisstore import RedisStore  # (redis is imported only when configured)
+
+        return RedisStore(cfg.redis, f"{socket.gethostname()}:{os.getpid()}")
 
     def _fleet(self) -> Owner | Member | None:
         """``workers: N``: worker 0 owns the instance's shared-IP budgets and holds, the other
@@ -432,6 +445,8 @@ class App:
         await self.gateway.close()
         if self.fleet is not None:
             await self.fleet.close()
+        if self.check_store is not None:
+            await self.check_store.close()
         if self.admin_server is not None:
             self.admin_server.close()
         if self.private_server is not None:

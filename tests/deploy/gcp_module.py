@@ -31,6 +31,7 @@ DEFAULTS = {
     "enable_metrics_collector": True,
     "metrics_collector_image": None,
     "artifact_registry_location": None,
+    "fleet_store": None,
 }
 
 
@@ -120,7 +121,7 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
     tv: dict[str, dict[str, Any]] = {}
     user = v.get("gateway_config") or {}
     user_egress = user.get("egress", {})
-    merged = ("listen", "admin", "drain", "workers", "probe", "egress", "clients", "security")
+    merged = ("listen", "admin", "drain", "workers", "probe", "egress", "clients", "security", "fleet")
     config = {k: val for k, val in user.items() if k not in merged}
     config.update(
         listen=[listen, *user.get("listen", [])],
@@ -136,6 +137,22 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         clients=[*clients, *user.get("clients", [])],
         security={"connect_ports": v["connect_ports"], **user.get("security", {})},
     )
+    # memorystore.tf: a created Memorystore's address and CA come from ``addresses``
+    fleet = v["fleet_store"]
+    fleet_secret = fleet_ca = None
+    if fleet is not None:
+        if fleet.get("memorystore") is not None:
+            url = f"rediss://{addresses['memorystore_host']}:6378"
+            fleet_secret, fleet_ca = f"{v['name_prefix']}-redis-auth", addresses["memorystore_ca"]
+        else:
+            url, fleet_secret, fleet_ca = fleet["url"], fleet.get("auth_secret"), fleet.get("ca_pem")
+        redis = {"url": url}
+        if fleet_secret is not None:
+            redis["password_file"] = "/etc/egressgate/tls/redis-auth"
+        if fleet_ca is not None:
+            redis["tls"] = {"ca": "/etc/egressgate/tls/redis-ca.pem",
+                            **({"check_hostname": False} if fleet.get("memorystore") is not None else {})}
+        config["fleet"] = {**user.get("fleet", {}), "redis": redis}
     tv["gateway_config"] = {"config": config}
     gateway_config = _template("egressgate.yaml.tftpl", tv["gateway_config"])
     admin_sources = list(dict.fromkeys(lb_ranges + lc["autohealing_health_check_ranges"]))
@@ -161,6 +178,8 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         "tls_key_secret": tls["key_secret"] if tls_from_secret else "",
         "tls_cert_pem": tls["cert_pem"] if tls and not tls_from_secret else "",
         "tls_key_pem": tls["key_pem"] if tls and not tls_from_secret else "",
+        "fleet_secret": fleet_secret or "",
+        "fleet_ca_pem": fleet_ca or "",
         "collector_on": "yes" if v["enable_metrics_collector"] else "no",
         "collector_image": v["metrics_collector_image"]
         or f"{registry_path}/opentelemetry-collector-contrib:0.116.1",

@@ -162,7 +162,9 @@ def test_service_account_has_exactly_three_roles(tf):
             assert body["member"] == "serviceAccount:${google_service_account.gateway.email}"
             if body["role"] == TLS_ROLE:
                 assert rtype == "google_secret_manager_secret_iam_member", "secret-scoped only"
-                assert body["for_each"] == "${local.tls_secrets}"
+                assert body.get("for_each") == "${local.tls_secrets}" or (  # the TLS secrets, or the fleet
+                    "google_secret_manager_secret.fleet_auth[0].secret_id" in body["secret_id"]  # store's AUTH
+                    and "var.fleet_store.auth_secret" in body["secret_id"])
                 continue
             if body["role"] == "${each.value}":
                 m = re.fullmatch(r"\$\{toset\(local\.([a-z_]+)\)\}", body["for_each"])

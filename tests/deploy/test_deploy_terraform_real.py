@@ -161,3 +161,65 @@ def test_every_documented_terraform_output_command_runs(root, env):
             assert r.returncode == 0, f"{cmd}: {r.stderr}"
     finally:
         (root / "terraform.tfstate").unlink()
+
+
+def _user_data(mod: Path, env) -> str:
+    """The cloud-init the applied stand-in instance template carries."""
+    import json
+
+    state = json.loads(_ok(terraform(["show", "-json"], mod, env)).stdout)
+    for res in state["values"]["root_module"]["resources"]:
+        if res["address"].startswith("terraform_data.google_compute_instance_template__"):
+            return res["values"]["input"]["metadata"]["user-data"]
+    raise AssertionError("no instance template in the state")
+
+
+@pytest.mark.parametrize("store", ["memorystore", "existing"])
+def test_a_fleet_store_is_created_or_taken_and_rendered_into_every_vm(root, env, store):
+    """fleet_store: a Memorystore (private services access, AUTH, in-transit encryption; its AUTH
+    string in a Secret Manager secret only the VMs read) or an existing Redis: either way the VMs'
+    config gets fleet.redis with the password file and the server CA, and fetch-tls fetches them."""
+    import yaml
+
+    spec = ('fleet_store = { memorystore = { tier = "BASIC" } }' if store == "memorystore" else
+            'fleet_store = { url = "rediss://10.9.8.7:6378", auth_secret = "team-redis-auth", '
+            'ca_pem = "-----BEGIN CERTIFICATE-----\\nX\\n-----END CERTIFICATE-----" }')
+    _ok(_plan(root, env, "\n" + spec + "\n"))
+    _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
+    try:
+        url = _ok(terraform(["output", "-raw", "fleet_store_url"], root, env)).stdout
+        doc = yaml.safe_load(_user_data(root, env))
+        files = {f["path"]: f["content"] for f in doc["write_files"]}
+        config = yaml.safe_load(files["/etc/egressgate/config.yaml.in"])
+        unit = files["/etc/systemd/system/egressgate.service"]
+        redis = config["fleet"]["redis"]
+        assert redis["url"] == url and url.startswith("rediss://")
+        assert redis["password_file"] == "/etc/egressgate/tls/redis-auth"
+        assert redis["tls"] == {"ca": "/etc/egressgate/tls/redis-ca.pem",  # (Memorystore's certificate
+                                **({"check_hostname": False} if store == "memorystore" else {})}  # names no IP)
+        secret = "egressgate-redis-auth" if store == "memorystore" else "team-redis-auth"
+        assert f"Environment=FLEET_AUTH_SECRET={secret}" in unit
+        import json
+
+        state = json.loads(_ok(terraform(["show", "-json"], root, env)).stdout)
+        created = {r["address"] for r in state["values"]["root_module"]["resources"]
+                   if "google_redis_instance__" in r["address"] or "google_secret_manager_secret__" in r["address"]}
+        assert created == ({"terraform_data.google_redis_instance__fleet[0]",
+                            "terraform_data.google_secret_manager_secret__fleet_auth[0]"}
+                           if store == "memorystore" else set())
+        if store == "existing":
+            assert url == "rediss://10.9.8.7:6378" and "BEGIN CERTIFICATE" in files["/etc/egressgate/tls.in/redis-ca.pem"]
+    finally:
+        (root / "terraform.tfstate").unlink()
+
+
+def test_fleet_store_mistakes_are_refused_at_plan(root, env):
+    cases = {
+        'fleet_store = { memorystore = {}, url = "rediss://10.0.0.1:6378" }': "not both",
+        'fleet_store = { url = "http://10.0.0.1:6378" }': "expected redis://HOST:PORT",
+        'fleet_store = { url = "redis://10.0.0.1:6379", ca_pem = "x" }': "must start with rediss://",
+        'fleet_store = { memorystore = { tier = "PREMIUM" } }': "tier BASIC or STANDARD_HA",
+    }
+    for spec, message in cases.items():
+        r = _plan(root, env, "\n" + spec + "\n")
+        assert r.returncode != 0 and message in " ".join(r.stderr.split()), (spec, r.stderr)

@@ -269,9 +269,20 @@ def _standin(kind: str, rtype: str, name: str, body: str, used_attrs: set[str]) 
     )
 
 
+# Computed attributes that are not strings, by (resource type, attribute): their stand-in values.
+TYPED = {
+    ("google_redis_instance", "host"): '"10.200.0.3"',
+    ("google_redis_instance", "port"): "6378",
+    ("google_redis_instance", "server_ca_certs"):
+        '[{ cert = "-----BEGIN CERTIFICATE-----\\nstandin\\n-----END CERTIFICATE-----\\n" }]',
+}
+
+
 def _placeholder(rtype: str, attr: str, meta: set[str]) -> str:
     """A computed attribute's stand-in value. IP addresses are documentation addresses
     (203.0.113.0/24), distinct per instance, so configs rendered from them stay valid."""
+    if (rtype, attr) in TYPED:
+        return TYPED[(rtype, attr)]
     if attr != "address":
         return f'"standin-{rtype}-{attr}"'
     if "for_each" in meta:

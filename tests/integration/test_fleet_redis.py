@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -335,3 +336,83 @@ def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin
     finally:
         server.kill()
 
+
+
+class _CountingProvider:
+    """A loopback provider answering 200 to GET/HEAD /ping, counting every check it gets."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits = 0
+        lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                with lock:
+                    provider.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET  # noqa: N815
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_provider_checks_are_shared_by_the_fleet(start_gateway, redis):
+    """Two instances x two workers, one member x one provider: the provider is checked once per
+    interval for the whole fleet (four processes, one check), and every instance shows the result,
+    naming the instance that checked. A reload does not check again what the fleet checked within
+    the interval."""
+    provider = _CountingProvider()
+    try:
+        profile = {"bind": ["127.0.0.2"], "providers": [
+            {"name": "vendor", "url": f"http://127.0.0.1:{provider.port}/ping", "interval": "300s"}]}
+        gws = []
+        for _ in range(2):
+            with ReservedPort() as port:
+                cfg = base_config(listen=[{"address": port.address}], workers=WORKERS,
+                                  egress={"default": {"direct": {}}, "shared": profile},
+                                  fleet={"redis": {"url": redis.url, "lease_ttl": LEASE_TTL, "timeout": "250ms"}})
+                gw = start_gateway(cfg)
+                wait_for(lambda g=gw: len([e for e in g.events if e.get("event") == "started"]) >= WORKERS,
+                         "every worker started")
+            gws.append(gw)
+
+        def checks(gw) -> list[dict]:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(gw.admin + "/status",
+                                                                                   timeout=5) as r:
+                view = json.loads(r.read())["profiles"]["shared"]["providers"]
+            return view["checks"] if view else []
+
+        def ok(gw) -> bool:
+            found = checks(gw)
+            return bool(found) and all(c.get("ok") for c in found)
+
+        for gw in gws:
+            wait_for(lambda g=gw: ok(g), "the provider's result on the instance", timeout=20)
+        assert provider.hits == 1, f"{provider.hits} checks for one member x provider in one interval"
+        details = [c["detail"] for gw in gws for c in checks(gw)]
+        assert any("checked by instance" in d for d in details), details
+        before = provider.hits
+        n = len(gws[1].events)
+        gws[1].signal(signal.SIGHUP)
+        gws[1].wait_event("reloaded", after=n)
+        wait_for(lambda: ok(gws[1]), "the result after the reload", timeout=20)
+        assert provider.hits == before
+    finally:
+        provider.close()

@@ -492,3 +492,143 @@ def test_a_hold_learned_by_name_holds_the_address_and_its_other_names(start_gate
             assert [(h["host"], h["address"]) for h in holds] == [("a.test", "127.0.0.1")]
     finally:
         other.close()
+
+
+# --- the hold queue (protect[].queue) ---------------------------------------------------------
+
+QUEUE_RULE = "queued-provider"
+
+
+def _queued(gw) -> float:
+    return _metric(gw, "egressgate_protect_queued", profile="shared", member=MEMBER, destination=QUEUE_RULE) or 0
+
+
+def _queue_outcome(gw, outcome: str) -> float:
+    return _metric(gw, "egressgate_protect_queue_total", profile="shared", member=MEMBER, destination=QUEUE_RULE,
+                   outcome=outcome) or 0
+
+
+def _queue_config(port: int, max_wait: str = "20s", max_queued: int = 10, connect_ports=()) -> dict:
+    return _config([{"name": QUEUE_RULE, "destinations": ["127.0.0.1"], "max_concurrent": 1,
+                     "queue": {"max_wait": max_wait, "max_queued": max_queued}}], connect_ports)
+
+
+def _queued_get(source: str, gw, port: int, path: str) -> bytes:
+    return _exchange(source, gw, f"GET http://127.0.0.1:{port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                 f"Connection: close\r\n\r\n".encode())
+
+
+def test_over_budget_requests_wait_and_go_in_arrival_order_across_two_clients(start_gateway, provider):
+    """max_concurrent 1 with a queue: while one request is in flight, the next three (from two
+    clients, arriving one after another) wait instead of a 429, then reach the provider one at a
+    time in the order they arrived, each answered 200."""
+    gw = start_gateway(_queue_config(provider.port))
+    results: dict[str, bytes] = {}
+
+    def send(name: str, source: str, path: str) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.__setitem__(name, _queued_get(source, gw, provider.port, path)))
+        t.start()
+        return t
+
+    threads = [send("hold", JOB_A, "/wait")]
+    assert provider.arrived.wait(10)
+    for n, (name, source) in enumerate([("b1", JOB_B), ("a2", JOB_A), ("b3", JOB_B)], start=1):
+        threads.append(send(name, source, f"/{name}"))
+        wait_for(lambda n=n: _queued(gw) == n, f"{n} waiting in the queue")
+    assert [path for path, _ in provider.seen] == ["/wait"]  # nobody went past the budget
+    provider.release.set()
+    for t in threads:
+        t.join(30)
+    assert {name: _status(resp) for name, resp in results.items()} == {"hold": 200, "b1": 200, "a2": 200, "b3": 200}
+    assert [path for path, _ in provider.seen] == ["/wait", "/b1", "/a2", "/b3"]
+    assert all(source == MEMBER for _, source in provider.seen)
+    wait_for(lambda: _queue_outcome(gw, "admitted_after_wait") == 3, "three admitted after a wait")
+    assert _queued(gw) == 0
+    assert not _metric(gw, "egressgate_protect_refused_total", profile="shared", member=MEMBER,
+                       destination=QUEUE_RULE, limit="concurrency")  # (a wait that ends admitted is no refusal)
+    assert _metric(gw, "egressgate_protect_queue_wait_seconds_count", profile="shared", destination=QUEUE_RULE) == 3
+
+
+def test_a_waiter_whose_client_goes_away_leaves_the_queue_at_once(start_gateway, provider):
+    """A queued request whose client disconnects leaves the queue (the gauge drops, counted as
+    client_gone) and never reaches the provider, even once the budget frees."""
+    gw = start_gateway(_queue_config(provider.port))
+    holder = threading.Thread(target=lambda: _queued_get(JOB_A, gw, provider.port, "/wait"))
+    holder.start()
+    assert provider.arrived.wait(10)
+    s = _connect_from(JOB_B, gw)
+    s.sendall(f"GET http://127.0.0.1:{provider.port}/gone HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    wait_for(lambda: _queued(gw) == 1, "the request waiting")
+    s.close()
+    wait_for(lambda: _queued(gw) == 0, "the waiter gone from the queue")
+    assert _queue_outcome(gw, "client_gone") == 1
+    provider.release.set()
+    holder.join(30)
+    after = _queued_get(JOB_A, gw, provider.port, "/after")  # the budget is free again
+    assert _status(after) == 200
+    assert [path for path, _ in provider.seen] == ["/wait", "/after"]
+
+
+def test_past_max_wait_the_wait_ends_in_a_429_with_retry_after(start_gateway, provider):
+    """A request still over budget when max_wait passes gets today's 429 with Retry-After and the
+    limit named, counted as timed_out and as a concurrency refusal."""
+    gw = start_gateway(_queue_config(provider.port, max_wait="1s"))
+    holder = threading.Thread(target=lambda: _queued_get(JOB_A, gw, provider.port, "/wait"))
+    holder.start()
+    assert provider.arrived.wait(10)
+    resp = _queued_get(JOB_B, gw, provider.port, "/late")
+    assert _status(resp) == 429
+    assert _header(resp, "Retry-After") == "1"
+    proxy_status = _header(resp, "Proxy-Status")
+    assert "max_concurrent 1" in proxy_status and "waited 1s in the queue" in proxy_status
+    rec = gw.wait_log(lambda r: r["status"] == 429)
+    assert rec["client"] == "job-b" and rec["reason"] == "egress_concurrency_limit"
+    assert _queue_outcome(gw, "timed_out") == 1
+    assert _metric(gw, "egressgate_protect_refused_total", profile="shared", member=MEMBER,
+                   destination=QUEUE_RULE, limit="concurrency") == 1
+    provider.release.set()
+    holder.join(30)
+    assert [path for path, _ in provider.seen] == ["/wait"]
+
+
+def test_a_full_queue_answers_429_at_once(start_gateway, provider):
+    """Past max_queued, a request over budget is refused at once (reason egress_queue_full)."""
+    gw = start_gateway(_queue_config(provider.port, max_queued=1))
+    threads = [threading.Thread(target=lambda: _queued_get(JOB_A, gw, provider.port, "/wait"))]
+    threads[0].start()
+    assert provider.arrived.wait(10)
+    threads.append(threading.Thread(target=lambda: _queued_get(JOB_B, gw, provider.port, "/queued")))
+    threads[1].start()
+    wait_for(lambda: _queued(gw) == 1, "one waiting")
+    resp = _queued_get(JOB_A, gw, provider.port, "/full")
+    assert _status(resp) == 429 and "already wait" in _header(resp, "Proxy-Status")
+    assert gw.wait_log(lambda r: r["status"] == 429)["reason"] == "egress_queue_full"
+    assert _queue_outcome(gw, "queue_full") == 1
+    provider.release.set()
+    for t in threads:
+        t.join(30)
+    assert [path for path, _ in provider.seen] == ["/wait", "/queued"]
+
+
+def test_an_over_budget_connect_waits_for_a_tunnel_to_end(start_gateway, echo_server):
+    """CONNECT too: the second tunnel waits while the first is open, and gets its 200 once the
+    first closes; bytes then move through it."""
+    dest = f"127.0.0.1:{echo_server.port}"
+    gw = start_gateway(_queue_config(echo_server.port, connect_ports=[echo_server.port]))
+    first = _tunnel(JOB_A, gw, dest)
+    second = _connect_from(JOB_B, gw)
+    second.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
+    wait_for(lambda: _queued(gw) == 1, "the second CONNECT waiting")
+    first.sendall(b"ping")
+    assert first.recv(4) == b"ping"
+    first.close()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = second.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    second.sendall(b"pong")
+    assert second.recv(4) == b"pong"
+    second.close()
+    assert _queue_outcome(gw, "admitted_after_wait") == 1

@@ -350,3 +350,65 @@ def test_the_match_cache_is_bounded_and_never_used_when_a_pattern_names_a_port()
     assert ported._cache is None
     assert ported.match(HostPort("a.vendor-x.com", 8443)).name == "alt"
     assert ported.match(HostPort("a.vendor-x.com", 443)) is None
+
+
+def test_queue_config_errors_name_file_line_key() -> None:
+    text = textwrap.dedent("""\
+        egress:
+          px:
+            bind: [10.0.0.1]
+            protect:
+              - name: vx
+                destinations: ["*.vendor-x.com"]
+                max_concurrent: 2
+                queue:
+                  max_wait: 0
+                  max_queued: 0
+              - name: vy
+                destinations: [a.test]
+                queue:
+                  max_wait: 2h
+              - name: vz
+                destinations: [b.test]
+                queue: {wait: 3}
+    """)
+    errors = check_config_text(text, "c.yaml").errors
+    assert any(e.startswith("c.yaml:9: egress.px.protect[0].queue.max_wait: expected a wait above 0") for e in errors)
+    assert "c.yaml:10: egress.px.protect[0].queue.max_queued: must be at least 1, got 0" in errors
+    assert any(e.startswith("c.yaml:14: egress.px.protect[1].queue.max_wait: expected a wait above 0 and at most "
+                            "600s") for e in errors)
+    assert any(e.startswith("c.yaml:17: egress.px.protect[2].queue.wait: unknown key") for e in errors)
+    rt = build_runtime(load_config_text(textwrap.dedent("""\
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 1, queue: {max_wait: 5s}}]}
+    """)), "", "c.yaml")
+    compiled = rt.protect["px"].rules[0]
+    assert (compiled.max_wait, compiled.max_queued) == (5.0, 100)
+    assert compiled.describe()["queue"] == {"max_wait": 5.0, "max_queued": 100}
+
+
+def test_the_hold_queue_takes_clients_in_turn_and_each_client_in_order() -> None:
+    """Rows per client take turns in the order clients first joined; within a row, arrival
+    order. A line is bounded by max_queued and disappears once nobody waits."""
+    import asyncio
+
+    from egressgate.proxy.waiting import Waitlines
+
+    key = ("px", "10.0.0.1", "vx")
+    lines = Waitlines(lambda: 0.0)
+
+    async def run() -> list[str]:
+        waiters = {name: lines.join(key, name[0], 4) for name in ("a1", "a2", "a3", "b1")}
+        assert lines.join(key, "c", 4) is None  # full
+        order = []
+        for _ in waiters:
+            head = lines.lines[key].head
+            name = next(n for n, w in waiters.items() if w is head)
+            assert await lines.turn(key, head, 0.0)
+            order.append(name)
+            lines.leave(key, head, "admitted_after_wait")
+        return order
+
+    assert asyncio.run(run()) == ["a1", "b1", "a2", "a3"]
+    assert key not in lines.lines
+    assert lines.outcomes == {(*key, "queue_full"): 1, (*key, "admitted_after_wait"): 4}

@@ -97,7 +97,7 @@ locals {
   # it (rules in variables.tf), so any gateway feature is reachable without editing the template.
   gateway_user        = var.gateway_config
   gateway_user_egress = try(local.gateway_user.egress, {})
-  gateway_merged_keys = ["listen", "admin", "drain", "workers", "probe", "egress", "clients", "security"]
+  gateway_merged_keys = ["listen", "admin", "drain", "workers", "probe", "egress", "clients", "security", "fleet"]
   gateway_config_object = merge(
     { for k, v in local.gateway_user : k => v if !contains(local.gateway_merged_keys, k) },
     {
@@ -118,6 +118,8 @@ locals {
       clients  = concat(local.gateway_clients, try(local.gateway_user.clients, []))
       security = merge({ connect_ports = var.connect_ports }, try(local.gateway_user.security, {}))
     },
+    # The fleet store (memorystore.tf), when there is one: shared by every VM of the group.
+    { for k, v in { fleet = merge(try(local.gateway_user.fleet, {}), { redis = local.fleet_redis }) } : k => v if local.fleet_redis != null },
   )
   gateway_config = templatefile("${path.module}/templates/egressgate.yaml.tftpl", {
     config = local.gateway_config_object
@@ -150,6 +152,8 @@ locals {
     tls_key_secret   = local.tls_from_secret ? var.tls.key_secret : ""
     tls_cert_pem     = local.tls_enabled && !local.tls_from_secret ? var.tls.cert_pem : ""
     tls_key_pem      = local.tls_enabled && !local.tls_from_secret ? var.tls.key_pem : ""
+    fleet_secret     = local.fleet_store_secret != null ? local.fleet_store_secret : ""
+    fleet_ca_pem     = local.fleet_store_ca_pem != null ? local.fleet_store_ca_pem : ""
     collector_on     = var.enable_metrics_collector ? "yes" : "no"
     collector_image  = local.collector_image
     collector_config = local.collector_config

@@ -47,3 +47,8 @@ output "instance_group" {
   description = "The regional managed instance group."
   value       = google_compute_region_instance_group_manager.gateway.instance_group
 }
+
+output "fleet_store_url" {
+  description = "The fleet store the VMs share limits and holds through (fleet.redis.url), or null."
+  value       = local.fleet_store_url
+}

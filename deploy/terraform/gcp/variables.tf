@@ -417,3 +417,48 @@ variable "notification_channels" {
   type        = list(string)
   default     = []
 }
+
+variable "fleet_store" {
+  description = <<-EOT
+    Shared state for the whole group (shared-IP limits, Retry-After holds): without it every VM
+    counts its own, so a protect limit is met once per VM. null = none. { memorystore = {} } =
+    create a Memorystore for Redis instance (private services access on this VPC, AUTH, in-transit
+    encryption; tier STANDARD_HA by default). { url = "rediss://10.1.2.3:6378", auth_secret = "NAME",
+    ca_pem = "..." } = an existing Redis: its AUTH string in a Secret Manager secret the VMs may
+    read, its server CA as PEM text (rediss:// only). Changing it re-creates the VMs (the config is
+    rendered at boot).
+  EOT
+  type = object({
+    memorystore = optional(object({
+      tier              = optional(string, "STANDARD_HA")
+      memory_size_gb    = optional(number, 1)
+      redis_version     = optional(string, "REDIS_7_2")
+      psa_prefix_length = optional(number, 24)
+    }))
+    url         = optional(string)
+    auth_secret = optional(string)
+    ca_pem      = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.fleet_store == null ? true : (try(var.fleet_store.memorystore, null) != null) != (try(var.fleet_store.url, null) != null)
+    error_message = "fleet_store: give memorystore (create one) or url (an existing Redis), not both."
+  }
+  validation {
+    condition     = try(var.fleet_store.url, null) == null ? true : can(regex("^rediss?://[^/?#]+(/[0-9]+)?$", var.fleet_store.url))
+    error_message = "fleet_store.url: expected redis://HOST:PORT or rediss://HOST:PORT (rediss: TLS, give ca_pem)."
+  }
+  validation {
+    condition     = try(var.fleet_store.ca_pem, null) == null ? true : startswith(try(var.fleet_store.url, ""), "rediss://")
+    error_message = "fleet_store.ca_pem is for TLS: the url must start with rediss://."
+  }
+  validation {
+    condition = try(var.fleet_store.memorystore, null) == null ? true : (
+      contains(["BASIC", "STANDARD_HA"], var.fleet_store.memorystore.tier) &&
+      var.fleet_store.memorystore.memory_size_gb >= 1 && var.fleet_store.memorystore.memory_size_gb <= 300 &&
+      var.fleet_store.memorystore.psa_prefix_length >= 16 && var.fleet_store.memorystore.psa_prefix_length <= 29
+    )
+    error_message = "fleet_store.memorystore: tier BASIC or STANDARD_HA, memory_size_gb 1-300, psa_prefix_length 16-29."
+  }
+}

@@ -151,6 +151,23 @@ class AdminConfig(_Model):
 
 MAX_HOLDS = 4096  # protect[].max_holds default
 MAX_HOLDS_PER_CLIENT = 64  # protect[].max_holds_per_client default
+MAX_QUEUE_WAIT = 600.0  # protect[].queue.max_wait at most (seconds)
+
+
+class QueueConfig(_Model):
+    """``protect[].queue``: over-budget requests and tunnels wait their turn (in arrival order,
+    clients taking turns) instead of an immediate 429; past ``max_wait`` they get the 429."""
+
+    max_wait: Duration = 30.0  # the longest one waits before today's 429 with Retry-After
+    max_queued: int = Field(default=100, ge=1, le=100_000)  # waiting per (member x rule); beyond: 429 at once
+
+    @field_validator("max_wait")
+    @classmethod
+    def _wait_bounded(cls, value: float) -> float:
+        if not 0 < value <= MAX_QUEUE_WAIT:
+            raise ValueError(f"expected a wait above 0 and at most {MAX_QUEUE_WAIT:g}s (a client's own timeout "
+                             f"is shorter than a longer wait)")
+        return value
 
 
 class ProtectConfig(_Model):
@@ -168,6 +185,7 @@ class ProtectConfig(_Model):
     # (a client whose share is full replaces its own; nobody evicts another client's hold).
     max_holds: int = Field(default=MAX_HOLDS, ge=1)
     max_holds_per_client: int = Field(default=MAX_HOLDS_PER_CLIENT, ge=1)
+    queue: QueueConfig | None = None  # wait for the budget instead of 429 (none: 429 at once)
 
     @property
     def label(self) -> str:

@@ -10,7 +10,9 @@ Keys, under one hash tag (``{PREFIX}``, so a Redis Cluster keeps them in one slo
   instance's slots come back within ``lease_ttl``;
 - ``{P}:rate:PROFILE|MEMBER|RULE``: hash {tokens, at}: the fleet's token bucket per key;
 - ``{P}:hold:PROFILE|MEMBER|RULE|HOST``: a hold (JSON), expiring with it, for instances that
-  start later; ``{P}:events``: pub/sub channel of holds learned and slots wanted.
+  start later; ``{P}:events``: pub/sub channel of holds learned and slots wanted;
+- ``{P}:check:NAME``: the last result of a provider check (JSON), and ``{P}:checking:NAME`` the
+  claim of the process checking it this interval (``fleet.checks``).
 
 Time is Redis's (``TIME``), never an instance's clock.
 """
@@ -112,6 +114,8 @@ class RedisStore:
         self._slots = f"{p}:slots:"
         self._rate = f"{p}:rate:"
         self._hold = f"{p}:hold:"
+        self._check = f"{p}:check:"
+        self._checking = f"{p}:checking:"
         self.channel = f"{p}:events"
         password = None
         if cfg.password_file:
@@ -198,6 +202,22 @@ class RedisStore:
             return out
 
         return await self._bounded(scan(), timeout)
+
+    async def claim_check(self, name: str, ms: int) -> bool:
+        """True: this process checks ``name`` now (nobody claimed it within the last ``ms``)."""
+        return bool(await self._bounded(self.client.set(self._checking + name, self.instance, nx=True, px=max(1, ms))))
+
+    async def check_result(self, name: str) -> dict | None:
+        text = await self._bounded(self.client.get(self._check + name))
+        try:
+            doc = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def save_check(self, name: str, doc: dict, ms: int) -> None:
+        await self._bounded(self.client.set(self._check + name, json.dumps({**doc, "by": self.instance}),
+                                            px=max(1, ms)))
 
     def pubsub(self):
         return self.client.pubsub(ignore_subscribe_messages=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 PREFIX = "egressgate_"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "SOCKS5"})
@@ -29,6 +29,8 @@ INTERNAL_ERROR_SITES = (
 UNKNOWN = "-"  # the label value of a client or profile name that is not configured
 LOG_DROP_REASONS = ("queue_full", "write_error")  # egressgate_log_dropped_total{reason}
 ADMIN_CLOSE_REASONS = ("max_connections", "max_per_source", "evicted", "idle_timeout", "foreign")  # ..._closed_total{reason}
+# egressgate_protect_queue_wait_seconds (kept as plain counts by ``proxy.waiting``)
+QUEUE_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -75,7 +77,7 @@ class _ProtectCounters:
     into metric families when scraped. Labels: profile, member (a configured source address or
     upstream proxy) and destination (the rule's configured name) -- never a raw host."""
 
-    LIMITS = ("concurrency", "rate", "hold")
+    LIMITS = ("concurrency", "rate", "hold", "queue")
 
     def __init__(self) -> None:
         self.stats: Callable[[], dict] = lambda: {}
@@ -116,7 +118,21 @@ class _ProtectCounters:
             held.add_metric(list(key), n)
         for key, n in stats.get("holds_dropped", {}).items():
             dropped.add_metric(list(key), n)
-        return [admitted, refused, in_flight, started, held, dropped]
+        queued = GaugeMetricFamily(PREFIX + "protect_queued", "Requests and tunnels waiting in a protect rule's hold "
+                                   "queue (protect[].queue), per egress member", labels=labels)
+        outcomes = CounterMetricFamily(PREFIX + "protect_queue", "Hold-queue waits by how they ended: "
+                                       "admitted_after_wait, timed_out (429), client_gone, queue_full (429)",
+                                       labels=[*labels, "outcome"])
+        waited = HistogramMetricFamily(PREFIX + "protect_queue_wait_seconds", "Time spent in a protect rule's hold "
+                                       "queue, however the wait ended", labels=["profile", "destination"])
+        for key, n in stats.get("queued", {}).items():
+            queued.add_metric(list(key), n)
+        for key, n in stats.get("queue_outcomes", {}).items():
+            outcomes.add_metric(list(key), n)
+        for key, h in stats.get("queue_waited", {}).items():
+            buckets = [(str(bound), h[i]) for i, bound in enumerate(QUEUE_WAIT_BUCKETS)] + [("+Inf", h[-1])]
+            waited.add_metric(list(key), buckets, h[-2])
+        return [admitted, refused, in_flight, started, held, dropped, queued, outcomes, waited]
 
 
 AUTH_CHECK_KINDS = ("password", "token")  # egressgate_auth_checks_*{kind}

@@ -12,7 +12,9 @@ A rule names destinations (the patterns of a client's ``allow``: ``api.example.c
   (member x host) it answered, and the address it answered from (0: never);
 - ``max_holds``, ``max_holds_per_client``: how many holds the rule keeps per profile, and of
   those how many one client's requests may have caused (``proxy.holds``: no client can
-  evict a hold it did not cause).
+  evict a hold it did not cause);
+- ``queue`` (``max_wait``, ``max_queued``): over budget, wait for a turn instead of a 429
+  (``proxy.waiting``).
 
 A destination matched by several rules falls under the most specific pattern (exact name,
 then the longest ``*.suffix``, then a CIDR). The stateful limiter is ``proxy.protect``.
@@ -36,11 +38,12 @@ class ProtectRule:
     """One compiled ``protect`` entry; ``name`` is its label in metrics, status and answers."""
 
     __slots__ = ("name", "destinations", "max_concurrent", "max_per_second", "max_hold", "max_holds",
-                 "max_holds_per_client")
+                 "max_holds_per_client", "max_wait", "max_queued")
 
     def __init__(self, name: str, destinations: tuple[str, ...], max_concurrent: int | None,
                  max_per_second: float | None, max_hold: float, max_holds: int = MAX_HOLDS,
-                 max_holds_per_client: int = MAX_HOLDS_PER_CLIENT) -> None:
+                 max_holds_per_client: int = MAX_HOLDS_PER_CLIENT, max_wait: float | None = None,
+                 max_queued: int = 0) -> None:
         self.name = name
         self.destinations = destinations
         self.max_concurrent = max_concurrent
@@ -48,11 +51,15 @@ class ProtectRule:
         self.max_hold = max_hold
         self.max_holds = max_holds
         self.max_holds_per_client = max_holds_per_client
+        self.max_wait = max_wait  # over budget: wait this long for a turn (None: 429 at once)
+        self.max_queued = max_queued  # waiting at most, per member
 
     def describe(self) -> dict:
         return {"name": self.name, "destinations": list(self.destinations), "max_concurrent": self.max_concurrent,
                 "max_per_second": self.max_per_second, "max_hold": self.max_hold, "max_holds": self.max_holds,
-                "max_holds_per_client": self.max_holds_per_client}
+                "max_holds_per_client": self.max_holds_per_client,
+                "queue": None if self.max_wait is None else {"max_wait": self.max_wait,
+                                                              "max_queued": self.max_queued}}
 
 
 class ProfileProtect:
@@ -90,7 +97,8 @@ class ProfileProtect:
 def compile_protect(specs: Iterable) -> ProfileProtect | None:
     """``specs`` are ``ProtectConfig``s; None when there are none (the profile pays nothing)."""
     rules = [ProtectRule(s.label, tuple(s.destinations), s.max_concurrent, s.max_per_second, s.max_hold,
-                         s.max_holds, s.max_holds_per_client) for s in specs]
+                         s.max_holds, s.max_holds_per_client, s.queue.max_wait if s.queue else None,
+                         s.queue.max_queued if s.queue else 0) for s in specs]
     return ProfileProtect(rules) if rules else None
 
 

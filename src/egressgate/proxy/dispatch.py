@@ -29,7 +29,7 @@ from .connector import Connector, Link
 from .forward import Exchange
 from .limits import AuthChecks, ClientLimits, PendingAuth
 from .listeners import Listeners
-from .protect import LeaseNeeded, SharedIpGuard, admit_route
+from .protect import LeaseNeeded, OverBudget, SharedIpGuard, admit_route
 from .route import WHOAMI_HOST, Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
 from .runtime import Runtime
 
@@ -73,7 +73,7 @@ class Pending:
     __slots__ = ("identity", "route", "lease")
 
     def __init__(self, identity: Identity | PendingAuth, r: Route | None,
-                 lease: LeaseNeeded | None = None) -> None:
+                 lease: LeaseNeeded | OverBudget | None = None) -> None:
         self.identity = identity
         self.route = r
         self.lease = lease
@@ -130,7 +130,11 @@ class Dispatcher:
                 raise
             lease = self._judged(ex.record, r, rt)
         if lease is not None:
-            await self._leased(ex.record, r, rt, lease)
+            ex.waiting = True
+            try:
+                await self._admission(ex.record, r, rt, lease)
+            finally:
+                ex.waiting = False
         return self._counted(ex, await self.connector.connect(r, ex.connect, rt.timeouts.upstream_connect))
 
     async def again(self, ex: Exchange) -> Link:
@@ -225,11 +229,12 @@ class Dispatcher:
                                reason="receipts_off", proxy_status="destination_not_found")
         return Whoami({}, query)
 
-    def _judged(self, rec: AccessRecord, r: Route, rt: Runtime) -> LeaseNeeded | None:
+    def _judged(self, rec: AccessRecord, r: Route, rt: Runtime) -> LeaseNeeded | OverBudget | None:
         """The route's addresses are judged (or a chained proxy will resolve it): report-mode
         denials on them, then shared-IP admission -- on the name and every address it may be
         dialed to, so a hold cannot be bypassed by another spelling of the same origin.
-        Returns the budget slice admission must lease first (``workers: N``, a fleet store)."""
+        Returns the budget slice admission must lease first (``workers: N``, a fleet store),
+        or the refusal of a rule with a hold queue (``protect[].queue``: wait for a turn)."""
         rec.addresses = r.resolved
         if r.would_deny and "would_deny" not in (rec.extra or ()):  # (a rule on the resolved addresses)
             self.outcomes.would_deny(rec, r.client.name, r.would_deny)
@@ -238,16 +243,72 @@ class Dispatcher:
                 admit_route(self.protect, rt.protect, r, rec)
             except LeaseNeeded as lease:
                 return lease
+            except OverBudget as over:
+                if over.rule.max_wait is None:
+                    raise
+                return over
         return None
 
-    async def _leased(self, rec: AccessRecord, r: Route, rt: Runtime, lease: LeaseNeeded) -> None:
-        """Lease the slice admission lacks, then admit (raises ``LimitReached`` when none is
+    async def _admission(self, rec: AccessRecord, r: Route, rt: Runtime, need: LeaseNeeded | OverBudget) -> None:
+        """Admission that could not finish at once: lease a budget slice, or wait in the rule's
+        hold queue for a turn (raises ``OverBudget``: 429 with Retry-After)."""
+        if isinstance(need, LeaseNeeded):
+            try:
+                await self._leased(rec, r, rt, need)
+                return
+            except OverBudget as over:
+                if over.rule.max_wait is None:
+                    raise
+                need = over
+        await self._queued(rec, r, rt, need)
+
+    async def _leased(self, rec: AccessRecord, r: Route, rt: Runtime, lease: LeaseNeeded, turn: bool = False) -> None:
+        """Lease the slice admission lacks, then admit (raises ``OverBudget`` when none is
         left, or when other requests of this worker took each slice first ``LEASE_TRIES`` times)."""
         for _ in range(LEASE_TRIES):
             await self.protect.acquire(lease)
             try:
-                admit_route(self.protect, rt.protect, r, rec)
+                admit_route(self.protect, rt.protect, r, rec, turn)
                 return
             except LeaseNeeded as again:
                 lease = again
         self.protect.starved(lease)
+
+    async def _queued(self, rec: AccessRecord, r: Route, rt: Runtime, over: OverBudget) -> None:
+        """Wait in the hold queue of ``over``'s (member x rule) until admitted, or raise the 429
+        when ``max_wait`` passes (or the line is full, or a hold outlasts the wait). A cancelled
+        wait (the client went away) leaves the line at once."""
+        guard, lines = self.protect, self.protect.waiting
+        key, rule = over.key, over.rule
+        clock = self.connector.loop.time
+        deadline = clock() + rule.max_wait
+        if over.limit == "hold" and over.wait > rule.max_wait:  # (the origin asked for longer than we wait)
+            raise guard.refuse(over)
+        waiter = lines.join(key, rec.client, rule.max_queued)
+        if waiter is None:
+            raise guard.refuse(OverBudget(f"protect {rule.name} (profile {key[0]}, egress {key[1]}): {rule.max_queued} "
+                                          f"already wait (queue.max_queued)", key, rule, "queue", 1.0,
+                                          "egress_queue_full"))
+        outcome = "client_gone"
+        try:
+            if await lines.turn(key, waiter, deadline - clock()):
+                while True:
+                    try:
+                        try:
+                            admit_route(guard, rt.protect, r, rec, turn=True)
+                        except LeaseNeeded as lease:
+                            await self._leased(rec, r, rt, lease, turn=True)
+                        outcome = "admitted_after_wait"
+                        return
+                    except OverBudget as again:
+                        over = again
+                    left = deadline - clock()
+                    if left <= 0 or (over.limit == "hold" and over.wait > left):
+                        break
+                    await lines.pause(waiter, min(over.wait, left))
+            outcome = "timed_out"
+            raise guard.refuse(OverBudget(f"{over.detail}; waited {rule.max_wait:g}s in the queue (queue.max_wait)",
+                                          key, rule, over.limit if over.limit != "queued" else "queue", over.wait,
+                                          over.reason if over.limit != "queued" else "egress_queue_timeout"))
+        finally:
+            lines.leave(key, waiter, outcome)

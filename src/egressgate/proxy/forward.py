@@ -65,7 +65,7 @@ class Exchange:
     __slots__ = ("conn", "head", "record", "body", "body_bytes", "request_done", "upstream", "parser",
                  "framing", "client_keep", "upstream_keep", "state", "sent_at", "reused", "target",
                  "runtime", "route", "task", "response_started", "pool_key", "connect", "ended", "out", "up_out",
-                 "moved", "idle_since")
+                 "moved", "idle_since", "waiting")
 
     def __init__(self, conn: ClientSide, head: RequestHead, record: AccessRecord) -> None:
         self.conn = conn
@@ -94,6 +94,7 @@ class Exchange:
         self.up_out: list[bytes] = []  # request bytes produced by one client read, written at once
         self.moved = 0  # body bytes both ways when the sweeper last looked (idle timeout)
         self.idle_since = 0.0
+        self.waiting = False  # in a protect rule's hold queue: a client that half-closes now is gone
 
     # request side (from the client's parser, via the session) ---------------------------
     def request_body(self, data: bytes) -> None:

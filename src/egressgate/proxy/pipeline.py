@@ -356,8 +356,9 @@ class RequestPipeline:
     def request_complete(self) -> bool:
         """The client half-closed: is the request being served complete (answer, then close)?
         Not a CONNECT still dialing: a client that closes before its tunnel is up is gone (its
-        dial is cancelled, 499), so a hostile client cannot leave dials running behind it."""
-        return bool(self.queue) and self.queue[0].request_done
+        dial is cancelled, 499), so a hostile client cannot leave dials running behind it. Nor a
+        request waiting in a hold queue (``protect[].queue``): its place goes to the next."""
+        return bool(self.queue) and self.queue[0].request_done and not self.queue[0].waiting
 
     # --- ending -------------------------------------------------------------------------------------
     def protocol_error(self, err: GatewayError) -> None:

@@ -37,9 +37,10 @@ from ..observe.accesslog import log_event
 from ..policy.protect import ProfileProtect, ProtectRule, header, hold_seconds
 from .holds import Hold, HoldTable
 from .route import Route
+from .waiting import Waitlines
 
 HOLDS_SHOWN = 100  # in /status and whoami, soonest to end first
-LIMITS = ("concurrency", "rate", "hold")  # egressgate_protect_refused_total{limit}
+LIMITS = ("concurrency", "rate", "hold", "queue")  # egressgate_protect_refused_total{limit}
 
 Key = tuple[str, str, str]  # (profile, member label, rule name)
 
@@ -55,6 +56,19 @@ class Budget(Protocol):
     async def tokens(self, key: Key, rate: float) -> tuple[int, float]: ...
     def give_back(self, key: Key, slots: int, tokens: int, rate: float | None) -> None: ...
     def hold_learned(self, doc: dict) -> None: ...
+
+
+class OverBudget(LimitReached):
+    """A 429 of a protect rule, with what the hold queue needs to wait instead: the key, the
+    rule, which limit (``concurrency``, ``rate``, ``hold``, or ``queued``: others wait for this
+    key already) and how long until trying again makes sense."""
+
+    def __init__(self, detail: str, key: Key, rule: ProtectRule, limit: str, wait: float, reason: str) -> None:
+        super().__init__(detail, reason=reason, headers=(("Retry-After", str(max(1, math.ceil(wait)))),))
+        self.key = key
+        self.rule = rule
+        self.limit = limit
+        self.wait = wait
 
 
 class LeaseNeeded(Exception):  # noqa: N818 (a signal to the dispatcher, not an error)
@@ -129,20 +143,26 @@ class SharedIpGuard:
         self.holds_started: dict[Key, int] = {}
         self._buckets: dict[Key, tuple[float, float]] = {}
         self.holds = HoldTable(clock)
+        self.waiting = Waitlines(clock)  # the hold queue (protect[].queue)
+        self.lines = self.waiting.lines  # key -> its line, while anyone waits there
 
     # --- admission --------------------------------------------------------------------------
     def admit(self, profile: str, member: str, rule: ProtectRule, host: str, client: str = "-",
-              addresses: tuple[str, ...] | list[str] | None = None) -> Ticket:
+              addresses: tuple[str, ...] | list[str] | None = None, turn: bool = False) -> Ticket:
         """Count one request or tunnel from ``client`` to ``host`` (to be dialed to one of
-        ``addresses``) through ``member``, or raise ``LimitReached``."""
+        ``addresses``) through ``member``, or raise ``OverBudget`` (429). ``turn``: the head
+        of the key's hold queue is asking; anyone else queues behind those waiting."""
         key = (profile, member, rule.name)
         now = self._clock()
+        if self.lines and not turn and key in self.lines:
+            raise OverBudget(f"protect {rule.name} (profile {profile}, egress {member}): others wait for its budget",
+                             key, rule, "queued", 0.0, "egress_queued")
         if self.holds:
             self._check_holds(key, rule, host, addresses, now)
         in_flight = self.in_flight.get(key, 0)
         limit = rule.max_concurrent
         if limit is not None and in_flight >= limit:
-            self._refuse(key, "concurrency", 1.0,
+            self._refuse(key, rule, "concurrency", 1.0,
                          f"protect {rule.name} (profile {profile}, egress {member}): max_concurrent {limit} "
                          f"reached", "egress_concurrency_limit")
         rate = rule.max_per_second
@@ -173,7 +193,7 @@ class SharedIpGuard:
                     tokens = rate if rate > 1.0 else 1.0
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
-                self._refuse(key, "rate", (1.0 - tokens) / rate,
+                self._refuse(key, rule, "rate", (1.0 - tokens) / rate,
                              f"protect {rule.name} (profile {profile}, egress {member}): max_per_second {rate:g} "
                              f"reached", "egress_rate_limit")
             self._buckets[key] = (tokens - 1.0, now)
@@ -199,7 +219,7 @@ class SharedIpGuard:
         if need.slots and rule.max_concurrent is not None:
             n = await self.budget.slots(key, rule.max_concurrent)
             if n <= 0:
-                self._refuse(key, "concurrency", 1.0,
+                self._refuse(key, rule, "concurrency", 1.0,
                              f"protect {rule.name} (profile {profile}, egress {member}): max_concurrent "
                              f"{rule.max_concurrent} reached", "egress_concurrency_limit")
             self.slots[key] = self.slots.get(key, 0) + n
@@ -207,7 +227,7 @@ class SharedIpGuard:
         if need.tokens and rate is not None:
             n, wait = await self.budget.tokens(key, rate)
             if n <= 0:
-                self._refuse(key, "rate", wait,
+                self._refuse(key, rule, "rate", wait,
                              f"protect {rule.name} (profile {profile}, egress {member}): max_per_second {rate:g} "
                              f"reached", "egress_rate_limit")
             self._leased_tokens(key, n, rate, self._clock())
@@ -217,7 +237,7 @@ class SharedIpGuard:
         key, rule = need.key, need.rule
         limit, what = ("concurrency", f"max_concurrent {rule.max_concurrent}") if need.slots else \
             ("rate", f"max_per_second {rule.max_per_second:g}")
-        self._refuse(key, limit, 1.0, f"protect {rule.name} (profile {key[0]}, egress {key[1]}): {what} reached",
+        self._refuse(key, rule, limit, 1.0, f"protect {rule.name} (profile {key[0]}, egress {key[1]}): {what} reached",
                      "egress_concurrency_limit" if need.slots else "egress_rate_limit")
 
     def reclaim(self, key: Key) -> int:
@@ -250,15 +270,21 @@ class SharedIpGuard:
             return
         left = hold.until - now
         said = hold.host if where == hold.host else f"{where} (as {hold.host})"
-        self._refuse(key, "hold", left,
+        self._refuse(key, rule, "hold", left,
                      f"protect {rule.name} (profile {key[0]}, egress {key[1]}): {said} answered "
                      f"{hold.status} with Retry-After; held for {left:.0f}s more", "origin_backoff")
 
-    def _refuse(self, key: Key, limit: str, wait: float, detail: str, reason: str) -> None:
-        rkey = (*key, limit)
+    def _refuse(self, key: Key, rule: ProtectRule, limit: str, wait: float, detail: str, reason: str) -> None:
+        over = OverBudget(detail, key, rule, limit, wait, reason)
+        if rule.max_wait is None:  # (a queued one is counted if its wait ends in the 429: ``refuse``)
+            self.refuse(over)
+        raise over
+
+    def refuse(self, over: OverBudget) -> OverBudget:
+        """Count ``over`` as answered with 429 (``refused``, by the limit that stopped it)."""
+        rkey = (*over.key, over.limit)
         self.refused[rkey] = self.refused.get(rkey, 0) + 1
-        seconds = max(1, math.ceil(wait))
-        raise LimitReached(detail, reason=reason, headers=(("Retry-After", str(seconds)),))
+        return over
 
     def count(self, key: Key) -> None:
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
@@ -266,6 +292,8 @@ class SharedIpGuard:
     def release(self, key: Key) -> None:
         n = self.in_flight.get(key, 0)
         self.in_flight[key] = n - 1 if n > 0 else 0  # (kept at 0: the gauge stays exported)
+        if self.lines:  # the hold queue's head for this key tries again now
+            self.waiting.poke(key)
 
     # --- holds --------------------------------------------------------------------------------
     def hold_on(self, profile: str, member: str, host: str) -> tuple[float, str] | None:
@@ -347,14 +375,18 @@ class SharedIpGuard:
         for h in self.holds.live():
             key = (h.profile, h.member, h.rule)
             held[key] = held.get(key, 0) + 1
+        waiting = self.waiting
         return {"admitted": dict(self.admitted), "refused": dict(self.refused), "in_flight": dict(self.in_flight),
-                "holds_started": dict(self.holds_started), "held": held, "holds_dropped": dict(self.holds.dropped)}
+                "holds_started": dict(self.holds_started), "held": held, "holds_dropped": dict(self.holds.dropped),
+                "queued": waiting.queued(), "queue_outcomes": dict(waiting.outcomes),
+                "queue_waited": {key: list(h) for key, h in waiting.waited.items()}}
 
 
-def admit_route(guard: SharedIpGuard, protect: dict[str, ProfileProtect], r: Route, rec: AccessRecord) -> None:
+def admit_route(guard: SharedIpGuard, protect: dict[str, ProfileProtect], r: Route, rec: AccessRecord,
+                turn: bool = False) -> None:
     """The hook once a route's addresses are judged (``r.ready``): admit ``r`` if its
     destination is under one of its profile's rules (the ticket goes on ``rec``), else do
-    nothing. Raises ``LimitReached`` (429)."""
+    nothing. Raises ``OverBudget`` (429, or a wait in the hold queue: ``dispatch``)."""
     rules = protect.get(r.pool.name)
     if rules is None or not r.plans:
         return
@@ -362,7 +394,7 @@ def admit_route(guard: SharedIpGuard, protect: dict[str, ProfileProtect], r: Rou
     if rule is not None:
         member = r.plans[0].label
         try:
-            rec.protect = guard.admit(r.pool.name, member, rule, r.dest.host, rec.client, r.addresses)
+            rec.protect = guard.admit(r.pool.name, member, rule, r.dest.host, rec.client, r.addresses, turn)
         except LimitReached:  # the record says which member hit which rule's limit
             rec.egress_addr = member
             rec.extra = {**(rec.extra or {}), "protect_rule": rule.name}

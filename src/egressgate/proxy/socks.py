@@ -81,7 +81,7 @@ class SocksRequest:
     ``Proxy-Authorization`` made from the RFC 1929 credentials), its record, the bytes the
     client sent after the request (``body``) and, once routed, its route."""
 
-    __slots__ = ("head", "record", "connect", "socks", "route", "target", "body", "ended", "runtime")
+    __slots__ = ("head", "record", "connect", "socks", "route", "target", "body", "ended", "runtime", "waiting")
 
     def __init__(self, head: RequestHead, record: AccessRecord) -> None:
         self.head = head
@@ -93,6 +93,7 @@ class SocksRequest:
         self.body: list[bytes] = []
         self.ended = False
         self.runtime: Runtime | None = None
+        self.waiting = False  # in a protect rule's hold queue
 
 
 class SocksHandshake:

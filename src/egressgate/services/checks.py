@@ -38,6 +38,7 @@ from ..egress.providers import (
 from ..egress.providers import header as providers_header
 from ..egress.resolver import Resolver
 from ..errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
+from ..fleet.checks import SharedChecks
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
 from ..policy.guard import AddressGuard
@@ -292,15 +293,18 @@ class Verifier:
     ``members`` (of ``pools``, default ``rt.profiles``: a pending switch's candidate is not in it); ``log``: this process logs ``provider_check`` events;
     ``on_error(where, exc)``: a bug, counted and logged (the checker itself keeps running);
     ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
-    that member for that host -- the check does not go out then, and is ``throttled``."""
+    that member for that host -- the check does not go out then, and is ``throttled``;
+    ``shared``: with a fleet store, the checks other processes of the fleet made (``fleet.checks``)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
                  attest: Callable[..., Awaitable[None]], log: bool,
                  on_error: Callable[[str, BaseException], None],
-                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None) -> None:
+                 held: Callable[[str, str, str], tuple[float, str] | None] | None = None,
+                 shared: SharedChecks | None = None) -> None:
         self.on_error = on_error
         self.held = held
+        self.shared = shared  # with a fleet store: one process of the fleet checks each pair per interval
         self.current = current
         self.dialer = dialer
         self.resolver = resolver
@@ -334,8 +338,16 @@ class Verifier:
                                f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
             each(r)
             held.append(r)
-        return held + await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
-                                        only=go, each=each)
+        if self.shared is not None and go:
+            go, taken = await self.shared.split(rt.profiles, go)
+            for r in taken:
+                each(r)
+            held += taken
+        results = await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
+                                    only=go, each=each)
+        if self.shared is not None and go:
+            await self.shared.save(rt.profiles, go, results)
+        return held + results
 
     async def check_due(self, rt: Runtime, force: bool = False) -> None:
         board = rt.providers
