@@ -386,6 +386,7 @@ class App:
         # runtime may be counted while it awaits)
         self._set_names(runtime)
         runtime.clients.keys = self.keys
+        runtime.clients.adopt(self.gateway.runtime.clients)  # known credentials stay known
         self.keys.prefetch([c.token for c in runtime.clients.clients if c.token is not None])
         await self.gateway.apply(runtime, change)
         if (old.dns, old.timeouts.dns) != (new.dns, new.timeouts.dns):

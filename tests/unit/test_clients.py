@@ -143,9 +143,10 @@ def test_pending_check_flow_right_password(hashed: str) -> None:
     second = reg.identify("10.0.0.1", basic("u", "hunter2"))
     assert isinstance(second, Identity)
     assert second.client.name == "h"
-    # the remembered verdict is per credentials: the +profile form is a separate check
+    # the remembered verdict is per stored hash and password: the +profile form needs no check
+    # (which entry the user name selects is decided before, without the password)
     third = reg.identify("10.0.0.1", basic("u+p", "hunter2"))
-    assert isinstance(third, PendingCheck)
+    assert isinstance(third, Identity) and third.requested_profile == "p"
 
 
 def test_pending_check_flow_wrong_password(hashed: str) -> None:
@@ -227,7 +228,24 @@ def test_wrong_passwords_never_evict_a_known_good_one_and_eviction_is_one_at_a_t
     pending = reg.identify("10.0.0.1", auth)
     assert isinstance(pending, PendingCheck) and pending.run()
     for i in range(MAX_REMEMBERED_PASSWORDS + 10):  # (the verdicts, without running scrypt)
-        reg._remember(f"wrong-{i}".encode(), False)
+        reg.verdicts.remember(f"wrong-{i}".encode(), False)
     assert isinstance(reg.identify("10.0.0.1", auth), Identity)  # still known: no check again
-    assert len(reg._refused) == MAX_REMEMBERED_PASSWORDS
-    assert b"wrong-9" not in reg._refused and b"wrong-10" in reg._refused  # only the oldest went
+    assert len(reg.verdicts.wrong) == MAX_REMEMBERED_PASSWORDS
+    assert b"wrong-9" not in reg.verdicts.wrong and b"wrong-10" in reg.verdicts.wrong  # only the oldest went
+
+
+def test_a_reloaded_registry_knows_credentials_whose_hash_did_not_change() -> None:
+    """Issue 25 item 1: verdicts are keyed by the stored hash and the password, and a reload's
+    registry adopts the old one's: an entry that kept its hash (even renamed) needs no check
+    again; an entry whose hash changed does."""
+    kept, changed = hash_password("good"), hash_password("good")
+    old = ClientRegistry([ClientPolicy("c", None, username="u", password_hash=kept)])
+    auth = b"Basic " + base64.b64encode(b"u:good")
+    pending = old.identify("10.0.0.1", auth)
+    assert isinstance(pending, PendingCheck) and pending.run()
+    same = ClientRegistry([ClientPolicy("renamed", None, username="u", password_hash=kept)])
+    same.adopt(old)
+    assert isinstance(same.identify("10.0.0.1", auth), Identity)
+    new_hash = ClientRegistry([ClientPolicy("c", None, username="u", password_hash=changed)])
+    new_hash.adopt(same)
+    assert isinstance(new_hash.identify("10.0.0.1", auth), PendingCheck)

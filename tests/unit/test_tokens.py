@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -131,7 +132,7 @@ def test_bearer_and_basic_identify_the_service_account() -> None:
     reg = registry()
     token = S.mint()
     for auth, profile in ((bearer(token), None), (basic("k8s", token), None), (basic("k8s+vx", token), "vx")):
-        ident = reg.identify("10.1.2.3", auth)
+        ident = reg.identify_now("10.1.2.3", auth)
         assert isinstance(ident, Identity)
         assert (ident.client.name, ident.name, ident.requested_profile) == ("vendor-x", "data-jobs/vendor-x-collector",
                                                                             profile)
@@ -139,49 +140,51 @@ def test_bearer_and_basic_identify_the_service_account() -> None:
 
 def test_second_entry_takes_another_account_and_none_takes_a_stranger() -> None:
     reg = registry()
-    assert reg.identify("10.1.2.3", bearer(S.mint(ns="batch", sa="x"))).client.name == "vendor-x"  # batch/* there too
+    assert reg.identify_now("10.1.2.3", bearer(S.mint(ns="batch", sa="x"))).client.name == "vendor-x"  # batch/* there too
     with pytest.raises(AuthRequired) as info:
-        reg.identify("10.1.2.3", bearer(S.mint(ns="ops", sa="x")))
+        reg.identify_now("10.1.2.3", bearer(S.mint(ns="ops", sa="x")))
     assert info.value.reason == "service_account_not_allowed" and info.value.user == "ops/x"
 
 
 def test_passwords_still_work_and_tokens_need_a_token_entry_for_the_address() -> None:
     reg = registry()
-    assert reg.identify("10.1.2.3", basic("job", "secret")).client.name == "pw"
+    assert reg.identify_now("10.1.2.3", basic("job", "secret")).client.name == "pw"
     with pytest.raises(PolicyDenied):
-        reg.identify("192.0.2.1", bearer(S.mint()))
+        reg.identify_now("192.0.2.1", bearer(S.mint()))
 
 
 def test_no_credentials_never_match_a_token_entry() -> None:
     with pytest.raises(AuthRequired) as info:
-        registry().identify("10.1.2.3", None)
+        registry().identify_now("10.1.2.3", None)
     assert info.value.reason == "auth_required"
 
 
 def test_verified_token_is_cached_until_it_expires() -> None:
     reg = registry()
     token = S.mint()
-    first = reg.identify("10.1.2.3", bearer(token))
+    first = reg.identify_now("10.1.2.3", bearer(token))
     reg.keys.current = {}  # a second look would find no key: the cache answers
-    assert reg.identify("10.1.2.3", bearer(token)).subject == first.subject
+    assert reg.identify_now("10.1.2.3", bearer(token)).subject == first.subject
     reg._clock = lambda: first.subject.expires + 60
-    assert isinstance(reg.identify("10.1.2.3", bearer(token)), PendingKeys)  # checked again, not remembered
+    with pytest.raises(AuthRequired) as info:  # judged again (not remembered), before any key is looked up
+        reg.identify_now("10.1.2.3", bearer(token))
+    assert info.value.reason == "token_expired"
 
 
 def test_unknown_key_asks_for_a_refresh_once() -> None:
     reg = registry()
     token = S.mint("k2") if S.publish("k1", "e1", "k2") is None else ""
-    pending = reg.identify("10.1.2.3", bearer(token))
+    pending = reg.identify_now("10.1.2.3", bearer(token))
     assert isinstance(pending, PendingKeys) and isinstance(pending.error, UnknownKey)
     with pytest.raises(UnknownKey):  # refreshed already: rate-limited
-        reg.identify("10.1.2.3", bearer(token))
+        reg.identify_now("10.1.2.3", bearer(token))
 
 
 def test_keys_never_fetched() -> None:
     reg = registry(keys=None)
-    assert isinstance(reg.identify("10.1.2.3", bearer(S.mint())), PendingKeys)
+    assert isinstance(reg.identify_now("10.1.2.3", bearer(S.mint())), PendingKeys)
     with pytest.raises(AuthRequired) as info:
-        reg.identify("10.1.2.3", bearer(S.mint()))
+        reg.identify_now("10.1.2.3", bearer(S.mint()))
     assert info.value.reason == "token_keys_unavailable"
 
 
@@ -201,13 +204,15 @@ def test_a_final_refusal_is_remembered_and_a_premature_one_is_not() -> None:
     expired, early = S.mint(issued=-700, lifetime=600), S.mint(issued=120)
     for token, reason in ((expired, "token_expired"), (early, "token_not_yet_valid")):
         with pytest.raises(AuthRequired) as info:
-            reg.identify("10.1.2.3", bearer(token))
+            reg.identify_now("10.1.2.3", bearer(token))
         assert info.value.reason == reason
     reg.keys.current = {}  # a second verification would now say "unknown key"
     with pytest.raises(AuthRequired) as info:
-        reg.identify("10.1.2.3", bearer(expired))
+        reg.identify_now("10.1.2.3", bearer(expired))
     assert info.value.reason == "token_expired"  # remembered: not verified again
-    assert isinstance(reg.identify("10.1.2.3", bearer(early)), PendingKeys)  # verified again
+    later = time.time() + 200
+    reg._clock = lambda: later
+    assert isinstance(reg.identify_now("10.1.2.3", bearer(early)), PendingKeys)  # judged again: valid by now
 
 
 def test_an_entry_refusing_a_token_does_not_hide_a_later_entry_that_takes_it() -> None:
@@ -222,9 +227,9 @@ def test_an_entry_refusing_a_token_does_not_hide_a_later_entry_that_takes_it() -
     reg.keys = Keys(KEYS)
     token = S.mint(aud=["vault"], ns="batch", sa="x")
     for _ in range(2):  # (the first entry's refusal is remembered: the second still takes it)
-        assert reg.identify("10.1.2.3", bearer(token)).client.name == "vault-aud"
+        assert reg.identify_now("10.1.2.3", bearer(token)).client.name == "vault-aud"
     with pytest.raises(AuthRequired) as info:  # a token neither takes: the first entry's reason
-        reg.identify("10.1.2.3", bearer(S.mint(aud=["other"], ns="batch", sa="x")))
+        reg.identify_now("10.1.2.3", bearer(S.mint(aud=["other"], ns="batch", sa="x")))
     assert info.value.reason == "token_wrong_audience"
 
 
@@ -234,6 +239,65 @@ def test_a_remembered_refusal_holds_no_traceback() -> None:
     reg = registry()
     token = S.mint(issued=-700, lifetime=600)
     with pytest.raises(AuthRequired):
-        reg.identify("10.1.2.3", bearer(token))
+        reg.identify_now("10.1.2.3", bearer(token))
     kept = [v for _, verified in reg._tokens.values() for v in verified.values() if isinstance(v, AuthRequired)]
     assert kept and all(e.__traceback__ is None and e.__context__ is None for e in kept)
+
+
+# name -> (token, reason): refused from the unverified claims, before any key or signature work
+PRECHECKED = {
+    "expired": (lambda: S.mint(issued=-700, lifetime=600), "token_expired"),
+    "not yet valid": (lambda: S.mint(issued=120), "token_not_yet_valid"),
+    "wrong audience": (lambda: S.mint(aud=["vault"]), "token_wrong_audience"),
+    "wrong issuer": (lambda: S.mint(iss="https://other.example"), "token_unknown_issuer"),
+    "no exp": (lambda: S.mint(exp=None), "token_malformed"),
+    "exp not a number": (lambda: S.mint(exp="soon"), "token_malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRECHECKED))
+def test_what_no_signature_can_cure_is_refused_with_no_key_and_no_signature_check(name: str) -> None:
+    """Issue 25 item 1: an empty key set would make any signature check fail (or ask for keys):
+    the refusal comes first, from the claims, and identify never asks for a check."""
+    make, reason = PRECHECKED[name]
+    reg = registry()
+    reg.keys.current = {}
+    with pytest.raises(AuthRequired) as info:
+        reg.identify("10.1.2.3", bearer(make()))
+    assert info.value.reason == reason
+
+
+def test_a_token_passing_the_cheap_checks_leaves_its_signature_to_a_pending_check() -> None:
+    from egressgate.policy.clients import PendingTokenCheck
+
+    reg = registry()
+    token = tampered()
+    pending = reg.identify("10.1.2.3", bearer(token))
+    assert isinstance(pending, PendingTokenCheck) and pending.run() is False
+    with pytest.raises(AuthRequired) as info:  # (the issuer's other entry: its own check)
+        reg.identify_now("10.1.2.3", bearer(token))
+    assert info.value.reason == "token_bad_signature"
+    with pytest.raises(AuthRequired) as info:  # every entry's refusal remembered: no check again
+        reg.identify("10.1.2.3", bearer(token))
+    assert info.value.reason == "token_bad_signature"
+
+
+def test_a_reloaded_registry_keeps_token_verdicts_while_what_they_depend_on_is_unchanged() -> None:
+    """Issue 25 item 1: after a reload every keep-alive connection identifies again; a token
+    verified under the old config is known at once (no signature check to queue) while the
+    issuer, audiences, leeway and key source are unchanged, and checked again when they change."""
+    from egressgate.policy.clients import PendingTokenCheck
+
+    old = registry()
+    token = S.mint()
+    assert isinstance(old.identify("10.1.2.3", bearer(token)), PendingTokenCheck)
+    assert old.identify_now("10.1.2.3", bearer(token)).client.name == "vendor-x"
+    new = registry()  # the same config compiled again: new policy objects
+    new.adopt(old)
+    assert new.identify("10.1.2.3", bearer(token)).client.name == "vendor-x"
+    net = (ipaddress.ip_network("10.0.0.0/8"),)
+    changed = ClientRegistry([ClientPolicy("vendor-x", net, token=TokenPolicy(
+        issuer=S.url, audiences=("egressgate", "other"), accounts=POLICY.accounts, leeway=5.0, source=S.url))])
+    changed.keys = Keys(KEYS)
+    changed.adopt(new)
+    assert isinstance(changed.identify("10.1.2.3", bearer(token)), PendingTokenCheck)

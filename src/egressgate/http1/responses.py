@@ -67,6 +67,7 @@ PHRASES = {
     "connection_limit_reached": "Client Limit Reached",
     "rate_limited": "Client Rate Limited",
     "auth_checks_busy": "Too Many Password Checks",
+    "token_checks_busy": "Too Many Token Checks",
     # 500, 503
     "internal_error": "Internal Proxy Error",
     "unavailable": "Service Unavailable",
@@ -121,7 +122,8 @@ def reason_phrase(err: GatewayError) -> str:
 
 
 def _quoted(text: str) -> str:
-    clean = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
+    clean = text if text.isascii() and text.isprintable() else "".join(
+        c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
     return clean.replace("\\", "\\\\").replace('"', '\\"')
 
 

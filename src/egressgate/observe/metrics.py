@@ -180,6 +180,41 @@ class _ConnectionCounters:
         return [conns, tunnels, hist]
 
 
+AUTH_CHECK_KINDS = ("password", "token")  # egressgate_auth_checks_*{kind}
+AUTH_DROP_REASONS = ("client_gone", "busy")  # egressgate_auth_checks_dropped_total{reason}
+
+
+class _AuthCounters:
+    """The authentication-check throttles (``proxy.limits.AuthChecks``), read when scraped:
+    ``stats()`` -> {kind: {"waiting", "running", "client_gone", "busy"}}."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict] = lambda: {}
+
+    def describe(self):
+        return self._families({})
+
+    def collect(self):
+        return self._families(self.stats())
+
+    @staticmethod
+    def _families(stats: dict):
+        waiting = GaugeMetricFamily(PREFIX + "auth_checks_waiting", "Password checks and token signature checks "
+                                    "queued for a thread (bounded per source address and in all)", labels=["kind"])
+        running = GaugeMetricFamily(PREFIX + "auth_checks_running", "Password checks and token signature checks "
+                                    "running on their threads", labels=["kind"])
+        dropped = CounterMetricFamily(PREFIX + "auth_checks_dropped", "Checks not run: every client waiting for it "
+                                      "left (client_gone), or refused 429 over the per-source or total bound (busy)",
+                                      labels=["kind", "reason"])
+        for kind in AUTH_CHECK_KINDS:
+            one = stats.get(kind, {})
+            waiting.add_metric([kind], one.get("waiting", 0))
+            running.add_metric([kind], one.get("running", 0))
+            for reason in AUTH_DROP_REASONS:
+                dropped.add_metric([kind, reason], one.get(reason, 0))
+        return [waiting, running, dropped]
+
+
 class _KnownNames:
     """A labelled prometheus metric whose client or profile label (at ``positions``) only ever
     takes a configured name; anything else becomes ``UNKNOWN``. Everything else is the
@@ -210,6 +245,10 @@ class Metrics:
         r.register(self._protect)
         self._connections = _ConnectionCounters()
         r.register(self._connections)
+
+
+        self._auth = _AuthCounters()
+        r.register(self._auth)
         self._clients: frozenset[str] = frozenset()  # every client name configured since start
         self._profiles: frozenset[str] = frozenset()  # every profile name configured since start
         clients, profiles = (lambda: self._clients), (lambda: self._profiles)
@@ -347,6 +386,10 @@ class Metrics:
     def watch_protect(self, stats: Callable[[], dict]) -> None:
         """Export the shared-IP guard's plain counters (``proxy.protect.SharedIpGuard.stats``)."""
         self._protect.stats = stats
+
+    def watch_auth(self, stats: Callable[[], dict]) -> None:
+        """Export the authentication-check throttles' plain counters (``proxy.limits.AuthChecks.stats``)."""
+        self._auth.stats = stats
 
     def traffic_by_profile(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -5,8 +5,11 @@ a 407, never a fall-through to an anonymous rule listed earlier or later.
 
 Password checks against a scrypt hash are slow on purpose; ``identify`` never runs one on
 the caller's thread. When a check is needed it returns a ``PendingCheck`` whose ``run()`` the
-caller executes off the event loop; the result is remembered (keyed by a keyed digest of the
-credentials, never the password itself) so the next ``identify`` answers at once.
+caller executes off the event loop; the result is remembered (``PasswordVerdicts``: keyed by a
+keyed digest of the stored hash and the password, never the password itself) so the next
+``identify`` answers at once. A verdict depends on nothing else, so a reload's registry adopts
+the old one's verdicts (``adopt``): credentials whose entry kept its hash are known at once
+after a reload, and an entry whose hash changed is checked again.
 
 No user enumeration: an unknown user and a wrong password get the same answer
 (``REJECTED``); only the reason, which goes to the access record and not to the client,
@@ -19,7 +22,10 @@ the password and the entry's ``username`` (``k8s``, or ``k8s+PROFILE``) as the u
 first such entry admitting the source address whose issuer signed the token and whose list
 names the service account wins; the identity carries the ``TokenSubject``. A verified token is
 remembered (bounded) until it expires; when the keys lack the token's ``kid`` (or were never
-fetched) ``identify`` returns a ``PendingKeys`` to await before asking again.
+fetched) ``identify`` returns a ``PendingKeys`` to await before asking again. The cheap checks
+(shape, algorithm, issuer, audience, times, key id) run in ``identify``; the signature check
+does not: ``identify`` returns a ``PendingTokenCheck`` whose ``run()`` the caller executes off
+the event loop, bounded as password checks are, then asks again.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from .tokens import (
     claimed,
     looks_like_token,
     peek,
-    verify,
+    precheck,
+    signing_key,
+    verify_signature,
 )
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -113,6 +121,31 @@ class PendingKeys:
     error: AuthRequired
 
 
+class PasswordVerdicts:
+    """Password verdicts remembered: good and wrong apart, each bounded, the oldest evicted one
+    at a time, so a flood of wrong passwords never evicts credentials known to be good. Keyed
+    by a keyed digest of (stored hash, password): a verdict is a function of those two alone,
+    so it outlives the config generation it was reached under (``ClientRegistry.adopt``)."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_PASSWORDS) -> None:
+        self._key = os.urandom(32)
+        self.limit = limit
+        self.good: dict[bytes, bool] = {}
+        self.wrong: dict[bytes, bool] = {}
+
+    def key(self, encoded: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{encoded}\0{password}".encode(), hashlib.sha256).digest()
+
+    def get(self, key: bytes) -> bool | None:
+        return self.good.get(key, self.wrong.get(key))
+
+    def remember(self, key: bytes, ok: bool) -> None:
+        kept = self.good if ok else self.wrong
+        if len(kept) >= self.limit:
+            kept.pop(next(iter(kept)), None)
+        kept[key] = ok
+
+
 @dataclass(slots=True)
 class PendingCheck:
     """A password check to run off the event loop; then call ``identify`` again."""
@@ -120,13 +153,38 @@ class PendingCheck:
     key: bytes
     password: str
     encoded: str
-    registry: ClientRegistry
+    verdicts: PasswordVerdicts
     user: str = ""  # the user name tried (for the record of a refusal)
 
     def run(self) -> bool:
         ok = verify_password(self.password, self.encoded)
-        self.registry._remember(self.key, ok)
+        self.verdicts.remember(self.key, ok)
         return ok
+
+
+@dataclass(slots=True, eq=False)
+class PendingTokenCheck:
+    """A token's signature check for one entry's policy, to run off the event loop; then call
+    ``identify`` again (the verdict is remembered). ``error``: the refusal if it fails and the
+    refusal is not one to remember (then ``identify`` would ask for the check again)."""
+
+    key: bytes  # the token's digest and the policy's: many requests with one token share a check
+    token: str
+    policy: TokenPolicy
+    signing_key: object
+    verified: dict  # the token's remembered verdicts, by policy
+    error: AuthRequired | None = None
+
+    def run(self) -> bool:
+        try:
+            self.verified[self.policy.verdict_key] = verify_signature(self.token, self.policy, self.signing_key)
+        except AuthRequired as err:
+            refusal = AuthRequired(err.detail, reason=err.reason)  # (no traceback kept: see below)
+            if err.reason in FINAL_TOKEN_REFUSALS:
+                self.verified[self.policy.verdict_key] = refusal
+            self.error = refusal
+            return False
+        return True
 
 
 class ClientRegistry:
@@ -134,15 +192,24 @@ class ClientRegistry:
         self.clients = tuple(clients)
         self.keys: KeyProvider = NoKeys()  # set by the running gateway (keysource.KeySources)
         self._clock = clock
-        # keyed digest of a token -> (its issuer, for each entry's policy the subject verified or
-        # the final refusal)
-        self._tokens: dict[bytes, tuple[str, dict[TokenPolicy, TokenSubject | AuthRequired]]] = {}
+        # keyed digest of a token -> (its issuer, by an entry policy's verdict_key the subject
+        # verified or the final refusal)
+        self._tokens: dict[bytes, tuple[str, dict[tuple, TokenSubject | AuthRequired]]] = {}
         self.token_users = frozenset(c.token.username for c in self.clients if c.token is not None)
         self._by_ip: dict[str, tuple[ClientPolicy, ...]] = {}
-        self._verified: dict[bytes, bool] = {}  # credentials checked good
-        self._refused: dict[bytes, bool] = {}  # ... and wrong
+        self.verdicts = PasswordVerdicts()
         self._key = os.urandom(32)
         self.by_name = {c.name: c for c in self.clients}
+
+    def adopt(self, old: ClientRegistry) -> None:
+        """Keep ``old``'s password verdicts (a reload): credentials whose entry kept its stored
+        hash are known at once, so known clients never queue behind unknown ones after a
+        reload. Checks still running under ``old`` land here too (the same object). The same
+        for tokens: a verdict is kept by what it depends on (``TokenPolicy.verdict_key``), so
+        after a reload known tokens are not checked again (every keep-alive connection
+        identifies again under the new config)."""
+        self.verdicts = old.verdicts
+        self._tokens, self._key = old._tokens, old._key
 
     def candidates(self, address: str) -> tuple[ClientPolicy, ...]:
         """The rules whose source CIDRs admit this address, in order (cached)."""
@@ -162,8 +229,20 @@ class ClientRegistry:
     def admits(self, address: str) -> bool:
         return bool(self.candidates(address))
 
+    def identify_now(self, address: str, authorization: bytes | None,
+                     cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys:
+        """``identify`` with token signature checks run at once, on the caller's thread (for
+        callers outside the event loop: commands, tests)."""
+        for _ in range(len(self.clients) + 1):
+            result = self.identify(address, authorization, cert_subject)
+            if not isinstance(result, PendingTokenCheck):
+                return result
+            if not result.run() and result.policy.verdict_key not in result.verified:
+                raise result.error
+        raise AuthRequired("token not verified", reason="token_malformed")
+
     def identify(self, address: str, authorization: bytes | None,
-                 cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys:
+                 cert_subject: str | None = None) -> Identity | PendingCheck | PendingKeys | PendingTokenCheck:
         if authorization and self.token_users:
             token = _token_credentials(authorization, self.token_users)
             if token is not None:
@@ -203,7 +282,7 @@ class ClientRegistry:
             raise AuthRequired("proxy credentials required", reason="auth_required")
         raise PolicyDenied("no client rule admits this connection", reason="client_not_allowed")
 
-    def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
+    def _identify_token(self, address: str, user: str | None, token: str) -> Identity | PendingKeys | PendingTokenCheck:
         """The entry a service-account token identifies (see the module docstring). A token seen
         before costs a keyed digest and a lookup: nothing is parsed again until it expires. A
         refusal carries what the token claims (``AuthRequired.claimed``, unverified)."""
@@ -214,7 +293,7 @@ class ClientRegistry:
                 err.claimed = claimed(token)
             raise
 
-    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys:
+    def _token_identity(self, address: str, user: str | None, token: str) -> Identity | PendingKeys | PendingTokenCheck:
         entries = [c for c in self.candidates(address) if c.token is not None]
         if not entries:
             raise PolicyDenied("no client rule admits service-account tokens from this address",
@@ -234,23 +313,21 @@ class ClientRegistry:
         refused: AuthRequired | None = None  # the first entry's refusal, if no entry verifies it
         seen: TokenSubject | None = None  # a verified subject no entry admits
         for client in entries:  # the first entry that verifies the token and lists its account wins
-            subject = verified.get(client.token)
+            subject = verified.get(client.token.verdict_key)
             if isinstance(subject, AuthRequired):  # refused before for good: a job retrying an expired
                 # token costs a lookup (and a new error: re-raising the kept one would grow its traceback)
                 refused = refused or AuthRequired(subject.detail, reason=subject.reason)
                 continue
             if subject is None or subject.expires + client.token.leeway <= self._clock():
                 try:
-                    subject = self._token_subject(client.token, token)
+                    subject = self._token_subject(client.token, token, digest, verified)
                 except AuthRequired as err:
                     if err.reason in FINAL_TOKEN_REFUSALS:  # (a copy: the raised one carries a traceback,
                         # and with it every frame's locals up to the handler: connections, heads)
-                        verified[client.token] = AuthRequired(err.detail, reason=err.reason)
+                        verified[client.token.verdict_key] = AuthRequired(err.detail, reason=err.reason)
                     refused = refused or err
                     continue
-                if isinstance(subject, PendingKeys):
-                    return subject
-                verified[client.token] = subject
+                return subject  # (keys to fetch, or the signature to check: then asked again)
             if client.token.admits(subject):
                 return Identity(client, profile or None, subject)
             seen = subject
@@ -259,8 +336,12 @@ class ClientRegistry:
         raise AuthRequired("service account not allowed", reason="service_account_not_allowed",
                            user=seen.name[:USER_LIMIT] if seen is not None else None)
 
-    def _token_subject(self, policy: TokenPolicy, token: str) -> TokenSubject | PendingKeys:
-        """Verify ``token`` for ``policy`` with the keys in hand, or say they must be fetched."""
+    def _token_subject(self, policy: TokenPolicy, token: str, digest: bytes,
+                       verified: dict) -> PendingTokenCheck | PendingKeys:
+        """The signature check of ``token`` for ``policy`` once the cheap checks pass with the
+        keys in hand, or the keys to fetch first; raises the cheap checks' 407 (before any key
+        is looked up or fetched: an expired token never makes the gateway fetch keys)."""
+        precheck(token, policy, self._clock())
         keys = policy.static_keys if policy.static_keys is not None else self.keys.keys(policy)
         if keys is None:
             error = AuthRequired("the issuer's keys are not available", reason="token_keys_unavailable")
@@ -269,29 +350,23 @@ class ClientRegistry:
                 raise error
             return PendingKeys(wait, error)
         try:
-            return verify(token, policy, keys)
+            key = signing_key(token, keys)
         except UnknownKey as err:
             wait = None if policy.static_keys is not None else self.keys.refresh(policy)
             if wait is None:
                 raise
             return PendingKeys(wait, err)
+        return PendingTokenCheck(digest + id(policy).to_bytes(8, "little"), token, policy, key, verified)
 
     def _check(self, client: ClientPolicy, user: str, password: str) -> bool | PendingCheck:
         if client.password_plain is not None:
             return hmac.compare_digest(password.encode(), client.password_plain.encode())
-        key = hmac.new(self._key, f"{client.name}\0{user}\0{password}".encode(), hashlib.sha256).digest()
-        known = self._verified.get(key, self._refused.get(key))
+        encoded = client.password_hash or ""
+        key = self.verdicts.key(encoded, password)
+        known = self.verdicts.get(key)
         if known is not None:
             return known
-        return PendingCheck(key, password, client.password_hash or "", self, user)
-
-    def _remember(self, key: bytes, ok: bool) -> None:
-        """Good and bad verdicts are kept apart, each bounded, the oldest evicted one at a time:
-        a flood of wrong passwords never evicts credentials known to be good."""
-        kept = self._verified if ok else self._refused
-        if len(kept) >= MAX_REMEMBERED_PASSWORDS:
-            kept.pop(next(iter(kept)), None)
-        kept[key] = ok
+        return PendingCheck(key, password, encoded, self.verdicts, user)
 
 
 def rejected(user: str, reason: str) -> AuthRequired:

@@ -9,6 +9,13 @@ refused before any key is touched, and symmetric ``oct`` keys never enter a key 
 claims: namespace, service account (agreeing with ``sub``), and the pod if the token is bound
 to one.
 
+Cheap checks first (``prepare``): the shape, the algorithm, and the unverified ``iss``,
+``aud``, ``exp``, ``nbf``/``iat`` and required claims are judged before any key is looked up or
+signature checked, so an expired or misaddressed token costs no signature check and never a
+key fetch; a token they pass is refused only once verified (``verify_signature``, the
+expensive step, which the caller may run off the event loop). Acceptance rests on the verified
+claims alone: ``verify_signature`` judges them all again.
+
 Every failure is an ``AuthRequired`` (407) whose reason names it (``token_expired``,
 ``token_wrong_audience``, ...) and whose detail says what was wrong without echoing the token
 or any claim. ``UnknownKey`` (a ``kid`` the key set lacks) is the one the caller may cure by
@@ -20,6 +27,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,6 +76,13 @@ class TokenPolicy:
     refresh: float = 3600.0
     min_refresh: float = 10.0
     static_keys: Mapping[str, Any] | None = None  # from jwks_file: never fetched
+
+    @property
+    def verdict_key(self) -> tuple:
+        """What a token's verdict for this policy depends on (the accounts list does not: it is
+        judged on every use): equal across reloads while these are unchanged, so a reloaded
+        registry keeps the verdicts (a re-read ``jwks_file`` is a new key set: checked again)."""
+        return (self.issuer, self.audiences, self.leeway, self.source, id(self.static_keys))
 
     def admits(self, subject: TokenSubject) -> bool:
         return self.admits_name(subject.name)
@@ -202,14 +217,45 @@ _ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
 )
 
 
-def verify(token: str, policy: TokenPolicy, keys: Mapping[str, Any]) -> TokenSubject:
-    """The subject of a valid token for ``policy``, or a 407 saying what is wrong."""
+def precheck(token: str, policy: TokenPolicy, now: float) -> None:
+    """Refuse, from the token's *unverified* claims, what no signature could make acceptable:
+    another issuer, none of the accepted audiences, expired, not yet valid, a required claim
+    missing. Only refusals: nothing is accepted on these claims."""
+    try:
+        claims = _segment(token.split(".")[1])
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, IndexError):
+        raise malformed("not a signed JWT") from None
+    for name in ("exp", "iat", "iss", "aud", "sub"):
+        if claims.get(name) is None:
+            raise AuthRequired("malformed token: a required claim is missing", reason="token_malformed")
+    if claims["iss"] != policy.issuer:
+        raise AuthRequired("token issuer not accepted", reason="token_unknown_issuer")
+    aud = claims["aud"]
+    auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if not any(isinstance(a, str) and a in policy.audiences for a in auds):
+        raise AuthRequired("token audience not accepted", reason="token_wrong_audience")
+    times = {name: claims.get(name) for name in ("exp", "nbf", "iat")}
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, int | float)) for v in times.values()):
+        raise malformed("claims do not validate")
+    if times["exp"] <= now - policy.leeway:
+        raise AuthRequired("token expired", reason="token_expired")
+    if any(v is not None and v > now + policy.leeway for v in (times["nbf"], times["iat"])):
+        raise AuthRequired("token not yet valid (nbf or iat in the future)", reason="token_not_yet_valid")
+
+
+def signing_key(token: str, keys: Mapping[str, Any]) -> Any:
+    """The key ``token`` names (its ``kid``) in ``keys``, or ``UnknownKey``."""
     kid, _ = peek(token)
     key = keys.get(kid)
     if key is None:
         err = UnknownKey("token signed with a key the issuer does not publish", reason="token_unknown_key")
         err.claimed = claimed(token)  # (the error may be raised later, once fetched keys still lack it)
         raise err
+    return key
+
+
+def verify_signature(token: str, policy: TokenPolicy, key: Any) -> TokenSubject:
+    """The expensive step: the signature with ``key``, then every claim judged again (verified)."""
     try:
         claims = jwt.decode(token, key=key, algorithms=list(ALGORITHMS), audience=list(policy.audiences),
                             issuer=policy.issuer, leeway=policy.leeway,
@@ -220,6 +266,13 @@ def verify(token: str, policy: TokenPolicy, keys: Mapping[str, Any]) -> TokenSub
                 raise AuthRequired(detail, reason=reason) from None
         raise malformed("claims do not validate") from None
     return _subject(claims)
+
+
+def verify(token: str, policy: TokenPolicy, keys: Mapping[str, Any], now: float | None = None) -> TokenSubject:
+    """The subject of a valid token for ``policy``, or a 407 saying what is wrong."""
+    peek(token)
+    precheck(token, policy, time.time() if now is None else now)
+    return verify_signature(token, policy, signing_key(token, keys))
 
 
 def _subject(claims: dict) -> TokenSubject:

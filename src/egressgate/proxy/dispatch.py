@@ -23,12 +23,12 @@ import time
 from ..errors import ClientProtocolError, GatewayError
 from ..model import AccessRecord
 from ..observe.outcomes import Outcomes
-from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
+from ..policy.clients import Identity, PendingCheck, PendingKeys, PendingTokenCheck
 from . import whoami
 from .blocks import BlockDesk
 from .connector import Connector, Link
 from .forward import Exchange
-from .limits import AuthThrottle, ClientLimits
+from .limits import AuthChecks, ClientLimits, PendingAuth
 from .listeners import Listeners
 from .protect import LeaseNeeded, OverBudget, SharedIpGuard, admit_route
 from .route import WHOAMI_HOST, Route, cached_addresses, clip, requested_profile, resolve_and_judge, route
@@ -73,7 +73,7 @@ class Pending:
 
     __slots__ = ("identity", "route", "lease")
 
-    def __init__(self, identity: Identity | PendingCheck | PendingKeys, r: Route | None,
+    def __init__(self, identity: Identity | PendingAuth, r: Route | None,
                  lease: LeaseNeeded | OverBudget | None = None) -> None:
         self.identity = identity
         self.route = r
@@ -81,7 +81,7 @@ class Pending:
 
 
 class Dispatcher:
-    def __init__(self, connector: Connector, limits: ClientLimits, auth: AuthThrottle, outcomes: Outcomes,
+    def __init__(self, connector: Connector, limits: ClientLimits, auth: AuthChecks, outcomes: Outcomes,
                  listeners: Listeners, protect: SharedIpGuard | None = None) -> None:
         self.connector = connector
         self.protect = protect if protect is not None else SharedIpGuard(connector.loop.time)
@@ -117,10 +117,8 @@ class Dispatcher:
         r, lease = pending.route, pending.lease
         if r is None:
             identity = pending.identity
-            if isinstance(identity, PendingCheck):
-                identity = await self._check_password(who, rt, ex.head.proxy_authorization, identity, ex.record)
-            elif isinstance(identity, PendingKeys):
-                identity = await self._fetch_keys(who, rt, ex.head.proxy_authorization, identity, ex.record)
+            if not isinstance(identity, Identity):
+                identity = await self._settle(who, rt, ex.head.proxy_authorization, identity, ex.record)
             r = self._route(who, ex, rt, identity, default_profile)
             if isinstance(r, Whoami):
                 return r
@@ -159,34 +157,24 @@ class Dispatcher:
 
     # --- identify ---------------------------------------------------------------------------
     def _identify(self, who: Who, rt: Runtime, auth: bytes | None,
-                  rec: AccessRecord) -> Identity | PendingCheck | PendingKeys:
+                  rec: AccessRecord) -> Identity | PendingAuth:
         """The client known from an earlier request on the connection, or found now; a password
         not seen before needs a check off the loop (``PendingCheck``), a token the issuer's keys
-        (``PendingKeys``). Raises 407 / 403."""
+        (``PendingKeys``) or its signature check (``PendingTokenCheck``). Raises 407 / 403."""
         key = who.key
         known = who.identity
         if known is not None and key[0] is rt and key[1] == auth and (
                 known.subject is None or not known.expired(time.time())):
             return known
         result = rt.clients.identify(who.peer, auth, who.cert_subject)
-        if isinstance(result, PendingCheck | PendingKeys):
+        if isinstance(result, PendingCheck | PendingKeys | PendingTokenCheck):
             return result
         return self._identified(who, rt, auth, result, rec)
 
-    async def _check_password(self, who: Who, rt: Runtime, auth: bytes | None, pending: PendingCheck,
-                              rec: AccessRecord) -> Identity:
-        ok = await self.auth.check(who.peer, pending)
-        result = rt.clients.identify(who.peer, auth, who.cert_subject) if ok else None
-        if not isinstance(result, Identity):
-            raise rejected(pending.user, "bad_credentials")
-        return self._identified(who, rt, auth, result, rec)
-
-    async def _fetch_keys(self, who: Who, rt: Runtime, auth: bytes | None, pending: PendingKeys,
-                          rec: AccessRecord) -> Identity:
-        await pending.wait()
-        result = rt.clients.identify(who.peer, auth, who.cert_subject)
-        if not isinstance(result, Identity):
-            raise pending.error  # the keys fetched (or kept) still lack the token's key
+    async def _settle(self, who: Who, rt: Runtime, auth: bytes | None, pending: PendingAuth,
+                      rec: AccessRecord) -> Identity:
+        result = await self.auth.settle(lambda: rt.clients.identify(who.peer, auth, who.cert_subject), who.peer,
+                                        pending)
         return self._identified(who, rt, auth, result, rec)
 
     def _identified(self, who: Who, rt: Runtime, auth: bytes | None, identity: Identity,

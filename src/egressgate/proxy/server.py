@@ -3,7 +3,7 @@ global): the runtime in force, and the pieces the connections use —
 
 - ``listeners`` (``listeners.Listeners``): bound, TLS, swapped on reload;
 - ``gate`` (``gate.Gate``): refused connections counted and logged;
-- ``limits`` / ``auth`` (``limits``): per-client limits, the password-check throttle;
+- ``limits`` / ``auth`` (``limits``): per-client limits, the password and token check throttles;
 - ``protect`` (``protect.SharedIpGuard``): shared-IP limits and holds per egress member;
 - ``connector`` (``connector.Connector``): resolve, dial, pooled upstream connections;
 - ``dispatcher`` (``dispatch.Dispatcher``): identify -> route -> connect, for each request;
@@ -39,7 +39,7 @@ from .blocks import BlockDesk
 from .connector import Connector
 from .dispatch import Dispatcher
 from .gate import Gate
-from .limits import AuthThrottle, ClientLimits
+from .limits import AuthChecks, ClientLimits
 from .listeners import ListenerChange, ListenerInfo, Listeners
 from .protect import SharedIpGuard
 from .runtime import Runtime
@@ -64,7 +64,8 @@ class Gateway:
         self.outcomes = Outcomes(metrics, access_log)
         self.gate = Gate(metrics, loop.time)
         self.limits = ClientLimits(loop.time)
-        self.auth = AuthThrottle(loop)
+        self.auth = AuthChecks(loop)
+        metrics.watch_auth(self.auth.stats)
         self.connector = Connector(loop, resolver, metrics, self.internal_error)
         self.listeners = Listeners(loop, metrics, lambda info: connection(self, info), reuse_port)
         self.protect = SharedIpGuard(loop.time)  # shared-IP limits and holds, across reloads

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import AuthRequired, ClientTimeout, GatewayError, Unavailable
 from ..http1.parse import RequestHead
 from ..model import AccessRecord
-from ..policy.clients import Identity, PendingCheck, PendingKeys, rejected
+from ..policy.clients import Identity, rejected
 from ..socks5 import (
     METHOD_NO_AUTH,
     METHOD_NONE_ACCEPTABLE,
@@ -48,6 +48,7 @@ from ..socks5 import (
 from .connector import Link
 from .dispatch import Pending, Who
 from .flow import FlowControl
+from .limits import PendingAuth
 from .listeners import ListenerInfo
 
 if TYPE_CHECKING:
@@ -167,29 +168,19 @@ class SocksHandshake:
         except GatewayError as err:
             self._auth_failed(err)
             return
-        if isinstance(result, (PendingCheck, PendingKeys)):  # a password, or a token's issuer keys
+        if not isinstance(result, Identity):  # a password or token check, or a token's issuer keys
             self.task = self.gw.loop.create_task(self._check(result, auth))
             return
         self._authenticated(auth)
 
-    async def _check(self, pending: PendingCheck | PendingKeys, auth: bytes) -> None:
+    async def _check(self, pending: PendingAuth, auth: bytes) -> None:
         """Success is answered only once the credentials are verified (a token whose issuer
         keys must be fetched first is not yet)."""
         try:
             peer = self.conn.who.peer
-            if isinstance(pending, PendingKeys):
-                await pending.wait()
-                result = self.gw.runtime.clients.identify(peer, auth, None)
-                failure = pending.error  # the keys fetched (or kept) still lack the token's key
-            else:
-                ok = await self.gw.auth.check(peer, pending)
-                result = self.gw.runtime.clients.identify(peer, auth, None) if ok else None
-                failure = rejected(pending.user, "bad_credentials")
+            await self.gw.auth.settle(lambda: self.gw.runtime.clients.identify(peer, auth, None), peer, pending)
             self.task = None
             if self.finished:
-                return
-            if not isinstance(result, Identity):
-                self._auth_failed(failure)
                 return
             self._authenticated(auth)
             self._advance()  # a request sent along with the credentials
