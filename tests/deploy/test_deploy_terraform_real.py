@@ -115,22 +115,68 @@ def _after_clients(example: str) -> str:
     return example[end:]
 
 
-def test_drain_on_a_new_nat_or_of_a_never_active_ip_is_refused(root, env):
-    """Cloud NAT drains only IPs active on an existing NAT; the provider refuses the rest at plan, so
-    the module refuses them first, with the fix in the message."""
-    profiles = """
-egress_profiles = {
-  vendor-x = { secondary_cidr = "10.20.1.0/24", nat_ip_names = ["vendor-x-a"] }
-  vendor-y = { secondary_cidr = "10.20.2.0/24", nat_ip_names = ["vendor-y-b"], draining_nat_ip_names = ["vendor-y-a"] %s }
+MEMBER_CASES = {
+    "a member in both lists": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-a", slot = 1 }] }',
+        "both active and standby"),
+    "an IP used by two profiles": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-x-a", slot = 0 }] }',
+        "used by two members"),
+    "two members in one slot": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-b", slot = 0 }] }',
+        "share a slot"),
+    "a slot the VMs do not have": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", slots = 2, active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-b", slot = 2 }] }',
+        "slots - 1"),
+    "a released IP still in use": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-c", slot = 1 }] }',
+        "not in egress_ips"),
+    "no active member": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [], standby = [{ ip = "vendor-y-a", slot = 1 }] }',
+        "at least one active member"),
 }
-"""
-    r = _plan(root, env, profiles % "")
-    assert r.returncode != 0
-    assert "can only drain an IP that was active" in r.stderr, r.stderr
-    r = _plan(root, env, profiles % ', nat_ip_names_before = ["vendor-y-b"]')
-    assert r.returncode != 0 and "can only drain an IP that was active" in r.stderr, r.stderr
-    # The runbook's step 2: a was active before, b was reserved before.
-    _ok(_plan(root, env, profiles % ', nat_ip_names_before = ["vendor-y-a"]'))
+
+
+@pytest.mark.parametrize("case", sorted(MEMBER_CASES))
+def test_member_mistakes_are_refused_with_a_clear_message(root, env, case):
+    """Each member mistake is refused at plan by the real terraform, with the message that says what
+    to fix (terraform wraps long messages, hence the whitespace-insensitive match)."""
+    profile, message = MEMBER_CASES[case]
+    extra = ('\negress_profiles = {\n  vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }] }\n  '
+             + profile + "\n}\n")
+    r = _plan(root, env, extra)
+    assert r.returncode != 0, f"{case}: accepted"
+    assert " ".join(message.split()) in " ".join(r.stderr.replace("│", " ").split()), r.stderr
+
+
+def test_promotion_changes_only_nats_and_metadata(root, env):
+    """Promoting a standby (and demoting the active member) is one apply that touches no VM: the
+    instance template, the subnet's ranges and the NATs stay; only the project metadata the VMs
+    watch changes."""
+    import json
+
+    _ok(_plan(root, env, ""))
+    _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
+    try:
+        _ok(_plan(root, env, """
+egress_profiles = {
+  vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }], standby = [{ ip = "vendor-x-b", slot = 1 }] }
+  vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-b", slot = 1 }], standby = [{ ip = "vendor-y-a", slot = 0 }] }
+}
+"""))
+        show = json.loads(_ok(terraform(["show", "-json", "case.plan"], root, env)).stdout)
+    finally:
+        (root / "terraform.tfstate").unlink()
+    changes = {c["address"]: c for c in show["resource_changes"] if c["change"]["actions"] != ["no-op"]}
+    assert set(changes) == {"terraform_data.google_compute_project_metadata_item__members"}, sorted(changes)
+    (change,) = changes.values()
+    assert change["change"]["actions"] == ["update"]
+    meta = change["change"]["after"]["input"]["value"]
+    assert "vendor-y active 10.20.2.32/27 " in meta and "vendor-y standby 10.20.2.0/27 " in meta, meta
 
 
 def test_harness_reports_what_terraform_reports(workdir, env):
