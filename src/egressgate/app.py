@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
+from .egress.failover import Failover
 from .egress.plan import refusing
 from .errors import ConfigError
 from .fleet.ledger import Ledger
@@ -117,10 +118,11 @@ class App:
             gateway.dispatcher.receipts = self.desk
         self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
-                                 lambda: gateway.connector.resolver,
-                                 lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
+                                 lambda: gateway.connector.resolver, self._publish_checks,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
-                                 held=gateway.protect.hold_on)
+                                 held=gateway.protect.hold_on, on_failover=self._failed_over)
+        # switch: auto decides on failovers after every egress-IP round too, not only provider rounds
+        self.attestor.after = lambda rt: (self.verifier.steer(rt), self._publish_checks(rt))
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
@@ -152,6 +154,19 @@ class App:
             self.metrics.fleet_rate_slack.set(RATE_SLACK)
         guard.budget = owner
         return owner
+
+    def _publish_checks(self, rt: Runtime) -> None:
+        """Export the provider results and which members carry traffic, of the runtime in force."""
+        if rt is self.gateway.runtime:
+            publish(self.metrics, rt)
+            self.gateway.publish_egress(rt)
+
+    def _failed_over(self, made: Failover) -> None:
+        """A ``switch: auto`` profile moved its new connections to a standby (every worker decides
+        alone; worker 0 logs the event, and its counter stands for the instance)."""
+        self.metrics.egress_failover.labels(made.profile).inc()
+        if self.worker == 0:
+            log_event("egress_failover", **made.event())
 
     def _peers(self) -> list[tuple[int, str]]:
         """(index, private admin socket) of every other worker of this gateway."""
