@@ -175,3 +175,12 @@ def test_a_reload_keeps_standby_results() -> None:
     new_board.adopt(board, {"x": promoted})
     assert promoted.checks[B].observed == "127.0.0.3"
     assert new_board.result("x", "127.0.0.3", "v").ok
+
+
+def test_check_config_warns_about_a_standby_address_this_host_lacks() -> None:
+    from egressgate.config.lint import bind_not_local
+
+    checked = check_config_text("egress:\n  x:\n    bind: [127.0.0.2]\n    standby: [192.0.2.77, 127.0.0.3]\n", FILE)
+    found = bind_not_local(checked.config, ["10.0.0.1"])
+    assert [(f.loc, f.message) for f in found] == [
+        (("egress", "x", "standby", 0), "192.0.2.77 is not an address of this host: the standby cannot be checked here")]
