@@ -122,7 +122,7 @@ class App:
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
                                  held=gateway.protect.hold_on, on_failover=self._failed_over)
         # switch: auto decides on failovers after every egress-IP round too, not only provider rounds
-        self.attestor.after = lambda rt: (self.verifier.steer(rt), self._publish_checks(rt))
+        self.attestor.after = self._after_attestation
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
@@ -160,6 +160,15 @@ class App:
         if rt is self.gateway.runtime:
             publish(self.metrics, rt)
             self.gateway.publish_egress(rt)
+
+    def _after_attestation(self, rt: Runtime) -> None:
+        """After a round of egress-IP checks: switch: auto decides on failovers then too (a
+        profile with expect_ip and no provider has no provider rounds), and a pending verified
+        switch waiting for an attestation is tried again."""
+        self.verifier.steer(rt)
+        self._publish_checks(rt)
+        if rt.providers.pending:
+            self.verifier.wake()
 
     def _failed_over(self, made: Failover) -> None:
         """A ``switch: auto`` profile moved its new connections to a standby (every worker decides
@@ -201,7 +210,7 @@ class App:
         # Attested profiles serve only once checked: check their members before the listeners
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
-        await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
+        await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.everyone})
         self.keys.prefetch([c.token for c in rt.clients.clients if c.token is not None])
         if isinstance(self.fleet, Owner):
             await self.fleet.start()  # (before the listeners: a worker's first lease finds it)

@@ -175,3 +175,24 @@ def test_a_reload_keeps_standby_results() -> None:
     new_board.adopt(board, {"x": promoted})
     assert promoted.checks[B].observed == "127.0.0.3"
     assert new_board.result("x", "127.0.0.3", "v").ok
+
+
+def test_check_config_warns_about_a_standby_address_this_host_lacks() -> None:
+    from egressgate.config.lint import bind_not_local
+
+    checked = check_config_text("egress:\n  x:\n    bind: [127.0.0.2]\n    standby: [192.0.2.77, 127.0.0.3]\n", FILE)
+    found = bind_not_local(checked.config, ["10.0.0.1"])
+    assert [(f.loc, f.message) for f in found] == [
+        (("egress", "x", "standby", 0), "192.0.2.77 is not an address of this host: the standby cannot be checked here")]
+
+
+def test_upstream_standby_members_are_proxies_with_the_profiles_password() -> None:
+    import base64
+
+    text = "egress:\n  x:\n    upstream: ['http://u@p:3128']\n    standby: ['http://u@q:3128']\n" \
+           "    upstream_password_env: HOME\n"
+    spec = check_config_text(text, FILE).config.egress["x"]
+    pool = build_pool("x", spec, lambda cidr: [], 5.0, lambda: 0.0, upstream_password="s3cret")
+    (standby,) = pool.standby
+    assert standby.kind == "upstream" and standby.label == "http://q:3128" and pool.role(standby) == "standby"
+    assert standby.upstream.authorization == "Basic " + base64.b64encode(b"u:s3cret").decode()

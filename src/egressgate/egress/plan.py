@@ -70,7 +70,7 @@ class ProfilePool:
 
     __slots__ = ("name", "kind", "members", "expect_ip", "pick", "connect_timeout", "_down", "_next",
                  "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace", "avoid",
-                 "standby", "relief", "fails", "stranded")
+                 "standby", "relief", "fails", "stranded", "relief_view")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
                  pick: str | bool, connect_timeout: float, clock: Callable[[], float],
@@ -80,6 +80,7 @@ class ProfilePool:
         self.standby: list[EgressPlan] = [m for m in standby or () if m not in members]
         # the standby member carrying new connections after a switch: auto failover (None: the active ones)
         self.relief: EgressPlan | None = None
+        self.relief_view: dict | None = None  # the failover that set ``relief`` (its event, and when), for /status
         # consecutive egress-IP checks each member (active or standby) failed (0 once one passes)
         self.fails: dict[EgressPlan, int] = {}
         # switch: auto with every active member failed and no standby passing: why (in the 503's reason)
@@ -118,7 +119,8 @@ class ProfilePool:
         self.observed_at = now
         self.fails[plan] = 0 if self.verified(plan) else self.fails.get(plan, 0) + 1
         if self.attest and plan == self.relief and not self.verified(plan):
-            self.relief = None  # a failed-over standby that exits from a wrong IP carries nothing (fail closed)
+            # a failed-over standby that exits from a wrong IP carries nothing (fail closed)
+            self.relief = self.relief_view = None
         if self.attest:
             self._usable = [m for m in self.members if self.verified(m)]
 

@@ -359,12 +359,14 @@ def added_anywhere(old: ProfilePool | None, new: ProfilePool) -> list[EgressPlan
     return [m for m in new.everyone if m not in old.everyone]
 
 
-def format_matrix(results: list[ProviderResult]) -> str:
-    """``egressgate verify``: one line per (profile, member, provider)."""
+def format_matrix(results: list[ProviderResult], roles: dict[tuple[str, str], str] | None = None) -> str:
+    """``egressgate verify``: one line per (profile, member, provider); a standby member (by
+    ``roles``) is marked so."""
     rows = [("PROFILE", "MEMBER", "PROVIDER", "EGRESS", "RESULT")]
     for r in results:
         verdict = "OK" if r.ok else "FAIL"
-        rows.append((r.profile, r.member, r.provider, r.egress_addr or "-", f"{verdict} {r.outcome}: {r.detail}"))
+        member = r.member + (" (standby)" if roles and roles.get((r.profile, r.member)) == "standby" else "")
+        rows.append((r.profile, member, r.provider, r.egress_addr or "-", f"{verdict} {r.outcome}: {r.detail}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
                      for row in rows)

@@ -292,6 +292,7 @@ def steer(rt: Runtime) -> list[Failover]:
         pool.stranded = decision.stranded
         if decision.failover is not None:
             pool.relief = next(m for m in pool.standby if m.label == decision.failover.to)
+            pool.relief_view = {**decision.failover.event(), "at": time.time()}
             made.append(decision.failover)
     return made
 
@@ -375,6 +376,7 @@ class Verifier:
         for made in steer(rt):
             was = before.profiles.get(made.profile) if before is not None else None
             if was is not None and was.relief is not None and was.relief.label == made.to:
+                rt.profiles[made.profile].relief_view = was.relief_view  # the same failover, carried over
                 continue
             self.on_failover(made)
 
