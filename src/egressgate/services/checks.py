@@ -381,8 +381,9 @@ class Verifier:
             self.on_failover(made)
 
     async def gate_switches(self, old: Runtime, new: Runtime) -> dict[str, PendingSwitch]:
-        """Before ``new`` is committed: for each ``switch: verified`` profile whose members
-        change, check the new members against every provider. A profile whose new members do
+        """Before ``new`` is committed: for each ``switch: verified`` (or ``auto``) profile whose
+        members change, check the new members against every provider (a promoted standby's
+        fresh passing results stand). A profile whose new members do
         not all pass keeps its old pool in ``new`` (so new connections stay on the old members)
         and gets a ``PendingSwitch``; returned, by profile."""
         board = new.providers
