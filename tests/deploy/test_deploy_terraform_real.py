@@ -153,30 +153,59 @@ def test_member_mistakes_are_refused_with_a_clear_message(root, env, case):
     assert " ".join(message.split()) in " ".join(r.stderr.replace("│", " ").split()), r.stderr
 
 
-def test_promotion_changes_only_nats_and_metadata(root, env):
-    """Promoting a standby (and demoting the active member) is one apply that touches no VM: the
-    instance template, the subnet's ranges and the NATs stay; only the project metadata the VMs
-    watch changes."""
+def _profiles(y_active: str, y_standby: str) -> str:
+    x = ('vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }], '
+         'standby = [{ ip = "vendor-x-b", slot = 1 }] }')
+    y = f'vendor-y = {{ secondary_cidr = "10.20.2.0/24", active = [{y_active}], standby = [{y_standby}] }}'
+    return f"\negress_profiles = {{\n  {x}\n  {y}\n}}\n"
+
+
+Y_A, Y_B, Y_C = ('{ ip = "vendor-y-a", slot = 0 }', '{ ip = "vendor-y-b", slot = 1 }', '{ ip = "vendor-y-c", slot = 2 }')
+IPS = 'egress_ips = ["vendor-x-a", "vendor-x-b", "vendor-y-a", "vendor-y-b"%s]\n'
+META = "terraform_data.google_compute_project_metadata_item__members"
+NAT = 'terraform_data.google_compute_router_nat__member["%s"]'
+# the Cloud NAT alert policies name every NAT gateway: a member's NAT coming or going updates them
+ALERTS = {f"terraform_data.google_monitoring_alert_policy__{n}": ["update"]
+          for n in ("nat_allocation_failed", "nat_dropped_out_of_resources")}
+ADDRESS = 'terraform_data.google_compute_address__nat["%s"]'
+# The rotation runbook (docs/deploy-gcp.md) from the example's state, step by step: what each apply
+# changes. Never the instance template, the subnet's ranges or the group: running VMs take it live.
+RUNBOOK = [
+    ("reserve vendor-y-c", IPS % ', "vendor-y-c"' + _profiles(Y_A, Y_B),
+     {ADDRESS % "vendor-y-c": ["create"]}),
+    ("add it as a standby in slot 2", IPS % ', "vendor-y-c"' + _profiles(Y_A, Y_B + ", " + Y_C),
+     {NAT % "vendor-y-c": ["create"], META: ["update"], **ALERTS}),
+    ("promote it, demote vendor-y-a", IPS % ', "vendor-y-c"' + _profiles(Y_C, Y_B + ", " + Y_A),
+     {META: ["update"]}),
+    ("release vendor-y-a from the profile", IPS % ', "vendor-y-c"' + _profiles(Y_C, Y_B),
+     {NAT % "vendor-y-a": ["delete"], META: ["update"], **ALERTS}),
+    ("release the address", 'egress_ips = ["vendor-x-a", "vendor-x-b", "vendor-y-b", "vendor-y-c"]\n' + _profiles(Y_C, Y_B),
+     {ADDRESS % "vendor-y-a": ["delete"]}),
+]
+
+
+def test_every_rotation_step_changes_only_nats_addresses_and_metadata(root, env):
+    """Each step of the rotation runbook is one apply that touches no VM: the instance template, the
+    subnet's ranges and the MIG stay; only addresses, member NATs and the project metadata the VMs
+    watch change (a promotion: the metadata alone)."""
     import json
 
     _ok(_plan(root, env, ""))
     _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
     try:
-        _ok(_plan(root, env, """
-egress_profiles = {
-  vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }], standby = [{ ip = "vendor-x-b", slot = 1 }] }
-  vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-b", slot = 1 }], standby = [{ ip = "vendor-y-a", slot = 0 }] }
-}
-"""))
-        show = json.loads(_ok(terraform(["show", "-json", "case.plan"], root, env)).stdout)
+        for step, tfvars, expected in RUNBOOK:
+            _ok(_plan(root, env, "\n" + tfvars))
+            show = json.loads(_ok(terraform(["show", "-json", "case.plan"], root, env)).stdout)
+            changes = {c["address"]: c["change"]["actions"] for c in show["resource_changes"]
+                       if c["change"]["actions"] != ["no-op"]}
+            assert changes == expected, step
+            if META in changes:
+                meta = next(c for c in show["resource_changes"] if c["address"] == META)["change"]["after"]["input"]["value"]
+                if step.startswith("promote"):
+                    assert "vendor-y active 10.20.2.64/27 " in meta and "vendor-y standby 10.20.2.0/27 " in meta, meta
+            _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
     finally:
         (root / "terraform.tfstate").unlink()
-    changes = {c["address"]: c for c in show["resource_changes"] if c["change"]["actions"] != ["no-op"]}
-    assert set(changes) == {"terraform_data.google_compute_project_metadata_item__members"}, sorted(changes)
-    (change,) = changes.values()
-    assert change["change"]["actions"] == ["update"]
-    meta = change["change"]["after"]["input"]["value"]
-    assert "vendor-y active 10.20.2.32/27 " in meta and "vendor-y standby 10.20.2.0/27 " in meta, meta
 
 
 def test_harness_reports_what_terraform_reports(workdir, env):
