@@ -153,6 +153,15 @@ def test_member_mistakes_are_refused_with_a_clear_message(root, env, case):
     assert " ".join(message.split()) in " ".join(r.stderr.replace("│", " ").split()), r.stderr
 
 
+def test_slot_ranges_too_small_for_the_group_are_refused(root, env):
+    """A /26 profile block gives /29 slots (8 addresses): 10 VMs + a surge of 3 do not fit."""
+    profiles = ('\negress_profiles = {\n  vendor-x = { secondary_cidr = "10.20.1.0/26", active = [{ ip = "vendor-x-a", slot = 0 }] }\n'
+                '  vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }] }\n}\n')
+    r = _plan(root, env, profiles + "instance_count = 10\n")
+    assert r.returncode != 0 and "slot ranges" in r.stderr and "too small" in " ".join(r.stderr.split()), r.stderr
+    _ok(_plan(root, env, profiles + "instance_count = 5\n"))
+
+
 def _profiles(y_active: str, y_standby: str) -> str:
     x = ('vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }], '
          'standby = [{ ip = "vendor-x-b", slot = 1 }] }')
