@@ -328,11 +328,12 @@ variable "gateway_config" {
   description = <<-EOT
     Any part of the gateway's configuration (the README's config reference, written as HCL), merged
     over what the module renders, so no feature needs a fork of the template: providers, protect,
-    switch and standby of a profile, a socks5 listener, deny rules, report mode, per-client limits,
-    token clients, dns, log, reload ... Rules: `listen` and `clients` entries are APPENDED to the
-    module's; `egress.<profile>` keys are merged into the module's profile of that name (its bind
-    placeholder and expect_ip stay unless you set them), other profiles are added; `admin`, `drain`,
-    `probe` and `security` are merged key by key (yours win); every other key is taken as given.
+    switch (verified, auto) and failover_after of a profile, a socks5 listener, deny rules, report
+    mode, per-client limits, token clients, dns, log, reload ... Rules: `listen` and `clients`
+    entries are APPENDED to the module's; `egress.<profile>` keys are merged into the module's
+    profile of that name (its bind, standby and expect_ip come from egress_profiles' members: leave
+    them to the module), other profiles are added; `admin`, `drain`, `probe` and `security` are
+    merged key by key (yours win); every other key is taken as given.
     The tests render the example with a full gateway_config and run `egressgate check-config
     --offline --strict` on it.
   EOT
