@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .admin.server import AdminConnections, AdminProtocol, readiness
+from .egress.failover import Failover
 from .egress.plan import refusing
 from .errors import ConfigError
 from .fleet.checks import SharedChecks
@@ -119,11 +120,13 @@ class App:
         self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
         self.check_store = self._check_store()
         self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
-                                 lambda: gateway.connector.resolver,
-                                 lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
+                                 lambda: gateway.connector.resolver, self._publish_checks,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
                                  held=gateway.protect.hold_on, observed=gateway.blocks.checked,
-                                 shared=SharedChecks(self.check_store) if self.check_store is not None else None)
+                                 shared=SharedChecks(self.check_store) if self.check_store is not None else None,
+                                 on_failover=self._failed_over)
+        # switch: auto decides on failovers after every egress-IP round too, not only provider rounds
+        self.attestor.after = self._after_attestation
         self._verifying: asyncio.Task | None = None
         self.gateway.on_reload.append(lambda old, new: self.verifier.wake(everything=True))
         self.loop.set_exception_handler(self._loop_exception)
@@ -169,6 +172,28 @@ class App:
         owner.on_block, blocks.share = blocks.shared, owner.block_learned
         return owner
 
+    def _publish_checks(self, rt: Runtime) -> None:
+        """Export the provider results and which members carry traffic, of the runtime in force."""
+        if rt is self.gateway.runtime:
+            publish(self.metrics, rt)
+            self.gateway.publish_egress(rt)
+
+    def _after_attestation(self, rt: Runtime) -> None:
+        """After a round of egress-IP checks: switch: auto decides on failovers then too (a
+        profile with expect_ip and no provider has no provider rounds), and a pending verified
+        switch waiting for an attestation is tried again."""
+        self.verifier.steer(rt)
+        self._publish_checks(rt)
+        if rt.providers.pending:
+            self.verifier.wake()
+
+    def _failed_over(self, made: Failover) -> None:
+        """A ``switch: auto`` profile moved its new connections to a standby (every worker decides
+        alone; worker 0 logs the event, and its counter stands for the instance)."""
+        self.metrics.egress_failover.labels(made.profile).inc()
+        if self.worker == 0:
+            log_event("egress_failover", **made.event())
+
     def _peers(self) -> list[tuple[int, str]]:
         """(index, private admin socket) of every other worker of this gateway."""
         if self.sockdir is None:
@@ -202,7 +227,7 @@ class App:
         # Attested profiles serve only once checked: check their members before the listeners
         # open, so a start is not a burst of 503s (bounded by timeouts.upstream_connect).
         rt = self.gateway.runtime
-        await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.members})
+        await self.attestor.attest(rt, {m for pool in rt.profiles.values() if pool.attest for m in pool.everyone})
         self.keys.prefetch([c.token for c in rt.clients.clients if c.token is not None])
         if isinstance(self.fleet, Owner):
             await self.fleet.start()  # (before the listeners: a worker's first lease finds it)

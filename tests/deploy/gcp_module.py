@@ -11,6 +11,7 @@ that locals.tf still passes exactly these template variables and builds them fro
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class Rendered:
     collector_config: str
     cloud_init: str
     template_vars: dict[str, dict[str, Any]] = field(default_factory=dict)
+    members: str = ""  # the project metadata item (metadata.tf) the VMs render the members from
 
 
 def module_locals() -> dict[str, Any]:
@@ -82,14 +84,9 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
     tls_from_secret = bool(tls and tls.get("cert_secret"))
 
     egress = {
-        name: {
-            "bind": [f"@ALIAS_IN:{p['secondary_cidr']}@"],
-            "expect_ip": sorted(
-                addresses[n]
-                for n in p["nat_ip_names"] + p.get("draining_nat_ip_names", []) + p.get("reserved_nat_ip_names", [])
-            ),
-        }
-        for name, p in v["egress_profiles"].items()
+        name: {"bind": f"@MEMBERS:{name}:active@", "standby": f"@MEMBERS:{name}:standby@",
+               "expect_ip": f"@MEMBERS:{name}:ips@"}
+        for name in v["egress_profiles"]
     }
     clients = []
     for c in v["clients"]:
@@ -171,6 +168,7 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         "registry_host": registry_host,
         "gateway_config": gateway_config,
         "render_script": (TF / "files" / "render-config.sh").read_text(),
+        "members_key": members_key(v),
         "firewall_script": firewall,
         "tls_script": (TF / "files" / "fetch-tls.sh").read_text(),
         "tls_mode": tls_mode,
@@ -188,7 +186,30 @@ def render(variables: dict[str, Any], addresses: dict[str, str]) -> Rendered:
         "systemd_stop_sec": lc["systemd_stop_sec"],
     }
     cloud_init = _template("cloud-init.yaml.tftpl", tv["cloud_init"])
-    return Rendered(v, gateway_config, firewall, collector, cloud_init, tv)
+    return Rendered(v, gateway_config, firewall, collector, cloud_init, tv, members_metadata(v, addresses))
+
+
+SLOT_NEWBITS = 3  # locals.tf: slot_newbits
+
+
+def slot_cidr(secondary_cidr: str, slot: int) -> str:
+    """cidrsubnet(secondary_cidr, slot_newbits, slot)."""
+    net = ipaddress.ip_network(secondary_cidr)
+    return str(list(net.subnets(prefixlen_diff=SLOT_NEWBITS))[slot])
+
+
+def members_key(variables: dict[str, Any]) -> str:
+    return f"{variables.get('name_prefix', DEFAULTS['name_prefix'])}-egress-members"
+
+
+def members_metadata(variables: dict[str, Any], addresses: dict[str, str]) -> str:
+    """locals.tf members_metadata: "PROFILE ROLE SLOT_CIDR PUBLIC_IP" per member, sorted."""
+    lines = []
+    for name, p in variables["egress_profiles"].items():
+        for role in ("active", "standby"):
+            for m in p.get(role, []):
+                lines.append(f"{name} {role} {slot_cidr(p['secondary_cidr'], m['slot'])} {addresses[m['ip']]}")
+    return "\n".join(sorted(lines))
 
 
 def _template(name: str, variables: dict[str, Any]) -> str:

@@ -267,6 +267,20 @@ def test_preflight_checks_the_provider_through_whoami(templates, fake_gateway):
     assert missing.returncode == 1 and "does not check provider 'vendor-x'" in missing.stderr
 
 
+def test_preflight_judges_a_standby_only_once_it_carries_traffic(templates, fake_gateway):
+    """A standby member (issue 26) carries no job traffic: a provider refusing it does not fail
+    the job's pre-flight -- unless the profile failed over to it."""
+    standby = {"member": "10.0.1.7", "provider": "vendor-x", "ok": False, "outcome": "http_status",
+               "detail": "HTTP/1.1 403 Forbidden", "role": "standby"}
+    providers = {**PROVIDERS, "checks": [*PROVIDERS["checks"], standby]}
+    spare = {**GOOD, "providers": providers, "egress": {"kind": "bind", "carrying": ["10.0.1.5", "10.0.1.6"]}}
+    proc = run_preflight(templates, fake_gateway.server_port, spare)
+    assert proc.returncode == 0, proc.stderr
+    failed_over = {**spare, "egress": {"kind": "bind", "carrying": ["10.0.1.7"]}}
+    proc = run_preflight(templates, fake_gateway.server_port, failed_over)
+    assert proc.returncode == 1 and "refuses member 10.0.1.7" in proc.stderr, proc.stderr
+
+
 def test_preflight_over_tls_to_the_proxy(templates, tmp_path):
     """https:// proxy URL: the pre-flight speaks TLS to the gateway and verifies it with PROXY_CA."""
     import ssl

@@ -5,6 +5,7 @@ the real tools: YAML, `bash -n`, `shellcheck`, `systemd-analyze verify`."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def files(cloud_init):
 
 def test_nat_alerts_filter_on_labels_that_exist(applied):
     nat_names = {v["name"] for k, v in applied.items() if k.startswith("google_compute_router_nat.")}
-    assert len(nat_names) == 2
+    assert len(nat_names) == 4  # one per member: the example has an active and a standby per profile
     policies = [v for k, v in applied.items() if k.startswith("google_monitoring_alert_policy.")]
     assert len(policies) == 2
     for p in policies:
@@ -193,24 +194,61 @@ gateway_config = {
 """.replace("{HASH}", HASH)
 
 
+# One alias IP per slot range of the example's profiles (3 slots of /27 in each /24): what the
+# metadata server lists for a VM.
+VM_ALIASES = "10.20.1.5/32\n10.20.1.37/32\n10.20.1.69/32\n10.20.2.5/32\n10.20.2.37/32\n10.20.2.69/32\n"
+
+
+def render_on_vm(applied: dict[str, dict], tmp: Path) -> str:
+    """What files/render-config.sh (from the applied user-data) writes on a VM, from the applied
+    project metadata item (the members) and the VM's alias IPs."""
+    doc = yaml.safe_load(applied["google_compute_instance_template.gateway"]["metadata"]["user-data"])
+    files = {f["path"]: f["content"] for f in doc["write_files"]}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "render-config.sh").write_text(files["/etc/egressgate/render-config.sh"])
+    (tmp / "config.yaml.in").write_text(files["/etc/egressgate/config.yaml.in"])
+    item = applied["google_compute_project_metadata_item.members"]
+    r = subprocess.run(["bash", str(tmp / "render-config.sh"), str(tmp / "config.yaml.in"), str(tmp / "out" / "config.yaml"),
+                        item["key"]],
+                       env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": VM_ALIASES, "EGRESS_MEMBERS": item["value"],
+                            "EGRESSGATE_GID": str(os.getgid())},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return (tmp / "out" / "config.yaml").read_text()
+
+
 def _check_config_offline_strict(text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """What render-config.sh does on a VM (each profile's placeholder -> the VM's alias IP), then
-    `egressgate check-config --offline --strict`."""
-    config = text.replace("@ALIAS_IN:10.20.1.0/24@", "127.0.0.2").replace("@ALIAS_IN:10.20.2.0/24@", "127.0.0.3")
-    assert "@ALIAS_IN" not in config
+    """`egressgate check-config --offline --strict` on a rendered config, with the VM's alias IPs
+    (10.20.x.y) standing for loopback addresses this machine has."""
+    config = re.sub(r'"10\.20\.(\d)\.(\d+)"', lambda m: f'"127.0.{m.group(1)}.{m.group(2)}"', text)
     path = tmp / "config.yaml"
     path.write_text(config)
     return subprocess.run([sys.executable, "-m", "egressgate", "check-config", "--offline", "--strict", str(path)],
                           capture_output=True, text=True, timeout=60)
 
 
+def test_the_example_renders_an_active_and_a_standby_member_per_profile(applied, tmp_path):
+    """terraform.tfvars.example, applied, then rendered on a VM: every profile has an active member
+    (bind) and a standby member, each its own alias IP, and expect_ip names both public IPs."""
+    item = applied["google_compute_project_metadata_item.members"]
+    assert item["key"] == "egressgate-egress-members"
+    cfg = yaml.safe_load(render_on_vm(applied, tmp_path))
+    for name in ("vendor-x", "vendor-y"):
+        p = cfg["egress"][name]
+        assert len(p["bind"]) == 1 and len(p["standby"]) == 1, p
+        assert p["bind"] != p["standby"]
+        assert len(p["expect_ip"]) == 2
+    assert cfg["egress"]["vendor-x"]["bind"] == ["10.20.1.5"] and cfg["egress"]["vendor-x"]["standby"] == ["10.20.1.37"]
+
+
 def test_gateway_config_passes_everything_through_and_check_config_accepts_it(tmp_path):
     applied = apply_example(tmp_path / "tf", GATEWAY_CONFIG)
-    text = gateway_config_of(applied)
+    assert gateway_config_of(applied).count("@MEMBERS:vendor-x:") == 3  # the module's part stays
+    text = render_on_vm(applied, tmp_path / "vm")
     cfg = yaml.safe_load(text)
     assert [entry.get("protocol") for entry in cfg["listen"]] == [None, "socks5"]
     x = cfg["egress"]["vendor-x"]
-    assert x["bind"] == ["@ALIAS_IN:10.20.1.0/24@"] and x["expect_ip"]  # the module's part stays
+    assert x["bind"] == ["10.20.1.5"] and x["standby"] == ["10.20.1.37"] and len(x["expect_ip"]) == 2
     assert x["providers"][0]["name"] == "vendor-x" and x["protect"][0]["max_concurrent"] == 20
     assert [c["name"] for c in cfg["clients"]][-1] == "report-job"
     assert cfg["probe"]["interval"] == "2m" and cfg["probe"]["grace"] == 600  # merged key by key

@@ -92,27 +92,35 @@ def test_custom_vpc_and_subnet(tf):
     assert sub["private_ip_google_access"] is True
     assert first_block(sub, "log_config")
     (dyn,) = sub["dynamic"]
-    assert dyn["secondary_ip_range"]["for_each"] == "${var.egress_profiles}"
+    assert dyn["secondary_ip_range"]["for_each"] == "${local.slot_by_key}", "one secondary range per member slot"
 
 
-def test_nat_is_manual_only_per_profile_on_secondary_ranges(tf):
+def test_nat_is_manual_only_per_member_on_its_slot_range(tf):
+    """Every member (active or standby) has its own NAT gateway with exactly its own static IP, on
+    exactly its own slot range: a distinct, checkable source address."""
     nat = res(tf, "google_compute_router_nat")
-    assert nat["for_each"] == "${var.egress_profiles}", "one NAT gateway per egress profile"
+    assert nat["for_each"] == "${local.members}", "one NAT gateway per profile member"
     assert nat["nat_ip_allocate_option"] == "MANUAL_ONLY"
     assert nat["source_subnetwork_ip_ranges_to_nat"] == "LIST_OF_SUBNETWORKS"
-    assert "google_compute_address.nat[n].self_link" in nat["nat_ips"]
-    assert "each.value.nat_ip_names" in nat["nat_ips"]
-    assert "each.value.draining_nat_ip_names" in nat["drain_nat_ips"]
-    assert "reserved" not in nat["nat_ips"] + nat["drain_nat_ips"], "reserved IPs must not carry traffic"
+    assert nat["nat_ips"] == ["${google_compute_address.nat[each.key].self_link}"]
+    assert "drain_nat_ips" not in nat, "an IP is never swapped under a member: members are switched instead"
     sn = first_block(nat, "subnetwork")
     assert sn["source_ip_ranges_to_nat"] == ["LIST_OF_SECONDARY_IP_RANGES"]
-    assert sn["secondary_ip_range_names"] == ["${local.secondary_range_name[each.key]}"]
+    assert sn["secondary_ip_range_names"] == ["${each.value.range_name}"]
     # same naming for the subnet range and the VM alias range
     sub = res(tf, "google_compute_subnetwork")
-    assert (
-        sub["dynamic"][0]["secondary_ip_range"]["content"][0]["range_name"]
-        == "${local.secondary_range_name[secondary_ip_range.key]}"
-    )
+    assert sub["dynamic"][0]["secondary_ip_range"]["content"][0]["range_name"] == "${secondary_ip_range.value.range_name}"
+    members = re.sub(r"\s+", " ", tf["locals"]["members"])
+    assert "for m in p.active : m.ip =>" in members and "for m in p.standby : m.ip =>" in members
+
+
+def test_membership_is_project_metadata_not_the_instance_template(tf):
+    item = res(tf, "google_compute_project_metadata_item", "members")
+    assert item["key"] == "${local.members_metadata_key}" and item["value"] == "${local.members_metadata}"
+    it = res(tf, "google_compute_instance_template")
+    assert "members" not in json.dumps(it["metadata"]), "membership in the template would roll the VMs"
+    for name in ("cloud_init", "gateway_config_object", "gateway_egress"):
+        assert not re.search(r"local\.members(?!_metadata_key)\b", tf["locals"][name]), name
 
 
 def test_nat_addresses_keyed_and_create_before_destroy(tf):
@@ -136,7 +144,7 @@ def test_instance_template_hardening(tf):
     nic = first_block(it, "network_interface")
     assert "access_config" not in nic, "the VMs must not get an external IP"
     alias = nic["dynamic"][0]["alias_ip_range"]
-    assert alias["for_each"] == "${var.egress_profiles}"
+    assert alias["for_each"] == "${local.slot_by_key}"
     assert alias["content"][0]["ip_cidr_range"] == "/32"
     shielded = first_block(it, "shielded_instance_config")
     assert shielded["enable_secure_boot"] is True
@@ -295,19 +303,20 @@ def test_example_tfvars_sets_every_required_variable(tf):
         assert ipaddress.ip_network(cidr).prefixlen == 32
 
 
-def test_expect_ip_covers_every_address_of_the_profile(tf):
-    egress = tf["locals"]["gateway_egress"]
-    for field in ("p.nat_ip_names", "p.draining_nat_ip_names", "p.reserved_nat_ip_names"):
-        assert field in egress, f"expect_ip must include {field} so an IP switch does not roll the VMs"
-    assert "@ALIAS_IN:${p.secondary_cidr}@" in egress
+def test_members_are_placeholders_in_the_template(tf):
+    egress = re.sub(r"\s+", " ", tf["locals"]["gateway_egress"])
+    for piece in ('bind = "@MEMBERS:${name}:active@"', 'standby = "@MEMBERS:${name}:standby@"',
+                  'expect_ip = "@MEMBERS:${name}:ips@"'):
+        assert piece in egress, piece
 
 
 def test_outputs(tf):
     outs = tf["output"]
-    for name in ("lb_ip_address", "egress_ips_by_profile", "proxy_url", "reserved_egress_ips_by_profile"):
+    for name in ("lb_ip_address", "egress_ips_by_profile", "proxy_url", "standby_egress_ips_by_profile",
+                 "unassigned_egress_ips", "member_ranges"):
         assert name in outs and outs[name].get("description")
     assert "google_compute_address.lb.address" in outs["lb_ip_address"]["value"]
-    assert "google_compute_address.nat[n].address" in outs["egress_ips_by_profile"]["value"]
+    assert "google_compute_address.nat[m.ip].address" in outs["egress_ips_by_profile"]["value"]
 
 
 def test_provider_pinned_to_google(tf):
@@ -328,10 +337,11 @@ SAMPLE_VARS = {
     "region": "europe-west1",
     "image": "europe-west1-docker.pkg.dev/my-egress-project/egressgate/egressgate@sha256:" + "0" * 64,
     "artifact_registry_repository": "egressgate",
+    "egress_ips": ["vendor-x-a", "vendor-y-a", "vendor-y-b"],
     "egress_profiles": {
-        "vendor-x": {"secondary_cidr": "10.20.1.0/24", "nat_ip_names": ["vendor-x-a"]},
-        "vendor-y": {"secondary_cidr": "10.20.2.0/24", "nat_ip_names": ["vendor-y-a"],
-                     "reserved_nat_ip_names": ["vendor-y-b"]},
+        "vendor-x": {"secondary_cidr": "10.20.1.0/24", "active": [{"ip": "vendor-x-a", "slot": 0}]},
+        "vendor-y": {"secondary_cidr": "10.20.2.0/24", "active": [{"ip": "vendor-y-a", "slot": 0}],
+                     "standby": [{"ip": "vendor-y-b", "slot": 1}]},
     },
     "default_profile": "vendor-x",
     "client_cidrs": ["198.51.100.7/32"],
@@ -376,7 +386,12 @@ def test_mirror_matches_locals(tf):
                   "echo_url = concat([var.probe_echo_url], var.probe_fallback_echo_urls)",
                   "grace = var.probe_grace"):
         assert re.sub(r"\s+", " ", piece) in obj, (piece, obj)
-    assert "sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)" in loc["gateway_egress"]
+    assert re.sub(r"\s+", " ", loc["members_metadata"]) == (
+        '${join("\\n", sort([for ip, m in local.members : "${m.profile} ${m.role} ${m.cidr} '
+        '${google_compute_address.nat[ip].address}"]))}'), loc["members_metadata"]
+    assert loc["slot_newbits"] == gcp_module.SLOT_NEWBITS
+    assert "cidrsubnet(p.secondary_cidr, local.slot_newbits, i)" in loc["slots"]
+    assert loc["members_metadata_key"] == "${var.name_prefix}-egress-members"
     fw = loc["firewall_script"]
     assert 'join(" ", var.client_cidrs)' in fw
     assert "distinct(concat(local.lb_health_check_ranges, local.autohealing_health_check_ranges))" in fw
@@ -387,13 +402,18 @@ def test_mirror_matches_locals(tf):
         assert piece in ci, piece
 
 
-def test_expect_ip_order_is_stable_across_a_switch():
-    """The switch step of the rotation runbook must not change the instance template (no VM roll)."""
+def test_a_promotion_changes_only_the_members_metadata():
+    """The rotation runbook's steps (add a standby, promote, release) must not change the instance
+    template (no VM roll): only the project metadata the VMs watch."""
     y = SAMPLE_VARS["egress_profiles"]["vendor-y"]
-    reserve = rendered()
-    switch = rendered(egress_profiles={**SAMPLE_VARS["egress_profiles"], "vendor-y": {
-        **y, "nat_ip_names": ["vendor-y-b"], "draining_nat_ip_names": ["vendor-y-a"], "reserved_nat_ip_names": []}})
-    assert reserve.cloud_init == switch.cloud_init
+    before = rendered()
+    promoted = rendered(egress_profiles={**SAMPLE_VARS["egress_profiles"], "vendor-y": {
+        **y, "active": [{"ip": "vendor-y-b", "slot": 1}], "standby": [{"ip": "vendor-y-a", "slot": 0}]}})
+    released = rendered(egress_profiles={**SAMPLE_VARS["egress_profiles"], "vendor-y": {
+        **y, "active": [{"ip": "vendor-y-b", "slot": 1}], "standby": []}})
+    assert before.cloud_init == promoted.cloud_init == released.cloud_init
+    assert before.members != promoted.members != released.members
+    assert "vendor-y active 10.20.2.32/27 203.0.113.21" in promoted.members.splitlines()
 
 
 def cloud_init_doc(r=None):
@@ -415,14 +435,20 @@ def test_cloud_init_runs_the_container_hardened():
         "--security-opt=no-new-privileges",
         "--network=host",
         "--user=10001:10001",
-        "--volume=/run/egressgate/config.yaml:/etc/egressgate/config.yaml:ro",
+        # the directory, not the file: a file bind mount keeps the old inode after a rename
+        "--volume=/run/egressgate/conf:/etc/egressgate/conf:ro",
     ):
         assert flag in run, flag
     assert "--privileged" not in run and "--cap-add" not in run
-    assert run.rstrip().endswith("@sha256:" + "0" * 64)
+    assert run.rstrip().endswith("@sha256:" + "0" * 64 + " serve --config /etc/egressgate/conf/config.yaml")
     assert "docker-credential-gcr configure-docker --registries europe-west1-docker.pkg.dev" in unit
-    assert "render-config.sh /etc/egressgate/config.yaml.in /run/egressgate/config.yaml" in unit
+    assert ("render-config.sh /etc/egressgate/config.yaml.in /run/egressgate/conf/config.yaml "
+            "egressgate-egress-members") in unit
     assert "systemctl enable --now egressgate.service" in doc["runcmd"]
+    watcher = files["/etc/systemd/system/egressgate-members.service"]["content"]
+    assert ("render-config.sh --watch /etc/egressgate/config.yaml.in /run/egressgate/conf/config.yaml "
+            "egressgate-egress-members") in watcher
+    assert "systemctl enable --now egressgate-members.service" in doc["runcmd"]
     # the embedded config and scripts survive the YAML round trip byte for byte
     assert files["/etc/egressgate/config.yaml.in"]["content"].rstrip("\n") == r.gateway_config.rstrip("\n")
     for name in ("render-config.sh", "fetch-tls.sh"):
@@ -609,13 +635,14 @@ def test_monitoring_path_on_gce(tf):
     assert "router.googleapis.com/nat/nat_allocation_failed" in filters
 
 
-def run_render(tmp_path, aliases, config_text=None):
+def run_render(tmp_path, aliases, config_text=None, members=None):
     src = tmp_path / "config.yaml.in"
     src.write_text(config_text or rendered().gateway_config)
-    dst = tmp_path / "config.yaml"
+    dst = tmp_path / "conf" / "config.yaml"
     proc = subprocess.run(
-        ["bash", str(TF / "files" / "render-config.sh"), str(src), str(dst)],
-        env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": aliases, "EGRESSGATE_GID": str(os.getgid())},
+        ["bash", str(TF / "files" / "render-config.sh"), str(src), str(dst), "egressgate-egress-members"],
+        env={"PATH": "/usr/bin:/bin", "ALIAS_IPS": aliases, "EGRESSGATE_GID": str(os.getgid()),
+             "EGRESS_MEMBERS": rendered().members if members is None else members},
         capture_output=True,
         text=True,
         timeout=30,
@@ -623,23 +650,49 @@ def run_render(tmp_path, aliases, config_text=None):
     return proc, dst
 
 
-def test_render_config_binds_each_profile_to_its_alias(tmp_path):
-    proc, dst = run_render(tmp_path, '["10.20.2.17/32","10.20.1.5/32"]')  # metadata JSON, any order
+ALIASES = "10.20.1.5/32\n10.20.2.17/32\n10.20.2.40/32\n10.20.2.70/32\n"  # one per slot of vendor-y (3)
+
+
+def test_render_config_binds_each_member_to_its_alias(tmp_path):
+    proc, dst = run_render(tmp_path, '["10.20.2.40/32","10.20.1.5/32","10.20.2.17/32"]')  # metadata JSON, any order
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(dst.read_text())
     assert cfg["egress"]["vendor-x"]["bind"] == ["10.20.1.5"]
-    assert cfg["egress"]["vendor-y"]["bind"] == ["10.20.2.17"]
+    assert cfg["egress"]["vendor-x"]["standby"] == []
+    assert cfg["egress"]["vendor-y"]["bind"] == ["10.20.2.17"]  # slot 0: 10.20.2.0/27
+    assert cfg["egress"]["vendor-y"]["standby"] == ["10.20.2.40"]  # slot 1: 10.20.2.32/27
     assert cfg["egress"]["vendor-y"]["expect_ip"] == ["203.0.113.20", "203.0.113.21"]
     assert cfg["listen"][0] == {"address": "0.0.0.0:3128", "egress": "vendor-x"}
-    assert "@ALIAS_IN" not in dst.read_text()
+    assert "@MEMBERS" not in dst.read_text()
     assert oct(dst.stat().st_mode & 0o777) == "0o640"
 
 
-def test_render_config_fails_without_an_alias_in_range(tmp_path):
-    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.99.0.1/32\n")  # nothing in 10.20.2.0/24
+def test_render_config_fails_without_an_alias_in_a_members_slot(tmp_path):
+    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n10.99.0.1/32\n")  # nothing in slot 1 of vendor-y
     assert proc.returncode == 1
-    assert "10.20.2.0/24" in proc.stderr
+    assert "10.20.2.32/27" in proc.stderr
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("members,message", [
+    ("vendor-x active 10.20.1.0/27 203.0.113.10\nvendor-y standby 10.20.2.0/27 203.0.113.20",
+     "profile vendor-y has no active member"),
+    ("vendor-x active 10.20.1.0/27 203.0.113.10\nvendor-y active 10.20.2.0/27 203.0.113.20\n"
+     "vendor-z active 10.20.3.0/27 203.0.113.30", "profile vendor-z is not in"),
+    ("vendor-x active 10.20.1.0/27 203.0.113.10\nvendor-y primary 10.20.2.0/27 203.0.113.20",
+     "member line 2 is not"),
+    ("vendor-x active 10.20.1.0/27 203.0.113.10\nvendor-y active 10.20.2.0/27 not-an-ip", "member line 2 is not"),
+    ("", "profile vendor-"),
+])
+def test_render_config_refuses_a_bad_member_list_and_keeps_the_old_file(tmp_path, members, message):
+    """The watcher validates before it replaces: a bad member list changes nothing."""
+    proc, dst = run_render(tmp_path, ALIASES)
+    assert proc.returncode == 0, proc.stderr
+    good = dst.read_text()
+    proc, dst = run_render(tmp_path, ALIASES, members=members)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert dst.read_text() == good
+    assert [p.name for p in dst.parent.iterdir()] == ["config.yaml"], "no temporary file left behind"
 
 
 @pytest.mark.parametrize("variant", ["plain", "tls"])
@@ -652,7 +705,7 @@ def test_rendered_gateway_config_is_valid(tmp_path, check_config, variant):
         cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
         text = rendered(tls={"cert_secret": "c", "key_secret": "k"}).gateway_config
         text = text.replace("/etc/egressgate/tls/", f"{tmp_path}/")
-    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n", text)
+    proc, dst = run_render(tmp_path, ALIASES, text)
     assert proc.returncode == 0, proc.stderr
     result = check_config(dst.read_text(), name="gcp-config.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -668,7 +721,7 @@ def test_workload_clients_render_a_kubernetes_block(tf, tmp_path, check_config):
     text = rendered(kubernetes_issuer=issuer, workload_clients=[
         {"name": "vx-workload", "service_accounts": ["data-jobs/vendor-x-collector", "batch/*"],
          "egress": ["vendor-x"]}]).gateway_config
-    proc, dst = run_render(tmp_path, "10.20.1.5/32\n10.20.2.17/32\n", text)
+    proc, dst = run_render(tmp_path, ALIASES, text)
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(dst.read_text())
     (client,) = [c for c in config["clients"] if c["name"] == "vx-workload"]

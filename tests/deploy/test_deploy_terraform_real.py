@@ -115,22 +115,106 @@ def _after_clients(example: str) -> str:
     return example[end:]
 
 
-def test_drain_on_a_new_nat_or_of_a_never_active_ip_is_refused(root, env):
-    """Cloud NAT drains only IPs active on an existing NAT; the provider refuses the rest at plan, so
-    the module refuses them first, with the fix in the message."""
-    profiles = """
-egress_profiles = {
-  vendor-x = { secondary_cidr = "10.20.1.0/24", nat_ip_names = ["vendor-x-a"] }
-  vendor-y = { secondary_cidr = "10.20.2.0/24", nat_ip_names = ["vendor-y-b"], draining_nat_ip_names = ["vendor-y-a"] %s }
+MEMBER_CASES = {
+    "a member in both lists": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-a", slot = 1 }] }',
+        "both active and standby"),
+    "an IP used by two profiles": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-x-a", slot = 0 }] }',
+        "used by two members"),
+    "two members in one slot": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-b", slot = 0 }] }',
+        "share a slot"),
+    "a slot the VMs do not have": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", slots = 2, active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-b", slot = 2 }] }',
+        "slots - 1"),
+    "a released IP still in use": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }], '
+        'standby = [{ ip = "vendor-y-c", slot = 1 }] }',
+        "not in egress_ips"),
+    "no active member": (
+        'vendor-y = { secondary_cidr = "10.20.2.0/24", active = [], standby = [{ ip = "vendor-y-a", slot = 1 }] }',
+        "at least one active member"),
 }
-"""
-    r = _plan(root, env, profiles % "")
-    assert r.returncode != 0
-    assert "can only drain an IP that was active" in r.stderr, r.stderr
-    r = _plan(root, env, profiles % ', nat_ip_names_before = ["vendor-y-b"]')
-    assert r.returncode != 0 and "can only drain an IP that was active" in r.stderr, r.stderr
-    # The runbook's step 2: a was active before, b was reserved before.
-    _ok(_plan(root, env, profiles % ', nat_ip_names_before = ["vendor-y-a"]'))
+
+
+@pytest.mark.parametrize("case", sorted(MEMBER_CASES))
+def test_member_mistakes_are_refused_with_a_clear_message(root, env, case):
+    """Each member mistake is refused at plan by the real terraform, with the message that says what
+    to fix (terraform wraps long messages, hence the whitespace-insensitive match)."""
+    profile, message = MEMBER_CASES[case]
+    extra = ('\negress_profiles = {\n  vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }] }\n  '
+             + profile + "\n}\n")
+    r = _plan(root, env, extra)
+    assert r.returncode != 0, f"{case}: accepted"
+    assert " ".join(message.split()) in " ".join(r.stderr.replace("│", " ").split()), r.stderr
+
+
+def test_slot_ranges_too_small_for_the_group_are_refused(root, env):
+    """A /26 profile block gives /29 slots (8 addresses): 10 VMs + a surge of 3 do not fit."""
+    profiles = ('\negress_profiles = {\n  vendor-x = { secondary_cidr = "10.20.1.0/26", active = [{ ip = "vendor-x-a", slot = 0 }] }\n'
+                '  vendor-y = { secondary_cidr = "10.20.2.0/24", active = [{ ip = "vendor-y-a", slot = 0 }] }\n}\n')
+    r = _plan(root, env, profiles + "instance_count = 10\n")
+    assert r.returncode != 0 and "slot ranges" in r.stderr and "too small" in " ".join(r.stderr.split()), r.stderr
+    _ok(_plan(root, env, profiles + "instance_count = 5\n"))
+
+
+def _profiles(y_active: str, y_standby: str) -> str:
+    x = ('vendor-x = { secondary_cidr = "10.20.1.0/24", active = [{ ip = "vendor-x-a", slot = 0 }], '
+         'standby = [{ ip = "vendor-x-b", slot = 1 }] }')
+    y = f'vendor-y = {{ secondary_cidr = "10.20.2.0/24", active = [{y_active}], standby = [{y_standby}] }}'
+    return f"\negress_profiles = {{\n  {x}\n  {y}\n}}\n"
+
+
+Y_A, Y_B, Y_C = ('{ ip = "vendor-y-a", slot = 0 }', '{ ip = "vendor-y-b", slot = 1 }', '{ ip = "vendor-y-c", slot = 2 }')
+IPS = 'egress_ips = ["vendor-x-a", "vendor-x-b", "vendor-y-a", "vendor-y-b"%s]\n'
+META = "terraform_data.google_compute_project_metadata_item__members"
+NAT = 'terraform_data.google_compute_router_nat__member["%s"]'
+# the Cloud NAT alert policies name every NAT gateway: a member's NAT coming or going updates them
+ALERTS = {f"terraform_data.google_monitoring_alert_policy__{n}": ["update"]
+          for n in ("nat_allocation_failed", "nat_dropped_out_of_resources")}
+ADDRESS = 'terraform_data.google_compute_address__nat["%s"]'
+# The rotation runbook (docs/deploy-gcp.md) from the example's state, step by step: what each apply
+# changes. Never the instance template, the subnet's ranges or the group: running VMs take it live.
+RUNBOOK = [
+    ("reserve vendor-y-c", IPS % ', "vendor-y-c"' + _profiles(Y_A, Y_B),
+     {ADDRESS % "vendor-y-c": ["create"]}),
+    ("add it as a standby in slot 2", IPS % ', "vendor-y-c"' + _profiles(Y_A, Y_B + ", " + Y_C),
+     {NAT % "vendor-y-c": ["create"], META: ["update"], **ALERTS}),
+    ("promote it, demote vendor-y-a", IPS % ', "vendor-y-c"' + _profiles(Y_C, Y_B + ", " + Y_A),
+     {META: ["update"]}),
+    ("release vendor-y-a from the profile", IPS % ', "vendor-y-c"' + _profiles(Y_C, Y_B),
+     {NAT % "vendor-y-a": ["delete"], META: ["update"], **ALERTS}),
+    ("release the address", 'egress_ips = ["vendor-x-a", "vendor-x-b", "vendor-y-b", "vendor-y-c"]\n' + _profiles(Y_C, Y_B),
+     {ADDRESS % "vendor-y-a": ["delete"]}),
+]
+
+
+def test_every_rotation_step_changes_only_nats_addresses_and_metadata(root, env):
+    """Each step of the rotation runbook is one apply that touches no VM: the instance template, the
+    subnet's ranges and the MIG stay; only addresses, member NATs and the project metadata the VMs
+    watch change (a promotion: the metadata alone)."""
+    import json
+
+    _ok(_plan(root, env, ""))
+    _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
+    try:
+        for step, tfvars, expected in RUNBOOK:
+            _ok(_plan(root, env, "\n" + tfvars))
+            show = json.loads(_ok(terraform(["show", "-json", "case.plan"], root, env)).stdout)
+            changes = {c["address"]: c["change"]["actions"] for c in show["resource_changes"]
+                       if c["change"]["actions"] != ["no-op"]}
+            assert changes == expected, step
+            if META in changes:
+                meta = next(c for c in show["resource_changes"] if c["address"] == META)["change"]["after"]["input"]["value"]
+                if step.startswith("promote"):
+                    assert "vendor-y active 10.20.2.64/27 " in meta and "vendor-y standby 10.20.2.0/27 " in meta, meta
+            _ok(terraform(["apply", "-input=false", "-lock=false", "-auto-approve", "case.plan"], root, env))
+    finally:
+        (root / "terraform.tfstate").unlink()
 
 
 def test_harness_reports_what_terraform_reports(workdir, env):

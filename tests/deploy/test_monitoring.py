@@ -50,6 +50,7 @@ ALERTED_METRICS = {
     "egressgate_requests_total", "egressgate_ready", "up", "egressgate_egress_source_up",
     "egressgate_config_reloads_total", "egressgate_provider_reachable", "egressgate_provider_switch_pending",
     "egressgate_egress_block_state",
+    "egressgate_egress_member_carrying",
 }
 DASHBOARD_METRICS = {
     "egressgate_requests_total", "egressgate_bytes_total", "egressgate_active_connections",
@@ -429,7 +430,7 @@ def scrape(tmp_path_factory) -> Iterator[Scrape]:
     cfg = base_config(
         security={"connect_ports": [echo.port]},
         egress={"default": {"direct": {}},
-                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2"],
+                "pinned": {"bind": ["127.0.0.2"], "expect_ip": ["127.0.0.2", "127.0.0.3"], "standby": ["127.0.0.3"],
                            "protect": [{"name": "origin", "destinations": ["127.0.0.1"], "max_concurrent": 1},
                                        {"name": "origin-by-name", "destinations": ["localhost"]}],
                            "providers": [{"name": "vendor", "url": origin.url("/only-from?addr=127.0.0.2"),

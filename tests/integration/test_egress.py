@@ -78,7 +78,8 @@ def test_whoami_answers_for_the_profile_the_request_picks(start_gateway, origin,
         assert s.get("http://egressgate.whoami/", proxies=ab, timeout=10).json()["profile"] == "ip-a"
         doc = s.get("http://egressgate.whoami/", proxies=ab, headers={"X-Egressgate-Profile": "ip-b"},
                     timeout=10).json()
-        assert doc["profile"] == "ip-b" and doc["egress"] == {"kind": "bind", "sources": ["127.0.0.3"]}
+        assert doc["profile"] == "ip-b" and doc["egress"] == {"kind": "bind", "sources": ["127.0.0.3"],
+                                                                 "standby": [], "carrying": ["127.0.0.3"]}
         by_user = {"http": f"http://job-ab+ip-b:{SECRET}@{gw.address}"}
         assert s.get("http://egressgate.whoami/", proxies=by_user, timeout=10).json()["profile"] == "ip-b"
 

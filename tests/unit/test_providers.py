@@ -59,7 +59,7 @@ def errors_of(providers: str, extra: str = "") -> list[str]:
     ("switch: verified",
      f"{FILE}:2: egress.x: switch: verified needs providers to verify new members against"),
     ("switch: sometimes",
-     f"{FILE}:4: egress.x.switch: write 'immediate' or 'verified', not text 'sometimes'"),
+     f"{FILE}:4: egress.x.switch: write 'immediate', 'verified' or 'auto', not text 'sometimes'"),
 ])
 def test_bad_keys_name_file_line_and_key(providers: str, expected: str) -> None:
     assert errors_of(providers) == [expected]
@@ -186,7 +186,7 @@ def test_compile_board_and_views() -> None:
     assert profile_view(ProviderBoard(), pool_of("10.0.0.9")) is None
     view = profile_view(b, pool_of("10.0.0.1"))
     assert view["checks"] == [{"member": "10.0.0.1", "provider": "v", "ok": None, "outcome": "unchecked",
-                               "detail": ""}]
+                               "detail": "", "role": "active"}]
     table = format_matrix([result("10.0.0.1"), result("10.0.0.2", outcome="reset")]).splitlines()
     assert table[1].split()[:3] == ["x", "10.0.0.1", "v"] and "OK accepted" in table[1]
     assert "FAIL reset" in table[2]

@@ -27,12 +27,13 @@ resource "google_compute_instance_template" "gateway" {
   network_interface {
     subnetwork = google_compute_subnetwork.gateway.id
     # No access_config block: the VMs have no external IP. Outbound traffic leaves only through the
-    # per-profile Cloud NAT gateways, from these alias addresses:
+    # per-member Cloud NAT gateways, from these alias addresses (one per slot of every profile;
+    # which slot holds which member is project metadata, so it never changes this template):
     dynamic "alias_ip_range" {
-      for_each = var.egress_profiles
+      for_each = local.slot_by_key
       content {
         ip_cidr_range         = "/32"
-        subnetwork_range_name = local.secondary_range_name[alias_ip_range.key]
+        subnetwork_range_name = alias_ip_range.value.range_name
       }
     }
   }

@@ -33,12 +33,36 @@ locals {
   registry_path     = "${local.registry_host}/${var.project_id}/${var.artifact_registry_repository}"
   collector_image   = coalesce(var.metrics_collector_image, "${local.registry_path}/opentelemetry-collector-contrib:0.116.1")
 
-  nat_gateway_name         = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-nat-${name}" }
+  # Every profile's secondary_cidr is cut into 8 slot ranges; the first `slots` exist as secondary
+  # ranges of the subnet, and every VM takes one alias IP from each. A member occupies one slot.
+  slot_newbits = 3
+  slots = flatten([for name, p in var.egress_profiles : [for i in range(p.slots) : {
+    key        = "${name}-${i}"
+    profile    = name
+    slot       = i
+    range_name = "${var.name_prefix}-${name}-${i}"
+    cidr       = cidrsubnet(p.secondary_cidr, local.slot_newbits, i)
+  }]])
+  slot_by_key = { for s in local.slots : s.key => s }
+
+  # Every member (active or standby), keyed by its static IP's name: a promotion moves a member
+  # between the lists without changing its key, so no NAT is replaced by it.
+  members = merge([for name, p in var.egress_profiles : merge(
+    { for m in p.active : m.ip => merge(local.slot_by_key["${name}-${m.slot}"], { role = "active", ip = m.ip }) },
+    { for m in p.standby : m.ip => merge(local.slot_by_key["${name}-${m.slot}"], { role = "standby", ip = m.ip }) },
+  )]...)
+
+  nat_gateway_name         = { for ip, _ in local.members : ip => "${var.name_prefix}-nat-${ip}" }
   nat_gateway_names_filter = join(", ", [for _, n in local.nat_gateway_name : jsonencode(n)])
 
-  secondary_range_name = { for name, _ in var.egress_profiles : name => "${var.name_prefix}-${name}" }
-
-  nat_ip_names = toset(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)]))
+  # Who is active and who is standby, read by every VM from the project metadata (metadata.tf) and
+  # rendered into the gateway config by files/render-config.sh (it waits for changes): one line per
+  # member, "PROFILE ROLE SLOT_CIDR PUBLIC_IP", sorted. Not in the instance template, so a change
+  # never replaces a VM.
+  members_metadata_key = "${var.name_prefix}-egress-members"
+  members_metadata = join("\n", sort([
+    for ip, m in local.members : "${m.profile} ${m.role} ${m.cidr} ${google_compute_address.nat[ip].address}"
+  ]))
 
   # var.tls is sensitive (it may hold a private key). Whether TLS is on, and the Secret Manager
   # secret ids, are not secrets: unmarked, so they can key for_each and appear in outputs.
@@ -46,16 +70,16 @@ locals {
   tls_from_secret = nonsensitive(var.tls != null && try(var.tls.cert_secret, null) != null)
   tls_secrets     = local.tls_from_secret ? toset([nonsensitive(var.tls.cert_secret), nonsensitive(var.tls.key_secret)]) : toset([])
 
-  # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's bind address is
-  # the placeholder "@ALIAS_IN:<secondary cidr>@"; files/render-config.sh replaces it on each VM with
-  # that VM's alias IP inside the range (alias IPs differ per VM and are known only at boot).
-  # expect_ip lists ALL of the profile's addresses (active, draining, reserved): an IP switch then
-  # changes only the NAT, not the instance template, so it does not roll the VMs (sorted: moving a
-  # name from reserved to active to draining must not reorder the list either).
+  # Gateway config pieces, rendered by templates/egressgate.yaml.tftpl. A profile's members are
+  # placeholders ("@MEMBERS:<profile>:active|standby|ips@"): files/render-config.sh replaces them on
+  # each VM with this VM's alias IPs in the slots of the profile's active and standby members and
+  # with their public IPs (expect_ip), from the project metadata. So the template (and the instance
+  # template) never names a member: promoting one or adding a standby does not roll the VMs.
   gateway_egress = {
     for name, p in var.egress_profiles : name => {
-      bind      = ["@ALIAS_IN:${p.secondary_cidr}@"]
-      expect_ip = sort([for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : google_compute_address.nat[n].address])
+      bind      = "@MEMBERS:${name}:active@"
+      standby   = "@MEMBERS:${name}:standby@"
+      expect_ip = "@MEMBERS:${name}:ips@"
     }
   }
   gateway_clients = concat([
@@ -145,6 +169,7 @@ locals {
     registry_host    = local.registry_host
     gateway_config   = local.gateway_config
     render_script    = file("${path.module}/files/render-config.sh")
+    members_key      = local.members_metadata_key
     firewall_script  = local.firewall_script
     tls_script       = file("${path.module}/files/fetch-tls.sh")
     tls_mode         = local.tls_fetch_mode

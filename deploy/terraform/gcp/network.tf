@@ -15,12 +15,12 @@ resource "google_compute_subnetwork" "gateway" {
   ip_cidr_range            = var.subnet_cidr
   private_ip_google_access = true # image pulls, logging and monitoring without NAT
 
-  # One secondary range per egress profile; every VM takes one alias /32 from each.
+  # One secondary range per member slot of every profile; every VM takes one alias /32 from each.
   dynamic "secondary_ip_range" {
-    for_each = var.egress_profiles
+    for_each = local.slot_by_key
     content {
-      range_name    = local.secondary_range_name[secondary_ip_range.key]
-      ip_cidr_range = secondary_ip_range.value.secondary_cidr
+      range_name    = secondary_ip_range.value.range_name
+      ip_cidr_range = secondary_ip_range.value.cidr
     }
   }
 
@@ -28,6 +28,11 @@ resource "google_compute_subnetwork" "gateway" {
     precondition {
       condition     = alltrue([for _, p in var.egress_profiles : cidrhost("${cidrhost(var.subnet_cidr, 0)}/${min(tonumber(split("/", var.subnet_cidr)[1]), tonumber(split("/", p.secondary_cidr)[1]))}", 0) != cidrhost("${cidrhost(p.secondary_cidr, 0)}/${min(tonumber(split("/", var.subnet_cidr)[1]), tonumber(split("/", p.secondary_cidr)[1]))}", 0)])
       error_message = "A profile's secondary_cidr overlaps subnet_cidr."
+    }
+    precondition {
+      # Every VM (surge included) takes one alias IP from every slot range.
+      condition     = alltrue([for _, p in var.egress_profiles : pow(2, 32 - tonumber(split("/", p.secondary_cidr)[1]) - local.slot_newbits) >= local.max_instances + local.max_surge])
+      error_message = "A profile's slot ranges (secondary_cidr cut into 8) are too small for every VM plus the rollout surge: use a larger secondary_cidr."
     }
   }
 

@@ -14,22 +14,27 @@ output "load_balancer_scheme" {
 }
 
 output "egress_ips_by_profile" {
-  description = "Active egress IPs per profile: what each provider must allow-list."
-  value       = { for name, p in var.egress_profiles : name => [for n in p.nat_ip_names : google_compute_address.nat[n].address] }
+  description = "Public IPs of each profile's ACTIVE members (new connections leave from these): what each provider must allow-list."
+  value       = { for name, p in var.egress_profiles : name => [for m in p.active : google_compute_address.nat[m.ip].address] }
 }
 
-output "draining_egress_ips_by_profile" {
-  description = "Egress IPs being retired per profile (established connections only)."
-  value       = { for name, p in var.egress_profiles : name => [for n in p.draining_nat_ip_names : google_compute_address.nat[n].address] }
+output "standby_egress_ips_by_profile" {
+  description = "Public IPs of each profile's STANDBY members: attested and checked against every provider, carrying no job traffic until promoted. Have the providers allow-list them before you promote."
+  value       = { for name, p in var.egress_profiles : name => [for m in p.standby : google_compute_address.nat[m.ip].address] }
 }
 
-output "reserved_egress_ips_by_profile" {
-  description = "Egress IPs created but not in use yet: allow-list them at the provider before switching."
-  value       = { for name, p in var.egress_profiles : name => [for n in p.reserved_nat_ip_names : google_compute_address.nat[n].address] }
+output "unassigned_egress_ips" {
+  description = "Reserved static IPs (egress_ips) that no member uses: they carry no traffic. Add one as a standby member, or release it."
+  value       = { for n in var.egress_ips : n => google_compute_address.nat[n].address if !contains(keys(local.members), n) }
+}
+
+output "member_ranges" {
+  description = "Per profile, the slot range of each member (name of its static IP => range; every VM has one alias IP in it) and its role."
+  value       = { for name, _ in var.egress_profiles : name => { for ip, m in local.members : ip => { range = m.cidr, role = m.role, slot = m.slot } if m.profile == name } }
 }
 
 output "profile_secondary_ranges" {
-  description = "Subnet secondary range per profile (the gateway binds each VM's alias IP from it)."
+  description = "The block of each profile (cut into its member slot ranges, see member_ranges)."
   value       = { for name, p in var.egress_profiles : name => p.secondary_cidr }
 }
 

@@ -46,24 +46,43 @@ variable "subnet_cidr" {
   }
 }
 
+variable "egress_ips" {
+  description = <<-EOT
+    The static egress IPs to reserve (google_compute_address names, without the name prefix). A
+    reserved IP carries no traffic until a profile member names it (egress_profiles[*].active or
+    .standby). Rotation (docs/deploy-gcp.md): reserve here, add it as a standby member, see every
+    provider accept it, promote it, drain the old member, then release: take the old IP out of its
+    profile first and out of this list after (the module refuses to release an IP a member uses).
+  EOT
+  type        = list(string)
+  validation {
+    condition     = length(var.egress_ips) == length(distinct(var.egress_ips))
+    error_message = "egress_ips: an IP name is listed twice."
+  }
+  validation {
+    condition     = alltrue([for n in var.egress_ips : can(regex("^[a-z][a-z0-9-]{0,29}$", n))])
+    error_message = "egress_ips names: lowercase letter first, then up to 29 lowercase letters, digits or hyphens."
+  }
+}
+
 variable "egress_profiles" {
   description = <<-EOT
-    One entry per gateway egress profile. Each profile gets a secondary range of the subnet (every VM
-    takes one alias /32 from it, the gateway binds that address for the profile) and its own Cloud NAT
-    gateway with its own static IPs. nat_ip_names are the ACTIVE static IPs (new connections),
-    draining_nat_ip_names the ones being retired (established connections only),
-    reserved_nat_ip_names ones created but not yet used (to be allow-listed before a switch). Names
-    are the address resource names (without prefix) and must be unique across profiles.
-    nat_ip_names_before: the profile's nat_ip_names as of the last apply; required when draining,
-    because Cloud NAT can only drain an IP that is active on an existing NAT (the provider refuses
-    draining on a new NAT or an IP that was never active). Every draining name must be in it.
+    One entry per gateway egress profile. Every MEMBER of a profile (active or standby) is a distinct
+    source address: its own range of the subnet (a slot: every VM takes one alias IP from it), its own
+    Cloud NAT gateway and its own static IP (an egress_ips name), so the gateway attests each member
+    and checks it against every provider before it carries a job's traffic.
+    secondary_cidr is the profile's block, cut into 8 slot ranges (cidrsubnet(secondary_cidr, 3, i));
+    `slots` of them exist on every VM (fixed when the VMs are created: adding a slot rolls the VMs).
+    active: the members new connections use; standby: members checked but carrying no job traffic.
+    Each member is { ip = <egress_ips name>, slot = <0..slots-1> }. Moving a member between active
+    and standby (a promotion) or adding one to a free slot changes only the NATs and the project
+    metadata the VMs watch: running VMs take it live, open tunnels stay.
   EOT
   type = map(object({
-    secondary_cidr        = string
-    nat_ip_names          = list(string)
-    draining_nat_ip_names = optional(list(string), [])
-    reserved_nat_ip_names = optional(list(string), [])
-    nat_ip_names_before   = optional(list(string), [])
+    secondary_cidr = string
+    slots          = optional(number, 3)
+    active         = list(object({ ip = string, slot = number }))
+    standby        = optional(list(object({ ip = string, slot = number })), [])
   }))
   validation {
     condition     = length(var.egress_profiles) > 0
@@ -74,8 +93,8 @@ variable "egress_profiles" {
     error_message = "Profile names: lowercase letter first, then up to 19 lowercase letters, digits or hyphens."
   }
   validation {
-    condition     = alltrue([for _, p in var.egress_profiles : can(cidrhost(p.secondary_cidr, 0))])
-    error_message = "Every secondary_cidr must be an IPv4 CIDR."
+    condition     = alltrue([for _, p in var.egress_profiles : can(cidrhost(p.secondary_cidr, 0)) && tonumber(split("/", p.secondary_cidr)[1]) <= 26])
+    error_message = "Every secondary_cidr must be an IPv4 CIDR of /26 or larger (it is cut into 8 slot ranges)."
   }
   validation {
     # Two CIDRs overlap when their network addresses agree on the shorter of the two prefixes.
@@ -83,26 +102,32 @@ variable "egress_profiles" {
     error_message = "The secondary_cidr ranges of two profiles overlap: each profile needs its own range (Cloud NAT picks the egress IP by source range)."
   }
   validation {
-    condition     = alltrue([for _, p in var.egress_profiles : length(p.nat_ip_names) > 0])
-    error_message = "Every profile needs at least one active NAT IP (MANUAL_ONLY NAT has no fallback)."
+    condition     = alltrue([for _, p in var.egress_profiles : p.slots >= 1 && p.slots <= 8 && floor(p.slots) == p.slots])
+    error_message = "slots must be a whole number from 1 to 8 (a profile's secondary_cidr is cut into 8 slot ranges)."
   }
   validation {
-    condition     = length(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])) == length(distinct(flatten([for _, p in var.egress_profiles : concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names)])))
-    error_message = "A NAT IP name may appear only once across all profiles (active, draining and reserved)."
+    condition     = alltrue([for _, p in var.egress_profiles : length(p.active) > 0])
+    error_message = "Every profile needs at least one active member (a profile without one refuses all its traffic)."
   }
   validation {
-    # Cloud NAT drains only IPs assigned to an existing NAT: a new profile (no nat_ip_names_before)
-    # cannot drain, and a draining IP must have been active (listed in nat_ip_names_before).
-    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in p.draining_nat_ip_names : contains(p.nat_ip_names_before, n)]]))
-    error_message = "draining_nat_ip_names: Cloud NAT can only drain an IP that was active on the existing NAT; list the profile's previous nat_ip_names in nat_ip_names_before (a new profile, or an IP that was never active, cannot be drained - just leave it out)."
+    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for m in concat(p.active, p.standby) : m.slot >= 0 && m.slot < p.slots && floor(m.slot) == m.slot]]))
+    error_message = "A member's slot must be a whole number from 0 to the profile's slots - 1 (the alias ranges every VM has)."
   }
   validation {
-    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in p.nat_ip_names_before : !contains(p.reserved_nat_ip_names, n)]]))
-    error_message = "nat_ip_names_before lists a reserved IP: reserved IPs were never active."
+    condition     = alltrue(flatten([for name, p in var.egress_profiles : [for m in p.active : !contains([for s in p.standby : s.ip], m.ip)]]))
+    error_message = "A member is both active and standby in the same profile: promoting moves it from standby to active (remove it from standby)."
   }
   validation {
-    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for n in concat(p.nat_ip_names, p.draining_nat_ip_names, p.reserved_nat_ip_names) : can(regex("^[a-z][a-z0-9-]{0,29}$", n))]]))
-    error_message = "NAT IP names: lowercase letter first, then up to 29 lowercase letters, digits or hyphens."
+    condition     = length(flatten([for _, p in var.egress_profiles : [for m in concat(p.active, p.standby) : m.ip]])) == length(distinct(flatten([for _, p in var.egress_profiles : [for m in concat(p.active, p.standby) : m.ip]])))
+    error_message = "An egress IP is used by two members (in one profile or in two): every member needs its own static IP."
+  }
+  validation {
+    condition     = alltrue([for _, p in var.egress_profiles : length(concat(p.active, p.standby)) == length(distinct([for m in concat(p.active, p.standby) : m.slot]))])
+    error_message = "Two members of a profile share a slot: every member needs its own slot (its own alias range and Cloud NAT gateway)."
+  }
+  validation {
+    condition     = alltrue(flatten([for _, p in var.egress_profiles : [for m in concat(p.active, p.standby) : contains(var.egress_ips, m.ip)]]))
+    error_message = "A profile member names an IP that is not in egress_ips: reserve it there first, and release an IP (remove it from egress_ips) only after no member uses it."
   }
 }
 
@@ -303,11 +328,12 @@ variable "gateway_config" {
   description = <<-EOT
     Any part of the gateway's configuration (the README's config reference, written as HCL), merged
     over what the module renders, so no feature needs a fork of the template: providers, protect,
-    switch and standby of a profile, a socks5 listener, deny rules, report mode, per-client limits,
-    token clients, dns, log, reload ... Rules: `listen` and `clients` entries are APPENDED to the
-    module's; `egress.<profile>` keys are merged into the module's profile of that name (its bind
-    placeholder and expect_ip stay unless you set them), other profiles are added; `admin`, `drain`,
-    `probe` and `security` are merged key by key (yours win); every other key is taken as given.
+    switch (verified, auto) and failover_after of a profile, a socks5 listener, deny rules, report
+    mode, per-client limits, token clients, dns, log, reload ... Rules: `listen` and `clients`
+    entries are APPENDED to the module's; `egress.<profile>` keys are merged into the module's
+    profile of that name (its bind, standby and expect_ip come from egress_profiles' members: leave
+    them to the module), other profiles are added; `admin`, `drain`, `probe` and `security` are
+    merged key by key (yours win); every other key is taken as given.
     The tests render the example with a full gateway_config and run `egressgate check-config
     --offline --strict` on it.
   EOT

@@ -21,7 +21,7 @@ def part(gw, open_limit: int) -> dict:
     return {
         "pid": os.getpid(),
         "connections": {"total": len(views), "open": views[:open_limit]},
-        "protect": {name: gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.members])
+        "protect": {name: gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.everyone])
                     for name, pool in rt.profiles.items() if name in rt.protect},
         "holds": len(gw.protect.holds),
         "refused_sources": gw.gate.refused_source_count,

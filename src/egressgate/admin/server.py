@@ -243,6 +243,15 @@ def profile_readiness(gw: Gateway) -> dict[str, dict]:
     return out
 
 
+def _attestation(pool, plan) -> dict:
+    """One member's egress-IP check as ``/status`` shows it (active and standby alike)."""
+    check = pool.checks.get(plan)
+    return {"member": plan.label, "role": pool.role(plan), "attested": pool.verified(plan),
+            "observed_ip": check.observed if check is not None else None,
+            "error": check.error if check is not None else None, "at": check.at if check is not None else None,
+            "failed_rounds": pool.fails.get(plan, 0)}
+
+
 def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDeskView | None = None) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
@@ -260,7 +269,12 @@ def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDesk
         profiles[name] = {
             "kind": pool.kind,
             "members": [m.label for m in pool.members],
-            "down": [m.label for m in pool.members if pool.is_down(m)],
+            # standby members: attested and checked, carrying no traffic unless failed over to
+            "standby": [m.label for m in pool.standby],
+            "carrying": [m.label for m in pool.carrying()] if pool.kind != "direct" else [],
+            "failover": pool.relief_view,
+            "attestation": [_attestation(pool, m) for m in pool.everyone] if pool.attest else [],
+            "down": [m.label for m in pool.everyone if pool.is_down(m)],
             "traffic": traffic.get(name, {"requests": 0, "bytes_up": 0, "bytes_down": 0}),
             "expect_ip": list(pool.expect_ip),
             "observed_ip": pool.observed_ip,
@@ -269,7 +283,7 @@ def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDesk
             "probe_error": pool.probe_error,
             "serving": pool.healthy,
             "refusal": (pool.refusal() or (None, None))[1],
-            "protect": gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.members]),
+            "protect": gw.protect.view(rt.protect.get(name), name, [m.label for m in pool.everyone]),
             "providers": profile_view(rt.providers, pool),
             # block-aware egress: each (member x provider with match) state, signals, evidence (this worker)
             "blocks": gw.blocks.view(name, [m.label for m in pool.members]),

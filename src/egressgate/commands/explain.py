@@ -88,7 +88,8 @@ def explain(rt: Runtime, client_name: str, target: str, source: str | None = Non
     ok = ok and decision.allow
     pool = rt.profiles.get(decision.profile)
     if pool is not None:
-        members = ", ".join(m.label for m in pool.members)
+        members = ", ".join(m.label for m in pool.members) + (
+            f"; standby {', '.join(m.label for m in pool.standby)}" if pool.standby else "")
         lines.append(f"profile:     {pool.name} ({pool.kind}: {members})"
                      + (f", expect_ip {', '.join(pool.expect_ip)}" if pool.expect_ip else ""))
         rule = rt.protect[pool.name].match(dest) if pool.name in rt.protect else None

@@ -1,7 +1,8 @@
 """``egressgate verify``: the member x provider matrix of a config, checked from this host
 exactly as the gateway would (``checks.check_pools``), printed as a table (or JSON lines).
 With ``--since CURRENT.yaml`` only the members a reload from CURRENT to this config would add
-are checked: run it on a candidate config before anyone reloads. Exit 0 when every check
+(active or standby) are checked: run it on a candidate config before anyone reloads. Standby
+members are checked like active ones and marked ``(standby)`` (JSON: ``role``). Exit 0 when every check
 passed, 1 on any failure, 2 for an unknown profile or provider name."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 
 from ..egress.dialer import Dialer
-from ..egress.providers import format_matrix, new_members
+from ..egress.providers import added_anywhere, format_matrix
 from ..model import with_iso
 from ..proxy.build import load_runtime, make_resolver
 from ..services.checks import check_pools
@@ -33,7 +34,7 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
     for name, pool in pools.items():
         if profiles and name not in profiles:
             continue
-        members = new_members(current.get(name), pool) if current is not None else pool.members
+        members = added_anywhere(current.get(name), pool) if current is not None else pool.everyone
         pairs += [(m, s) for m in members for s in board.specs.get(name, ()) if not providers or s.name in providers]
     if not pairs:
         print("egressgate: nothing to verify (no profile names providers" +
@@ -45,10 +46,11 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
         return await check_pools(pools, board, Dialer(loop), make_resolver(rt.config), rt.guard, only=pairs)
 
     results = asyncio.run(run())
+    roles = {(name, m.label): pool.role(m) for name, pool in pools.items() for m in pool.everyone}
     if as_json:
         for r in results:
-            print(json.dumps(with_iso({"profile": r.profile, **r.view()})))
+            print(json.dumps(with_iso({"profile": r.profile, **r.view(), "role": roles[(r.profile, r.member)]})))
     else:
-        print(format_matrix(results))
+        print(format_matrix(results, roles))
     # 1: a provider refuses a member; 3: none refuses, but one throttled the check (no verdict: retry later)
     return 0 if all(r.ok for r in results) else 1 if any(r.refused for r in results) else 3

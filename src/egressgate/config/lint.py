@@ -112,23 +112,26 @@ def weak_token_keys(config: Config) -> list[Finding]:
 
 
 def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Finding]:
-    """``bind`` sources this host does not have: connecting from them fails."""
+    """``bind`` sources (and a bind profile's ``standby`` ones) this host does not have:
+    connecting (or checking) from them fails."""
     mine = {ipaddress.ip_address(a) for a in local_addresses}
     loopback = ipaddress.ip_network("127.0.0.0/8")  # bindable as a whole on Linux
     found = []
     for name, profile in config.egress.items():
-        for j, entry in enumerate(profile.bind or []):
+        entries = [("bind", j, e) for j, e in enumerate(profile.bind or [])]
+        if profile.bind is not None:
+            entries += [("standby", j, e) for j, e in enumerate(profile.standby) if "://" not in e]
+        for key, j, entry in entries:
+            what = "the profile cannot connect here" if key == "bind" else "the standby cannot be checked here"
             if "/" in entry:
                 net = ipaddress.ip_network(entry)
                 if not any(a in net for a in mine if a.version == net.version) and not (
                         net.version == 4 and net.subnet_of(loopback)):
-                    found.append(Finding(("egress", name, "bind", j),
-                                         f"this host has no address in {entry}: the profile cannot connect here"))
+                    found.append(Finding(("egress", name, key, j), f"this host has no address in {entry}: {what}"))
             else:
                 ip = ipaddress.ip_address(entry)
                 if ip not in mine and ip not in loopback:
-                    found.append(Finding(("egress", name, "bind", j),
-                                         f"{entry} is not an address of this host: the profile cannot connect here"))
+                    found.append(Finding(("egress", name, key, j), f"{entry} is not an address of this host: {what}"))
     return found
 
 

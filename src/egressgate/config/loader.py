@@ -207,6 +207,7 @@ def _cross_checks(config: Config, offline: bool = False) -> list[tuple[Loc, str]
                                  "name the user in the URL (http://USER@host:port); the password comes from "
                                  "upstream_password_file / upstream_password_env"))
         problems += _protect_problems(name, profile)
+        problems += _standby_problems(name, profile)
         for j, provider in enumerate(profile.providers):
             if not offline:
                 problems += _secret_problems(("egress", name, "providers", j), "headers_file", provider.headers_file,
@@ -248,6 +249,78 @@ def _protect_problems(name: str, profile) -> list[tuple[Loc, str]]:
                              "a distinct name"))
         names.setdefault(label, i)
     return problems
+
+
+def _standby_problems(name: str, profile) -> list[tuple[Loc, str]]:
+    """``standby`` members of the profile's kind, none also active, none twice; ``switch: auto``
+    with something to fail over on (a required provider, or expect_ip) and to (standby);
+    ``failover_after`` only with ``switch: auto``."""
+    problems: list[tuple[Loc, str]] = []
+    kind = profile.kind
+    if profile.standby and kind == "direct":
+        problems.append((("egress", name, "standby"), "a direct profile has no members to stand by for: standby "
+                         "is for bind (addresses) and upstream (proxy URLs) profiles"))
+    elif kind == "bind":
+        active = [ipaddress.ip_network(e) for e in profile.bind]
+        seen: list[tuple[int, object]] = []
+        for j, entry in enumerate(profile.standby):
+            if "://" in entry:
+                problems.append((("egress", name, "standby", j), "a bind profile's standby members are source "
+                                 "addresses or CIDRs, like its bind entries, not proxy URLs"))
+                continue
+            net = ipaddress.ip_network(entry)
+            clash = next((k for k, a in enumerate(active) if a.version == net.version and a.overlaps(net)), None)
+            twice = next((k for k, n in seen if n.version == net.version and n.overlaps(net)), None)
+            if clash is not None:
+                problems.append((("egress", name, "standby", j), f"{entry} is also an active member (bind[{clash}]: "
+                                 f"{profile.bind[clash]}): a member is active or standby, not both"))
+            elif twice is not None:
+                problems.append((("egress", name, "standby", j), f"{entry} overlaps standby[{twice}]"))
+            seen.append((j, net))
+    elif kind == "upstream":
+        active = {_proxy_key(u): k for k, u in enumerate(profile.upstream)}
+        seen_urls: dict[object, int] = {}
+        for j, url in enumerate(profile.standby):
+            msg = _upstream_problem(url) if "://" in url else ("an upstream profile's standby members are proxy "
+                                                               "URLs (http://host:port), like its upstream entries")
+            if msg is None and PLACEHOLDER.search(unquote(urlsplit(url).password or "")):
+                msg = "the password is a placeholder from an example"
+            if msg is None and (profile.upstream_password_file or profile.upstream_password_env) \
+                    and not urlsplit(url).username:
+                msg = "name the user in the URL (http://USER@host:port); the password comes from " \
+                      "upstream_password_file / upstream_password_env"
+            key = _proxy_key(url) if msg is None else None
+            if msg is None and key in active:
+                msg = f"also an active member (upstream[{active[key]}]): a member is active or standby, not both"
+            if msg is None and key in seen_urls:
+                msg = f"listed twice (standby[{seen_urls[key]}])"
+            if msg is not None:
+                problems.append((("egress", name, "standby", j), msg))
+            elif key is not None:
+                seen_urls[key] = j
+    if profile.switch == "auto":
+        if kind == "direct":
+            problems.append((("egress", name, "switch"), "switch: auto needs a bind or upstream profile with "
+                             "standby members to fail over to"))
+        elif not any(p.required for p in profile.providers) and not profile.expect_ip:
+            problems.append((("egress", name, "switch"), "switch: auto fails over when a required provider refuses "
+                             "every active member, or their egress-IP check fails: mark a provider required: true, "
+                             "or give expect_ip"))
+        elif not profile.standby:
+            problems.append((("egress", name, "switch"), "switch: auto fails over to a standby member: name "
+                             "standby members (checked like the active ones, carrying no traffic until then)"))
+    elif profile.failover_after is not None:
+        problems.append((("egress", name, "failover_after"), "only used with switch: auto"))
+    return problems
+
+
+def _proxy_key(url: str) -> object:
+    """What makes two proxy URLs the same member: scheme, host and port."""
+    try:
+        proxy = UpstreamProxy.parse(url)
+    except ValueError:
+        return url
+    return (urlsplit(url).scheme, str(proxy.address))
 
 
 def _unreachable_clients(clients: list) -> list[tuple[Loc, str]]:

@@ -92,6 +92,18 @@ SocketAddress = Annotated[str, BeforeValidator(_socket_address)]
 BindEntry = Annotated[str, BeforeValidator(lambda v: _network(v) if "/" in str(v) else _address(v))]
 
 
+def _standby_entry(value: object) -> str:
+    """A standby member: a proxy URL (``upstream`` profiles, checked by the loader) or, like a
+    ``bind`` entry, an address or CIDR (normalised)."""
+    text = str(value)
+    if "://" in text:
+        return text
+    return _network(text) if "/" in text else _address(text)
+
+
+StandbyEntry = Annotated[str, BeforeValidator(_standby_entry)]
+
+
 def _workers(value: object) -> int:
     if value == "auto":
         import os
@@ -424,9 +436,16 @@ class ProfileConfig(_Model):
     connect_timeout: Duration | None = None
     protect: list[ProtectConfig] = []  # shared-IP protection (policy.protect)
     providers: list[ProviderConfig] = []  # who must accept this profile's egress (checked per member)
+    # members that carry no job traffic but are attested and checked like the active ones, of the
+    # profile's kind: addresses/CIDRs (bind) or proxy URLs (upstream). Promoting one is a config
+    # change (move it to bind/upstream), gated by switch: verified; switch: auto fails over to one.
+    standby: list[StandbyEntry] = []
     # immediate: a reload that changes the members moves new connections at once; verified: only
-    # once every new member passes every provider check (else the old members stay in force).
-    switch: Literal["immediate", "verified"] = "immediate"
+    # once every new member passes every provider check (else the old members stay in force);
+    # auto: verified, and new connections move to a standby that passes everything when every
+    # active member fails a required provider (or the egress-IP check) failover_after rounds running.
+    switch: Literal["immediate", "verified", "auto"] = "immediate"
+    failover_after: int | None = Field(None, ge=1, le=100)  # switch: auto only; default 2 consecutive rounds
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProfileConfig:
@@ -448,6 +467,11 @@ class ProfileConfig(_Model):
         if self.switch == "verified" and not self.providers:
             raise ValueError("switch: verified needs providers to verify new members against")
         return self
+
+    @property
+    def failover_rounds(self) -> int:
+        """``switch: auto``: consecutive failed rounds before failing over (``failover_after``)."""
+        return self.failover_after or 2
 
     @property
     def kind(self) -> str:

@@ -61,15 +61,30 @@ class ProfilePool:
     (``attest``), only members whose last probe saw an expected IP are used. A member never
     checked, whose check failed, or that exits from another IP is left out; with none left the
     profile refuses its traffic (``refusal``) until a check passes. Other profiles are unaffected.
+
+    Standby members (``standby``) carry no traffic: they are attested and checked like the
+    active ones so that a promotion (a reload moving one to the active members) or a failover
+    (``relief``, set by ``switch: auto``) lands on a member already known to pass. With a
+    ``relief`` member, new connections try it first and the active members after it.
     """
 
     __slots__ = ("name", "kind", "members", "expect_ip", "pick", "connect_timeout", "_down", "_next",
-                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace", "avoid")
+                 "_clock", "retry_after", "attest", "checks", "_usable", "observed_at", "grace", "avoid",
+                 "standby", "relief", "fails", "stranded", "relief_view")
 
     def __init__(self, name: str, kind: str, members: list[EgressPlan], expect_ip: tuple[str, ...],
                  pick: str | bool, connect_timeout: float, clock: Callable[[], float],
-                 retry_after: float = 30.0, attest: bool = False, grace: float = 0.0) -> None:
+                 retry_after: float = 30.0, attest: bool = False, grace: float = 0.0,
+                 standby: list[EgressPlan] | None = None) -> None:
         self.name = name
+        self.standby: list[EgressPlan] = [m for m in standby or () if m not in members]
+        # the standby member carrying new connections after a switch: auto failover (None: the active ones)
+        self.relief: EgressPlan | None = None
+        self.relief_view: dict | None = None  # the failover that set ``relief`` (its event, and when), for /status
+        # consecutive egress-IP checks each member (active or standby) failed (0 once one passes)
+        self.fails: dict[EgressPlan, int] = {}
+        # switch: auto with every active member failed and no standby passing: why (in the 503's reason)
+        self.stranded: str | None = None
         self.grace = grace
         self.kind = kind
         self.members = members
@@ -92,7 +107,7 @@ class ProfilePool:
     # --- attestation ---------------------------------------------------------------------
     def record(self, plan: EgressPlan, observed: str | None, error: str | None, now: float) -> None:
         """Store one member's probe result and recompute which members may carry traffic."""
-        if plan not in self.members:
+        if plan not in self.members and plan not in self.standby:
             return
         prev = self.checks.get(plan)
         good_at = now if error is None and observed in self.expect_ip else (prev.good_at if prev else None)
@@ -102,14 +117,19 @@ class ProfilePool:
         else:
             self.checks[plan] = Attestation(observed, error, now, good_at=good_at)
         self.observed_at = now
+        self.fails[plan] = 0 if self.verified(plan) else self.fails.get(plan, 0) + 1
+        if self.attest and plan == self.relief and not self.verified(plan):
+            # a failed-over standby that exits from a wrong IP carries nothing (fail closed)
+            self.relief = self.relief_view = None
         if self.attest:
             self._usable = [m for m in self.members if self.verified(m)]
 
     def adopt(self, previous: ProfilePool) -> None:
         """After a reload: keep the results for members that did not change."""
         for plan, check in previous.checks.items():
-            if plan in self.members:
+            if plan in self.members or plan in self.standby:
                 self.checks[plan] = check
+                self.fails[plan] = previous.fails.get(plan, 0)
         if self.attest:
             self._usable = [m for m in self.members if self.verified(m)]
 
@@ -131,12 +151,28 @@ class ProfilePool:
         return self.verified(plan) and not check.held
 
     def unchecked(self) -> list[EgressPlan]:
-        return [m for m in self.members if m not in self.checks]
+        return [m for m in self.everyone if m not in self.checks]
+
+    @property
+    def everyone(self) -> list[EgressPlan]:
+        """Every member, active then standby: what the egress-IP and provider checks go through."""
+        return self.members + self.standby if self.standby else self.members
+
+    def role(self, plan: EgressPlan) -> str:
+        return "standby" if plan in self.standby else "active"
+
+    def carrying(self) -> list[EgressPlan]:
+        """The members new connections go to now: a failover's ``relief`` alone, else the usable
+        active members a required provider does not refuse (all usable ones if it refuses every
+        one). The others are only tried when these fail to connect."""
+        if self.relief is not None:
+            return [self.relief]
+        return [m for m in self._usable if m not in self.avoid] or list(self._usable)
 
     @property
     def healthy(self) -> bool:
         """False when the profile refuses its traffic (attested, and no member verified)."""
-        return not self.attest or bool(self._usable)
+        return not self.attest or bool(self._usable) or self.relief is not None
 
     def refusal(self) -> tuple[str, str] | None:
         """(reason, detail) when the profile must refuse its traffic, else None."""
@@ -147,10 +183,14 @@ class ProfilePool:
             check = self.checks.get(plan)
             if check is not None and check.error is None and check.observed not in self.expect_ip:
                 return ("egress_ip_mismatch", f"profile {self.name}: egress IP {check.observed} is not one of "
-                        f"[{expected}]")
-        errors = [c.error for c in self.checks.values() if c.error]
+                        f"[{expected}]" + self._no_standby())
+        errors = [c.error for m, c in self.checks.items() if c.error and m in self.members]
         why = f"the last check failed: {errors[0]}" if errors else "not checked yet"
-        return ("egress_ip_unverified", f"profile {self.name}: egress IP not verified against [{expected}] ({why})")
+        return ("egress_ip_unverified", f"profile {self.name}: egress IP not verified against [{expected}] ({why})"
+                + self._no_standby())
+
+    def _no_standby(self) -> str:
+        return f"; no standby member to fail over to: {self.stranded}" if self.stranded else ""
 
     @property
     def observed_ip(self) -> str | None:
@@ -162,7 +202,7 @@ class ProfilePool:
 
     @property
     def probe_error(self) -> str | None:
-        return next((c.error for c in self.checks.values() if c.error), None)
+        return next((c.error for m, c in self.checks.items() if c.error and m in self.members), None)
 
     @property
     def ip_matches(self) -> bool | None:
@@ -177,6 +217,11 @@ class ProfilePool:
 
     # --- choosing members ----------------------------------------------------------------
     def plans(self, client: str) -> list[EgressPlan]:
+        if self.relief is not None:  # failed over (switch: auto): the standby first, the active ones after
+            return [self.relief, *self._ordered(client)]
+        return self._ordered(client)
+
+    def _ordered(self, client: str) -> list[EgressPlan]:
         members = self._usable
         if len(members) <= 1:
             return members
@@ -242,6 +287,14 @@ def build_pool(name: str, spec: object, local_addresses: Callable[[str], list[st
                    for u in spec.upstream]
     else:
         members = [EgressPlan(name, "direct")]
+    standby: list[EgressPlan] = []
+    for entry in getattr(spec, "standby", ()) if kind != "direct" else ():
+        if kind == "upstream":
+            standby.append(EgressPlan(name, "upstream", upstream=upstream_with_password(entry, upstream_password)))
+        else:
+            sources = local_addresses(entry) if "/" in entry else [entry]
+            standby += [EgressPlan(name, "bind", source=s) for s in sources or [entry.split("/")[0]]]
     pick = spec.pick or ("failover" if kind == "upstream" else "sticky")
     return ProfilePool(name, kind, members, tuple(spec.expect_ip), pick,
-                       spec.connect_timeout or default_timeout, clock, attest=attest, grace=grace)
+                       spec.connect_timeout or default_timeout, clock, attest=attest, grace=grace,
+                       standby=standby)

@@ -248,21 +248,29 @@ class ProviderBoard:
     """One runtime's provider specs (by profile) and the latest result of each check."""
 
     specs: dict[str, tuple[ProviderSpec, ...]] = field(default_factory=dict)
-    switch: dict[str, str] = field(default_factory=dict)  # profile -> "immediate" | "verified"
+    switch: dict[str, str] = field(default_factory=dict)  # profile -> "immediate" | "verified" | "auto"
     results: dict[tuple[str, str, str], ProviderResult] = field(default_factory=dict)
     pending: dict[str, PendingSwitch] = field(default_factory=dict)
+    # consecutive refusals per (profile, member, provider): 0 after an accept, unchanged when throttled
+    streaks: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    failover_after: dict[str, int] = field(default_factory=dict)  # switch: auto profile -> rounds
 
     @property
     def configured(self) -> bool:
         return any(self.specs.values())
 
     def record(self, result: ProviderResult) -> None:
-        self.results[(result.profile, result.member, result.provider)] = result
+        key = (result.profile, result.member, result.provider)
+        self.results[key] = result
+        if result.ok:
+            self.streaks[key] = 0
+        elif result.refused:
+            self.streaks[key] = self.streaks.get(key, 0) + 1
 
     def adopt(self, previous: ProviderBoard, pools: dict[str, ProfilePool]) -> None:
         """After a reload: keep results of checks that did not change (same member, still in
         ``pools``, same spec). Results of members gone are dropped: the table stays bounded."""
-        members = {(name, m.label) for name, pool in pools.items() for m in pool.members}
+        members = {(name, m.label) for name, pool in pools.items() for m in pool.everyone}
         for (profile, member, provider), result in previous.results.items():
             if (profile, member) not in members:
                 continue
@@ -270,24 +278,29 @@ class ProviderBoard:
             new = {s.name: s for s in self.specs.get(profile, ())}.get(provider)
             if old is not None and old == new:
                 self.results[(profile, member, provider)] = result
+                self.streaks[(profile, member, provider)] = previous.streaks.get((profile, member, provider), 0)
 
     def result(self, profile: str, member: str, provider: str) -> ProviderResult | None:
         return self.results.get((profile, member, provider))
 
     def matrix(self, pool: ProfilePool) -> list[dict]:
-        """One row per (member x provider) of ``pool`` as it serves now; unchecked ones say so."""
+        """One row per (member x provider) of ``pool`` as it serves now, standby members after
+        the active ones (``role``); unchecked ones say so."""
         rows = []
-        for plan in pool.members:
+        for plan in pool.everyone:
+            role = pool.role(plan)
             for spec in self.specs.get(pool.name, ()):
                 r = self.result(pool.name, plan.label, spec.name)
-                rows.append(r.view() if r is not None else {"member": plan.label, "provider": spec.name,
-                                                            "ok": None, "outcome": "unchecked", "detail": ""})
+                row = r.view() if r is not None else {"member": plan.label, "provider": spec.name,
+                                                      "ok": None, "outcome": "unchecked", "detail": ""}
+                rows.append({**row, "role": role})
         return rows
 
     def due(self, pool: ProfilePool, now: float) -> list[tuple[EgressPlan, ProviderSpec]]:
-        """The checks of ``pool`` never made, or older than their provider's interval."""
+        """The checks of ``pool`` (active and standby members) never made, or older than their
+        provider's interval."""
         out = []
-        for plan in pool.members:
+        for plan in pool.everyone:
             for spec in self.specs.get(pool.name, ()):
                 r = self.result(pool.name, plan.label, spec.name)
                 if r is None or now - r.at >= spec.interval:
@@ -310,7 +323,7 @@ class ProviderBoard:
         """Seconds until the next check falls due (None: no provider configured)."""
         waits = []
         for pool in profiles.values():
-            for plan in pool.members:
+            for plan in pool.everyone:
                 for spec in self.specs.get(pool.name, ()):
                     r = self.result(pool.name, plan.label, spec.name)
                     waits.append(0.0 if r is None else max(0.0, r.at + spec.interval - now))
@@ -328,6 +341,7 @@ def compile_board(egress: dict, default_timeout: float, default_interval: float,
                            for p in spec.providers)
                for name, spec in egress.items() if spec.providers},
         switch={name: spec.switch for name, spec in egress.items()},
+        failover_after={name: spec.failover_rounds for name, spec in egress.items() if spec.switch == "auto"},
     )
 
 
@@ -338,12 +352,21 @@ def new_members(old: ProfilePool | None, new: ProfilePool) -> list[EgressPlan]:
     return [m for m in new.members if m not in old.members]
 
 
-def format_matrix(results: list[ProviderResult]) -> str:
-    """``egressgate verify``: one line per (profile, member, provider)."""
+def added_anywhere(old: ProfilePool | None, new: ProfilePool) -> list[EgressPlan]:
+    """The members of ``new``, active or standby, that ``old`` had in neither role (``verify --since``)."""
+    if old is None:
+        return list(new.everyone)
+    return [m for m in new.everyone if m not in old.everyone]
+
+
+def format_matrix(results: list[ProviderResult], roles: dict[tuple[str, str], str] | None = None) -> str:
+    """``egressgate verify``: one line per (profile, member, provider); a standby member (by
+    ``roles``) is marked so."""
     rows = [("PROFILE", "MEMBER", "PROVIDER", "EGRESS", "RESULT")]
     for r in results:
         verdict = "OK" if r.ok else "FAIL"
-        rows.append((r.profile, r.member, r.provider, r.egress_addr or "-", f"{verdict} {r.outcome}: {r.detail}"))
+        member = r.member + (" (standby)" if roles and roles.get((r.profile, r.member)) == "standby" else "")
+        rows.append((r.profile, member, r.provider, r.egress_addr or "-", f"{verdict} {r.outcome}: {r.detail}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
                      for row in rows)

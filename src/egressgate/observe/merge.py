@@ -28,6 +28,8 @@ FROM_FIRST = frozenset({
     # provider checks: every worker checks for itself; worker 0's results stand for the instance
     "egressgate_provider_reachable", "egressgate_provider_last_check_timestamp_seconds",
     "egressgate_provider_switch_pending",
+    # switch: auto: each worker decides alone on the same checks; worker 0's decisions stand for the instance
+    "egressgate_egress_member_carrying", "egressgate_egress_failover",
     "egressgate_listener_info",
     # holds: every worker keeps every hold of the instance (fleet); worker 0's table is the owner's
     "egressgate_protect_held_hosts",

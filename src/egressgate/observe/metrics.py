@@ -321,6 +321,13 @@ class Metrics:
                                                     "summed over workers: how many see that state",
                                                     ["profile", "member", "provider", "state"], registry=r),
                                               (0,), profiles)
+        self.egress_member_carrying = _KnownNames(Gauge(
+            PREFIX + "egress_member_carrying", "1 if new connections of the profile go to this member now (a "
+            "failed-over standby, or an active member not failed over from), 0 if not; role: active or standby "
+            "(egress.*.standby)", ["profile", "member", "role"], registry=r), (0,), profiles)
+        self.egress_failover = _KnownNames(Counter(
+            PREFIX + "egress_failover_total", "switch: auto failovers: the profile's new connections moved to a "
+            "standby member (egress_failover events carry the evidence)", ["profile"], registry=r), (0,), profiles)
         self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
         self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
                                "1 if the last reload attempt succeeded (or none was made)", registry=r)

@@ -146,9 +146,15 @@ class Gateway:
         m = self.metrics
         m.egress_ip_match.clear()
         m.egress_profile_serving.clear()
+        m.egress_member_carrying.clear()
         for name, pool in rt.profiles.items():
             m.egress_ip_match.labels(name).set({True: 1, False: 0, None: -1}[pool.ip_matches])
             m.egress_profile_serving.labels(name).set(1 if pool.healthy else 0)
+            if pool.kind == "direct":
+                continue
+            carrying = set(pool.carrying())
+            for plan in pool.everyone:
+                m.egress_member_carrying.labels(name, plan.label, pool.role(plan)).set(1 if plan in carrying else 0)
 
     async def drain(self, grace: float, timeout: float) -> None:
         self.draining = True

@@ -53,7 +53,7 @@ def document(identity: Identity, peer: str, rt: Runtime, listener_default: str,
         "allow": list(client.allow_patterns) if client.allow_patterns is not None else None,
         "deny": list(client.deny_patterns),
         # shared-IP protection of the profile: its rules, what is in flight per member, the holds
-        "protect": protect.view(rt.protect.get(name), name, [m.label for m in pool.members])
+        "protect": protect.view(rt.protect.get(name), name, [m.label for m in pool.everyone])
         if protect is not None and pool is not None else None,
         # block-aware egress: the profile's (member x provider) pairs that are not healthy, with
         # their evidence (empty: none; None: no provider of the profile names match)
@@ -83,9 +83,11 @@ def response(doc: dict, keep_alive: bool) -> bytes:
 
 def describe(pool: ProfilePool) -> dict:
     if pool.kind == "bind":
-        return {"kind": "bind", "sources": [m.source for m in pool.members]}
+        return {"kind": "bind", "sources": [m.source for m in pool.members],
+                "standby": [m.source for m in pool.standby], "carrying": [m.label for m in pool.carrying()]}
     if pool.kind == "upstream":
-        return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members]}
+        return {"kind": "upstream", "proxies": [str(m.upstream) for m in pool.members],
+                "standby": [str(m.upstream) for m in pool.standby], "carrying": [m.label for m in pool.carrying()]}
     return {"kind": "direct"}
 
 

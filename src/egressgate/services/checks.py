@@ -23,6 +23,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.failover import Failover
+from ..egress.failover import decide as decide_failover
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.providers import (
     MAX_BODY,
@@ -241,7 +243,7 @@ async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, diale
                       each: Callable[[ProviderResult], None] | None = None) -> list[ProviderResult]:
     """Check ``only`` these pairs, or every member x provider of ``pools``, concurrently (at most
     ``CONCURRENCY`` at once); ``each`` gets every result as soon as it is made."""
-    pairs = only if only is not None else [(plan, spec) for pool in pools.values() for plan in pool.members
+    pairs = only if only is not None else [(plan, spec) for pool in pools.values() for plan in pool.everyone
                                            for spec in board.specs.get(pool.name, ())]
     limit = asyncio.Semaphore(CONCURRENCY)
 
@@ -271,7 +273,7 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
         if not board.specs.get(name):
             continue
         metrics.provider_switch_pending.labels(name).set(1 if name in board.pending else 0)
-        for plan in pool.members:
+        for plan in pool.everyone:
             for spec in board.specs[name]:
                 r = board.result(name, plan.label, spec.name)
                 if r is not None:
@@ -279,11 +281,21 @@ def publish(metrics: Metrics, rt: Runtime) -> None:
                     metrics.provider_checked.labels(name, plan.label, spec.name).set(r.at)
 
 
-def steer(rt: Runtime) -> None:
+def steer(rt: Runtime) -> list[Failover]:
     """Every profile of ``rt`` steers new connections away from members a required provider
-    refuses (``ProfilePool.avoid``)."""
+    refuses (``ProfilePool.avoid``); a ``switch: auto`` profile whose active members all failed
+    moves them to a standby member that passes everything (``ProfilePool.relief``, see
+    ``egress.failover``). Returns the failovers made, for the caller to report."""
+    made = []
     for pool in rt.profiles.values():
         pool.avoid = refused_members(rt.providers, pool)
+        decision = decide_failover(rt.providers, pool)
+        pool.stranded = decision.stranded
+        if decision.failover is not None:
+            pool.relief = next(m for m in pool.standby if m.label == decision.failover.to)
+            pool.relief_view = {**decision.failover.event(), "at": time.time()}
+            made.append(decision.failover)
+    return made
 
 
 class Verifier:
@@ -295,7 +307,9 @@ class Verifier:
     ``held(profile, member, host)``: (seconds left, why) while the gateway's own ``protect`` holds
     that member for that host -- the check does not go out then, and is ``throttled``;
     ``shared``: with a fleet store, the checks other processes of the fleet made (``fleet.checks``);
-    ``observed(result)``: every result, as it is made (block-aware egress: ``proxy.blocks``)."""
+    ``observed(result)``: every result, as it is made (block-aware egress: ``proxy.blocks``);
+    ``on_failover(failover)``: a ``switch: auto`` profile moved its new connections to a standby
+    member (``steer``): report it (event, metric)."""
 
     def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
                  resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
@@ -303,9 +317,11 @@ class Verifier:
                  on_error: Callable[[str, BaseException], None],
                  held: Callable[[str, str, str], tuple[float, str] | None] | None = None,
                  shared: SharedChecks | None = None,
-                 observed: Callable[[ProviderResult], None] | None = None) -> None:
+                 observed: Callable[[ProviderResult], None] | None = None,
+                 on_failover: Callable[[Failover], None] = lambda made: None) -> None:
         self.on_error = on_error
         self.observed = observed
+        self.on_failover = on_failover
         self.held = held
         self.shared = shared  # with a fleet store: one process of the fleet checks each pair per interval
         self.current = current
@@ -359,34 +375,52 @@ class Verifier:
         now = time.time()
         pairs = []
         for pool in rt.profiles.values():
-            pairs += ([(p, s) for p in pool.members for s in board.specs.get(pool.name, ())] if force
+            pairs += ([(p, s) for p in pool.everyone for s in board.specs.get(pool.name, ())] if force
                       else board.due(pool, now))
         if pairs:
             await self._check(rt, pairs)
-        steer(rt)
+        self.steer(rt)
         for pending in list(board.pending.values()):
             every = min((s.interval for s in board.specs.get(pending.profile, ())), default=0.0)
             if force or now - max((f.at for f in pending.failures), default=0.0) >= every:
                 await self._retry_switch(rt, pending)
-        steer(rt)  # (again: a promoted switch's members)
+        self.steer(rt)  # (again: a promoted switch's members)
         self.publish(rt)
 
+    def steer(self, rt: Runtime, before: Runtime | None = None) -> None:
+        """``steer`` ``rt`` and report each failover it made (``on_failover``), unless ``before``
+        (the runtime a reload replaces) had already failed that profile over to the same member."""
+        for made in steer(rt):
+            was = before.profiles.get(made.profile) if before is not None else None
+            if was is not None and was.relief is not None and was.relief.label == made.to:
+                rt.profiles[made.profile].relief_view = was.relief_view  # the same failover, carried over
+                continue
+            self.on_failover(made)
+
     async def gate_switches(self, old: Runtime, new: Runtime) -> dict[str, PendingSwitch]:
-        """Before ``new`` is committed: for each ``switch: verified`` profile whose members
-        change, check the new members against every provider. A profile whose new members do
+        """Before ``new`` is committed: for each ``switch: verified`` (or ``auto``) profile whose
+        members change, check the new members against every provider (a promoted standby's
+        fresh passing results stand). A profile whose new members do
         not all pass keeps its old pool in ``new`` (so new connections stay on the old members)
         and gets a ``PendingSwitch``; returned, by profile."""
         board = new.providers
-        steer(new)
+        self.steer(new, old)
         held: dict[str, PendingSwitch] = {}
         for name, pool in list(new.profiles.items()):
             previous = old.profiles.get(name)
-            if board.switch.get(name) != "verified" or previous is None:
+            if board.switch.get(name) not in ("verified", "auto") or previous is None:
                 continue
             added = new_members(previous, pool)
             if not added:
                 continue
-            results = await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())])
+            # a member promoted from standby was checked as one: what it passed within its
+            # provider's interval stands (it switches at once); anything else is checked now
+            now = time.time()
+            known = [r for m in added for s in board.specs.get(name, ())
+                     if (r := board.result(name, m.label, s.name)) is not None and r.ok and now - r.at < s.interval]
+            fresh = {(r.member, r.provider) for r in known}
+            results = known + await self._check(new, [(m, s) for m in added for s in board.specs.get(name, ())
+                                                      if (m.label, s.name) not in fresh])
             # (attested before this gate, while the new pool was in ``new``)
             failures = attestation_failures(pool, added, time.time()) + [r for r in results if not r.ok]
             if failures:

@@ -207,7 +207,7 @@ async def probe_pools(pools: dict[str, ProfilePool], url: str | tuple[str, ...] 
             detail = exc.detail if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
             return Observation(pool.name, member_label(plan), None, pool.expect_ip, detail)
 
-    jobs = [one(pool, plan) for pool in pools.values() for plan in pool.members if only is None or plan in only]
+    jobs = [one(pool, plan) for pool in pools.values() for plan in pool.everyone if only is None or plan in only]
     return list(await asyncio.gather(*jobs))
 
 
@@ -217,7 +217,7 @@ def record(pools: dict[str, ProfilePool], observations: list[Observation], now: 
         pool = pools.get(obs.profile)
         if pool is None:
             continue
-        for plan in pool.members:
+        for plan in pool.everyone:
             if plan.label == obs.member:
                 pool.record(plan, obs.observed, obs.error, now)
 
@@ -240,6 +240,8 @@ class Attestor:
         self.gateway = gateway
         self.worker = worker
         self._now = asyncio.Event()
+        # after each round of checks of the runtime in force (switch: auto decides on failovers)
+        self.after: Callable[[Runtime], None] | None = None
 
     def wake(self) -> None:
         self._now.set()
@@ -287,6 +289,8 @@ class Attestor:
         except Exception as exc:  # the prober must never stop
             gw.internal_error("probe", exc)
             return
+        if own and rt is gw.runtime and self.after is not None:
+            self.after(rt)
         if self.worker == 0:
             for o in observations:  # (profiles without expect_ip are shown, not judged: no event)
                 if not o.ok and o.expected:
