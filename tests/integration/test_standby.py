@@ -260,8 +260,9 @@ def test_no_failover_to_a_refused_standby_and_the_503_names_it(start_gateway, pr
     everything) while the provider refuses the only standby: no failover, and the 503 says why.
     Once the provider accepts the standby it carries the traffic at once."""
     provider.allowed = {"127.0.0.2"}
+    # (failover_after: 100: only "the profile would refuse everything" can move it, never the count)
     gw = start_gateway(_config(provider, echo.port, ["127.0.0.2"], ["127.0.0.3"], echo_ip.url, switch="auto",
-                               expect_ip=["127.0.0.2", "127.0.0.3"]))
+                               expect_ip=["127.0.0.2", "127.0.0.3"], failover_after=100))
     wait_for(lambda: _checks(gw).get("127.0.0.3", {}).get("ok") is False, "the provider refusing the standby")
     assert _ip(gw, origin) == b"127.0.0.2"
     echo_ip.nat["127.0.0.2"] = "198.51.100.7"
@@ -274,7 +275,7 @@ def test_no_failover_to_a_refused_standby_and_the_503_names_it(start_gateway, pr
     assert b"198.51.100.7" in body and b"no standby member to fail over to" in body, body
     assert b"vendor-api refuses 127.0.0.3" in body, body
     assert not [e for e in gw.events if e.get("event") == "egress_failover"]
-    # the provider accepts the standby: it carries the traffic without waiting for more rounds
+    # the provider accepts the standby: it carries the traffic without waiting for 100 rounds
     after = len(gw.events)
     provider.allowed.add("127.0.0.3")
     event = gw.wait_event("egress_failover", after=after)
