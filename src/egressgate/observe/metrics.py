@@ -73,12 +73,9 @@ class _HotCounters:
         return [req, byt, dropped, queued]
 
 
-class _ProtectCounters:
-    """Shared-IP protection (``proxy.protect``), kept as plain integers by the guard and turned
-    into metric families when scraped. Labels: profile, member (a configured source address or
-    upstream proxy) and destination (the rule's configured name) -- never a raw host."""
-
-    LIMITS = ("concurrency", "rate", "hold", "queue")
+class _Scraped:
+    """A collector of plain counters another part keeps: ``stats()`` (set by whoever keeps them)
+    is read when scraped and turned into metric families by ``_families``."""
 
     def __init__(self) -> None:
         self.stats: Callable[[], dict] = lambda: {}
@@ -88,6 +85,18 @@ class _ProtectCounters:
 
     def collect(self):
         return self._families(self.stats())
+
+    @staticmethod
+    def _families(stats: dict) -> list:
+        raise NotImplementedError
+
+
+class _ProtectCounters(_Scraped):
+    """Shared-IP protection (``proxy.protect``), kept as plain integers by the guard and turned
+    into metric families when scraped. Labels: profile, member (a configured source address or
+    upstream proxy) and destination (the rule's configured name) -- never a raw host."""
+
+    LIMITS = ("concurrency", "rate", "hold", "queue")
 
     @staticmethod
     def _families(stats: dict):
@@ -184,18 +193,9 @@ AUTH_CHECK_KINDS = ("password", "token")  # egressgate_auth_checks_*{kind}
 AUTH_DROP_REASONS = ("client_gone", "busy")  # egressgate_auth_checks_dropped_total{reason}
 
 
-class _AuthCounters:
+class _AuthCounters(_Scraped):
     """The authentication-check throttles (``proxy.limits.AuthChecks``), read when scraped:
     ``stats()`` -> {kind: {"waiting", "running", "client_gone", "busy"}}."""
-
-    def __init__(self) -> None:
-        self.stats: Callable[[], dict] = lambda: {}
-
-    def describe(self):
-        return self._families({})
-
-    def collect(self):
-        return self._families(self.stats())
 
     @staticmethod
     def _families(stats: dict):
