@@ -153,6 +153,9 @@ class App:
         path = f"{self.sockdir}/owner.sock" if self.sockdir is not None else None
         on_error = self.gateway.internal_error
         blocks = self.gateway.blocks
+        # a block state names the member's public IP: another VM's member has its own address
+        blocks.public_ip = lambda profile, member: self._attested(profile, member)
+        blocks.member_for = lambda profile, ip: self._member_at(profile, ip)
         if self.worker != 0:
             member = Member(path, self.worker, guard.reclaim, guard.apply_hold, guard.stale_tokens, on_error)
             guard.budget = member
@@ -167,10 +170,22 @@ class App:
             owner.source = Fleet(RedisStore(cfg.redis, instance), ledger, self.loop.time, cfg.fallback,
                                  cfg.fallback_instances, cfg.redis.lease_ttl, owner.fleet_hold, owner.give_back_idle,
                                  self.metrics, on_error)
+            owner.source.apply_block = owner.fleet_block  # block states other instances found
             self.metrics.fleet_rate_slack.set(RATE_SLACK)
         guard.budget = owner
         owner.on_block, blocks.share = blocks.shared, owner.block_learned
         return owner
+
+    def _attested(self, profile: str, member: str) -> str | None:
+        """The public IP the egress-IP check saw for ``member`` of ``profile`` (None: unchecked)."""
+        pool = self.gateway.runtime.profiles.get(profile)
+        plan = next((m for m in pool.members if m.label == member), None) if pool is not None else None
+        return pool.attested_ip(plan) if plan is not None else None
+
+    def _member_at(self, profile: str, ip: str) -> str | None:
+        """The member of ``profile`` whose egress-IP check saw ``ip`` (None: none here)."""
+        pool = self.gateway.runtime.profiles.get(profile)
+        return next((m.label for m in pool.members if pool.attested_ip(m) == ip), None) if pool is not None else None
 
     def _publish_checks(self, rt: Runtime) -> None:
         """Export the provider results and which members carry traffic, of the runtime in force."""

@@ -492,3 +492,35 @@ def test_workers_share_a_blocked_state_so_every_worker_reroutes(start_gateway, x
     for n in range(8):  # every worker reroutes vendor-x's new connections
         status, _, _ = _via(gw, x403.url(f"/after?n={n}"))
         assert status == 200 and x403.seen[-1] == "127.0.0.3"
+
+
+def test_instances_share_a_blocked_state_through_the_fleet_store(start_gateway, x403, tmp_path):
+    """With fleet.redis, a member one instance finds blocked is blocked on the other instance
+    too (pub/sub, well within a second of the finding): the other instance, which has seen none
+    of the 403s, reroutes that provider's new connections at once."""
+    from .redisserver import RedisServer
+
+    redis = RedisServer(tmp_path)
+    try:
+        gws = []
+        for _ in range(2):
+            cfg = base_config(egress={"vendor": _profile(["127.0.0.2", "127.0.0.3"], [
+                _provider("vendor-x", x403, on_block="reroute")])}, clients=_job(x403.port),
+                fleet={"redis": {"url": redis.url, "timeout": "250ms"}})
+            gws.append(start_gateway(cfg))
+        a, b = gws
+        wait_for(lambda: all(any(e.get("event") == "started" for e in g.events) for g in gws), "both instances")
+        x403.blocked.add("127.0.0.2")
+        for n in range(40):  # instance a alone sees the 403s
+            _, headers, _ = _via(a, x403.url(f"/data?n={n}"))
+            if headers.get("Egress-Block-State", "").startswith("blocked"):
+                break
+        else:
+            raise AssertionError("instance a never saw 127.0.0.2 blocked")
+        seen_by_b = len(x403.seen)
+        wait_for(lambda: _blocked_workers(b, "127.0.0.2") == 1, "instance b sees 127.0.0.2 blocked", timeout=5)
+        status, headers, _ = _via(b, x403.url("/from-b"))
+        assert status == 200 and x403.seen[-1] == "127.0.0.3", x403.seen[seen_by_b:]
+        assert "rerouted_from=127.0.0.2" in headers.get("Egress-Block-State", ""), headers
+    finally:
+        redis.kill()

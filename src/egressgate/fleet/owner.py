@@ -115,7 +115,14 @@ class Owner:
         self.source.hold_learned(doc)
 
     def block_learned(self, doc: dict) -> None:
-        """A block state worker 0 found: every other worker takes it."""
+        """A block state worker 0 found: every other worker (and every other instance) takes it."""
+        self._broadcast({"op": "block", "block": doc}, besides=OWNER)
+        self.source.block_learned(doc)
+
+    def fleet_block(self, doc: dict) -> None:
+        """A block state another instance found: worker 0 and every worker take it."""
+        if self.on_block is not None:
+            self.on_block(doc)
         self._broadcast({"op": "block", "block": doc}, besides=OWNER)
 
     def fleet_hold(self, doc: dict) -> None:
@@ -254,6 +261,7 @@ class Owner:
             if self.on_block is not None:
                 self.on_block(msg["block"])
             self._broadcast({"op": "block", "block": msg["block"]}, besides=holder)
+            self.source.block_learned(msg["block"])
         elif op == "hold" and isinstance(msg.get("hold"), dict) and self._apply_hold(msg["hold"]):
             self._keep_hold(msg["hold"])
             self._broadcast({"op": "hold", "hold": msg["hold"]}, besides=holder)

@@ -15,7 +15,8 @@ workers (``cap``), for more when they are all in use (``more_slots``), and for r
   ``FLEET_SLICE`` seconds of the rate (refilled ahead of need: no store round trip on the
   request path while it has tokens); a slice lapses after ``ledger.TOKEN_TTL``. Over any
   window of W seconds the fleet admits at most ``max(1, rate) + rate * (W + RATE_SLACK)``.
-- holds: published on the store's channel (every instance applies them within a second:
+- block states (block-aware egress: a member ``blocked`` or ``reverified`` for a provider) and
+  holds: published on the store's channel (every instance applies them within a second:
   at once, by pub/sub) and saved with their expiry for instances that start later.
 - the store slow or down (an operation not answered within ``fleet.redis.timeout``): the
   fallback (``fleet.fallback``) applies at once and until a heartbeat succeeds again --
@@ -68,6 +69,9 @@ class Alone:
     def hold_learned(self, doc: dict) -> None:
         pass
 
+    def block_learned(self, doc: dict) -> None:
+        pass
+
     async def start(self) -> None:
         pass
 
@@ -87,6 +91,7 @@ class Fleet:
         self.fallback_instances = fallback_instances
         self.lease_ttl = lease_ttl
         self._apply_hold = apply_hold  # a hold from another instance: this instance's guards hold it
+        self.apply_block: Callable[[dict], None] = lambda doc: None  # a block state from another instance
         self._give_back_idle = give_back_idle  # the workers' idle slots of a key come back to the owner
         self.metrics = metrics
         self._on_error = on_error
@@ -252,6 +257,17 @@ class Fleet:
         if self.up:
             self._spawn(self._share_hold(doc))
 
+    def block_learned(self, doc: dict) -> None:
+        """A block state this instance found (block-aware egress): every other instance takes it."""
+        if self.up:
+            self._spawn(self._publish("block", {"block": doc}))
+
+    async def _publish(self, op: str, msg: dict) -> None:
+        try:
+            await self.store.publish(msg)
+        except Exception as exc:
+            self._down(op, exc)
+
     async def _share_hold(self, doc: dict) -> None:
         try:
             await self.store.publish({"hold": doc})
@@ -347,6 +363,8 @@ class Fleet:
             return
         if isinstance(msg.get("hold"), dict):
             self._apply_hold(msg["hold"])
+        if isinstance(msg.get("block"), dict):
+            self.apply_block(msg["block"])
         want = msg.get("want")
         if isinstance(want, list) and len(want) == 3 and all(isinstance(w, str) for w in want):
             self._spawn(self._give_back(tuple(want)))

@@ -68,8 +68,13 @@ class BlockDesk:
         self.clock = clock
         self.log = log
         self.rules: BlockRules | None = None
-        # tell the other workers a blocked / reverified state (set by the app: fleet.Owner / Member)
+        # tell the other workers a blocked / reverified state (set by the app: fleet.Owner / Member;
+        # with a fleet store, worker 0 passes it on to every other instance too)
         self.share: Callable[[dict], None] | None = None
+        # (profile, member label) -> the public IP its egress-IP check saw, and back: another
+        # instance's members have their own labels (their own source addresses) behind the same IP
+        self.public_ip: Callable[[str, str], str | None] = lambda profile, member: None
+        self.member_for: Callable[[str, str], str | None] = lambda profile, ip: None
 
     def adopt(self, rules: BlockRules | None, members: dict[str, list[str]]) -> None:
         """A runtime comes into force: its rules; the states of pairs it still watches are kept,
@@ -108,19 +113,23 @@ class BlockDesk:
         self._export(profile, tr.member, tr.provider, tr.after)
         if self.share is not None and tr.after in ("blocked", "reverified"):
             self.share({"profile": profile, "member": tr.member, "provider": tr.provider, "state": tr.after,
-                        "evidence": tr.evidence[:300]})
+                        "evidence": tr.evidence[:300], "egress_ip": self.public_ip(profile, tr.member)})
         if self.log:
             log_event("egress_block_state", profile=profile, member=tr.member, provider=tr.provider,
                       before=tr.before, after=tr.after, signal=signal, evidence=tr.evidence,
                       counts=self.watch.counts(tr.member, tr.provider))
 
     def shared(self, doc: dict) -> None:
-        """A state another worker of this instance found (``blocked`` or ``reverified``), taken
-        as if seen here: routing and the header agree across workers. Logged by the finder only."""
+        """A state another worker (or, with a fleet store, another instance) found (``blocked``
+        or ``reverified``), taken as if seen here: routing and the header agree across the fleet.
+        The member is the local one exiting from the same public IP, when both were attested,
+        else the one with the same label. Logged by the finder only."""
         w = self.rules.get(str(doc.get("profile")), str(doc.get("provider"))) if self.rules is not None else None
         if w is None:
             return
-        tr = self.watch.force(str(doc.get("member")), w.name, str(doc.get("state")), self.clock(),
+        ip = doc.get("egress_ip")
+        member = (self.member_for(w.profile, ip) if isinstance(ip, str) else None) or str(doc.get("member"))
+        tr = self.watch.force(member, w.name, str(doc.get("state")), self.clock(),
                               str(doc.get("evidence", ""))[:300])
         if tr is not None:
             self._export(w.profile, tr.member, tr.provider, tr.after)
