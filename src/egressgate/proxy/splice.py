@@ -80,6 +80,8 @@ class Pump:
             self.pending += n
             self.on_bytes(n)
             if not self._drain():
+                if self.closed:  # the drain failed and its error ended the tunnel (sockets closed)
+                    return
                 self.loop.remove_reader(src)
                 self.loop.add_writer(self.dst.fileno(), self.writable)
                 return
@@ -94,7 +96,7 @@ class Pump:
             self.on_crash(exc)
 
     def _writable(self) -> None:
-        if self._drain():
+        if self._drain() and not self.closed:
             dst = self.dst.fileno()
             self.loop.remove_writer(dst)
             if not self.eof:
