@@ -217,7 +217,8 @@ def test_403_page_moves_the_state_tells_the_job_reroutes_that_provider_only_and_
     for n in (3, 4):
         status, headers, _ = _via(gw, x403.url(f"/data?n={n}"))
     assert status == 403 and headers["Egress-Block-State"].startswith("blocked; provider=vendor-x; member=127.0.0.2")
-    changes = [e for e in gw.events if e.get("event") == "egress_block_state"]
+    changes = wait_for(lambda: (lambda found: found if len(found) >= 2 else None)(
+        [e for e in gw.events if e.get("event") == "egress_block_state"]), "both state-change events")
     assert [(e["before"], e["after"]) for e in changes] == [("healthy", "suspected"), ("suspected", "blocked")]
     assert changes[-1]["member"] == "127.0.0.2" and changes[-1]["provider"] == "vendor-x"
     assert "HTTP 403" in changes[-1]["evidence"]
@@ -243,7 +244,9 @@ def test_403_page_moves_the_state_tells_the_job_reroutes_that_provider_only_and_
         assert r.status == 200  # (a reload checks every member x provider at once)
     wait_for(lambda: _status_blocks(gw, "vendor")[("127.0.0.2", "vendor-x")]["state"] == "reverified",
              "the passing check re-verifies 127.0.0.2")
-    assert [e["after"] for e in gw.events if e.get("event") == "egress_block_state"][-1] == "reverified"
+    # (the event is on stderr, read by another thread: it may come a moment after /status says so)
+    wait_for(lambda: [e["after"] for e in gw.events if e.get("event") == "egress_block_state"][-1] == "reverified",
+             "the reverified event")
     status, headers, _ = _via(gw, x403.url("/data?n=6"))  # back on the first member
     assert status == 200 and x403.seen[-1] == "127.0.0.2"
     status, headers, _ = _via(gw, x403.url("/data?n=7"))
