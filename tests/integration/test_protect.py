@@ -686,3 +686,24 @@ def test_a_request_held_by_retry_after_waits_for_the_hold_to_end_then_goes(start
     assert "answered 429 with Retry-After" in _header(refused, "Proxy-Status")
     assert [path for path, _ in provider.seen] == ["/answer", "/after", "/answer"]
     assert _queue_outcome(gw, "timed_out") == 0
+
+
+def test_a_waiting_connect_whose_client_goes_away_leaves_the_queue_at_once(start_gateway, echo_server):
+    """A CONNECT waiting for a tunnel's slot whose client closes leaves the line at once
+    (client_gone), and is never dialed: once the first tunnel ends, a new one goes through."""
+    dest = f"127.0.0.1:{echo_server.port}"
+    gw = start_gateway(_queue_config(echo_server.port, connect_ports=[echo_server.port]))
+    dialed = len(echo_server.peers)  # (the echo server is the module's: count from here)
+    first = _tunnel(JOB_A, gw, dest)
+    gone = _connect_from(JOB_B, gw)
+    gone.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
+    wait_for(lambda: _queued(gw) == 1, "the second CONNECT waiting")
+    gone.close()
+    wait_for(lambda: _queued(gw) == 0, "the waiter gone from the queue")
+    assert _queue_outcome(gw, "client_gone") == 1
+    first.close()
+    after = _tunnel(JOB_B, gw, dest)
+    after.sendall(b"ping")
+    assert after.recv(4) == b"ping"
+    after.close()
+    assert len(echo_server.peers) == dialed + 2  # the first tunnel and the last: never the one that left
