@@ -189,8 +189,10 @@ gateway_config = {
   }]
   probe   = { interval = "2m" }
   log     = { format = "squid" }
-  workers = 1 # protect limits are per worker process (check-config --strict says so)
+  workers = 2
 }
+# protect's limits are exact across workers, per instance without a store (check-config warns)
+fleet_store = { url = "redis://10.9.8.7:6379" }
 """.replace("{HASH}", HASH)
 
 
@@ -253,6 +255,12 @@ def test_gateway_config_passes_everything_through_and_check_config_accepts_it(tm
     assert [c["name"] for c in cfg["clients"]][-1] == "report-job"
     assert cfg["probe"]["interval"] == "2m" and cfg["probe"]["grace"] == 600  # merged key by key
     assert cfg["log"] == {"format": "squid"} and cfg["admin"]["address"] == "0.0.0.0:9128"
-    assert cfg["workers"] == 1
+    assert cfg["workers"] == 2 and cfg["fleet"]["redis"] == {"url": "redis://10.9.8.7:6379"}
     r = _check_config_offline_strict(text, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+    # without the fleet store the autoscaled group's limits are per VM: check-config says so
+    alone = yaml.safe_load(text)
+    del alone["fleet"]
+    r = _check_config_offline_strict(yaml.safe_dump(alone), tmp_path)
+    assert r.returncode == 1 and "egress.vendor-x.protect: warning: limits and holds are counted per instance" in r.stdout + r.stderr, \
+        r.stdout + r.stderr

@@ -416,3 +416,37 @@ def test_provider_checks_are_shared_by_the_fleet(start_gateway, redis):
         assert provider.hits == before
     finally:
         provider.close()
+
+
+def _metric_sum(gw, name: str, **labels) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _get(gw, "/metrics").splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_the_hold_queue_waits_for_the_fleets_slots(start_gateway, redis, origin):
+    """protect[].queue over the fleet store: max_concurrent 2 for 2 instances x 2 workers; of N
+    requests sent at once to both instances, two reach the origin and the others wait (each in
+    its worker's line: the queued gauges of both instances add up to N - 2) rather than a 429;
+    once the origin answers, every one of them goes as slots come back through Redis's
+    leases, and the origin never sees more than 2 at once."""
+    n = 12
+    gws = _instances(start_gateway, redis, [{"name": "q", "destinations": ["127.0.0.1"], "max_concurrent": 2,
+                                             "queue": {"max_wait": "25s", "max_queued": 50}}])
+
+    def queued() -> float:
+        return sum(_metric_sum(gw, "egressgate_protect_queued", destination="q") for gw in gws)
+
+    statuses, threads = _burst(gws, origin.url("/hold"), n=n)
+    wait_for(lambda: origin.in_flight == 2 and queued() == n - 2, "two in flight, the others waiting", timeout=20)
+    assert statuses == [] and origin.most == 2
+    origin.release.set()
+    for t in threads:
+        t.join(40)
+        assert not t.is_alive(), "a request hung"
+    assert statuses == [200] * n, statuses
+    assert origin.most == 2 and origin.seen("/hold") == n
+    wait_for(lambda: sum(_metric_sum(gw, "egressgate_protect_queue_total", destination="q",
+                                     outcome="admitted_after_wait") for gw in gws) == n - 2,
+             "every waiter counted as admitted")
+    assert queued() == 0
+    assert sum(_metric_sum(gw, "egressgate_protect_refused_total", destination="q") for gw in gws) == 0

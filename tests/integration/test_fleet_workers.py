@@ -129,3 +129,36 @@ def test_a_hold_learned_by_one_worker_holds_on_every_worker(start_gateway, origi
         t.join(30)
     assert statuses == [429] * N
     assert origin.seen("/after") == 0
+
+
+def _metric_sum(gw, name: str, **labels) -> float:
+    with _opener.open(gw.admin + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_the_hold_queue_waits_across_workers_and_never_exceeds_max_concurrent(start_gateway, origin):
+    """protect[].queue with two workers (worker 0 owns the budget): of N requests sent at once
+    over max_concurrent 2, two reach the origin and the rest wait in their worker's line
+    (the merged gauge counts both workers' lines) instead of a 429; once the origin answers,
+    every one goes in turn -- slots freed in the other worker are leased over -- and the
+    origin never sees more than 2 at a time. Without the queue they were 429s (the test above)."""
+    n = 12
+    gw = _start(start_gateway, [{"name": "q", "destinations": ["127.0.0.1"], "max_concurrent": 2,
+                                 "queue": {"max_wait": "25s", "max_queued": 50}}])
+    assert _served_by_both(gw)
+    statuses, threads = _burst(gw, origin.url("/hold"), n)
+    wait_for(lambda: origin.in_flight == 2 and _metric_sum(gw, "egressgate_protect_queued", destination="q") == n - 2,
+             "two in flight, the others waiting", timeout=20)
+    assert statuses == [] and origin.most == 2
+    origin.release.set()
+    for t in threads:
+        t.join(40)
+        assert not t.is_alive(), "a request hung"
+    assert statuses == [200] * n, statuses
+    assert origin.most == 2 and origin.seen("/hold") == n
+    wait_for(lambda: _metric_sum(gw, "egressgate_protect_queue_total", destination="q",
+                                 outcome="admitted_after_wait") == n - 2, "every waiter counted as admitted")
+    assert _metric_sum(gw, "egressgate_protect_queued", destination="q") == 0
+    assert _metric_sum(gw, "egressgate_protect_refused_total", destination="q") == 0

@@ -632,3 +632,78 @@ def test_an_over_budget_connect_waits_for_a_tunnel_to_end(start_gateway, echo_se
     assert second.recv(4) == b"pong"
     second.close()
     assert _queue_outcome(gw, "admitted_after_wait") == 1
+
+
+def test_over_the_rate_requests_wait_for_the_bucket_to_refill(start_gateway, provider):
+    """A queue on max_per_second: the first request takes the bucket's token, the next two
+    (from two clients) wait for it to refill instead of a 429, then go one per refill in
+    arrival order, each answered 200; none is refused."""
+    gw = start_gateway(_config([{"name": QUEUE_RULE, "destinations": ["127.0.0.1"], "max_per_second": 0.25,
+                                 "queue": {"max_wait": "20s", "max_queued": 10}}]))
+    assert _status(_queued_get(JOB_A, gw, provider.port, "/first")) == 200
+    results: dict[str, bytes] = {}
+    threads = []
+    for n, (name, source) in enumerate([("b1", JOB_B), ("a2", JOB_A)], start=1):
+        t = threading.Thread(target=lambda nm=name, src=source: results.__setitem__(
+            nm, _queued_get(src, gw, provider.port, f"/{nm}")))
+        t.start()
+        threads.append(t)
+        wait_for(lambda n=n: _queued(gw) == n, f"{n} waiting for the rate")
+    assert [path for path, _ in provider.seen] == ["/first"]
+    for t in threads:
+        t.join(30)
+    assert {name: _status(resp) for name, resp in results.items()} == {"b1": 200, "a2": 200}
+    assert [path for path, _ in provider.seen] == ["/first", "/b1", "/a2"]
+    assert _queue_outcome(gw, "admitted_after_wait") == 2 and _queued(gw) == 0
+    assert not _metric(gw, "egressgate_protect_refused_total", profile="shared", member=MEMBER,
+                       destination=QUEUE_RULE, limit="rate")
+
+
+def test_a_request_held_by_retry_after_waits_for_the_hold_to_end_then_goes(start_gateway, provider):
+    """A queue on a rule the provider put on hold (429, Retry-After: 4): the next request waits
+    in the line while the hold lasts (the provider does not see it), then goes and gets the
+    provider's 200. A hold longer than max_wait is answered 429 at once (no point waiting)."""
+    gw = start_gateway(_config([{"name": QUEUE_RULE, "destinations": ["127.0.0.1"], "max_hold": "60s",
+                                 "queue": {"max_wait": "20s", "max_queued": 10}}]))
+    first = _queued_get(JOB_A, gw, provider.port, "/answer?code=429&retry_after=4")
+    assert _status(first) == 429 and _header(first, "Retry-After") == "4"
+    gw.wait_event("protect_hold")
+    results: list[bytes] = []
+    t = threading.Thread(target=lambda: results.append(_queued_get(JOB_B, gw, provider.port, "/after")))
+    t.start()
+    wait_for(lambda: _queued(gw) == 1, "the request waiting for the hold")
+    assert [path for path, _ in provider.seen] == ["/answer"]  # held: not sent while it waits
+    t.join(30)
+    assert _status(results[0]) == 200
+    assert [path for path, _ in provider.seen] == ["/answer", "/after"]
+    assert _queue_outcome(gw, "admitted_after_wait") == 1 and _queued(gw) == 0
+    # the provider asks for longer than max_wait: 429 at once, the remaining hold as Retry-After
+    long = _queued_get(JOB_A, gw, provider.port, "/answer?code=429&retry_after=50")
+    assert _status(long) == 429
+    wait_for(lambda: len([e for e in gw.events if e.get("event") == "protect_hold"]) == 2, "the second hold")
+    refused = _queued_get(JOB_B, gw, provider.port, "/later")
+    assert _status(refused) == 429 and 20 < int(_header(refused, "Retry-After")) <= 50
+    assert "answered 429 with Retry-After" in _header(refused, "Proxy-Status")
+    assert [path for path, _ in provider.seen] == ["/answer", "/after", "/answer"]
+    assert _queue_outcome(gw, "timed_out") == 0
+
+
+def test_a_waiting_connect_whose_client_goes_away_leaves_the_queue_at_once(start_gateway, echo_server):
+    """A CONNECT waiting for a tunnel's slot whose client closes leaves the line at once
+    (client_gone), and is never dialed: once the first tunnel ends, a new one goes through."""
+    dest = f"127.0.0.1:{echo_server.port}"
+    gw = start_gateway(_queue_config(echo_server.port, connect_ports=[echo_server.port]))
+    dialed = len(echo_server.peers)  # (the echo server is the module's: count from here)
+    first = _tunnel(JOB_A, gw, dest)
+    gone = _connect_from(JOB_B, gw)
+    gone.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
+    wait_for(lambda: _queued(gw) == 1, "the second CONNECT waiting")
+    gone.close()
+    wait_for(lambda: _queued(gw) == 0, "the waiter gone from the queue")
+    assert _queue_outcome(gw, "client_gone") == 1
+    first.close()
+    after = _tunnel(JOB_B, gw, dest)
+    after.sendall(b"ping")
+    assert after.recv(4) == b"ping"
+    after.close()
+    assert len(echo_server.peers) == dialed + 2  # the first tunnel and the last: never the one that left

@@ -81,19 +81,28 @@ LINT_CASES = [
         clients:
           - {name: by-cert, cert_subject: job-a}
         """, [(("clients", 0, "cert_subject"), "never matches")]),
-    ("protect-limits-with-workers", """\
+    # issue 28: workers share exact counts through worker 0; instances do not without fleet.redis
+    ("protect-without-a-fleet-store-one-worker", """\
+        egress:
+          px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 5}]}
+        """, [(("egress", "px", "protect"), "per instance")]),
+    ("protect-without-a-fleet-store-several-workers", """\
         workers: 3
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
           py: {bind: [10.0.0.2], protect: [{destinations: [b.test]}]}
-        """, [(("egress", "px", "protect"), "set fleet.redis")]),
-    ("protect-limits-with-workers-and-a-fleet-store", """\
+          pz: {bind: [10.0.0.3], protect: [{destinations: [c.test], max_hold: 0}]}
+          pw: {bind: [10.0.0.4]}
+        """, [(("egress", "px", "protect"), "set fleet.redis"),
+              (("egress", "py", "protect"), "limits and holds are counted per instance")]),
+    ("protect-with-a-fleet-store", """\
         workers: 3
         fleet: {redis: {url: "redis://10.0.0.9:6379"}}
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_per_second: 5}]}
         """, []),
-    ("protect-limits-one-worker", """\
+    ("protect-with-a-fleet-store-one-worker", """\
+        fleet: {redis: {url: "redis://10.0.0.9:6379"}}
         egress:
           px: {bind: [10.0.0.1], protect: [{destinations: [a.test], max_concurrent: 5}]}
         """, []),

@@ -135,18 +135,21 @@ def bind_not_local(config: Config, local_addresses: Collection[str]) -> list[Fin
     return found
 
 
-def protect_per_worker(config: Config) -> list[Finding]:
-    """Shared-IP limits are exact across one instance's workers, but without a fleet store
-    (``fleet.redis``) each instance counts its own: a deployment that runs several workers
-    (an autoscaled group, a Deployment with replicas) is warned."""
-    if config.workers <= 1 or config.fleet.redis is not None:
+def protect_per_instance(config: Config) -> list[Finding]:
+    """Shared-IP limits and Retry-After holds are exact across one instance's workers (worker 0
+    owns them), but without a fleet store (``fleet.redis``) each instance keeps its own: a
+    deployment that can run several instances behind one egress IP (an autoscaled group, a
+    Deployment with replicas, a rollout's surge) meets every figure once per instance. The
+    number of workers does not matter; a fleet store silences it."""
+    if config.fleet.redis is not None:
         return []
     return [Finding(("egress", name, "protect"),
-                    f"limits are shared by this instance's {config.workers} workers but counted per instance: "
-                    "with several instances behind one egress IP the provider sees each figure once per instance; "
+                    "limits and holds are counted per instance (exact across its workers): with several "
+                    "instances behind one egress IP the provider sees each figure once per instance; "
                     "set fleet.redis to share them (docs/operations.md#fleet-store-redis)")
             for name, profile in config.egress.items()
-            if any(r.max_concurrent is not None or r.max_per_second is not None for r in profile.protect)]
+            if any(r.max_concurrent is not None or r.max_per_second is not None or r.max_hold > 0
+                   for r in profile.protect)]
 
 
 def readiness_evicts_every_replica(config: Config) -> list[Finding]:
@@ -173,7 +176,7 @@ def socks_without_clients(config: Config) -> list[Finding]:
 
 
 RULES: tuple[Callable[[Config], list[Finding]], ...] = (
-    open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_worker,
+    open_clients, exposed_admin, private_everything, never_matching_clients, protect_per_instance,
     socks_without_clients, weak_token_keys, readiness_evicts_every_replica)
 
 # Where the document holds CIDRs whose host bits validation would silently clear.
