@@ -98,7 +98,7 @@ class App:
         self.admin_address: str | None = None  # the configured admin address in force
         self.admin_token: str | None = None
         gateway = self.gateway
-        self.keys = KeySources(gateway.connector.dialer, lambda: gateway.connector.resolver, self.metrics,
+        self.keys = KeySources(lambda: gateway.connector.reach, self.metrics,
                                lambda: gateway.runtime.timeouts.upstream_connect)
         runtime.clients.keys = self.keys
         self.metrics.ready.set_function(lambda: 0 if readiness(gateway) else 1)
@@ -116,8 +116,7 @@ class App:
             gateway.outcomes.tallies = self.desk.tallies
             gateway.dispatcher.receipts = self.desk
         self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
-        self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
-                                 lambda: gateway.connector.resolver,
+        self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.reach,
                                  lambda rt: publish(self.metrics, rt) if rt is gateway.runtime else None,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
                                  held=gateway.protect.hold_on)

@@ -12,6 +12,7 @@ import sys
 
 from ..egress.dialer import Dialer
 from ..egress.providers import format_matrix, new_members
+from ..egress.reach import Reach
 from ..model import with_iso
 from ..proxy.build import load_runtime, make_resolver
 from ..services.checks import check_pools
@@ -42,7 +43,8 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
 
     async def run():
         loop = asyncio.get_running_loop()
-        return await check_pools(pools, board, Dialer(loop), make_resolver(rt.config), rt.guard, only=pairs)
+        return await check_pools(pools, board, Reach(Dialer(loop), make_resolver(rt.config).resolve), rt.guard,
+                                 only=pairs)
 
     results = asyncio.run(run())
     if as_json:
