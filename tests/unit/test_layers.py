@@ -16,7 +16,8 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, socks5, egress.plan, observe
-  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer (egress.localaddr) -> proxy (proxy.build),
+  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer, egress.upstream, egress.chain, egress.reach,
+  egress.fetch (egress.localaddr: the egress I/O, the one way out) -> proxy (proxy.build),
   admin, fleet -> services -> app -> commands, cli
 """
 
@@ -50,6 +51,10 @@ LAYER_OF: dict[str, int] = {
     "egressgate.egress.resolver": 3,
     "egressgate.egress.dialer": 3,
     "egressgate.egress.localaddr": 3,
+    "egressgate.egress.upstream": 3,  # the protocol of one outbound connection (and idle ones kept)
+    "egressgate.egress.chain": 3,  # the chained-proxy client (CONNECT through an upstream proxy)
+    "egressgate.egress.reach": 3,  # the one way out: member x destination x guard -> a connection
+    "egressgate.egress.fetch": 3,  # one HTTP(S) request through a member, over reach
     "egressgate.fleet.ledger": 2,  # pure: the owner's accounts of shared budgets
     "egressgate.fleet.wire": 2,  # pure: the messages between workers and their owner
     "egressgate.proxy": 4,
@@ -62,7 +67,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.cli": 7,
     "egressgate.__main__": 7,
 }
-LAYER_NAMES = ["errors/model", "config", "policy/http1/egress.plan/observe", "egress.resolver/dialer",
+LAYER_NAMES = ["errors/model", "config", "policy/http1/egress.plan/observe", "egress I/O (dialer, reach, fetch)",
                "proxy/admin/fleet", "services", "app", "commands/cli"]
 
 

@@ -5,10 +5,12 @@ egress members in order.
   requests only), else a new connection to the judged addresses from the member's source
   address; a source address the host no longer has is marked down and the next member tried;
 - ``upstream`` profiles: a connection to the chained proxy (kept alive and reused for
-  forwarded requests) and, for CONNECT, ``chain.open_tunnel`` through it; an unreachable
-  chained proxy is marked down and the next one tried.
+  forwarded requests) and, for CONNECT, a tunnel through it; an unreachable chained proxy is
+  marked down and the next one tried.
 
-Resolve and dial latencies and each member's state are measured here.
+Every new connection is ``egress.reach``'s (the one way out), with ``GUARD``: the route
+judged the addresses already. Resolve and dial latencies and each member's state are
+measured here.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from ..egress.chain import TunnelRefused
 from ..egress.dialer import Dialer, SourceUnavailable
 from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.reach import JUDGED, Reach
 from ..egress.resolver import Resolver
+from ..egress.upstream import Upstream, UpstreamPool
 from ..errors import UpstreamError
 from ..model import UpstreamProxy
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
-from . import chain
 from .route import Route
-from .upstream import Upstream, UpstreamPool
+
+GUARD = JUDGED  # the route judged the destination's addresses (policy.judge: guard and deny rules)
 
 
 class Link:
@@ -52,7 +57,7 @@ class Connector:
         self.loop = loop
         self.resolver = resolver
         self.metrics = metrics
-        self.dialer = Dialer(loop)
+        self.reach = Reach(Dialer(loop), self.resolve)  # (shared with probe, checks and token keys)
         self.pool = UpstreamPool()
         self._on_orphan_crash = on_orphan_crash
 
@@ -93,7 +98,7 @@ class Connector:
                 if up is not None:
                     return Link(up, True, plan)
             try:
-                up = await self.dial(plan, pool, addresses, port, hold_early=connect)
+                up = await self.dial(plan, pool, r, addresses, connect)
             except UpstreamError as err:
                 if err.reason != "source_unavailable":
                     raise
@@ -116,8 +121,10 @@ class Connector:
                     up = self.pool.take(key)
                     if up is not None:
                         return Link(up, True, plan, proxy)
-                addresses = [proxy.address.host] if proxy.address.is_ip else await self.resolve(proxy.address.host)
-                up = await self.dial(plan, pool, addresses, proxy.address.port)
+                up = await self.dial(plan, pool, r, None, connect, chain_timeout)
+            except TunnelRefused:
+                pool.mark_up(plan)  # (it answered)
+                raise
             except UpstreamError as err:
                 pool.mark_down(plan)
                 self.source_state(pool, plan, False)
@@ -125,8 +132,7 @@ class Connector:
                 continue
             pool.mark_up(plan)
             if connect:
-                leftover = await chain.open_tunnel(up, r.dest, proxy.authorization, chain_timeout)
-                return Link(up, False, plan, proxy, leftover)
+                return Link(up, False, plan, proxy, up.take_early())
             up.key = key
             return Link(up, False, plan, proxy)
         raise last or UpstreamError("no upstream proxy of profile " + pool.name + " is reachable")
@@ -138,13 +144,15 @@ class Connector:
         finally:
             self.metrics.dns_seconds.observe(time.perf_counter() - t0)
 
-    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int,
-                   hold_early: bool = False) -> Upstream:
-        """``hold_early``: for a tunnel, keep what the server sends before the tunnel is up."""
+    async def dial(self, plan: EgressPlan, pool: ProfilePool, r: Route, addresses: list[str] | None, connect: bool,
+                   chain_timeout: float | None = None) -> Upstream:
+        """A new connection for ``r`` through ``plan`` (``reach``); for a tunnel (``connect``) it
+        keeps what the server sends before the tunnel is up."""
         t0 = time.perf_counter()
-        factory = self._new_tunnel_upstream if hold_early else self._new_upstream
+        factory = self._new_tunnel_upstream if connect else self._new_upstream
         try:
-            _, up, remote = await self.dialer.connect(plan, addresses, port, factory, pool.connect_timeout)
+            up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses=addresses,
+                                       factory=factory, tunnel=connect, chain_timeout=chain_timeout)
         except SourceUnavailable as err:
             pool.mark_down(plan)
             self.source_state(pool, plan, False)
@@ -154,7 +162,6 @@ class Connector:
         if plan.source is not None and pool.is_down(plan):
             pool.mark_up(plan)
             self.source_state(pool, plan, True)
-        up.remote = remote
         return up
 
     def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:

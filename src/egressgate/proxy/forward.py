@@ -20,12 +20,12 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING, Protocol
 
+from ..egress.upstream import Upstream
 from ..errors import ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
 from ..http1.parse import RequestHead, ResponseHead, ResponseParser
 from ..http1.rewrite import AbsoluteTarget, request_head_bytes, response_framing, response_head_bytes
 from ..model import AccessRecord, UpstreamProxy
 from .flow import FlowControl, Pause
-from .upstream import Upstream
 
 if TYPE_CHECKING:
     from .route import Route

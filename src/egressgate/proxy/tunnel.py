@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from ..egress.upstream import Upstream
 from ..model import AccessRecord
 from . import splice
 from .flow import FlowControl, Pause
-from .upstream import Upstream
 
 BULK = 64 * 1024
 FLUSH_GRACE = 10.0  # seconds a closing side may take to flush its last bytes, then it is reset
