@@ -194,7 +194,8 @@ class FakeDialer:
         self.upstreams.append((up, t))
         if self.at_once is not None:
             self.at_once(t)
-        return t, up, addresses[0]
+        up.remote = addresses[0]
+        return up
 
 
 class RecordingLog:

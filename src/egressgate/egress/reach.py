@@ -69,28 +69,33 @@ class Reach:
         self.dialer = dialer
         self.resolve = resolve
 
-    async def open(self, member: EgressPlan, dest: HostPort, guard: Guard, timeout: float, *,
-                   addresses: Sequence[str] | None = None, factory: Callable[[], Upstream] = Upstream,
-                   tunnel: bool = True, chain_timeout: float | None = None) -> Upstream:
+    def open(self, member: EgressPlan, dest: HostPort, guard: Guard, timeout: float,
+             addresses: Sequence[str] | None = None, factory: Callable[[], Upstream] = Upstream,
+             tunnel: bool = True, chain_timeout: float | None = None) -> Awaitable[Upstream]:
         """A connection through ``member`` to ``dest`` (``timeout``: the dial's; ``chain_timeout``:
-        a chained proxy's CONNECT answer, default ``timeout``). Raises the dial's typed errors
-        (``UpstreamError`` and kin, ``SourceUnavailable``, ``DnsError``), ``AddressProhibited``, and
-        ``chain.TunnelRefused`` when a chained proxy refuses the CONNECT."""
+        a chained proxy's CONNECT answer, default ``timeout``), to await. Raises the dial's typed
+        errors (``UpstreamError`` and kin, ``SourceUnavailable``, ``DnsError``), ``AddressProhibited``,
+        and ``chain.TunnelRefused`` when a chained proxy refuses the CONNECT. (A plain function: the
+        proxy's common case, judged addresses from no chained proxy, is the dial itself.)"""
+        if guard is JUDGED and member.upstream is None:
+            return self.dialer.connect(member, addresses, dest.port, factory, timeout)
+        return self._open(member, dest, guard, timeout, addresses, factory, tunnel, chain_timeout)
+
+    async def _open(self, member: EgressPlan, dest: HostPort, guard: Guard, timeout: float,
+                    addresses: Sequence[str] | None, factory: Callable[[], Upstream], tunnel: bool,
+                    chain_timeout: float | None) -> Upstream:
         proxy = member.upstream
         if proxy is None:
             if guard is not JUDGED:
                 addresses = await self._judge(dest, guard)
-            _, up, remote = await self.dialer.connect(member, addresses, dest.port, factory, timeout)
-            up.remote = remote
-            return up
+            return await self.dialer.connect(member, addresses, dest.port, factory, timeout)
         if tunnel and dest.is_ip and isinstance(guard, AddressGuard):
             why = guard.check(dest.host)
             if why is not None:
                 raise AddressProhibited(f"{dest.host} is refused by the address guard ({why})")
         at = proxy.address
         hops = [at.host] if at.is_ip else await self.resolve(at.host)
-        _, up, remote = await self.dialer.connect(member, hops, at.port, factory, timeout)
-        up.remote = remote
+        up = await self.dialer.connect(member, hops, at.port, factory, timeout)
         if tunnel:
             up.early = await open_tunnel(up, dest, proxy.authorization,
                                          timeout if chain_timeout is None else chain_timeout)

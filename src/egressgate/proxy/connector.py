@@ -91,7 +91,7 @@ class Connector:
 
     async def _direct(self, r: Route, connect: bool, pooled: bool) -> Link:
         last: UpstreamError | None = None
-        pool, addresses, port = r.pool, list(r.addresses), r.dest.port
+        pool, addresses, port = r.pool, r.addresses, r.dest.port
         for plan in r.plans:
             if pooled:
                 up = self.pool.take((plan.key, addresses[0], port))
@@ -151,8 +151,8 @@ class Connector:
         t0 = time.perf_counter()
         factory = self._new_tunnel_upstream if connect else self._new_upstream
         try:
-            up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses=addresses,
-                                       factory=factory, tunnel=connect, chain_timeout=chain_timeout)
+            up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses, factory, connect,
+                                       chain_timeout)  # (positional: the hot path)
         except SourceUnavailable as err:
             pool.mark_down(plan)
             self.source_state(pool, plan, False)
