@@ -44,9 +44,9 @@ class Recorder(Reach):
         super().__init__(reach.dialer, reach.resolve)
         self.seen: list[tuple[str, str, object]] = []  # (member label, destination, guard)
 
-    async def open(self, member, dest, guard, timeout, **kwargs):
+    async def open(self, member, dest, guard, timeout, *args, **kwargs):
         self.seen.append((member.label, str(dest), guard))
-        return await super().open(member, dest, guard, timeout, **kwargs)
+        return await super().open(member, dest, guard, timeout, *args, **kwargs)
 
 
 async def _until(predicate, what: str, timeout: float = 20.0):
