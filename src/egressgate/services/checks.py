@@ -202,7 +202,13 @@ class Verifier:
         self._all = self._all or everything
         self._now.set()
 
-    async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
+    async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]],
+                     pools: dict[str, ProfilePool] | None = None) -> list[ProviderResult]:
+        """Check ``pairs`` (members of ``pools``, default ``rt.profiles``), except those that must
+        not go out now: a member the gateway's own ``protect`` holds for the provider's host, or
+        one whose egress-IP check saw a wrong IP (``exits_wrong``) -- each a ``throttled`` result
+        (no verdict)."""
+        pools = rt.profiles if pools is None else pools
         def each(r: ProviderResult) -> None:
             rt.providers.record(r)
             if self.observed is not None:  # block-aware egress: a check moves the member's block state
@@ -213,14 +219,21 @@ class Verifier:
                           remote_addr=r.remote_addr, duration_ms=r.duration_ms)
         go, held = [], []
         for plan, spec in pairs:
+            pool = pools.get(plan.profile)
+            wrong = pool.exits_wrong(plan) if pool is not None else None
             hold = self.held(plan.profile, plan.label, spec.dest.host) if self.held is not None else None
-            if hold is None:
+            if wrong is not None:
+                r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                                   f"not checked: {plan.label} leaves from {wrong}, not one of "
+                                   f"[{', '.join(pool.expect_ip)}] (the provider must not see that IP)", time.time())
+            elif hold is not None:
+                left, why = hold
+                r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                                   f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
+                                   f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
+            else:
                 go.append((plan, spec))
                 continue
-            left, why = hold
-            r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
-                               f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
-                               f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
             each(r)
             held.append(r)
         if self.shared is not None and go:
@@ -318,7 +331,8 @@ class Verifier:
         added = new_members(rt.profiles.get(pending.profile), candidate)
         if candidate.attest:  # the candidate is not in the runtime: the prober does not check it by itself
             await self.attest(rt, set(added), {pending.profile: candidate})
-        results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())])
+        results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())],
+                                    {**rt.profiles, pending.profile: candidate})
         failures = attestation_failures(candidate, added, time.time()) + [r for r in results if not r.ok]
         if failures:
             pending.failures = failures
