@@ -2,7 +2,9 @@
 
 - ``Phase``: how a connection (``session.ClientConnection``) drives the phase its listener's
   protocol starts it in (``phases.PHASES``), until a tunnel takes over;
-- ``ClientSide``: what a phase may use of its connection;
+- ``ClientSide``: what a phase may use of its connection, and ``Services``: what it may use of
+  the gateway (a narrow view: ``tests/unit/test_layers.py`` checks that a phase reaches for
+  nothing else);
 - ``serve(phase, req)``: the one serving path from a parsed request to its answer. Identify,
   route, admit and connect (``dispatch.Dispatcher.now``) as far as it goes without waiting; the
   first step that must wait hands the rest to a task (``req.task``: ``Dispatcher.rest``, or
@@ -27,15 +29,33 @@ from .listeners import ListenerInfo
 
 if TYPE_CHECKING:
     from ..model import AccessRecord
-    from .connector import Link
+    from ..observe.metrics import Metrics
+    from ..observe.outcomes import Outcomes
+    from .connector import Connector, Link
+    from .dispatch import Dispatcher
+    from .limits import AuthChecks
     from .runtime import Runtime
-    from .server import Gateway
+
+
+class Services(Protocol):
+    """What a phase, and ``serve``, may use of the gateway (``server.Gateway`` is one)."""
+
+    runtime: Runtime  # the configuration in force (a reload replaces it: read it per request)
+    draining: bool  # shutting down: no new requests
+    loop: asyncio.AbstractEventLoop
+    dispatcher: Dispatcher  # identify, route, admit, connect
+    outcomes: Outcomes  # records and counts every ending
+    metrics: Metrics
+    auth: AuthChecks  # the bounded password and token checks (SOCKS5 credentials)
+    connector: Connector  # (a forwarded request's kept-alive upstream goes back to its pool)
+
+    def internal_error(self, where: str, exc: BaseException) -> None: ...  # a bug: counted, logged once
 
 
 class ClientSide(Protocol):
     """What a phase needs of its connection."""
 
-    gw: Gateway
+    gw: Services
     listener: ListenerInfo
     who: Who
     transport: asyncio.Transport
@@ -82,7 +102,7 @@ class Serving(Protocol):
     request ends here."""
 
     conn: ClientSide
-    gw: Gateway
+    gw: Services
 
     def ready(self, req: Any, step: Any) -> None: ...
     def failed(self, req: Any, err: GatewayError) -> None: ...

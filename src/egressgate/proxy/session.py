@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING, Protocol
 
 from ..http1.responses import CONNECT_OK
 from ..model import shown_target
@@ -36,19 +37,31 @@ from .forward import Exchange
 from .gate import Admission
 from .listeners import ListenerInfo
 from .phases import PHASES
-from .serve import Phase
-from .server import Gateway
+from .serve import Phase, Services
 from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .gate import Gate
+    from .limits import ClientLimits
 
 FLUSH_GRACE = 10.0  # seconds a closed connection may take to flush its last bytes, then it is reset
 LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # after an error answer, what we read and discard at most
+
+
+class ConnectionServices(Services, Protocol):
+    """What a connection may use of the gateway: its phases' ``Services`` and, for admitting
+    and counting connections, these (``server.Gateway`` is one)."""
+
+    connections: set  # the open connections (drain, status, the connection limit)
+    gate: Gate  # refusals at accept, counted
+    limits: ClientLimits  # a client's open-connection count, released when it goes
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("gw", "listener", "transport", "flow", "who", "http", "tunnel", "closed", "eof", "pp_buf",
                  "linger_left", "__weakref__")
 
-    def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
+    def __init__(self, gw: ConnectionServices, listener: ListenerInfo) -> None:
         self.gw = gw
         self.listener = listener
         self.transport: asyncio.Transport | None = None
