@@ -50,6 +50,7 @@ from netns import Netns, link, machine_env, unavailable_reason  # noqa: E402
 
 from tests import required  # noqa: E402
 from tests.deploy.conftest import REPO  # noqa: E402
+from tests.integration.peers import read_head  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -676,11 +677,7 @@ def open_tunnel(site, user: str, host: str) -> ssl.SSLSocket:
     raw.connect((LB_IP, 3128))
     auth = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
     raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, head
-        head += chunk
+    head = read_head(raw)
     assert head.startswith(b"HTTP/1.1 200"), head
     ctx = ssl.create_default_context(cafile=str(site.ca))
     return ctx.wrap_socket(raw, server_hostname=host)

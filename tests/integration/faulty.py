@@ -422,16 +422,6 @@ def read_until_close(sock: socket.socket, timeout: float = 5.0, limit: int = 1 <
     return b"".join(chunks), "limit"
 
 
-def connect(address: str, source: str | None = None, timeout: float = 5.0) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    s = socket.socket()
-    s.settimeout(timeout)
-    if source is not None:
-        s.bind((source, 0))
-    s.connect((host, int(port)))
-    return s
-
-
 def fd_targets(pid: int) -> list[str]:
     """What each open fd of a process points at (for a readable leak report)."""
     out = []

@@ -3,6 +3,7 @@ server, and the gateway itself as a subprocess. No mocks: every byte crosses a r
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -368,6 +369,102 @@ def raw_exchange(address: str, data: bytes, timeout: float = 10.0, read_until_cl
             if not read_until_close and _complete(b"".join(chunks)):
                 break
         return b"".join(chunks)
+
+
+def connect(address: str, source: str | None = None, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection to ``host:port``, from ``source`` (bound, any port) when given."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(timeout)
+    if source is not None:
+        s.bind((source, 0))
+    s.connect((host, int(port)))
+    return s
+
+
+def basic_auth(user: str, password: str) -> str:
+    """A ``Proxy-Authorization`` value: ``Basic`` and the base64 of ``user:password``."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def read_head(sock: socket.socket, timeout: float | None = None, *, partial: bool = False) -> bytes:
+    """One HTTP head, through its blank line, read byte by byte: whatever follows it (a body,
+    tunnelled bytes) stays in the socket. Fails, saying what did arrive, when nothing
+    completes the head within the socket's timeout (``timeout`` seconds when given), or when
+    the connection ends first -- unless ``partial``: then what arrived (maybe nothing)."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        try:
+            chunk = sock.recv(1)
+        except TimeoutError:
+            raise AssertionError(f"no complete head within {sock.gettimeout():g}s; got {head!r}") from None
+        if not chunk and partial:
+            break
+        assert chunk, f"the connection ended before a complete head; got {head!r}"
+        head += chunk
+    return head
+
+
+def get_status(gw, url: str, out: list) -> None:
+    """One ``GET url`` through ``gw`` on a new connection (a thread's target): its status goes
+    to ``out`` -- 0 when the answer is no HTTP/1.1 head, -1 when the connection failed."""
+    try:
+        s = socket.create_connection((gw.host, gw.port), timeout=30)
+    except OSError:
+        out.append(-1)
+        return
+    try:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = read_head(s, partial=True)
+        out.append(int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0)
+    except OSError:
+        out.append(-1)
+    finally:
+        s.close()
+
+
+def burst(gws: list, url: str, n: int) -> tuple[list[int], list[threading.Thread]]:
+    """``n`` ``get_status`` at once, each in its own (started) thread, spread over the gateways
+    ``gws`` in turn: (the list their statuses go to, the threads)."""
+    statuses: list[int] = []
+    threads = [threading.Thread(target=get_status, args=(gws[i % len(gws)], url, statuses), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    return statuses, threads
+
+
+def request_tunnel(gw, dest: str, *, headers: dict[str, str] | None = None, early: bytes = b"",
+                   source: str | None = None, timeout: float = 10.0) -> tuple[socket.socket, bytes]:
+    """Send ``CONNECT dest`` to ``gw`` (a GatewayProcess or a ``host:port``) on a new
+    connection and read the answer's head: (the socket, the head). ``headers``: the request's
+    header fields (default ``Host: dest``; ``{}`` for none). ``early``: bytes sent right after
+    the request, before any answer. ``source``: the client's address. ``timeout``: the
+    socket's."""
+    address = gw if isinstance(gw, str) else gw.address
+    fields = {"Host": dest} if headers is None else headers
+    s = connect(address, source, timeout)
+    try:
+        s.sendall(f"CONNECT {dest} HTTP/1.1\r\n".encode()
+                  + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items()) + b"\r\n" + early)
+        return s, read_head(s)
+    except BaseException:
+        s.close()
+        raise
+
+
+def open_tunnel(gw, dest: str, *, headers: dict[str, str] | None = None, early: bytes = b"",
+                source: str | None = None, timeout: float = 10.0, expect: bytes = b"HTTP/1.1 200 ") -> socket.socket:
+    """``request_tunnel``, and its answer must start with ``expect`` (an established tunnel
+    unless told otherwise): the socket, positioned right after the head."""
+    s, head = request_tunnel(gw, dest, headers=headers, early=early, source=source, timeout=timeout)
+    if not head.startswith(expect):
+        s.close()
+        raise AssertionError(head)
+    return s
 
 
 def _complete(data: bytes) -> bool:

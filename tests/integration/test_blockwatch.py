@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trustme
 
-from .peers import ClosedPort, ReservedPort, base_config, wait_for
+from .peers import ClosedPort, ReservedPort, base_config, request_tunnel, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 FAST = {"window": "60s", "throttle_after": 3, "suspect_after": 2, "block_after": 4, "block_ratio": 0.5}
@@ -344,13 +344,8 @@ def tls_provider(ca):
 def _tunnel(gw, port: int, ca: trustme.CA) -> tuple[bytes, str]:
     """CONNECT localhost:PORT through the gateway, then a TLS handshake and a request inside:
     (the CONNECT reply head, "ok" or the error the handshake met)."""
-    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
-        s.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            assert chunk, head
-            head += chunk
+    s, head = request_tunnel(gw, f"localhost:{port}")
+    with s:
         if not head.startswith(b"HTTP/1.1 200"):
             return head, "refused"
         ctx = ssl.create_default_context()

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from .faulty import FaultyServer, Peer, connect, read_until_close, rst_close
-from .peers import GatewayProcess, base_config
+from .faulty import FaultyServer, Peer, read_until_close, rst_close
+from .peers import GatewayProcess, base_config, connect
 
 RSS_MARGIN_KIB = 40 * 1024  # what one hostile connection may cost at most, whatever it sends
 SERVED_WITHIN = 10.0  # a well-behaved client's request completes within this, even under attack

@@ -23,7 +23,7 @@ import trustme
 import yaml
 
 from .conftest import curl
-from .peers import Origin, ReservedPort, base_config, raw_exchange, wait_for
+from .peers import Origin, ReservedPort, base_config, open_tunnel, raw_exchange, wait_for
 from .test_status_page import parse_dom, render
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -234,18 +234,6 @@ def _cutover_config(allowlist, echo_port: int, bind: str, **profile) -> dict:
     )
 
 
-def _tunnel(gw, port: int) -> socket.socket:
-    s = socket.create_connection((gw.host, gw.port), timeout=30)
-    s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return s
-
-
 def _roundtrip(s: socket.socket, data: bytes) -> None:
     s.sendall(data)
     got = b""
@@ -280,7 +268,7 @@ def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, al
 
     gw = start_gateway(config("127.0.0.2"))
     assert _ip(gw, origin) == b"127.0.0.2"
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     # the new address is not on the provider's allowlist: the reload keeps the old member
     status, doc = _reload_to(gw, config("127.0.0.3"))
@@ -468,7 +456,7 @@ def test_verified_switch_waits_for_the_egress_ip_attestation_too(start_gateway, 
     allowlist.allowed.update({"127.0.0.2", "127.0.0.3"})
     gw = start_gateway(_slip_config(allowlist, echo.port, origin, "127.0.0.2", ["127.0.0.2"]))
     assert _ip(gw, origin) == b"127.0.0.2"
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.2"]))
     assert status == 200 and doc["reloaded"] is True

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from .dnsserver import DnsServer
-from .faulty import Blackhole, connect, read_until_close
-from .peers import ClosedPort, base_config, raw_exchange
+from .faulty import Blackhole, read_until_close
+from .peers import ClosedPort, base_config, connect, raw_exchange
 
 
 def _status(resp: bytes) -> int:

@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from .faulty import FaultyServer, Peer, Response, connect, read_until_close
-from .peers import Tripwire, base_config, raw_exchange
+from .faulty import FaultyServer, Peer, Response, read_until_close
+from .peers import Tripwire, base_config, connect, raw_exchange
 
 
 @pytest.fixture

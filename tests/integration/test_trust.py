@@ -22,12 +22,8 @@ import urllib.request
 
 import pytest
 
-from .faulty import (
-    connect,
-    read_until_close,
-    rst_close,
-)
-from .peers import GatewayProcess, base_config
+from .faulty import read_until_close, rst_close
+from .peers import GatewayProcess, base_config, connect
 
 SETTLE = 5.0
 
