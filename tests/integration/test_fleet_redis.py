@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from .counting import CountingOrigin
-from .peers import ReservedPort, base_config, burst, get_status, wait_for
+from .peers import HTTPPeer, QuietHandler, ReservedPort, base_config, burst, get_status, join_all, wait_for
 from .redisserver import RedisServer
 
 WORKERS = 2
@@ -62,12 +62,6 @@ def _instances(start_gateway, redis: RedisServer, protect: list[dict], n: int = 
     return gws
 
 
-def _join(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a request hung"
-
-
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -99,7 +93,7 @@ def test_two_instances_never_exceed_max_concurrent(start_gateway, redis, origin)
     wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
     assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most, statuses)
     origin.release.set()
-    _join(threads)
+    join_all(threads)
     assert statuses.count(200) == 3 and statuses.count(429) == N - 3, statuses
     wait_for(lambda: origin.in_flight == 0, "the origin idle")
     # the other instance alone: it has to get the slots the first one holds
@@ -116,7 +110,7 @@ def test_two_instances_never_exceed_max_concurrent(start_gateway, redis, origin)
             wait_for(lambda a=admitted, n=sent: len(a) + origin.in_flight >= n, "answered or in flight")
         assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most)
         origin.release.set()
-        _join(threads)
+        join_all(threads)
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
 
 
@@ -125,7 +119,7 @@ def test_one_token_bucket_for_the_fleet(start_gateway, redis, origin):
     the origin."""
     gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}])
     statuses, threads = burst(gws, origin.url("/x"), N)
-    _join(threads)
+    join_all(threads)
     assert sorted(statuses) == [200] + [429] * (N - 1), statuses
     assert origin.seen("/x") == 1
 
@@ -149,7 +143,7 @@ def test_the_rate_stays_within_the_published_bound(start_gateway, redis, origin)
     threads = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
-    _join(threads)
+    join_all(threads)
     window = time.monotonic() - start
     admitted = origin.seen("/r")
     bound = max(1.0, rate) + rate * (window + slack)
@@ -168,7 +162,7 @@ def test_a_hold_learned_by_one_instance_refuses_on_the_other_within_a_second(sta
              timeout=1.0)
     assert time.monotonic() - learned < 1.5
     statuses, threads = burst([b], origin.url("/after"), 8)
-    _join(threads)
+    join_all(threads)
     assert statuses == [429] * 8 and origin.seen("/after") == 0
     # an instance that starts later learns the holds in force from the store
     late = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}], n=1,
@@ -187,7 +181,7 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
     wait_for(lambda: len(statuses) + origin.in_flight >= 4, "every request admitted or refused", timeout=20)
     assert origin.in_flight == 4, statuses
     origin.release.set()
-    _join(threads)
+    join_all(threads)
     wait_for(lambda: origin.in_flight == 0, "the origin idle")
     before = [_fds(gw) for gw in gws]
     redis.kill()
@@ -200,7 +194,7 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
                  timeout=20)
         assert origin.in_flight <= 4, (origin.in_flight, statuses)
         origin.release.set()
-        _join(threads)
+        join_all(threads)
         assert set(statuses) <= {200, 429}, statuses
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
     for gw in gws:
@@ -220,7 +214,7 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
     wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
     assert origin.in_flight <= 4
     origin.release.set()
-    _join(threads)
+    join_all(threads)
 
 
 def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
@@ -241,7 +235,7 @@ def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
     asleep.wait(5)
     wait_for(lambda: not redis.ping(), "redis asleep")  # (PING times out while it sleeps)
     statuses, threads = burst(gws, origin.url("/x"), 12)
-    _join(threads)
+    join_all(threads)
     assert not woke, "requests waited for Redis"
     assert set(statuses) <= {200, 429} and len(statuses) == 12, statuses
     for gw in gws:
@@ -268,7 +262,7 @@ def test_a_killed_instances_slots_come_back_within_lease_ttl(start_gateway, redi
     came_back = time.monotonic() - killed
     assert came_back <= LEASE_TTL + 2, came_back
     origin.release.set()
-    _join(threads)
+    join_all(threads)
 
 
 def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin):
@@ -293,7 +287,7 @@ def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin
         tls = {"password_file": str(tmp_path / "pw"), "tls": {"ca": str(ca_file)}}
         gws = _instances(start_gateway, server, protect, redis_extra=tls)
         statuses, threads = burst(gws, origin.url("/x"), N)
-        _join(threads)
+        join_all(threads)
         assert sorted(statuses) == [200] + [429] * (N - 1), statuses
         assert origin.seen("/x") == 1
         with ReservedPort() as port:
@@ -307,22 +301,15 @@ def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin
 
 
 
-class _CountingProvider:
+class _CountingProvider(HTTPPeer):
     """A loopback provider answering 200 to GET/HEAD /ping, counting every check it gets."""
 
     def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.hits = 0
         lock = threading.Lock()
         provider = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 with lock:
                     provider.hits += 1
@@ -332,14 +319,7 @@ class _CountingProvider:
 
             do_HEAD = do_GET  # noqa: N815
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_provider_checks_are_shared_by_the_fleet(start_gateway, redis):
@@ -409,9 +389,7 @@ def test_the_hold_queue_waits_for_the_fleets_slots(start_gateway, redis, origin)
     wait_for(lambda: origin.in_flight == 2 and queued() == n - 2, "two in flight, the others waiting", timeout=20)
     assert statuses == [] and origin.most == 2
     origin.release.set()
-    for t in threads:
-        t.join(40)
-        assert not t.is_alive(), "a request hung"
+    join_all(threads, 40)
     assert statuses == [200] * n, statuses
     assert origin.most == 2 and origin.seen("/hold") == n
     wait_for(lambda: sum(_metric_sum(gw, "egressgate_protect_queue_total", destination="q",

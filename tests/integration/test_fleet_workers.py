@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from .counting import CountingOrigin
-from .peers import ReservedPort, base_config, burst, get_status, wait_for
+from .peers import ReservedPort, base_config, burst, get_status, join_all, wait_for
 
 WORKERS = 2
 N = 24  # requests sent at once, each on its own connection (spread over the workers by the kernel)
@@ -69,8 +69,7 @@ def test_max_concurrent_is_never_exceeded_across_workers(start_gateway, origin):
             members = doc["profiles"]["default"]["protect"]["rules"][0]["members"]
             assert sum(m["in_flight"] for m in members.values()) == 3, members
         origin.release.set()
-        for t in threads:
-            t.join(30)
+        join_all(threads)
         assert statuses.count(200) == 3 and len(statuses) == N
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
 
@@ -80,8 +79,7 @@ def test_one_rate_bucket_for_every_worker(start_gateway, origin):
     reaches the origin (per process, each worker had a token of its own)."""
     gw = _start(start_gateway, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}])
     statuses, threads = burst([gw], origin.url("/x"), N)
-    for t in threads:
-        t.join(30)
+    join_all(threads)
     assert sorted(statuses) == [200] + [429] * (N - 1), statuses
     assert origin.seen("/x") == 1
 
@@ -95,8 +93,7 @@ def test_a_hold_learned_by_one_worker_holds_on_every_worker(start_gateway, origi
     wait_for(lambda: [w.get("holds") for w in _status(gw)["workers"]["workers"]] == [1] * WORKERS,
              "every worker holds it", timeout=5)
     statuses, threads = burst([gw], origin.url("/after"), N)
-    for t in threads:
-        t.join(30)
+    join_all(threads)
     assert statuses == [429] * N
     assert origin.seen("/after") == 0
 
@@ -123,9 +120,7 @@ def test_the_hold_queue_waits_across_workers_and_never_exceeds_max_concurrent(st
              "two in flight, the others waiting", timeout=20)
     assert statuses == [] and origin.most == 2
     origin.release.set()
-    for t in threads:
-        t.join(40)
-        assert not t.is_alive(), "a request hung"
+    join_all(threads, 40)
     assert statuses == [200] * n, statuses
     assert origin.most == 2 and origin.seen("/hold") == n
     wait_for(lambda: _metric_sum(gw, "egressgate_protect_queue_total", destination="q",

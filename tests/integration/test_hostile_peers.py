@@ -155,15 +155,8 @@ ROUTES = {"/endless-reason": _endless_reason, "/endless-header": _endless_header
 def _dispatch(p: Peer) -> str | None:
     """The hostile origin: one behaviour per connection, chosen by the first request's path
     (none of them ends a response in a way that lets the gateway reuse the connection)."""
-    data = b""
-    while b"\r\n" not in data:
-        data = p.sock.recv(4096, socket.MSG_PEEK)
-        if not data:
-            return None
-        if b"\r\n" not in data:
-            time.sleep(0.005)
-    path = data.split(b" ", 2)[1].decode("latin-1").split("?", 1)[0]
-    return ROUTES[path](p)
+    path = p.peek_path()
+    return None if path is None else ROUTES[path](p)
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,28 @@ import json
 import socket
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 
 from .dnsserver import DnsServer
-from .peers import EchoServer, base_config, connect, open_tunnel, read_head, wait_for
+from .peers import (
+    EchoServer,
+    HTTPPeer,
+    QuietHandler,
+    asked_answer,
+    base_config,
+    connect,
+    open_tunnel,
+    read_head,
+    wait_for,
+)
 
 MEMBER = "127.0.0.2"  # the egress source address both jobs share
 JOB_A, JOB_B = "127.0.0.5", "127.0.0.6"  # the two jobs' own addresses
 
 
-class Provider:
+class Provider(HTTPPeer):
     """A loopback provider: ``/wait`` answers only once ``release`` is set (a request held in
     flight), ``/answer?code=N&retry_after=V`` answers N with that Retry-After, anything else
     200. Every request is remembered (path, source address)."""
@@ -33,42 +41,23 @@ class Provider:
         self.release = threading.Event()
         provider = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(QuietHandler):
             wbufsize = 65536  # one write per answer (no delayed-ACK stall between head and body)
 
-            def log_message(self, *args) -> None:
-                pass
-
             def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                provider.seen.append((url.path, self.client_address[0]))
-                status, extra = 200, {}
-                if url.path == "/wait":
+                path, q = self.query()
+                provider.seen.append((path, self.client_address[0]))
+                status, extra = asked_answer(q) if path == "/answer" else (200, {})
+                if path == "/wait":
                     provider.arrived.set()
                     provider.release.wait(30)
-                elif url.path == "/answer":
-                    status = int(q["code"])
-                    if "retry_after" in q:
-                        extra["Retry-After"] = q["retry_after"]
-                body = f"{status} from {self.client_address[0]}\n".encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(status, f"{status} from {self.client_address[0]}\n".encode(), extra)
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        super().__init__(Handler, host)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
