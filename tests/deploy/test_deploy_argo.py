@@ -18,6 +18,7 @@ import yaml
 from conftest import ARGO, load_docs
 
 from tests import required
+from tests.integration.peers import QuietHandler
 
 WFT_PATH = ARGO / "workflowtemplate.yaml"
 
@@ -175,21 +176,14 @@ def test_collection_waits_for_both_preflights(templates):
 # ---------------------------------------------------------------- pre-flight script against a fake
 
 
-class FakeGateway(http.server.BaseHTTPRequestHandler):
+class FakeGateway(QuietHandler):
+    protocol_version = "HTTP/1.0"
     answer: dict = {}
     seen: list = []
 
     def do_GET(self):  # noqa: N802
         FakeGateway.seen.append((self.path, self.headers.get("Proxy-Authorization")))
-        body = json.dumps(FakeGateway.answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, json.dumps(FakeGateway.answer).encode(), {"Content-Type": "application/json"})
 
 
 @pytest.fixture

@@ -612,6 +612,17 @@ class ReservedPort(ClosedPort):
         self.address = f"{host}:{self.port}"
 
 
+def settled_fds(gw: GatewayProcess, baseline: int, within: float = 10.0) -> int:
+    """The gateway's descriptor count once it has come back to ``baseline`` (or after
+    ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    n = gw.fd_count()
+    while n > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+        n = gw.fd_count()
+    return n
+
+
 def wait_for(predicate, what: str, timeout: float = 10.0, interval: float = 0.02):
     """Poll ``predicate`` until it returns something truthy (returned); fail loudly, naming
     ``what``, after ``timeout`` seconds. For waiting on a state, never for time to pass."""
