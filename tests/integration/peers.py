@@ -1,5 +1,8 @@
-"""Real loopback peers for integration tests: an HTTP/1.1 origin (plain or TLS), a TCP echo
-server, and the gateway itself as a subprocess. No mocks: every byte crosses a real socket."""
+"""Real loopback peers for integration tests: an HTTP/1.1 origin (plain or TLS), the pieces
+test servers are made of (QuietHandler, HTTPPeer, Acceptor), a TCP echo server, an allowlisting
+provider, and the gateway itself as a subprocess; and the client side every test shares (raw
+CONNECT tunnels: open_tunnel/request_tunnel; one head: read_head). No mocks: every byte
+crosses a real socket."""
 
 from __future__ import annotations
 
