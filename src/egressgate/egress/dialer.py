@@ -57,7 +57,10 @@ class Dialer:
                                              reason="family_mismatch")
                         continue
                     try:
-                        _, protocol = await self._connect_one(plan.source, address, port, factory)
+                        if plan.source is None:  # (the common case, awaited here: one coroutine less)
+                            _, protocol = await self._loop.create_connection(factory, address, port)
+                        else:
+                            _, protocol = await self._connect_bound(plan.source, address, port, factory)
                         protocol.remote = address
                         return protocol
                     except SourceUnavailable:
@@ -83,11 +86,9 @@ class Dialer:
         raise UpstreamError(f"cannot connect to {_show(addresses, port)}: {last}", reason="connect_failed",
                             proxy_status="destination_unavailable") from None
 
-    async def _connect_one(self, source: str | None, address: str, port: int,
-                           factory: Callable[[], Upstream]) -> tuple[asyncio.Transport, Upstream]:
+    async def _connect_bound(self, source: str, address: str, port: int,
+                             factory: Callable[[], Upstream]) -> tuple[asyncio.Transport, Upstream]:
         loop = self._loop
-        if source is None:
-            return await loop.create_connection(factory, address, port)
         sock = socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
         try:
             try:

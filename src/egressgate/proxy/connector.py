@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..egress.chain import TunnelRefused
 from ..egress.dialer import Dialer, SourceUnavailable
@@ -82,12 +82,13 @@ class Connector:
         return (plan.key, r.addresses[0], r.dest.port)
 
     # --- new connections -----------------------------------------------------------------------
-    async def connect(self, r: Route, connect: bool, chain_timeout: float, fresh: bool = False) -> Link:
-        """A connection for the route: pooled (unless ``fresh`` or a CONNECT) or new."""
+    def connect(self, r: Route, connect: bool, chain_timeout: float, fresh: bool = False) -> Awaitable[Link]:
+        """A connection for the route, to await: pooled (unless ``fresh`` or a CONNECT) or new.
+        (A plain function handing back the coroutine that does it: one level less to resume.)"""
         pooled = not connect and not fresh
         if r.chained:
-            return await self._via_upstream_proxy(r, connect, pooled, chain_timeout)
-        return await self._direct(r, connect, pooled)
+            return self._via_upstream_proxy(r, connect, pooled, chain_timeout)
+        return self._direct(r, connect, pooled)
 
     async def _direct(self, r: Route, connect: bool, pooled: bool) -> Link:
         last: UpstreamError | None = None
@@ -97,13 +98,15 @@ class Connector:
                 up = self.pool.take((plan.key, addresses[0], port))
                 if up is not None:
                     return Link(up, True, plan)
-            try:
-                up = await self.dial(plan, pool, r, addresses, connect)
-            except UpstreamError as err:
-                if err.reason != "source_unavailable":
-                    raise
+            t0 = time.perf_counter()
+            try:  # (the dial awaited here, not in a helper coroutine: one level less to resume)
+                up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses,
+                                           self._new_tunnel_upstream if connect else self._new_upstream, connect)
+            except SourceUnavailable as err:
+                self._source_unavailable(pool, plan, err)
                 last = err
                 continue
+            self._dialed(pool, plan, t0)
             if connect:  # (a banner the server sent already goes to the client first)
                 return Link(up, False, plan, leftover=up.take_early())
             up.key = (plan.key, up.remote, port)
@@ -121,7 +124,15 @@ class Connector:
                     up = self.pool.take(key)
                     if up is not None:
                         return Link(up, True, plan, proxy)
-                up = await self.dial(plan, pool, r, None, connect, chain_timeout)
+                t0 = time.perf_counter()
+                up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, None,
+                                           self._new_tunnel_upstream if connect else self._new_upstream, connect,
+                                           chain_timeout)
+                self._dialed(pool, plan, t0)
+            except SourceUnavailable as err:
+                self._source_unavailable(pool, plan, err)
+                last = err
+                continue
             except TunnelRefused:
                 pool.mark_up(plan)  # (it answered)
                 raise
@@ -144,25 +155,19 @@ class Connector:
         finally:
             self.metrics.dns_seconds.observe(time.perf_counter() - t0)
 
-    async def dial(self, plan: EgressPlan, pool: ProfilePool, r: Route, addresses: list[str] | None, connect: bool,
-                   chain_timeout: float | None = None) -> Upstream:
-        """A new connection for ``r`` through ``plan`` (``reach``); for a tunnel (``connect``) it
-        keeps what the server sends before the tunnel is up."""
-        t0 = time.perf_counter()
-        factory = self._new_tunnel_upstream if connect else self._new_upstream
-        try:
-            up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses, factory, connect,
-                                       chain_timeout)  # (positional: the hot path)
-        except SourceUnavailable as err:
-            pool.mark_down(plan)
-            self.source_state(pool, plan, False)
-            log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
-            raise
+    def _dialed(self, pool: ProfilePool, plan: EgressPlan, t0: float) -> None:
+        """A new connection through ``plan`` is up: its connect time counted; a source address
+        marked down before is up again."""
         self.metrics.connected(pool.name, time.perf_counter() - t0)
         if plan.source is not None and pool.is_down(plan):
             pool.mark_up(plan)
             self.source_state(pool, plan, True)
-        return up
+
+    def _source_unavailable(self, pool: ProfilePool, plan: EgressPlan, err: SourceUnavailable) -> None:
+        """The host no longer has ``plan``'s source address: marked down (the next member is tried)."""
+        pool.mark_down(plan)
+        self.source_state(pool, plan, False)
+        log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
 
     def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:
         self.metrics.egress_source_up.labels(pool.name, plan.label).set(1 if up else 0)
