@@ -495,6 +495,8 @@ def test_instances_share_a_blocked_state_through_the_fleet_store(start_gateway, 
             gws.append(start_gateway(cfg))
         a, b = gws
         wait_for(lambda: all(any(e.get("event") == "started" for e in g.events) for g in gws), "both instances")
+        for g in gws:  # (every start-up check has landed: none reaches x403 after the block, see below)
+            _checked(g, "vendor-x", ["127.0.0.2", "127.0.0.3"])
         x403.blocked.add("127.0.0.2")
         for n in range(40):  # instance a alone sees the 403s
             _, headers, _ = _via(a, x403.url(f"/data?n={n}"))
