@@ -1,0 +1,72 @@
+"""Build hook: the pure-Python package by default; with ``EGRESSGATE_COMPILE=1`` the hot core
+(the modules in ``COMPILED``) is also compiled by Cython 3 in pure-Python mode, unchanged
+(issue 27). Everything else is in pyproject.toml.
+
+    pip install -e .                                       # pure (the dev venv)
+    pip install cython setuptools wheel
+    EGRESSGATE_COMPILE=1 pip install --no-build-isolation .   # compiled (never in-place into src/:
+                                                           # a .so beside a .py shadows it)
+
+A compiled module ships beside its ``.py`` (which stays the source of tracebacks and docs); the
+``.so`` wins on import. ``egressgate --version`` says which build runs. Not compiled: config/
+(pydantic reads runtime annotations), the commands, admin, fleet and the cold paths -- nothing
+there runs per request.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# The hot path of a request, a CONNECT tunnel and a SOCKS5 tunnel (picked with
+# `bench/instructions.py --profile`); paths relative to src/.
+COMPILED = [
+    "egressgate/errors.py",
+    "egressgate/model.py",
+    "egressgate/http1/*.py",
+    "egressgate/socks5/*.py",
+    "egressgate/policy/*.py",
+    "egressgate/egress/plan.py",
+    "egressgate/egress/dialer.py",
+    "egressgate/egress/resolver.py",
+    "egressgate/egress/localaddr.py",
+    "egressgate/observe/accesslog.py",
+    "egressgate/observe/metrics.py",
+    "egressgate/observe/outcomes.py",
+    "egressgate/observe/tally.py",
+    "egressgate/proxy/*.py",
+]
+# Modules Cython compiles but that then behave differently: left pure.
+EXCLUDED = [
+    "egressgate/*/__init__.py",  # package docstrings and re-exports: nothing hot
+]
+
+
+def _ext_modules():
+    if os.environ.get("EGRESSGATE_COMPILE", "") not in ("1", "true", "yes"):
+        return []
+    from Cython.Build import cythonize  # build requirement of the compiled variant only
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.chdir(os.path.join(here, "src"))  # module names from paths relative to src/
+    try:
+        exts = cythonize(
+            COMPILED,
+            exclude=EXCLUDED,
+            compiler_directives={"language_level": 3, "binding": True},
+            nthreads=os.cpu_count() or 1,
+            quiet=True,
+        )
+    finally:
+        os.chdir(here)
+    for e in exts:
+        e.sources = [os.path.join("src", s) for s in e.sources]
+        e.extra_compile_args = ["-O2", "-g0"]
+    return exts
+
+
+setup(
+    ext_modules=_ext_modules(),
+    options={"build_ext": {"parallel": os.cpu_count() or 1}},
+)
