@@ -57,11 +57,12 @@ def _ext_modules():
             compiler_directives={"language_level": 3, "binding": True},
             nthreads=os.cpu_count() or 1,
             quiet=True,
+            build_dir=os.path.join(here, "build", "cython"),  # the generated C: not into src/
         )
     finally:
         os.chdir(here)
     for e in exts:
-        e.sources = [os.path.join("src", s) for s in e.sources]
+        e.sources = [s if os.path.isabs(s) else os.path.join("src", s) for s in e.sources]
         e.extra_compile_args = ["-O2", "-g0"]
     return exts
 
