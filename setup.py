@@ -22,20 +22,14 @@ from setuptools import setup
 # The hot path of a request, a CONNECT tunnel and a SOCKS5 tunnel (picked with
 # `bench/instructions.py --profile`); paths relative to src/.
 COMPILED = [
-    "egressgate/errors.py",
     "egressgate/model.py",
-    "egressgate/http1/*.py",
-    "egressgate/socks5/*.py",
+    "egressgate/http1/rewrite.py",
+    "egressgate/http1/responses.py",
+    "egressgate/socks5/machine.py",
     "egressgate/policy/*.py",
     "egressgate/egress/plan.py",
-    "egressgate/egress/dialer.py",
-    "egressgate/egress/resolver.py",
-    "egressgate/egress/localaddr.py",
     "egressgate/observe/accesslog.py",
-    "egressgate/observe/metrics.py",
-    "egressgate/observe/outcomes.py",
-    "egressgate/observe/tally.py",
-    "egressgate/proxy/*.py",
+    "egressgate/proxy/route.py",
 ]
 # Modules Cython compiles but that then behave differently: left pure.
 EXCLUDED = [
