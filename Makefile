@@ -106,7 +106,7 @@ bench: $(STAMP) $(CSTAMP)
 	$(BIN)/python bench/instructions.py --kinds request,tunnel,socks \
 		--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,egressgate-compiled,egressgate-policy-compiled,egressgate-protect-compiled,squid,tinyproxy,trafficserver \
 		--out bench/results/instructions
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --peers squid,tinyproxy,trafficserver,egressgate,egressgate-policy,egressgate-compiled,egressgate-policy-compiled
 	$(BIN)/python bench/protect_cost.py   # shared-IP protection's cost per request, with and without a fleet store
 
 bench-quick: $(STAMP)
