@@ -450,6 +450,31 @@ def function_costs(path: Path, inclusive: bool) -> dict[str, int]:
     return out
 
 
+# Where a proxy's instructions go, by component: the first pattern a function's file matches.
+COMPONENTS = (
+    ("CPython bytecode loop", re.compile(r"Python/ceval|pycore_ceval|Python/frame\.c|pycore_frame")),
+    ("CPython calls, objects, memory, GC", re.compile(r"Python-3\.\d+\.\d+/(\./)?(Objects|Python|Include|Modules)/")),
+    ("uvloop (Cython event loop)", re.compile(r"uvloop")),
+    ("libuv", re.compile(r"libuv")),
+    ("httptools / llhttp", re.compile(r"httptools|llhttp|http-parser|http_parser")),
+    ("glibc (memcpy, malloc, printf of addresses, syscall stubs)",
+     re.compile(r"sysdeps|/glibc|libc|nptl|malloc|string/|stdio-common|libio|inet/|resolv/")),
+)
+
+
+def components_table(own: dict[str, float]) -> str:
+    """Own instructions per operation summed by component (``COMPONENTS``), largest first."""
+    sums: dict[str, float] = {}
+    for name, v in own.items():
+        where = next((label for label, pat in COMPONENTS if pat.search(name)), "other (our compiled modules, ...)")
+        sums[where] = sums.get(where, 0.0) + v
+    total = sum(sums.values()) or 1.0
+    lines = ["## own instructions per operation, by component", "", "| component | per operation | share |",
+             "|---|---:|---:|"]
+    lines += [f"| {k} | {v:,.0f} | {v / total:.0%} |" for k, v in sorted(sums.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines + [""])
+
+
 def profile_table(res: dict, top: int = 40) -> str:
     """Functions by instructions per operation (inclusive and own), 5N - N over 4N."""
     (small,), (big,) = ([Path(f) for f in fs] for fs in res["files"])
@@ -461,6 +486,8 @@ def profile_table(res: dict, top: int = 40) -> str:
         rows = sorted(per.items(), key=lambda kv: -kv[1])[:top]
         lines += [f"## {'inclusive' if inclusive else 'own'} instructions per operation", ""]
         lines += [f"{v:>12,.0f}  {k}" for k, v in rows] + [""]
+        if not inclusive:
+            lines.append(components_table(per))
     return "\n".join(lines)
 
 

@@ -101,7 +101,7 @@ class App:
         self.admin_address: str | None = None  # the configured admin address in force
         self.admin_token: str | None = None
         gateway = self.gateway
-        self.keys = KeySources(gateway.connector.dialer, lambda: gateway.connector.resolver, self.metrics,
+        self.keys = KeySources(lambda: gateway.connector.reach, self.metrics,
                                lambda: gateway.runtime.timeouts.upstream_connect)
         runtime.clients.keys = self.keys
         self.metrics.ready.set_function(lambda: 0 if readiness(gateway) else 1)
@@ -120,8 +120,7 @@ class App:
             gateway.dispatcher.receipts = self.desk
         self.private_server: asyncio.base_events.Server | None = None  # worker 0's private socket
         self.check_store = self._check_store()
-        self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.dialer,
-                                 lambda: gateway.connector.resolver, self._publish_checks,
+        self.verifier = Verifier(lambda: gateway.runtime, lambda: gateway.connector.reach, self._publish_checks,
                                  self.attestor.attest, log=worker == 0, on_error=gateway.internal_error,
                                  held=gateway.protect.hold_on, observed=gateway.blocks.checked,
                                  shared=SharedChecks(self.check_store) if self.check_store is not None else None,

@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | None, timeout: float) -> int:
     import asyncio
 
+    from .egress.dialer import Dialer
+    from .egress.reach import Reach
     from .proxy.build import load_runtime, make_resolver
     from .services.probe import format_table, probe_pools
 
@@ -182,7 +184,11 @@ def _probe(config_path: str | None, profiles: list[str] | None, echo_url: str | 
             return 2
         pools = {name: pools[name] for name in profiles}
     resolver = make_resolver(rt.config)  # dns.servers, as the server resolves
-    observations = asyncio.run(probe_pools(pools, url, timeout, resolver=resolver))
+
+    async def run() -> list:
+        return await probe_pools(pools, url, timeout, Reach(Dialer(asyncio.get_running_loop()), resolver.resolve))
+
+    observations = asyncio.run(run())
     print(format_table(observations))
     return 0 if all(o.ok for o in observations) else 1
 

@@ -426,7 +426,7 @@ def test_a_paused_upstream_never_goes_back_to_the_pool():
     produced on demand through the kernel's multi-megabyte loopback buffers."""
     import asyncio
 
-    from egressgate.proxy.upstream import Upstream, UpstreamPool
+    from egressgate.egress.upstream import Upstream, UpstreamPool
 
     async def scenario() -> tuple[int, bool, int, bool]:
         loop = asyncio.get_running_loop()

@@ -707,3 +707,95 @@ def test_a_waiting_connect_whose_client_goes_away_leaves_the_queue_at_once(start
     assert after.recv(4) == b"ping"
     after.close()
     assert len(echo_server.peers) == dialed + 2  # the first tunnel and the last: never the one that left
+
+
+class _Closer:
+    """An origin that accepts, reads the request head and closes without answering."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_every_ending_releases_its_shared_ip_admission(start_gateway, provider, echo_server):
+    """Issue 32 (the protect admission is an object with its own release): however a request or
+    tunnel ends, its admission is released once -- answered, the origin closing before its
+    answer, the origin refusing the connection, the client leaving while it waits, a malformed
+    body, a tunnel closed, a tunnel reset. With ``max_concurrent: 1`` a leaked admission shows
+    as the next request's 429; the in-flight gauge is 0 after each."""
+    closer = _Closer()
+    refusing = socket.create_server(("127.0.0.1", 0))
+    dead_port = refusing.getsockname()[1]
+    refusing.close()  # nothing listens there: the dial is refused
+    gw = start_gateway(_config([{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 1}],
+                               [echo_server.port]))
+    url = f"http://127.0.0.1:{provider.port}"
+
+    def in_flight() -> float | None:
+        return _metric(gw, "egressgate_protect_in_flight", profile="shared", member=MEMBER, destination="p")
+
+    def released(what: str) -> None:
+        wait_for(lambda: in_flight() == 0, f"the admission released after {what}")
+        ok = _exchange(JOB_B, gw, f"GET {url}/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert _status(ok) == 200, (what, ok)
+        wait_for(lambda: in_flight() == 0, f"the check request's admission released after {what}")
+
+    try:
+        # answered (keep-alive: the connection stays open, the admission does not)
+        with _connect_from(JOB_A, gw) as s:
+            s.sendall(f"GET {url}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            released("an answered request on a kept-alive connection")
+        # the origin closes before answering: 502
+        answer = _exchange(JOB_A, gw, f"GET http://127.0.0.1:{closer.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert _status(answer) == 502, answer
+        released("an origin that closed before its answer")
+        # the origin refuses the connection: 502
+        answer = _exchange(JOB_A, gw, f"GET http://127.0.0.1:{dead_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert _status(answer) == 502, answer
+        released("a refused dial")
+        # the client leaves while its request waits for the origin
+        with _connect_from(JOB_A, gw) as s:
+            s.sendall(f"GET {url}/wait HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert provider.arrived.wait(10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        gw.wait_log(lambda r: r["status"] == 499)
+        provider.release.set()
+        released("a client that left mid-request")
+        # a malformed chunked body after the head was admitted: 400
+        answer = _exchange(JOB_A, gw, f"POST {url}/post HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      f"zz\r\n".encode())
+        assert _status(answer) == 400, answer
+        released("a malformed request body")
+        # a tunnel closed by its client, and one reset by it
+        dest = f"127.0.0.1:{echo_server.port}"
+        with _tunnel(JOB_A, gw, dest) as t:
+            t.sendall(b"ping")
+            assert t.recv(4) == b"ping"
+        released("a closed tunnel")
+        t = _tunnel(JOB_A, gw, dest)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        t.close()
+        released("a reset tunnel")
+    finally:
+        closer.close()

@@ -489,6 +489,10 @@ def test_verified_switch_waits_for_the_egress_ip_attestation_too(start_gateway, 
     first = refused_at()
     wait_for(lambda: refused_at() > first, "a later check of the pending member")
     assert _ip(gw, origin) == b"127.0.0.2"
+    # a member seen leaving from a wrong IP is never shown to the provider, not even by a check
+    assert "127.0.0.3" not in allowlist.hits, allowlist.hits
+    checks = json.loads(_get(gw.admin + "/status")[1])["profiles"]["vendor"]["providers"]["pending_switch"]
+    assert any("leaves from" in f["detail"] and f["outcome"] == "throttled" for f in checks["refused_by"]), checks
     # the config is corrected: the switch happens, attested and accepted
     status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.3"]))
     assert status == 200 and "pending_switches" not in doc and "refusing" not in doc, doc

@@ -5,8 +5,8 @@ connections, driven event by event, with no socket anywhere.
   text by ``app.load_runtime_text``; its sweeper and listeners are never started.
 - A client connection is a real ``ClientConnection`` on a ``FakeTransport``: the test calls
   the protocol's callbacks itself (``data_received``, ``eof_received``, ``pause_writing``...).
-- Upstream connections are faked at the dialer (``egress.dialer.Dialer``, the one piece of the
-  connector that opens sockets): ``FakeDialer.connect`` makes a real ``Upstream`` protocol on a
+- Upstream connections are faked at the dialer (``egress.dialer.Dialer``, in ``egress.reach``, the
+  one piece of the way out that opens sockets): ``FakeDialer.connect`` makes a real ``Upstream`` protocol on a
   ``FakeTransport`` (or raises a queued error, or waits while the test holds the dial). The
   rest of the connector (routes, pool, retries) is the real code.
 - A ``FakeTransport`` records every byte written (``take()``: what came since the last take)
@@ -28,12 +28,12 @@ from collections.abc import Callable
 
 from egressgate.app import load_runtime_text
 from egressgate.egress.resolver import Resolver
+from egressgate.egress.upstream import Upstream
 from egressgate.model import AccessRecord
 from egressgate.observe.metrics import Metrics
 from egressgate.proxy.listeners import ListenerInfo
 from egressgate.proxy.server import Gateway
 from egressgate.proxy.session import ClientConnection
-from egressgate.proxy.upstream import Upstream
 
 LISTENER = "127.0.0.1:3128"
 CLIENT_PEER = ("127.0.0.1", 5555)
@@ -194,7 +194,8 @@ class FakeDialer:
         self.upstreams.append((up, t))
         if self.at_once is not None:
             self.at_once(t)
-        return t, up, addresses[0]
+        up.remote = addresses[0]
+        return up
 
 
 class RecordingLog:
@@ -226,7 +227,7 @@ class Play:
 
         self.gw.internal_error = internal_error
         self.dialer = FakeDialer(self.loop)
-        self.gw.connector.dialer = self.dialer
+        self.gw.connector.reach.dialer = self.dialer
         self.connects: list[tuple[str, bool, bool]] = []  # (destination, CONNECT, fresh) per Connector.connect
         real_connect = self.gw.connector.connect
 

@@ -20,7 +20,7 @@ POLICY = TokenPolicy(issuer=S.url, audiences=("egressgate",), accounts=("a/b",),
 class Fake(KeySources):
     def __init__(self) -> None:
         self.now = 1000.0
-        super().__init__(None, lambda: None, Metrics(), clock=lambda: self.now)
+        super().__init__(lambda: None, Metrics(), clock=lambda: self.now)
         self.fetched: list[str] = []
         self.down = False
         self.discovery = {"issuer": S.url, "jwks_uri": S.url + "/jwks"}

@@ -16,7 +16,8 @@ counts, wherever it sits: top level, inside functions, inside ``if TYPE_CHECKING
 
 Layers, bottom to top:
   errors, model -> config -> policy, http1, socks5, egress.plan, observe
-  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer (egress.localaddr) -> proxy (proxy.build),
+  (fleet.ledger, fleet.wire) -> egress.resolver, egress.dialer, egress.upstream, egress.chain, egress.reach,
+  egress.fetch (egress.localaddr: the egress I/O, the one way out) -> proxy (proxy.build),
   admin, fleet -> services -> app -> commands, cli
 """
 
@@ -50,6 +51,10 @@ LAYER_OF: dict[str, int] = {
     "egressgate.egress.resolver": 3,
     "egressgate.egress.dialer": 3,
     "egressgate.egress.localaddr": 3,
+    "egressgate.egress.upstream": 3,  # the protocol of one outbound connection (and idle ones kept)
+    "egressgate.egress.chain": 3,  # the chained-proxy client (CONNECT through an upstream proxy)
+    "egressgate.egress.reach": 3,  # the one way out: member x destination x guard -> a connection
+    "egressgate.egress.fetch": 3,  # one HTTP(S) request through a member, over reach
     "egressgate.fleet.ledger": 2,  # pure: the owner's accounts of shared budgets
     "egressgate.fleet.wire": 2,  # pure: the messages between workers and their owner
     "egressgate.proxy": 4,
@@ -62,7 +67,7 @@ LAYER_OF: dict[str, int] = {
     "egressgate.cli": 7,
     "egressgate.__main__": 7,
 }
-LAYER_NAMES = ["errors/model", "config", "policy/http1/egress.plan/observe", "egress.resolver/dialer",
+LAYER_NAMES = ["errors/model", "config", "policy/http1/egress.plan/observe", "egress I/O (dialer, reach, fetch)",
                "proxy/admin/fleet", "services", "app", "commands/cli"]
 
 
@@ -343,3 +348,46 @@ def test_the_package_root_holds_only_the_app_and_the_model() -> None:
     ``proxy/``. A new root module is a design decision, made here on purpose."""
     root_modules = sorted(path.stem for path in ROOT.glob("*.py"))
     assert root_modules == ["__init__", "__main__", "app", "cli", "errors", "model"]
+
+
+def _gateway_reaches(path: Path) -> dict[str, int]:
+    """Every ``<x>.gw.<name>`` / ``gw.<name>`` attribute a module reads: name -> first line."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            inner = node.value
+            via_gw = (isinstance(inner, ast.Name) and inner.id == "gw") or (
+                isinstance(inner, ast.Attribute) and inner.attr == "gw")
+            if via_gw:
+                found.setdefault(node.attr, node.lineno)
+    return found
+
+
+def _members(protocol: type) -> set[str]:
+    names: set[str] = set()
+    for klass in protocol.__mro__:
+        if klass is object:
+            continue
+        names |= set(getattr(klass, "__annotations__", {})) | {n for n in vars(klass) if not n.startswith("_")}
+    return names
+
+
+@pytest.mark.parametrize(("module", "protocol"), [
+    ("proxy/pipeline.py", "Services"), ("proxy/socks.py", "Services"), ("proxy/serve.py", "Services"),
+    ("proxy/session.py", "ConnectionServices"), ("admin/server.py", "GatewayView"), ("admin/parts.py", "GatewayView"),
+])
+def test_a_phase_uses_only_the_narrow_services_it_declares(module: str, protocol: str) -> None:
+    """Issue 32: the phases no longer use the ``Gateway`` as a service locator. A phase sees
+    ``serve.Services`` (the connection ``session.ConnectionServices``, the admin endpoints
+    ``admin.server.GatewayView``); reaching for anything
+    else of the gateway fails here -- add it to the protocol, where it is visible, or pass it."""
+    from egressgate.admin import server as admin
+    from egressgate.proxy import serve, session
+
+    home = {"Services": serve, "ConnectionServices": session, "GatewayView": admin}[protocol]
+    allowed = _members(getattr(home, protocol))
+    reaches = _gateway_reaches(SRC / "egressgate" / module)
+    assert reaches, f"{module}: no gateway reach found (the check would prove nothing)"
+    outside = {name: line for name, line in reaches.items() if name not in allowed}
+    assert not outside, f"{module} reaches the gateway outside {protocol}: " + ", ".join(
+        f"gw.{n} (line {line})" for n, line in sorted(outside.items()))

@@ -104,3 +104,27 @@ def test_merger_keeps_worker_indices_when_a_worker_is_missing():
     out = merger.merge([(0, 1, exposition()), (1, None, None), (2, 30, exposition(cpu=5.0))])
     assert get(out, "process_cpu_seconds_total", worker="2") == 5.0
     assert get(out, "process_cpu_seconds_total", worker="1") == 0
+
+
+def test_every_metric_declares_how_the_workers_values_merge() -> None:
+    """Issue 32: the merge policy is declared where each metric is made (``observe.metrics``),
+    not in a second list: a family of a fresh ``Metrics`` without a declaration fails here, and
+    a gauge cannot be made without one."""
+    from egressgate.observe import metrics
+
+    m = metrics.Metrics()
+    ours = {f.name for f in m.registry.collect() if f.name.startswith(metrics.PREFIX)}
+    assert len(ours) > 40, sorted(ours)
+    undeclared = sorted(n for n in ours if metrics.merge_policies().get(n) not in (metrics.SUM, metrics.FIRST))
+    assert not undeclared, f"metrics without a declared merge policy: {undeclared}"
+    with pytest.raises(TypeError):
+        metrics.gauge("new_gauge_without_policy", "doc", registry=None)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        metrics.gauge("new_gauge_bad_policy", "doc", merge="max", registry=None)
+
+
+def test_a_family_declared_first_comes_from_worker_0_and_a_live_gauge_adds_up() -> None:
+    """From the declarations: egressgate_ready (FIRST) is worker 0's; active_connections (SUM) adds up."""
+    text = merge([exposition(connections=2, ready=1), exposition(connections=3, ready=0)])
+    assert get(text, "egressgate_ready") == 1
+    assert get(text, "egressgate_active_connections", listener="l") == 5

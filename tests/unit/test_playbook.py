@@ -568,7 +568,7 @@ def test_a_tunnel_keeps_no_request_pipeline_alive(play):
 def test_a_connection_with_request_bytes_still_unsent_is_not_pooled():
     """An upstream whose write buffer still holds request bytes is closed, not kept for the next
     request (which would follow bytes the origin has not even read)."""
-    from egressgate.proxy.upstream import Upstream, UpstreamPool
+    from egressgate.egress.upstream import Upstream, UpstreamPool
 
     class Transport:
         buffered = 0

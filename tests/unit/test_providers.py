@@ -201,7 +201,7 @@ def test_a_bug_in_one_check_cancels_the_rest_of_the_round(monkeypatch) -> None:
 
     started: list[asyncio.Task] = []
 
-    async def fake_check(plan, spec_, dialer, resolver, guard):
+    async def fake_check(plan, spec_, reach, guard):
         started.append(asyncio.current_task())
         if plan.source == "127.0.0.2":
             raise RuntimeError("injected")
@@ -212,7 +212,7 @@ def test_a_bug_in_one_check_cancels_the_rest_of_the_round(monkeypatch) -> None:
     async def go() -> None:
         pairs = [(m, spec()) for m in members("127.0.0.2", "127.0.0.3", "127.0.0.4")]
         with pytest.raises(RuntimeError):
-            await checks.check_pools({}, board(), None, None, None, only=pairs)
+            await checks.check_pools({}, board(), None, None, only=pairs)
         await asyncio.sleep(0)
         assert len(started) == 3 and all(t.done() for t in started)
 

@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs
 
 import httptools
@@ -62,15 +62,43 @@ from ..errors import ConfigError
 from ..http1.responses import simple_response
 from ..model import ip_or_none, parse_moment, with_iso
 from ..observe.merge import Merger
-from ..proxy.server import Gateway
 from ..proxy.whoami import ReceiptQuery
 from . import parts
+
+if TYPE_CHECKING:
+    from ..observe.metrics import Metrics
+    from ..observe.outcomes import Outcomes
+    from ..proxy.blocks import BlockDesk
+    from ..proxy.connector import Connector
+    from ..proxy.gate import Gate
+    from ..proxy.listeners import Listeners
+    from ..proxy.protect import SharedIpGuard
+    from ..proxy.runtime import Runtime
 
 Reloader = Callable[[], Awaitable[None]]
 OPEN_LIMIT = 200  # open connections listed in /status, oldest first
 REFUSED_LIMIT = 100  # sources refused at the gate listed in /status, most recent first
 PID_HEADER = "X-Egressgate-Pid"  # which process answered a worker's private /metrics
 TALLIES_PATH = "/-/tallies"  # a worker's own receipt tallies, on its private socket
+
+
+class GatewayView(Protocol):
+    """What the admin endpoints read of the gateway (``proxy.server.Gateway`` is one): the
+    status page shows much, but nothing here serves, dispatches or admits."""
+
+    runtime: Runtime  # the configuration in force
+    draining: bool
+    started: float  # wall-clock start
+    metrics: Metrics
+    outcomes: Outcomes  # recent denials
+    listeners: Listeners  # the addresses listened on
+    gate: Gate  # sources refused at accept
+    connector: Connector  # idle upstream connections (a count)
+    protect: SharedIpGuard  # shared-IP limits and holds (a view)
+    blocks: BlockDesk  # block states (a view)
+
+    def open_connections(self) -> list[dict]: ...  # a snapshot of the open connections
+    def internal_error(self, where: str, exc: BaseException) -> None: ...
 
 
 class WorkerView(Protocol):
@@ -207,7 +235,7 @@ def _host_name(host: str) -> str | None:
     return name.rstrip(".") or None
 
 
-def readiness(gw: Gateway) -> list[str]:
+def readiness(gw: GatewayView) -> list[str]:
     """Why this instance should not get new connections (empty: ready).
 
     Profiles with ``expect_ip`` refuse their own traffic while their egress IP is wrong or
@@ -232,7 +260,7 @@ def readiness(gw: Gateway) -> list[str]:
     return problems
 
 
-def profile_readiness(gw: Gateway) -> dict[str, dict]:
+def profile_readiness(gw: GatewayView) -> dict[str, dict]:
     """Per profile: does it carry traffic, and what its egress IP check saw."""
     out = {}
     for name, pool in gw.runtime.profiles.items():
@@ -252,7 +280,7 @@ def _attestation(pool, plan) -> dict:
             "failed_rounds": pool.fails.get(plan, 0)}
 
 
-def status(gw: Gateway, workers: WorkerView | None = None, receipts: ReceiptDeskView | None = None) -> dict:
+def status(gw: GatewayView, workers: WorkerView | None = None, receipts: ReceiptDeskView | None = None) -> dict:
     rt = gw.runtime
     per_client: Counter[str] = Counter()
     per_profile: Counter[str] = Counter()
@@ -349,7 +377,7 @@ class AdminProtocol(asyncio.Protocol):
     ``merger``, their state shown by /readyz and /status). ``metrics_only``: the private
     listener of a worker > 0."""
 
-    def __init__(self, gw: Gateway, reload: Reloader | None, token: Callable[[], str | None],
+    def __init__(self, gw: GatewayView, reload: Reloader | None, token: Callable[[], str | None],
                  conns: AdminConnections, workers: WorkerView | None = None, merger: Merger | None = None,
                  metrics_only: bool = False, receipts: ReceiptDeskView | None = None) -> None:
         self.gw = gw

@@ -143,6 +143,17 @@ def _events(path: str):
         raise UsageError(f"cannot read events file {path}: {exc.strerror}") from None
 
 
+
+# a member's evidence, section by section: (key in the document, title, one line per entry)
+_SECTIONS = (
+    ("samples", "sample answers",
+     lambda s: f"{s['ts']}  {s['status']}  {s['method']} {s['target']}  [{s['signal']}] {s['evidence']}"),
+    ("tls_alerts", "TLS alerts", lambda s: f"{s['ts']}  {s['evidence']}"),
+    ("state_changes", "state changes",
+     lambda c: f"{c['ts']}  {c['before']} -> {c['after']}  ({c['signal']}: {c['evidence']})"),
+    ("checks", "active checks", lambda c: f"{c['ts']}  {'OK' if c['ok'] else 'FAIL'} {c['outcome']}: {c['detail']}"),
+)
+
 def text(doc: dict) -> str:
     w = doc["window"]
     out = [f"Egress evidence: provider {doc['provider']}, profile {doc['profile']}",
@@ -152,18 +163,8 @@ def text(doc: dict) -> str:
     for name, m in doc["members"].items():
         out += ["", f"Our egress IP {m['egress_ip']} (member {name}): {m['first'] or '-'} .. {m['last'] or '-'}",
                 "  signals: " + (", ".join(f"{k} {v}" for k, v in sorted(m["signals"].items())) or "none")]
-        if m["samples"]:
-            out.append("  sample answers:")
-            out += [f"    {s['ts']}  {s['status']}  {s['method']} {s['target']}  [{s['signal']}] {s['evidence']}"
-                    for s in m["samples"]]
-        if m["tls_alerts"]:
-            out.append("  TLS alerts:")
-            out += [f"    {s['ts']}  {s['evidence']}" for s in m["tls_alerts"]]
-        if m["state_changes"]:
-            out.append("  state changes:")
-            out += [f"    {c['ts']}  {c['before']} -> {c['after']}  ({c['signal']}: {c['evidence']})"
-                    for c in m["state_changes"]]
-        if m["checks"]:
-            out.append("  active checks:")
-            out += [f"    {c['ts']}  {'OK' if c['ok'] else 'FAIL'} {c['outcome']}: {c['detail']}" for c in m["checks"]]
+        for key, title, line in _SECTIONS:
+            if m[key]:
+                out.append(f"  {title}:")
+                out += ["    " + line(e) for e in m[key]]
     return "\n".join(out)

@@ -18,10 +18,9 @@ import sys
 import urllib.request
 from typing import TextIO
 
-from ..errors import ConfigError
 from ..model import parse_socket_address
 from ..observe.receipt import key_id, private_from_pem, public_from_text, public_text, verify
-from ..proxy.build import load_candidate
+from . import candidate_or_say_why
 
 TIMEOUT = 10.0
 
@@ -70,11 +69,8 @@ def public_key_main(config: str | None, admin: str | None, out: TextIO = sys.std
             print("egressgate receipt public-key: give --config FILE (its receipts.key_file, or its admin "
                   "address) or --admin URL", file=err)
             return 2
-        try:
-            rt = load_candidate(config)
-        except ConfigError as exc:
-            for line in exc.errors:
-                print(line, file=err)
+        rt = candidate_or_say_why(config, err)
+        if rt is None:
             return 2
         key_file = rt.config.receipts.key_file
         if key_file:

@@ -18,10 +18,9 @@ import sys
 import time
 from typing import TextIO
 
-from ..errors import ConfigError
 from ..model import iso8601, parse_moment
 from ..observe.logread import STDIN, Line, merged
-from ..proxy.build import load_candidate
+from . import candidate_or_say_why
 from .replay_core import (
     DEFAULT_WINDOW,
     KINDS,
@@ -55,11 +54,8 @@ class UsageError(Exception):
 
 def main(config: str, logs: list[str] | None, since: str | None, as_json: bool, window: float = DEFAULT_WINDOW,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    try:
-        rt = load_candidate(config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=err)
+    rt = candidate_or_say_why(config, err)
+    if rt is None:
         return 2
     try:
         paths = log_paths(logs, rt.config.log.access)

@@ -13,6 +13,7 @@ import sys
 
 from ..egress.dialer import Dialer
 from ..egress.providers import added_anywhere, format_matrix
+from ..egress.reach import Reach
 from ..model import with_iso
 from ..proxy.build import load_runtime, make_resolver
 from ..services.checks import check_pools
@@ -43,7 +44,8 @@ def main(config: str | None, profiles: list[str] | None, providers: list[str] | 
 
     async def run():
         loop = asyncio.get_running_loop()
-        return await check_pools(pools, board, Dialer(loop), make_resolver(rt.config), rt.guard, only=pairs)
+        return await check_pools(pools, board, Reach(Dialer(loop), make_resolver(rt.config).resolve), rt.guard,
+                                 only=pairs)
 
     results = asyncio.run(run())
     roles = {(name, m.label): pool.role(m) for name, pool in pools.items() for m in pool.everyone}

@@ -1,7 +1,7 @@
 """The only module that opens outbound sockets.
 
 ``Dialer.connect(plan, addresses, port, factory)`` connects to the first of ``addresses``
-that answers (each already checked by the caller's address guard: the connect goes to
+that answers and returns the protocol ``factory`` made, its ``remote`` set to that address (each already checked by the caller's address guard: the connect goes to
 exactly that address, never to a second lookup), from the plan's source address when it has
 one. A source address that cannot be bound raises ``SourceUnavailable`` so the caller can mark
 it down and try the pool's next member. Sockets bound to a source address use
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from ..errors import ConnectRefused, UpstreamError, UpstreamTimeout
 from .plan import EgressPlan
+from .upstream import Upstream
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
@@ -37,9 +38,8 @@ class Dialer:
         self._loop = loop
 
     async def connect(self, plan: EgressPlan, addresses: list[str], port: int,
-                      factory: Callable[[], asyncio.Protocol], timeout: float
-                      ) -> tuple[asyncio.Transport, asyncio.Protocol, str]:
-        """Returns (transport, protocol, remote address)."""
+                      factory: Callable[[], Upstream], timeout: float) -> Upstream:
+        """The connected protocol, ``remote`` set to the address it reached."""
         last: Exception | None = None
         task = asyncio.current_task()
         fired: list[bool] = []
@@ -57,8 +57,12 @@ class Dialer:
                                              reason="family_mismatch")
                         continue
                     try:
-                        transport, protocol = await self._connect_one(plan.source, address, port, factory)
-                        return transport, protocol, address
+                        if plan.source is None:  # (the common case, awaited here: one coroutine less)
+                            _, protocol = await self._loop.create_connection(factory, address, port)
+                        else:
+                            _, protocol = await self._connect_bound(plan.source, address, port, factory)
+                        protocol.remote = address
+                        return protocol
                     except SourceUnavailable:
                         raise
                     except OSError as exc:
@@ -82,11 +86,9 @@ class Dialer:
         raise UpstreamError(f"cannot connect to {_show(addresses, port)}: {last}", reason="connect_failed",
                             proxy_status="destination_unavailable") from None
 
-    async def _connect_one(self, source: str | None, address: str, port: int,
-                           factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    async def _connect_bound(self, source: str, address: str, port: int,
+                             factory: Callable[[], Upstream]) -> tuple[asyncio.Transport, Upstream]:
         loop = self._loop
-        if source is None:
-            return await loop.create_connection(factory, address, port)
         sock = socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
         try:
             try:

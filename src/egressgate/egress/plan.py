@@ -145,6 +145,15 @@ class ProfilePool:
         check = self.checks.get(plan)
         return check is not None and (check.error is None or check.held) and check.observed in self.expect_ip
 
+    def exits_wrong(self, plan: EgressPlan) -> str | None:
+        """The IP ``plan`` was last seen leaving from when it is not one of ``expect_ip`` (a
+        definite answer of the echo service, not an outage); else None. Nothing goes out from
+        such a member, not even a provider check: it would show the provider an IP it may block."""
+        check = self.checks.get(plan) if self.attest else None
+        if check is None or check.error is not None or check.observed in self.expect_ip:
+            return None
+        return check.observed
+
     def settled(self, plan: EgressPlan) -> bool:
         """Verified by its last check itself (not held over an echo-service outage)."""
         check = self.checks.get(plan)

@@ -1,9 +1,11 @@
 """Merge the Prometheus expositions of several worker processes into one.
 
-Counters, histograms and summaries add up; so do the gauges of live state (connections,
-tunnels). Gauges that describe the configuration, the egress and provider checks, the worker processes and
-the admin listener come from worker 0 alone (every worker holds the same config; worker 0 owns
-the admin listener and supervises the others). Process
+Each family merges as ``observe.metrics`` declares it where the metric is made (``merge=``):
+``SUM`` (counters, histograms, the gauges of live state: connections, tunnels) adds the
+workers' values up; ``FIRST`` (the configuration, the egress and provider checks every worker
+repeats, the worker processes, the admin listener) takes worker 0's alone (every worker holds
+the same config; worker 0 owns the admin listener and supervises the others). A family no
+``Metrics`` declares (a library's) adds up. Process
 metrics (``process_*``) keep one series per worker, with a ``worker`` label.
 
 Merged counters never go backwards, even when a worker dies and is replaced (``Merger``):
@@ -20,21 +22,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-FROM_FIRST = frozenset({
-    "egressgate_config_info", "egressgate_config_last_load_timestamp_seconds", "egressgate_egress_ip_match",
-    "egressgate_egress_source_up", "egressgate_ready", "egressgate_config_last_reload_successful",
-    "egressgate_egress_profile_serving", "egressgate_workers", "egressgate_worker_restarts",
-    "egressgate_admin_connections",  # worker 0's admin listener (the others' are private sockets)
-    # provider checks: every worker checks for itself; worker 0's results stand for the instance
-    "egressgate_provider_reachable", "egressgate_provider_last_check_timestamp_seconds",
-    "egressgate_provider_switch_pending",
-    # switch: auto: each worker decides alone on the same checks; worker 0's decisions stand for the instance
-    "egressgate_egress_member_carrying", "egressgate_egress_failover",
-    "egressgate_listener_info",
-    # holds: every worker keeps every hold of the instance (fleet); worker 0's table is the owner's
-    "egressgate_protect_held_hosts",
-    "egressgate_fleet_store_up", "egressgate_fleet_instances", "egressgate_fleet_rate_slack_seconds",
-})
+from .metrics import FIRST, merge_policies
+
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})  # carried across a worker's restart
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
@@ -78,13 +67,14 @@ def add(into: Parsed, more: Parsed) -> None:
 
 
 def combine(workers: list[tuple[int, Parsed]]) -> Parsed:
-    """Sum ``(worker index, parsed)`` pairs; families in ``FROM_FIRST`` only from worker 0;
+    """Sum ``(worker index, parsed)`` pairs; families declared ``FIRST`` only from worker 0;
     ``_created`` timestamps: the earliest."""
+    policies = merge_policies()
     out: Parsed = {}
     for worker, parsed in workers:
         for name, fam in parsed.items():
             target = out.setdefault(name, Family(fam.kind, fam.doc))
-            if worker and name in FROM_FIRST:
+            if worker and policies.get(name) == FIRST:
                 continue
             for key, value in fam.samples.items():
                 if key[0].endswith("_created"):

@@ -34,6 +34,52 @@ ADMIN_CLOSE_REASONS = ("max_connections", "max_per_source", "evicted", "idle_tim
 QUEUE_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# How the workers' values of a family merge into the instance's /metrics (``observe.merge``),
+# declared with each metric as it is made (the helpers below fill ``MERGE``):
+SUM = "sum"  # add up: counters, histograms, and gauges of live state (connections, tunnels)
+FIRST = "first"  # worker 0's alone: the configuration, checks every worker repeats, worker 0's own duties
+MERGE: dict[str, str] = {}  # family name (without _total) -> SUM or FIRST
+
+
+def _merged(name: str, merge: str) -> str:
+    if merge not in (SUM, FIRST):
+        raise ValueError(f"{name}: merge must be SUM or FIRST, not {merge!r}")
+    MERGE[name.removesuffix("_total")] = merge
+    return name
+
+
+def gauge(name: str, doc: str, labels=(), *, merge: str, registry) -> Gauge:
+    """A gauge; ``merge`` is required: live state adds up (SUM), a copy of the config does not (FIRST)."""
+    return Gauge(_merged(PREFIX + name, merge), doc, labels, registry=registry)
+
+
+def counter(name: str, doc: str, labels=(), *, merge: str = SUM, registry) -> Counter:
+    return Counter(_merged(PREFIX + name, merge), doc, labels, registry=registry)
+
+
+def histogram(name: str, doc: str, labels=(), *, buckets, registry) -> Histogram:
+    return Histogram(_merged(PREFIX + name, SUM), doc, labels, buckets=buckets, registry=registry)
+
+
+def gauge_family(name: str, doc: str, labels=(), *, merge: str) -> GaugeMetricFamily:
+    """A gauge family a collector makes when scraped (``merge`` as for ``gauge``)."""
+    return GaugeMetricFamily(_merged(PREFIX + name, merge), doc, labels=list(labels))
+
+
+def counter_family(name: str, doc: str, labels=(), *, merge: str = SUM) -> CounterMetricFamily:
+    return CounterMetricFamily(_merged(PREFIX + name, merge), doc, labels=list(labels))
+
+
+def histogram_family(name: str, doc: str, labels=()) -> HistogramMetricFamily:
+    return HistogramMetricFamily(_merged(PREFIX + name, SUM), doc, labels=list(labels))
+
+
+def merge_policies() -> dict[str, str]:
+    """Every family's declared merge (see ``MERGE``): declared as a ``Metrics`` is made."""
+    if not MERGE:
+        Metrics()
+    return MERGE
+
 
 class _HotCounters:
     """Per-request counters kept as plain integers and turned into metric families only when
@@ -53,14 +99,14 @@ class _HotCounters:
         return self._families(empty=False)
 
     def _families(self, empty: bool):
-        req = CounterMetricFamily(PREFIX + "requests", "Requests and tunnels handled, by outcome",
+        req = counter_family("requests", "Requests and tunnels handled, by outcome",
                                   labels=["client", "profile", "method", "status"])
-        byt = CounterMetricFamily(PREFIX + "bytes", "Bytes relayed (up: client to destination)",
+        byt = counter_family("bytes", "Bytes relayed (up: client to destination)",
                                   labels=["direction", "profile"])
-        dropped = CounterMetricFamily(PREFIX + "log_dropped", "Access-log records dropped: the queue to a slow "
+        dropped = counter_family("log_dropped", "Access-log records dropped: the queue to a slow "
                                       "destination was full, or the destination could not be written",
                                       labels=["reason"])
-        queued = GaugeMetricFamily(PREFIX + "log_queue_bytes", "Access-log bytes waiting for the writer")
+        queued = gauge_family("log_queue_bytes", "Access-log bytes waiting for the writer", merge=SUM)
         if not empty:
             for (client, profile, method, status), n in list(self.requests.items()):
                 req.add_metric([client, profile, method, str(status)], n)
@@ -101,18 +147,18 @@ class _ProtectCounters(_Scraped):
     @staticmethod
     def _families(stats: dict):
         labels = ["profile", "member", "destination"]
-        admitted = CounterMetricFamily(PREFIX + "protect_admitted", "Requests and tunnels admitted to a protected "
+        admitted = counter_family("protect_admitted", "Requests and tunnels admitted to a protected "
                                        "destination, per egress member", labels=labels)
-        refused = CounterMetricFamily(PREFIX + "protect_refused", "Requests and tunnels refused (429) to protect a "
+        refused = counter_family("protect_refused", "Requests and tunnels refused (429) to protect a "
                                       "shared egress IP: max_concurrent, max_per_second, or an origin's Retry-After "
                                       "hold", labels=[*labels, "limit"])
-        in_flight = GaugeMetricFamily(PREFIX + "protect_in_flight", "Open tunnels and requests in flight to a "
-                                      "protected destination, per egress member", labels=labels)
-        started = CounterMetricFamily(PREFIX + "protect_holds_started", "Holds started because an origin answered "
+        in_flight = gauge_family("protect_in_flight", "Open tunnels and requests in flight to a "
+                                      "protected destination, per egress member", labels=labels, merge=SUM)
+        started = counter_family("protect_holds_started", "Holds started because an origin answered "
                                       "429/503 with Retry-After", labels=labels)
-        held = GaugeMetricFamily(PREFIX + "protect_held_hosts", "Hosts currently held (an origin's Retry-After), "
-                                 "per egress member and protected destination", labels=labels)
-        dropped = CounterMetricFamily(PREFIX + "protect_holds_dropped", "Holds not kept for their bound: a client's "
+        held = gauge_family("protect_held_hosts", "Hosts currently held (an origin's Retry-After), "
+                                 "per egress member and protected destination", labels=labels, merge=FIRST)
+        dropped = counter_family("protect_holds_dropped", "Holds not kept for their bound: a client's "
                                       "own hold replaced when its max_holds_per_client share is full (client_share), "
                                       "or a new hold not recorded because the rule's max_holds are other clients' "
                                       "(rule_full)", labels=[*labels, "why"])
@@ -128,12 +174,12 @@ class _ProtectCounters(_Scraped):
             held.add_metric(list(key), n)
         for key, n in stats.get("holds_dropped", {}).items():
             dropped.add_metric(list(key), n)
-        queued = GaugeMetricFamily(PREFIX + "protect_queued", "Requests and tunnels waiting in a protect rule's hold "
-                                   "queue (protect[].queue), per egress member", labels=labels)
-        outcomes = CounterMetricFamily(PREFIX + "protect_queue", "Hold-queue waits by how they ended: "
+        queued = gauge_family("protect_queued", "Requests and tunnels waiting in a protect rule's hold "
+                                   "queue (protect[].queue), per egress member", labels=labels, merge=SUM)
+        outcomes = counter_family("protect_queue", "Hold-queue waits by how they ended: "
                                        "admitted_after_wait, timed_out (429), client_gone, queue_full (429)",
                                        labels=[*labels, "outcome"])
-        waited = HistogramMetricFamily(PREFIX + "protect_queue_wait_seconds", "Time spent in a protect rule's hold "
+        waited = histogram_family("protect_queue_wait_seconds", "Time spent in a protect rule's hold "
                                        "queue, however the wait ended", labels=["profile", "destination"])
         for key, n in stats.get("queued", {}).items():
             queued.add_metric(list(key), n)
@@ -174,12 +220,12 @@ class _ConnectionCounters:
         return self._families()
 
     def _families(self):
-        conns = GaugeMetricFamily(PREFIX + "active_connections", "Open client connections", labels=["listener"])
-        tunnels = GaugeMetricFamily(PREFIX + "active_tunnels", "Open CONNECT tunnels", labels=["listener"])
+        conns = gauge_family("active_connections", "Open client connections", labels=["listener"], merge=SUM)
+        tunnels = gauge_family("active_tunnels", "Open CONNECT tunnels", labels=["listener"], merge=SUM)
         for name, c in list(self.listeners.items()):
             conns.add_metric([name], c.connections)
             tunnels.add_metric([name], c.tunnels)
-        hist = HistogramMetricFamily(PREFIX + "connect_seconds", "Upstream TCP connect latency", labels=["profile"])
+        hist = histogram_family("connect_seconds", "Upstream TCP connect latency", labels=["profile"])
         for profile, h in list(self.connects.items()):
             running, buckets = 0, []
             for bound, n in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), h, strict=False):
@@ -199,11 +245,11 @@ class _AuthCounters(_Scraped):
 
     @staticmethod
     def _families(stats: dict):
-        waiting = GaugeMetricFamily(PREFIX + "auth_checks_waiting", "Password checks and token signature checks "
-                                    "queued for a thread (bounded per source address and in all)", labels=["kind"])
-        running = GaugeMetricFamily(PREFIX + "auth_checks_running", "Password checks and token signature checks "
-                                    "running on their threads", labels=["kind"])
-        dropped = CounterMetricFamily(PREFIX + "auth_checks_dropped", "Checks not run: every client waiting for it "
+        waiting = gauge_family("auth_checks_waiting", "Password checks and token signature checks "
+                                    "queued for a thread (bounded per source address and in all)", labels=["kind"], merge=SUM)
+        running = gauge_family("auth_checks_running", "Password checks and token signature checks "
+                                    "running on their threads", labels=["kind"], merge=SUM)
+        dropped = counter_family("auth_checks_dropped", "Checks not run: every client waiting for it "
                                       "left (client_gone), or refused 429 over the per-source or total bound (busy)",
                                       labels=["kind", "reason"])
         for kind in AUTH_CHECK_KINDS:
@@ -252,112 +298,112 @@ class Metrics:
         self._clients: frozenset[str] = frozenset()  # every client name configured since start
         self._profiles: frozenset[str] = frozenset()  # every profile name configured since start
         clients, profiles = (lambda: self._clients), (lambda: self._profiles)
-        self.listener_info = Gauge(PREFIX + "listener_info", "The proxy listeners in force (value 1) and the "
+        self.listener_info = gauge("listener_info", "The proxy listeners in force (value 1) and the "
                                    "protocol each speaks (http, socks5): join on listener", ["listener", "protocol"],
-                                   registry=r)
-        self.spliced_tunnels = Counter(PREFIX + "tunnels_spliced_total",
+                                   merge=FIRST, registry=r)
+        self.spliced_tunnels = counter("tunnels_spliced_total",
                                        "Tunnels switched to zero-copy splice for bulk transfer", registry=r)
-        self.dns_seconds = Histogram(PREFIX + "dns_seconds", "DNS lookup latency (cache misses)",
+        self.dns_seconds = histogram("dns_seconds", "DNS lookup latency (cache misses)",
                                      buckets=_LATENCY_BUCKETS, registry=r)
-        self.denied = Counter(PREFIX + "denied_total", "Requests refused by policy or the address guard",
+        self.denied = counter("denied_total", "Requests refused by policy or the address guard",
                               ["reason"], registry=r)
-        self.denied_by_client = _KnownNames(Counter(PREFIX + "denied_by_client_total",
+        self.denied_by_client = _KnownNames(counter("denied_by_client_total",
                                                     "Requests refused by policy, authentication or limits (403, "
                                                     "407, 429), per configured client (- for none)",
                                                     ["client", "reason"], registry=r), (0,), clients)
-        self.would_deny = _KnownNames(Counter(PREFIX + "report_only_denials_total",
+        self.would_deny = _KnownNames(counter("report_only_denials_total",
                                               "Denials let through because the client is in report mode",
                                               ["client", "reason"], registry=r), (0,), clients)
-        self.socks_replies = Counter(PREFIX + "socks_replies_total",
+        self.socks_replies = counter("socks_replies_total",
                                      "SOCKS5 negotiations by how they ended: the reply code sent, or "
                                      "no_acceptable_method, auth_failed, protocol_error, timeout", ["reply"], registry=r)
         for reply in SOCKS_REPLIES:
             self.socks_replies.labels(reply)
-        self.upstream_errors = Counter(PREFIX + "upstream_errors_total", "Failures reaching destinations",
+        self.upstream_errors = counter("upstream_errors_total", "Failures reaching destinations",
                                        ["kind"], registry=r)
-        self.rejected_connections = Counter(PREFIX + "rejected_connections_total",
+        self.rejected_connections = counter("rejected_connections_total",
                                             "Connections closed at accept (source not allowed, over limits)",
                                             ["reason"], registry=r)
-        self.internal_errors = Counter(PREFIX + "internal_errors_total",
+        self.internal_errors = counter("internal_errors_total",
                                        "Bugs caught in a protocol callback or timer (the connection is closed)",
                                        ["where"], registry=r)
         for where in INTERNAL_ERROR_SITES:
             self.internal_errors.labels(where)
-        self.reloads = Counter(PREFIX + "config_reloads_total", "Configuration reloads", ["result"], registry=r)
-        self.jwks_fetches = Counter(PREFIX + "jwks_fetches_total",
+        self.reloads = counter("config_reloads_total", "Configuration reloads", ["result"], registry=r)
+        self.jwks_fetches = counter("jwks_fetches_total",
                                     "Fetches of Kubernetes token-signing keys from their issuer (ok, error)",
                                     ["result"], registry=r)
         for result in ("ok", "error"):
             self.jwks_fetches.labels(result)  # (exported at 0 from the start: alerts compare the two)
-        self.config_info = Gauge(PREFIX + "config_info", "The loaded configuration (value 1)", ["hash"],
-                                 registry=r)
-        self.config_loaded = Gauge(PREFIX + "config_last_load_timestamp_seconds",
-                                   "When the configuration in force was loaded", registry=r)
-        self.egress_ip_match = _KnownNames(Gauge(PREFIX + "egress_ip_match",
+        self.config_info = gauge("config_info", "The loaded configuration (value 1)", ["hash"],
+                                 merge=FIRST, registry=r)
+        self.config_loaded = gauge("config_last_load_timestamp_seconds",
+                                   "When the configuration in force was loaded", merge=FIRST, registry=r)
+        self.egress_ip_match = _KnownNames(gauge("egress_ip_match",
                                                  "1 if the profile's observed egress IP is expected, 0 if not, "
-                                                 "-1 unknown", ["profile"], registry=r), (0,), profiles)
-        self.egress_profile_serving = _KnownNames(Gauge(PREFIX + "egress_profile_serving",
+                                                 "-1 unknown", ["profile"], merge=FIRST, registry=r), (0,), profiles)
+        self.egress_profile_serving = _KnownNames(gauge("egress_profile_serving",
                                                         "1 if the profile carries traffic, 0 if it refuses it "
                                                         "because its egress IP is wrong or unverified (fail closed)",
-                                                        ["profile"], registry=r), (0,), profiles)
-        self.egress_source_up = _KnownNames(Gauge(PREFIX + "egress_source_up",
+                                                        ["profile"], merge=FIRST, registry=r), (0,), profiles)
+        self.egress_source_up = _KnownNames(gauge("egress_source_up",
                                                   "1 if a profile's source address or upstream is usable",
-                                                  ["profile", "member"], registry=r), (0,), profiles)
-        self.provider_reachable = _KnownNames(Gauge(PREFIX + "provider_reachable",
+                                                  ["profile", "member"], merge=FIRST, registry=r), (0,), profiles)
+        self.provider_reachable = _KnownNames(gauge("provider_reachable",
                                                     "1 if the provider accepted the last check through this member "
                                                     "(egress.*.providers), 0 if it refused or failed",
-                                                    ["profile", "member", "provider"], registry=r), (0,), profiles)
-        self.provider_checked = _KnownNames(Gauge(PREFIX + "provider_last_check_timestamp_seconds",
+                                                    ["profile", "member", "provider"], merge=FIRST, registry=r), (0,), profiles)
+        self.provider_checked = _KnownNames(gauge("provider_last_check_timestamp_seconds",
                                                   "When the provider was last checked through this member",
-                                                  ["profile", "member", "provider"], registry=r), (0,), profiles)
-        self.provider_switch_pending = _KnownNames(Gauge(PREFIX + "provider_switch_pending",
+                                                  ["profile", "member", "provider"], merge=FIRST, registry=r), (0,), profiles)
+        self.provider_switch_pending = _KnownNames(gauge("provider_switch_pending",
                                                          "1 while a switch: verified reload's new members wait for "
                                                          "every provider to accept them (the old members serve)",
-                                                         ["profile"], registry=r), (0,), profiles)
-        self.egress_block_state = _KnownNames(Gauge(PREFIX + "egress_block_state",
+                                                         ["profile"], merge=FIRST, registry=r), (0,), profiles)
+        self.egress_block_state = _KnownNames(gauge("egress_block_state",
                                                     "1 for the state a provider's live traffic and checks put a "
                                                     "member in (healthy, throttled, suspected, blocked, "
                                                     "reverified), 0 for the others (egress.*.providers[].match); "
                                                     "summed over workers: how many see that state",
-                                                    ["profile", "member", "provider", "state"], registry=r),
+                                                    ["profile", "member", "provider", "state"], merge=SUM, registry=r),
                                               (0,), profiles)
-        self.egress_member_carrying = _KnownNames(Gauge(
-            PREFIX + "egress_member_carrying", "1 if new connections of the profile go to this member now (a "
+        self.egress_member_carrying = _KnownNames(gauge(
+            "egress_member_carrying", "1 if new connections of the profile go to this member now (a "
             "failed-over standby, or an active member not failed over from), 0 if not; role: active or standby "
-            "(egress.*.standby)", ["profile", "member", "role"], registry=r), (0,), profiles)
-        self.egress_failover = _KnownNames(Counter(
-            PREFIX + "egress_failover_total", "switch: auto failovers: the profile's new connections moved to a "
-            "standby member (egress_failover events carry the evidence)", ["profile"], registry=r), (0,), profiles)
-        self.ready = Gauge(PREFIX + "ready", "1 when /readyz answers 200", registry=r)
-        self.reload_ok = Gauge(PREFIX + "config_last_reload_successful",
-                               "1 if the last reload attempt succeeded (or none was made)", registry=r)
+            "(egress.*.standby)", ["profile", "member", "role"], merge=FIRST, registry=r), (0,), profiles)
+        self.egress_failover = _KnownNames(counter(
+            "egress_failover_total", "switch: auto failovers: the profile's new connections moved to a "
+            "standby member (egress_failover events carry the evidence)", ["profile"], merge=FIRST, registry=r), (0,), profiles)
+        self.ready = gauge("ready", "1 when /readyz answers 200", merge=FIRST, registry=r)
+        self.reload_ok = gauge("config_last_reload_successful",
+                               "1 if the last reload attempt succeeded (or none was made)", merge=FIRST, registry=r)
         self.reload_ok.set(1)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         for reason in ("source_not_allowed", "max_connections", "untrusted_proxy", "proxy_protocol"):
             self.rejected_connections.labels(reason)
-        self.admin_connections = Gauge(PREFIX + "admin_connections", "Open admin listener connections",
-                                       registry=r)
-        self.admin_closed = Counter(PREFIX + "admin_connections_closed_total",
+        self.admin_connections = gauge("admin_connections", "Open admin listener connections",
+                                       merge=FIRST, registry=r)
+        self.admin_closed = counter("admin_connections_closed_total",
                                     "Admin connections closed by the gateway: turned away (max_connections, "
                                     "max_per_source), closed while idle to make room for a new one (evicted), or "
                                     "silent or slow past admin.idle_timeout", ["reason"], registry=r)
         for reason in ADMIN_CLOSE_REASONS:
             self.admin_closed.labels(reason)
-        self.workers = Gauge(PREFIX + "workers", "Worker processes: configured (expected) and running (live)",
-                             ["state"], registry=r)
-        self.worker_restarts = Counter(PREFIX + "worker_restarts_total",
+        self.workers = gauge("workers", "Worker processes: configured (expected) and running (live)",
+                             ["state"], merge=FIRST, registry=r)
+        self.worker_restarts = counter("worker_restarts_total",
                                        "Worker processes that exited unexpectedly and were started again",
-                                       registry=r)
+                                       merge=FIRST, registry=r)
         # the fleet store (fleet.redis): worker 0 alone talks to it
-        self.fleet_store_up = Gauge(PREFIX + "fleet_store_up", "1 while the fleet store (Redis) answers in time; 0: "
-                                    "the fallback (fleet.fallback) decides shared-IP limits", registry=r)
-        self.fleet_store_errors = Counter(PREFIX + "fleet_store_errors_total", "Fleet store operations that failed "
+        self.fleet_store_up = gauge("fleet_store_up", "1 while the fleet store (Redis) answers in time; 0: "
+                                    "the fallback (fleet.fallback) decides shared-IP limits", merge=FIRST, registry=r)
+        self.fleet_store_errors = counter("fleet_store_errors_total", "Fleet store operations that failed "
                                           "or were not answered within fleet.redis.timeout", ["op"], registry=r)
-        self.fleet_instances = Gauge(PREFIX + "fleet_instances", "Instances with a live heartbeat in the fleet "
-                                     "store, as last seen", registry=r)
-        self.fleet_rate_slack = Gauge(PREFIX + "fleet_rate_slack_seconds", "The S of the shared-IP rate bound: over "
-                                      "any W seconds at most max(1, rate) + rate * (W + S) are admitted", registry=r)
+        self.fleet_instances = gauge("fleet_instances", "Instances with a live heartbeat in the fleet "
+                                     "store, as last seen", merge=FIRST, registry=r)
+        self.fleet_rate_slack = gauge("fleet_rate_slack_seconds", "The S of the shared-IP rate bound: over "
+                                      "any W seconds at most max(1, rate) + rate * (W + S) are admitted", merge=FIRST, registry=r)
 
     def listener(self, name: str) -> ListenerCounts:
         """The open-connection and open-tunnel counts of listener ``name`` (one per name, kept

@@ -5,28 +5,33 @@ egress members in order.
   requests only), else a new connection to the judged addresses from the member's source
   address; a source address the host no longer has is marked down and the next member tried;
 - ``upstream`` profiles: a connection to the chained proxy (kept alive and reused for
-  forwarded requests) and, for CONNECT, ``chain.open_tunnel`` through it; an unreachable
-  chained proxy is marked down and the next one tried.
+  forwarded requests) and, for CONNECT, a tunnel through it; an unreachable chained proxy is
+  marked down and the next one tried.
 
-Resolve and dial latencies and each member's state are measured here.
+Every new connection is ``egress.reach``'s (the one way out), with ``GUARD``: the route
+judged the addresses already. Resolve and dial latencies and each member's state are
+measured here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from ..egress.chain import TunnelRefused
 from ..egress.dialer import Dialer, SourceUnavailable
 from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.reach import JUDGED, Reach
 from ..egress.resolver import Resolver
+from ..egress.upstream import Upstream, UpstreamPool
 from ..errors import UpstreamError
 from ..model import UpstreamProxy
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
-from . import chain
 from .route import Route
-from .upstream import Upstream, UpstreamPool
+
+GUARD = JUDGED  # the route judged the destination's addresses (policy.judge: guard and deny rules)
 
 
 class Link:
@@ -52,7 +57,7 @@ class Connector:
         self.loop = loop
         self.resolver = resolver
         self.metrics = metrics
-        self.dialer = Dialer(loop)
+        self.reach = Reach(Dialer(loop), self.resolve)  # (shared with probe, checks and token keys)
         self.pool = UpstreamPool()
         self._on_orphan_crash = on_orphan_crash
 
@@ -77,28 +82,31 @@ class Connector:
         return (plan.key, r.addresses[0], r.dest.port)
 
     # --- new connections -----------------------------------------------------------------------
-    async def connect(self, r: Route, connect: bool, chain_timeout: float, fresh: bool = False) -> Link:
-        """A connection for the route: pooled (unless ``fresh`` or a CONNECT) or new."""
+    def connect(self, r: Route, connect: bool, chain_timeout: float, fresh: bool = False) -> Awaitable[Link]:
+        """A connection for the route, to await: pooled (unless ``fresh`` or a CONNECT) or new.
+        (A plain function handing back the coroutine that does it: one level less to resume.)"""
         pooled = not connect and not fresh
         if r.chained:
-            return await self._via_upstream_proxy(r, connect, pooled, chain_timeout)
-        return await self._direct(r, connect, pooled)
+            return self._via_upstream_proxy(r, connect, pooled, chain_timeout)
+        return self._direct(r, connect, pooled)
 
     async def _direct(self, r: Route, connect: bool, pooled: bool) -> Link:
         last: UpstreamError | None = None
-        pool, addresses, port = r.pool, list(r.addresses), r.dest.port
+        pool, addresses, port = r.pool, r.addresses, r.dest.port
         for plan in r.plans:
             if pooled:
                 up = self.pool.take((plan.key, addresses[0], port))
                 if up is not None:
                     return Link(up, True, plan)
-            try:
-                up = await self.dial(plan, pool, addresses, port, hold_early=connect)
-            except UpstreamError as err:
-                if err.reason != "source_unavailable":
-                    raise
+            t0 = time.perf_counter()
+            try:  # (the dial awaited here, not in a helper coroutine: one level less to resume)
+                up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, addresses,
+                                           self._new_tunnel_upstream if connect else self._new_upstream, connect)
+            except SourceUnavailable as err:
+                self._source_unavailable(pool, plan, err)
                 last = err
                 continue
+            self._dialed(pool, plan, t0)
             if connect:  # (a banner the server sent already goes to the client first)
                 return Link(up, False, plan, leftover=up.take_early())
             up.key = (plan.key, up.remote, port)
@@ -116,8 +124,18 @@ class Connector:
                     up = self.pool.take(key)
                     if up is not None:
                         return Link(up, True, plan, proxy)
-                addresses = [proxy.address.host] if proxy.address.is_ip else await self.resolve(proxy.address.host)
-                up = await self.dial(plan, pool, addresses, proxy.address.port)
+                t0 = time.perf_counter()
+                up = await self.reach.open(plan, r.dest, GUARD, pool.connect_timeout, None,
+                                           self._new_tunnel_upstream if connect else self._new_upstream, connect,
+                                           chain_timeout)
+                self._dialed(pool, plan, t0)
+            except SourceUnavailable as err:
+                self._source_unavailable(pool, plan, err)
+                last = err
+                continue
+            except TunnelRefused:
+                pool.mark_up(plan)  # (it answered)
+                raise
             except UpstreamError as err:
                 pool.mark_down(plan)
                 self.source_state(pool, plan, False)
@@ -125,8 +143,7 @@ class Connector:
                 continue
             pool.mark_up(plan)
             if connect:
-                leftover = await chain.open_tunnel(up, r.dest, proxy.authorization, chain_timeout)
-                return Link(up, False, plan, proxy, leftover)
+                return Link(up, False, plan, proxy, up.take_early())
             up.key = key
             return Link(up, False, plan, proxy)
         raise last or UpstreamError("no upstream proxy of profile " + pool.name + " is reachable")
@@ -138,24 +155,19 @@ class Connector:
         finally:
             self.metrics.dns_seconds.observe(time.perf_counter() - t0)
 
-    async def dial(self, plan: EgressPlan, pool: ProfilePool, addresses: list[str], port: int,
-                   hold_early: bool = False) -> Upstream:
-        """``hold_early``: for a tunnel, keep what the server sends before the tunnel is up."""
-        t0 = time.perf_counter()
-        factory = self._new_tunnel_upstream if hold_early else self._new_upstream
-        try:
-            _, up, remote = await self.dialer.connect(plan, addresses, port, factory, pool.connect_timeout)
-        except SourceUnavailable as err:
-            pool.mark_down(plan)
-            self.source_state(pool, plan, False)
-            log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
-            raise
+    def _dialed(self, pool: ProfilePool, plan: EgressPlan, t0: float) -> None:
+        """A new connection through ``plan`` is up: its connect time counted; a source address
+        marked down before is up again."""
         self.metrics.connected(pool.name, time.perf_counter() - t0)
         if plan.source is not None and pool.is_down(plan):
             pool.mark_up(plan)
             self.source_state(pool, plan, True)
-        up.remote = remote
-        return up
+
+    def _source_unavailable(self, pool: ProfilePool, plan: EgressPlan, err: SourceUnavailable) -> None:
+        """The host no longer has ``plan``'s source address: marked down (the next member is tried)."""
+        pool.mark_down(plan)
+        self.source_state(pool, plan, False)
+        log_event("egress_source_down", profile=pool.name, source=plan.source, error=err.detail)
 
     def source_state(self, pool: ProfilePool, plan: EgressPlan, up: bool) -> None:
         self.metrics.egress_source_up.labels(pool.name, plan.label).set(1 if up else 0)

@@ -11,6 +11,7 @@ over ``BUFFER_LIMIT`` the client is paused, below half of it resumed.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class Pause:
@@ -75,3 +76,21 @@ class FlowControl:
         if self.paused:
             self.paused = NOT_PAUSED
             self.transport.resume_reading()
+
+
+class OwnsUpstream:
+    """The part of an upstream connection's owner that is the same for every owner (its
+    ``conn`` has ``crashed`` and ``flow``): a bug in an upstream callback closes the client
+    connection; the upstream's write buffer filling pauses reading from the client."""
+
+    __slots__ = ()
+    conn: Any
+
+    def crashed(self, where: str, exc: BaseException) -> None:
+        self.conn.crashed(where, exc)
+
+    def upstream_pause_writing(self) -> None:
+        self.conn.flow.pause(Pause.UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self.conn.flow.resume(Pause.UPSTREAM)

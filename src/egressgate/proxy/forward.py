@@ -20,12 +20,12 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING, Protocol
 
+from ..egress.upstream import Upstream
 from ..errors import ClientTimeout, GatewayError, UpstreamError, UpstreamTimeout
 from ..http1.parse import RequestHead, ResponseHead, ResponseParser
 from ..http1.rewrite import AbsoluteTarget, request_head_bytes, response_framing, response_head_bytes
 from ..model import AccessRecord, UpstreamProxy
-from .flow import FlowControl, Pause
-from .upstream import Upstream
+from .flow import FlowControl, OwnsUpstream, Pause
 
 if TYPE_CHECKING:
     from .route import Route
@@ -44,7 +44,8 @@ NEW, ROUTING, SENDING, RESPONDING, DONE = State  # (module globals: cheaper to r
 
 
 class ClientSide(Protocol):
-    """What an exchange needs of its client connection."""
+    """What an exchange needs of its client connection (and, as ``serve.OwnsUpstream``,
+    ``crashed`` and ``flow``)."""
 
     transport: asyncio.Transport
     flow: FlowControl
@@ -61,7 +62,7 @@ _BACKOFF = frozenset({429, 503})
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
-class Exchange:
+class Exchange(OwnsUpstream):
     __slots__ = ("conn", "head", "record", "body", "body_bytes", "request_done", "upstream", "parser",
                  "framing", "client_keep", "upstream_keep", "state", "sent_at", "reused", "target",
                  "runtime", "route", "task", "response_started", "pool_key", "connect", "ended", "out", "up_out",
@@ -95,6 +96,41 @@ class Exchange:
         self.moved = 0  # body bytes both ways when the sweeper last looked (idle timeout)
         self.idle_since = 0.0
         self.waiting = False  # in a protect rule's hold queue: a client that half-closes now is gone
+
+    # state changes the pipeline asks for (the exchange owns its fields) ---------------------
+    def retrying(self) -> None:
+        """A reused upstream failed before answering: back to ROUTING, for a new connection."""
+        self.state = ROUTING
+        self.reused = False
+        self.upstream = None
+        self.pool_key = None
+        self.record.upstream_addr = "-"
+
+    def drop_upstream(self, abort: bool = True) -> None:
+        """Let go of the upstream connection: reset (unfinished: nothing of it needs flushing)
+        or, with ``abort=False``, closed after its buffer drains."""
+        up = self.upstream
+        if up is not None:
+            up.detach()
+            up.transport.abort() if abort else up.transport.close()
+
+    def answered_here(self, profile: str, sent: int) -> None:
+        """The gateway answered it itself (whoami, a job receipt) with ``sent`` bytes."""
+        self.record.profile = profile
+        self.record.bytes_down = sent
+        self.state = DONE
+
+    def cut(self, reason: str) -> None:
+        """Ended before its answer was complete, for ``reason`` (its record is logged next)."""
+        self.state = DONE
+        self.record.reason = reason
+
+    def hand_over(self) -> list[bytes]:
+        """A CONNECT's tunnel takes over: the bytes the client sent after its head go to the
+        tunnel (returned), and the exchange is over (the tunnel writes the record)."""
+        body, self.body = self.body, []
+        self.ended = True
+        return body
 
     # request side (from the client's parser, via the session) ---------------------------
     def request_body(self, data: bytes) -> None:
@@ -198,15 +234,6 @@ class Exchange:
         if self.state is not DONE:
             self.fail(UpstreamError("the origin closed the connection before the response was complete",
                                     reason="upstream_closed", proxy_status="http_response_incomplete"))
-
-    def crashed(self, where: str, exc: BaseException) -> None:
-        self.conn.crashed(where, exc)
-
-    def upstream_pause_writing(self) -> None:
-        self.conn.flow.pause(Pause.UPSTREAM)
-
-    def upstream_resume_writing(self) -> None:
-        self.conn.flow.resume(Pause.UPSTREAM)
 
     # response sink (from the response parser) ------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:

@@ -15,41 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
 
-from ..errors import ClientTimeout, GatewayError
+from ..errors import ClientTimeout, GatewayError, Unavailable
 from ..http1.parse import RequestHead, RequestParser
 from ..http1.responses import error_response
 from ..model import AccessRecord
 from . import whoami
 from .connector import Link
-from .dispatch import Pending, Who, Whoami
-from .flow import PIPELINE_LIMIT, SLICE, WORK_PER_TURN, FlowControl, Pause
+from .dispatch import Whoami
+from .flow import PIPELINE_LIMIT, SLICE, WORK_PER_TURN, Pause
 from .forward import DONE, NEW, ROUTING, Exchange
-from .listeners import ListenerInfo
-
-if TYPE_CHECKING:
-    from .server import Gateway
-
-
-class ClientSide(Protocol):
-    """What the pipeline needs of its connection."""
-
-    gw: Gateway
-    listener: ListenerInfo
-    who: Who
-    transport: asyncio.Transport
-    flow: FlowControl
-    closed: bool
-    eof: bool
-
-    def close(self) -> None: ...
-    def linger(self) -> None: ...  # half-close after an error answer, discard what follows
-    def crashed(self, where: str, exc: BaseException) -> None: ...
-    def open_tunnel(self, ex: Exchange, link: Link) -> None: ...
+from .serve import ClientSide, internal_failure, serve, serve_again
 
 
 class RequestPipeline:
+    """The phase of a connection on a ``protocol: http`` listener (``serve.Phase``)."""
+
+    AT_LIMIT = error_response(Unavailable("the gateway is at its connection limit", reason="max_connections"))
     __slots__ = ("conn", "gw", "transport", "flow", "parser", "queue", "early", "backlog", "dirty", "work",
                  "head_started", "served", "since")
 
@@ -152,7 +134,8 @@ class RequestPipeline:
         if ex.connect:
             self.early = ex
         if len(self.queue) == 1:
-            self._start(ex)
+            ex.state = ROUTING
+            serve(self, ex)
 
     def on_request_body(self, data: bytes) -> None:
         self.work += 1
@@ -164,42 +147,9 @@ class RequestPipeline:
             self.queue[-1].request_end()
 
     # --- serving ------------------------------------------------------------------------------
-    def _start(self, ex: Exchange) -> None:
-        """Serve ``ex`` as far as it goes without waiting; the rest runs in a task."""
-        ex.state = ROUTING
-        rt = ex.runtime = self.gw.runtime
-        try:
-            step = self.gw.dispatcher.now(self.conn.who, ex, rt, self.conn.listener.default_profile(rt))
-            if not isinstance(step, Pending):
-                self._ready(ex, step)
-                return
-        except GatewayError as err:
-            self.exchange_failed(ex, err)
-            return
-        except Exception as exc:  # a bug: answer 500 and keep serving others
-            self._internal_failure(ex, "serve", exc)
-            return
-        ex.task = self.gw.loop.create_task(self._serve(ex, step))
-
-    async def _serve(self, ex: Exchange, pending: Pending | None) -> None:
-        try:
-            d = self.gw.dispatcher
-            if pending is None:  # a retry: the same route, a new connection
-                self._ready(ex, await d.again(ex))
-                return
-            rt = ex.runtime
-            self._ready(ex, await d.rest(self.conn.who, ex, rt, self.conn.listener.default_profile(rt), pending))
-        except GatewayError as err:
-            try:
-                self.exchange_failed(ex, err)
-            except Exception as exc:
-                self.conn.crashed("exchange_failed", exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug: answer 500 and keep serving others
-            self._internal_failure(ex, "serve", exc)
-
-    def _ready(self, ex: Exchange, step: Link | Whoami) -> None:
+    def ready(self, ex: Exchange, step: Link | Whoami) -> None:
+        """``serve``'s answer: a connection for ``ex`` (forward it, or hand over to a tunnel), or
+        the gateway's own answer (whoami, a job receipt)."""
         if isinstance(step, Whoami):
             if step.receipt is not None:  # the job's receipt: gathered from every worker, then signed
                 ex.task = self.gw.loop.create_task(self._answer_receipt(ex, step))
@@ -239,30 +189,19 @@ class RequestPipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: answer 500 and keep serving others
-            self._internal_failure(ex, "serve", exc)
+            internal_failure(self, ex, "serve", exc)
 
     def _answer_whoami(self, ex: Exchange, doc: dict, receipt: bool = False) -> None:
         """The gateway's own answer (possibly from inside the parser's head callback: a
         request with no body to come is as good as complete)."""
         keep = ex.head.keep_alive and self.may_keep_alive() and (ex.request_done or not ex.head.has_body)
         response = whoami.receipt_response(doc, keep) if receipt else whoami.response(doc, keep)
-        ex.record.profile = doc.get("profile") or "-"
-        ex.record.bytes_down = len(response)
+        ex.answered_here(doc.get("profile") or "-", len(response))
         self.transport.write(response)
-        ex.state = DONE
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
         self._log(ex, 200)
         self._next(keep)
-
-    def _internal_failure(self, ex: Exchange, where: str, exc: BaseException) -> None:
-        """A bug while serving one request: count it and answer 500; if even that fails, the
-        connection is closed (``crashed``)."""
-        self.gw.internal_error(where, exc)
-        try:
-            self.exchange_failed(ex, GatewayError(f"internal error: {type(exc).__name__}"))
-        except Exception as again:
-            self.conn.crashed("exchange_failed", again)
 
     # --- what an Exchange needs (forward.ClientSide) ------------------------------------------
     def may_keep_alive(self) -> bool:
@@ -276,12 +215,8 @@ class RequestPipeline:
 
     def retry_fresh(self, ex: Exchange) -> None:
         """A reused upstream failed before answering: the same route, on a new connection, once."""
-        ex.state = ROUTING
-        ex.reused = False
-        ex.upstream = None
-        ex.pool_key = None
-        ex.record.upstream_addr = "-"
-        ex.task = self.gw.loop.create_task(self._serve(ex, None))
+        ex.retrying()
+        serve_again(self, ex)
 
     def exchange_done(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
@@ -306,9 +241,7 @@ class RequestPipeline:
             self.queue.pop(0)
         self.flow.resume(Pause.UPSTREAM)
         self.gw.outcomes.refused(ex.record, err)
-        if ex.upstream is not None:
-            ex.upstream.detach()
-            ex.upstream.transport.abort()  # failed: an origin that stopped reading must not hold it
+        ex.drop_upstream()  # failed: an origin that stopped reading must not hold it
         if self.conn.closed:
             self._log(ex, err.status)
             return
@@ -329,6 +262,8 @@ class RequestPipeline:
                 self.parser = RequestParser(self, limits.max_head_bytes, limits.max_headers)
         self._next(keep)
 
+    failed = exchange_failed  # (serve.Serving)
+
     def _next(self, keep: bool) -> None:
         if not keep or self.conn.closed:
             self.conn.close()
@@ -338,7 +273,9 @@ class RequestPipeline:
         if self.backlog and len(self.queue) <= PIPELINE_LIMIT:
             self.gw.loop.call_soon(self._resume_backlog)
         if self.queue:
-            self._start(self.queue[0])
+            ex = self.queue[0]
+            ex.state = ROUTING
+            serve(self, ex)
         elif self.conn.eof:
             self.conn.close()
 
@@ -373,9 +310,7 @@ class RequestPipeline:
             if ex is not None:
                 if ex.task is not None:
                     ex.task.cancel()
-                if ex.upstream is not None:
-                    ex.upstream.detach()
-                    ex.upstream.transport.abort()
+                ex.drop_upstream()
                 ex.state = DONE
             rec = ex.record if ex else AccessRecord(self.conn.who.peer, self.conn.listener.name, time.time())
             if rec.client == "-" and self.conn.who.counted:
@@ -400,9 +335,7 @@ class RequestPipeline:
 
     def close_queue(self) -> None:
         for ex in self.queue:
-            if ex.upstream is not None:
-                ex.upstream.detach()
-                ex.upstream.transport.abort()
+            ex.drop_upstream()
         self.queue.clear()
 
     def _drop_parser(self) -> None:
@@ -420,11 +353,10 @@ class RequestPipeline:
         for ex in queue:
             if ex.task is not None and not ex.task.done():
                 ex.task.cancel()
-            if ex.upstream is not None and ex.state is not DONE:
-                ex.upstream.detach()
-                ex.upstream.transport.abort()  # unfinished: nothing of it needs flushing
+            if ex.state is not DONE:
+                ex.drop_upstream()  # unfinished: nothing of it needs flushing
             if not ex.ended and ex.state is not NEW:  # it was being served
-                ex.record.reason = ex.record.reason or reason
+                ex.cut(ex.record.reason or reason)
                 self._log(ex, 499)
 
     def teardown(self, reason: str, abort: bool) -> None:
@@ -436,13 +368,9 @@ class RequestPipeline:
         for ex in queue:
             if ex.task is not None and not ex.task.done():
                 ex.task.cancel()
-            up = ex.upstream
-            if up is not None:
-                up.detach()
-                up.transport.abort() if abort else up.transport.close()
+            ex.drop_upstream(abort)
             if not ex.ended:
-                ex.state = DONE
-                ex.record.reason = reason
+                ex.cut(reason)
                 self._log(ex, ex.record.status if ex.response_started else 503)
         self.early = None
 

@@ -3,7 +3,9 @@
 It admits the peer (``gate``: source address, a load balancer's PROXY header, the connection
 limit), then hands the bytes to the phase the connection is in:
 
-- HTTP: a ``RequestPipeline`` (``pipeline``) parses requests and serves them in order;
+- its listener protocol's phase (``phases.PHASES``, the interface ``serve.Phase``): on HTTP a
+  ``RequestPipeline`` (``pipeline``) parses requests and serves them in order; on SOCKS5 a
+  ``SocksHandshake`` (``socks``) negotiates;
 - tunnel: after a successful CONNECT, a ``Tunnel`` (``tunnel``) owns the connection and the
   pipeline is dropped;
 - lingering: after an error answer, what the client still sends is read and discarded,
@@ -22,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING, Protocol
 
-from ..errors import Unavailable
-from ..http1.responses import CONNECT_OK, error_response
+from ..http1.responses import CONNECT_OK
 from ..model import shown_target
 from . import gate
 from .blocks import WatchedTunnel
@@ -34,26 +36,38 @@ from .flow import FlowControl
 from .forward import Exchange
 from .gate import Admission
 from .listeners import ListenerInfo
-from .pipeline import RequestPipeline
-from .server import Gateway
-from .socks import SocksHandshake
+from .phases import PHASES
+from .serve import Phase, Services
 from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .gate import Gate
+    from .limits import ClientLimits
 
 FLUSH_GRACE = 10.0  # seconds a closed connection may take to flush its last bytes, then it is reset
 LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # after an error answer, what we read and discard at most
+
+
+class ConnectionServices(Services, Protocol):
+    """What a connection may use of the gateway: its phases' ``Services`` and, for admitting
+    and counting connections, these (``server.Gateway`` is one)."""
+
+    connections: set  # the open connections (drain, status, the connection limit)
+    gate: Gate  # refusals at accept, counted
+    limits: ClientLimits  # a client's open-connection count, released when it goes
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("gw", "listener", "transport", "flow", "who", "http", "tunnel", "closed", "eof", "pp_buf",
                  "linger_left", "__weakref__")
 
-    def __init__(self, gw: Gateway, listener: ListenerInfo) -> None:
+    def __init__(self, gw: ConnectionServices, listener: ListenerInfo) -> None:
         self.gw = gw
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.who = Who("-")
-        self.http: RequestPipeline | None = None  # the HTTP phase (None once a tunnel took over)
+        self.http: Phase | None = None  # the listener protocol's phase (None once a tunnel took over)
         self.tunnel: Tunnel | None = None
         self.closed = False
         self.eof = False
@@ -81,9 +95,9 @@ class ClientConnection(asyncio.Protocol):
         if verdict is not Admission.ADMIT and verdict is not Admission.READ_PROXY_HEADER:
             gw.gate.refused(verdict, peer)
             self.closed = True
-            if verdict is Admission.MAX_CONNECTIONS and self.listener.protocol == "http":  # (socks5: just closed)
-                transport.write(error_response(Unavailable("the gateway is at its connection limit",
-                                                           reason="max_connections")))
+            answer = PHASES[self.listener.protocol].AT_LIMIT if verdict is Admission.MAX_CONNECTIONS else None
+            if answer is not None:
+                transport.write(answer)
                 transport.close()
             else:
                 transport.abort()
@@ -92,8 +106,7 @@ class ClientConnection(asyncio.Protocol):
             self.pp_buf = b""
         gw.connections.add(self)
         self.listener.counts.connections += 1
-        # (a socks5 listener's phase stands in for the pipeline until its tunnel is up)
-        self.http = (SocksHandshake if self.listener.protocol == "socks5" else RequestPipeline)(self, gw.loop.time())
+        self.http = PHASES[self.listener.protocol](self, gw.loop.time())  # (until a tunnel takes over)
         if self.listener.tls:
             self.who.cert_subject = gate.subject_cn(transport.get_extra_info("peercert"))
 
@@ -191,11 +204,9 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = t
         self.http = None  # the tunnel keeps only its record: an idle tunnel stays small
         self.who.forget()
-        early = t.start(ex.body, link.leftover)
+        early = t.start(ex.hand_over(), link.leftover)
         if early:
             self.flow.unbuffered(early)
-        ex.body = []
-        ex.ended = True
         self.listener.counts.tunnels += 1
         if self.flow.write_paused:  # the client is not reading yet
             t.client_pause_writing()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ..errors import AuthRequired, ClientTimeout, GatewayError, Unavailable
 from ..http1.parse import RequestHead
@@ -46,34 +46,15 @@ from ..socks5 import (
     reply_code,
 )
 from .connector import Link
-from .dispatch import Pending, Who
-from .flow import FlowControl
 from .limits import PendingAuth
-from .listeners import ListenerInfo
+from .serve import ClientSide, serve
 
 if TYPE_CHECKING:
     from .route import Route
     from .runtime import Runtime
-    from .server import Gateway
 
 METHOD = "SOCKS5"  # the access record's method (and the requests metric's label)
 _NO_ANSWER = b""
-
-
-class ClientSide(Protocol):
-    """What the SOCKS phase needs of its connection."""
-
-    gw: Gateway
-    listener: ListenerInfo
-    who: Who
-    transport: asyncio.Transport
-    flow: FlowControl
-    closed: bool
-
-    def close(self) -> None: ...
-    def linger(self) -> None: ...
-    def crashed(self, where: str, exc: BaseException) -> None: ...
-    def open_tunnel(self, ex: SocksRequest, link: Link, reply: bytes) -> None: ...
 
 
 class SocksRequest:
@@ -81,7 +62,8 @@ class SocksRequest:
     ``Proxy-Authorization`` made from the RFC 1929 credentials), its record, the bytes the
     client sent after the request (``body``) and, once routed, its route."""
 
-    __slots__ = ("head", "record", "connect", "socks", "route", "target", "body", "ended", "runtime", "waiting")
+    __slots__ = ("head", "record", "connect", "socks", "route", "target", "body", "ended", "runtime", "waiting",
+                 "task")
 
     def __init__(self, head: RequestHead, record: AccessRecord) -> None:
         self.head = head
@@ -94,9 +76,19 @@ class SocksRequest:
         self.ended = False
         self.runtime: Runtime | None = None
         self.waiting = False  # in a protect rule's hold queue
+        self.task: asyncio.Task | None = None  # serving it, while it must wait (``serve``)
+
+    def hand_over(self) -> list[bytes]:
+        """The tunnel takes over: the bytes the client sent after its request (returned)."""
+        body, self.body = self.body, []
+        self.ended = True
+        return body
 
 
 class SocksHandshake:
+    """The phase of a connection on a ``protocol: socks5`` listener (``serve.Phase``)."""
+
+    AT_LIMIT = None  # (no SOCKS answer exists before the methods: the connection is reset)
     __slots__ = ("conn", "gw", "transport", "flow", "machine", "since", "auth", "req", "task", "started",
                  "finished")
 
@@ -213,44 +205,16 @@ class SocksHandshake:
         if early:
             req.body.append(early)
             self.flow.buffered(len(early))
-        gw = self.gw
-        rt = req.runtime = gw.runtime
-        if gw.draining:
-            self._failed(Unavailable("the gateway is shutting down"))
+        if self.gw.draining:
+            self.failed(req, Unavailable("the gateway is shutting down"))
             return
-        try:
-            step = gw.dispatcher.now(self.conn.who, req, rt, self.conn.listener.default_profile(rt))
-            if not isinstance(step, Pending):
-                self._ready(step)
-                return
-        except GatewayError as err:
-            self._failed(err)
-            return
-        self.task = gw.loop.create_task(self._serve(step))
+        serve(self, req)
 
-    async def _serve(self, pending: Pending) -> None:
-        req = self.req
-        try:
-            rt = req.runtime
-            link = await self.gw.dispatcher.rest(self.conn.who, req, rt, self.conn.listener.default_profile(rt),
-                                                 pending)
-            self.task = None
-            self._ready(link)
-        except GatewayError as err:
-            self.task = None
-            self._failed(err)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.task = None
-            self.gw.internal_error("serve", exc)
-            self._failed(GatewayError(f"internal error: {type(exc).__name__}"))
-
-    def _ready(self, link: Link) -> None:
+    def ready(self, req: SocksRequest, link: Link) -> None:
+        """``serve``'s answer: the connection for the tunnel."""
         if not isinstance(link, Link):  # (a Whoami: never for a CONNECT, which route refuses)
-            self._failed(GatewayError("the gateway answers egressgate.whoami over HTTP only"))
+            self.failed(req, GatewayError("the gateway answers egressgate.whoami over HTTP only"))
             return
-        req = self.req
         up = link.upstream
         if self.conn.closed or self.finished:
             up.transport.close()
@@ -267,7 +231,7 @@ class SocksHandshake:
                 up.transport.abort()
             raise
 
-    def _failed(self, err: GatewayError) -> None:
+    def failed(self, req: SocksRequest, err: GatewayError) -> None:  # noqa: ARG002 (serve.Serving; it is self.req)
         """The request refused or its dial failed: the SOCKS reply, the record, a close."""
         code = reply_code(err)
         self._refuse(err, self.machine.reply(code), REPLY_NAMES[code])
@@ -287,7 +251,7 @@ class SocksHandshake:
         self.gw.outcomes.refused(rec, err)
         self.gw.outcomes.finished(rec, err.status)
         if self.req is not None:
-            self.req.ended = True
+            self.req.ended = True  # (its record is written here)
         if self.conn.closed:
             return
         if answer:
@@ -319,8 +283,9 @@ class SocksHandshake:
         self.gw.outcomes.finished(rec, status)
 
     def _cancel(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        for task in (self.task, self.req.task if self.req is not None else None):
+            if task is not None and not task.done():
+                task.cancel()
         self.task = None
 
     def close_queue(self) -> None:

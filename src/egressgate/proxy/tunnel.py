@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from ..egress.upstream import Upstream
 from ..model import AccessRecord
 from . import splice
-from .flow import FlowControl, Pause
-from .upstream import Upstream
+from .flow import FlowControl, OwnsUpstream, Pause
 
 BULK = 64 * 1024
 FLUSH_GRACE = 10.0  # seconds a closing side may take to flush its last bytes, then it is reset
@@ -41,7 +41,7 @@ class ClientSide(Protocol):
     def crashed(self, where: str, exc: BaseException) -> None: ...
 
 
-class Tunnel:
+class Tunnel(OwnsUpstream):
     __slots__ = ("conn", "client", "upstream", "up", "record", "bytes_up", "bytes_down", "active", "idle_since",
                  "up_done", "down_done", "ended", "pumps", "socks", "copy_only")
 
@@ -167,15 +167,6 @@ class Tunnel:
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.end("upstream_reset" if exc else "")
-
-    def crashed(self, where: str, exc: BaseException) -> None:
-        self.conn.crashed(where, exc)
-
-    def upstream_pause_writing(self) -> None:
-        self.conn.flow.pause(Pause.UPSTREAM)
-
-    def upstream_resume_writing(self) -> None:
-        self.conn.flow.resume(Pause.UPSTREAM)
 
     # client events (called by the session) ------------------------------------------------
     def client_eof(self) -> bool:

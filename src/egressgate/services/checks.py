@@ -1,11 +1,11 @@
 """Does provider Y accept egress IP X right now? Provider checks through each member.
 
 ``check`` reaches one provider through one member of a profile exactly as a job's request
-leaves: the provider's name resolved by the gateway's resolver, every address judged by the
-address guard, the connection made by ``egress.dialer`` from the member's source address (or
-through its chained proxy with ``proxy.chain``, CONNECT as the proxy itself sends it), then TLS
-with SNI and certificate verification (``https://``) and a HEAD or GET whose status is judged
-against ``accept``. It never raises: every failure is a ``ProviderResult`` whose ``outcome``
+leaves, over ``egress.fetch`` (and so ``egress.reach``, the one way out): the provider's name
+resolved by the gateway's resolver, every address judged by the address guard the caller passes
+(the runtime's), the connection from the member's source address or through its chained proxy
+(CONNECT as the proxy itself sends it), then TLS with SNI and certificate verification
+(``https://``) and a HEAD or GET whose status is judged against ``accept``. It never raises: every failure is a ``ProviderResult`` whose ``outcome``
 names it (see ``egress.providers``) and whose ``detail`` keeps the evidence.
 
 ``Verifier`` is the server's side: every member x provider at start, after each reload and
@@ -22,9 +22,10 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-from ..egress.dialer import Dialer, SourceUnavailable
+from ..egress.dialer import SourceUnavailable
 from ..egress.failover import Failover
 from ..egress.failover import decide as decide_failover
+from ..egress.fetch import FetchError, Request, fetch
 from ..egress.plan import EgressPlan, ProfilePool
 from ..egress.providers import (
     MAX_BODY,
@@ -37,209 +38,74 @@ from ..egress.providers import (
     new_members,
     refused_members,
 )
-from ..egress.providers import header as providers_header
-from ..egress.resolver import Resolver
-from ..errors import ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
+from ..egress.reach import Reach
+from ..errors import AddressProhibited, ConnectRefused, DnsError, GatewayError, UpstreamError, UpstreamTimeout
 from ..fleet.checks import SharedChecks
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
 from ..policy.guard import AddressGuard
-from ..proxy import chain
 from ..proxy.runtime import Runtime
-from ..proxy.upstream import Upstream
 
-MAX_HEAD = 64 * 1024
 CONCURRENCY = 16  # checks in flight at once
 
 
-class _Failed(Exception):
-    def __init__(self, outcome: str, detail: str) -> None:
-        super().__init__(detail)
-        self.outcome = outcome
-        self.detail = detail
-
-
-class _HeadReader(chain.HeadReader):
-    """The provider's response head, each way of failing an outcome of its own."""
-
-    __slots__ = ()
-
-    def oversized(self) -> BaseException:
-        return _Failed("bad_response", "response head over 64 KiB")
-
-    def closed(self, exc: Exception | None) -> BaseException:
-        if exc is None:
-            return _Failed("closed", "the provider closed the connection before answering")
-        if isinstance(exc, ConnectionResetError):
-            return _Failed("reset", "connection reset by the provider before it answered")
-        return _Failed("closed", f"the connection was lost before an answer: {exc}")
-
-    def bug(self, where: str, exc: BaseException) -> BaseException:
-        return _Failed("error", f"internal error in {where}: {type(exc).__name__}")
-
-
-class _BodyReader:
-    """The start of a provider's body (for ``BodyRules``): up to ``want`` bytes, or what came
-    before the provider closed."""
-
-    __slots__ = ("done", "buf", "want")
-
-    def __init__(self, first: bytes, want: int) -> None:
-        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.buf = first
-        self.want = want
-        if len(first) >= want:
-            self.done.set_result(first[:want])
-
-    def upstream_data(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        self.buf += data
-        if len(self.buf) >= self.want:
-            self.done.set_result(self.buf[:self.want])
-
-    def upstream_eof(self) -> bool:
-        if not self.done.done():
-            self.done.set_result(self.buf)
-        return False
-
-    def upstream_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
-        self.upstream_eof()
-
-    def upstream_pause_writing(self) -> None:
-        pass
-
-    def upstream_resume_writing(self) -> None:
-        pass
-
-    def crashed(self, where: str, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(_Failed("error", f"internal error in {where}: {type(exc).__name__}"))
-
-
-def _status(head: bytes) -> tuple[int, bytes]:
-    line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
-    status = chain.reply_status(head)
-    if not status:
-        raise _Failed("bad_response", f"not an HTTP response: {line!r}")
-    return status, head
-
-
-def _tls_detail(exc: ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    return exc.reason or str(exc)
-
-
-async def check(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
-                guard: AddressGuard, tls: ssl.SSLContext | None = None) -> ProviderResult:
+async def check(plan: EgressPlan, spec: ProviderSpec, reach: Reach, guard: AddressGuard,
+                tls: ssl.SSLContext | None = None) -> ProviderResult:
     """One member x one provider; never raises (bar cancellation)."""
     at, started = time.time(), time.monotonic()
-    where: dict[str, str | None] = {"egress": None, "remote": None}
+    remote = egress = None
     wait = None
+    status = None
     try:
-        async with asyncio.timeout(spec.timeout):
-            status, line, body = await _exchange(plan, spec, dialer, resolver, guard, tls, where)
-    except _Failed as f:
-        outcome, detail, status = f.outcome, f.detail, None
-    except TimeoutError:
-        phase = "no_response" if where["remote"] else "connect_timeout"
-        outcome, detail, status = phase, (f"no answer within {spec.timeout:g}s" if where["remote"] else
-                                          f"no connection within {spec.timeout:g}s"), None
-    except GatewayError as exc:  # anything else the dial path raises, named as it is
-        outcome, detail, status = "error", exc.detail, None
+        answer = await fetch(reach, plan, _request(spec, tls), guard, spec.timeout, max_body=MAX_BODY, truncate=True,
+                             wants_body=lambda code: spec.body is not None and spec.accepts(code), what="provider")
+    except FetchError as exc:
+        outcome, detail, remote, egress = exc.kind, exc.detail, exc.remote, exc.egress
+    except GatewayError as exc:  # reach's typed errors: the connection was not made
+        outcome, detail = _connect_outcome(exc), exc.detail
+    except ConnectionResetError:
+        outcome, detail = "reset", "connection reset while connecting"
     except (OSError, ValueError, ssl.SSLError) as exc:
-        outcome, detail, status = "error", f"{type(exc).__name__}: {exc}", None
+        outcome, detail = "error", f"{type(exc).__name__}: {exc}"
     else:
+        remote, egress, status = answer.remote, answer.egress, answer.status
         if status is None:
-            outcome, detail = "accepted", line
+            outcome, detail = "accepted", f"TLS handshake OK ({answer.tls_version})"
         else:
-            outcome, detail, wait = judge_answer(status, line, spec.accepts, spec.expects, time.time())
-            why = spec.body.judge(body) if outcome == "accepted" and spec.body is not None else None
+            outcome, detail, wait = judge_answer(status, answer.head, spec.accepts, spec.expects, time.time())
+            why = spec.body.judge(answer.body) if outcome == "accepted" and spec.body is not None else None
             if why is not None:  # a block page or CAPTCHA served with an acceptable status
                 outcome, detail = "body_refused", f"{detail}: {why}"
-    return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, where["egress"],
-                          where["remote"], round((time.monotonic() - started) * 1000, 1), wait)
+    return ProviderResult(plan.profile, plan.label, spec.name, outcome, detail, at, status, egress, remote,
+                          round((time.monotonic() - started) * 1000, 1), wait)
 
 
-async def _exchange(plan: EgressPlan, spec: ProviderSpec, dialer: Dialer, resolver: Resolver,
-                    guard: AddressGuard, tls: ssl.SSLContext | None, where: dict) -> tuple[int | None, str | bytes, bytes]:
-    dest = spec.dest
-    loop = asyncio.get_running_loop()
-    rest = b""
-    try:
-        if plan.upstream is not None:  # as the proxy does: names are resolved by the chained proxy
-            if dest.is_ip and guard.check(dest.host):
-                raise _Failed("address_prohibited", f"{dest.host} is refused by the address guard "
-                                                    f"({guard.check(dest.host)})")
-            proxy = plan.upstream.address
-            addrs = [proxy.host] if proxy.is_ip else await resolver.resolve(proxy.host)
-            _, up, remote = await dialer.connect(EgressPlan(plan.profile, "direct"), addrs, proxy.port, Upstream,
-                                                 spec.timeout)
-            where["remote"] = f"{dest} via {plan.upstream}"
-            where["egress"] = str(plan.upstream)
-            rest = await chain.open_tunnel(up, dest, plan.upstream.authorization, spec.timeout)
-        else:
-            addrs = [dest.host] if dest.is_ip else await resolver.resolve(dest.host)
-            usable = [a for a in addrs if guard.check(a) is None]
-            if not usable:
-                raise _Failed("address_prohibited", f"{dest.host} resolves only to addresses the guard refuses: "
-                                                    + ", ".join(f"{a} ({guard.check(a)})" for a in addrs[:3]))
-            _, up, remote = await dialer.connect(plan, usable, dest.port, Upstream, spec.timeout)
-            where["remote"] = f"{remote}:{dest.port}" if ":" not in remote else f"[{remote}]:{dest.port}"
-            where["egress"] = up.local
-    except SourceUnavailable as exc:
-        raise _Failed("source_unavailable", exc.detail) from None
-    except ConnectRefused as exc:
-        raise _Failed("connect_refused", exc.detail) from None
-    except UpstreamTimeout as exc:
-        raise _Failed("dns_error" if exc.reason == "dns_timeout" else "connect_timeout", exc.detail) from None
-    except DnsError as exc:
-        raise _Failed("dns_error", exc.detail) from None
-    except UpstreamError as exc:
-        outcome = "upstream_refused" if exc.reason in ("upstream_refused", "upstream_closed") else "connect_failed"
-        raise _Failed(outcome, exc.detail) from None
-    except ConnectionResetError:
-        raise _Failed("reset", "connection reset while connecting") from None
-    try:
-        if spec.tls:
-            if rest:
-                raise _Failed("bad_response", "the provider spoke before the TLS handshake")
-            try:
-                up.transport = await loop.start_tls(up.transport, up, tls or ssl.create_default_context(),
-                                                    server_hostname=dest.host)
-            except ssl.SSLError as exc:
-                raise _Failed("tls_error", _tls_detail(exc)) from None
-            except ConnectionResetError:
-                raise _Failed("reset", "connection reset during the TLS handshake") from None
-            except (ConnectionError, OSError) as exc:
-                raise _Failed("closed", f"the connection ended during the TLS handshake: {exc}") from None
-            if spec.accept is None:
-                ssl_object = up.transport.get_extra_info("ssl_object")
-                return None, f"TLS handshake OK ({ssl_object.version() if ssl_object else 'TLS'})", b""
-        reader = _HeadReader(MAX_HEAD)
-        up.attach(reader)
-        extra = "".join(f"{name}: {value}\r\n" for name, value in spec.headers)
-        up.transport.write(f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\nUser-Agent: egressgate-verify\r\n"
-                           f"Accept: */*\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
-        if rest:
-            reader.upstream_data(rest)
-        head, after = await reader.done
-        status, head = _status(head)
-        if spec.body is None or not spec.accepts(status):
-            return status, head, b""
-        length = providers_header(head, b"content-length")
-        want = min(int(length), MAX_BODY) if length is not None and length.isdigit() else MAX_BODY
-        body = _BodyReader(after, want)
-        up.attach(body)
-        return status, head, await body.done
-    finally:
-        up.detach()
-        up.transport.abort() if spec.tls else up.transport.close()
+def _request(spec: ProviderSpec, tls: ssl.SSLContext | None) -> Request:
+    """The provider's request (``spec.accept`` None: the TLS handshake alone)."""
+    context = (tls or ssl.create_default_context()) if spec.tls else None
+    method = spec.method if spec.accept is not None or not spec.tls else None
+    return Request(spec.dest, context, method, spec.path, spec.host_header,
+                   (("User-Agent", "egressgate-verify"), ("Accept", "*/*"), *spec.headers))
 
 
-async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, dialer: Dialer, resolver: Resolver,
-                      guard: AddressGuard, only: list[tuple[EgressPlan, ProviderSpec]] | None = None,
+def _connect_outcome(exc: GatewayError) -> str:
+    """The outcome of a connection ``reach`` could not make."""
+    if isinstance(exc, AddressProhibited):
+        return "address_prohibited"
+    if isinstance(exc, SourceUnavailable):
+        return "source_unavailable"
+    if isinstance(exc, ConnectRefused):
+        return "connect_refused"
+    if isinstance(exc, UpstreamTimeout):
+        return "dns_error" if exc.reason == "dns_timeout" else "connect_timeout"
+    if isinstance(exc, DnsError):
+        return "dns_error"
+    if isinstance(exc, UpstreamError):
+        return "upstream_refused" if exc.reason in ("upstream_refused", "upstream_closed") else "connect_failed"
+    return "error"
+
+
+async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, reach: Reach, guard: AddressGuard, only: list[tuple[EgressPlan, ProviderSpec]] | None = None,
                       each: Callable[[ProviderResult], None] | None = None) -> list[ProviderResult]:
     """Check ``only`` these pairs, or every member x provider of ``pools``, concurrently (at most
     ``CONCURRENCY`` at once); ``each`` gets every result as soon as it is made."""
@@ -249,7 +115,7 @@ async def check_pools(pools: dict[str, ProfilePool], board: ProviderBoard, diale
 
     async def one(plan: EgressPlan, spec: ProviderSpec) -> ProviderResult:
         async with limit:
-            result = await check(plan, spec, dialer, resolver, guard)
+            result = await check(plan, spec, reach, guard)
         if each is not None:
             each(result)
         return result
@@ -311,8 +177,7 @@ class Verifier:
     ``on_failover(failover)``: a ``switch: auto`` profile moved its new connections to a standby
     member (``steer``): report it (event, metric)."""
 
-    def __init__(self, current: Callable[[], Runtime], dialer: Callable[[], Dialer],
-                 resolver: Callable[[], Resolver], publish: Callable[[Runtime], None],
+    def __init__(self, current: Callable[[], Runtime], reach: Callable[[], Reach], publish: Callable[[Runtime], None],
                  attest: Callable[..., Awaitable[None]], log: bool,
                  on_error: Callable[[str, BaseException], None],
                  held: Callable[[str, str, str], tuple[float, str] | None] | None = None,
@@ -325,8 +190,7 @@ class Verifier:
         self.held = held
         self.shared = shared  # with a fleet store: one process of the fleet checks each pair per interval
         self.current = current
-        self.dialer = dialer
-        self.resolver = resolver
+        self.reach = reach
         self.publish = publish
         self.attest = attest
         self.log = log
@@ -338,7 +202,13 @@ class Verifier:
         self._all = self._all or everything
         self._now.set()
 
-    async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]]) -> list[ProviderResult]:
+    async def _check(self, rt: Runtime, pairs: list[tuple[EgressPlan, ProviderSpec]],
+                     pools: dict[str, ProfilePool] | None = None) -> list[ProviderResult]:
+        """Check ``pairs`` (members of ``pools``, default ``rt.profiles``), except those that must
+        not go out now: a member the gateway's own ``protect`` holds for the provider's host, or
+        one whose egress-IP check saw a wrong IP (``exits_wrong``) -- each a ``throttled`` result
+        (no verdict)."""
+        pools = rt.profiles if pools is None else pools
         def each(r: ProviderResult) -> None:
             rt.providers.record(r)
             if self.observed is not None:  # block-aware egress: a check moves the member's block state
@@ -349,14 +219,21 @@ class Verifier:
                           remote_addr=r.remote_addr, duration_ms=r.duration_ms)
         go, held = [], []
         for plan, spec in pairs:
+            pool = pools.get(plan.profile)
+            wrong = pool.exits_wrong(plan) if pool is not None else None
             hold = self.held(plan.profile, plan.label, spec.dest.host) if self.held is not None else None
-            if hold is None:
+            if wrong is not None:
+                r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                                   f"not checked: {plan.label} leaves from {wrong}, not one of "
+                                   f"[{', '.join(pool.expect_ip)}] (the provider must not see that IP)", time.time())
+            elif hold is not None:
+                left, why = hold
+                r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
+                                   f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
+                                   f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
+            else:
                 go.append((plan, spec))
                 continue
-            left, why = hold
-            r = ProviderResult(plan.profile, plan.label, spec.name, "throttled",
-                               f"not checked: the gateway holds {plan.label} for {spec.dest.host} ({why}, "
-                               f"{left:.0f}s left)", time.time(), retry_after=round(left, 3))
             each(r)
             held.append(r)
         if self.shared is not None and go:
@@ -364,8 +241,7 @@ class Verifier:
             for r in taken:
                 each(r)
             held += taken
-        results = await check_pools(rt.profiles, rt.providers, self.dialer(), self.resolver(), rt.guard,
-                                    only=go, each=each)
+        results = await check_pools(rt.profiles, rt.providers, self.reach(), rt.guard, only=go, each=each)
         if self.shared is not None and go:
             await self.shared.save(rt.profiles, go, results)
         return held + results
@@ -455,7 +331,8 @@ class Verifier:
         added = new_members(rt.profiles.get(pending.profile), candidate)
         if candidate.attest:  # the candidate is not in the runtime: the prober does not check it by itself
             await self.attest(rt, set(added), {pending.profile: candidate})
-        results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())])
+        results = await self._check(rt, [(m, s) for m in added for s in rt.providers.specs.get(pending.profile, ())],
+                                    {**rt.profiles, pending.profile: candidate})
         failures = attestation_failures(candidate, added, time.time()) + [r for r in results if not r.ok]
         if failures:
             pending.failures = failures

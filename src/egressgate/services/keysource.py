@@ -6,9 +6,9 @@ For each issuer (or configured ``jwks_url``) one ``_Keys`` entry: the OIDC disco
 names the JWKS URL; the JWKS is fetched and parsed (``policy.tokens.parse_jwks``).
 
 - Nothing blocks the loop and no thread is used: the fetch is a task on the loop, over
-  ``egress.dialer`` (direct, from the host's address; the address guard does not apply, the
-  issuer is operator-configured like the probe's echo URL) with ``probe.Fetch`` reading the
-  answer, under ``timeouts.upstream_connect`` for the whole exchange.
+  ``egress.fetch`` (direct, from the host's address: ``MEMBER``; the address guard does not
+  apply, the issuer is operator-configured like the probe's echo URL: ``GUARD``), under
+  ``timeouts.upstream_connect`` for the whole exchange.
 - Cached: the keys are kept and re-fetched in the background once older than ``refresh``.
 - A token naming an unknown ``kid`` (a rotated key) asks for a fetch (``refresh``); fetches
   start at most once per ``min_refresh`` per issuer, and concurrent askers share one.
@@ -21,24 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..egress.dialer import Dialer
+from ..egress.fetch import fetch, get
 from ..egress.plan import EgressPlan
-from ..egress.resolver import Resolver
+from ..egress.reach import Reach, Unguarded
 from ..errors import GatewayError
-from ..model import ip_or_none
 from ..observe.accesslog import log_event
 from ..observe.metrics import Metrics
 from ..policy.tokens import TokenPolicy, parse_jwks
-from ..proxy.upstream import Upstream
-from .probe import Fetch
 
 MAX_DOCUMENT = 1 << 20  # bytes of a discovery or JWKS document
+MEMBER = EgressPlan("(issuer keys)", "direct")
+GUARD = Unguarded("the token issuer is operator-configured (clients[].token)")
+ACCEPT = (("Accept", "application/json"), ("User-Agent", "egressgate"))
 DISCOVERY = "/.well-known/openid-configuration"
 
 
@@ -53,10 +52,8 @@ class _Keys:
 
 
 class KeySources:
-    def __init__(self, dialer: Dialer, resolver: Callable[[], Resolver], metrics: Metrics,
-                 timeout: Callable[[], float] = lambda: 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._dialer = dialer
-        self._resolver = resolver
+    def __init__(self, reach: Callable[[], Reach], metrics: Metrics, timeout: Callable[[], float] = lambda: 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._reach = reach
         self._metrics = metrics
         self._timeout = timeout
         self._clock = clock
@@ -133,36 +130,11 @@ class KeySources:
             entry.task = None
 
     async def _get_json(self, url: str, ca_file: str | None) -> object:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url[:200]}")
-        host = parts.hostname
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        timeout = self._timeout()
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            addresses = [host] if ip_or_none(host) is not None else await self._resolver().resolve(host)
-            _, up, _ = await self._dialer.connect(EgressPlan("(issuer keys)", "direct"), addresses, port,
-                                                  Upstream, timeout)
-            try:
-                if parts.scheme == "https":
-                    context = ssl.create_default_context(cafile=ca_file)
-                    up.transport = await loop.start_tls(up.transport, up, context, server_hostname=host)
-                fetch = Fetch("issuer", MAX_DOCUMENT)
-                up.attach(fetch)
-                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                authority = f"[{host}]" if ":" in host else host
-                if parts.port:
-                    authority += f":{parts.port}"
-                up.transport.write(f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n"
-                                   "User-Agent: egressgate\r\nConnection: close\r\n\r\n".encode())
-                await fetch.done
-            finally:
-                up.detach()
-                up.transport.close()
-        if fetch.status != 200:
-            raise ValueError(f"{url[:200]} answered {fetch.status}")
+        answer = await fetch(self._reach(), MEMBER, get(url, ACCEPT, ca_file), GUARD, self._timeout(),
+                             max_body=MAX_DOCUMENT, what="issuer")
+        if answer.status != 200:
+            raise ValueError(f"{url[:200]} answered {answer.status}")
         try:
-            return json.loads(fetch.body)
+            return json.loads(answer.body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{url[:200]} did not answer JSON") from None

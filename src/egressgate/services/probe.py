@@ -7,7 +7,7 @@ IP, or JSON with an ``ip`` or ``origin`` field) with the profile's ``expect_ip``
 repeats it every ``probe.interval`` and exposes the result in ``/readyz`` and metrics.
 
 The echo URL is operator-configured, so the address guard does not apply to it (as for
-upstream proxies).
+upstream proxies): ``GUARD``, the guard this module passes to ``egress.fetch``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from ..egress.dialer import Dialer
+from ..egress.fetch import fetch, get
 from ..egress.plan import EgressPlan, ProfilePool
+from ..egress.reach import Reach, Unguarded
 from ..egress.resolver import Resolver
 from ..errors import GatewayError
-from ..http1.parse import ResponseHead, ResponseParser
-from ..model import HostPort
 from ..observe.accesslog import log_event
-from ..proxy import chain
 from ..proxy.runtime import Runtime
 from ..proxy.server import Gateway
-from ..proxy.upstream import Upstream
+
+GUARD = Unguarded("the echo URL is operator-configured (probe.echo_url)")
+ACCEPT = (("Accept", "text/plain, application/json"), ("User-Agent", "egressgate-probe"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,61 +59,6 @@ def member_label(plan: EgressPlan) -> str:
     return plan.label
 
 
-class Fetch:
-    """The owner of an ``Upstream`` while an HTTP answer (the echo service's; the issuer's keys
-    in ``keysource``) is read, at most ``limit`` bytes of body."""
-
-    def __init__(self, what: str = "echo service", limit: int = 65536) -> None:
-        self.what = what
-        self.limit = limit
-        self.status = 0
-        self.body = b""
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.parser = ResponseParser(self, "GET")
-
-    def upstream_data(self, data: bytes) -> None:
-        try:
-            self.parser.feed(data)
-        except GatewayError as exc:
-            self._fail(exc)
-
-    def upstream_eof(self) -> bool:
-        try:
-            self.parser.feed_eof()
-        except GatewayError as exc:
-            self._fail(exc)
-        self._fail(GatewayError(f"the {self.what} closed the connection before its answer was complete"))
-        return False
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self._fail(GatewayError(f"the connection to the {self.what} was lost: {exc or 'closed'}"))
-
-    def upstream_pause_writing(self) -> None:
-        pass
-
-    def upstream_resume_writing(self) -> None:
-        pass
-
-    def crashed(self, where: str, exc: BaseException) -> None:
-        self._fail(GatewayError(f"internal error in {where}: {type(exc).__name__}"))
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-
-    def on_response_head(self, head: ResponseHead) -> None:
-        self.status = head.status
-
-    def on_response_body(self, data: bytes) -> None:
-        self.body += data
-        if len(self.body) > self.limit:
-            raise GatewayError(f"{self.what} answer too large")
-
-    def on_response_end(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
 def parse_echo(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     if text.startswith("{"):
@@ -122,49 +67,17 @@ def parse_echo(body: bytes) -> str:
     return str(ipaddress.ip_address(text))
 
 
-async def observe(plan: EgressPlan, url: str, dialer: Dialer, resolver: Resolver, timeout: float) -> str:
+async def observe(plan: EgressPlan, url: str, reach: Reach, timeout: float) -> str:
     """The IP the echo service at ``url`` sees when reached through ``plan``: the same source
-    address, or the same chained proxy (``chain.open_tunnel``, as the proxy itself uses)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"echo URL must be http:// or https://, got {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    dest = HostPort(parts.hostname, port)
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        rest = b""
-        if plan.upstream is not None:
-            proxy = plan.upstream.address
-            addrs = [proxy.host] if proxy.is_ip else await resolver.resolve(proxy.host)
-            _, up, _ = await dialer.connect(EgressPlan(plan.profile, "direct"), addrs, proxy.port, Upstream, timeout)
-            rest = await chain.open_tunnel(up, dest, plan.upstream.authorization, timeout)
-        else:
-            addrs = [dest.host] if dest.is_ip else await resolver.resolve(dest.host)
-            _, up, _ = await dialer.connect(plan, addrs, port, Upstream, timeout)
-        try:
-            if parts.scheme == "https":
-                if rest:
-                    raise GatewayError("the echo service spoke before the TLS handshake")
-                up.transport = await loop.start_tls(up.transport, up, ssl.create_default_context(),
-                                                    server_hostname=parts.hostname)
-            fetch = Fetch()
-            up.attach(fetch)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            up.transport.write(f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/plain, application/json\r\n"
-                               f"User-Agent: egressgate-probe\r\nConnection: close\r\n\r\n".encode())
-            if rest:
-                fetch.upstream_data(rest)
-            await fetch.done
-        finally:
-            up.detach()
-            up.transport.close()
-    if fetch.status != 200:
-        raise GatewayError(f"echo service answered {fetch.status}")
-    return parse_echo(fetch.body)
+    address, or the same chained proxy, as the proxy itself uses (``egress.fetch``)."""
+    answer = await fetch(reach, plan, get(url, ACCEPT), GUARD, timeout, what="echo service")
+    if answer.status != 200:
+        raise GatewayError(f"echo service answered {answer.status}")
+    return parse_echo(answer.body)
 
 
-async def observe_any(plan: EgressPlan, urls: str | tuple[str, ...] | list[str], dialer: Dialer,
-                      resolver: Resolver, timeout: float) -> str:
+async def observe_any(plan: EgressPlan, urls: str | tuple[str, ...] | list[str], reach: Reach,
+                      timeout: float) -> str:
     """``observe`` through the first of ``urls`` that answers (several independent echo
     services: one being down does not leave the member unverified). An answer is final, even a
     wrong IP: the next service is asked only when one gave no usable answer."""
@@ -172,7 +85,7 @@ async def observe_any(plan: EgressPlan, urls: str | tuple[str, ...] | list[str],
     failures = []
     for url in urls:
         try:
-            return await observe(plan, url, dialer, resolver, timeout)
+            return await observe(plan, url, reach, timeout)
         except TimeoutError:
             failures.append(f"{url}: timed out after {timeout:g}s")
         except (GatewayError, OSError, ValueError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
@@ -182,14 +95,13 @@ async def observe_any(plan: EgressPlan, urls: str | tuple[str, ...] | list[str],
 
 
 async def probe_pools(pools: dict[str, ProfilePool], url: str | tuple[str, ...] | list[str], timeout: float,
-                      dialer: Dialer | None = None, resolver: Resolver | None = None,
-                      only: set[EgressPlan] | None = None,
+                      reach: Reach | None = None, only: set[EgressPlan] | None = None,
                       each: Callable[[Observation], None] | None = None) -> list[Observation]:
     """Observe every member of ``pools`` (or only the members in ``only``), concurrently;
     ``each`` gets every observation as soon as it is made (a slow member, e.g. a route that
     times out, does not hold back the others' results)."""
-    dialer = dialer or Dialer(asyncio.get_running_loop())
-    resolver = resolver or Resolver()
+    if reach is None:
+        reach = Reach(Dialer(asyncio.get_running_loop()), Resolver().resolve)
 
     async def one(pool: ProfilePool, plan: EgressPlan) -> Observation:
         obs = await attempt(pool, plan)
@@ -199,7 +111,7 @@ async def probe_pools(pools: dict[str, ProfilePool], url: str | tuple[str, ...] 
 
     async def attempt(pool: ProfilePool, plan: EgressPlan) -> Observation:
         try:
-            ip = await observe_any(plan, url, dialer, resolver, timeout)
+            ip = await observe_any(plan, url, reach, timeout)
             return Observation(pool.name, member_label(plan), ip, pool.expect_ip)
         except TimeoutError:
             return Observation(pool.name, member_label(plan), None, pool.expect_ip, f"timed out after {timeout:g}s")
@@ -278,7 +190,7 @@ class Attestor:
 
         try:
             observations = await probe_pools(pools, cfg.echo_urls, rt.timeouts.upstream_connect,
-                                             gw.connector.dialer, gw.connector.resolver, only=only, each=each)
+                                             gw.connector.reach, only=only, each=each)
         except asyncio.CancelledError as exc:
             if asyncio.current_task().cancelling():
                 raise  # the prober itself is being stopped

@@ -1,10 +1,11 @@
-"""CONNECT through a chained (upstream) proxy: the one client for it, used by the proxy for
-profiles with ``upstream`` members and by ``probe`` to check which IP such a member exits from.
+"""CONNECT through a chained (upstream) proxy: the one client for it, used by ``reach`` (and so
+by the proxy, the provider checks, the egress-IP probe) for ``upstream`` members.
 
 ``open_tunnel`` sends ``CONNECT host:port`` (with the chained proxy's own credentials) on a
 connected ``Upstream`` and waits, bounded in time and size, for a 2xx reply head; it returns
-the bytes that followed the head (the tunnel's first bytes). Any other reply is a typed
-``UpstreamError`` naming the status line.
+the bytes that followed the head (the tunnel's first bytes). Any other reply, a close or no
+reply in time is a ``TunnelRefused`` (an ``UpstreamError``) naming what happened: the chained
+proxy was reached, so the caller need not mark it down.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from ..model import HostPort
 from .upstream import Upstream
 
 MAX_REPLY_HEAD = 64 * 1024
+
+
+class TunnelRefused(UpstreamError):
+    """The chained proxy answered, but no tunnel: a refusal, a close, garbage or no answer in time."""
 
 
 def connect_request(dest: HostPort, authorization: str | None) -> bytes:
@@ -44,7 +49,7 @@ async def open_tunnel(up: Upstream, dest: HostPort, authorization: str | None, t
             head, rest = await reader.done
     except TimeoutError:
         up.transport.close()
-        raise UpstreamError("the upstream proxy did not answer CONNECT in time", reason="upstream_timeout",
+        raise TunnelRefused("the upstream proxy did not answer CONNECT in time", reason="upstream_timeout",
                             status=504, proxy_status="connection_timeout") from None
     except BaseException:
         up.transport.close()
@@ -53,7 +58,7 @@ async def open_tunnel(up: Upstream, dest: HostPort, authorization: str | None, t
     if not 200 <= status < 300:
         up.transport.close()
         line = head.split(b"\r\n", 1)[0][:200].decode("latin-1")
-        raise UpstreamError(f"the upstream proxy refused CONNECT {dest}: {line!r}" if status else
+        raise TunnelRefused(f"the upstream proxy refused CONNECT {dest}: {line!r}" if status else
                             f"the upstream proxy answered CONNECT {dest} with garbage: {line!r}",
                             reason="upstream_refused",
                             proxy_status="proxy_internal_response" if status else "http_protocol_error")
@@ -62,9 +67,8 @@ async def open_tunnel(up: Upstream, dest: HostPort, authorization: str | None, t
 
 
 class HeadReader:
-    """The owner of an ``Upstream`` while a response head is awaited: ``done`` gets (the head,
-    the bytes after it), or the failure. What each failure is, subclasses say their way (here: a
-    chained proxy's CONNECT reply; ``checks``: a provider's answer)."""
+    """The owner of an ``Upstream`` while the chained proxy's reply head is awaited: ``done``
+    gets (the head, the bytes after it), or the failure."""
 
     __slots__ = ("done", "buf", "limit")
 
@@ -81,14 +85,15 @@ class HeadReader:
         if end >= 0:
             self.done.set_result((self.buf[:end], self.buf[end + 4:]))
         elif len(self.buf) > self.limit:
-            self.fail(self.oversized())
+            self.fail(TunnelRefused("oversized reply from the upstream proxy",
+                                    proxy_status="http_response_header_section_size"))
 
     def upstream_eof(self) -> bool:
-        self.fail(self.closed(None))
+        self.upstream_lost(None)
         return False
 
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self.fail(self.closed(exc))
+    def upstream_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        self.fail(TunnelRefused("the upstream proxy closed the connection during CONNECT", reason="upstream_closed"))
 
     def upstream_pause_writing(self) -> None:
         pass
@@ -97,19 +102,8 @@ class HeadReader:
         pass
 
     def crashed(self, where: str, exc: BaseException) -> None:
-        self.fail(self.bug(where, exc))
+        self.fail(GatewayError(f"internal error in {where}: {type(exc).__name__}"))
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
-
-    # what each failure is --------------------------------------------------------------------
-    def oversized(self) -> BaseException:
-        return UpstreamError("oversized reply from the upstream proxy",
-                             proxy_status="http_response_header_section_size")
-
-    def closed(self, exc: Exception | None) -> BaseException:  # noqa: ARG002
-        return UpstreamError("the upstream proxy closed the connection during CONNECT", reason="upstream_closed")
-
-    def bug(self, where: str, exc: BaseException) -> BaseException:
-        return GatewayError(f"internal error in {where}: {type(exc).__name__}")
