@@ -18,14 +18,23 @@ import yaml
 from conftest import ARGO, load_docs
 
 from tests import required
+from tests.integration.peers import QuietHandler
 
 WFT_PATH = ARGO / "workflowtemplate.yaml"
 
 
-@pytest.fixture(scope="module")
-def wft():
-    (doc,) = load_docs(WFT_PATH)
-    return doc
+def workflow_fixture(path):
+    """A module fixture: the one document of the WorkflowTemplate at ``path``."""
+
+    @pytest.fixture(scope="module")
+    def wft():
+        (doc,) = load_docs(path)
+        return doc
+
+    return wft
+
+
+wft = workflow_fixture(WFT_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +66,17 @@ def _unknown_keys(given, dumped, path="$"):
     return out
 
 
-def test_valid_against_argo_models(wft):
+def assert_valid_workflow(doc) -> None:
+    """``doc`` is a WorkflowTemplate to Argo's models, with no field they do not know."""
     models = required.module("hera.workflows.models")
-    model = models.WorkflowTemplate.model_validate(wft)
+    model = models.WorkflowTemplate.model_validate(doc)
     dumped = json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
-    unknown = _unknown_keys(wft, dumped)
+    unknown = _unknown_keys(doc, dumped)
     assert not unknown, f"fields unknown to the Argo schema: {unknown}"
+
+
+def test_valid_against_argo_models(wft):
+    assert_valid_workflow(wft)
 
 
 def test_unknown_field_detection_works():
@@ -162,21 +176,14 @@ def test_collection_waits_for_both_preflights(templates):
 # ---------------------------------------------------------------- pre-flight script against a fake
 
 
-class FakeGateway(http.server.BaseHTTPRequestHandler):
+class FakeGateway(QuietHandler):
+    protocol_version = "HTTP/1.0"
     answer: dict = {}
     seen: list = []
 
     def do_GET(self):  # noqa: N802
         FakeGateway.seen.append((self.path, self.headers.get("Proxy-Authorization")))
-        body = json.dumps(FakeGateway.answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, json.dumps(FakeGateway.answer).encode(), {"Content-Type": "application/json"})
 
 
 @pytest.fixture

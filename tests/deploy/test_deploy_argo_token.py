@@ -11,8 +11,8 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ARGO, load_docs
-from test_deploy_argo import _unknown_keys
+from conftest import ARGO
+from test_deploy_argo import assert_valid_workflow, workflow_fixture
 
 from tests import required
 from tests.integration.oidc import Signer
@@ -21,10 +21,7 @@ from tests.integration.peers import GatewayProcess, Origin, base_config
 PATH = ARGO / "workflowtemplate-token.yaml"
 
 
-@pytest.fixture(scope="module")
-def wft():
-    (doc,) = load_docs(PATH)
-    return doc
+wft = workflow_fixture(PATH)
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +30,7 @@ def step(wft):
 
 
 def test_valid_against_argo_models(wft):
-    models = required.module("hera.workflows.models")
-    model = models.WorkflowTemplate.model_validate(wft)
-    dumped = json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
-    unknown = _unknown_keys(wft, dumped)
-    assert not unknown, f"fields unknown to the Argo schema: {unknown}"
+    assert_valid_workflow(wft)
 
 
 def test_projected_token_for_the_gateway_audience(wft, step):

@@ -50,6 +50,7 @@ from netns import Netns, link, machine_env, unavailable_reason  # noqa: E402
 
 from tests import required  # noqa: E402
 from tests.deploy.conftest import REPO  # noqa: E402
+from tests.integration.peers import QuietHandler, read_head  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -164,39 +165,26 @@ def serve_http(ns: Netns, address: tuple[str, int], handler, tls: ssl.SSLContext
     return server
 
 
-class Recorder(http.server.BaseHTTPRequestHandler):
+class Recorder(QuietHandler):
     """Origin: answers every request with the address it came from, and records it."""
 
-    protocol_version = "HTTP/1.1"
     seen: list[tuple[str, str, str]] = []
     refused: set[str] = set()  # source addresses the provider blocks (403, as an allowlist refusal)
 
     def do_GET(self):  # noqa: N802
         Recorder.seen.append((self.headers.get("Host", ""), self.path, self.client_address[0]))
         body = json.dumps({"host": self.headers.get("Host"), "source": self.client_address[0]}).encode()
-        self.send_response(403 if self.client_address[0] in Recorder.refused else 200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(403 if self.client_address[0] in Recorder.refused else 200, body,
+                   {"Content-Type": "application/json"})
 
 
-class Echo(http.server.BaseHTTPRequestHandler):
+class Echo(QuietHandler):
     """IP-echo service (what probe.echo_url points at): the caller's address as plain text."""
 
-    def do_GET(self):  # noqa: N802
-        body = (self.client_address[0] + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    protocol_version = "HTTP/1.0"
 
-    def log_message(self, *args):
-        pass
+    def do_GET(self):  # noqa: N802
+        self.reply(200, (self.client_address[0] + "\n").encode(), {"Content-Type": "text/plain"})
 
 
 class Metadata(http.server.BaseHTTPRequestHandler):
@@ -676,11 +664,7 @@ def open_tunnel(site, user: str, host: str) -> ssl.SSLSocket:
     raw.connect((LB_IP, 3128))
     auth = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
     raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, head
-        head += chunk
+    head = read_head(raw)
     assert head.startswith(b"HTTP/1.1 200"), head
     ctx = ssl.create_default_context(cafile=str(site.ca))
     return ctx.wrap_socket(raw, server_hostname=host)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+
+from .peers import HTTPPeer, QuietHandler, asked_answer
 
 
-class CountingOrigin:
+class CountingOrigin(HTTPPeer):
     def __init__(self, host: str = "127.0.0.1", hold_limit: float = 30.0) -> None:
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -20,44 +20,26 @@ class CountingOrigin:
         self.release = threading.Event()
         origin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(QuietHandler):
             wbufsize = 65536  # one write per answer
 
-            def log_message(self, *args) -> None:
-                pass
-
             def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
+                path, q = self.query()
                 with origin.lock:
                     origin.in_flight += 1
                     origin.most = max(origin.most, origin.in_flight)
-                    origin.arrivals.append((time.monotonic(), url.path))
+                    origin.arrivals.append((time.monotonic(), path))
                 try:
-                    status, extra = 200, {}
-                    if url.path == "/hold":
+                    status, extra = asked_answer(q) if path == "/answer" else (200, {})
+                    if path == "/hold":
                         origin.release.wait(hold_limit)
-                    elif url.path == "/answer":
-                        status = int(q.get("code", "200"))
-                        if "retry_after" in q:
-                            extra["Retry-After"] = q["retry_after"]
-                    body = f"{status} {url.path}\n".encode()
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    for k, v in extra.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.reply(status, f"{status} {path}\n".encode(), extra)
                 finally:
                     with origin.lock:
                         origin.in_flight -= 1
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
+        super().__init__(Handler, host)
         self.host = host
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
 
     def url(self, path: str, host: str | None = None) -> str:
         return f"http://{host or self.host}:{self.port}{path}"
@@ -68,5 +50,4 @@ class CountingOrigin:
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .peers import pattern_bytes
+from .peers import Acceptor, pattern_bytes
 
 TRICKLE_INTERVAL = 0.2  # seconds between bytes of a trickling peer
 
@@ -78,6 +78,19 @@ class Peer:
         self.body_received = len(rest)
         return rest
 
+    def peek_path(self) -> str | None:
+        """The request line's path, its query left out ("/" when it has none), peeked at: the
+        behaviour then reads the head itself. None when the gateway closed first."""
+        data = b""
+        while b"\r\n" not in data:
+            data = self.sock.recv(4096, socket.MSG_PEEK)
+            if not data:
+                return None
+            if b"\r\n" not in data:
+                time.sleep(0.005)
+        path = data.split(b" ", 2)[1].decode("latin-1") if data.count(b" ") >= 2 else "/"
+        return path.split("?", 1)[0]
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
         self.sent += len(data)
@@ -98,35 +111,23 @@ class Peer:
 Behaviour = Callable[[Peer], str | None]  # returns "self" when it closed the socket itself
 
 
-class FaultyServer:
+class FaultyServer(Acceptor):
     """A TCP listener on 127.0.0.1 running ``behaviour(peer)`` for every connection."""
 
     def __init__(self, behaviour: Behaviour, host: str = "127.0.0.1", watch_timeout: float = 20.0) -> None:
         self.behaviour = behaviour
-        self.sock = socket.create_server((host, 0), backlog=128)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
-        self.address = f"{host}:{self.port}"
         self.peers: list[Peer] = []
         self.watch_timeout = watch_timeout
-        self._stop = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(host, backlog=128)
 
     def url(self, path: str) -> str:
         return f"http://{self.address}{path}"
 
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, addr = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(None)
-            peer = Peer(conn, addr)
-            self.peers.append(peer)
-            threading.Thread(target=self._run, args=(peer,), daemon=True).start()
+    def accepted(self, conn: socket.socket, addr: tuple) -> None:
+        conn.settimeout(None)
+        peer = Peer(conn, addr)
+        self.peers.append(peer)
+        threading.Thread(target=self._run, args=(peer,), daemon=True).start()
 
     def _run(self, peer: Peer) -> None:
         how = None
@@ -167,8 +168,7 @@ class FaultyServer:
         return self.peers[:n]
 
     def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+        super().close()
         for p in self.peers:
             with contextlib.suppress(OSError):
                 p.sock.shutdown(socket.SHUT_RDWR)
@@ -308,16 +308,8 @@ class FaultyOrigin(FaultyServer):
 
     @staticmethod
     def _dispatch(p: Peer) -> str | None:
-        # peek at the request line to pick the behaviour, which then reads the head itself
-        data = b""
-        while b"\r\n" not in data:
-            data = p.sock.recv(4096, socket.MSG_PEEK)
-            if not data:
-                return None
-            if b"\r\n" not in data:
-                time.sleep(0.005)
-        path = data.split(b" ", 2)[1].decode("latin-1") if data.count(b" ") >= 2 else "/"
-        return ROUTES.get(path.split("?", 1)[0], _ok)(p)
+        path = p.peek_path()
+        return None if path is None else ROUTES.get(path, _ok)(p)
 
     def requests_to(self, path: str) -> list[Peer]:
         return [p for p in self.peers if p.path.split("?", 1)[0] == path]
@@ -420,16 +412,6 @@ def read_until_close(sock: socket.socket, timeout: float = 5.0, limit: int = 1 <
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks), "limit"
-
-
-def connect(address: str, source: str | None = None, timeout: float = 5.0) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    s = socket.socket()
-    s.settimeout(timeout)
-    if source is not None:
-        s.bind((source, 0))
-    s.connect((host, int(port)))
-    return s
 
 
 def fd_targets(pid: int) -> list[str]:

@@ -1,8 +1,12 @@
-"""Real loopback peers for integration tests: an HTTP/1.1 origin (plain or TLS), a TCP echo
-server, and the gateway itself as a subprocess. No mocks: every byte crosses a real socket."""
+"""Real loopback peers for integration tests: an HTTP/1.1 origin (plain or TLS), the pieces
+test servers are made of (QuietHandler, HTTPPeer, Acceptor), a TCP echo server, an allowlisting
+provider, and the gateway itself as a subprocess; and the client side every test shares (raw
+CONNECT tunnels: open_tunnel/request_tunnel; one head: read_head). No mocks: every byte
+crosses a real socket."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -39,22 +43,92 @@ def pattern_sha256(n: int) -> str:
     return h.hexdigest()
 
 
-class OriginHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler for a loopback peer: HTTP/1.1 (keep-alive), no log lines."""
+
     protocol_version = "HTTP/1.1"
-    server_version = "origin/1"
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str = "text/plain", extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
+    def reply(self, status: int, body: bytes = b"", headers: dict | None = None, reason: str | None = None) -> None:
+        """One answer with a Content-Length (the body left out for HEAD)."""
+        self.send_response(status, reason)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
+        for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
+        if body and self.command != "HEAD":
             self.wfile.write(body)
+
+    def query(self) -> tuple[str, dict[str, str]]:
+        """The request's path and its query's first values."""
+        url = urlsplit(self.path)
+        return url.path, {k: v[0] for k, v in parse_qs(url.query).items()}
+
+
+def asked_answer(q: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """What ``/answer?code=N&retry_after=V`` asks for: (N, a Retry-After of V when given)."""
+    return int(q.get("code", "200")), ({"Retry-After": q["retry_after"]} if "retry_after" in q else {})
+
+
+class HTTPPeer:
+    """A ``ThreadingHTTPServer`` on ``host`` (any port) answering with ``handler`` in a daemon
+    thread, TLS when ``tls`` is given; ``close`` stops it."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.server = ThreadingHTTPServer((host, 0), handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Allowlist(HTTPPeer):
+    """A provider whose allowlist the test changes while the gateway runs: to HEAD or GET, 200
+    for a source address in ``allowed``, 403 naming it for any other; no answer at all (until
+    ``stalled`` no longer holds it, 10 s at most) for an address in ``stalled``. ``hits``: the
+    source address of every check. ``url``: its check URL."""
+
+    def __init__(self, *allowed: str) -> None:
+        self.allowed = set(allowed)
+        self.stalled: set[str] = set()
+        self.hits: list[str] = []
+        owner = self
+
+        class Handler(QuietHandler):
+            def do_HEAD(self) -> None:
+                source = self.client_address[0]
+                owner.hits.append(source)
+                deadline = time.monotonic() + 10
+                while source in owner.stalled and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                ok = source in owner.allowed
+                self.reply(200 if ok else 403, reason=None if ok else f"{source} not allowlisted")
+
+            do_GET = do_HEAD
+
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/ping"
+
+    def close(self) -> None:
+        self.stalled.clear()
+        super().close()
+
+
+class OriginHandler(QuietHandler):
+    server_version = "origin/1"
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain", extra: dict | None = None) -> None:
+        self.reply(status, body, {"Content-Type": ctype, **(extra or {})})
 
     def _read_body(self) -> tuple[int, str]:
         h = hashlib.sha256()
@@ -122,8 +196,8 @@ class OriginHandler(BaseHTTPRequestHandler):
             time.sleep(float(q.get("delay", "1")))
             self._send(200, b"slow\n")
         elif url.path == "/answer":  # a provider's refusal, e.g. /answer?code=429&retry_after=60
-            extra = {"Retry-After": q["retry_after"]} if "retry_after" in q else None
-            self._send(int(q.get("code", "200")), f"{q.get('code', '200')}\n".encode(), extra=extra)
+            status, extra = asked_answer(q)
+            self._send(status, f"{q.get('code', '200')}\n".encode(), extra=extra)
         elif url.path == "/only-from":
             allowed = q.get("addr", "127.0.0.2")
             if self.client_address[0] == allowed:
@@ -145,47 +219,57 @@ class OriginHandler(BaseHTTPRequestHandler):
     do_DELETE = do_POST
 
 
-class Origin:
+class Origin(HTTPPeer):
     def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
-        self.server = ThreadingHTTPServer((host, 0), OriginHandler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.host = host
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        self.thread.start()
+        super().__init__(OriginHandler, host, tls)
         self.scheme = "https" if tls else "http"
 
     def url(self, path: str = "/", host: str | None = None) -> str:
         return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
+class Acceptor:
+    """A TCP listener on ``host`` (any port) accepting in a daemon thread: each connection goes
+    to ``accepted(conn, addr)`` (a subclass's), until ``close``. A subclass sets what
+    ``accepted`` uses before calling ``__init__``: accepting starts there."""
 
-class EchoServer:
-    """TCP echo: echoes until the client's EOF, then half-closes its side too."""
-
-    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
-        self.sock = socket.create_server((host, 0))
+    def __init__(self, host: str = "127.0.0.1", backlog: int | None = None) -> None:
+        self.sock = socket.create_server((host, 0), backlog=backlog)
+        self.host = host
         self.port = self.sock.getsockname()[1]
-        self.greeting = greeting
-        self.peers: list[str] = []
+        self.address = f"{host}:{self.port}"
         self._stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _accept(self) -> None:
         self.sock.settimeout(0.2)
         while not self._stop:
             try:
                 conn, addr = self.sock.accept()
             except (TimeoutError, OSError):
                 continue
-            self.peers.append(addr[0])
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            self.accepted(conn, addr)
+
+    def accepted(self, conn: socket.socket, addr: tuple) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+class EchoServer(Acceptor):
+    """TCP echo: echoes until the client's EOF, then half-closes its side too."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.peers: list[str] = []
+        super().__init__(host)
+
+    def accepted(self, conn: socket.socket, addr: tuple) -> None:
+        self.peers.append(addr[0])
+        threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
         with conn:
@@ -201,10 +285,6 @@ class EchoServer:
                         conn.shutdown(socket.SHUT_WR)
                     return
                 conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
 
 
 class GatewayProcess:
@@ -370,6 +450,122 @@ def raw_exchange(address: str, data: bytes, timeout: float = 10.0, read_until_cl
         return b"".join(chunks)
 
 
+def connect(address: str, source: str | None = None, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection to ``host:port``, from ``source`` (bound, any port) when given."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(timeout)
+    if source is not None:
+        s.bind((source, 0))
+    s.connect((host, int(port)))
+    return s
+
+
+def basic_auth(user: str, password: str) -> str:
+    """A ``Proxy-Authorization`` value: ``Basic`` and the base64 of ``user:password``."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def read_head(sock: socket.socket, timeout: float | None = None, *, partial: bool = False) -> bytes:
+    """One HTTP head, through its blank line, read byte by byte: whatever follows it (a body,
+    tunnelled bytes) stays in the socket. Fails, saying what did arrive, when nothing
+    completes the head within the socket's timeout (``timeout`` seconds when given), or when
+    the connection ends first -- unless ``partial``: then what arrived (maybe nothing)."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        try:
+            chunk = sock.recv(1)
+        except TimeoutError:
+            raise AssertionError(f"no complete head within {sock.gettimeout():g}s; got {head!r}") from None
+        if not chunk and partial:
+            break
+        assert chunk, f"the connection ended before a complete head; got {head!r}"
+        head += chunk
+    return head
+
+
+def get_status(gw, url: str, out: list) -> None:
+    """One ``GET url`` through ``gw`` on a new connection (a thread's target): its status goes
+    to ``out`` -- 0 when the answer is no HTTP/1.1 head, -1 when the connection failed."""
+    try:
+        s = socket.create_connection((gw.host, gw.port), timeout=30)
+    except OSError:
+        out.append(-1)
+        return
+    try:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = read_head(s, partial=True)
+        out.append(int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0)
+    except OSError:
+        out.append(-1)
+    finally:
+        s.close()
+
+
+def join_all(threads: list[threading.Thread], timeout: float = 30.0) -> None:
+    """Wait for each thread (``timeout`` seconds each at most); fail if one still runs."""
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a request hung"
+
+
+def first_kept_alive(sock: socket.socket, origin) -> bytes:
+    """``GET /first`` from ``origin`` on ``sock``: the whole answer, which must be a 200 that
+    keeps the connection alive."""
+    sock.sendall(f"GET {origin.url('/first')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    first = b""
+    while not first.endswith(b"hello /first\n"):
+        chunk = sock.recv(65536)
+        assert chunk, first
+        first += chunk
+    assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in first, first
+    return first
+
+
+def burst(gws: list, url: str, n: int) -> tuple[list[int], list[threading.Thread]]:
+    """``n`` ``get_status`` at once, each in its own (started) thread, spread over the gateways
+    ``gws`` in turn: (the list their statuses go to, the threads)."""
+    statuses: list[int] = []
+    threads = [threading.Thread(target=get_status, args=(gws[i % len(gws)], url, statuses), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    return statuses, threads
+
+
+def request_tunnel(gw, dest: str, *, headers: dict[str, str] | None = None, early: bytes = b"",
+                   source: str | None = None, timeout: float = 10.0) -> tuple[socket.socket, bytes]:
+    """Send ``CONNECT dest`` to ``gw`` (a GatewayProcess or a ``host:port``) on a new
+    connection and read the answer's head: (the socket, the head). ``headers``: the request's
+    header fields (default ``Host: dest``; ``{}`` for none). ``early``: bytes sent right after
+    the request, before any answer. ``source``: the client's address. ``timeout``: the
+    socket's."""
+    address = gw if isinstance(gw, str) else gw.address
+    fields = {"Host": dest} if headers is None else headers
+    s = connect(address, source, timeout)
+    try:
+        s.sendall(f"CONNECT {dest} HTTP/1.1\r\n".encode()
+                  + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items()) + b"\r\n" + early)
+        return s, read_head(s)
+    except BaseException:
+        s.close()
+        raise
+
+
+def open_tunnel(gw, dest: str, *, headers: dict[str, str] | None = None, early: bytes = b"",
+                source: str | None = None, timeout: float = 10.0, expect: bytes = b"HTTP/1.1 200 ") -> socket.socket:
+    """``request_tunnel``, and its answer must start with ``expect`` (an established tunnel
+    unless told otherwise): the socket, positioned right after the head."""
+    s, head = request_tunnel(gw, dest, headers=headers, early=early, source=source, timeout=timeout)
+    if not head.startswith(expect):
+        s.close()
+        raise AssertionError(head)
+    return s
+
+
 def _complete(data: bytes) -> bool:
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
@@ -417,6 +613,17 @@ class ReservedPort(ClosedPort):
         self.host = host
         self.port = self.sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
+
+
+def settled_fds(gw: GatewayProcess, baseline: int, within: float = 10.0) -> int:
+    """The gateway's descriptor count once it has come back to ``baseline`` (or after
+    ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    n = gw.fd_count()
+    while n > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+        n = gw.fd_count()
+    return n
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0, interval: float = 0.02):

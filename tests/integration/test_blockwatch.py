@@ -24,18 +24,17 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trustme
 
-from .peers import ClosedPort, ReservedPort, base_config, wait_for
+from .peers import ClosedPort, HTTPPeer, QuietHandler, ReservedPort, base_config, request_tunnel, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 FAST = {"window": "60s", "throttle_after": 3, "suspect_after": 2, "block_after": 4, "block_ratio": 0.5}
 
 
-class Turncoat:
+class Turncoat(HTTPPeer):
     """A plain-HTTP provider: 200 for everyone until ``block(addr)``; then that source gets a
     403 page (``kind="403"``) or a 200 CAPTCHA page (``kind="marker"``). Records the source
     address of every request, and ``/health`` (the active check) answers the same way."""
@@ -46,12 +45,7 @@ class Turncoat:
         self.seen: list[str] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 src = self.client_address[0]
                 owner.seen.append(src)
@@ -72,17 +66,10 @@ class Turncoat:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        super().__init__(Handler)
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class ResettingTls:
@@ -344,13 +331,8 @@ def tls_provider(ca):
 def _tunnel(gw, port: int, ca: trustme.CA) -> tuple[bytes, str]:
     """CONNECT localhost:PORT through the gateway, then a TLS handshake and a request inside:
     (the CONNECT reply head, "ok" or the error the handshake met)."""
-    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
-        s.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            assert chunk, head
-            head += chunk
+    s, head = request_tunnel(gw, f"localhost:{port}")
+    with s:
         if not head.startswith(b"HTTP/1.1 200"):
             return head, "refused"
         ctx = ssl.create_default_context()

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .conftest import curl
-from .peers import ReservedPort, base_config, pattern_bytes, pattern_sha256, wait_for
+from .peers import ReservedPort, base_config, open_tunnel, pattern_bytes, pattern_sha256, wait_for
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -78,14 +78,7 @@ def _source(gw, origin) -> bytes:
 
 class Tunnel:
     def __init__(self, gw, port: int) -> None:
-        self.s = socket.create_connection((gw.host, gw.port), timeout=30)
-        self.s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.s.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 200 "), head
+        self.s = open_tunnel(gw, f"127.0.0.1:{port}", timeout=30)
 
     def roundtrip(self, n: int) -> None:
         """n bytes up through the tunnel and back from the echo server, byte-exact."""

@@ -5,7 +5,6 @@ the old address keeps flowing; probe reports a mismatch."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import socket
@@ -19,7 +18,15 @@ import requests
 
 from .. import required
 from .conftest import curl, need
-from .peers import ClosedPort, base_config, pattern_bytes, pattern_sha256, raw_exchange
+from .peers import (
+    ClosedPort,
+    base_config,
+    basic_auth,
+    open_tunnel,
+    pattern_bytes,
+    pattern_sha256,
+    raw_exchange,
+)
 
 SECRET = "s3cret"
 
@@ -262,15 +269,8 @@ def test_demo_runs():
 def test_reload_moves_profile_while_old_tunnel_flows(start_gateway, echo, origin, password_hash):
     cfg = two_profile_config(password_hash, origin.port, echo.port)
     gw = start_gateway(cfg)
-    s = socket.create_connection((gw.host, gw.port), timeout=30)
-    auth = base64.b64encode(f"job-ab+ip-b:{SECRET}".encode()).decode()
-    s.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200 "), head
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", headers={"Proxy-Authorization": basic_auth("job-ab+ip-b", SECRET)},
+                    timeout=30)
 
     def roundtrip(n: int) -> None:
         """n bytes through the tunnel and back, byte-exact (a reader thread: the echo server

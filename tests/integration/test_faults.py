@@ -29,13 +29,12 @@ from .faulty import (
     TRICKLE_BODY,
     FaultyServer,
     Response,
-    connect,
     fd_targets,
     read_until_close,
     rst_close,
     thread_count,
 )
-from .peers import GatewayProcess, base_config, wait_for
+from .peers import GatewayProcess, base_config, connect, open_tunnel, wait_for
 
 TIMEOUTS = {"client_head": "500ms", "upstream_connect": "500ms", "upstream_response": "500ms",
             "tunnel_idle": "1s", "upstream_idle": "300ms"}
@@ -385,12 +384,7 @@ def test_client_disconnects_while_connect_is_dialing(gw, blackhole):
 
 def test_client_disconnects_mid_tunnel(gw, echo_peer):
     def once(i):
-        s = connect(gw.address)
-        s.sendall(f"CONNECT {echo_peer.address} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)
-        assert head.startswith(b"HTTP/1.1 200"), head
+        s = open_tunnel(gw, echo_peer.address, headers={"Host": "x"}, timeout=5)
         payload = b"tunnel-%d " % i * 1000
         s.sendall(payload)
         got = b""
@@ -538,12 +532,7 @@ def test_upstream_proxy_dies_during_tunnel(start_gateway, echo_peer, faulty):
     base = Baseline(near)
     tunnels = []
     for i in range(3):
-        s = connect(near.address)
-        s.sendall(f"CONNECT {echo_peer.address} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)
-        assert head.startswith(b"HTTP/1.1 200"), head
+        s = open_tunnel(near, echo_peer.address, headers={"Host": "x"}, timeout=5)
         s.sendall(b"before-%d" % i)
         assert s.recv(100) == b"before-%d" % i
         tunnels.append(s)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import urllib.request
 import pytest
 
 from .counting import CountingOrigin
-from .peers import ReservedPort, base_config, wait_for
+from .peers import HTTPPeer, QuietHandler, ReservedPort, base_config, burst, get_status, join_all, wait_for
 from .redisserver import RedisServer
 
 WORKERS = 2
@@ -63,42 +62,6 @@ def _instances(start_gateway, redis: RedisServer, protect: list[dict], n: int = 
     return gws
 
 
-def _request(gw, url: str, out: list) -> None:
-    try:
-        s = socket.create_connection((gw.host, gw.port), timeout=30)
-    except OSError:
-        out.append(-1)
-        return
-    try:
-        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        out.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
-    except OSError:
-        out.append(-1)
-    finally:
-        s.close()
-
-
-def _burst(gws: list, url: str, n: int = N) -> tuple[list[int], list[threading.Thread]]:
-    statuses: list[int] = []
-    threads = [threading.Thread(target=_request, args=(gws[i % len(gws)], url, statuses), daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    return statuses, threads
-
-
-def _join(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a request hung"
-
-
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -126,11 +89,11 @@ def test_two_instances_never_exceed_max_concurrent(start_gateway, redis, origin)
     once; the rest are refused. Released, the slots serve a burst sent to the other instance
     alone (it gets them back from the first: `want`)."""
     gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 3}])
-    statuses, threads = _burst(gws, origin.url("/hold"))
+    statuses, threads = burst(gws, origin.url("/hold"), N)
     wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
     assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most, statuses)
     origin.release.set()
-    _join(threads)
+    join_all(threads)
     assert statuses.count(200) == 3 and statuses.count(429) == N - 3, statuses
     wait_for(lambda: origin.in_flight == 0, "the origin idle")
     # the other instance alone: it has to get the slots the first one holds
@@ -140,14 +103,14 @@ def test_two_instances_never_exceed_max_concurrent(start_gateway, redis, origin)
         deadline = time.monotonic() + 20
         threads = []
         while origin.in_flight < 3 and time.monotonic() < deadline:  # (a 429 while the slots move: try again)
-            t = threading.Thread(target=_request, args=(gw, origin.url("/hold"), admitted), daemon=True)
+            t = threading.Thread(target=get_status, args=(gw, origin.url("/hold"), admitted), daemon=True)
             t.start()
             threads.append(t)
             sent = len(threads)
             wait_for(lambda a=admitted, n=sent: len(a) + origin.in_flight >= n, "answered or in flight")
         assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most)
         origin.release.set()
-        _join(threads)
+        join_all(threads)
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
 
 
@@ -155,8 +118,8 @@ def test_one_token_bucket_for_the_fleet(start_gateway, redis, origin):
     """max_per_second 0.01 (one token): of N requests to two instances, exactly one reaches
     the origin."""
     gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}])
-    statuses, threads = _burst(gws, origin.url("/x"))
-    _join(threads)
+    statuses, threads = burst(gws, origin.url("/x"), N)
+    join_all(threads)
     assert sorted(statuses) == [200] + [429] * (N - 1), statuses
     assert origin.seen("/x") == 1
 
@@ -174,13 +137,13 @@ def test_the_rate_stays_within_the_published_bound(start_gateway, redis, origin)
 
     def hammer(i: int) -> None:
         while time.monotonic() < stop and len(statuses) < 2000:
-            _request(gws[i % 2], origin.url("/r"), statuses)
+            get_status(gws[i % 2], origin.url("/r"), statuses)
 
     start = time.monotonic()
     threads = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
-    _join(threads)
+    join_all(threads)
     window = time.monotonic() - start
     admitted = origin.seen("/r")
     bound = max(1.0, rate) + rate * (window + slack)
@@ -191,15 +154,15 @@ def test_the_rate_stays_within_the_published_bound(start_gateway, redis, origin)
 def test_a_hold_learned_by_one_instance_refuses_on_the_other_within_a_second(start_gateway, redis, origin):
     a, b = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}])
     first: list[int] = []
-    _request(a, origin.url("/answer?code=429&retry_after=30"), first)
+    get_status(a, origin.url("/answer?code=429&retry_after=30"), first)
     assert first == [429]
     learned = time.monotonic()
     a.wait_event("protect_hold")
     wait_for(lambda: json.loads(_get(b, "/status"))["profiles"]["default"]["protect"]["holds"], "B holds it",
              timeout=1.0)
     assert time.monotonic() - learned < 1.5
-    statuses, threads = _burst([b], origin.url("/after"), n=8)
-    _join(threads)
+    statuses, threads = burst([b], origin.url("/after"), 8)
+    join_all(threads)
     assert statuses == [429] * 8 and origin.seen("/after") == 0
     # an instance that starts later learns the holds in force from the store
     late = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}], n=1,
@@ -214,11 +177,11 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
     gws = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 4}])
     # the first instance's workers hold all 4 slots, idle, when Redis goes: they give back
     # what is beyond its share of 2 (else the two instances would admit 4 + 2)
-    statuses, threads = _burst([gws[0]], origin.url("/hold"), n=4)
+    statuses, threads = burst([gws[0]], origin.url("/hold"), 4)
     wait_for(lambda: len(statuses) + origin.in_flight >= 4, "every request admitted or refused", timeout=20)
     assert origin.in_flight == 4, statuses
     origin.release.set()
-    _join(threads)
+    join_all(threads)
     wait_for(lambda: origin.in_flight == 0, "the origin idle")
     before = [_fds(gw) for gw in gws]
     redis.kill()
@@ -226,12 +189,12 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
         gw.wait_event("fleet_store_down", timeout=10)
     for _ in range(3):  # held requests: each instance admits its share, refuses the rest, all answered
         origin.release.clear()
-        statuses, threads = _burst(gws, origin.url("/hold"), n=12)
+        statuses, threads = burst(gws, origin.url("/hold"), 12)
         wait_for(lambda s=statuses: len(s) + origin.in_flight >= 12, "every request admitted or refused",
                  timeout=20)
         assert origin.in_flight <= 4, (origin.in_flight, statuses)
         origin.release.set()
-        _join(threads)
+        join_all(threads)
         assert set(statuses) <= {200, 429}, statuses
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
     for gw in gws:
@@ -247,11 +210,11 @@ def test_redis_killed_mid_run_falls_back_without_hanging_or_leaking(start_gatewa
         gw.wait_event("fleet_store_up", timeout=10)
         wait_for(lambda g=gw: _metric(g, "egressgate_fleet_store_up") == 1, "store up again")
     origin.release.clear()
-    statuses, threads = _burst(gws, origin.url("/hold"))
+    statuses, threads = burst(gws, origin.url("/hold"), N)
     wait_for(lambda: len(statuses) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
     assert origin.in_flight <= 4
     origin.release.set()
-    _join(threads)
+    join_all(threads)
 
 
 def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
@@ -271,8 +234,8 @@ def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
     sleeper.start()
     asleep.wait(5)
     wait_for(lambda: not redis.ping(), "redis asleep")  # (PING times out while it sleeps)
-    statuses, threads = _burst(gws, origin.url("/x"), n=12)
-    _join(threads)
+    statuses, threads = burst(gws, origin.url("/x"), 12)
+    join_all(threads)
     assert not woke, "requests waited for Redis"
     assert set(statuses) <= {200, 429} and len(statuses) == 12, statuses
     for gw in gws:
@@ -285,21 +248,21 @@ def test_a_slow_redis_does_not_slow_requests(start_gateway, redis, origin):
 
 def test_a_killed_instances_slots_come_back_within_lease_ttl(start_gateway, redis, origin):
     a, b = _instances(start_gateway, redis, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 2}])
-    statuses, threads = _burst([a], origin.url("/hold"), n=2)
+    statuses, threads = burst([a], origin.url("/hold"), 2)
     wait_for(lambda: origin.in_flight == 2, "A holds both slots")
     refused: list[int] = []
-    _request(b, origin.url("/x"), refused)
+    get_status(b, origin.url("/x"), refused)
     assert refused == [429]
     a.proc.kill()  # SIGKILL: no goodbye to the store (its workers follow: PR_SET_PDEATHSIG)
     a.proc.wait(10)
     killed = time.monotonic()
     answers: list[int] = []
-    wait_for(lambda: (_request(b, origin.url("/x"), answers), answers[-1] == 200)[1],
+    wait_for(lambda: (get_status(b, origin.url("/x"), answers), answers[-1] == 200)[1],
              "B admitted once A's lease lapsed", timeout=LEASE_TTL + 5, interval=0.1)
     came_back = time.monotonic() - killed
     assert came_back <= LEASE_TTL + 2, came_back
     origin.release.set()
-    _join(threads)
+    join_all(threads)
 
 
 def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin):
@@ -323,8 +286,8 @@ def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin
         protect = [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}]
         tls = {"password_file": str(tmp_path / "pw"), "tls": {"ca": str(ca_file)}}
         gws = _instances(start_gateway, server, protect, redis_extra=tls)
-        statuses, threads = _burst(gws, origin.url("/x"))
-        _join(threads)
+        statuses, threads = burst(gws, origin.url("/x"), N)
+        join_all(threads)
         assert sorted(statuses) == [200] + [429] * (N - 1), statuses
         assert origin.seen("/x") == 1
         with ReservedPort() as port:
@@ -338,22 +301,15 @@ def test_tls_and_auth_as_memorystore_offers_them(start_gateway, tmp_path, origin
 
 
 
-class _CountingProvider:
+class _CountingProvider(HTTPPeer):
     """A loopback provider answering 200 to GET/HEAD /ping, counting every check it gets."""
 
     def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.hits = 0
         lock = threading.Lock()
         provider = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 with lock:
                     provider.hits += 1
@@ -363,14 +319,7 @@ class _CountingProvider:
 
             do_HEAD = do_GET  # noqa: N815
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_provider_checks_are_shared_by_the_fleet(start_gateway, redis):
@@ -436,13 +385,11 @@ def test_the_hold_queue_waits_for_the_fleets_slots(start_gateway, redis, origin)
     def queued() -> float:
         return sum(_metric_sum(gw, "egressgate_protect_queued", destination="q") for gw in gws)
 
-    statuses, threads = _burst(gws, origin.url("/hold"), n=n)
+    statuses, threads = burst(gws, origin.url("/hold"), n)
     wait_for(lambda: origin.in_flight == 2 and queued() == n - 2, "two in flight, the others waiting", timeout=20)
     assert statuses == [] and origin.most == 2
     origin.release.set()
-    for t in threads:
-        t.join(40)
-        assert not t.is_alive(), "a request hung"
+    join_all(threads, 40)
     assert statuses == [200] * n, statuses
     assert origin.most == 2 and origin.seen("/hold") == n
     wait_for(lambda: sum(_metric_sum(gw, "egressgate_protect_queue_total", destination="q",

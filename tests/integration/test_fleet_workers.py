@@ -7,14 +7,12 @@ worker's open connections."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import urllib.request
 
 import pytest
 
 from .counting import CountingOrigin
-from .peers import ReservedPort, base_config, wait_for
+from .peers import ReservedPort, base_config, burst, get_status, join_all, wait_for
 
 WORKERS = 2
 N = 24  # requests sent at once, each on its own connection (spread over the workers by the kernel)
@@ -39,34 +37,6 @@ def _start(start_gateway, protect: list[dict]):
     return gw
 
 
-def _request(gw, url: str, out: list, keep: list | None = None) -> None:
-    """One GET on a new connection; its status goes to ``out``. With ``keep``, the connection
-    is left open after the answer (appended there)."""
-    s = socket.create_connection((gw.host, gw.port), timeout=30)
-    try:
-        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n{'' if keep is not None else 'Connection: close'}\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        out.append(int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0)
-    finally:
-        if keep is None:
-            s.close()
-        else:
-            keep.append(s)
-
-
-def _burst(gw, url: str, n: int = N) -> tuple[list[int], list[threading.Thread]]:
-    statuses: list[int] = []
-    threads = [threading.Thread(target=_request, args=(gw, url, statuses), daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return statuses, threads
-
-
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -86,21 +56,20 @@ def test_max_concurrent_is_never_exceeded_across_workers(start_gateway, origin):
     the open connections of both workers."""
     gw = _start(start_gateway, [{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 3}])
     assert _served_by_both(gw)
-    for burst in range(2):
+    for round_ in range(2):
         origin.release.clear()
-        statuses, threads = _burst(gw, origin.url("/hold"))
+        statuses, threads = burst([gw], origin.url("/hold"), N)
         wait_for(lambda s=statuses: len(s) + origin.in_flight >= N, "every request admitted or refused", timeout=20)
         assert origin.in_flight == 3 and origin.most == 3, (origin.in_flight, origin.most, statuses)
         assert statuses.count(429) == N - 3
-        if burst == 0:
+        if round_ == 0:
             doc = _status(gw)
             assert doc["connections"]["total"] >= 3, doc["connections"]
             assert {c.get("worker") for c in doc["connections"]["open"]} <= set(range(WORKERS))
             members = doc["profiles"]["default"]["protect"]["rules"][0]["members"]
             assert sum(m["in_flight"] for m in members.values()) == 3, members
         origin.release.set()
-        for t in threads:
-            t.join(30)
+        join_all(threads)
         assert statuses.count(200) == 3 and len(statuses) == N
         wait_for(lambda: origin.in_flight == 0, "the origin idle")
 
@@ -109,9 +78,8 @@ def test_one_rate_bucket_for_every_worker(start_gateway, origin):
     """max_per_second 0.01 (one token): of N requests sent at once to two workers, exactly one
     reaches the origin (per process, each worker had a token of its own)."""
     gw = _start(start_gateway, [{"name": "p", "destinations": ["127.0.0.1"], "max_per_second": 0.01}])
-    statuses, threads = _burst(gw, origin.url("/x"))
-    for t in threads:
-        t.join(30)
+    statuses, threads = burst([gw], origin.url("/x"), N)
+    join_all(threads)
     assert sorted(statuses) == [200] + [429] * (N - 1), statuses
     assert origin.seen("/x") == 1
 
@@ -119,14 +87,13 @@ def test_one_rate_bucket_for_every_worker(start_gateway, origin):
 def test_a_hold_learned_by_one_worker_holds_on_every_worker(start_gateway, origin):
     gw = _start(start_gateway, [{"name": "p", "destinations": ["127.0.0.1"], "max_hold": "60s"}])
     first: list[int] = []
-    _request(gw, origin.url("/answer?code=429&retry_after=30"), first)
+    get_status(gw, origin.url("/answer?code=429&retry_after=30"), first)
     assert first == [429]
     gw.wait_event("protect_hold")
     wait_for(lambda: [w.get("holds") for w in _status(gw)["workers"]["workers"]] == [1] * WORKERS,
              "every worker holds it", timeout=5)
-    statuses, threads = _burst(gw, origin.url("/after"))
-    for t in threads:
-        t.join(30)
+    statuses, threads = burst([gw], origin.url("/after"), N)
+    join_all(threads)
     assert statuses == [429] * N
     assert origin.seen("/after") == 0
 
@@ -148,14 +115,12 @@ def test_the_hold_queue_waits_across_workers_and_never_exceeds_max_concurrent(st
     gw = _start(start_gateway, [{"name": "q", "destinations": ["127.0.0.1"], "max_concurrent": 2,
                                  "queue": {"max_wait": "25s", "max_queued": 50}}])
     assert _served_by_both(gw)
-    statuses, threads = _burst(gw, origin.url("/hold"), n)
+    statuses, threads = burst([gw], origin.url("/hold"), n)
     wait_for(lambda: origin.in_flight == 2 and _metric_sum(gw, "egressgate_protect_queued", destination="q") == n - 2,
              "two in flight, the others waiting", timeout=20)
     assert statuses == [] and origin.most == 2
     origin.release.set()
-    for t in threads:
-        t.join(40)
-        assert not t.is_alive(), "a request hung"
+    join_all(threads, 40)
     assert statuses == [200] * n, statuses
     assert origin.most == 2 and origin.seen("/hold") == n
     wait_for(lambda: _metric_sum(gw, "egressgate_protect_queue_total", destination="q",

@@ -8,8 +8,7 @@ import socket
 import subprocess
 
 from .conftest import need
-from .faulty import connect
-from .peers import base_config, pattern_bytes, raw_exchange
+from .peers import base_config, connect, pattern_bytes, raw_exchange, read_head
 
 
 def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
@@ -99,20 +98,6 @@ def test_close_delimited_response_rechunked_for_http11(start_gateway, origin):
         assert _read_responses(s, 1)[0][1] == b"hello /again\n"
 
 
-def _read_head(sock: socket.socket, timeout: float) -> bytes:
-    """One response head, which must arrive within ``timeout`` seconds."""
-    sock.settimeout(timeout)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        try:
-            chunk = sock.recv(1)  # byte by byte: leave what follows the head in the socket
-        except TimeoutError:
-            raise AssertionError(f"no response head within {timeout:g}s; got {buf!r}") from None
-        assert chunk, buf
-        buf += chunk
-    return buf
-
-
 def test_expect_100_continue_interim_response_is_relayed(start_gateway, origin):
     gw = start_gateway(base_config())
     body = b"z" * 100_000
@@ -120,7 +105,7 @@ def test_expect_100_continue_interim_response_is_relayed(start_gateway, origin):
         s.sendall(f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
                   f"Expect: 100-continue\r\n\r\n".encode())
         # the client holds the body back until the origin's 100 Continue reaches it
-        interim = _read_head(s, 10)
+        interim = read_head(s, 10)
         assert interim.startswith(b"HTTP/1.1 100 "), interim
         s.sendall(body)
         final = _read_responses(s, 1)[0]

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from .faulty import FaultyServer, Peer, connect, read_until_close, rst_close
-from .peers import GatewayProcess, base_config
+from .faulty import FaultyServer, Peer, read_until_close, rst_close
+from .peers import GatewayProcess, base_config, connect, settled_fds
 
 RSS_MARGIN_KIB = 40 * 1024  # what one hostile connection may cost at most, whatever it sends
 SERVED_WITHIN = 10.0  # a well-behaved client's request completes within this, even under attack
@@ -155,15 +155,8 @@ ROUTES = {"/endless-reason": _endless_reason, "/endless-header": _endless_header
 def _dispatch(p: Peer) -> str | None:
     """The hostile origin: one behaviour per connection, chosen by the first request's path
     (none of them ends a response in a way that lets the gateway reuse the connection)."""
-    data = b""
-    while b"\r\n" not in data:
-        data = p.sock.recv(4096, socket.MSG_PEEK)
-        if not data:
-            return None
-        if b"\r\n" not in data:
-            time.sleep(0.005)
-    path = data.split(b" ", 2)[1].decode("latin-1").split("?", 1)[0]
-    return ROUTES[path](p)
+    path = p.peek_path()
+    return None if path is None else ROUTES[path](p)
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +184,6 @@ def gw(tmp_path_factory, hostile):
     g = GatewayProcess(cfg, tmp_path_factory.mktemp("hostile"))
     yield g
     g.kill()
-
-
-def _settled_fds(gw: GatewayProcess, baseline: int, within: float = 10.0) -> int:
-    deadline = time.monotonic() + within
-    n = gw.fd_count()
-    while n > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-        n = gw.fd_count()
-    return n
 
 
 def _baseline(gw: GatewayProcess) -> tuple[int, int]:
@@ -274,7 +258,7 @@ def test_pipelined_request_flood_is_bounded(gw, hostile, friendly):
     s.setblocking(True)
     rst_close(s)
     bystander.finish()
-    assert _settled_fds(gw, fds) <= fds
+    assert settled_fds(gw, fds) <= fds
 
 
 @pytest.mark.parametrize("path", ["/endless-reason", "/endless-header", "/endless-trailer"])
@@ -295,7 +279,7 @@ def test_origin_sending_an_endless_field_gets_502_and_bounded_memory(gw, hostile
     rec = gw.wait_log(lambda r: r.get("target", "").endswith(path))
     assert rec["reason"] == "upstream_protocol_error", rec
     bystander.finish()
-    assert _settled_fds(gw, fds) <= fds
+    assert settled_fds(gw, fds) <= fds
 
 
 @pytest.mark.parametrize("kind", ["header", "trailer", "chunk-extension"])
@@ -322,7 +306,7 @@ def test_client_sending_an_endless_field_gets_431(gw, hostile, friendly, kind):
     grew = gw.rss_kib() - rss
     assert grew < RSS_MARGIN_KIB, f"RSS grew {grew} KiB"
     assert status_of(answer) == 431, answer[:200]  # (the origin answers only complete requests)
-    assert _settled_fds(gw, fds) <= fds
+    assert settled_fds(gw, fds) <= fds
 
 
 def test_deep_pipeline_of_upgrade_requests_is_answered(gw, hostile, friendly):
@@ -374,7 +358,7 @@ def test_origin_that_does_not_read_the_upload_gets_cut(gw, hostile):
     raw, _ = read_until_close(s, timeout=30)
     s.close()
     assert status_of(raw) == 504 and b"did not read the request body" in raw, raw[:200]
-    assert _settled_fds(gw, fds) <= fds
+    assert settled_fds(gw, fds) <= fds
 
 
 def test_response_to_a_client_that_does_not_read_is_cut(gw, hostile):
@@ -385,7 +369,7 @@ def test_response_to_a_client_that_does_not_read_is_cut(gw, hostile):
     rec = gw.wait_log(lambda r: r.get("target", "").endswith("/big?t=noread"), timeout=30)
     assert rec["reason"] == "idle_timeout" and 0 < rec["bytes_down"] < 64 << 20, rec
     s.close()
-    assert _settled_fds(gw, fds) <= fds
+    assert settled_fds(gw, fds) <= fds
 
 
 def test_one_byte_chunks_do_not_starve_other_clients(gw, hostile, friendly):

@@ -16,7 +16,7 @@ import requests
 
 from .conftest import curl
 from .oidc import Issuer, new_key
-from .peers import ClosedPort, base_config, raw_exchange, wait_for
+from .peers import ClosedPort, base_config, open_tunnel, raw_exchange, wait_for
 
 SA = "data-jobs/vendor-x-collector"
 
@@ -112,21 +112,12 @@ def test_whoami_and_status_name_the_service_account_and_the_pod(start_gateway, i
     """Defect (issue 29 item 2): whoami had no `pod` (the access log's field: the docs named it),
     and /status listed an open token connection under the client entry's name, without the
     service account or the pod."""
-    import socket
-
     gw = started(start_gateway, k8s_config(issuer, ca_file, origin.port))
     token = issuer.mint()
     doc = get("http://egressgate.whoami/", f"http://k8s:{token}@{gw.address}").json()
     assert (doc["client"], doc["pod"]) == (SA, "collector-7d9f")
-    host, port = gw.address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        target = f"127.0.0.1:{origin.port}"
-        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
-                  .encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)
-        assert head.startswith(b"HTTP/1.1 200"), head
+    target = f"127.0.0.1:{origin.port}"
+    with open_tunnel(gw, target, headers={"Host": target, "Proxy-Authorization": f"Bearer {token}"}):
         status = get(gw.admin + "/status").json()
         rows = [c for c in status["connections"]["open"] if c["target"] == target]
         assert len(rows) == 1, status["connections"]

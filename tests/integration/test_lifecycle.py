@@ -13,7 +13,7 @@ import threading
 import urllib.request
 
 from .faulty import read_until_close
-from .peers import base_config, pattern_bytes, pattern_sha256, raw_exchange, wait_for
+from .peers import base_config, open_tunnel, pattern_bytes, pattern_sha256, raw_exchange, wait_for
 
 
 def _admin(gw, path: str, method: str = "GET") -> tuple[int, bytes]:
@@ -27,14 +27,7 @@ def _admin(gw, path: str, method: str = "GET") -> tuple[int, bytes]:
 
 
 def _tunnel(gw, port: int) -> socket.socket:
-    s = socket.create_connection((gw.host, gw.port), timeout=20)
-    s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200 "), head
+    s = open_tunnel(gw, f"127.0.0.1:{port}", headers={}, timeout=20)
     s.sendall(b"ping")
     assert s.recv(4) == b"ping"
     return s

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from .dnsserver import Changing, DnsServer
-from .faulty import connect, read_until_close
-from .peers import GatewayProcess, Origin, Tripwire, base_config, raw_exchange, wait_for
+from .faulty import read_until_close
+from .peers import GatewayProcess, Origin, Tripwire, base_config, connect, raw_exchange, read_head, wait_for
 
 PASSWORD = "pw-123"
 REFUSED_BUT_REACHABLE = "127.0.0.3"
@@ -299,13 +299,7 @@ def test_mtls_client_certificates(start_gateway, origin2, ca, tmp_path):
         with socket.create_connection((gw.host, gw.port), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as s:
             s.sendall(f"GET http://127.0.0.2:{origin2.port}/ip HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return data
+            return read_head(s, partial=True)
 
     good = ca.issue_cert("job-cert", common_name="job-cert")
     assert _status(request(good)) == 200

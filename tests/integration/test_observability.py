@@ -16,12 +16,11 @@ an echo server for tunnels.
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import urllib.request
 
-from .peers import base_config, raw_exchange, wait_for
+from .peers import base_config, basic_auth, open_tunnel, raw_exchange, wait_for
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -35,20 +34,6 @@ def _metric(gw, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rpartition(" ")[2])
     return 0.0
-
-
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def _connect(gw, port: int) -> socket.socket:
-    s = socket.create_connection((gw.host, gw.port), timeout=5)
-    s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
 
 
 def _echo(s: socket.socket, payload: bytes) -> None:
@@ -84,7 +69,7 @@ def test_records_carry_the_attested_ip_of_the_member_used(start_gateway, origin,
     wait_for(both_members_used, "requests through both members of profile x")
     for left_from, rec in seen.items():
         assert rec["egress_addr"] == rec["egress_ip"] == left_from, rec
-    tunnel = _connect(gw, echo.port)
+    tunnel = open_tunnel(gw, f"127.0.0.1:{echo.port}", headers={}, timeout=5)
     _echo(tunnel, b"ping")
     tunnel.close()
     rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
@@ -101,14 +86,14 @@ def test_refused_jobs_leave_a_trail_but_learn_nothing(start_gateway, origin):
 
     def get(user: str, password: str) -> bytes:
         return raw_exchange(gw.address, f"GET {origin.url('/a')} HTTP/1.1\r\n"
-                            f"Proxy-Authorization: {_basic(user, password)}\r\nConnection: close\r\n\r\n".encode())
+                            f"Proxy-Authorization: {basic_auth(user, password)}\r\nConnection: close\r\n\r\n".encode())
 
     wrong_password, unknown_user = get("job-x", "wrong-secret"), get("stranger", "wrong-secret")
     assert wrong_password.startswith(b"HTTP/1.1 407") and unknown_user.startswith(b"HTTP/1.1 407")
     assert wrong_password == unknown_user  # head (Proxy-Status details included) and body
     assert get("job-x", "right-secret").startswith(b"HTTP/1.1 403")  # not in job-x's allow list
     ok = raw_exchange(gw.address, b"GET http://egressgate.whoami/ HTTP/1.1\r\n"
-                      b"Proxy-Authorization: " + _basic("job-x", "right-secret").encode() + b"\r\n\r\n",
+                      b"Proxy-Authorization: " + basic_auth("job-x", "right-secret").encode() + b"\r\n\r\n",
                       read_until_close=False)
     assert ok.startswith(b"HTTP/1.1 200")
     wait_for(lambda: len(gw.log) >= 4, "four access records")
@@ -126,9 +111,9 @@ def test_refused_jobs_leave_a_trail_but_learn_nothing(start_gateway, origin):
 
 def test_status_lists_open_tunnels_with_bytes_and_age(start_gateway, echo):
     gw = start_gateway(base_config(security={"connect_ports": [echo.port]}))
-    first = _connect(gw, echo.port)
+    first = open_tunnel(gw, f"127.0.0.1:{echo.port}", headers={}, timeout=5)
     _echo(first, b"a" * 1000)
-    second = _connect(gw, echo.port)
+    second = open_tunnel(gw, f"127.0.0.1:{echo.port}", headers={}, timeout=5)
 
     def tunnel_moved(up: int) -> list[dict] | None:
         rows = _status(gw)["connections"]["open"]

@@ -11,7 +11,7 @@ import signal
 import socket
 import urllib.request
 
-from .peers import base_config, raw_exchange, wait_for
+from .peers import base_config, raw_exchange, request_tunnel, wait_for
 
 FIELDS = {"ts", "client_addr", "client", "listener", "method", "target", "status", "profile", "egress_addr", "egress_ip",
           "upstream_addr", "bytes_up", "bytes_down", "duration_ms", "reason"}  # the README's list
@@ -33,11 +33,7 @@ def _delta(before: dict, after: dict, name: str) -> float:
 
 
 def _tunnel(gw, port: int, payload: bytes) -> bytes:
-    with socket.create_connection((gw.host, gw.port), timeout=5) as s:
-        s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)
+    with request_tunnel(gw, f"127.0.0.1:{port}", headers={}, timeout=5)[0] as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         got = b""

@@ -9,20 +9,28 @@ import json
 import socket
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 
 from .dnsserver import DnsServer
-from .peers import EchoServer, base_config, wait_for
+from .peers import (
+    EchoServer,
+    HTTPPeer,
+    QuietHandler,
+    asked_answer,
+    base_config,
+    connect,
+    open_tunnel,
+    read_head,
+    wait_for,
+)
 
 MEMBER = "127.0.0.2"  # the egress source address both jobs share
 JOB_A, JOB_B = "127.0.0.5", "127.0.0.6"  # the two jobs' own addresses
 
 
-class Provider:
+class Provider(HTTPPeer):
     """A loopback provider: ``/wait`` answers only once ``release`` is set (a request held in
     flight), ``/answer?code=N&retry_after=V`` answers N with that Retry-After, anything else
     200. Every request is remembered (path, source address)."""
@@ -33,42 +41,23 @@ class Provider:
         self.release = threading.Event()
         provider = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(QuietHandler):
             wbufsize = 65536  # one write per answer (no delayed-ACK stall between head and body)
 
-            def log_message(self, *args) -> None:
-                pass
-
             def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                provider.seen.append((url.path, self.client_address[0]))
-                status, extra = 200, {}
-                if url.path == "/wait":
+                path, q = self.query()
+                provider.seen.append((path, self.client_address[0]))
+                status, extra = asked_answer(q) if path == "/answer" else (200, {})
+                if path == "/wait":
                     provider.arrived.set()
                     provider.release.wait(30)
-                elif url.path == "/answer":
-                    status = int(q["code"])
-                    if "retry_after" in q:
-                        extra["Retry-After"] = q["retry_after"]
-                body = f"{status} from {self.client_address[0]}\n".encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(status, f"{status} from {self.client_address[0]}\n".encode(), extra)
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        super().__init__(Handler, host)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
@@ -95,17 +84,9 @@ def _config(protect: list[dict], connect_ports: list[int] = (), **extra) -> dict
                  {"name": "ops", "from": ["127.0.0.1/32"], "egress": ["shared"]}])
 
 
-def _connect_from(source: str, gw) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.bind((source, 0))
-    s.connect((gw.host, gw.port))
-    return s
-
-
 def _exchange(source: str, gw, request: bytes) -> bytes:
     """One request from ``source``; the answer's head and body (one response, length-framed)."""
-    with _connect_from(source, gw) as s:
+    with connect(gw.address, source, timeout=10) as s:
         s.sendall(request)
         data = b""
         while True:
@@ -133,16 +114,6 @@ def _header(resp: bytes, name: str) -> str | None:
     return None
 
 
-def _tunnel(source: str, gw, dest: str) -> socket.socket:
-    s = _connect_from(source, gw)
-    s.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
-
-
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (never an environment proxy)
 
 
@@ -166,8 +137,8 @@ def test_concurrent_tunnels_across_two_clients_sharing_a_member(start_gateway, e
     dest = f"127.0.0.1:{echo_server.port}"
     gw = start_gateway(_config([{"name": "echo-provider", "destinations": ["127.0.0.1"], "max_concurrent": 2}],
                                [echo_server.port]))
-    first = _tunnel(JOB_A, gw, dest)
-    second = _tunnel(JOB_B, gw, dest)
+    first = open_tunnel(gw, dest, source=JOB_A)
+    second = open_tunnel(gw, dest, source=JOB_B)
     refused = _exchange(JOB_A, gw, f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
     assert _status(refused) == 429
     assert _header(refused, "Retry-After") == "1"
@@ -177,14 +148,14 @@ def test_concurrent_tunnels_across_two_clients_sharing_a_member(start_gateway, e
     rec = gw.wait_log(lambda r: r["status"] == 429)
     assert rec["client"] == "job-a" and rec["reason"] == "egress_concurrency_limit" and rec["profile"] == "shared"
     # not named by the rule: not limited
-    other = _tunnel(JOB_B, gw, f"localhost:{echo_server.port}")
+    other = open_tunnel(gw, f"localhost:{echo_server.port}", source=JOB_B)
     other.close()
     # the tunnels admitted still carry bytes
     second.sendall(b"ping")
     assert second.recv(4) == b"ping"
     first.close()
     gw.wait_log(lambda r: r["method"] == "CONNECT" and r["status"] == 200 and r["client"] == "job-a")
-    third = _tunnel(JOB_A, gw, dest)
+    third = open_tunnel(gw, dest, source=JOB_A)
     third.sendall(b"pong")
     assert third.recv(4) == b"pong"
     view = _admin(gw, "/status")["profiles"]["shared"]["protect"]
@@ -329,12 +300,12 @@ def test_a_reload_changes_the_limits_and_keeps_counting_open_tunnels(start_gatew
     dest = f"127.0.0.1:{echo_server.port}"
     cfg = _config([{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 1}], [echo_server.port])
     gw = start_gateway(cfg)
-    old = _tunnel(JOB_A, gw, dest)
+    old = open_tunnel(gw, dest, source=JOB_A)
     connect = f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode()
     assert _status(_exchange(JOB_B, gw, connect)) == 429
     cfg["egress"]["shared"]["protect"][0]["max_concurrent"] = 2
     _reload(gw, cfg)
-    new = _tunnel(JOB_B, gw, dest)  # the second of two places
+    new = open_tunnel(gw, dest, source=JOB_B)  # the second of two places
     assert _status(_exchange(JOB_B, gw, connect)) == 429  # the old tunnel still counts
     old.sendall(b"still here")
     assert old.recv(10) == b"still here"
@@ -354,7 +325,7 @@ def test_a_failover_to_another_member_counts_there(start_gateway, echo_server):
     cfg = _config([{"name": "p", "destinations": ["127.0.0.1"], "max_concurrent": 1}], [echo_server.port])
     cfg["egress"]["shared"].update(bind=["10.99.99.99", MEMBER], pick="failover")
     gw = start_gateway(cfg)
-    tunnel = _tunnel(JOB_A, gw, dest)
+    tunnel = open_tunnel(gw, dest, source=JOB_A)
     gw.wait_event("egress_source_down")
     members = _admin(gw, "/status")["profiles"]["shared"]["protect"]["rules"][0]["members"]
     assert (members["10.99.99.99"]["in_flight"], members[MEMBER]["in_flight"]) == (0, 1)
@@ -556,7 +527,7 @@ def test_a_waiter_whose_client_goes_away_leaves_the_queue_at_once(start_gateway,
     holder = threading.Thread(target=lambda: _queued_get(JOB_A, gw, provider.port, "/wait"))
     holder.start()
     assert provider.arrived.wait(10)
-    s = _connect_from(JOB_B, gw)
+    s = connect(gw.address, JOB_B, timeout=10)
     s.sendall(f"GET http://127.0.0.1:{provider.port}/gone HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     wait_for(lambda: _queued(gw) == 1, "the request waiting")
     s.close()
@@ -615,18 +586,14 @@ def test_an_over_budget_connect_waits_for_a_tunnel_to_end(start_gateway, echo_se
     first closes; bytes then move through it."""
     dest = f"127.0.0.1:{echo_server.port}"
     gw = start_gateway(_queue_config(echo_server.port, connect_ports=[echo_server.port]))
-    first = _tunnel(JOB_A, gw, dest)
-    second = _connect_from(JOB_B, gw)
+    first = open_tunnel(gw, dest, source=JOB_A)
+    second = connect(gw.address, JOB_B, timeout=10)
     second.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
     wait_for(lambda: _queued(gw) == 1, "the second CONNECT waiting")
     first.sendall(b"ping")
     assert first.recv(4) == b"ping"
     first.close()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = second.recv(1)
-        assert chunk, head
-        head += chunk
+    head = read_head(second)
     assert head.startswith(b"HTTP/1.1 200"), head
     second.sendall(b"pong")
     assert second.recv(4) == b"pong"
@@ -694,15 +661,15 @@ def test_a_waiting_connect_whose_client_goes_away_leaves_the_queue_at_once(start
     dest = f"127.0.0.1:{echo_server.port}"
     gw = start_gateway(_queue_config(echo_server.port, connect_ports=[echo_server.port]))
     dialed = len(echo_server.peers)  # (the echo server is the module's: count from here)
-    first = _tunnel(JOB_A, gw, dest)
-    gone = _connect_from(JOB_B, gw)
+    first = open_tunnel(gw, dest, source=JOB_A)
+    gone = connect(gw.address, JOB_B, timeout=10)
     gone.sendall(f"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n".encode())
     wait_for(lambda: _queued(gw) == 1, "the second CONNECT waiting")
     gone.close()
     wait_for(lambda: _queued(gw) == 0, "the waiter gone from the queue")
     assert _queue_outcome(gw, "client_gone") == 1
     first.close()
-    after = _tunnel(JOB_B, gw, dest)
+    after = open_tunnel(gw, dest, source=JOB_B)
     after.sendall(b"ping")
     assert after.recv(4) == b"ping"
     after.close()
@@ -762,7 +729,7 @@ def test_every_ending_releases_its_shared_ip_admission(start_gateway, provider, 
 
     try:
         # answered (keep-alive: the connection stays open, the admission does not)
-        with _connect_from(JOB_A, gw) as s:
+        with connect(gw.address, JOB_A, timeout=10) as s:
             s.sendall(f"GET {url}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
             released("an answered request on a kept-alive connection")
@@ -775,7 +742,7 @@ def test_every_ending_releases_its_shared_ip_admission(start_gateway, provider, 
         assert _status(answer) == 502, answer
         released("a refused dial")
         # the client leaves while its request waits for the origin
-        with _connect_from(JOB_A, gw) as s:
+        with connect(gw.address, JOB_A, timeout=10) as s:
             s.sendall(f"GET {url}/wait HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert provider.arrived.wait(10)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -789,11 +756,11 @@ def test_every_ending_releases_its_shared_ip_admission(start_gateway, provider, 
         released("a malformed request body")
         # a tunnel closed by its client, and one reset by it
         dest = f"127.0.0.1:{echo_server.port}"
-        with _tunnel(JOB_A, gw, dest) as t:
+        with open_tunnel(gw, dest, source=JOB_A) as t:
             t.sendall(b"ping")
             assert t.recv(4) == b"ping"
         released("a closed tunnel")
-        t = _tunnel(JOB_A, gw, dest)
+        t = open_tunnel(gw, dest, source=JOB_A)
         t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         t.close()
         released("a reset tunnel")

@@ -13,17 +13,25 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trustme
 import yaml
 
 from .conftest import curl
-from .peers import Origin, ReservedPort, base_config, raw_exchange, wait_for
+from .peers import (
+    Allowlist,
+    HTTPPeer,
+    Origin,
+    QuietHandler,
+    ReservedPort,
+    base_config,
+    open_tunnel,
+    raw_exchange,
+    wait_for,
+)
 from .test_status_page import parse_dom, render
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -43,41 +51,6 @@ def _post(url: str) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-class Allowlist:
-    """A provider whose allowlist the test changes while the gateway runs: 200 for a source
-    address on it, 403 (naming the address) for any other."""
-
-    def __init__(self, *allowed: str) -> None:
-        self.allowed = set(allowed)
-        self.hits: list[str] = []  # the source address of every check
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                owner.hits.append(self.client_address[0])
-                ok = self.client_address[0] in owner.allowed
-                self.send_response(200 if ok else 403, None if ok else f"{self.client_address[0]} not allowlisted")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_HEAD
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/ping"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -234,18 +207,6 @@ def _cutover_config(allowlist, echo_port: int, bind: str, **profile) -> dict:
     )
 
 
-def _tunnel(gw, port: int) -> socket.socket:
-    s = socket.create_connection((gw.host, gw.port), timeout=30)
-    s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return s
-
-
 def _roundtrip(s: socket.socket, data: bytes) -> None:
     s.sendall(data)
     got = b""
@@ -280,7 +241,7 @@ def test_verified_cutover_refused_keeps_old_address_and_tunnel(start_gateway, al
 
     gw = start_gateway(config("127.0.0.2"))
     assert _ip(gw, origin) == b"127.0.0.2"
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     # the new address is not on the provider's allowlist: the reload keeps the old member
     status, doc = _reload_to(gw, config("127.0.0.3"))
@@ -468,7 +429,7 @@ def test_verified_switch_waits_for_the_egress_ip_attestation_too(start_gateway, 
     allowlist.allowed.update({"127.0.0.2", "127.0.0.3"})
     gw = start_gateway(_slip_config(allowlist, echo.port, origin, "127.0.0.2", ["127.0.0.2"]))
     assert _ip(gw, origin) == b"127.0.0.2"
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     status, doc = _reload_to(gw, _slip_config(allowlist, echo.port, origin, "127.0.0.3", ["127.0.0.2"]))
     assert status == 200 and doc["reloaded"] is True
@@ -516,7 +477,7 @@ def test_a_reload_that_leaves_a_profile_refusing_all_traffic_says_so(start_gatew
     assert "127.0.0.3" in event["refusing"]["vendor"], event
 
 
-class Throttler:
+class Throttler(HTTPPeer):
     """A provider that rate-limits: 429 with Retry-After (seconds), 503 with an HTTP-date
     Retry-After, 503 without one (an outage, not a throttle), by path."""
 
@@ -524,12 +485,7 @@ class Throttler:
         self.ok_hits = 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self) -> None:
                 if self.path == "/ok":
                     owner.ok_hits += 1
@@ -547,17 +503,10 @@ class Throttler:
 
             do_GET = do_HEAD
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        super().__init__(Handler)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -645,7 +594,7 @@ def test_a_required_provider_never_evicts_the_instance(start_gateway, origin):
     assert {_ip(gw, origin) for _ in range(6)} == {b"127.0.0.2"}  # round robin skips the refused member
 
 
-class KeyedProvider:
+class KeyedProvider(HTTPPeer):
     """A provider that wants an API key (401 without it) and serves a CAPTCHA page with 200 to
     one source address (127.0.0.3), a real answer to the others."""
 
@@ -653,12 +602,7 @@ class KeyedProvider:
         self.keys: list[str | None] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 owner.keys.append(self.headers.get("X-Api-Key"))
                 if self.headers.get("X-Api-Key") != "k3y":
@@ -672,14 +616,8 @@ class KeyedProvider:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/ping"
 
 
 def test_checks_send_api_keys_and_recognise_a_block_page(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from .conftest import curl
-from .peers import ClosedPort, base_config, raw_exchange
+from .peers import ClosedPort, base_config, raw_exchange, read_head
 
 SECRET = "s3cret-for-phrases"
 
@@ -79,11 +79,7 @@ def test_requests_shows_client_limit_reached(gw):
         # one keep-alive request identifies the connection as "limited" and it stays open
         held.sendall(f"GET http://egressgate.whoami/ HTTP/1.1\r\nHost: egressgate.whoami\r\n"
                      f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = held.recv(65536)
-            assert chunk, answer
-            answer += chunk
+        answer = read_head(held)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         message = _requests_connect_error(_proxy(gw, "limited"), "https://127.0.0.1:443/")
     assert "429 Client Limit Reached" in message, message

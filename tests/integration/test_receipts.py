@@ -7,7 +7,6 @@ public key /status shows (``egressgate receipt verify``); a tampered receipt doe
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import urllib.request
 import requests
 import socks
 
-from .peers import ReservedPort, base_config, wait_for
+from .peers import ReservedPort, base_config, basic_auth, request_tunnel, wait_for
 
 SECRET = "receipt-secret-1234"
 OTHER = "other-secret-5678"
@@ -70,17 +69,7 @@ def _echo_through(sock, n: int = len(PAYLOAD)) -> None:
 
 
 def _connect_tunnel(gw, user: str, password: str, target: str) -> bytes:
-    import socket
-
-    s = socket.create_connection((gw.host, gw.port), timeout=10)
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        head += chunk
+    s, head = request_tunnel(gw, target, headers={"Host": target, "Proxy-Authorization": basic_auth(user, password)})
     if head.startswith(b"HTTP/1.1 200"):
         _echo_through(s)
     s.close()

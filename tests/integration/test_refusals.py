@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from .dnsserver import DnsServer
-from .faulty import Blackhole, connect, read_until_close
-from .peers import ClosedPort, base_config, raw_exchange
+from .faulty import Blackhole, read_until_close
+from .peers import ClosedPort, base_config, connect, first_kept_alive, raw_exchange
 
 
 def _status(resp: bytes) -> int:
@@ -76,13 +76,7 @@ def test_smuggling_attempt_closes_connection(gw, origin):
     # smuggled request: the second is refused and the connection closed within a bound, so
     # nothing after it is ever interpreted.
     with connect(gw.address, timeout=10) as s:
-        s.sendall(f"GET {origin.url('/first')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        first = b""
-        while not first.endswith(b"hello /first\n"):
-            chunk = s.recv(65536)
-            assert chunk, first
-            first += chunk
-        assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in first, first
+        first_kept_alive(s, origin)
         s.sendall(f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
                   f"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET {origin.url('/smuggled')} HTTP/1.1\r\n\r\n"
                   .encode())

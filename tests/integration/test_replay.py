@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from .conftest import curl
-from .peers import base_config, wait_for
+from .peers import base_config, basic_auth, open_tunnel, wait_for
 
 PASSWORD = "correct-horse-battery"
 
@@ -36,15 +36,7 @@ def _lines(path: Path) -> int:
 
 def _tunnel(gw, target: str) -> socket.socket:
     """An established CONNECT tunnel for job-a (its echo checked)."""
-    s = socket.create_connection((gw.host, gw.port), timeout=10)
-    auth = __import__("base64").b64encode(f"job-a:{PASSWORD}".encode()).decode()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
+    s = open_tunnel(gw, target, headers={"Host": target, "Proxy-Authorization": basic_auth("job-a", PASSWORD)})
     s.sendall(b"ping")
     got = b""
     while len(got) < 4:

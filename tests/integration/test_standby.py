@@ -7,61 +7,17 @@ before every switch."""
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
 
 from .conftest import curl
-from .peers import base_config, wait_for
-from .test_providers import _get, _ip, _reload_to, _roundtrip, _tunnel, _verify
+from .peers import Allowlist, HTTPPeer, QuietHandler, base_config, open_tunnel, wait_for
+from .test_providers import _get, _ip, _reload_to, _roundtrip, _verify
 from .test_status_page import parse_dom, render
 
 
-class Provider:
-    """A provider the test changes its mind about while the gateway runs: 200 for a source
-    address in ``allowed``, 403 naming it for any other; no answer at all (until ``stalled`` no
-    longer holds it) for an address in ``stalled``."""
-
-    def __init__(self, *allowed: str) -> None:
-        self.allowed = set(allowed)
-        self.stalled: set[str] = set()
-        self.hits: list[str] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                source = self.client_address[0]
-                owner.hits.append(source)
-                deadline = time.monotonic() + 10
-                while source in owner.stalled and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                ok = source in owner.allowed
-                self.send_response(200 if ok else 403, None if ok else f"{source} not allowlisted")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_HEAD
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ping"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.stalled.clear()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class EchoIP:
+class EchoIP(HTTPPeer):
     """An IP-echo service: answers each source address with its "public" IP -- itself, unless
     ``nat`` maps it to another (the member's NAT IP changed under it)."""
 
@@ -69,12 +25,7 @@ class EchoIP:
         self.nat: dict[str, str] = {}
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 body = owner.nat.get(self.client_address[0], self.client_address[0]).encode()
                 self.send_response(200)
@@ -82,19 +33,13 @@ class EchoIP:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ip"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/ip"
 
 
 @pytest.fixture
 def provider():
-    p = Provider("127.0.0.2", "127.0.0.3")
+    p = Allowlist("127.0.0.2", "127.0.0.3")
     yield p
     p.close()
 
@@ -181,7 +126,7 @@ def test_promotion_waits_for_the_provider_then_switches_with_the_tunnel_kept(sta
     provider.allowed = {"127.0.0.2"}
     gw = start_gateway(_config(provider, echo.port, ["127.0.0.2"], ["127.0.0.3"]))
     wait_for(lambda: _checks(gw).get("127.0.0.3", {}).get("ok") is False, "the provider refusing the standby")
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     # promote the standby (move it to bind): held, the provider refuses it
     status, doc = _reload_to(gw, _config(provider, echo.port, ["127.0.0.3"], ["127.0.0.2"]))
@@ -220,7 +165,7 @@ def test_auto_failover_moves_new_connections_and_keeps_the_open_tunnel(start_gat
     gw = start_gateway(cfg)
     wait_for(lambda: all(c["ok"] is not None for c in _checks(gw).values()), "every member checked")
     assert _ip(gw, origin) == b"127.0.0.2"
-    s = _tunnel(gw, echo.port)
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=30)
     _roundtrip(s, b"before" * 1000)
     # the provider blocks the active member's IP (127.0.0.4 it never allowed: the first standby takes over)
     after = len(gw.events)

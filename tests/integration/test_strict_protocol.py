@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from .faulty import FaultyServer, Peer, Response, connect, read_until_close
-from .peers import Tripwire, base_config, raw_exchange
+from .faulty import FaultyServer, Peer, Response, read_until_close
+from .peers import Tripwire, base_config, connect, first_kept_alive, raw_exchange
 
 
 @pytest.fixture
@@ -59,13 +59,7 @@ def test_double_space_on_a_kept_alive_connection(gw, origin):
     """The first request is answered and the connection kept alive; the second, with two
     spaces after its method, is refused (400) and the connection closed."""
     with connect(gw.address, timeout=10) as s:
-        s.sendall(f"GET {origin.url('/first')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        first = b""
-        while not first.endswith(b"hello /first\n"):
-            chunk = s.recv(65536)
-            assert chunk, first
-            first += chunk
-        assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in first, first
+        first_kept_alive(s, origin)
         s.sendall(f"GET  {origin.url('/second')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         data, how = read_until_close(s, 10)
     assert how in ("eof", "reset"), how

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import urllib.request
 from datetime import UTC
@@ -18,7 +17,7 @@ import pytest
 
 from .conftest import need
 from .oidc import Issuer
-from .peers import base_config
+from .peers import base_config, connect, open_tunnel, read_head
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 MEMBER = "127.0.0.2"  # the profile's egress source address
@@ -60,24 +59,11 @@ def ask(number: str, cwd: Path, **env: str) -> list[str]:
     return [line for line in r.stdout.splitlines() if line]
 
 
-def _connect(gw, source: str | None = None) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(10)
-    if source:
-        s.bind((source, 0))
-    s.connect((gw.host, gw.port))
-    return s
-
-
-def _answer(s: socket.socket, request: bytes) -> bytes:
-    s.sendall(request)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        head += chunk
-    return head
+def _answer(source: str, gw, request: bytes) -> bytes:
+    """``request`` from ``source`` on a new connection: the answer's head."""
+    with connect(gw.address, source, timeout=10) as s:
+        s.sendall(request)
+        return read_head(s)
 
 
 def _get(url: str, proxy: str | None = None):
@@ -97,22 +83,18 @@ def test_the_three_am_questions_from_the_log_and_status_alone(start_gateway, iss
     gw.wait_event("jwks_fetched")
     target = f"127.0.0.1:{origin.port}"
     # job-y: one request that left through the member, then two refusals naming the same host
-    with _connect(gw, JOB_Y) as s:
-        assert _answer(s, f"GET {origin.url('/x')} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-                       .encode()).startswith(b"HTTP/1.1 200")
-    with _connect(gw, JOB_Y) as s:
-        assert _answer(s, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n").startswith(b"HTTP/1.1 403")
-    with _connect(gw, JOB_Y) as s:
-        assert _answer(s, b"GET http://denied.example/ HTTP/1.1\r\nHost: denied.example\r\n\r\n") \
-            .startswith(b"HTTP/1.1 403")
+    assert _answer(JOB_Y, gw, f"GET {origin.url('/x')} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+                   .encode()).startswith(b"HTTP/1.1 200")
+    open_tunnel(gw, "127.0.0.1:9", source=JOB_Y, expect=b"HTTP/1.1 403").close()
+    assert _answer(JOB_Y, gw, b"GET http://denied.example/ HTTP/1.1\r\nHost: denied.example\r\n\r\n") \
+        .startswith(b"HTTP/1.1 403")
     # the token job: whoami, an open tunnel while /status is asked, then an expired token
     token = issuer.mint()
     me = _get("http://egressgate.whoami/", f"http://k8s:{token}@{gw.address}")
     assert me["client"] == SA and me["pod"] == "collector-7d9f"
     assert me["kubernetes"]["expires_iso"] == _iso(me["kubernetes"]["expires"])
-    with _connect(gw) as tunnel:
-        assert _answer(tunnel, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token}"
-                       "\r\n\r\n".encode()).startswith(b"HTTP/1.1 200")
+    with open_tunnel(gw, target, headers={"Host": target, "Proxy-Authorization": f"Bearer {token}"},
+                     expect=b"HTTP/1.1 200") as tunnel:
         rows = ask("3", tmp_path, ADMIN=gw.admin)
         assert [r.split("\t")[:6] for r in rows] == [[SA, "collector-7d9f", "tunnel", "vendor-x", MEMBER, target]]
         status = _get(gw.admin + "/status")
@@ -121,9 +103,7 @@ def test_the_three_am_questions_from_the_log_and_status_alone(start_gateway, iss
         while tunnel.recv(65536):
             pass
     expired = issuer.mint(issued=-700, lifetime=600)
-    with _connect(gw) as s:
-        assert _answer(s, f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {expired}\r\n\r\n"
-                       .encode()).startswith(b"HTTP/1.1 407")
+    open_tunnel(gw, target, headers={"Proxy-Authorization": f"Bearer {expired}"}, expect=b"HTTP/1.1 407").close()
     gw.wait_log(lambda r: r["reason"] == "token_expired")
     tunnel_rec = gw.wait_log(lambda r: r["method"] == "CONNECT" and r["client"] == SA)
     log = tmp_path / "access.log"

@@ -22,12 +22,8 @@ import urllib.request
 
 import pytest
 
-from .faulty import (
-    connect,
-    read_until_close,
-    rst_close,
-)
-from .peers import GatewayProcess, base_config
+from .faulty import read_until_close, rst_close
+from .peers import GatewayProcess, base_config, connect, settled_fds
 
 SETTLE = 5.0
 
@@ -65,16 +61,6 @@ def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
             if all(f'{k}="{v}"' in key for k, v in labels.items()):
                 total += float(value)
     return total
-
-
-def settle_fds(gw: GatewayProcess, baseline: int) -> int:
-    """The descriptor count once it has come back to ``baseline`` (or after SETTLE seconds)."""
-    deadline = time.monotonic() + SETTLE
-    n = gw.fd_count()
-    while n > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-        n = gw.fd_count()
-    return n
 
 
 def status_of(raw: bytes) -> int:
@@ -115,7 +101,7 @@ def test_reset_right_after_connect_gives_back_its_descriptor(gw, faulty):
         s = socket.socket()
         s.connect((gw.host, gw.port))
         rst_close(s)
-    assert settle_fds(gw, baseline) <= baseline
+    assert settled_fds(gw, baseline, SETTLE) <= baseline
     assert serves(gw, faulty.url("/ok"))  # the loop is alive and accepting
     assert metric(gw, "egressgate_internal_errors_total") == 0
     assert not [e for e in gw.events if e.get("event") == "internal_error"]

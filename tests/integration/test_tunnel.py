@@ -10,19 +10,7 @@ import time
 import pytest
 
 from .. import required
-from .peers import base_config, pattern_sha256
-
-
-def _open_tunnel(gw, target: str, early: bytes = b"") -> socket.socket:
-    s = socket.create_connection((gw.host, gw.port), timeout=20)
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + early)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return s
+from .peers import base_config, open_tunnel, pattern_sha256
 
 
 def _gw(start_gateway, *ports, **extra):
@@ -31,7 +19,7 @@ def _gw(start_gateway, *ports, **extra):
 
 def test_half_close_client_first(start_gateway, echo):
     gw = _gw(start_gateway, echo.port)
-    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=20)
     s.sendall(b"ping-1 ")
     s.sendall(b"ping-2")
     s.shutdown(socket.SHUT_WR)  # our EOF must reach the echo server, which then echoes and closes
@@ -52,7 +40,7 @@ def test_half_close_server_first(start_gateway):
     lsock = socket.create_server(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
     gw = _gw(start_gateway, port)
-    s = _open_tunnel(gw, f"127.0.0.1:{port}")
+    s = open_tunnel(gw, f"127.0.0.1:{port}", timeout=20)
     conn, _ = lsock.accept()
     conn.sendall(b"banner")
     conn.shutdown(socket.SHUT_WR)
@@ -69,7 +57,7 @@ def test_half_close_server_first(start_gateway):
 
 def test_early_data_after_connect_head(start_gateway, echo):
     gw = _gw(start_gateway, echo.port)
-    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}", early=b"sent-before-200")
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", early=b"sent-before-200", timeout=20)
     got = b""
     while len(got) < 15:
         got += s.recv(100)
@@ -81,7 +69,7 @@ def test_ipv6_literal(start_gateway):
     lsock = required.ipv6_loopback()
     port = lsock.getsockname()[1]
     gw = _gw(start_gateway, port)
-    s = _open_tunnel(gw, f"[::1]:{port}")
+    s = open_tunnel(gw, f"[::1]:{port}", timeout=20)
     conn, addr = lsock.accept()
     s.sendall(b"v6")
     assert conn.recv(10) == b"v6"
@@ -94,7 +82,7 @@ def test_256mib_tunnel_bounded_memory(start_gateway, origin):
     gw = _gw(start_gateway, origin.port)
     rss_before = gw.rss_kib()
     n = 256 * 1024 * 1024
-    s = _open_tunnel(gw, f"127.0.0.1:{origin.port}")
+    s = open_tunnel(gw, f"127.0.0.1:{origin.port}", timeout=20)
     s.sendall(f"GET /bytes?n={n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     h = hashlib.sha256()
     buf = bytearray(1 << 20)
@@ -143,7 +131,7 @@ def test_256mib_plain_forwarding_bounded_memory(start_gateway, origin):
 
 def test_idle_tunnel_is_closed(start_gateway, echo):
     gw = _gw(start_gateway, echo.port, timeouts={"tunnel_idle": "500ms"})
-    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=20)
     s.settimeout(15)  # a bound for "closed at all", not a measurement: tunnel_idle is 500 ms
     assert s.recv(10) == b""
     rec = gw.wait_log(lambda r: r["method"] == "CONNECT")
@@ -156,7 +144,7 @@ def test_bulk_tunnel_splice_half_close_and_no_fd_leak(start_gateway, echo):
 
     gw = _gw(start_gateway, echo.port)
     fds_before = gw.fd_count()
-    s = _open_tunnel(gw, f"127.0.0.1:{echo.port}")
+    s = open_tunnel(gw, f"127.0.0.1:{echo.port}", timeout=20)
     payload = bytes(range(256)) * (32 * 1024)  # 8 MiB
     received = bytearray()
 
@@ -242,7 +230,7 @@ def test_server_that_closes_before_the_tunnel_is_up(start_gateway, banner, bound
         extra = {"egress": {"default": {"bind": ["127.0.0.2"]}}} if bound else {}
         gw = _gw(start_gateway, server.port, **extra)
         for _ in range(30):
-            s = _open_tunnel(gw, f"127.0.0.1:{server.port}")
+            s = open_tunnel(gw, f"127.0.0.1:{server.port}", timeout=20)
             s.settimeout(10)  # a hang fails here, long before tunnel_idle (900 s)
             got = b""
             while chunk := s.recv(100):
@@ -262,7 +250,7 @@ def test_server_that_speaks_first(start_gateway):
     try:
         gw = _gw(start_gateway, banner.port)
         for _ in range(20):
-            s = _open_tunnel(gw, f"127.0.0.1:{banner.port}")
+            s = open_tunnel(gw, f"127.0.0.1:{banner.port}", timeout=20)
             got = b""
             while len(got) < 16:
                 chunk = s.recv(100)

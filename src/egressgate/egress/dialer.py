@@ -11,6 +11,7 @@ does not run out of ephemeral ports.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -57,10 +58,30 @@ class Dialer:
                                              reason="family_mismatch")
                         continue
                     try:
-                        if plan.source is None:  # (the common case, awaited here: one coroutine less)
+                        # (each awaited here, not in a helper coroutine: every resumption of the
+                        # dial resumes each coroutine up the chain, and a bound dial resumes twice)
+                        if plan.source is None:
                             _, protocol = await self._loop.create_connection(factory, address, port)
                         else:
-                            _, protocol = await self._connect_bound(plan.source, address, port, factory)
+                            sock = _bound_socket(plan.source, address)
+                            try:
+                                err = sock.connect_ex((address, port))
+                                if err == errno.EINPROGRESS:  # writable once connected: cheaper than sock_connect
+                                    fd = sock.fileno()
+                                    ready = self._loop.create_future()
+                                    self._loop.add_writer(fd, ready.set_result, None)
+                                    try:
+                                        await ready
+                                    finally:
+                                        self._loop.remove_writer(fd)
+                                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                                if err:
+                                    raise OSError(err, os.strerror(err))
+                                # (the loop sets TCP_NODELAY)
+                                _, protocol = await self._loop.create_connection(factory, sock=sock)
+                            except BaseException:
+                                sock.close()
+                                raise
                         protocol.remote = address
                         return protocol
                     except SourceUnavailable:
@@ -86,36 +107,23 @@ class Dialer:
         raise UpstreamError(f"cannot connect to {_show(addresses, port)}: {last}", reason="connect_failed",
                             proxy_status="destination_unavailable") from None
 
-    async def _connect_bound(self, source: str, address: str, port: int,
-                             factory: Callable[[], Upstream]) -> tuple[asyncio.Transport, Upstream]:
-        loop = self._loop
-        sock = socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
+
+def _bound_socket(source: str, address: str) -> _socket.socket:
+    """A non-blocking TCP socket bound to ``source`` (the kernel picks the port at connect time:
+    ``IP_BIND_ADDRESS_NO_PORT``); ``SourceUnavailable`` when the host no longer has ``source``.
+    The C socket type itself (``socket.socket`` is its Python subclass): the loop reads its
+    family and type as plain ints, where the subclass builds an enum member for each."""
+    sock = _socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no ioctl)
+    try:
         try:
-            try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            except OSError:
-                pass
-            try:
-                sock.bind((source, 0))
-            except OSError as exc:
-                raise SourceUnavailable(f"cannot use source address {source}: {exc.strerror}") from None
-            err = sock.connect_ex((address, port))
-            if err == errno.EINPROGRESS:
-                # wait for writability ourselves: much cheaper than loop.sock_connect
-                fd = sock.fileno()
-                ready = loop.create_future()
-                loop.add_writer(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(fd)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-            return await loop.create_connection(factory, sock=sock)  # (the loop sets TCP_NODELAY)
-        except BaseException:
-            sock.close()
-            raise
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass
+        sock.bind((source, 0))
+    except OSError as exc:
+        sock.close()
+        raise SourceUnavailable(f"cannot use source address {source}: {exc.strerror}") from None
+    return sock
 
 
 def _show(addresses: list[str], port: int) -> str:
