@@ -6,7 +6,7 @@ every optimisation and guard against regressions (``tests/perf/test_instruction_
 
     .venv/bin/python bench/instructions.py [--ops N] [--kinds request,tunnel,socks]
         [--peers egressgate,egressgate-policy,egressgate-protect,egressgate-fleet,squid,tinyproxy,trafficserver,
-                 dante,egressgate-blocks,egressgate-blocks-idle]
+                 dante,egressgate-blocks,egressgate-blocks-idle, any egressgate one + -compiled]
         [--out PATH] [--profile]
 
 How it counts (every peer alike):
@@ -33,6 +33,10 @@ How it counts (every peer alike):
   variant leases that rule's budgets from a fleet store (a ``redis-server`` started for it); the
   blocks variants (not run unless named) add a provider with ``match``: on the target (``blocks``:
   every request and tunnel watched) or elsewhere (``blocks-idle``: the destination lookup alone).
+
+Every egressgate peer also runs on the Cython-compiled build with ``-compiled`` appended to its
+name (``egressgate-compiled``, ``egressgate-policy-compiled``, ...: ``.venv-compiled``, made by
+``make compiled``; see setup.py); the targets table then has its rows for the compiled build too.
 
 ``--profile`` keeps the callgrind files (with ``--dump-instr=yes``) and prints, per operation,
 the functions' inclusive and own instructions, start-up cancelled the same way (5N - N).
@@ -541,17 +545,27 @@ def targets(results: dict) -> list[dict]:
     def ratio(a, b):
         return None if a is None or not b else a / b
 
-    for kind, k in (("request", 0.5), ("tunnel", 0.8)):
-        x = ratio(per_op(results, "egressgate", kind), per_op(results, "squid", kind))
-        add(f"instructions per {kind} <= {k} x Squid's", x, k, None if x is None else x <= k)
-    for kind in KINDS:
-        off = per_op(results, "egressgate", kind)
-        for variant, k in (("policy", 1.10), ("protect", 1.15)):
-            x = ratio(per_op(results, f"egressgate-{variant}", kind), off)
-            add(f"{variant} on: instructions per {kind} <= {k:.2f} x off", x, k, None if x is None else x <= k)
-        # (no goal: what leasing budgets from a fleet store adds to protect, stated beside it)
-        x = ratio(per_op(results, "egressgate-fleet", kind), per_op(results, "egressgate-protect", kind))
-        add(f"fleet store on (fleet.redis): instructions per {kind} vs protect alone", x, None, None)
+    for build in ("", "-compiled"):  # the pure build, then the compiled one (when measured)
+        tag = " (compiled)" if build else ""
+        if build and not any(p.endswith(build) for p in results):
+            continue
+        for kind, k in (("request", 0.5), ("tunnel", 0.8)):
+            x = ratio(per_op(results, "egressgate" + build, kind), per_op(results, "squid", kind))
+            add(f"instructions per {kind} <= {k} x Squid's{tag}", x, k, None if x is None else x <= k)
+        for kind in KINDS:
+            off = per_op(results, "egressgate" + build, kind)
+            for variant, k in (("policy", 1.10), ("protect", 1.15)):
+                x = ratio(per_op(results, f"egressgate-{variant}{build}", kind), off)
+                add(f"{variant} on: instructions per {kind} <= {k:.2f} x off{tag}", x, k,
+                    None if x is None else x <= k)
+            # (no goal: what leasing budgets from a fleet store adds to protect, stated beside it)
+            x = ratio(per_op(results, f"egressgate-fleet{build}", kind),
+                      per_op(results, f"egressgate-protect{build}", kind))
+            add(f"fleet store on (fleet.redis): instructions per {kind} vs protect alone{tag}", x, None, None)
+        if build:  # what compiling saves, per kind (no goal)
+            for kind in KINDS:
+                x = ratio(per_op(results, "egressgate" + build, kind), per_op(results, "egressgate", kind))
+                add(f"compiled vs pure: instructions per {kind}", x, None, None)
     return out
 
 

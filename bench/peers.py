@@ -19,6 +19,8 @@ from procs import NCPU, Proc, Registry, free_ports, wait_port
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 EGRESSGATE = VENV_BIN / "egressgate"
+# the compiled build (issue 27: `make compiled`; Cython): peers named ``...-compiled`` run it
+COMPILED_VENV_BIN = ROOT / ".venv-compiled" / "bin"
 BODY = (b"egressgate bench origin body " * 4)[:99] + b"\n"  # 100 bytes
 
 PACKAGES = [  # (binary, [packages to try, first with a candidate wins])
@@ -342,9 +344,14 @@ class Egressgate(Peer):
     RULES = 1000
 
     def __init__(self, policy: bool, workers: int | None, protect: bool = False, fleet: bool = False,
-                 blocks: str = ""):
-        super().__init__("egressgate-fleet" if fleet else f"egressgate-{blocks}" if blocks else
-                         "egressgate-protect" if protect else "egressgate-policy" if policy else "egressgate")
+                 blocks: str = "", compiled: bool = False):
+        super().__init__(("egressgate-fleet" if fleet else f"egressgate-{blocks}" if blocks else
+                          "egressgate-protect" if protect else "egressgate-policy" if policy else "egressgate")
+                         + ("-compiled" if compiled else ""))
+        # the Cython-compiled build in .venv-compiled (`make compiled`), else the pure one in .venv
+        self.compiled = compiled
+        self.bin = COMPILED_VENV_BIN if compiled else VENV_BIN
+        self.exe = self.bin / "egressgate"
         self.policy = policy or protect or fleet or bool(blocks)
         self.protect = protect or fleet  # policy, plus shared-IP protection of the target (limits never reached)
         self.fleet = fleet  # protect, with its budgets leased from a fleet store (a redis-server started here)
@@ -359,7 +366,7 @@ class Egressgate(Peer):
         self.label = (
             "egressgate" + (" + policy" if self.policy else "") + (" + protect" if self.protect else "")
             + (" + fleet store" if fleet else "") + (f" + {blocks}" if blocks else "")
-            + (f" ({workers} workers)" if workers else "")
+            + (f" ({workers} workers)" if workers else "") + (" [compiled]" if compiled else "")
         )
         if self.policy:
             self.auth = "bench:" + self.PASSWORD
@@ -368,8 +375,8 @@ class Egressgate(Peer):
         self.socks_port = 0
 
     def unavailable(self):
-        if not EGRESSGATE.exists():
-            return f"{EGRESSGATE} does not exist yet"
+        if not self.exe.exists():
+            return f"{self.exe} does not exist yet" + (" (make compiled)" if self.compiled else "")
         if self.fleet and shutil.which("redis-server") is None:
             return "redis-server is not installed (Debian package redis-server)"
         return None
@@ -383,7 +390,7 @@ class Egressgate(Peer):
     def _password_hash(self) -> str:
         if self._hash is None:
             r = subprocess.run(
-                [str(EGRESSGATE), "hash-password", "--allow-short"],
+                [str(self.exe), "hash-password", "--allow-short"],
                 input=self.PASSWORD,
                 capture_output=True,
                 text=True,
@@ -448,7 +455,7 @@ class Egressgate(Peer):
         conf = d / "egressgate.yaml"
         conf.write_text(self.config_text(env, admin_port))
         chk = subprocess.run(
-            [str(EGRESSGATE), "check-config", str(conf)], capture_output=True, text=True, timeout=60
+            [str(self.exe), "check-config", str(conf)], capture_output=True, text=True, timeout=60
         )
         if chk.returncode != 0:
             msg = (chk.stdout + chk.stderr).strip()
@@ -462,18 +469,18 @@ class Egressgate(Peer):
                 )
                 conf.write_text(self.config_text(env, admin_port, with_log=False))
                 chk = subprocess.run(
-                    [str(EGRESSGATE), "check-config", str(conf)], capture_output=True, text=True, timeout=60
+                    [str(self.exe), "check-config", str(conf)], capture_output=True, text=True, timeout=60
                 )
             if chk.returncode != 0:
                 raise RuntimeError(f"egressgate check-config failed:\n{(chk.stdout + chk.stderr).strip()}")
         # (the venv's interpreter named directly: under valgrind the process counted is Python's)
-        self.proc = self.launch(reg, self.name, [str(VENV_BIN / "python"), "-m", "egressgate", "serve", "--config",
+        self.proc = self.launch(reg, self.name, [str(self.bin / "python"), "-m", "egressgate", "serve", "--config",
                                                  str(conf)], capacity=self.capacity, log=str(d / "stdout.log"))
         if not wait_port(self.port, timeout=self.start_timeout, proc=self.proc):
             raise RuntimeError(f"egressgate did not start; see {d}/stdout.log")
         time.sleep(0.3 if not self.workers else 1.0)  # let SO_REUSEPORT workers come up
         if self.version == "?":
-            self.version = version_of([str(EGRESSGATE), "--version"], r"(\d+\.\d+\S*)")
+            self.version = version_of([str(self.exe), "--version"], r"(\d+\.\d+\S*)")
             if self.version != "?":
                 self.label = self.label.replace("egressgate", f"egressgate {self.version}", 1)
         return self.proc
@@ -482,6 +489,11 @@ class Egressgate(Peer):
 def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
     out: list[Peer] = []
     for n in names:
+        if n.startswith("egressgate") and n.endswith("-compiled"):  # any variant, on the compiled build
+            (peer,) = make_peers([n.removesuffix("-compiled")], egressgate_workers)
+            out.append(Egressgate(peer.policy, egressgate_workers, protect=peer.protect, fleet=peer.fleet,
+                                  blocks=peer.blocks, compiled=True))
+            continue
         if n == "squid":
             out.append(Squid())
         elif n == "tinyproxy":
@@ -503,5 +515,5 @@ def make_peers(names: list[str], egressgate_workers: int | None) -> list[Peer]:
         else:
             raise SystemExit(f"unknown peer {n!r} (squid, tinyproxy, trafficserver, dante, egressgate, "
                              "egressgate-policy, egressgate-protect, egressgate-fleet, egressgate-blocks, "
-                             "egressgate-blocks-idle)")
+                             "egressgate-blocks-idle; any egressgate one with -compiled appended)")
     return out

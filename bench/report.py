@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 ORDER = ["none", "squid", "trafficserver", "tinyproxy", "egressgate", "egressgate-policy", "egressgate-protect",
-         "egressgate-fleet"]
+         "egressgate-fleet", "egressgate-compiled", "egressgate-policy-compiled", "egressgate-protect-compiled"]
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -620,7 +620,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--peers",
         default="squid,tinyproxy,trafficserver,egressgate,egressgate-policy",
-        help="peers besides the no-proxy baseline (always run)",
+        help="peers besides the no-proxy baseline (always run); any egressgate one with -compiled appended "
+        "runs the compiled build (.venv-compiled, make compiled)",
     )
     ap.add_argument(
         "--egressgate-workers", type=int, default=None, help="top-level `workers: N` in egressgate's config"

@@ -20,4 +20,18 @@ other in a circle, ``TYPE_CHECKING`` imports included; see tests/unit/test_layer
   composition root; ``cli``: the command line.
 """
 
+import os as _os
+from importlib.machinery import EXTENSION_SUFFIXES as _EXT
+
 __version__ = "0.1.0"
+
+
+def build_kind() -> str:
+    """Which build this install runs: ``"compiled"`` when its hot core is Cython-compiled
+    extension modules (``EGRESSGATE_COMPILE=1``, see setup.py; an extension module beside a
+    ``.py`` wins on import), else ``"pure"``. Shown by ``--version``, ``/status`` and the
+    ``started`` log event."""
+    for _, _, files in _os.walk(_os.path.dirname(_os.path.abspath(__file__))):
+        if any(f.endswith(s) for f in files for s in _EXT):
+            return "compiled"
+    return "pure"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from . import build_kind
 from .admin.server import AdminConnections, AdminProtocol, readiness
 from .egress.failover import Failover
 from .egress.plan import refusing
@@ -282,7 +283,7 @@ class App:
             self.install_signals()  # before "started": a SIGTERM right after it must drain, not kill
         log_event("started", worker=self.worker, listen=self.gateway.listeners.bound_addresses(), admin=admin_bound,
                   **extra, pid=os.getpid(), config=self.gateway.runtime.source,
-                  hash=self.gateway.runtime.config_hash[:12])
+                  hash=self.gateway.runtime.config_hash[:12], build=build_kind())
 
     async def _private_socket(self) -> asyncio.base_events.Server:
         """This worker's private admin socket: its /metrics and receipt tallies, for the others."""

@@ -10,7 +10,7 @@ import argparse
 import getpass
 import sys
 
-from . import __version__
+from . import __version__, build_kind
 from .errors import ConfigError
 
 # A password a job presents on every request is a shared secret, not something a person types:
@@ -20,7 +20,7 @@ MIN_PASSWORD_LENGTH = 12
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egressgate", description="An egress gateway for data-collection jobs.")
-    p.add_argument("--version", action="version", version=f"egressgate {__version__}")
+    p.add_argument("--version", action="version", version=f"egressgate {__version__} ({build_kind()})")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
     s.add_argument("--config", "-c", help="YAML config file (default: the embedded safe default)")

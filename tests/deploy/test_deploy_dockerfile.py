@@ -12,6 +12,7 @@ import fnmatch
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,17 @@ def test_dependencies_locked_and_used_by_the_build():
     # the runtime installs from the build stage's wheels, not from the network
     runs = " ".join(get(final_stage(), "RUN"))
     assert "from=build" in runs and "--no-index" in runs and "--find-links=/wheels" in runs
+
+
+def test_image_ships_the_compiled_build():
+    """Issue 27: the image's wheel is the Cython-compiled build (EGRESSGATE_COMPILE=1, setup.py in
+    the context, Cython pinned); the compiler is in the build stage only."""
+    runs = " ".join(get(stages()[0], "RUN"))
+    assert "EGRESSGATE_COMPILE=1 python -m pip wheel --no-build-isolation" in runs
+    assert re.search(r"\bcython==\d", runs) and re.search(r"\bsetuptools==\d", runs), runs
+    assert "gcc" in runs
+    assert "setup.py" in context_files()
+    assert "gcc" not in " ".join(get(final_stage(), "RUN")), "the runtime stage must not install a compiler"
 
 
 def test_exec_form_entrypoint_and_cmd():
@@ -309,7 +321,8 @@ def test_image_install_steps_in_scratch_venv(tmp_path):
     if Version(version("setuptools")) < Version("68"):
         required.missing("setuptools>=68 in the test venv", "the offline build needs it; pip install -e '.[test]'")
     runs = " ".join(get(stages()[0], "RUN"))
-    assert "pip wheel --constraint deploy/constraints.txt --wheel-dir /wheels ." in runs
+    assert ("EGRESSGATE_COMPILE=1 python -m pip wheel --no-build-isolation --constraint deploy/constraints.txt "
+            "--wheel-dir /wheels .") in runs
     final_runs = " ".join(get(final_stage(), "RUN"))
     assert "python -m venv /opt/egressgate" in final_runs
     assert "/opt/egressgate/bin/pip install --no-index --find-links=/wheels egressgate" in final_runs

@@ -55,7 +55,7 @@ from urllib.parse import parse_qs
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import __version__
+from .. import __version__, build_kind
 from ..egress.plan import refusing
 from ..egress.providers import not_ready, profile_view
 from ..errors import ConfigError
@@ -319,6 +319,7 @@ def status(gw: GatewayView, workers: WorkerView | None = None, receipts: Receipt
     problems = readiness(gw)
     return {
         "version": __version__,
+        "build": build_kind(),  # pure or compiled (Cython), see setup.py
         "uptime_seconds": round(time.time() - gw.started, 3),
         "ready": not problems,
         "not_ready_reasons": problems,
